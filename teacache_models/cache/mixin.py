@@ -1,0 +1,275 @@
+"""`TeaCacheMixin`: the cache every native transformer of this package inherits.
+
+A model provides two pieces:
+
+- `teacache_indicator(hidden_states, **block_inputs)`: the cheap tensor computed at block entry whose
+  change between steps predicts the change of the output (for most models the timestep-modulated
+  input of block 0);
+- `forward_blocks(hidden_states, **block_inputs)`: the block stack between the embeddings and the
+  output head, returning the stream the head reads.
+
+Its `forward` then calls `self.run_blocks(hidden_states, **block_inputs)` where it would run the
+blocks. The mixin decides, per step and per CFG branch, whether to run them or to add the residual
+cached at the branch's last computed step. Which step and branch a call computes is told by the
+caller through `with model.teacache_step(step_index, is_cfg_negative): ...`; a call outside that
+context runs the blocks and touches no state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..params import TeaCacheParams, evaluate_polynomial
+from .state import BranchState, BranchStats, TeaCacheSession, TeaCacheStats
+
+__all__ = ["TeaCacheMixin", "relative_l1_distance"]
+
+
+def relative_l1_distance(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """mean|current - previous| / mean|previous| over the whole tensor (batch included), in float32."""
+    previous = previous.float()
+    return (current.float() - previous).abs().mean() / previous.abs().mean()
+
+
+def _tensor_signature(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape), tensor.dtype, tensor.device
+
+
+@dataclass
+class _StepContext:
+    step_index: int
+    is_cfg_negative: bool
+    used: bool = False
+
+
+class TeaCacheMixin:
+    """Adds TeaCache to an `nn.Module` whose forward runs `self.run_blocks(...)` between embeddings and head.
+
+    Class attributes describe what a model can do:
+
+    - `supports_cfg_separation`: the model keeps separate state per CFG branch. When False, a
+      negative-branch step switches TeaCache off for the rest of the generation (with one warning).
+    - `supports_ret_steps`: the model offers the alternative indicator of `use_ret_steps=True`.
+    - `teacache_default_coefficients`: the preset rescaling polynomial used when
+      `TeaCacheParams.coefficients` is None (an instance may override it, e.g. per checkpoint).
+    """
+
+    supports_cfg_separation: ClassVar[bool] = True
+    supports_ret_steps: ClassVar[bool] = False
+    teacache_default_coefficients: tuple[float, ...] | None = None
+
+    # ---- the two pieces a model provides -------------------------------------------------------
+
+    def teacache_indicator(self, hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
+        """The tensor whose relative change between steps drives the skip decision."""
+        raise NotImplementedError(f"{type(self).__name__} must implement teacache_indicator()")
+
+    def forward_blocks(self, hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
+        """The block stack: returns the stream the output head reads, same shape as `hidden_states`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_blocks()")
+
+    # ---- what a model may override --------------------------------------------------------------
+
+    def teacache_schedule(self, params: TeaCacheParams) -> tuple[tuple[float, ...], int, int]:
+        """Resolve `params` for this model: (coefficients, first forced steps, last forced steps)."""
+        if params.use_ret_steps and not self.supports_ret_steps:
+            raise ValueError(
+                f"use_ret_steps=True is not available for {type(self).__name__}: it has no alternative "
+                "indicator; use use_ret_steps=False"
+            )
+        coefficients = params.coefficients or self.teacache_default_coefficients
+        if coefficients is None:
+            raise ValueError(
+                f"{type(self).__name__} has no preset TeaCache coefficients; pass "
+                "TeaCacheParams(coefficients=[...]) (highest degree first)"
+            )
+        return tuple(coefficients), params.start_skipping, params.end_skipping
+
+    # ---- public surface -------------------------------------------------------------------------
+
+    def enable_teacache(self, params: TeaCacheParams, num_inference_steps: int) -> None:
+        """Start a generation of `num_inference_steps` steps with TeaCache on; all state is reset."""
+        if not isinstance(params, TeaCacheParams):
+            raise TypeError(f"params must be a TeaCacheParams, got {type(params).__name__}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise TypeError(
+                f"num_inference_steps must be an int >= 1, got {num_inference_steps!r} "
+                f"({type(num_inference_steps).__name__})"
+            )
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if self.__dict__.get("_teacache_context") is not None:
+            raise RuntimeError("enable_teacache() cannot be called inside a teacache_step() context")
+        coefficients, first_forced, last_forced = self.teacache_schedule(params)
+        self.__dict__["_teacache_session"] = TeaCacheSession(
+            params=params,
+            coefficients=coefficients,
+            num_inference_steps=num_inference_steps,
+            first_forced_steps=first_forced,
+            last_forced_steps=last_forced,
+        )
+
+    def disable_teacache(self) -> None:
+        """Switch TeaCache off and free its tensors; `teacache_stats()` keeps describing the generation."""
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        if session is not None:
+            session.active = False
+            session.closed = True
+            session.release_tensors()
+
+    @property
+    def teacache_enabled(self) -> bool:
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        return session is not None and session.active
+
+    @property
+    def teacache_params(self) -> TeaCacheParams | None:
+        """The parameters of the running generation, or None when TeaCache is off."""
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        return session.params if session is not None and session.active else None
+
+    @contextmanager
+    def teacache_step(self, step_index: int, is_cfg_negative: bool = False) -> Iterator[None]:
+        """Declare which denoising step and CFG branch the forward call inside this context computes."""
+        if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:
+            raise ValueError(f"step_index must be an int >= 0, got {step_index!r}")
+        if not isinstance(is_cfg_negative, bool):
+            raise ValueError(f"is_cfg_negative must be True or False, got {is_cfg_negative!r}")
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        if session is not None and not session.closed and step_index >= session.num_inference_steps:
+            raise ValueError(
+                f"step_index {step_index} is out of range: this generation has "
+                f"{session.num_inference_steps} steps (0..{session.num_inference_steps - 1})"
+            )
+        if self.__dict__.get("_teacache_context") is not None:
+            raise RuntimeError("teacache_step() contexts cannot be nested")
+        self.__dict__["_teacache_context"] = _StepContext(step_index, is_cfg_negative)
+        try:
+            yield
+        finally:
+            self.__dict__["_teacache_context"] = None
+
+    def teacache_stats(self) -> TeaCacheStats:
+        """The latest generation, per branch: the step indices computed and skipped, and any disable reason."""
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        if session is None:
+            return TeaCacheStats()
+        positive, negative = session.branches[False], session.branches[True]
+        return TeaCacheStats(
+            enabled=session.active,
+            teacache_thresh=session.params.teacache_thresh,
+            num_inference_steps=session.num_inference_steps,
+            positive=BranchStats(tuple(positive.computed_steps), tuple(positive.skipped_steps)),
+            negative=BranchStats(tuple(negative.computed_steps), tuple(negative.skipped_steps)),
+            disabled_reason=session.disabled_reason,
+        )
+
+    # ---- branch state, under the attribute names of the TeaCache design -------------------------
+
+    def _branch_state(self, is_cfg_negative: bool) -> BranchState | None:
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        return None if session is None else session.branches[is_cfg_negative]
+
+    @property
+    def previous_residual(self) -> torch.Tensor | None:
+        state = self._branch_state(False)
+        return None if state is None else state.previous_residual
+
+    @property
+    def previous_residual_negative(self) -> torch.Tensor | None:
+        state = self._branch_state(True)
+        return None if state is None else state.previous_residual
+
+    @property
+    def previous_modulated_input(self) -> torch.Tensor | None:
+        state = self._branch_state(False)
+        return None if state is None else state.previous_modulated_input
+
+    @property
+    def previous_modulated_input_negative(self) -> torch.Tensor | None:
+        state = self._branch_state(True)
+        return None if state is None else state.previous_modulated_input
+
+    @property
+    def accumulated_rel_l1_distance(self) -> float:
+        state = self._branch_state(False)
+        return 0.0 if state is None else state.accumulated_rel_l1_distance
+
+    @property
+    def accumulated_rel_l1_distance_negative(self) -> float:
+        state = self._branch_state(True)
+        return 0.0 if state is None else state.accumulated_rel_l1_distance
+
+    # ---- the cached block stack -----------------------------------------------------------------
+
+    def run_blocks(self, hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
+        """Run the block stack, or reuse this branch's cached residual when TeaCache decides to skip."""
+        context: _StepContext | None = self.__dict__.get("_teacache_context")
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        if context is None or session is None or session.closed:
+            return self.forward_blocks(hidden_states, **block_inputs)
+        if context.used:
+            raise RuntimeError("one teacache_step() context covers one forward call; open a new context for each call")
+        context.used = True
+        state = session.branches[context.is_cfg_negative]
+        if session.active and context.is_cfg_negative and not self.supports_cfg_separation:
+            self._switch_off(
+                session,
+                f"{type(self).__name__} cannot keep separate state per CFG branch, so TeaCache runs "
+                "only without CFG; it was switched off when a negative-branch step arrived",
+            )
+        if not session.active:
+            state.computed_steps.append(context.step_index)
+            return self.forward_blocks(hidden_states, **block_inputs)
+
+        indicator = self.teacache_indicator(hidden_states, **block_inputs)
+        if self._should_skip(session, state, context.step_index, hidden_states, indicator):
+            state.skipped_steps.append(context.step_index)
+            return hidden_states + state.previous_residual
+        output = self.forward_blocks(hidden_states, **block_inputs)
+        state.previous_residual = output - hidden_states
+        state.computed_steps.append(context.step_index)
+        return output
+
+    @staticmethod
+    def _should_skip(
+        session: TeaCacheSession,
+        state: BranchState,
+        step_index: int,
+        hidden_states: torch.Tensor,
+        indicator: torch.Tensor,
+    ) -> bool:
+        signature = (_tensor_signature(hidden_states), _tensor_signature(indicator))
+        previous = state.previous_modulated_input
+        forced = (
+            step_index < session.first_forced_steps
+            or step_index >= session.num_inference_steps - session.last_forced_steps
+            or previous is None
+            or state.previous_residual is None
+            or signature != state.input_signature
+        )
+        state.previous_modulated_input = indicator.detach()
+        state.input_signature = signature
+        if forced:
+            state.accumulated_rel_l1_distance = 0.0
+            return False
+        distance = relative_l1_distance(indicator, previous).item()
+        state.accumulated_rel_l1_distance += evaluate_polynomial(session.coefficients, distance)
+        thresh = session.params.teacache_thresh
+        # A threshold of 0 never skips, whatever sign the rescaled distance has, so that 0 is exact.
+        if thresh > 0 and state.accumulated_rel_l1_distance < thresh:
+            return True
+        state.accumulated_rel_l1_distance = 0.0
+        return False
+
+    def _switch_off(self, session: TeaCacheSession, reason: str) -> None:
+        session.active = False
+        session.disabled_reason = reason
+        session.release_tensors()
+        warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=4)

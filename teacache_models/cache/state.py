@@ -1,0 +1,123 @@
+"""TeaCache state of one generation: per CFG branch, plus the statistics a caller reads afterwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..params import TeaCacheParams
+
+__all__ = ["BranchState", "BranchStats", "TeaCacheSession", "TeaCacheStats", "branch_name"]
+
+
+def branch_name(is_cfg_negative: bool) -> str:
+    return "negative" if is_cfg_negative else "positive"
+
+
+@dataclass
+class BranchState:
+    """What one CFG branch remembers between its steps.
+
+    `input_signature` describes the block-stack input and indicator of the previous step (shape, dtype,
+    device); a step whose signature differs cannot reuse the residual and always computes.
+    """
+
+    previous_modulated_input: torch.Tensor | None = None
+    previous_residual: torch.Tensor | None = None
+    accumulated_rel_l1_distance: float = 0.0
+    input_signature: tuple | None = None
+    computed_steps: list[int] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+
+    def release_tensors(self) -> None:
+        self.previous_modulated_input = None
+        self.previous_residual = None
+        self.input_signature = None
+
+
+@dataclass
+class TeaCacheSession:
+    """One generation's cache: created by `enable_teacache`, read by `teacache_stats`."""
+
+    params: TeaCacheParams
+    coefficients: tuple[float, ...]
+    num_inference_steps: int
+    first_forced_steps: int
+    last_forced_steps: int
+    active: bool = True
+    closed: bool = False
+    disabled_reason: str | None = None
+    branches: dict[bool, BranchState] = field(default_factory=lambda: {False: BranchState(), True: BranchState()})
+
+    def release_tensors(self) -> None:
+        for state in self.branches.values():
+            state.release_tensors()
+
+
+@dataclass(frozen=True)
+class BranchStats:
+    """Which step indices of one CFG branch ran the block stack and which reused the cached residual."""
+
+    computed_steps: tuple[int, ...] = ()
+    skipped_steps: tuple[int, ...] = ()
+
+    @property
+    def num_computed(self) -> int:
+        return len(self.computed_steps)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_steps)
+
+
+@dataclass(frozen=True)
+class TeaCacheStats:
+    """The latest generation's TeaCache record, per CFG branch.
+
+    `enabled` says whether TeaCache is still switched on; `disabled_reason` says why it switched itself
+    off during the generation, if it did.
+    """
+
+    enabled: bool = False
+    teacache_thresh: float | None = None
+    num_inference_steps: int | None = None
+    positive: BranchStats = BranchStats()
+    negative: BranchStats = BranchStats()
+    disabled_reason: str | None = None
+
+    @property
+    def num_computed(self) -> int:
+        return self.positive.num_computed + self.negative.num_computed
+
+    @property
+    def num_skipped(self) -> int:
+        return self.positive.num_skipped + self.negative.num_skipped
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: the numbers of a run's sidecar."""
+        return {
+            "enabled": self.enabled,
+            "teacache_thresh": self.teacache_thresh,
+            "num_inference_steps": self.num_inference_steps,
+            "disabled_reason": self.disabled_reason,
+            "branches": {
+                name: {
+                    "computed_steps": list(stats.computed_steps),
+                    "skipped_steps": list(stats.skipped_steps),
+                }
+                for name, stats in (("positive", self.positive), ("negative", self.negative))
+            },
+        }
+
+    def summary(self) -> str:
+        """One line: computed and skipped steps per branch."""
+        parts = []
+        for name, stats in (("positive", self.positive), ("negative", self.negative)):
+            if stats.num_computed or stats.num_skipped:
+                parts.append(f"{name}: {stats.num_computed} computed, {stats.num_skipped} skipped")
+        text = "; ".join(parts) if parts else "no cached steps recorded"
+        if self.disabled_reason:
+            text += f" (TeaCache disabled: {self.disabled_reason})"
+        return text

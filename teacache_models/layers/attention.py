@@ -1,0 +1,30 @@
+"""Attention on (batch, tokens, heads, head_dim) tensors through PyTorch's fused kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention"]
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-head attention.
+
+    Args:
+        query, key, value: (B, L, H, D) tensors (key and value may have another length L').
+        attn_mask: optional boolean or additive mask broadcastable to (B, H, L, L').
+
+    Returns:
+        (B, L, H * D), in the dtype of `query`.
+    """
+    # (B, L, H, D) -> (B, H, L, D): the layout scaled_dot_product_attention expects.
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask
+    )
+    return out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, L, H * D)

@@ -1,0 +1,112 @@
+"""What every native transformer shares: its architecture config and the diffusers-style output."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["ConfiguredModel", "ModelConfig", "Transformer2DModelOutput", "register_config"]
+
+# Keys diffusers writes into every config.json that are not constructor arguments.
+_CONFIG_METADATA_PREFIX = "_"
+
+F = TypeVar("F", bound=Callable[..., None])
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+class ModelConfig(Mapping[str, Any]):
+    """A model's constructor arguments, read-only, readable as `config["x"]` or `config.x`."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"config has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a model config is read-only")
+
+    def __repr__(self) -> str:
+        return f"ModelConfig({self._values!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+@dataclass
+class Transformer2DModelOutput:
+    """The `return_dict=True` result: `sample` is the model's prediction."""
+
+    sample: torch.Tensor
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return (self.sample,)[index]
+
+    def to_tuple(self) -> tuple[torch.Tensor]:
+        return (self.sample,)
+
+
+def register_config(init: F) -> F:
+    """Record the constructor arguments of a model, defaults included, as its read-only `config`.
+
+    The names are those of the checkpoint's `config.json`, so a config round-trips unchanged.
+    """
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        init(self, *args, **kwargs)
+        values = dict(bound.arguments)
+        values.pop("self")
+        self.config = ModelConfig(values)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ConfiguredModel(torch.nn.Module):
+    """Base of the native transformers: a constructor recorded with `register_config`, and `from_config`."""
+
+    config: ModelConfig
+
+    @classmethod
+    def from_config(cls: type[M], config: Mapping[str, Any]) -> M:
+        """Build the model from a `config.json` mapping; unknown keys are an error, not silently dropped."""
+        return _build_from_config(cls, config)
+
+
+def _build_from_config(cls: type[M], config: Mapping[str, Any]) -> M:
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+    parameters = inspect.signature(cls.__init__).parameters
+    accepted = {name for name in parameters if name != "self"}
+    arguments = {k: v for k, v in config.items() if not k.startswith(_CONFIG_METADATA_PREFIX)}
+    unknown = sorted(set(arguments) - accepted)
+    if unknown:
+        raise ValueError(
+            f"config has keys that {cls.__name__} does not accept: {unknown}; accepted keys: {sorted(accepted)}"
+        )
+    class_name = config.get("_class_name")
+    if class_name is not None and class_name != cls.__name__:
+        raise ValueError(f"config is for {class_name!r}, not {cls.__name__!r}")
+    return cls(**arguments)

@@ -1,0 +1,144 @@
+"""Sampling-time configuration: `TeaCacheParams` and the `SamplingParams` that carry it.
+
+Both are frozen dataclasses validated at construction, so an invalid value fails where it is written,
+not steps later inside a model. Use `dataclasses.replace` to derive a changed copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Any
+
+__all__ = ["SamplingParams", "TeaCacheParams"]
+
+_MAX_SEED = 2**64 - 1
+
+
+def _require_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _require_finite(name: str, value: Any, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a finite real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _require_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _coefficient_tuple(value: Any) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    allowed = "None or a non-empty sequence of finite floats (highest degree first)"
+    if isinstance(value, str | bytes | Mapping | Set):
+        raise ValueError(f"coefficients must be {allowed}, got {value!r}")
+    if hasattr(value, "tolist"):  # numpy arrays and torch tensors
+        value = value.tolist()
+    try:
+        items = list(value)
+    except TypeError:
+        raise ValueError(f"coefficients must be {allowed}, got {value!r}") from None
+    if not items:
+        raise ValueError(f"coefficients must be {allowed}, got an empty sequence")
+    return tuple(_require_finite(f"coefficients[{i}]", c) for i, c in enumerate(items))
+
+
+def evaluate_polynomial(coefficients: Sequence[float], x: float) -> float:
+    """Horner evaluation, highest degree first (the convention of `numpy.poly1d`)."""
+    result = 0.0
+    for c in coefficients:
+        result = result * x + c
+    return result
+
+
+@dataclass(frozen=True)
+class TeaCacheParams:
+    """How TeaCache decides to skip the block stack during one generation.
+
+    Args:
+        teacache_thresh: the accumulated rescaled distance below which a step is skipped. 0 never skips
+            (output is bit-identical to the uncached model); higher is faster and less faithful.
+        coefficients: the rescaling polynomial, highest degree first. None uses the model's preset.
+        start_skipping: number of first denoising steps that always compute.
+        end_skipping: number of last denoising steps that always compute.
+        use_ret_steps: use the model's alternative indicator, where the model offers one (Wan).
+    """
+
+    teacache_thresh: float = 0.1
+    coefficients: tuple[float, ...] | None = None
+    start_skipping: int = 1
+    end_skipping: int = 1
+    use_ret_steps: bool = False
+
+    def __post_init__(self) -> None:
+        thresh = _require_finite("teacache_thresh", self.teacache_thresh, minimum=0.0)
+        object.__setattr__(self, "teacache_thresh", thresh)
+        object.__setattr__(self, "coefficients", _coefficient_tuple(self.coefficients))
+        object.__setattr__(self, "start_skipping", _require_int("start_skipping", self.start_skipping, 0))
+        object.__setattr__(self, "end_skipping", _require_int("end_skipping", self.end_skipping, 0))
+        _require_bool("use_ret_steps", self.use_ret_steps)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything one generation is asked for, apart from the prompt.
+
+    Every field has a generic default; a model-zoo config supplies the model's own values.
+
+    Args:
+        num_inference_steps: denoising steps.
+        guidance_scale: guidance strength (CFG scale, or the embedded guidance of distilled models).
+        seed: random seed; None draws one at random (the pipeline reports the seed it used).
+        height, width: output size in pixels.
+        num_frames: frames to generate (1 for images).
+        negative_prompt: the prompt of the negative CFG branch; None uses the model's default.
+        teacache_params: TeaCache settings; None runs without the cache.
+    """
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    seed: int | None = None
+    height: int = 1024
+    width: int = 1024
+    num_frames: int = 1
+    negative_prompt: str | None = None
+    teacache_params: TeaCacheParams | None = field(default_factory=TeaCacheParams)
+
+    def __post_init__(self) -> None:
+        steps = _require_int("num_inference_steps", self.num_inference_steps, 1)
+        object.__setattr__(self, "num_inference_steps", steps)
+        scale = _require_finite("guidance_scale", self.guidance_scale, minimum=0.0)
+        object.__setattr__(self, "guidance_scale", scale)
+        if self.seed is not None:
+            seed = _require_int("seed", self.seed, 0)
+            if seed > _MAX_SEED:
+                raise ValueError(f"seed must be at most 2**64 - 1, got {seed}")
+            object.__setattr__(self, "seed", seed)
+        for name in ("height", "width", "num_frames"):
+            object.__setattr__(self, name, _require_int(name, getattr(self, name), 1))
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(
+                f"negative_prompt must be a string or None, got {self.negative_prompt!r} "
+                f"({type(self.negative_prompt).__name__})"
+            )
+        if self.teacache_params is not None and not isinstance(self.teacache_params, TeaCacheParams):
+            raise ValueError(
+                "teacache_params must be a TeaCacheParams or None, got "
+                f"{self.teacache_params!r} ({type(self.teacache_params).__name__})"
+            )

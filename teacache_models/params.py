@@ -78,6 +78,8 @@ class TeaCacheParams:
         start_skipping: number of first denoising steps that always compute.
         end_skipping: number of last denoising steps that always compute.
         use_ret_steps: use the model's alternative indicator, where the model offers one (Wan).
+        indicator: which indicator to use among those the model offers (its
+            `supported_teacache_indicators`); None is the model's published default.
     """
 
     teacache_thresh: float = 0.1
@@ -85,6 +87,7 @@ class TeaCacheParams:
     start_skipping: int = 1
     end_skipping: int = 1
     use_ret_steps: bool = False
+    indicator: str | None = None
 
     def __post_init__(self) -> None:
         thresh = _require_finite("teacache_thresh", self.teacache_thresh, minimum=0.0)
@@ -93,6 +96,8 @@ class TeaCacheParams:
         object.__setattr__(self, "start_skipping", _require_int("start_skipping", self.start_skipping, 0))
         object.__setattr__(self, "end_skipping", _require_int("end_skipping", self.end_skipping, 0))
         _require_bool("use_ret_steps", self.use_ret_steps)
+        if self.indicator is not None and (not isinstance(self.indicator, str) or not self.indicator):
+            raise ValueError(f"indicator must be None or a non-empty string, got {self.indicator!r}")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ def _tensor_signature(tensor: torch.Tensor) -> tuple:
 class _StepContext:
     step_index: int
     is_cfg_negative: bool
+    batched_cfg: bool = False
     used: bool = False
 
 
@@ -56,12 +57,15 @@ class TeaCacheMixin:
     - `supports_cfg_separation`: the model keeps separate state per CFG branch. When False, a
       negative-branch step switches TeaCache off for the rest of the generation (with one warning).
     - `supports_ret_steps`: the model offers the alternative indicator of `use_ret_steps=True`.
+    - `supported_teacache_indicators`: names `TeaCacheParams.indicator` may take; the first is the
+      default (what `indicator=None` means).
     - `teacache_default_coefficients`: the preset rescaling polynomial used when
       `TeaCacheParams.coefficients` is None (an instance may override it, e.g. per checkpoint).
     """
 
     supports_cfg_separation: ClassVar[bool] = True
     supports_ret_steps: ClassVar[bool] = False
+    supported_teacache_indicators: ClassVar[tuple[str, ...]] = ("modulated_input",)
     teacache_default_coefficients: tuple[float, ...] | None = None
 
     # ---- the two pieces a model provides -------------------------------------------------------
@@ -82,6 +86,11 @@ class TeaCacheMixin:
             raise ValueError(
                 f"use_ret_steps=True is not available for {type(self).__name__}: it has no alternative "
                 "indicator; use use_ret_steps=False"
+            )
+        if params.indicator is not None and params.indicator not in self.supported_teacache_indicators:
+            raise ValueError(
+                f"indicator {params.indicator!r} is not offered by {type(self).__name__}; "
+                f"choose one of {list(self.supported_teacache_indicators)}"
             )
         coefficients = params.coefficients or self.teacache_default_coefficients
         if coefficients is None:
@@ -129,18 +138,37 @@ class TeaCacheMixin:
         return session is not None and session.active
 
     @property
+    def teacache_indicator_name(self) -> str:
+        """The indicator of the running generation (the model's default when TeaCache is off)."""
+        params = self.teacache_params
+        if params is None or params.indicator is None:
+            return self.supported_teacache_indicators[0]
+        return params.indicator
+
+    @property
     def teacache_params(self) -> TeaCacheParams | None:
         """The parameters of the running generation, or None when TeaCache is off."""
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         return session.params if session is not None and session.active else None
 
     @contextmanager
-    def teacache_step(self, step_index: int, is_cfg_negative: bool = False) -> Iterator[None]:
-        """Declare which denoising step and CFG branch the forward call inside this context computes."""
+    def teacache_step(
+        self, step_index: int, is_cfg_negative: bool = False, batched_cfg: bool = False
+    ) -> Iterator[None]:
+        """Declare which denoising step and CFG branch the forward call inside this context computes.
+
+        `batched_cfg=True` declares a call whose batch holds both branches (positive half first). Such a
+        call cannot share one branch's cache: unless the model splits it per branch itself, it is refused
+        while TeaCache is on.
+        """
         if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:
             raise ValueError(f"step_index must be an int >= 0, got {step_index!r}")
         if not isinstance(is_cfg_negative, bool):
             raise ValueError(f"is_cfg_negative must be True or False, got {is_cfg_negative!r}")
+        if not isinstance(batched_cfg, bool):
+            raise ValueError(f"batched_cfg must be True or False, got {batched_cfg!r}")
+        if batched_cfg and is_cfg_negative:
+            raise ValueError("batched_cfg=True covers both branches; leave is_cfg_negative=False")
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         if session is not None and not session.closed and step_index >= session.num_inference_steps:
             raise ValueError(
@@ -149,7 +177,7 @@ class TeaCacheMixin:
             )
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("teacache_step() contexts cannot be nested")
-        self.__dict__["_teacache_context"] = _StepContext(step_index, is_cfg_negative)
+        self.__dict__["_teacache_context"] = _StepContext(step_index, is_cfg_negative, batched_cfg)
         try:
             yield
         finally:
@@ -217,6 +245,11 @@ class TeaCacheMixin:
         if context.used:
             raise RuntimeError("one teacache_step() context covers one forward call; open a new context for each call")
         context.used = True
+        if context.batched_cfg and session.active:
+            raise ValueError(
+                f"{type(self).__name__} cannot cache a call that batches both CFG branches: with TeaCache on, "
+                "call the positive and the negative branch separately (is_cfg_negative=False / True)"
+            )
         state = session.branches[context.is_cfg_negative]
         if session.active and context.is_cfg_negative and not self.supports_cfg_separation:
             self._switch_off(

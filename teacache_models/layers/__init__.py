@@ -3,15 +3,25 @@
 from .attention import attention
 from .embeddings import MLPEmbedder, timestep_sinusoids
 from .feedforward import FeedForward
-from .normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, modulate
-from .rope import apply_rotary_interleaved, rope_cos_sin
+from .normalization import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+    FP32LayerNorm,
+    RMSNorm,
+    modulate,
+)
+from .rope import apply_rotary_complex, apply_rotary_interleaved, rope_cos_sin
 
 __all__ = [
     "AdaLayerNormContinuous",
     "AdaLayerNormZero",
     "AdaLayerNormZeroSingle",
+    "FP32LayerNorm",
     "FeedForward",
     "MLPEmbedder",
+    "RMSNorm",
+    "apply_rotary_complex",
     "apply_rotary_interleaved",
     "attention",
     "modulate",

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdaLayerNormContinuous", "AdaLayerNormZero", "AdaLayerNormZeroSingle", "modulate"]
+__all__ = [
+    "AdaLayerNormContinuous",
+    "AdaLayerNormZero",
+    "AdaLayerNormZeroSingle",
+    "FP32LayerNorm",
+    "RMSNorm",
+    "modulate",
+]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -68,3 +76,35 @@ class AdaLayerNormContinuous(nn.Module):
         # The conditioning may arrive in float32 while the tokens are in half precision.
         scale, shift = self.linear(self.silu(conditioning).to(x.dtype)).chunk(2, dim=1)
         return modulate(self.norm(x), shift, scale)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose statistics are taken in float32.
+
+    With a weight, the normalised tokens are cast to the weight's dtype when that is half precision and
+    otherwise stay in the promoted dtype (float32 for half inputs with a float32 weight: the behaviour
+    the diffusers checkpoints were validated with). Without a weight, the input dtype is returned.
+    """
+
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        normed = x * torch.rsqrt(variance + self.eps)
+        if self.weight is None:
+            return normed.to(x.dtype)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            normed = normed.to(self.weight.dtype)
+        return normed * self.weight

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_rotary_interleaved", "rope_cos_sin"]
+__all__ = ["apply_rotary_complex", "apply_rotary_interleaved", "rope_cos_sin"]
 
 
 def rope_cos_sin(
@@ -44,3 +44,15 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D / 2) each
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)  # (B, L, H, D)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def apply_rotary_complex(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of (B, L, H, D) tokens by complex factors, in float32.
+
+    Args:
+        x: (B, L, H, D) queries or keys.
+        freqs_cis: complex (L, D / 2) or (B, L, D / 2) unit factors.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, H, D / 2)
+    factors = freqs_cis.unsqueeze(-2)  # broadcast over heads
+    return torch.view_as_real(pairs * factors).flatten(3).to(x.dtype)

@@ -1,0 +1,50 @@
+"""Helpers shared by the test modules: random weights, relative comparison, and the uncached loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+    """Fill every parameter and floating buffer with seeded normal noise (zero-init layers included)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+    return module
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| relative to the output scale max |expected|."""
+    scale = expected.abs().max().clamp_min(1e-12)
+    return ((actual.float() - expected.float()).abs().max() / scale).item()
+
+
+def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(expected).all(), "the reference output is not finite"
+    error = max_rel_error(actual, expected)
+    assert error <= tol, f"max abs difference is {error:.3g} of the output scale (tolerance {tol:g})"
+
+
+def load_both_ways(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Check that the two state dicts have the same keys and shapes by loading strictly in both directions."""
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+
+
+def run_steps(
+    model: torch.nn.Module,
+    call: Callable[[int, bool], torch.Tensor],
+    num_steps: int,
+    branches: tuple[bool, ...] = (False,),
+) -> dict[bool, list[torch.Tensor]]:
+    """Call `call(step, is_negative)` inside `teacache_step` for every step and branch, in that order."""
+    outputs: dict[bool, list[torch.Tensor]] = {b: [] for b in branches}
+    for step in range(num_steps):
+        for negative in branches:
+            with torch.no_grad(), model.teacache_step(step, is_cfg_negative=negative):
+                outputs[negative].append(call(step, negative))
+    return outputs

@@ -1,0 +1,365 @@
+"""Native Flux against diffusers' FluxTransformer2DModel, and TeaCache on Flux."""
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel as ReferenceFlux
+
+from teacache_models import TeaCacheParams
+from teacache_models.cache import relative_l1_distance
+from teacache_models.models import FluxTransformer2DModel
+from teacache_models.models.flux import FLUX_TEACACHE_COEFFICIENTS
+from teacache_models.params import evaluate_polynomial
+from tests.utils import assert_parity, load_both_ways, randomize_
+
+TINY = dict(
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(4, 4, 8),
+)
+
+CONFIGS = {
+    "tiny-guidance": dict(TINY, guidance_embeds=True),
+    "tiny-schnell": dict(TINY, guidance_embeds=False),
+    "deeper-odd-heads": dict(
+        in_channels=6,
+        out_channels=3,
+        patch_size=2,
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        joint_attention_dim=20,
+        pooled_projection_dim=12,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    ),
+    "single-stream-only": dict(TINY, num_layers=0, num_single_layers=2, guidance_embeds=False),
+    "dual-stream-only": dict(TINY, num_layers=2, num_single_layers=0, guidance_embeds=True),
+}
+
+
+def build_pair(config: dict, seed: int = 0) -> tuple[FluxTransformer2DModel, ReferenceFlux]:
+    reference = randomize_(ReferenceFlux(**config), seed).eval()
+    ours = FluxTransformer2DModel(**config).eval()
+    load_both_ways(ours, reference)
+    return ours, reference
+
+
+def image_ids(height: int, width: int) -> torch.Tensor:
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def make_inputs(config: dict, batch: int, height: int, width: int, text_len: int, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        hidden_states=torch.randn(batch, height * width, config["in_channels"], generator=generator),
+        encoder_hidden_states=torch.randn(batch, text_len, config["joint_attention_dim"], generator=generator),
+        pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=generator),
+        timestep=torch.rand(batch, generator=generator),
+        img_ids=image_ids(height, width),
+        txt_ids=torch.zeros(text_len, 3),
+    )
+    if config.get("guidance_embeds"):
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    return inputs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(("batch", "height", "width", "text_len"), [(1, 4, 4, 5), (2, 3, 5, 7), (2, 1, 7, 1)])
+def test_parity_with_diffusers(name, batch, height, width, text_len):
+    config = CONFIGS[name]
+    ours, reference = build_pair(config, seed=hash((name, batch, height)) % 1000)
+    inputs = make_inputs(config, batch, height, width, text_len)
+    expected = reference(**inputs, return_dict=False)[0]
+    actual = ours(**inputs, return_dict=False)[0]
+    assert_parity(actual, expected)
+
+
+@torch.no_grad()
+def test_parity_with_random_position_ids_and_broadcast_timestep():
+    config = CONFIGS["tiny-guidance"]
+    ours, reference = build_pair(config, seed=3)
+    inputs = make_inputs(config, 2, 3, 3, 4)
+    inputs["img_ids"] = torch.randn(9, 3) * 7
+    inputs["txt_ids"] = torch.randn(4, 3)
+    inputs["timestep"] = torch.tensor([0.37])
+    inputs["guidance"] = torch.tensor([4.0])
+    assert_parity(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+def test_parity_with_controlnet_residuals():
+    config = CONFIGS["deeper-odd-heads"]
+    ours, reference = build_pair(config, seed=4)
+    inputs = make_inputs(config, 2, 3, 4, 5)
+    generator = torch.Generator().manual_seed(9)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    inputs["controlnet_block_samples"] = [torch.randn(2, 12, width, generator=generator)]
+    inputs["controlnet_single_block_samples"] = [torch.randn(2, 12, width, generator=generator) for _ in range(2)]
+    for repeat in (False, True):
+        expected = reference(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0]
+        assert_parity(ours(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0], expected)
+
+
+@torch.no_grad()
+def test_deprecated_batched_ids_are_accepted_with_a_warning():
+    config = CONFIGS["tiny-schnell"]
+    ours, reference = build_pair(config)
+    inputs = make_inputs(config, 1, 2, 2, 3)
+    inputs["img_ids"] = inputs["img_ids"][None]
+    inputs["txt_ids"] = inputs["txt_ids"][None]
+    with pytest.warns(FutureWarning, match="img_ids"):
+        actual = ours(**inputs, return_dict=False)[0]
+    assert_parity(actual, reference(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+def test_bfloat16_matches_diffusers():
+    config = CONFIGS["tiny-guidance"]
+    ours, reference = build_pair(config, seed=5)
+    ours, reference = ours.to(torch.bfloat16), reference.to(torch.bfloat16)
+    inputs = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in make_inputs(config, 2, 3, 3, 4).items()
+    }
+    expected = reference(**inputs, return_dict=False)[0]
+    actual = ours(**inputs, return_dict=False)[0]
+    assert actual.dtype == torch.bfloat16
+    assert_parity(actual, expected, tol=2e-2)
+
+
+def test_return_types_and_config():
+    config = CONFIGS["tiny-guidance"]
+    ours, _ = build_pair(config)
+    inputs = make_inputs(config, 1, 2, 2, 3)
+    with torch.no_grad():
+        as_tuple = ours(**inputs, return_dict=False)
+        as_output = ours(**inputs)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.equal(as_output.sample, as_tuple[0]) and torch.equal(as_output[0], as_tuple[0])
+    assert ours.config.guidance_embeds is True and ours.config["num_layers"] == 1
+    rebuilt = FluxTransformer2DModel.from_config({"_class_name": "FluxTransformer2DModel", **ours.config})
+    assert rebuilt.config == ours.config
+
+
+def test_released_configs_build_on_meta_with_the_published_size():
+    dev = dict(guidance_embeds=True)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**dev)
+        reference = ReferenceFlux(**dev)
+    assert set(model.state_dict()) == set(reference.state_dict())
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(p.numel() for p in reference.parameters())
+    assert round(count / 1e9, 1) == 11.9
+
+
+def test_from_config_rejects_unknown_keys_and_other_classes():
+    with pytest.raises(ValueError, match="does not accept: \\['num_blocks'\\]"):
+        FluxTransformer2DModel.from_config({**TINY, "num_blocks": 3})
+    with pytest.raises(ValueError, match="WanTransformer3DModel"):
+        FluxTransformer2DModel.from_config({"_class_name": "WanTransformer3DModel", **TINY})
+
+
+# ---- TeaCache on Flux ------------------------------------------------------------------------------
+
+
+def denoise(model, config, num_steps, params=None, negative_prompt=False, seed=1):
+    """A flow-matching Euler loop over random conditioning; optional true-CFG negative branch."""
+    inputs = make_inputs(config, 1, 4, 4, 5, seed=seed)
+    negative_inputs = make_inputs(config, 1, 4, 4, 5, seed=seed + 100)
+    negative_inputs.pop("hidden_states")
+    latents = inputs.pop("hidden_states")
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+    if params is not None:
+        model.enable_teacache(params, num_steps)
+    predictions = []
+    for step in range(num_steps):
+        timestep = sigmas[step].expand(1)
+        with torch.no_grad(), model.teacache_step(step):
+            prediction = model(hidden_states=latents, **{**inputs, "timestep": timestep}, return_dict=False)[0]
+        if negative_prompt:
+            with torch.no_grad(), model.teacache_step(step, is_cfg_negative=True):
+                negative = model(hidden_states=latents, **{**negative_inputs, "timestep": timestep}, return_dict=False)
+            prediction = negative[0] + 2.0 * (prediction - negative[0])
+        predictions.append(prediction)
+        latents = latents + (sigmas[step + 1] - sigmas[step]) * prediction
+    return latents, predictions
+
+
+def test_threshold_zero_is_bit_identical_to_uncached_flux():
+    config = CONFIGS["tiny-guidance"]
+    model, _ = build_pair(config, seed=7)
+    plain, _ = denoise(model, config, 6)
+    cached, _ = denoise(model, config, 6, TeaCacheParams(teacache_thresh=0.0), negative_prompt=False)
+    assert torch.equal(plain, cached)
+    plain_cfg, _ = denoise(model, config, 6, None, negative_prompt=True)
+    cached_cfg, _ = denoise(model, config, 6, TeaCacheParams(teacache_thresh=0.0), negative_prompt=True)
+    assert torch.equal(plain_cfg, cached_cfg)
+    stats = model.teacache_stats()
+    assert stats.positive.computed_steps == tuple(range(6)) == stats.negative.computed_steps
+
+
+# Random weights move far more per step than trained ones, hence thresholds far above the published ones.
+@pytest.mark.parametrize(("coefficients", "thresh"), [(None, 60.0), ([1.0, 0.0], 1.0)])
+def test_flux_decisions_follow_the_rule_on_block0_modulated_input(coefficients, thresh):
+    config = CONFIGS["tiny-guidance"]
+    model, _ = build_pair(config, seed=8)
+    num_steps = 10
+    params = TeaCacheParams(teacache_thresh=thresh, coefficients=coefficients)
+    _, predictions = denoise(model, config, num_steps, params)
+    stats = model.teacache_stats()
+    assert stats.positive.skipped_steps, "the threshold was chosen so that some steps skip"
+    assert stats.positive.computed_steps[0] == 0 and stats.positive.computed_steps[-1] == num_steps - 1
+
+    # Replay the same trajectory and apply the rule by hand to block 0's modulated image input.
+    inputs = make_inputs(config, 1, 4, 4, 5, seed=1)
+    latents = inputs.pop("hidden_states")
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+    previous, accumulated, skipped = None, 0.0, []
+    for step in range(num_steps):
+        with torch.no_grad():
+            hidden = model.x_embedder(latents)
+            temb = model.time_text_embed(
+                sigmas[step].expand(1) * 1000, inputs["guidance"] * 1000, inputs["pooled_projections"]
+            )
+            indicator = model.transformer_blocks[0].norm1(hidden, temb)[0]
+        if 0 < step < num_steps - 1:
+            distance = relative_l1_distance(indicator, previous).item()
+            accumulated += evaluate_polynomial(coefficients or FLUX_TEACACHE_COEFFICIENTS, distance)
+            if accumulated < thresh:
+                skipped.append(step)
+            else:
+                accumulated = 0.0
+        previous = indicator
+        latents = latents + (sigmas[step + 1] - sigmas[step]) * predictions[step]
+    assert tuple(skipped) == stats.positive.skipped_steps
+
+
+def test_flux_skipped_step_reuses_the_residual_through_the_head():
+    config = CONFIGS["tiny-schnell"]
+    model, _ = build_pair(config, seed=9)
+    inputs = make_inputs(config, 1, 4, 4, 5)
+    model.enable_teacache(TeaCacheParams(teacache_thresh=100.0), 3)
+    outputs = []
+    for step, sigma in enumerate((1.0, 0.9, 0.8)):
+        with torch.no_grad(), model.teacache_step(step):
+            outputs.append(model(**{**inputs, "timestep": torch.tensor([sigma])}, return_dict=False)[0])
+            if step == 0:
+                residual = model.previous_residual.clone()
+    assert model.teacache_stats().positive.skipped_steps == (1,)
+    with torch.no_grad():
+        hidden = model.x_embedder(inputs["hidden_states"])
+        temb = model.time_text_embed(torch.tensor([900.0]), None, inputs["pooled_projections"])
+        expected = model.proj_out(model.norm_out(hidden + residual, temb))
+    torch.testing.assert_close(outputs[1], expected, rtol=0, atol=0)
+
+
+def test_flux_interleaved_cfg_branches_match_each_branch_alone():
+    config = CONFIGS["tiny-guidance"]
+    model, _ = build_pair(config, seed=10)
+    params = TeaCacheParams(teacache_thresh=1.0, coefficients=[1.0, 0.0])
+    num_steps = 8
+    conditions = {False: make_inputs(config, 1, 4, 4, 5, seed=1), True: make_inputs(config, 1, 4, 4, 5, seed=2)}
+    latents = [conditions[False].pop("hidden_states")]
+    conditions[True].pop("hidden_states")
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+
+    def call(step, negative):
+        with torch.no_grad(), model.teacache_step(step, is_cfg_negative=negative):
+            kwargs = {**conditions[negative], "timestep": sigmas[step].expand(1)}
+            return model(hidden_states=latents[step], **kwargs, return_dict=False)[0]
+
+    model.enable_teacache(params, num_steps)
+    interleaved = {False: [], True: []}
+    for step in range(num_steps):
+        for negative in (False, True):
+            interleaved[negative].append(call(step, negative))
+        guided = interleaved[True][-1] + 2.0 * (interleaved[False][-1] - interleaved[True][-1])
+        latents.append(latents[step] + (sigmas[step + 1] - sigmas[step]) * guided)
+    both = model.teacache_stats()
+    assert both.positive.skipped_steps and both.negative.skipped_steps
+    assert not torch.equal(model.previous_residual, model.previous_residual_negative)
+
+    for negative in (False, True):
+        model.enable_teacache(params, num_steps)
+        alone = [call(step, negative) for step in range(num_steps)]
+        stats = model.teacache_stats()
+        assert (stats.negative if negative else stats.positive) == (both.negative if negative else both.positive)
+        assert all(torch.equal(a, b) for a, b in zip(alone, interleaved[negative], strict=True))
+
+
+def test_flux_rejects_ret_steps():
+    model = FluxTransformer2DModel(**CONFIGS["tiny-guidance"])
+    with pytest.raises(ValueError, match="use_ret_steps"):
+        model.enable_teacache(TeaCacheParams(use_ret_steps=True), 10)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def bad_inputs():
+    config = CONFIGS["tiny-guidance"]
+    good = make_inputs(config, 2, 2, 3, 4)
+    cases = {
+        "hidden_states rank": (
+            {"hidden_states": good["hidden_states"][0]},
+            ValueError,
+            "hidden_states must have shape",
+        ),
+        "hidden_states width": ({"hidden_states": torch.randn(2, 6, 5)}, ValueError, r"\(B, L, 4\)"),
+        "hidden_states type": ({"hidden_states": [[1.0]]}, TypeError, "hidden_states must be a tensor"),
+        "integer latents": ({"hidden_states": torch.ones(2, 6, 4, dtype=torch.long)}, TypeError, "floating"),
+        "text width": ({"encoder_hidden_states": torch.randn(2, 4, 31)}, ValueError, "encoder_hidden_states"),
+        "text batch": ({"encoder_hidden_states": torch.randn(3, 4, 32)}, ValueError, r"\(2, L, 32\)"),
+        "text missing": ({"encoder_hidden_states": None}, TypeError, "encoder_hidden_states"),
+        "pooled shape": ({"pooled_projections": torch.randn(2, 31)}, ValueError, "pooled_projections"),
+        "guidance missing": ({"guidance": None}, ValueError, "guidance is required"),
+        "timestep shape": ({"timestep": torch.rand(3)}, ValueError, "timestep must have shape"),
+        "timestep missing": ({"timestep": None}, TypeError, "timestep"),
+        "img_ids length": ({"img_ids": torch.zeros(5, 3)}, ValueError, r"img_ids must have shape \(6, 3\)"),
+        "txt_ids axes": ({"txt_ids": torch.zeros(4, 2)}, ValueError, r"txt_ids must have shape \(4, 3\)"),
+        "ids missing": ({"img_ids": None}, TypeError, "img_ids"),
+        "attention kwargs": ({"joint_attention_kwargs": {"scale": 0.5}}, ValueError, "joint_attention_kwargs"),
+    }
+    return config, good, cases
+
+
+@pytest.mark.parametrize("case", list(bad_inputs()[2]))
+def test_bad_input_gives_a_clear_error(case):
+    config, good, cases = bad_inputs()
+    change, error, match = cases[case]
+    model = FluxTransformer2DModel(**config)
+    with pytest.raises(error, match=match), torch.no_grad():
+        model(**{**good, **change})
+
+
+def test_guidance_on_a_model_without_guidance_embedding():
+    config = CONFIGS["tiny-schnell"]
+    model = FluxTransformer2DModel(**config)
+    inputs = make_inputs(config, 1, 2, 2, 3)
+    with pytest.raises(ValueError, match="guidance must be None"):
+        model(**inputs, guidance=torch.tensor([3.5]))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"axes_dims_rope": (4, 4, 4)}, "must sum to attention_head_dim"),
+        ({"axes_dims_rope": (3, 5, 8)}, "even"),
+        ({"num_attention_heads": 0}, "num_attention_heads"),
+        ({"in_channels": 2.5}, "in_channels"),
+        ({"num_layers": -1}, "num_layers"),
+        ({"out_channels": 0}, "out_channels"),
+    ],
+)
+def test_bad_architecture_is_rejected(change, match):
+    with pytest.raises(ValueError, match=match):
+        FluxTransformer2DModel(**{**TINY, **change})

@@ -1,0 +1,109 @@
+"""TeaCacheParams and SamplingParams: defaults, normalisation and every rejected value."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from teacache_models import SamplingParams, TeaCacheParams
+from teacache_models.params import evaluate_polynomial
+
+
+def test_teacache_defaults_and_frozen():
+    params = TeaCacheParams()
+    assert params.teacache_thresh == 0.1
+    assert params.coefficients is None
+    assert (params.start_skipping, params.end_skipping, params.use_ret_steps) == (1, 1, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.teacache_thresh = 0.2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "coefficients",
+    [[1.0, 0.0, 0.0], (2, 1), np.array([0.5, -1.5, 3.0]), [7.0]],
+)
+def test_coefficients_accept_any_finite_polynomial(coefficients):
+    params = TeaCacheParams(coefficients=coefficients)
+    assert params.coefficients == tuple(float(c) for c in list(coefficients))
+    assert all(type(c) is float for c in params.coefficients)
+    hash(params)  # frozen and hashable: usable as a cache key
+
+
+def test_polynomial_is_highest_degree_first_like_numpy():
+    coefficients = [4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01]
+    for x in (0.0, 0.013, 0.07, 0.31):
+        assert math.isclose(evaluate_polynomial(coefficients, x), float(np.poly1d(coefficients)(x)), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"teacache_thresh": -0.01}, "teacache_thresh"),
+        ({"teacache_thresh": float("nan")}, "teacache_thresh"),
+        ({"teacache_thresh": float("inf")}, "teacache_thresh"),
+        ({"teacache_thresh": "0.1"}, "teacache_thresh"),
+        ({"teacache_thresh": True}, "teacache_thresh"),
+        ({"teacache_thresh": None}, "teacache_thresh"),
+        ({"coefficients": []}, "coefficients"),
+        ({"coefficients": ()}, "coefficients"),
+        ({"coefficients": [1.0, float("nan")]}, r"coefficients\[1\]"),
+        ({"coefficients": [float("inf")]}, r"coefficients\[0\]"),
+        ({"coefficients": [1.0, "a"]}, r"coefficients\[1\]"),
+        ({"coefficients": "1.0"}, "coefficients"),
+        ({"coefficients": 1.0}, "coefficients"),
+        ({"coefficients": {"a": 1.0}}, "coefficients"),
+        ({"start_skipping": -1}, "start_skipping"),
+        ({"start_skipping": 1.5}, "start_skipping"),
+        ({"end_skipping": -2}, "end_skipping"),
+        ({"end_skipping": "1"}, "end_skipping"),
+        ({"use_ret_steps": 1}, "use_ret_steps"),
+        ({"use_ret_steps": "yes"}, "use_ret_steps"),
+        ({"indicator": ""}, "indicator"),
+        ({"indicator": 3}, "indicator"),
+    ],
+)
+def test_teacache_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TeaCacheParams(**kwargs)
+
+
+def test_sampling_defaults_cover_every_field():
+    params = SamplingParams()
+    for item in dataclasses.fields(SamplingParams):
+        assert item.default is not dataclasses.MISSING or item.default_factory is not dataclasses.MISSING
+    assert isinstance(params.teacache_params, TeaCacheParams)
+    assert SamplingParams(teacache_params=None).teacache_params is None
+
+
+def test_sampling_carries_teacache_params():
+    cache = TeaCacheParams(teacache_thresh=0.25, coefficients=[1.0, 0.0])
+    params = SamplingParams(num_inference_steps=28, guidance_scale=3.5, seed=42, teacache_params=cache)
+    assert params.teacache_params is cache
+    assert dataclasses.replace(params, seed=7).teacache_params is cache
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 2.0}, "num_inference_steps"),
+        ({"num_inference_steps": True}, "num_inference_steps"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": "7"}, "guidance_scale"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 1.0}, "seed"),
+        ({"height": 0}, "height"),
+        ({"width": -8}, "width"),
+        ({"width": 512.0}, "width"),
+        ({"num_frames": 0}, "num_frames"),
+        ({"negative_prompt": 3}, "negative_prompt"),
+        ({"teacache_params": {"teacache_thresh": 0.1}}, "teacache_params"),
+        ({"teacache_params": 0.1}, "teacache_params"),
+    ],
+)
+def test_sampling_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)

@@ -1,0 +1,370 @@
+"""The TeaCache decision rule, its windows, per-branch state and lifecycle, on a small model.
+
+The model below is built the way the README tells a user to add one: inherit `TeaCacheMixin`, provide
+the indicator at block entry and the block stack, and call `run_blocks` between embedding and head.
+Its indicator is the timestep broadcast over the tokens, so every distance is known by hand.
+"""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from teacache_models import TeaCacheMixin, TeaCacheParams
+from teacache_models.cache import relative_l1_distance
+from teacache_models.params import evaluate_polynomial
+
+WIDTH = 8
+
+
+class TinyModel(nn.Module, TeaCacheMixin):
+    teacache_default_coefficients = (1.0, 0.0)  # rescaled distance = raw distance
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.embed = nn.Linear(WIDTH, WIDTH)
+        self.blocks = nn.ModuleList([nn.Linear(WIDTH, WIDTH) for _ in range(2)])
+        self.head = nn.Linear(WIDTH, WIDTH)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        self.block_calls = 0
+
+    def teacache_indicator(self, hidden_states: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, 1, 1).expand_as(hidden_states)
+
+    def forward_blocks(self, hidden_states: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.block_calls += 1
+        for block in self.blocks:
+            hidden_states = hidden_states + torch.tanh(block(hidden_states)) * t.reshape(-1, 1, 1)
+        return hidden_states
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed(x)  # (B, L, D)
+        hidden_states = self.run_blocks(hidden_states, t=t)
+        return self.head(hidden_states)
+
+
+class TinyModelWithoutSeparation(TinyModel):
+    supports_cfg_separation = False
+
+
+TIMESTEPS = [1.0, 0.95, 0.90, 0.80, 0.75, 0.70, 0.50, 0.40]
+
+
+def make_input(seed: int, batch: int = 1, tokens: int = 5) -> torch.Tensor:
+    return torch.randn(batch, tokens, WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, params, xs, timesteps=TIMESTEPS, negative=False):
+    """A denoising loop: step k computes model(xs[k], timesteps[k]) for one branch."""
+    model.enable_teacache(params, num_inference_steps=len(timesteps))
+    outputs = []
+    for step, t in enumerate(timesteps):
+        with torch.no_grad(), model.teacache_step(step, is_cfg_negative=negative):
+            outputs.append(model(xs[step], torch.tensor([t])))
+    return outputs
+
+
+def test_decisions_match_hand_computed_sequence():
+    # Distances |t_k - t_{k-1}| / t_{k-1}: .05, .0526, .1111, .0625, .0667, .2857, .2
+    # Accumulated with thresh 0.15: skip, skip, compute (.2137), skip, skip, compute (.4152); 0 and 7 forced.
+    model = TinyModel()
+    xs = [make_input(0)] * len(TIMESTEPS)
+    generate(model, TeaCacheParams(teacache_thresh=0.15), xs)
+    stats = model.teacache_stats()
+    assert stats.positive.computed_steps == (0, 3, 6, 7)
+    assert stats.positive.skipped_steps == (1, 2, 4, 5)
+    assert stats.negative.computed_steps == () and stats.negative.skipped_steps == ()
+    assert model.block_calls == 4
+
+
+def test_accumulator_follows_the_rule_step_by_step():
+    model = TinyModel()
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.15), num_inference_steps=len(TIMESTEPS))
+    expected = [0.0, 0.05, 0.05 + 0.05 / 0.95, 0.0, 0.05 / 0.8, 0.05 / 0.8 + 0.05 / 0.75, 0.0, 0.0]
+    for step, t in enumerate(TIMESTEPS):
+        with torch.no_grad(), model.teacache_step(step):
+            model(make_input(0), torch.tensor([t]))
+        assert model.accumulated_rel_l1_distance == pytest.approx(expected[step], abs=1e-6)
+
+
+def test_seed_example_quadratic_coefficients():
+    # poly(x) = x**2: distances squared accumulate slowly: .0025, .0028, .0123 ... all below 0.05 until
+    # the jump to 0.50 (.0816); the last step is forced.
+    model = TinyModel()
+    xs = [make_input(0)] * len(TIMESTEPS)
+    generate(model, TeaCacheParams(teacache_thresh=0.05, coefficients=[1.0, 0.0, 0.0]), xs)
+    distances = [abs(b - a) / a for a, b in itertools.pairwise(TIMESTEPS)]
+    assert sum(d**2 for d in distances[:5]) < 0.05 < sum(d**2 for d in distances[:6])
+    assert model.teacache_stats().positive.computed_steps == (0, 6, 7)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "timesteps", "computed"),
+    [
+        # Forced steps reset the accumulator, so the window shifts the later decisions too.
+        (3, 1, TIMESTEPS, (0, 1, 2, 4, 6, 7)),
+        (1, 4, TIMESTEPS, (0, 3, 4, 5, 6, 7)),
+        (1, 1, [1.0, 0.95, 0.9], (0, 2)),
+        (1, 0, [1.0, 0.95, 0.9], (0,)),
+        (0, 0, [1.0, 0.95, 0.9], (0,)),
+        (5, 5, TIMESTEPS, tuple(range(8))),
+    ],
+)
+def test_start_and_end_windows(start, end, timesteps, computed):
+    model = TinyModel()
+    xs = [make_input(0)] * len(timesteps)
+    generate(model, TeaCacheParams(teacache_thresh=0.15, start_skipping=start, end_skipping=end), xs, timesteps)
+    assert model.teacache_stats().positive.computed_steps == computed
+
+
+def test_first_step_always_computes_without_history_even_with_empty_windows():
+    model = TinyModel()
+    xs = [make_input(0)] * 3
+    generate(model, TeaCacheParams(teacache_thresh=10.0, start_skipping=0, end_skipping=0), xs, TIMESTEPS[:3])
+    stats = model.teacache_stats()
+    assert stats.positive.computed_steps == (0,) and stats.positive.skipped_steps == (1, 2)
+
+
+def test_skipped_step_adds_cached_residual_to_its_own_input():
+    model = TinyModel()
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.15), xs)
+    with torch.no_grad():
+        hidden0 = model.embed(xs[0])
+        residual0 = model.forward_blocks(hidden0, torch.tensor([TIMESTEPS[0]])) - hidden0
+        expected_step1 = model.head(model.embed(xs[1]) + residual0)
+        uncached_step1 = model(xs[1], torch.tensor([TIMESTEPS[1]]))
+    torch.testing.assert_close(outputs[1], expected_step1, rtol=0, atol=0)
+    assert not torch.equal(outputs[1], uncached_step1)
+
+
+def test_threshold_zero_is_bit_identical_even_with_negative_rescaled_distances():
+    model = TinyModel()
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    with torch.no_grad():
+        plain = [model(x, torch.tensor([t])) for x, t in zip(xs, TIMESTEPS, strict=True)]
+    for coefficients in (None, [-1.0]):
+        cached = generate(model, TeaCacheParams(teacache_thresh=0.0, coefficients=coefficients), xs)
+        assert all(torch.equal(a, b) for a, b in zip(plain, cached, strict=True))
+        assert model.teacache_stats().positive.skipped_steps == ()
+
+
+def test_calls_outside_a_step_context_compute_and_touch_no_state():
+    model = TinyModel()
+    model.enable_teacache(TeaCacheParams(teacache_thresh=10.0), num_inference_steps=4)
+    with torch.no_grad(), model.teacache_step(0):
+        model(make_input(0), torch.tensor([1.0]))
+    residual, indicator = model.previous_residual, model.previous_modulated_input
+    with torch.no_grad():
+        model(make_input(1), torch.tensor([0.9]))
+    assert model.previous_residual is residual and model.previous_modulated_input is indicator
+    assert model.teacache_stats().positive.computed_steps == (0,)
+
+
+def test_reset_between_generations_gives_identical_results():
+    model = TinyModel()
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    params = TeaCacheParams(teacache_thresh=0.15)
+    first = generate(model, params, xs)
+    first_stats = model.teacache_stats()
+    second = generate(model, params, xs)
+    assert model.teacache_stats() == first_stats
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_a_different_step_count_in_the_next_generation():
+    model = TinyModel()
+    generate(model, TeaCacheParams(teacache_thresh=0.15), [make_input(0)] * 8)
+    short = TIMESTEPS[:4]
+    generate(model, TeaCacheParams(teacache_thresh=0.15), [make_input(0)] * 4, short)
+    assert model.teacache_stats().positive.computed_steps == (0, 3)
+    assert model.teacache_stats().num_inference_steps == 4
+
+
+def test_resolution_change_mid_generation_forces_a_compute():
+    model = TinyModel()
+    xs = [make_input(0, tokens=5)] * 2 + [make_input(0, tokens=9)] * 2 + [make_input(0, batch=2, tokens=9)] * 4
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.15), xs)
+    stats = model.teacache_stats()
+    assert 2 in stats.positive.computed_steps and 4 in stats.positive.computed_steps
+    assert outputs[2].shape == (1, 9, WIDTH) and outputs[4].shape == (2, 9, WIDTH)
+    assert stats.positive.skipped_steps == (1, 3, 5)
+
+
+def test_dtype_change_forces_a_compute():
+    model = TinyModel().double()
+    xs = [make_input(0).double()] * 2 + [make_input(0)] * 2
+    model.float()
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.15), [x.float() for x in xs[:2]] + xs[2:], TIMESTEPS[:4])
+    assert len(outputs) == 4
+    model.double()
+    generate(model, TeaCacheParams(teacache_thresh=0.15), [make_input(0).double()] * 4, TIMESTEPS[:4])
+    assert model.teacache_stats().positive.computed_steps == (0, 3)
+
+
+def run_branch(model, xs, negative):
+    outputs = []
+    for step, t in enumerate(TIMESTEPS):
+        with torch.no_grad(), model.teacache_step(step, is_cfg_negative=negative):
+            outputs.append(model(xs[step], torch.tensor([t])))
+    return outputs
+
+
+def test_interleaved_branches_behave_as_if_alone():
+    model = TinyModel()
+    params = TeaCacheParams(teacache_thresh=0.15)
+    positive_xs = [make_input(k) for k in range(8)]
+    negative_xs = [make_input(100 + k) for k in range(8)]
+    # The negative branch sees other timesteps, so its schedule differs from the positive one.
+    negative_ts = [1.0, 0.8, 0.75, 0.74, 0.5, 0.45, 0.44, 0.2]
+
+    model.enable_teacache(params, len(TIMESTEPS))
+    interleaved = {False: [], True: []}
+    for step in range(len(TIMESTEPS)):
+        for negative, xs, ts in ((False, positive_xs, TIMESTEPS), (True, negative_xs, negative_ts)):
+            with torch.no_grad(), model.teacache_step(step, is_cfg_negative=negative):
+                interleaved[negative].append(model(xs[step], torch.tensor([ts[step]])))
+    both = model.teacache_stats()
+    assert model.previous_residual is not None and model.previous_residual_negative is not None
+    assert model.previous_residual is not model.previous_residual_negative
+
+    model.enable_teacache(params, len(TIMESTEPS))
+    alone_positive = run_branch(model, positive_xs, False)
+    assert model.teacache_stats().positive == both.positive
+    model.enable_teacache(params, len(TIMESTEPS))
+    alone_negative = []
+    for step, t in enumerate(negative_ts):
+        with torch.no_grad(), model.teacache_step(step, is_cfg_negative=True):
+            alone_negative.append(model(negative_xs[step], torch.tensor([t])))
+    assert model.teacache_stats().negative == both.negative
+    assert both.positive.skipped_steps != both.negative.skipped_steps
+    assert all(torch.equal(a, b) for a, b in zip(interleaved[False], alone_positive, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(interleaved[True], alone_negative, strict=True))
+
+
+def test_model_without_separation_switches_off_once_under_cfg():
+    model = TinyModelWithoutSeparation()
+    xs = [make_input(k) for k in range(8)]
+    with torch.no_grad():
+        plain = [model(x, torch.tensor([t])) for x, t in zip(xs, TIMESTEPS, strict=True)]
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.15), len(TIMESTEPS))
+    outputs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, t in enumerate(TIMESTEPS):
+            for negative in (False, True):
+                with torch.no_grad(), model.teacache_step(step, is_cfg_negative=negative):
+                    out = model(xs[step], torch.tensor([t]))
+                if not negative:
+                    outputs.append(out)
+    messages = [str(w.message) for w in caught if "TeaCache disabled" in str(w.message)]
+    assert len(messages) == 1 and "CFG" in messages[0]
+    stats = model.teacache_stats()
+    assert not stats.enabled and "negative" in stats.disabled_reason
+    assert stats.positive.skipped_steps == () and stats.negative.skipped_steps == ()
+    assert all(torch.equal(a, b) for a, b in zip(plain, outputs, strict=True))
+    assert model.previous_residual is None
+
+
+def test_model_without_separation_still_caches_without_cfg():
+    model = TinyModelWithoutSeparation()
+    generate(model, TeaCacheParams(teacache_thresh=0.15), [make_input(0)] * 8)
+    assert model.teacache_stats().positive.skipped_steps == (1, 2, 4, 5)
+
+
+def test_stats_survive_disable_until_next_enable():
+    model = TinyModel()
+    generate(model, TeaCacheParams(teacache_thresh=0.15), [make_input(0)] * 8)
+    model.disable_teacache()
+    stats = model.teacache_stats()
+    assert not stats.enabled and stats.positive.skipped_steps == (1, 2, 4, 5)
+    assert model.previous_residual is None
+    with torch.no_grad(), model.teacache_step(9):  # no generation running: any step, computes
+        model(make_input(0), torch.tensor([0.3]))
+    assert model.teacache_stats() == stats
+    model.enable_teacache(TeaCacheParams(), 8)
+    assert model.teacache_stats().positive.computed_steps == ()
+    assert model.teacache_stats().as_dict()["enabled"] is True
+
+
+def test_stats_summary_and_dict():
+    model = TinyModel()
+    generate(model, TeaCacheParams(teacache_thresh=0.15), [make_input(0)] * 8)
+    stats = model.teacache_stats()
+    assert stats.summary() == "positive: 4 computed, 4 skipped"
+    assert stats.as_dict()["branches"]["positive"]["skipped_steps"] == [1, 2, 4, 5]
+    assert stats.num_skipped == 4 and stats.num_computed == 4
+
+
+def test_relative_distance_is_float32_over_whole_tensor():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16)
+    b = torch.tensor([[1.5, 2.0], [3.0, 3.0]], dtype=torch.bfloat16)
+    value = relative_l1_distance(a, b)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx((0.5 + 1.0) / (1.5 + 2.0 + 3.0 + 3.0))
+    assert evaluate_polynomial((2.0, 1.0), value.item()) == pytest.approx(1 + 2 * 1.5 / 9.5)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: m.enable_teacache({"teacache_thresh": 0.1}, 8), TypeError, "TeaCacheParams"),
+        (lambda m: m.enable_teacache(TeaCacheParams(), 0), ValueError, "num_inference_steps"),
+        (lambda m: m.enable_teacache(TeaCacheParams(), 8.0), TypeError, "num_inference_steps"),
+        (lambda m: m.enable_teacache(TeaCacheParams(use_ret_steps=True), 8), ValueError, "use_ret_steps"),
+        (lambda m: m.enable_teacache(TeaCacheParams(indicator="temb"), 8), ValueError, "modulated_input"),
+    ],
+)
+def test_enable_rejects_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call(TinyModel())
+
+
+def test_model_without_preset_needs_coefficients():
+    class NoPreset(TinyModel):
+        teacache_default_coefficients = None
+
+    with pytest.raises(ValueError, match="coefficients"):
+        NoPreset().enable_teacache(TeaCacheParams(), 4)
+    NoPreset().enable_teacache(TeaCacheParams(coefficients=[1.0]), 4)
+
+
+def test_step_context_misuse_is_reported():
+    model = TinyModel()
+    model.enable_teacache(TeaCacheParams(), 4)
+    with pytest.raises(ValueError, match="step_index 4 is out of range"), model.teacache_step(4):
+        pass
+    with pytest.raises(ValueError, match="step_index"), model.teacache_step(-1):
+        pass
+    with pytest.raises(ValueError, match="is_cfg_negative"), model.teacache_step(0, is_cfg_negative=1):
+        pass
+    with model.teacache_step(0), pytest.raises(RuntimeError, match="nested"), model.teacache_step(1):
+        pass
+    with torch.no_grad(), model.teacache_step(0):
+        model(make_input(0), torch.tensor([1.0]))
+        with pytest.raises(RuntimeError, match="one forward call"):
+            model(make_input(0), torch.tensor([1.0]))
+    with model.teacache_step(1), pytest.raises(RuntimeError, match="inside a teacache_step"):
+        model.enable_teacache(TeaCacheParams(), 4)
+
+
+def test_batched_cfg_call_is_refused_while_caching():
+    model = TinyModel()
+    model.enable_teacache(TeaCacheParams(), 4)
+    with torch.no_grad(), model.teacache_step(0, batched_cfg=True), pytest.raises(ValueError, match="separately"):
+        model(make_input(0, batch=2), torch.tensor([1.0, 1.0]))
+    model.disable_teacache()
+    with torch.no_grad(), model.teacache_step(0, batched_cfg=True):
+        model(make_input(0, batch=2), torch.tensor([1.0, 1.0]))
+
+
+def test_state_lives_on_the_instance():
+    first, second = TinyModel(), TinyModel()
+    generate(first, TeaCacheParams(teacache_thresh=0.15), [make_input(0)] * 8)
+    assert second.teacache_stats().positive.computed_steps == ()
+    assert second.previous_residual is None and first.previous_residual is not None

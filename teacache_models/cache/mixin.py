@@ -183,6 +183,36 @@ class TeaCacheMixin:
         finally:
             self.__dict__["_teacache_context"] = None
 
+    def claim_batched_cfg_call(self) -> bool:
+        """For a model that splits a batched-CFG call itself: True when the current call must be split.
+
+        It consumes the step context (one forward call per context); the model then runs each half of
+        the batch inside `teacache_branch(False)` and `teacache_branch(True)`.
+        """
+        context: _StepContext | None = self.__dict__.get("_teacache_context")
+        if context is None or not context.batched_cfg or not self.teacache_enabled:
+            return False
+        self._claim(context)
+        return True
+
+    @contextmanager
+    def teacache_branch(self, is_cfg_negative: bool) -> Iterator[None]:
+        """Inside a claimed batched-CFG call, compute one CFG branch's half as that branch's step."""
+        outer: _StepContext | None = self.__dict__.get("_teacache_context")
+        if outer is None or not outer.batched_cfg or not outer.used:
+            raise RuntimeError("teacache_branch() is only for splitting a call claimed by claim_batched_cfg_call()")
+        self.__dict__["_teacache_context"] = _StepContext(outer.step_index, is_cfg_negative)
+        try:
+            yield
+        finally:
+            self.__dict__["_teacache_context"] = outer
+
+    @staticmethod
+    def _claim(context: _StepContext) -> None:
+        if context.used:
+            raise RuntimeError("one teacache_step() context covers one forward call; open a new context for each call")
+        context.used = True
+
     def teacache_stats(self) -> TeaCacheStats:
         """The latest generation, per branch: the step indices computed and skipped, and any disable reason."""
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")

@@ -2,5 +2,12 @@
 
 from .base import ConfiguredModel, ModelConfig, Transformer2DModelOutput
 from .flux import FluxTransformer2DModel
+from .z_image import ZImageTransformer2DModel
 
-__all__ = ["ConfiguredModel", "FluxTransformer2DModel", "ModelConfig", "Transformer2DModelOutput"]
+__all__ = [
+    "ConfiguredModel",
+    "FluxTransformer2DModel",
+    "ModelConfig",
+    "Transformer2DModelOutput",
+    "ZImageTransformer2DModel",
+]

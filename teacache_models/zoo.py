@@ -1,0 +1,122 @@
+"""The model zoo: one YAML file per released model under `configs/`, read into typed objects.
+
+A zoo file is plain data that maps one-to-one onto `SamplingParams` (section `sampling`) and
+`TeaCacheParams` (each entry of `teacache.presets`); unknown keys are an error that names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .params import SamplingParams, TeaCacheParams
+
+__all__ = ["ZOO_DIR", "TeaCachePreset", "ZooEntry", "list_zoo", "load_zoo_entry"]
+
+ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
+FAMILIES = ("flux", "wan", "hunyuan_video", "qwen_image", "z_image")
+
+_TOP_KEYS = {"name", "description", "manifest", "family", "transformer", "sampling", "teacache"}
+_SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"teacache_params"}
+_PRESET_KEYS = {f.name for f in dataclasses.fields(TeaCacheParams)} | {"source"}
+
+
+@dataclass(frozen=True)
+class TeaCachePreset:
+    """A named TeaCache setting and where its threshold comes from (a measured or published point)."""
+
+    params: TeaCacheParams
+    source: str
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One released model: its weights (manifest name), architecture family and default sampling."""
+
+    name: str
+    description: str
+    manifest: str
+    family: str
+    transformer: str
+    sampling: SamplingParams
+    presets: dict[str, TeaCachePreset]
+    default_preset: str
+
+    def sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
+        """The model's sampling defaults with TeaCache preset `teacache` ("off", "default" or a name)."""
+        if teacache == "off":
+            cache = None
+        else:
+            preset = self.default_preset if teacache == "default" else teacache
+            if preset not in self.presets:
+                raise ValueError(
+                    f"{self.name} has no TeaCache preset {teacache!r}; choose 'off', 'default' or one of "
+                    f"{sorted(self.presets)}"
+                )
+            cache = self.presets[preset].params
+        return dataclasses.replace(self.sampling, teacache_params=cache, **overrides)
+
+
+def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise ValueError(f"{where} is missing keys {missing}")
+    return data
+
+
+def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
+    """Read and validate a zoo entry, given its name (a file under `configs/`) or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = ZOO_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown model {str(name_or_path)!r}; known models: {list_zoo()}")
+    if not path.is_file():
+        raise ValueError(f"model-zoo config {str(path)!r} does not exist")
+    with path.open() as handle:
+        data = yaml.safe_load(handle)
+    where = str(path)
+    data = _check_keys(where, data, _TOP_KEYS, _TOP_KEYS - {"description"})
+    if data["family"] not in FAMILIES:
+        raise ValueError(f"{where}: family {data['family']!r} is not one of {list(FAMILIES)}")
+    sampling = _check_keys(f"{where}: sampling", data["sampling"], _SAMPLING_KEYS)
+    teacache = _check_keys(f"{where}: teacache", data["teacache"], {"default", "presets"}, {"default", "presets"})
+    presets_data = _check_keys(f"{where}: teacache.presets", teacache["presets"], set(teacache["presets"] or {}))
+    presets = {}
+    for preset_name, preset in presets_data.items():
+        preset = dict(_check_keys(f"{where}: teacache.presets.{preset_name}", preset, _PRESET_KEYS, {"source"}))
+        source = preset.pop("source")
+        try:
+            presets[preset_name] = TeaCachePreset(TeaCacheParams(**preset), str(source))
+        except ValueError as error:
+            raise ValueError(f"{where}: teacache.presets.{preset_name}: {error}") from None
+    if teacache["default"] not in presets:
+        raise ValueError(f"{where}: teacache.default {teacache['default']!r} is not one of {sorted(presets)}")
+    try:
+        sampling_params = SamplingParams(**sampling, teacache_params=presets[teacache["default"]].params)
+    except ValueError as error:
+        raise ValueError(f"{where}: sampling: {error}") from None
+    return ZooEntry(
+        name=str(data["name"]),
+        description=str(data.get("description", "")),
+        manifest=str(data["manifest"]),
+        family=data["family"],
+        transformer=str(data["transformer"]),
+        sampling=sampling_params,
+        presets=presets,
+        default_preset=teacache["default"],
+    )
+
+
+def list_zoo() -> list[str]:
+    """Names of the model-zoo entries shipped under `configs/`."""
+    return sorted(p.stem for p in ZOO_DIR.glob("*.yaml")) if ZOO_DIR.is_dir() else []

@@ -1,0 +1,426 @@
+"""Native Z-Image against diffusers' ZImageTransformer2DModel, and TeaCache on Z-Image."""
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel as ReferenceZImage
+
+from teacache_models.cache import relative_l1_distance
+from teacache_models.models.z_image import Z_IMAGE_TEACACHE_COEFFICIENTS, ZImageTransformer2DModel
+from teacache_models.params import TeaCacheParams, evaluate_polynomial
+from tests.utils import assert_parity, load_both_ways, randomize_
+
+TINY = dict(
+    in_channels=4,
+    dim=16,
+    n_layers=1,
+    n_refiner_layers=1,
+    n_heads=1,
+    n_kv_heads=1,
+    cap_feat_dim=16,
+    axes_dims=(8, 4, 4),
+    axes_lens=(256, 32, 32),
+)
+
+CONFIGS = {
+    "tiny": TINY,
+    "two-heads-two-patchings": dict(
+        all_patch_size=(2, 1),
+        all_f_patch_size=(1, 2),
+        in_channels=3,
+        dim=24,
+        n_layers=2,
+        n_refiner_layers=2,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=10,
+        axes_dims=(4, 4, 4),
+        axes_lens=(300, 40, 40),
+    ),
+    # dim not divisible by n_heads, no qk norm, SigLIP weights, another theta and t_scale.
+    "odd-width-no-qk-norm": dict(
+        in_channels=2,
+        dim=25,
+        n_layers=3,
+        n_refiner_layers=0,
+        n_heads=2,
+        n_kv_heads=1,
+        qk_norm=False,
+        cap_feat_dim=7,
+        siglip_feat_dim=5,
+        rope_theta=10000.0,
+        t_scale=500.0,
+        norm_eps=1e-6,
+        axes_dims=(6, 4, 2),
+        axes_lens=(128, 16, 16),
+    ),
+    "no-main-layers": dict(TINY, n_layers=0),
+}
+
+# (latent F, H, W per sample, caption length per sample)
+CASES = {
+    "batch1": ([(1, 4, 4)], [5]),
+    "batch2-captions-differ": ([(1, 4, 6), (1, 4, 6)], [7, 40]),
+    "batch2-sizes-differ": ([(2, 2, 2), (2, 8, 6)], [33, 3]),
+    "batch2-equal-multiples-of-32": ([(2, 6, 6), (2, 4, 4)], [32, 32]),
+}
+
+
+def build_pair(config: dict, seed: int = 0) -> tuple[ZImageTransformer2DModel, ReferenceZImage]:
+    reference = randomize_(ReferenceZImage(**config), seed).eval()
+    ours = ZImageTransformer2DModel(**config).eval()
+    load_both_ways(ours, reference)
+    return ours, reference
+
+
+def make_inputs(config: dict, sizes: list, caption_lengths: list, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        x=[torch.randn(config["in_channels"], *size, generator=generator) for size in sizes],
+        t=torch.rand(len(sizes), generator=generator),
+        cap_feats=[torch.randn(n, config["cap_feat_dim"], generator=generator) for n in caption_lengths],
+    )
+
+
+def assert_samples_equal(actual: list, expected: list, tol: float = 1e-5) -> None:
+    assert isinstance(actual, list) and len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        assert_parity(a, e, tol)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_diffusers(name, case):
+    config = CONFIGS[name]
+    ours, reference = build_pair(config, seed=len(name) + len(case))
+    inputs = make_inputs(config, *CASES[case])
+    patchings = zip(config.get("all_patch_size", (2,)), config.get("all_f_patch_size", (1,)), strict=True)
+    for patch_size, f_patch_size in patchings:
+        if any(size[0] % f_patch_size for size, *_ in zip(*CASES[case], strict=True)):
+            continue
+        kwargs = dict(inputs, patch_size=patch_size, f_patch_size=f_patch_size, return_dict=False)
+        expected = reference(**kwargs)[0]
+        actual = ours(**kwargs)[0]
+        assert [a.shape for a in actual] == [tuple(img.shape) for img in inputs["x"]]
+        assert_samples_equal(actual, expected, tol=0.0)
+
+
+@torch.no_grad()
+def test_parity_with_broadcast_timestep_and_controlnet_residuals():
+    config = CONFIGS["two-heads-two-patchings"]
+    ours, reference = build_pair(config, seed=3)
+    inputs = make_inputs(config, [(1, 4, 2), (1, 2, 2)], [3, 35])
+    inputs["t"] = torch.tensor([0.3])
+    # Unified lengths: 32 + 32 and 32 + 64 -> the batch is padded to 96 tokens.
+    generator = torch.Generator().manual_seed(5)
+    inputs["controlnet_block_samples"] = {1: torch.randn(2, 96, config["dim"], generator=generator)}
+    assert_samples_equal(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0], tol=0.0)
+
+
+@torch.no_grad()
+def test_bfloat16_matches_diffusers():
+    ours, reference = build_pair(TINY, seed=5)
+    ours, reference = ours.to(torch.bfloat16), reference.to(torch.bfloat16)
+    inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 6)], [9, 4])
+    inputs = {k: [v.bfloat16() for v in vs] if isinstance(vs, list) else vs for k, vs in inputs.items()}
+    actual = ours(**inputs, return_dict=False)[0]
+    assert all(a.dtype == torch.bfloat16 for a in actual)
+    assert_samples_equal(actual, reference(**inputs, return_dict=False)[0], tol=0.0)
+
+
+def test_return_types_and_config():
+    ours, _ = build_pair(TINY)
+    inputs = make_inputs(TINY, [(1, 2, 2)], [3])
+    with torch.no_grad():
+        as_tuple = ours(**inputs, return_dict=False)
+        as_output = ours(**inputs)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and isinstance(as_tuple[0], list)
+    assert torch.equal(as_output.sample[0], as_tuple[0][0])
+    assert ours.config.dim == 16 and ours.config["axes_lens"] == (256, 32, 32)
+    rebuilt = ZImageTransformer2DModel.from_config({"_class_name": "ZImageTransformer2DModel", **ours.config})
+    assert rebuilt.config == ours.config
+
+
+def test_released_turbo_config_builds_on_meta_with_the_published_size():
+    turbo = dict(
+        all_patch_size=[2],
+        all_f_patch_size=[1],
+        in_channels=16,
+        dim=3840,
+        n_layers=30,
+        n_refiner_layers=2,
+        n_heads=30,
+        n_kv_heads=30,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=2560,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[32, 48, 48],
+        axes_lens=[1536, 512, 512],
+    )
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel.from_config({"_class_name": "ZImageTransformer2DModel", **turbo})
+        reference = ReferenceZImage(**turbo)
+    assert set(model.state_dict()) == set(reference.state_dict())
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(p.numel() for p in reference.parameters())
+    assert round(count / 1e9, 1) == 6.2
+
+
+# ---- TeaCache on Z-Image ---------------------------------------------------------------------------
+
+
+def denoise(model, num_steps, params=None, seed=1, sizes=((1, 4, 4),), caption_lengths=(5,)):
+    """A flow-matching Euler loop (t = 1 - sigma, prediction negated as the pipeline does)."""
+    inputs = make_inputs(TINY, list(sizes), list(caption_lengths), seed=seed)
+    latents = inputs["x"]
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+    if params is not None:
+        model.enable_teacache(params, num_steps)
+    trajectory = [latents]
+    for step in range(num_steps):
+        t = (1 - sigmas[step]).expand(len(latents))
+        with torch.no_grad(), model.teacache_step(step):
+            predictions = model(latents, t, inputs["cap_feats"], return_dict=False)[0]
+        latents = [x - (sigmas[step + 1] - sigmas[step]) * p for x, p in zip(latents, predictions, strict=True)]
+        trajectory.append(latents)
+    return trajectory, inputs["cap_feats"]
+
+
+def test_threshold_zero_is_bit_identical_to_uncached_z_image():
+    model, _ = build_pair(TINY, seed=7)
+    kwargs = dict(sizes=((1, 4, 4), (1, 2, 6)), caption_lengths=(5, 40))
+    plain, _ = denoise(model, 6, **kwargs)
+    cached, _ = denoise(model, 6, TeaCacheParams(teacache_thresh=0.0), **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(plain[-1], cached[-1], strict=True))
+    assert model.teacache_stats().positive.computed_steps == tuple(range(6))
+
+
+def indicator_by_hand(model, latents, t, cap_feats):
+    """The first main layer's attention_norm1(unified) * (1 + scale_msa), recomputed from the model's stream."""
+    captured = {}
+
+    def capture(hidden_states, **block_inputs):
+        captured["input"] = hidden_states
+        return type(model).forward_blocks(model, hidden_states, **block_inputs)
+
+    model.forward_blocks = capture
+    try:
+        with torch.no_grad():
+            model(latents, t, cap_feats)
+            adaln = model.t_embedder(t * 1000.0)
+            scale_msa = 1.0 + model.layers[0].adaLN_modulation(adaln).chunk(4, dim=1)[0]
+            return model.layers[0].attention_norm1(captured["input"]) * scale_msa[:, None]
+    finally:
+        del model.forward_blocks
+
+
+# Random weights move far more per step than trained ones, hence thresholds far above the published ones.
+@pytest.mark.parametrize(("coefficients", "thresh"), [(None, 4.0), ([1.0, 0.0], 1.0)])
+def test_decisions_follow_the_rule_on_the_first_layers_scaled_input(coefficients, thresh):
+    model, _ = build_pair(TINY, seed=8)
+    num_steps = 10
+    trajectory, cap_feats = denoise(model, num_steps, TeaCacheParams(teacache_thresh=thresh, coefficients=coefficients))
+    stats = model.teacache_stats()
+    assert stats.positive.skipped_steps, "the threshold was chosen so that some steps skip"
+    assert stats.positive.computed_steps[0] == 0 and stats.positive.computed_steps[-1] == num_steps - 1
+    model.disable_teacache()
+
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+    previous, accumulated, skipped = None, 0.0, []
+    for step in range(num_steps):
+        indicator = indicator_by_hand(model, trajectory[step], (1 - sigmas[step]).expand(1), cap_feats)
+        if 0 < step < num_steps - 1:
+            distance = relative_l1_distance(indicator, previous).item()
+            accumulated += evaluate_polynomial(coefficients or Z_IMAGE_TEACACHE_COEFFICIENTS, distance)
+            if accumulated < thresh:
+                skipped.append(step)
+            else:
+                accumulated = 0.0
+        previous = indicator
+    assert tuple(skipped) == stats.positive.skipped_steps
+
+
+def test_skipped_step_reruns_the_refiners_and_reuses_the_main_layers_residual():
+    model, _ = build_pair(TINY, seed=9)
+    inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 36])
+    model.enable_teacache(TeaCacheParams(teacache_thresh=100.0), 3)
+    outputs = []
+    for step, t in enumerate((0.0, 0.1, 0.2)):
+        with torch.no_grad(), model.teacache_step(step):
+            outputs.append(model(**{**inputs, "t": torch.tensor([t, t])}, return_dict=False)[0])
+            if step == 0:
+                residual = model.previous_residual.clone()
+    assert model.teacache_stats().positive.skipped_steps == (1,)
+    assert residual.shape[:2] == (2, 32 + 64)  # the unified padded stream (B, L, D)
+
+    # Step 1 must be the full model with the refiners at t = 0.1 and the main layers replaced by the residual.
+    model.forward_blocks = lambda hidden_states, **_: hidden_states + residual
+    try:
+        with torch.no_grad():
+            expected = model(**{**inputs, "t": torch.tensor([0.1, 0.1])}, return_dict=False)[0]
+    finally:
+        del model.forward_blocks
+    assert all(torch.equal(a, e) for a, e in zip(outputs[1], expected, strict=True))
+    with torch.no_grad():
+        uncached = model(**{**inputs, "t": torch.tensor([0.1, 0.1])}, return_dict=False)[0]
+    assert not torch.equal(uncached[0], outputs[1][0])
+
+
+def cfg_loop(model, num_steps, mode, trajectory=None):
+    """CFG with a positive and a negative caption, calling the branches 'interleaved' or 'batched'.
+
+    With `trajectory` (the latents of an earlier loop), `mode` False / True replays that branch alone.
+    Returns the predictions per branch and the latents of every step.
+    """
+    inputs = make_inputs(TINY, [(1, 4, 4)], [5], seed=1)
+    captions = {False: inputs["cap_feats"], True: make_inputs(TINY, [(1, 4, 4)], [11], seed=2)["cap_feats"]}
+    latents = [inputs["x"][0]]
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+    outputs = {False: [], True: []}
+    for step in range(num_steps):
+        t = (1 - sigmas[step]).expand(1)
+        if trajectory is not None:
+            with torch.no_grad(), model.teacache_step(step, is_cfg_negative=mode):
+                outputs[mode].append(model([trajectory[step]], t, captions[mode])[0][0])
+            continue
+        if mode == "batched":
+            with torch.no_grad(), model.teacache_step(step, batched_cfg=True):
+                prediction = model([latents[step]] * 2, t.expand(2), captions[False] + captions[True])[0]
+        else:
+            prediction = []
+            for branch in (False, True):
+                with torch.no_grad(), model.teacache_step(step, is_cfg_negative=branch):
+                    prediction += model([latents[step]], t, captions[branch])[0]
+        positive, negative = prediction
+        outputs[False].append(positive)
+        outputs[True].append(negative)
+        guided = negative + 2.0 * (positive - negative)
+        latents.append(latents[step] - (sigmas[step + 1] - sigmas[step]) * guided)
+    return outputs, latents
+
+
+def test_interleaved_and_batched_cfg_branches_match_each_branch_alone():
+    model, _ = build_pair(TINY, seed=10)
+    params = TeaCacheParams(teacache_thresh=1.0, coefficients=[1.0, 0.0])
+    num_steps = 8
+    model.enable_teacache(params, num_steps)
+    interleaved, trajectory = cfg_loop(model, num_steps, "interleaved")
+    both = model.teacache_stats()
+    assert both.positive.skipped_steps and both.negative.skipped_steps
+    assert not torch.equal(model.previous_residual, model.previous_residual_negative)
+
+    # One batched call per step, split by the model: the same decisions and outputs, branch by branch.
+    model.enable_teacache(params, num_steps)
+    batched, _ = cfg_loop(model, num_steps, "batched")
+    assert model.teacache_stats() == both
+    for branch in (False, True):
+        assert all(torch.equal(a, b) for a, b in zip(batched[branch], interleaved[branch], strict=True))
+
+    # Each branch replayed alone on the same latents gets exactly what it got beside the other one.
+    for branch in (False, True):
+        model.enable_teacache(params, num_steps)
+        alone, _ = cfg_loop(model, num_steps, branch, trajectory)
+        stats = model.teacache_stats()
+        assert (stats.negative if branch else stats.positive) == (both.negative if branch else both.positive)
+        assert all(torch.equal(a, b) for a, b in zip(alone[branch], interleaved[branch], strict=True))
+
+
+def test_batched_cfg_without_teacache_is_one_plain_call():
+    model, _ = build_pair(TINY, seed=11)
+    inputs = make_inputs(TINY, [(1, 4, 4), (1, 4, 4)], [5, 9])
+    with torch.no_grad():
+        plain = model(**inputs, return_dict=False)[0]
+        with model.teacache_step(0, batched_cfg=True):
+            batched = model(**inputs, return_dict=False)[0]
+    assert all(torch.equal(a, b) for a, b in zip(plain, batched, strict=True))
+
+
+def test_batched_cfg_with_teacache_rejects_what_it_cannot_split():
+    model, _ = build_pair(TINY, seed=12)
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.5), 4)
+    odd = make_inputs(TINY, [(1, 2, 2)] * 3, [4, 4, 4])
+    with pytest.raises(ValueError, match="must be even"), model.teacache_step(0, batched_cfg=True):
+        model(**odd)
+    even = make_inputs(TINY, [(1, 2, 2)] * 2, [4, 4])
+    controlnet = {0: torch.zeros(2, 64, 16)}
+    with pytest.raises(ValueError, match="controlnet_block_samples"), model.teacache_step(0, batched_cfg=True):
+        model(**even, controlnet_block_samples=controlnet)
+    with torch.no_grad(), model.teacache_step(0, batched_cfg=True):
+        model(**even)
+        with pytest.raises(RuntimeError, match="one forward call"):
+            model(**even)
+    assert model.__dict__["_teacache_context"] is None
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def bad_inputs():
+    good = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 3])
+    x, caps = good["x"], good["cap_feats"]
+    cases = {
+        "x not a list": ({"x": torch.randn(2, 4, 1, 4, 4)}, TypeError, "x must be a non-empty list"),
+        "x empty": ({"x": []}, TypeError, "x must be a non-empty list"),
+        "x rank": ({"x": [x[0][:, 0], x[1]]}, ValueError, r"x\[0\] must have shape \(4, F, H, W\)"),
+        "x channels": ({"x": [x[0], torch.randn(3, 1, 2, 2)]}, ValueError, r"x\[1\] must have shape \(4,"),
+        "x not divisible": ({"x": [torch.randn(4, 1, 3, 4), x[1]]}, ValueError, "multiple of its patch size"),
+        "x integer": ({"x": [x[0].long(), x[1]]}, TypeError, "floating"),
+        "omni nested x": ({"x": [[x[0]], [x[1]]]}, ValueError, "Omni mode"),
+        "siglip": ({"siglip_feats": [[None], [None]]}, ValueError, "siglip_feats must be None"),
+        "noise mask": ({"image_noise_mask": [[1], [1]]}, ValueError, "image_noise_mask must be None"),
+        "captions count": ({"cap_feats": caps[:1]}, ValueError, r"one tensor per sample of x \(2\), got 1"),
+        "caption width": ({"cap_feats": [caps[0], torch.randn(3, 15)]}, ValueError, r"cap_feats\[1\] .*\(L, 16\)"),
+        "caption rank": ({"cap_feats": [caps[0][None], caps[1]]}, ValueError, r"cap_feats\[0\] must have shape"),
+        "caption empty": ({"cap_feats": [caps[0], torch.randn(0, 16)]}, ValueError, "L >= 1"),
+        "caption type": ({"cap_feats": torch.randn(2, 5, 16)}, TypeError, "cap_feats must be a list"),
+        "caption too long": ({"cap_feats": [torch.randn(250, 16), caps[1]]}, ValueError, r"axes_lens\[0\] is 256"),
+        "image too wide": ({"x": [torch.randn(4, 1, 2, 66), x[1]]}, ValueError, r"axes_lens\[2\] is 32"),
+        "t shape": ({"t": torch.rand(3)}, ValueError, r"t must have shape \(2,\) or \(1,\)"),
+        "t rank": ({"t": torch.tensor(0.5)}, ValueError, "t must have shape"),
+        "t float": ({"t": 0.5}, TypeError, "t must be a tensor"),
+        "patch pair": ({"patch_size": 1}, ValueError, r"\(patch_size, f_patch_size\) = \(1, 1\) is not configured"),
+        "attention kwargs": ({"joint_attention_kwargs": {"foo": 1}}, ValueError, "joint_attention_kwargs"),
+        "controlnet type": ({"controlnet_block_samples": [torch.zeros(1)]}, TypeError, "controlnet_block_samples"),
+    }
+    return good, cases
+
+
+@pytest.mark.parametrize("case", list(bad_inputs()[1]))
+def test_bad_input_gives_a_clear_error(case):
+    good, cases = bad_inputs()
+    change, error, match = cases[case]
+    model = ZImageTransformer2DModel(**TINY)
+    with pytest.raises(error, match=match), torch.no_grad():
+        model(**{**good, **change})
+
+
+def test_lora_scale_is_accepted_and_ignored():
+    model, _ = build_pair(TINY, seed=13)
+    inputs = make_inputs(TINY, [(1, 2, 2)], [3])
+    with torch.no_grad():
+        plain = model(**inputs, return_dict=False)[0][0]
+        scaled = model(**inputs, joint_attention_kwargs={"scale": 1.0}, return_dict=False)[0][0]
+    assert torch.equal(plain, scaled)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"axes_dims": (8, 4, 2)}, "must sum to the head width"),
+        ({"axes_dims": (7, 5, 4)}, "even"),
+        ({"axes_dims": (8, 8), "axes_lens": (256, 32)}, "3 entries"),
+        ({"all_patch_size": (2, 1)}, "same length"),
+        ({"all_patch_size": (0,)}, "all_patch_size"),
+        ({"n_heads": 0}, "n_heads"),
+        ({"dim": 16.0}, "dim"),
+        ({"n_layers": -1}, "n_layers"),
+        ({"siglip_feat_dim": 0}, "siglip_feat_dim"),
+        ({"norm_eps": 0.0}, "norm_eps"),
+        ({"qk_norm": "yes"}, "qk_norm"),
+    ],
+)
+def test_bad_architecture_is_rejected(change, match):
+    with pytest.raises(ValueError, match=match):
+        ZImageTransformer2DModel(**{**TINY, **change})

@@ -1,0 +1,64 @@
+"""Every model-zoo YAML loads, maps onto SamplingParams/TeaCacheParams, and names real pieces."""
+
+import pytest
+import yaml
+
+import teacache_models.models as models
+from teacache_models import SamplingParams, TeaCacheParams
+from teacache_models.zoo import ZOO_DIR, list_zoo, load_zoo_entry
+
+MANIFEST = yaml.safe_load((ZOO_DIR.parent / "weights_manifest.yaml").read_text())
+
+
+def test_zoo_lists_the_shipped_configs():
+    assert {"flux1-dev", "flux1-schnell"} <= set(list_zoo())
+
+
+@pytest.mark.parametrize("name", list_zoo())
+def test_every_zoo_entry_is_valid(name):
+    entry = load_zoo_entry(name)
+    assert entry.name == name
+    assert entry.manifest in MANIFEST, f"{name} names manifest entry {entry.manifest!r}, which does not exist"
+    assert MANIFEST[entry.manifest]["family"] == entry.family
+    model_class = getattr(models, entry.transformer)
+    assert {"slow", "fast"} <= set(entry.presets)
+    for preset in entry.presets.values():
+        assert preset.source, "every preset cites where its threshold comes from"
+        assert preset.params.indicator is None or preset.params.indicator in model_class.supported_teacache_indicators
+    slow, fast = entry.presets["slow"].params, entry.presets["fast"].params
+    assert slow.teacache_thresh < fast.teacache_thresh
+    params = entry.sampling_params()
+    assert isinstance(params, SamplingParams) and params.teacache_params == entry.presets[entry.default_preset].params
+    assert entry.sampling_params("off").teacache_params is None
+    assert entry.sampling_params("fast", seed=3).seed == 3
+
+
+def test_flux_presets_use_the_published_fit():
+    from teacache_models.models.flux import FLUX_TEACACHE_COEFFICIENTS
+
+    entry = load_zoo_entry("flux1-dev")
+    assert entry.sampling.num_inference_steps == 28 and entry.sampling.guidance_scale == 3.5
+    assert entry.presets["slow"].params.coefficients == FLUX_TEACACHE_COEFFICIENTS
+
+
+def test_unknown_model_and_unknown_keys_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'flux3'"):
+        load_zoo_entry("flux3")
+    data = yaml.safe_load((ZOO_DIR / "flux1-dev.yaml").read_text())
+    data["sampling"]["steps"] = 10
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"sampling has unknown keys \['steps'\]"):
+        load_zoo_entry(path)
+    data = yaml.safe_load((ZOO_DIR / "flux1-dev.yaml").read_text())
+    data["teacache"]["presets"]["slow"]["teacache_thresh"] = -1
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"presets\.slow: teacache_thresh"):
+        load_zoo_entry(path)
+    with pytest.raises(ValueError, match="no TeaCache preset 'medium'"):
+        load_zoo_entry("flux1-dev").sampling_params("medium")
+
+
+def test_preset_params_are_plain_teacache_params():
+    entry = load_zoo_entry("flux1-schnell")
+    assert all(isinstance(p.params, TeaCacheParams) for p in entry.presets.values())

@@ -2,12 +2,16 @@
 
 from .base import ConfiguredModel, ModelConfig, Transformer2DModelOutput
 from .flux import FluxTransformer2DModel
+from .hunyuan_video import HunyuanVideoTransformer3DModel
+from .qwen_image import QwenImageTransformer2DModel
 from .z_image import ZImageTransformer2DModel
 
 __all__ = [
     "ConfiguredModel",
     "FluxTransformer2DModel",
+    "HunyuanVideoTransformer3DModel",
     "ModelConfig",
+    "QwenImageTransformer2DModel",
     "Transformer2DModelOutput",
     "ZImageTransformer2DModel",
 ]

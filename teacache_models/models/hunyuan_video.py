@@ -1,0 +1,747 @@
+"""HunyuanVideo (T2V, and the I2V variants): the native transformer, with TeaCache on its block stack.
+
+Architecture, parameter names and numerics follow diffusers' `HunyuanVideoTransformer3DModel`: the
+latent video is cut into 3-D patches, the text states pass a small token refiner conditioned on the
+timestep and their masked mean, then `num_layers` dual-stream blocks and `num_single_layers`
+single-stream blocks run over image tokens followed by text tokens, and the image part goes through the
+final AdaLN and projection before unpatchifying. RoPE (3 axes, theta 256, real fp32) rotates image
+tokens only. TeaCache skips both block stacks; its indicator is block 0's modulated image input.
+
+I2V: `image_condition_type="latent_concat"` changes nothing inside the transformer (the pipeline
+concatenates the image latents on the channel axis, hence `in_channels=33`); `"token_replace"` gives
+the first latent frame's tokens their own modulation, computed from timestep 0.
+"""
+
+from __future__ import annotations
+
+import types
+from numbers import Real
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..cache.mixin import TeaCacheMixin
+from ..layers.attention import attention
+from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
+from ..layers.feedforward import FeedForward
+from ..layers.normalization import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+    FP32LayerNorm,
+    RMSNorm,
+    modulate,
+)
+from ..layers.rope import apply_rotary_interleaved, rope_cos_sin
+from .base import ConfiguredModel, Transformer2DModelOutput, register_config
+
+__all__ = [
+    "HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS",
+    "HUNYUAN_VIDEO_TEACACHE_THRESHOLDS",
+    "HunyuanVideoTransformer3DModel",
+]
+
+# The published TeaCache fit for HunyuanVideo, highest degree first.
+HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
+# Published thresholds: 0.1 -> 1.6x, 0.15 -> 2.1x (540p, ~18 min -> 11 / 8 min).
+HUNYUAN_VIDEO_TEACACHE_THRESHOLDS = types.MappingProxyType({"slow": 0.1, "fast": 0.15})
+
+_TIMESTEP_FEATURES = 256
+_EPS = 1e-6
+_QK_NORMS = (None, "layer_norm", "fp32_layer_norm", "rms_norm")
+_IMAGE_CONDITION_TYPES = (None, "latent_concat", "token_replace")
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L_img, head_dim) float32 each
+# Token replace: the first frame's conditioning (B, D) and its number of tokens.
+TokenReplace = tuple[torch.Tensor, int]
+
+
+def _qk_norm(kind: str | None, dim: int) -> nn.Module | None:
+    if kind is None:
+        return None
+    if kind == "layer_norm":
+        return nn.LayerNorm(dim, eps=_EPS)
+    if kind == "fp32_layer_norm":
+        return FP32LayerNorm(dim, elementwise_affine=False, bias=False, eps=_EPS)
+    return RMSNorm(dim, eps=_EPS)
+
+
+class _Modulation(NamedTuple):
+    """One AdaLN shift/scale/gate set (B, D) each; under token replace, another set for the first frame."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+    first_frame: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    first_frame_tokens: int = 0
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Shift and scale normalised (B, L, D) tokens."""
+        if self.first_frame is None:
+            return modulate(x, self.shift, self.scale)
+        n = self.first_frame_tokens
+        shift, scale, _ = self.first_frame
+        return torch.cat([modulate(x[:, :n], shift, scale), modulate(x[:, n:], self.shift, self.scale)], dim=1)
+
+    def gated_add(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """Residual update x + gate * update on (B, L, D) tokens."""
+        if self.first_frame is None:
+            return x + update * self.gate.unsqueeze(1)
+        n = self.first_frame_tokens
+        gate = self.first_frame[2]
+        return torch.cat(
+            [x[:, :n] + update[:, :n] * gate.unsqueeze(1), x[:, n:] + update[:, n:] * self.gate.unsqueeze(1)], dim=1
+        )
+
+
+def _modulations(
+    linear: nn.Linear, silu: nn.Module, emb: torch.Tensor, count: int, token_replace: TokenReplace | None
+) -> list[_Modulation]:
+    """Project the conditioning (B, D) into `count` shift/scale/gate sets, with first-frame sets if asked."""
+    chunks = linear(silu(emb)).chunk(3 * count, dim=1)
+    first = [None] * count
+    tokens = 0
+    if token_replace is not None:
+        replace_emb, tokens = token_replace
+        tr = linear(silu(replace_emb)).chunk(3 * count, dim=1)
+        first = [tr[3 * i : 3 * i + 3] for i in range(count)]
+    return [_Modulation(*chunks[3 * i : 3 * i + 3], first[i], tokens) for i in range(count)]
+
+
+class HunyuanVideoAdaLayerNormZero(AdaLayerNormZero):
+    """AdaLN-Zero (shift, scale, gate for attention, then for the MLP), with optional token replace."""
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, token_replace: TokenReplace | None = None
+    ) -> tuple[torch.Tensor, _Modulation, _Modulation]:
+        """(B, L, D) tokens, (B, D) conditioning -> modulated tokens, attention set, MLP set."""
+        attn, mlp = _modulations(self.linear, self.silu, emb, 2, token_replace)
+        return attn.apply(self.norm(x)), attn, mlp
+
+
+class HunyuanVideoAdaLayerNormZeroSingle(AdaLayerNormZeroSingle):
+    """AdaLN-Zero of the single-stream blocks (one shift, scale, gate), with optional token replace."""
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, token_replace: TokenReplace | None = None
+    ) -> tuple[torch.Tensor, _Modulation]:
+        """(B, L, D) tokens, (B, D) conditioning -> modulated tokens, their set."""
+        (mod,) = _modulations(self.linear, self.silu, emb, 1, token_replace)
+        return mod.apply(self.norm(x)), mod
+
+
+class HunyuanVideoConditionEmbedding(nn.Module):
+    """Timestep (+ guidance) + pooled-text conditioning vector; also used inside the token refiner."""
+
+    def __init__(self, embedding_dim: int, pooled_projection_dim: int, guidance_embeds: bool = False) -> None:
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(_TIMESTEP_FEATURES, embedding_dim)
+        self.text_embedder = MLPEmbedder(pooled_projection_dim, embedding_dim)
+        self.guidance_embedder = MLPEmbedder(_TIMESTEP_FEATURES, embedding_dim) if guidance_embeds else None
+
+    @staticmethod
+    def _embed(embedder: MLPEmbedder, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return embedder(timestep_sinusoids(t, _TIMESTEP_FEATURES).to(dtype))
+
+    def forward(
+        self,
+        timestep: torch.Tensor,
+        pooled_projection: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        token_replace: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Timestep / guidance (B,) or (1,) in [0, 1000], pooled (B, P) -> conditioning (B, D), first-frame one."""
+        dtype = pooled_projection.dtype
+        pooled = self.text_embedder(pooled_projection)
+        conditioning = self._embed(self.timestep_embedder, timestep, dtype)
+        if self.guidance_embedder is not None:
+            conditioning = conditioning + self._embed(self.guidance_embedder, guidance, dtype)
+        conditioning = conditioning + pooled
+        if not token_replace:
+            return conditioning, None
+        # The first frame is the clean conditioning image: it is embedded at timestep 0, without guidance.
+        replace = self._embed(self.timestep_embedder, torch.zeros_like(timestep), dtype) + pooled
+        return conditioning, replace
+
+
+class HunyuanVideoPatchEmbed(nn.Module):
+    """(B, C, F, H, W) latents -> (B, F' * H' * W', D) tokens, frame-major."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class HunyuanVideoRotaryPosEmbed(nn.Module):
+    """3-axis RoPE (frame, row, column) over the patch grid, angles in float32."""
+
+    def __init__(self, rope_dim: tuple[int, int, int], theta: float) -> None:
+        super().__init__()
+        self.rope_dim = tuple(rope_dim)
+        self.theta = theta
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
+        """Patch grid (F', H', W') -> cos, sin of shape (F' * H' * W', sum(rope_dim))."""
+        axes = [torch.arange(n, device=device, dtype=torch.float32) for n in grid]
+        positions = [p.reshape(-1) for p in torch.meshgrid(*axes, indexing="ij")]
+        per_axis = [
+            rope_cos_sin(dim, pos, self.theta, freqs_dtype=torch.float32)
+            for dim, pos in zip(self.rope_dim, positions, strict=True)
+        ]
+        return torch.cat([c for c, _ in per_axis], dim=1), torch.cat([s for _, s in per_axis], dim=1)
+
+
+class HunyuanVideoAttention(nn.Module):
+    """Multi-head attention with optional QK norm; with `joint=True` it also projects the text stream."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        qk_norm: str | None = None,
+        joint: bool = False,
+        pre_only: bool = False,
+    ) -> None:
+        super().__init__()
+        inner_dim = num_heads * head_dim
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, inner_dim)
+        self.to_k = nn.Linear(dim, inner_dim)
+        self.to_v = nn.Linear(dim, inner_dim)
+        self.norm_q = _qk_norm(qk_norm, head_dim)
+        self.norm_k = _qk_norm(qk_norm, head_dim)
+        if not pre_only:
+            # Index 1 (dropout at training time) holds no weights; it keeps the key `to_out.0`.
+            self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim), nn.Identity()])
+        if joint:
+            self.add_q_proj = nn.Linear(dim, inner_dim)
+            self.add_k_proj = nn.Linear(dim, inner_dim)
+            self.add_v_proj = nn.Linear(dim, inner_dim)
+            self.norm_added_q = _qk_norm(qk_norm, head_dim)
+            self.norm_added_k = _qk_norm(qk_norm, head_dim)
+            self.to_add_out = nn.Linear(inner_dim, dim)
+
+    def _heads(self, projection: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        heads = projection(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
+        return heads if norm is None else norm(heads)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            self._heads(self.to_q, self.norm_q, x),
+            self._heads(self.to_k, self.norm_k, x),
+            self._heads(self.to_v, None, x),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Projected self-attention of (B, L, D) tokens (the refiner's), no RoPE."""
+        return self.to_out[0](attention(*self._qkv(x), attn_mask=mask))
+
+    def joint_attention(
+        self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, rope: Rope
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (B, Li, D) and text (B, Lt, D) attend jointly, image first -> projected image, text outputs."""
+        q, k, v = self._qkv(image)
+        q, k = apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope)
+        q = torch.cat([q, self._heads(self.add_q_proj, self.norm_added_q, text)], dim=1)  # (B, Li + Lt, H, Dh)
+        k = torch.cat([k, self._heads(self.add_k_proj, self.norm_added_k, text)], dim=1)
+        v = torch.cat([v, self._heads(self.add_v_proj, None, text)], dim=1)
+        out = attention(q, k, v, attn_mask=mask)  # (B, Li + Lt, H * Dh)
+        image_len = image.shape[1]
+        return self.to_out[0](out[:, :image_len]), self.to_add_out(out[:, image_len:])
+
+    def joined_attention(self, tokens: torch.Tensor, image_len: int, mask: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Attention over joined (B, Li + Lt, D) tokens, RoPE on the first `image_len` -> (B, Li + Lt, H * Dh)."""
+        q, k, v = self._qkv(tokens)
+        q = torch.cat([apply_rotary_interleaved(q[:, :image_len], *rope), q[:, image_len:]], dim=1)
+        k = torch.cat([apply_rotary_interleaved(k[:, :image_len], *rope), k[:, image_len:]], dim=1)
+        return attention(q, k, v, attn_mask=mask)
+
+
+class _LinearSiLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(self.proj(x))
+
+
+class HunyuanVideoRefinerFeedForward(nn.Module):
+    """Linear -> SiLU -> Linear, under the checkpoint keys `net.0.proj` and `net.2`."""
+
+    def __init__(self, dim: int, inner_dim: int) -> None:
+        super().__init__()
+        # Index 1 (dropout at training time) holds no weights; it keeps the key `net.2`.
+        self.net = nn.ModuleList([_LinearSiLU(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.net:
+            x = module(x)
+        return x
+
+
+class HunyuanVideoAdaNorm(nn.Module):
+    """The refiner's gates: SiLU -> Linear of the conditioning, chunked as attention gate, MLP gate."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.nonlinearity = nn.SiLU()
+
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_msa, gate_mlp = self.linear(self.nonlinearity(emb)).chunk(2, dim=1)
+        return gate_msa.unsqueeze(1), gate_mlp.unsqueeze(1)  # (B, 1, D) each
+
+
+class HunyuanVideoIndividualTokenRefinerBlock(nn.Module):
+    """Pre-norm self-attention + SiLU MLP over text tokens, gated by the conditioning."""
+
+    def __init__(self, num_heads: int, head_dim: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        dim = num_heads * head_dim
+        self.norm1 = nn.LayerNorm(dim, eps=_EPS)
+        self.attn = HunyuanVideoAttention(dim, num_heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=_EPS)
+        self.ff = HunyuanVideoRefinerFeedForward(dim, int(dim * mlp_ratio))
+        self.norm_out = HunyuanVideoAdaNorm(dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Text (B, Lt, D), conditioning (B, D), mask (B, 1, Lt, Lt) or None -> text (B, Lt, D)."""
+        attn = self.attn(self.norm1(x), mask)
+        gate_msa, gate_mlp = self.norm_out(temb)
+        x = x + attn * gate_msa
+        return x + self.ff(self.norm2(x)) * gate_mlp
+
+
+class HunyuanVideoIndividualTokenRefiner(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.refiner_blocks = nn.ModuleList(
+            [HunyuanVideoIndividualTokenRefinerBlock(num_heads, head_dim) for _ in range(num_layers)]
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text (B, Lt, D), conditioning (B, D), boolean text mask (B, Lt) or None -> text (B, Lt, D)."""
+        square = None
+        if mask is not None:
+            # Valid tokens attend to valid tokens; every query may also attend to token 0, so that padded
+            # queries have one key and their (discarded) softmax stays finite.
+            square = mask[:, None, None, :] & mask[:, None, :, None]  # (B, 1, Lt, Lt)
+            square[:, :, :, 0] = True
+        for block in self.refiner_blocks:
+            x = block(x, temb, square)
+        return x
+
+
+class HunyuanVideoTokenRefiner(nn.Module):
+    """Text encoder states -> refined text tokens, conditioned on the timestep and their masked mean."""
+
+    def __init__(self, in_channels: int, num_heads: int, head_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dim = num_heads * head_dim
+        self.time_text_embed = HunyuanVideoConditionEmbedding(dim, in_channels)
+        self.proj_in = nn.Linear(in_channels, dim)
+        self.token_refiner = HunyuanVideoIndividualTokenRefiner(num_heads, head_dim, num_layers)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text (B, Lt, text_embed_dim), timestep (B,) or (1,), 0/1 mask (B, Lt) or None -> text (B, Lt, D)."""
+        if mask is None:
+            pooled = x.mean(dim=1)
+        else:
+            weights = mask.float().unsqueeze(-1)  # (B, Lt, 1)
+            pooled = ((x * weights).sum(dim=1) / weights.sum(dim=1)).to(x.dtype)  # (B, text_embed_dim)
+        temb, _ = self.time_text_embed(timestep, pooled)
+        return self.token_refiner(self.proj_in(x), temb, None if mask is None else mask.bool())
+
+
+class HunyuanVideoTransformerBlock(nn.Module):
+    """Dual-stream block: separate AdaLN and MLP per stream, one joint attention (image first)."""
+
+    def __init__(self, num_heads: int, head_dim: int, mlp_ratio: float, qk_norm: str | None) -> None:
+        super().__init__()
+        dim = num_heads * head_dim
+        self.norm1 = HunyuanVideoAdaLayerNormZero(dim)
+        self.norm1_context = HunyuanVideoAdaLayerNormZero(dim)
+        self.attn = HunyuanVideoAttention(dim, num_heads, head_dim, qk_norm, joint=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=_EPS)
+        self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
+        self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=_EPS)
+        self.ff_context = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rope: Rope,
+        token_replace: TokenReplace | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (B, Li, D), text (B, Lt, D), conditioning (B, D) -> updated image, text."""
+        norm_x, x_attn, x_mlp = self.norm1(hidden_states, temb, token_replace)
+        norm_c, c_attn, c_mlp = self.norm1_context(encoder_hidden_states, temb)
+        attn_x, attn_c = self.attn.joint_attention(norm_x, norm_c, attention_mask, rope)
+
+        hidden_states = x_attn.gated_add(hidden_states, attn_x)
+        ff_x = self.ff(x_mlp.apply(self.norm2(hidden_states)))
+        hidden_states = x_mlp.gated_add(hidden_states, ff_x)
+
+        encoder_hidden_states = c_attn.gated_add(encoder_hidden_states, attn_c)
+        ff_c = self.ff_context(c_mlp.apply(self.norm2_context(encoder_hidden_states)))
+        encoder_hidden_states = c_mlp.gated_add(encoder_hidden_states, ff_c)
+        return hidden_states, encoder_hidden_states
+
+
+class HunyuanVideoSingleTransformerBlock(nn.Module):
+    """Single-stream block over joined image+text tokens: attention and MLP in parallel."""
+
+    def __init__(self, num_heads: int, head_dim: int, mlp_ratio: float, qk_norm: str | None) -> None:
+        super().__init__()
+        dim = num_heads * head_dim
+        mlp_dim = int(dim * mlp_ratio)
+        self.attn = HunyuanVideoAttention(dim, num_heads, head_dim, qk_norm, pre_only=True)
+        self.norm = HunyuanVideoAdaLayerNormZeroSingle(dim)
+        self.proj_mlp = nn.Linear(dim, mlp_dim)
+        self.act_mlp = nn.GELU(approximate="tanh")
+        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        image_len: int,
+        temb: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rope: Rope,
+        token_replace: TokenReplace | None = None,
+    ) -> torch.Tensor:
+        """Joined tokens (B, Li + Lt, D), image first, conditioning (B, D) -> updated tokens."""
+        norm_x, mod = self.norm(tokens, temb, token_replace)
+        mlp = self.act_mlp(self.proj_mlp(norm_x))
+        attn = self.attn.joined_attention(norm_x, image_len, attention_mask, rope)
+        return mod.gated_add(tokens, self.proj_out(torch.cat([attn, mlp], dim=2)))
+
+
+def _joint_attention_mask(text_mask: torch.Tensor, image_len: int) -> torch.Tensor:
+    """Boolean key mask (B, 1, 1, Li + Lt) for the image+text attention.
+
+    As in the reference, only the number of valid text tokens counts: the first that many text tokens
+    are attended, wherever the mask's ones are (tokenizers pad on the right, so they coincide).
+    """
+    text_len = text_mask.shape[1]
+    valid = image_len + text_mask.sum(dim=1, dtype=torch.int)  # (B,)
+    positions = torch.arange(image_len + text_len, device=text_mask.device)
+    return (positions[None, :] < valid[:, None])[:, None, None, :]
+
+
+def _as_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """A number or a (), (1,) or (B,) tensor -> (1,) or (B,) tensor (a single value broadcasts)."""
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a tensor of shape ({batch},) or a number, got {type(value).__name__}")
+        return torch.tensor([float(value)], device=device)
+    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch)):
+        raise ValueError(f"{name} must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
+    return value.reshape(-1)
+
+
+class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin):
+    """The HunyuanVideo transformer (diffusers layout and keyword arguments) with TeaCache.
+
+    Args:
+        in_channels: latent channels (33 for the latent-concat I2V model).
+        out_channels: predicted channels (default `in_channels`).
+        num_attention_heads, attention_head_dim: heads and channels per head.
+        num_layers: dual-stream blocks.
+        num_single_layers: single-stream blocks.
+        num_refiner_layers: blocks of the text token refiner.
+        mlp_ratio: MLP width of the transformer blocks as a multiple of the model width (the refiner's
+            is always 4, as in the released checkpoints).
+        patch_size, patch_size_t: spatial and temporal patch sizes.
+        qk_norm: None, "layer_norm", "fp32_layer_norm" or "rms_norm" on queries and keys per head.
+        guidance_embeds: the model embeds a guidance scale (the guidance-distilled release).
+        text_embed_dim: width of the text encoder states.
+        pooled_projection_dim: width of the pooled text embedding.
+        rope_theta: the RoPE base.
+        rope_axes_dim: RoPE channels of the frame, row and column axes; must sum to `attention_head_dim`.
+        image_condition_type: None (T2V), "latent_concat" or "token_replace" (I2V).
+    """
+
+    teacache_default_coefficients = HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS
+
+    @register_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        num_attention_heads: int = 24,
+        attention_head_dim: int = 128,
+        num_layers: int = 20,
+        num_single_layers: int = 40,
+        num_refiner_layers: int = 2,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 2,
+        patch_size_t: int = 1,
+        qk_norm: str = "rms_norm",
+        guidance_embeds: bool = True,
+        text_embed_dim: int = 4096,
+        pooled_projection_dim: int = 768,
+        rope_theta: float = 256.0,
+        rope_axes_dim: tuple[int, ...] = (16, 56, 56),
+        image_condition_type: str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_architecture(locals())
+        self.out_channels = out_channels or in_channels
+        inner_dim = num_attention_heads * attention_head_dim
+        heads = (num_attention_heads, attention_head_dim)
+
+        self.x_embedder = HunyuanVideoPatchEmbed((patch_size_t, patch_size, patch_size), in_channels, inner_dim)
+        self.context_embedder = HunyuanVideoTokenRefiner(text_embed_dim, *heads, num_layers=num_refiner_layers)
+        self.time_text_embed = HunyuanVideoConditionEmbedding(inner_dim, pooled_projection_dim, guidance_embeds)
+        self.rope = HunyuanVideoRotaryPosEmbed(tuple(rope_axes_dim), rope_theta)
+        self.transformer_blocks = nn.ModuleList(
+            [HunyuanVideoTransformerBlock(*heads, mlp_ratio, qk_norm) for _ in range(num_layers)]
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            [HunyuanVideoSingleTransformerBlock(*heads, mlp_ratio, qk_norm) for _ in range(num_single_layers)]
+        )
+        self.norm_out = AdaLayerNormContinuous(inner_dim, inner_dim, elementwise_affine=False, eps=_EPS)
+        self.proj_out = nn.Linear(inner_dim, patch_size_t * patch_size * patch_size * self.out_channels)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        pooled_projections: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow for a latent video.
+
+        Args:
+            hidden_states: (B, in_channels, F, H, W) latents; F, H, W divisible by the patch sizes.
+            timestep: (B,) timesteps in [0, 1000] (or one value for the whole batch).
+            encoder_hidden_states: (B, Lt, text_embed_dim) text encoder states.
+            encoder_attention_mask: (B, Lt) 0/1 or boolean mask of the valid text tokens (tokenizers pad on
+                the right); None means every token is valid. As in the reference, the refiner reads the mask
+                itself and the blocks attend the first `mask.sum()` text tokens of each row.
+            pooled_projections: (B, pooled_projection_dim) pooled text embedding.
+            guidance: (B,) embedded guidance scale times 1000; required when `guidance_embeds`, ignored
+                otherwise (the reference pipeline always passes it).
+            attention_kwargs: None (LoRA scaling is not supported).
+            return_dict: return a `Transformer2DModelOutput` instead of a tuple.
+
+        Returns:
+            (B, out_channels, F, H, W) prediction, in a tuple or output object.
+        """
+        text_mask = self._check_inputs(
+            hidden_states, encoder_hidden_states, encoder_attention_mask, pooled_projections, attention_kwargs
+        )
+        batch, _, frames, height, width = hidden_states.shape
+        p, p_t = self.config.patch_size, self.config.patch_size_t
+        grid = (frames // p_t, height // p, width // p)
+        device = hidden_states.device
+        timestep = _as_vector("timestep", timestep, batch, device)
+        if self.config.guidance_embeds:
+            if guidance is None:
+                raise ValueError("guidance is required: this model has guidance_embeds=True (the distilled release)")
+            guidance = _as_vector("guidance", guidance, batch, device)
+        else:
+            guidance = None
+
+        rope = self.rope(grid, device)
+        token_replace = self.config.image_condition_type == "token_replace"
+        temb, replace_emb = self.time_text_embed(timestep, pooled_projections, guidance, token_replace)  # (B, D)
+        hidden_states = self.x_embedder(hidden_states)  # (B, Li, D)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states, timestep, text_mask)  # (B, Lt, D)
+        attention_mask = _joint_attention_mask(text_mask, hidden_states.shape[1])  # (B, 1, 1, Li + Lt)
+
+        hidden_states = self.run_blocks(
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            temb=temb,
+            attention_mask=attention_mask,
+            rope=rope,
+            token_replace=None if replace_emb is None else (replace_emb, grid[1] * grid[2]),
+        )  # (B, Li, D)
+
+        output = self.proj_out(self.norm_out(hidden_states, temb))  # (B, Li, p_t * p * p * C)
+        output = output.reshape(batch, *grid, -1, p_t, p, p)
+        output = output.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', p_t, H', p, W', p)
+        output = output.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
+        return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
+
+    # ---- TeaCache seam ----------------------------------------------------------------------------
+
+    def teacache_indicator(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, token_replace: TokenReplace | None = None, **_: Any
+    ) -> torch.Tensor:
+        """Block 0's AdaLN-modulated image tokens (B, Li, D)."""
+        if len(self.transformer_blocks):
+            return self.transformer_blocks[0].norm1(hidden_states, temb, token_replace)[0]
+        if len(self.single_transformer_blocks):
+            return self.single_transformer_blocks[0].norm(hidden_states, temb, token_replace)[0]
+        return hidden_states
+
+    def forward_blocks(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rope: Rope,
+        token_replace: TokenReplace | None = None,
+    ) -> torch.Tensor:
+        """Dual-stream then single-stream blocks: image (B, Li, D) -> image (B, Li, D)."""
+        for block in self.transformer_blocks:
+            hidden_states, encoder_hidden_states = block(
+                hidden_states, encoder_hidden_states, temb, attention_mask, rope, token_replace
+            )
+        image_len = hidden_states.shape[1]
+        # The single-stream blocks keep image and text joined; splitting after each block would only copy.
+        tokens = torch.cat([hidden_states, encoder_hidden_states], dim=1)  # (B, Li + Lt, D)
+        for block in self.single_transformer_blocks:
+            tokens = block(tokens, image_len, temb, attention_mask, rope, token_replace)
+        return tokens[:, :image_len]
+
+    # ---- input validation -------------------------------------------------------------------------
+
+    def _check_inputs(
+        self,
+        hidden_states: Any,
+        encoder_hidden_states: Any,
+        encoder_attention_mask: Any,
+        pooled_projections: Any,
+        attention_kwargs: dict[str, Any] | None,
+    ) -> torch.Tensor:
+        """Validate the tensors; return the text mask (B, Lt), all ones when None was passed."""
+        config = self.config
+        expected = f"(B, {config.in_channels}, F, H, W)"
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a tensor of shape {expected}, got {type(hidden_states).__name__}")
+        if hidden_states.ndim != 5 or hidden_states.shape[1] != config.in_channels:
+            raise ValueError(f"hidden_states must have shape {expected}, got {tuple(hidden_states.shape)}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a floating-point tensor, got {hidden_states.dtype}")
+        batch, _, frames, height, width = hidden_states.shape
+        for axis, size, patch in (
+            ("frames", frames, config.patch_size_t),
+            ("height", height, config.patch_size),
+            ("width", width, config.patch_size),
+        ):
+            if size == 0 or size % patch:
+                raise ValueError(
+                    f"hidden_states {axis} must be a positive multiple of the patch size {patch}, got {size} "
+                    f"(shape {tuple(hidden_states.shape)})"
+                )
+
+        expected = f"({batch}, Lt, {config.text_embed_dim}) with Lt >= 1"
+        if not isinstance(encoder_hidden_states, torch.Tensor):
+            raise TypeError(
+                f"encoder_hidden_states must be a tensor of shape {expected}, "
+                f"got {type(encoder_hidden_states).__name__}"
+            )
+        if (
+            encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != batch
+            or encoder_hidden_states.shape[1] == 0
+            or encoder_hidden_states.shape[2] != config.text_embed_dim
+        ):
+            raise ValueError(
+                f"encoder_hidden_states must have shape {expected}, got {tuple(encoder_hidden_states.shape)}"
+            )
+        if not encoder_hidden_states.is_floating_point():
+            raise TypeError(f"encoder_hidden_states must be a floating-point tensor, got {encoder_hidden_states.dtype}")
+        text_mask = _check_text_mask(encoder_attention_mask, encoder_hidden_states)
+
+        expected = f"({batch}, {config.pooled_projection_dim})"
+        if not isinstance(pooled_projections, torch.Tensor):
+            raise TypeError(
+                f"pooled_projections must be a tensor of shape {expected}, got {type(pooled_projections).__name__}"
+            )
+        if (
+            pooled_projections.ndim != 2
+            or pooled_projections.shape[0] not in (1, batch)
+            or pooled_projections.shape[1] != config.pooled_projection_dim
+        ):
+            raise ValueError(f"pooled_projections must have shape {expected}, got {tuple(pooled_projections.shape)}")
+        if not pooled_projections.is_floating_point():
+            raise TypeError(f"pooled_projections must be a floating-point tensor, got {pooled_projections.dtype}")
+        if attention_kwargs:
+            raise ValueError(
+                f"attention_kwargs {sorted(attention_kwargs)} are not supported: this model has no LoRA or "
+                "attention-processor hooks; pass None"
+            )
+        return text_mask
+
+
+def _check_text_mask(mask: Any, text: torch.Tensor) -> torch.Tensor:
+    shape = tuple(text.shape[:2])
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=text.device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"encoder_attention_mask must be None or a tensor of shape {shape}, got {type(mask).__name__}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(
+            f"encoder_attention_mask must have shape {shape} (batch, text tokens of encoder_hidden_states), "
+            f"got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("encoder_attention_mask must hold only 0 and 1 (or be boolean)")
+    if not bool(mask.bool().any(dim=1).all()):
+        raise ValueError("encoder_attention_mask must mark at least one valid text token in every row")
+    return mask
+
+
+def _check_architecture(args: dict[str, Any]) -> None:
+    for name in (
+        "in_channels",
+        "num_attention_heads",
+        "attention_head_dim",
+        "patch_size",
+        "patch_size_t",
+        "text_embed_dim",
+        "pooled_projection_dim",
+    ):
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("num_layers", "num_single_layers", "num_refiner_layers"):
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    out_channels = args["out_channels"]
+    if out_channels is not None and (
+        isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1
+    ):
+        raise ValueError(f"out_channels must be None or a positive integer, got {out_channels!r}")
+    for name in ("mlp_ratio", "rope_theta"):
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    inner_dim = args["num_attention_heads"] * args["attention_head_dim"]
+    if int(inner_dim * args["mlp_ratio"]) < 1:
+        raise ValueError(f"mlp_ratio {args['mlp_ratio']} leaves no MLP channels at width {inner_dim}")
+    if args["qk_norm"] not in _QK_NORMS:
+        raise ValueError(f"qk_norm must be one of {list(_QK_NORMS)}, got {args['qk_norm']!r}")
+    if not isinstance(args["guidance_embeds"], bool):
+        raise ValueError(f"guidance_embeds must be True or False, got {args['guidance_embeds']!r}")
+    if args["image_condition_type"] not in _IMAGE_CONDITION_TYPES:
+        raise ValueError(
+            f"image_condition_type must be one of {list(_IMAGE_CONDITION_TYPES)}, got {args['image_condition_type']!r}"
+        )
+    axes = tuple(args["rope_axes_dim"])
+    if len(axes) != 3 or any(isinstance(a, bool) or not isinstance(a, int) or a < 0 or a % 2 for a in axes):
+        raise ValueError(f"rope_axes_dim must be 3 even integers >= 0 (frame, row, column), got {axes}")
+    if sum(axes) != args["attention_head_dim"]:
+        raise ValueError(
+            f"rope_axes_dim {axes} must sum to attention_head_dim {args['attention_head_dim']}, got {sum(axes)}"
+        )

@@ -8,10 +8,16 @@ import torch
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
-    """Fill every parameter and floating buffer with seeded normal noise (zero-init layers included)."""
+    """Fill every parameter and persistent floating buffer with seeded normal noise.
+
+    Zero-initialised layers are randomised too, so they cannot hide a wiring mistake. Non-persistent
+    buffers (precomputed RoPE tables) are derived data, not weights, and keep their values.
+    """
     generator = torch.Generator().manual_seed(seed)
+    persistent = {id(t) for t in module.state_dict(keep_vars=True).values()}
+    buffers = [b for b in module.buffers() if b.is_floating_point() and id(b) in persistent]
     with torch.no_grad():
-        for tensor in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+        for tensor in list(module.parameters()) + buffers:
             tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
     return module
 

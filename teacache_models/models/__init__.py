@@ -4,6 +4,7 @@ from .base import ConfiguredModel, ModelConfig, Transformer2DModelOutput
 from .flux import FluxTransformer2DModel
 from .hunyuan_video import HunyuanVideoTransformer3DModel
 from .qwen_image import QwenImageTransformer2DModel
+from .wan import WanExpertPair, WanTransformer3DModel
 from .z_image import ZImageTransformer2DModel
 
 __all__ = [
@@ -13,5 +14,7 @@ __all__ = [
     "ModelConfig",
     "QwenImageTransformer2DModel",
     "Transformer2DModelOutput",
+    "WanExpertPair",
+    "WanTransformer3DModel",
     "ZImageTransformer2DModel",
 ]

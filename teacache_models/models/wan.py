@@ -1,0 +1,899 @@
+"""Wan 2.1 / 2.2: the native video transformer, with TeaCache on its block stack.
+
+Architecture, parameter names and numerics follow diffusers' `WanTransformer3DModel`: latents are cut
+into 3-D patches, every block runs self-attention (3-axis RoPE), cross-attention to the UMT5 text
+tokens (plus, for Wan2.1 I2V, CLIP image tokens through separate K/V projections) and an MLP, each
+modulated by the timestep projection; an AdaLN head unpatchifies the result. The timestep is one value
+per sample, or one per token (Wan2.2 TI2V: the conditioning frame's tokens carry timestep 0).
+
+Precision follows the released checkpoints: the time embedder, the scale-shift tables and the norms
+are kept in float32 by a loader honouring `_keep_in_fp32_modules`, and every residual update and
+modulation is computed in float32 before returning to the model's dtype.
+
+TeaCache indicators: the timestep embedding `temb` (the published Wan choice; its schedule is the same
+for every prompt and both CFG branches), the timestep projection `timestep_proj` (what
+`use_ret_steps=True` uses) and block 0's modulated input (adapts per prompt; for calibration). The
+published coefficients per checkpoint are in `WAN_TEACACHE_PRESETS`. Wan2.2 A14B's two experts are
+routed by `WanExpertPair`, which keeps the cache state of each expert apart.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..cache.mixin import TeaCacheMixin
+from ..cache.state import TeaCacheStats
+from ..layers.attention import attention
+from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
+from ..layers.feedforward import FeedForward
+from ..layers.normalization import FP32LayerNorm
+from ..layers.rope import rope_cos_sin
+from ..params import TeaCacheParams
+from .base import ConfiguredModel, Transformer2DModelOutput, register_config
+
+__all__ = [
+    "WAN_TEACACHE_PRESETS",
+    "WanExpertPair",
+    "WanTeaCachePreset",
+    "WanTransformer3DModel",
+    "wan_teacache_preset",
+]
+
+# The UMT5 context length: diffusers' I2V attention takes the last 512 context tokens as text.
+_TEXT_CONTEXT_LEN = 512
+# The published ret-steps mode always computes this many first steps.
+_RET_STEPS = 5
+_NUM_TRAIN_TIMESTEPS = 1000
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, L, 1, head_dim) each
+
+
+# ---- TeaCache presets ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WanTeaCachePreset:
+    """The TeaCache fit of one released checkpoint.
+
+    Args:
+        coefficients: rescaling polynomial for the `temb` indicator (default mode), highest degree first.
+        ret_steps_coefficients: the same for the `timestep_proj` indicator (`use_ret_steps=True`).
+        thresholds: published thresholds of the default mode.
+        ret_steps_thresholds: published thresholds of the ret-steps mode.
+        borrowed_from: the zoo name whose fit this checkpoint reuses, None for its own fit.
+    """
+
+    coefficients: tuple[float, ...]
+    ret_steps_coefficients: tuple[float, ...]
+    thresholds: tuple[float, ...]
+    ret_steps_thresholds: tuple[float, ...]
+    borrowed_from: str | None = None
+
+
+_WAN21_PRESETS = {
+    "wan2.1-t2v-1.3b": WanTeaCachePreset(
+        coefficients=(2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01),
+        ret_steps_coefficients=(-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+        thresholds=(0.05, 0.07, 0.08),
+        ret_steps_thresholds=(0.05, 0.10),
+    ),
+    "wan2.1-t2v-14b": WanTeaCachePreset(
+        coefficients=(-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+        ret_steps_coefficients=(-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+        thresholds=(0.14, 0.15, 0.20),
+        ret_steps_thresholds=(0.10, 0.20),
+    ),
+    "wan2.1-i2v-14b-480p": WanTeaCachePreset(
+        coefficients=(-3.02331670e02, 2.23948934e02, -5.25463970e01, 5.87348440e00, -2.01973289e-01),
+        ret_steps_coefficients=(2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01),
+        thresholds=(0.13, 0.19, 0.26),
+        ret_steps_thresholds=(0.20, 0.30),
+    ),
+    "wan2.1-i2v-14b-720p": WanTeaCachePreset(
+        coefficients=(-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+        ret_steps_coefficients=(8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02),
+        thresholds=(0.18, 0.20, 0.30),
+        ret_steps_thresholds=(0.20, 0.30),
+    ),
+}
+
+
+def _borrow(lender: str) -> WanTeaCachePreset:
+    source = _WAN21_PRESETS[lender]
+    return WanTeaCachePreset(
+        source.coefficients, source.ret_steps_coefficients, source.thresholds, source.ret_steps_thresholds, lender
+    )
+
+
+# No fit has been published for Wan2.2. Each A14B expert has the Wan2.1 14B architecture, so it borrows
+# the 14B fit of its task (I2V from the 480P fit: Wan2.2 I2V runs at 480P and 720P and has no CLIP
+# branch, so neither I2V fit is a match). TI2V-5B is a new dense architecture (48 channels, per-token
+# timesteps); it borrows the other dense T2V model's fit, Wan2.1 T2V 1.3B. Calibrate before relying on
+# any of them.
+WAN_TEACACHE_PRESETS: dict[str, WanTeaCachePreset] = {
+    **_WAN21_PRESETS,
+    "wan2.2-t2v-a14b": _borrow("wan2.1-t2v-14b"),
+    "wan2.2-i2v-a14b": _borrow("wan2.1-i2v-14b-480p"),
+    "wan2.2-ti2v-5b": _borrow("wan2.1-t2v-1.3b"),
+}
+
+
+def wan_teacache_preset(name: str, use_ret_steps: bool = False) -> tuple[float, ...]:
+    """The TeaCache coefficients of the zoo checkpoint `name` for the default or the ret-steps indicator.
+
+    Warns (UserWarning) when the checkpoint has no fit of its own and borrows another model's.
+    """
+    if name not in WAN_TEACACHE_PRESETS:
+        raise ValueError(f"unknown Wan checkpoint {name!r}; known: {sorted(WAN_TEACACHE_PRESETS)}")
+    if not isinstance(use_ret_steps, bool):
+        raise ValueError(f"use_ret_steps must be True or False, got {use_ret_steps!r}")
+    preset = WAN_TEACACHE_PRESETS[name]
+    if preset.borrowed_from is not None:
+        warnings.warn(
+            f"no TeaCache coefficients have been fitted for {name}: using those of {preset.borrowed_from}, "
+            "which may skip too many or too few steps; calibrate this model to replace them",
+            UserWarning,
+            stacklevel=2,
+        )
+    return preset.ret_steps_coefficients if use_ret_steps else preset.coefficients
+
+
+# ---- embeddings ------------------------------------------------------------------------------------
+
+
+class WanRotaryPosEmbed(nn.Module):
+    """3-axis RoPE tables (frames, height, width), one row per position up to `max_seq_len`.
+
+    The tables are non-persistent buffers, as in diffusers, so they follow `module.to(dtype)` the same way.
+    """
+
+    def __init__(self, attention_head_dim: int, max_seq_len: int) -> None:
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.h_dim = self.w_dim = 2 * (attention_head_dim // 6)
+        self.t_dim = attention_head_dim - self.h_dim - self.w_dim
+        cos, sin = self._tables(None)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device | None) -> Rope:
+        # diffusers picks float32 whenever MPS exists on the machine, whatever the device in use.
+        freqs_dtype = torch.float32 if torch.backends.mps.is_available() else torch.float64
+        positions = torch.arange(self.max_seq_len, device=device)
+        axes = [rope_cos_sin(dim, positions, 10000.0, freqs_dtype) for dim in (self.t_dim, self.h_dim, self.w_dim)]
+        return torch.cat([c for c, _ in axes], dim=1), torch.cat([s for _, s in axes], dim=1)  # (S, head_dim)
+
+    def forward(self, frames: int, height: int, width: int, device: torch.device) -> Rope:
+        """Post-patch grid sizes -> cos, sin of shape (1, frames * height * width, 1, head_dim)."""
+        cos_table, sin_table = self.freqs_cos, self.freqs_sin
+        if cos_table.is_meta:
+            # Built on the meta device, then loaded with assign=True: the state dict has no tables to fill in.
+            cos_table, sin_table = self._tables(device)
+            self.freqs_cos, self.freqs_sin = cos_table, sin_table
+        split = [self.t_dim, self.h_dim, self.w_dim]
+        return self._grid(cos_table.split(split, dim=1), frames, height, width), self._grid(
+            sin_table.split(split, dim=1), frames, height, width
+        )
+
+    @staticmethod
+    def _grid(tables: tuple[torch.Tensor, ...], frames: int, height: int, width: int) -> torch.Tensor:
+        t, h, w = tables
+        grid = torch.cat(
+            [
+                t[:frames].view(frames, 1, 1, -1).expand(frames, height, width, -1),
+                h[:height].view(1, height, 1, -1).expand(frames, height, width, -1),
+                w[:width].view(1, 1, width, -1).expand(frames, height, width, -1),
+            ],
+            dim=-1,
+        )  # (F, H, W, head_dim)
+        return grid.reshape(1, frames * height * width, 1, -1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i + 1) of (B, L, H, D) tokens.
+
+    The arithmetic runs in the promoted dtype of `x` and the tables (float32 tables stay float32 even for
+    bfloat16 tokens), with one rounding back to the dtype of `x`, as diffusers does.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D / 2) each
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class WanImageEmbedding(nn.Module):
+    """CLIP image tokens -> model width: norm, GELU MLP, norm (plus a learned position table for FLF2V)."""
+
+    def __init__(self, in_features: int, out_features: int, pos_embed_seq_len: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = FP32LayerNorm(in_features)
+        self.ff = FeedForward(in_features, out_features, mult=1, activation_fn="gelu")
+        self.norm2 = FP32LayerNorm(out_features)
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, pos_embed_seq_len, in_features)) if pos_embed_seq_len is not None else None
+        )
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, Li, image_dim) -> (B, Li, D); with a position table (2B, Li, image_dim) -> (B, 2 Li, D)."""
+        if self.pos_embed is not None:
+            # First-last-frame checkpoints pair the two images of each sample into one token sequence.
+            _, length, width = image_tokens.shape
+            image_tokens = image_tokens.reshape(-1, 2 * length, width) + self.pos_embed
+        return self.norm2(self.ff(self.norm1(image_tokens)))
+
+
+class WanTimeTextImageEmbedding(nn.Module):
+    """Timestep embedding and its 6-way block modulation, text projection, image projection."""
+
+    def __init__(
+        self,
+        dim: int,
+        time_freq_dim: int,
+        time_proj_dim: int,
+        text_embed_dim: int,
+        image_embed_dim: int | None = None,
+        pos_embed_seq_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.time_freq_dim = time_freq_dim
+        self.time_embedder = MLPEmbedder(time_freq_dim, dim)
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, time_proj_dim)
+        self.text_embedder = MLPEmbedder(text_embed_dim, dim, act="gelu_tanh")
+        self.image_embedder = (
+            WanImageEmbedding(image_embed_dim, dim, pos_embed_seq_len) if image_embed_dim is not None else None
+        )
+
+    def forward(
+        self,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Timestep (B,) or per-token (B, L) -> temb (B, D) or (B, L, D), timestep_proj (B[, L], 6 D),
+        text (B, Lt, D), image (B, Li, D) or None."""
+        features = timestep_sinusoids(timestep.flatten(), self.time_freq_dim)  # float32
+        if timestep.ndim == 2:
+            features = features.unflatten(0, timestep.shape)
+        embedder_dtype = self.time_embedder.linear_1.weight.dtype
+        if embedder_dtype != torch.int8:  # quantised embedders take the float32 features as they are
+            features = features.to(embedder_dtype)
+        # The embedding returns to the model's dtype (that of the text states), as in the reference.
+        temb = self.time_embedder(features).type_as(encoder_hidden_states)
+        timestep_proj = self.time_proj(self.act_fn(temb))
+        text = self.text_embedder(encoder_hidden_states)
+        image = None
+        if encoder_hidden_states_image is not None:
+            image = self.image_embedder(encoder_hidden_states_image)
+        return temb, timestep_proj, text, image
+
+
+# ---- attention and blocks --------------------------------------------------------------------------
+
+
+class WanAttention(nn.Module):
+    """Attention with RMS-normalised queries and keys (across all heads).
+
+    With `added_kv_proj_dim` the cross-attention also attends to the image tokens through its own K/V
+    projections; the two attention outputs are summed before the output projection.
+    """
+
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        # Index 1 (dropout at training time) holds no weights; it keeps the key `to_out.0`.
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        if added_kv_proj_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(2, (self.heads, -1))  # (B, L, D) -> (B, L, H, Dh)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None = None,
+        rope: Rope | None = None,
+        image_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Tokens (B, L, D) attend to themselves (context None) or to context (B, Lc, D) -> (B, L, D)."""
+        source = hidden_states if context is None else context
+        query = self._heads(self.norm_q(self.to_q(hidden_states)))
+        key = self._heads(self.norm_k(self.to_k(source)))
+        value = self._heads(self.to_v(source))
+        if rope is not None:
+            query, key = _apply_rope(query, *rope), _apply_rope(key, *rope)
+        out = attention(query, key, value)  # (B, L, D)
+        if image_context is not None:
+            image_key = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
+            image_value = self._heads(self.add_v_proj(image_context))
+            out = out + attention(query, image_key, image_value)
+        return self.to_out[0](out)
+
+
+class WanTransformerBlock(nn.Module):
+    """Self-attention, cross-attention, MLP; the modulations and residual updates are in float32."""
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        cross_attn_norm: bool,
+        eps: float,
+        added_kv_proj_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(dim, num_heads, eps)
+        self.attn2 = WanAttention(dim, num_heads, eps, added_kv_proj_dim)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def modulation(self, timestep_proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, L or 1, 6, D) -> shift, scale, gate (attention), shift, scale, gate (MLP): (B, L or 1, D) float32."""
+        return tuple(part.squeeze(2) for part in (self.scale_shift_table + timestep_proj.float()).chunk(6, dim=2))
+
+    def modulated_input(self, hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (self.norm1(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        timestep_proj: torch.Tensor,
+        rope: Rope,
+        image_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Tokens (B, L, D), context (B, Lc, D), modulation (B, L or 1, 6, D) -> tokens (B, L, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(timestep_proj)
+        x = hidden_states
+
+        attn = self.attn1(self.modulated_input(x, shift_msa, scale_msa), rope=rope)
+        x = (x.float() + attn * gate_msa).type_as(x)
+
+        attn = self.attn2(self.norm2(x.float()).type_as(x), context, image_context=image_context)
+        x = x + attn
+
+        ff = self.ffn((self.norm3(x.float()) * (1 + scale_mlp) + shift_mlp).type_as(x))
+        return (x.float() + ff.float() * gate_mlp).type_as(x)
+
+
+# ---- the model -------------------------------------------------------------------------------------
+
+
+class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
+    """The Wan 2.1 / 2.2 transformer (diffusers layout and keyword arguments) with TeaCache.
+
+    Args:
+        patch_size: (t, h, w) patch of the latent video.
+        num_attention_heads: heads.
+        attention_head_dim: channels per head (even: the RoPE splits it into three even axes).
+        in_channels: latent channels (16 T2V; 36 I2V: noise, mask and condition latents; 48 TI2V-5B).
+        out_channels: predicted channels (None: `in_channels`).
+        text_dim: width of the UMT5 text states.
+        freq_dim: sinusoidal features of the timestep.
+        ffn_dim: hidden width of the block MLP.
+        num_layers: blocks.
+        cross_attn_norm: LayerNorm (with weights) before the cross-attention.
+        qk_norm: "rms_norm_across_heads" or None; as in diffusers, queries and keys are RMS-normalised
+            across heads either way.
+        eps: epsilon of the norms.
+        image_dim: width of the CLIP image tokens (Wan2.1 I2V), None for none.
+        added_kv_proj_dim: width of the image K/V projections' input (the model width); with it, the
+            text context is exactly 512 tokens.
+        rope_max_seq_len: RoPE positions per axis.
+        pos_embed_seq_len: length of the image-token position table (first-last-frame checkpoints).
+    """
+
+    _keep_in_fp32_modules: ClassVar[list[str]] = [
+        "rope",
+        "time_embedder",
+        "scale_shift_table",
+        "norm1",
+        "norm2",
+        "norm3",
+    ]
+    # Some original checkpoints carry a query norm for the image branch that no computation uses.
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = ["norm_added_q"]
+
+    supports_ret_steps = True
+    supported_teacache_indicators = ("temb", "timestep_proj", "modulated_input")
+    # Chosen per checkpoint by the model-zoo config (see `WAN_TEACACHE_PRESETS`), set on the instance.
+    teacache_default_coefficients = None
+    teacache_ret_steps_coefficients: tuple[float, ...] | None = None
+
+    @register_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_architecture(locals())
+        patch_size = tuple(patch_size)
+        inner_dim = num_attention_heads * attention_head_dim
+        self.patch_size = patch_size
+        self.out_channels = out_channels or in_channels
+
+        self.rope = WanRotaryPosEmbed(attention_head_dim, rope_max_seq_len)
+        self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=inner_dim,
+            time_freq_dim=freq_dim,
+            time_proj_dim=inner_dim * 6,
+            text_embed_dim=text_dim,
+            image_embed_dim=image_dim,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        self.blocks = nn.ModuleList(
+            [
+                WanTransformerBlock(inner_dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, added_kv_proj_dim)
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(inner_dim, self.out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow of a latent video.
+
+        Args:
+            hidden_states: (B, in_channels, F, H, W) latents; F, H, W divisible by `patch_size`.
+            timestep: timesteps in [0, 1000]: a scalar, (1,) or (B,), or per token (B, L) or (1, L) with
+                L = the number of patches (Wan2.2 TI2V), or (B, 1).
+            encoder_hidden_states: (B, Lt, text_dim) text states (Lt = 512 when `added_kv_proj_dim` is set).
+            encoder_hidden_states_image: (B, Li, image_dim) CLIP image tokens, for `image_dim` models
+                only ((2B, Li, image_dim) with `pos_embed_seq_len`: first and last frame per sample).
+            return_dict: return a `Transformer2DModelOutput` instead of a tuple.
+            attention_kwargs: accepted for signature compatibility; must be None or empty.
+
+        Returns:
+            (B, out_channels, F, H, W) prediction, in a tuple or output object.
+        """
+        timestep = self._check_inputs(
+            hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, attention_kwargs
+        )
+        batch, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        rope = self.rope(*grid, device=hidden_states.device)
+
+        hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
+        temb, timestep_proj, context, image_context = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        # One modulation per sample becomes a length-1 token axis, so both timestep forms share one path.
+        timestep_proj = timestep_proj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, L, 6, D)
+        if timestep_proj.ndim == 3:
+            temb, timestep_proj = temb.unsqueeze(1), timestep_proj.unsqueeze(1)  # (B, 1, D), (B, 1, 6, D)
+        if image_context is not None:
+            # Image tokens go ahead of the text. With image K/V projections the two parts are then taken
+            # back as views of the joined tensor: half-precision matmuls round differently on such strided
+            # views than on separate tensors, and the reference reads these views.
+            image_len = image_context.shape[1]
+            context = torch.cat([image_context, context], dim=1)  # (B, Li + Lt, D)
+            if self.config.added_kv_proj_dim is None:
+                image_context = None
+            else:
+                image_context, context = context[:, :image_len], context[:, image_len:]
+
+        hidden_states = self.run_blocks(
+            hidden_states,
+            context=context,
+            image_context=image_context,
+            temb=temb,
+            timestep_proj=timestep_proj,
+            rope=rope,
+        )  # (B, L, D)
+
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+        shift, scale = shift.squeeze(2), scale.squeeze(2)  # (B, L or 1, D)
+        hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+        hidden_states = self.proj_out(hidden_states)  # (B, L, p_t * p_h * p_w * C)
+
+        output = hidden_states.reshape(batch, *grid, p_t, p_h, p_w, -1)
+        output = output.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, -1, frames, height, width)
+        return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
+
+    # ---- TeaCache seam ----------------------------------------------------------------------------
+
+    @property
+    def teacache_indicator_name(self) -> str:
+        """The indicator of the running generation: ret-steps mode defaults to `timestep_proj`."""
+        params = self.teacache_params
+        if params is None:
+            return self.supported_teacache_indicators[0]
+        if params.indicator is not None:
+            return params.indicator
+        return "timestep_proj" if params.use_ret_steps else "temb"
+
+    def teacache_schedule(self, params: TeaCacheParams) -> tuple[tuple[float, ...], int, int]:
+        """Coefficients and forced steps of the default and the ret-steps mode.
+
+        Default mode: indicator `temb`, coefficients `teacache_default_coefficients`, the first
+        `start_skipping` and last `end_skipping` steps always computed.
+
+        Ret-steps mode (`use_ret_steps=True`): indicator `timestep_proj`, coefficients
+        `teacache_ret_steps_coefficients`, the first max(5, start_skipping) steps always computed. The
+        published schedule leaves the last step free, so `end_skipping` forces last steps only when it
+        asks for more than the default single step: end_skipping <= 1 forces none.
+
+        The preset coefficients are fits for their mode's indicator: another indicator needs explicit
+        `coefficients`.
+        """
+        indicators = self.supported_teacache_indicators
+        if params.indicator is not None and params.indicator not in indicators:
+            raise ValueError(
+                f"indicator {params.indicator!r} is not offered by {type(self).__name__}; "
+                f"choose one of {list(indicators)}"
+            )
+        if params.use_ret_steps and params.indicator not in (None, "timestep_proj"):
+            raise ValueError(
+                f"use_ret_steps=True uses the 'timestep_proj' indicator, but indicator={params.indicator!r} was "
+                "given; leave indicator=None (or 'timestep_proj') with use_ret_steps=True, or set use_ret_steps=False"
+            )
+        if params.use_ret_steps:
+            mode_indicator, preset, preset_name = "timestep_proj", self.teacache_ret_steps_coefficients, "ret_steps"
+            first_forced = max(_RET_STEPS, params.start_skipping)
+            last_forced = params.end_skipping if params.end_skipping > 1 else 0
+        else:
+            mode_indicator, preset, preset_name = "temb", self.teacache_default_coefficients, "default"
+            first_forced, last_forced = params.start_skipping, params.end_skipping
+        coefficients = params.coefficients
+        if coefficients is None:
+            indicator = params.indicator or mode_indicator
+            if indicator != mode_indicator:
+                raise ValueError(
+                    f"indicator {indicator!r} has no preset coefficients (the presets are fits for "
+                    f"{mode_indicator!r}); "
+                    "pass TeaCacheParams(coefficients=[...]) fitted for it"
+                )
+            if preset is None:
+                raise ValueError(
+                    f"{type(self).__name__} has no {preset_name} TeaCache coefficients set: pass "
+                    "TeaCacheParams(coefficients=[...]) or set the model's teacache_default_coefficients / "
+                    "teacache_ret_steps_coefficients from wan_teacache_preset(name, use_ret_steps)"
+                )
+            coefficients = preset
+        return tuple(coefficients), first_forced, last_forced
+
+    def teacache_indicator(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, timestep_proj: torch.Tensor, **_: Any
+    ) -> torch.Tensor:
+        """`temb` (B, L or 1, D), `timestep_proj` (B, L or 1, 6, D) or block 0's modulated input (B, L, D)."""
+        name = self.teacache_indicator_name
+        if name == "temb":
+            return temb
+        if name == "timestep_proj":
+            return timestep_proj
+        if not len(self.blocks):
+            return hidden_states
+        block = self.blocks[0]
+        shift, scale = block.modulation(timestep_proj)[:2]
+        return block.modulated_input(hidden_states, shift, scale)
+
+    def forward_blocks(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        image_context: torch.Tensor | None,
+        temb: torch.Tensor,
+        timestep_proj: torch.Tensor,
+        rope: Rope,
+    ) -> torch.Tensor:
+        """The blocks: tokens (B, L, D) -> tokens (B, L, D)."""
+        for block in self.blocks:
+            hidden_states = block(hidden_states, context, timestep_proj, rope, image_context)
+        return hidden_states
+
+    # ---- input validation -------------------------------------------------------------------------
+
+    def _check_inputs(
+        self,
+        hidden_states: Any,
+        timestep: Any,
+        encoder_hidden_states: Any,
+        encoder_hidden_states_image: Any,
+        attention_kwargs: dict[str, Any] | None,
+    ) -> torch.Tensor:
+        """Validate the forward inputs; returns the timestep as a (1,), (B,) or (B, L) tensor."""
+        config = self.config
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a tensor (B, C, F, H, W), got {type(hidden_states).__name__}")
+        if hidden_states.ndim != 5 or hidden_states.shape[1] != config.in_channels:
+            raise ValueError(
+                f"hidden_states must have shape (B, {config.in_channels}, F, H, W), got {tuple(hidden_states.shape)}"
+            )
+        _check_dtype("hidden_states", hidden_states, self.patch_embedding.weight)
+        batch, _, *sizes = hidden_states.shape
+        if any(size % patch for size, patch in zip(sizes, self.patch_size, strict=True)) or 0 in sizes:
+            raise ValueError(
+                f"hidden_states frames, height, width {tuple(sizes)} must be positive multiples of "
+                f"patch_size {self.patch_size}"
+            )
+        grid = [size // patch for size, patch in zip(sizes, self.patch_size, strict=True)]
+        if max(grid) > config.rope_max_seq_len:
+            raise ValueError(
+                f"hidden_states has {tuple(grid)} patches along (frames, height, width); at most "
+                f"rope_max_seq_len={config.rope_max_seq_len} per axis are supported"
+            )
+        num_tokens = math.prod(grid)
+
+        _check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_dim)
+        _check_dtype(
+            "encoder_hidden_states", encoder_hidden_states, self.condition_embedder.text_embedder.linear_1.weight
+        )
+        if config.added_kv_proj_dim is not None and encoder_hidden_states.shape[1] != _TEXT_CONTEXT_LEN:
+            raise ValueError(
+                f"encoder_hidden_states must have {_TEXT_CONTEXT_LEN} tokens for a model with image K/V projections "
+                f"(added_kv_proj_dim={config.added_kv_proj_dim}), got {encoder_hidden_states.shape[1]}: pad the "
+                "text states to the UMT5 context length"
+            )
+        self._check_image_tokens(encoder_hidden_states_image, batch)
+        if attention_kwargs:
+            raise ValueError(
+                f"attention_kwargs {sorted(attention_kwargs)} are not supported: this model has no LoRA or "
+                "attention-processor hooks; pass None"
+            )
+        return _check_timestep(timestep, batch, num_tokens, hidden_states.device)
+
+    def _check_image_tokens(self, image: Any, batch: int) -> None:
+        config = self.config
+        if image is None:
+            if config.added_kv_proj_dim is not None:
+                raise ValueError(
+                    "encoder_hidden_states_image is required: this model attends to CLIP image tokens "
+                    f"(added_kv_proj_dim={config.added_kv_proj_dim}, e.g. Wan2.1 I2V)"
+                )
+            return
+        if config.image_dim is None:
+            raise ValueError(
+                "encoder_hidden_states_image must be None: this model has no image embedder (image_dim=None, "
+                "a text-to-video or Wan2.2 checkpoint)"
+            )
+        pairs = config.pos_embed_seq_len is not None
+        image_batch = 2 * batch if pairs else batch
+        _check_tokens("encoder_hidden_states_image", image, image_batch, config.image_dim)
+        embedder = self.condition_embedder.image_embedder
+        _check_dtype("encoder_hidden_states_image", image, embedder.ff.net[0].proj.weight)
+        if pairs and config.pos_embed_seq_len not in (1, 2 * image.shape[1]):
+            raise ValueError(
+                f"encoder_hidden_states_image must have pos_embed_seq_len / 2 = {config.pos_embed_seq_len / 2:g} "
+                f"tokens per image (two images per sample), got {image.shape[1]}"
+            )
+
+
+def _check_tokens(name: str, value: Any, batch: int, width: int) -> None:
+    expected = f"({batch}, L, {width})"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {expected}, got {type(value).__name__}")
+    if value.ndim != 3 or value.shape[0] != batch or value.shape[2] != width or value.shape[1] == 0:
+        raise ValueError(f"{name} must have shape {expected} with L >= 1, got {tuple(value.shape)}")
+
+
+def _check_dtype(name: str, value: torch.Tensor, weight: torch.Tensor) -> None:
+    if value.dtype != weight.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of the model's weights that read it ({weight.dtype}), got {value.dtype}"
+        )
+
+
+def _check_timestep(timestep: Any, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    allowed = f"(), (1,), ({batch},), ({batch}, {num_tokens}), (1, {num_tokens}) or ({batch}, 1)"
+    if not isinstance(timestep, torch.Tensor):
+        if isinstance(timestep, bool) or not isinstance(timestep, Real):
+            raise TypeError(f"timestep must be a tensor or a number, got {type(timestep).__name__}")
+        timestep = torch.tensor([float(timestep)], device=device)
+    if timestep.dtype == torch.bool or timestep.is_complex():
+        raise TypeError(f"timestep must be a real tensor, got {timestep.dtype}")
+    if timestep.ndim == 0:
+        return timestep.reshape(1)
+    if timestep.ndim == 1 and timestep.shape[0] in (1, batch):
+        return timestep
+    if timestep.ndim == 2 and timestep.shape[0] in (1, batch) and timestep.shape[1] in (1, num_tokens):
+        return timestep
+    raise ValueError(f"timestep must have shape {allowed}, got {tuple(timestep.shape)}")
+
+
+def _check_architecture(args: dict[str, Any]) -> None:
+    def positive_int(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    patch = args["patch_size"]
+    if not isinstance(patch, list | tuple) or len(patch) != 3:
+        raise ValueError(f"patch_size must be three positive integers (t, h, w), got {patch!r}")
+    for value in patch:
+        positive_int("patch_size", value)
+    for name in ("num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim", "ffn_dim"):
+        positive_int(name, args[name])
+    positive_int("rope_max_seq_len", args["rope_max_seq_len"])
+    if args["attention_head_dim"] % 2:
+        raise ValueError(
+            f"attention_head_dim must be even (RoPE rotates channel pairs), got {args['attention_head_dim']}"
+        )
+    num_layers = args["num_layers"]
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+        raise ValueError(f"num_layers must be an integer >= 0, got {num_layers!r}")
+    for name in ("out_channels", "image_dim", "pos_embed_seq_len"):
+        if args[name] is not None:
+            positive_int(name, args[name])
+    if args["qk_norm"] not in (None, "rms_norm_across_heads"):
+        raise ValueError(f"qk_norm must be 'rms_norm_across_heads' or None, got {args['qk_norm']!r}")
+    if not isinstance(args["cross_attn_norm"], bool):
+        raise ValueError(f"cross_attn_norm must be True or False, got {args['cross_attn_norm']!r}")
+    eps = args["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    inner_dim = args["num_attention_heads"] * args["attention_head_dim"]
+    added = args["added_kv_proj_dim"]
+    if added is not None:
+        positive_int("added_kv_proj_dim", added)
+        if args["image_dim"] is None:
+            raise ValueError(f"added_kv_proj_dim={added} needs image_dim: the image K/V projections read image tokens")
+        if added != inner_dim:
+            raise ValueError(
+                f"added_kv_proj_dim must equal num_attention_heads * attention_head_dim = {inner_dim} (the image "
+                f"tokens are projected to the model width before it), got {added}"
+            )
+    if args["pos_embed_seq_len"] is not None and args["image_dim"] is None:
+        raise ValueError("pos_embed_seq_len is a position table for image tokens: it needs image_dim")
+
+
+# ---- Wan2.2 A14B: two experts ---------------------------------------------------------------------
+
+
+class WanExpertPair(nn.Module):
+    """Wan2.2 A14B: the high-noise expert `transformer` and the low-noise expert `transformer_2`.
+
+    A call goes to `transformer` when its timestep is >= boundary_ratio * num_train_timesteps, as in the
+    diffusers Wan pipelines, else to `transformer_2`. Each expert keeps its own TeaCache state per CFG
+    branch, so no residual crosses the switch and the first step of the low-noise expert computes.
+
+    Args:
+        transformer: high-noise expert.
+        transformer_2: low-noise expert.
+        boundary_ratio: in (0, 1): 0.875 for Wan2.2 T2V A14B, 0.9 for I2V A14B.
+        num_train_timesteps: the scheduler's training timesteps.
+    """
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        transformer_2: WanTransformer3DModel,
+        boundary_ratio: float,
+        num_train_timesteps: int = _NUM_TRAIN_TIMESTEPS,
+    ) -> None:
+        super().__init__()
+        for name, expert in (("transformer", transformer), ("transformer_2", transformer_2)):
+            if not isinstance(expert, WanTransformer3DModel):
+                raise TypeError(f"{name} must be a WanTransformer3DModel, got {type(expert).__name__}")
+        if transformer is transformer_2:
+            raise ValueError("transformer and transformer_2 must be two models: each expert keeps its own cache")
+        for key in ("patch_size", "in_channels", "out_channels", "text_dim"):
+            ours, theirs = transformer.config[key], transformer_2.config[key]
+            if (tuple(ours) if key == "patch_size" else ours) != (tuple(theirs) if key == "patch_size" else theirs):
+                raise ValueError(f"the experts disagree on {key}: {ours!r} (transformer) vs {theirs!r} (transformer_2)")
+        if isinstance(boundary_ratio, bool) or not isinstance(boundary_ratio, Real) or not 0 < boundary_ratio < 1:
+            raise ValueError(f"boundary_ratio must be a number in (0, 1) (0.875 T2V, 0.9 I2V), got {boundary_ratio!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+        self.boundary_ratio = float(boundary_ratio)
+        self.num_train_timesteps = num_train_timesteps
+
+    @property
+    def boundary_timestep(self) -> float:
+        return self.boundary_ratio * self.num_train_timesteps
+
+    @property
+    def experts(self) -> dict[str, WanTransformer3DModel]:
+        return {"transformer": self.transformer, "transformer_2": self.transformer_2}
+
+    def expert_for(self, timestep: torch.Tensor | float) -> WanTransformer3DModel:
+        """The expert a call with this timestep goes to.
+
+        A per-token timestep (B, L) counts as its largest entry (conditioning tokens hold 0); every sample
+        of a batch must fall on the same side of the boundary.
+        """
+        if isinstance(timestep, bool) or not isinstance(timestep, torch.Tensor | Real):
+            raise TypeError(f"timestep must be a tensor or a number, got {type(timestep).__name__}")
+        t = torch.as_tensor(timestep)
+        if t.ndim > 2 or t.numel() == 0:
+            raise ValueError(f"timestep must be a scalar, (B,) or (B, L) tensor, got shape {tuple(t.shape)}")
+        per_sample = t.amax(dim=1) if t.ndim == 2 else t.reshape(-1)
+        # The comparison runs in the timestep's dtype, as the pipeline's `t >= boundary_timestep` does.
+        high = per_sample >= self.boundary_timestep
+        if bool(high.all()):
+            return self.transformer
+        if not bool(high.any()):
+            return self.transformer_2
+        raise ValueError(
+            f"timestep {t.tolist()} falls on both sides of the expert boundary {self.boundary_timestep:g}: "
+            "call each expert's samples separately"
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Run the expert of `timestep`; arguments as `WanTransformer3DModel.forward`."""
+        return self.expert_for(timestep)(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            encoder_hidden_states_image=encoder_hidden_states_image,
+            return_dict=return_dict,
+            attention_kwargs=attention_kwargs,
+        )
+
+    def enable_teacache(self, params: TeaCacheParams, num_inference_steps: int) -> None:
+        """Start a generation on both experts (each with its own coefficients when params has none)."""
+        for expert in self.experts.values():
+            expert.enable_teacache(params, num_inference_steps)
+
+    def disable_teacache(self) -> None:
+        for expert in self.experts.values():
+            expert.disable_teacache()
+
+    @contextmanager
+    def teacache_step(
+        self, step_index: int, is_cfg_negative: bool = False, batched_cfg: bool = False
+    ) -> Iterator[None]:
+        """Declare the step and CFG branch of the next call; only the expert that gets it records it."""
+        with ExitStack() as stack:
+            for expert in self.experts.values():
+                stack.enter_context(expert.teacache_step(step_index, is_cfg_negative, batched_cfg))
+            yield
+
+    def teacache_stats(self) -> dict[str, TeaCacheStats]:
+        """Per expert ("transformer", "transformer_2"): the steps each computed and skipped, per branch."""
+        return {name: expert.teacache_stats() for name, expert in self.experts.items()}

@@ -429,7 +429,7 @@ def test_positions_beyond_the_rope_tables_are_rejected():
     ("change", "match"),
     [
         ({"axes_dims_rope": (8, 4, 2)}, "must sum to attention_head_dim"),
-        ({"axes_dims_rope": (8, 8)}, "three positive even integers"),
+        ({"axes_dims_rope": (8, 8)}, r"axes_dims_rope must be 3 even integers >= 2"),
         ({"axes_dims_rope": (7, 5, 4)}, "even"),
         ({"num_attention_heads": 0}, "num_attention_heads"),
         ({"in_channels": 2.5}, "in_channels"),

@@ -289,7 +289,7 @@ def test_bad_image_input_is_rejected_clearly(config, change, match):
     ("change", "match"),
     [
         (dict(patch_size=(1, 2)), "patch_size must be three positive integers"),
-        (dict(patch_size=(1, 0, 2)), "patch_size must be a positive integer, got 0"),
+        (dict(patch_size=(1, 0, 2)), r"patch_size must be three positive integers \(t, h, w\), got \(1, 0, 2\)"),
         (dict(attention_head_dim=11), "attention_head_dim must be even"),
         (dict(num_layers=-1), "num_layers must be an integer >= 0"),
         (dict(text_dim=0), "text_dim must be a positive integer"),

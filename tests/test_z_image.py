@@ -373,7 +373,11 @@ def bad_inputs():
         "captions count": ({"cap_feats": caps[:1]}, ValueError, r"one tensor per sample of x \(2\), got 1"),
         "caption width": ({"cap_feats": [caps[0], torch.randn(3, 15)]}, ValueError, r"cap_feats\[1\] .*\(L, 16\)"),
         "caption rank": ({"cap_feats": [caps[0][None], caps[1]]}, ValueError, r"cap_feats\[0\] must have shape"),
-        "caption empty": ({"cap_feats": [caps[0], torch.randn(0, 16)]}, ValueError, "L >= 1"),
+        "caption empty": (
+            {"cap_feats": [caps[0], torch.randn(0, 16)]},
+            ValueError,
+            r"cap_feats\[1\] must hold at least one caption token",
+        ),
         "caption type": ({"cap_feats": torch.randn(2, 5, 16)}, TypeError, "cap_feats must be a list"),
         "caption too long": ({"cap_feats": [torch.randn(250, 16), caps[1]]}, ValueError, r"axes_lens\[0\] is 256"),
         "image too wide": ({"x": [torch.randn(4, 1, 2, 66), x[1]]}, ValueError, r"axes_lens\[2\] is 32"),

@@ -11,6 +11,7 @@ from .normalization import (
     RMSNorm,
     modulate,
 )
+from .precision import clip_fp16
 from .rope import apply_rotary_complex, apply_rotary_interleaved, rope_cos_sin
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "apply_rotary_complex",
     "apply_rotary_interleaved",
     "attention",
+    "clip_fp16",
     "modulate",
     "rope_cos_sin",
     "timestep_sinusoids",

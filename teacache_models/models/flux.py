@@ -25,11 +25,13 @@ from ..layers import (
     MLPEmbedder,
     apply_rotary_interleaved,
     attention,
+    clip_fp16,
     modulate,
     rope_cos_sin,
     timestep_sinusoids,
 )
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
+from .checks import check_architecture, check_rope_axes, check_tensor, check_tokens
 
 __all__ = ["FLUX_TEACACHE_COEFFICIENTS", "FluxTransformer2DModel"]
 
@@ -37,14 +39,8 @@ __all__ = ["FLUX_TEACACHE_COEFFICIENTS", "FluxTransformer2DModel"]
 FLUX_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 
 _TIMESTEP_FEATURES = 256
-_FP16_MAX = 65504.0
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L_txt + L_img, head_dim) each
-
-
-def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
-    # Activations of the released weights exceed the float16 range; clipping keeps them finite.
-    return x.clip(-_FP16_MAX, _FP16_MAX) if x.dtype == torch.float16 else x
 
 
 class FluxPosEmbed(nn.Module):
@@ -182,7 +178,7 @@ class FluxTransformerBlock(nn.Module):
 
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * attn_c
         ff_c = self.ff_context(modulate(self.norm2_context(encoder_hidden_states), c_shift_mlp, c_scale_mlp))
-        encoder_hidden_states = _clip_fp16(encoder_hidden_states + c_gate_mlp.unsqueeze(1) * ff_c)
+        encoder_hidden_states = clip_fp16(encoder_hidden_states + c_gate_mlp.unsqueeze(1) * ff_c)
         return hidden_states, encoder_hidden_states
 
 
@@ -204,7 +200,7 @@ class FluxSingleTransformerBlock(nn.Module):
         mlp = self.act_mlp(self.proj_mlp(norm_x))
         attn = self.attn(norm_x, rope)
         update = gate.unsqueeze(1) * self.proj_out(torch.cat([attn, mlp], dim=2))
-        return _clip_fp16(tokens + update)
+        return clip_fp16(tokens + update)
 
 
 def _as_batch_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
@@ -403,23 +399,10 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         joint_attention_kwargs: dict[str, Any] | None,
     ) -> tuple[int, int]:
         config = self.config
-        _check_tokens("hidden_states", hidden_states, None, config.in_channels)
+        check_tokens("hidden_states", hidden_states, None, config.in_channels)
         batch = hidden_states.shape[0]
-        _check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim)
-        if not isinstance(pooled_projections, torch.Tensor):
-            raise TypeError(
-                f"pooled_projections must be a tensor of shape ({batch}, {config.pooled_projection_dim}), "
-                f"got {type(pooled_projections).__name__}"
-            )
-        if (
-            pooled_projections.ndim != 2
-            or pooled_projections.shape[0] not in (1, batch)
-            or (pooled_projections.shape[1] != config.pooled_projection_dim)
-        ):
-            raise ValueError(
-                f"pooled_projections must have shape ({batch}, {config.pooled_projection_dim}), "
-                f"got {tuple(pooled_projections.shape)}"
-            )
+        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim)
+        check_tensor("pooled_projections", pooled_projections, ((1, batch), config.pooled_projection_dim))
         if config.guidance_embeds and guidance is None:
             raise ValueError("guidance is required: this model has guidance_embeds=True (e.g. FLUX.1-dev)")
         if not config.guidance_embeds and guidance is not None:
@@ -432,41 +415,19 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         return batch, encoder_hidden_states.shape[1]
 
 
-def _check_tokens(name: str, value: Any, batch: int | None, width: int) -> None:
-    expected = f"({'B' if batch is None else batch}, L, {width})"
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of shape {expected}, got {type(value).__name__}")
-    if value.ndim != 3 or value.shape[-1] != width or (batch is not None and value.shape[0] != batch):
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-
-
 def _check_architecture(args: dict[str, Any]) -> None:
-    for name in (
-        "patch_size",
-        "in_channels",
-        "attention_head_dim",
-        "num_attention_heads",
-        "joint_attention_dim",
-        "pooled_projection_dim",
-    ):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name in ("num_layers", "num_single_layers"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    out_channels = args["out_channels"]
-    if out_channels is not None and (
-        isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1
-    ):
-        raise ValueError(f"out_channels must be None or a positive integer, got {out_channels!r}")
-    axes = tuple(args["axes_dims_rope"])
-    if not axes or any(isinstance(a, bool) or not isinstance(a, int) or a < 2 or a % 2 for a in axes):
-        raise ValueError(f"axes_dims_rope must be positive even integers, got {axes}")
-    if sum(axes) != args["attention_head_dim"]:
-        raise ValueError(
-            f"axes_dims_rope {axes} must sum to attention_head_dim {args['attention_head_dim']}, got {sum(axes)}"
-        )
+    check_architecture(
+        args,
+        positive=(
+            "patch_size",
+            "in_channels",
+            "attention_head_dim",
+            "num_attention_heads",
+            "joint_attention_dim",
+            "pooled_projection_dim",
+        ),
+        non_negative=("num_layers", "num_single_layers"),
+        optional_positive=("out_channels",),
+        flags=("guidance_embeds",),
+    )
+    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"])

@@ -35,6 +35,7 @@ from ..layers.normalization import (
 )
 from ..layers.rope import apply_rotary_interleaved, rope_cos_sin
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
+from .checks import check_architecture, check_rope_axes, check_tensor, check_tokens
 
 __all__ = [
     "HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS",
@@ -624,13 +625,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin):
     ) -> torch.Tensor:
         """Validate the tensors; return the text mask (B, Lt), all ones when None was passed."""
         config = self.config
-        expected = f"(B, {config.in_channels}, F, H, W)"
-        if not isinstance(hidden_states, torch.Tensor):
-            raise TypeError(f"hidden_states must be a tensor of shape {expected}, got {type(hidden_states).__name__}")
-        if hidden_states.ndim != 5 or hidden_states.shape[1] != config.in_channels:
-            raise ValueError(f"hidden_states must have shape {expected}, got {tuple(hidden_states.shape)}")
-        if not hidden_states.is_floating_point():
-            raise TypeError(f"hidden_states must be a floating-point tensor, got {hidden_states.dtype}")
+        check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
         batch, _, frames, height, width = hidden_states.shape
         for axis, size, patch in (
             ("frames", frames, config.patch_size_t),
@@ -643,38 +638,12 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin):
                     f"(shape {tuple(hidden_states.shape)})"
                 )
 
-        expected = f"({batch}, Lt, {config.text_embed_dim}) with Lt >= 1"
-        if not isinstance(encoder_hidden_states, torch.Tensor):
-            raise TypeError(
-                f"encoder_hidden_states must be a tensor of shape {expected}, "
-                f"got {type(encoder_hidden_states).__name__}"
-            )
-        if (
-            encoder_hidden_states.ndim != 3
-            or encoder_hidden_states.shape[0] != batch
-            or encoder_hidden_states.shape[1] == 0
-            or encoder_hidden_states.shape[2] != config.text_embed_dim
-        ):
-            raise ValueError(
-                f"encoder_hidden_states must have shape {expected}, got {tuple(encoder_hidden_states.shape)}"
-            )
-        if not encoder_hidden_states.is_floating_point():
-            raise TypeError(f"encoder_hidden_states must be a floating-point tensor, got {encoder_hidden_states.dtype}")
+        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_embed_dim)
+        if encoder_hidden_states.shape[1] == 0:
+            raise ValueError("encoder_hidden_states must hold at least one text token, got 0")
         text_mask = _check_text_mask(encoder_attention_mask, encoder_hidden_states)
 
-        expected = f"({batch}, {config.pooled_projection_dim})"
-        if not isinstance(pooled_projections, torch.Tensor):
-            raise TypeError(
-                f"pooled_projections must be a tensor of shape {expected}, got {type(pooled_projections).__name__}"
-            )
-        if (
-            pooled_projections.ndim != 2
-            or pooled_projections.shape[0] not in (1, batch)
-            or pooled_projections.shape[1] != config.pooled_projection_dim
-        ):
-            raise ValueError(f"pooled_projections must have shape {expected}, got {tuple(pooled_projections.shape)}")
-        if not pooled_projections.is_floating_point():
-            raise TypeError(f"pooled_projections must be a floating-point tensor, got {pooled_projections.dtype}")
+        check_tensor("pooled_projections", pooled_projections, ((1, batch), config.pooled_projection_dim))
         if attention_kwargs:
             raise ValueError(
                 f"attention_kwargs {sorted(attention_kwargs)} are not supported: this model has no LoRA or "
@@ -702,46 +671,30 @@ def _check_text_mask(mask: Any, text: torch.Tensor) -> torch.Tensor:
 
 
 def _check_architecture(args: dict[str, Any]) -> None:
-    for name in (
-        "in_channels",
-        "num_attention_heads",
-        "attention_head_dim",
-        "patch_size",
-        "patch_size_t",
-        "text_embed_dim",
-        "pooled_projection_dim",
-    ):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name in ("num_layers", "num_single_layers", "num_refiner_layers"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    out_channels = args["out_channels"]
-    if out_channels is not None and (
-        isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1
-    ):
-        raise ValueError(f"out_channels must be None or a positive integer, got {out_channels!r}")
-    for name in ("mlp_ratio", "rope_theta"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    check_architecture(
+        args,
+        positive=(
+            "in_channels",
+            "num_attention_heads",
+            "attention_head_dim",
+            "patch_size",
+            "patch_size_t",
+            "text_embed_dim",
+            "pooled_projection_dim",
+        ),
+        non_negative=("num_layers", "num_single_layers", "num_refiner_layers"),
+        optional_positive=("out_channels",),
+        flags=("guidance_embeds",),
+        positive_numbers=("mlp_ratio", "rope_theta"),
+    )
     inner_dim = args["num_attention_heads"] * args["attention_head_dim"]
     if int(inner_dim * args["mlp_ratio"]) < 1:
         raise ValueError(f"mlp_ratio {args['mlp_ratio']} leaves no MLP channels at width {inner_dim}")
     if args["qk_norm"] not in _QK_NORMS:
         raise ValueError(f"qk_norm must be one of {list(_QK_NORMS)}, got {args['qk_norm']!r}")
-    if not isinstance(args["guidance_embeds"], bool):
-        raise ValueError(f"guidance_embeds must be True or False, got {args['guidance_embeds']!r}")
     if args["image_condition_type"] not in _IMAGE_CONDITION_TYPES:
         raise ValueError(
             f"image_condition_type must be one of {list(_IMAGE_CONDITION_TYPES)}, got {args['image_condition_type']!r}"
         )
-    axes = tuple(args["rope_axes_dim"])
-    if len(axes) != 3 or any(isinstance(a, bool) or not isinstance(a, int) or a < 0 or a % 2 for a in axes):
-        raise ValueError(f"rope_axes_dim must be 3 even integers >= 0 (frame, row, column), got {axes}")
-    if sum(axes) != args["attention_head_dim"]:
-        raise ValueError(
-            f"rope_axes_dim {axes} must sum to attention_head_dim {args['attention_head_dim']}, got {sum(axes)}"
-        )
+    # An axis may get no channels (frame-less variants), hence minimum 0.
+    check_rope_axes("rope_axes_dim", args["rope_axes_dim"], args["attention_head_dim"], num_axes=3, minimum=0)

@@ -31,8 +31,10 @@ from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
 from ..layers.normalization import AdaLayerNormContinuous, RMSNorm
+from ..layers.precision import clip_fp16
 from ..layers.rope import apply_rotary_complex
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
+from .checks import check_architecture, check_rope_axes, check_tokens
 
 __all__ = ["QWEN_IMAGE_TEACACHE_COEFFICIENTS", "QWEN_IMAGE_TEACACHE_PRESET", "QwenImageTransformer2DModel"]
 
@@ -48,18 +50,12 @@ QWEN_IMAGE_TEACACHE_PRESET: dict[str, Any] = {
 }
 
 _TIMESTEP_FEATURES = 256
-_FP16_MAX = 65504.0
 _ROPE_THETA = 10000
 # The reference precomputes factors for positions -4096..4095 only; positions outside fail there.
 _ROPE_POSITIONS = 4096
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # complex factors: image (L_img, Dh / 2), text (L_txt, Dh / 2)
 ImageLayout = tuple[tuple[int, int, int], ...]  # one sample's images as (frames, height, width) in tokens
-
-
-def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
-    # Activations of the released weights exceed the float16 range; clipping keeps them finite.
-    return x.clip(-_FP16_MAX, _FP16_MAX) if x.dtype == torch.float16 else x
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -279,7 +275,7 @@ class QwenImageTransformerBlock(nn.Module):
         hidden_states = hidden_states + gate2 * self.img_mlp(_modulate(self.img_norm2(hidden_states), shift2, scale2))
         ff_c = self.txt_mlp(_modulate(self.txt_norm2(encoder_hidden_states), c_shift2, c_scale2))
         encoder_hidden_states = encoder_hidden_states + c_gate2 * ff_c
-        return _clip_fp16(hidden_states), _clip_fp16(encoder_hidden_states)
+        return clip_fp16(hidden_states), clip_fp16(encoder_hidden_states)
 
 
 # ---- input normalisation -------------------------------------------------------------------------
@@ -361,16 +357,6 @@ def _timestep_vector(value: Any, batch: int, device: torch.device) -> torch.Tens
     if value.ndim != 1 or value.shape[0] not in (1, batch):
         raise ValueError(f"timestep must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
     return value
-
-
-def _check_tokens(name: str, value: Any, batch: int | None, width: int) -> None:
-    expected = f"({'B' if batch is None else batch}, L, {width})"
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of shape {expected}, got {type(value).__name__}")
-    if value.ndim != 3 or value.shape[-1] != width or (batch is not None and value.shape[0] != batch):
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
 
 
 class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
@@ -561,9 +547,9 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         attention_kwargs: dict[str, Any] | None,
     ) -> tuple[int, int, int, list[ImageLayout]]:
         config = self.config
-        _check_tokens("hidden_states", hidden_states, None, config.in_channels)
+        check_tokens("hidden_states", hidden_states, None, config.in_channels)
         batch, image_len = hidden_states.shape[:2]
-        _check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim)
+        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim)
         text_len = encoder_hidden_states.shape[1]
         if text_len == 0:
             raise ValueError("encoder_hidden_states must hold at least one text token, got shape (B, 0, D)")
@@ -631,29 +617,11 @@ def _check_controlnet_samples(samples: Any, batch: int, image_len: int, width: i
 
 
 def _check_architecture(args: dict[str, Any]) -> None:
-    for name in ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    num_layers = args["num_layers"]
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
-        raise ValueError(f"num_layers must be an integer >= 0, got {num_layers!r}")
-    out_channels = args["out_channels"]
-    if out_channels is not None and (
-        isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1
-    ):
-        raise ValueError(f"out_channels must be None or a positive integer, got {out_channels!r}")
-    for name in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
-        if not isinstance(args[name], bool):
-            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
-    axes = args["axes_dims_rope"]
-    try:
-        axes = tuple(axes)
-    except TypeError:
-        raise ValueError(f"axes_dims_rope must be three positive even integers, got {axes!r}") from None
-    if len(axes) != 3 or any(isinstance(a, bool) or not isinstance(a, int) or a < 2 or a % 2 for a in axes):
-        raise ValueError(f"axes_dims_rope must be three positive even integers (frame, row, column), got {axes}")
-    if sum(axes) != args["attention_head_dim"]:
-        raise ValueError(
-            f"axes_dims_rope {axes} must sum to attention_head_dim {args['attention_head_dim']}, got {sum(axes)}"
-        )
+    check_architecture(
+        args,
+        positive=("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim"),
+        non_negative=("num_layers",),
+        optional_positive=("out_channels",),
+        flags=("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"),
+    )
+    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"], num_axes=3)

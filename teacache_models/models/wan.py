@@ -39,6 +39,7 @@ from ..layers.normalization import FP32LayerNorm
 from ..layers.rope import rope_cos_sin
 from ..params import TeaCacheParams
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
+from .checks import check_architecture, check_tensor, check_tokens, is_int
 
 __all__ = [
     "WAN_TEACACHE_PRESETS",
@@ -640,12 +641,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
     ) -> torch.Tensor:
         """Validate the forward inputs; returns the timestep as a (1,), (B,) or (B, L) tensor."""
         config = self.config
-        if not isinstance(hidden_states, torch.Tensor):
-            raise TypeError(f"hidden_states must be a tensor (B, C, F, H, W), got {type(hidden_states).__name__}")
-        if hidden_states.ndim != 5 or hidden_states.shape[1] != config.in_channels:
-            raise ValueError(
-                f"hidden_states must have shape (B, {config.in_channels}, F, H, W), got {tuple(hidden_states.shape)}"
-            )
+        check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
         _check_dtype("hidden_states", hidden_states, self.patch_embedding.weight)
         batch, _, *sizes = hidden_states.shape
         if any(size % patch for size, patch in zip(sizes, self.patch_size, strict=True)) or 0 in sizes:
@@ -661,7 +657,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
             )
         num_tokens = math.prod(grid)
 
-        _check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_dim)
+        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_dim, min_length=1)
         _check_dtype(
             "encoder_hidden_states", encoder_hidden_states, self.condition_embedder.text_embedder.linear_1.weight
         )
@@ -695,7 +691,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
             )
         pairs = config.pos_embed_seq_len is not None
         image_batch = 2 * batch if pairs else batch
-        _check_tokens("encoder_hidden_states_image", image, image_batch, config.image_dim)
+        check_tokens("encoder_hidden_states_image", image, image_batch, config.image_dim, min_length=1)
         embedder = self.condition_embedder.image_embedder
         _check_dtype("encoder_hidden_states_image", image, embedder.ff.net[0].proj.weight)
         if pairs and config.pos_embed_seq_len not in (1, 2 * image.shape[1]):
@@ -703,14 +699,6 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
                 f"encoder_hidden_states_image must have pos_embed_seq_len / 2 = {config.pos_embed_seq_len / 2:g} "
                 f"tokens per image (two images per sample), got {image.shape[1]}"
             )
-
-
-def _check_tokens(name: str, value: Any, batch: int, width: int) -> None:
-    expected = f"({batch}, L, {width})"
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of shape {expected}, got {type(value).__name__}")
-    if value.ndim != 3 or value.shape[0] != batch or value.shape[2] != width or value.shape[1] == 0:
-        raise ValueError(f"{name} must have shape {expected} with L >= 1, got {tuple(value.shape)}")
 
 
 def _check_dtype(name: str, value: torch.Tensor, weight: torch.Tensor) -> None:
@@ -738,39 +726,36 @@ def _check_timestep(timestep: Any, batch: int, num_tokens: int, device: torch.de
 
 
 def _check_architecture(args: dict[str, Any]) -> None:
-    def positive_int(name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
     patch = args["patch_size"]
-    if not isinstance(patch, list | tuple) or len(patch) != 3:
+    if not isinstance(patch, list | tuple) or len(patch) != 3 or not all(is_int(p, 1) for p in patch):
         raise ValueError(f"patch_size must be three positive integers (t, h, w), got {patch!r}")
-    for value in patch:
-        positive_int("patch_size", value)
-    for name in ("num_attention_heads", "attention_head_dim", "in_channels", "text_dim", "freq_dim", "ffn_dim"):
-        positive_int(name, args[name])
-    positive_int("rope_max_seq_len", args["rope_max_seq_len"])
+    check_architecture(
+        args,
+        positive=(
+            "num_attention_heads",
+            "attention_head_dim",
+            "in_channels",
+            "text_dim",
+            "freq_dim",
+            "ffn_dim",
+            "rope_max_seq_len",
+        ),
+        non_negative=("num_layers",),
+        optional_positive=("out_channels", "image_dim", "pos_embed_seq_len", "added_kv_proj_dim"),
+        flags=("cross_attn_norm",),
+    )
     if args["attention_head_dim"] % 2:
         raise ValueError(
             f"attention_head_dim must be even (RoPE rotates channel pairs), got {args['attention_head_dim']}"
         )
-    num_layers = args["num_layers"]
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
-        raise ValueError(f"num_layers must be an integer >= 0, got {num_layers!r}")
-    for name in ("out_channels", "image_dim", "pos_embed_seq_len"):
-        if args[name] is not None:
-            positive_int(name, args[name])
     if args["qk_norm"] not in (None, "rms_norm_across_heads"):
         raise ValueError(f"qk_norm must be 'rms_norm_across_heads' or None, got {args['qk_norm']!r}")
-    if not isinstance(args["cross_attn_norm"], bool):
-        raise ValueError(f"cross_attn_norm must be True or False, got {args['cross_attn_norm']!r}")
     eps = args["eps"]
     if isinstance(eps, bool) or not isinstance(eps, Real) or not 0 < eps < 1:
         raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
     inner_dim = args["num_attention_heads"] * args["attention_head_dim"]
     added = args["added_kv_proj_dim"]
     if added is not None:
-        positive_int("added_kv_proj_dim", added)
         if args["image_dim"] is None:
             raise ValueError(f"added_kv_proj_dim={added} needs image_dim: the image K/V projections read image tokens")
         if added != inner_dim:

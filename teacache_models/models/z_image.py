@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ..cache import TeaCacheMixin
 from ..layers import RMSNorm, apply_rotary_complex, attention, timestep_sinusoids
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
+from .checks import check_architecture, check_rope_axes, check_tensor, is_int
 
 __all__ = ["Z_IMAGE_TEACACHE_COEFFICIENTS", "ZImageTransformer2DModel"]
 
@@ -515,12 +516,7 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             )
         axes_lens = config.axes_lens
         for i, (image, caption) in enumerate(zip(x, cap_feats, strict=True)):
-            if not isinstance(image, torch.Tensor):
-                raise TypeError(f"x[{i}] must be a tensor, got {type(image).__name__}")
-            if image.ndim != 4 or image.shape[0] != config.in_channels:
-                raise ValueError(f"x[{i}] must have shape ({config.in_channels}, F, H, W), got {tuple(image.shape)}")
-            if not image.is_floating_point():
-                raise TypeError(f"x[{i}] must be a floating-point tensor, got {image.dtype}")
+            check_tensor(f"x[{i}]", image, (config.in_channels, "F", "H", "W"))
             frames, height, width = image.shape[1:]
             if frames % f_patch_size or height % patch_size or width % patch_size or not frames * height * width:
                 raise ValueError(
@@ -529,14 +525,11 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 )
             if image.device != x[0].device:
                 raise ValueError(f"x[{i}] is on {image.device}, x[0] on {x[0].device}: all must share one device")
-            if not isinstance(caption, torch.Tensor):
-                raise TypeError(f"cap_feats[{i}] must be a tensor, got {type(caption).__name__}")
-            if caption.ndim != 2 or caption.shape[1] != config.cap_feat_dim or caption.shape[0] < 1:
+            check_tensor(f"cap_feats[{i}]", caption, ("L", config.cap_feat_dim))
+            if caption.shape[0] < 1:
                 raise ValueError(
-                    f"cap_feats[{i}] must have shape (L, {config.cap_feat_dim}) with L >= 1, got {tuple(caption.shape)}"
+                    f"cap_feats[{i}] must hold at least one caption token, got shape {tuple(caption.shape)}"
                 )
-            if not caption.is_floating_point():
-                raise TypeError(f"cap_feats[{i}] must be a floating-point tensor, got {caption.dtype}")
             if caption.device != image.device:
                 raise ValueError(f"cap_feats[{i}] is on {caption.device}, x[{i}] on {image.device}: use one device")
             cap_length = caption.shape[0] + _padding(caption.shape[0])
@@ -584,48 +577,29 @@ def _check_joint_attention_kwargs(kwargs: Any) -> None:
         )
 
 
-def _is_int(value: Any, minimum: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
-
-
 def _check_architecture(args: dict[str, Any]) -> None:
-    for name in ("in_channels", "dim", "n_heads", "n_kv_heads", "cap_feat_dim"):
-        if not _is_int(args[name], 1):
-            raise ValueError(f"{name} must be a positive integer, got {args[name]!r}")
-    for name in ("n_layers", "n_refiner_layers"):
-        if not _is_int(args[name], 0):
-            raise ValueError(f"{name} must be an integer >= 0, got {args[name]!r}")
-    siglip = args["siglip_feat_dim"]
-    if siglip is not None and not _is_int(siglip, 1):
-        raise ValueError(f"siglip_feat_dim must be None or a positive integer, got {siglip!r}")
+    check_architecture(
+        args,
+        positive=("in_channels", "dim", "n_heads", "n_kv_heads", "cap_feat_dim"),
+        non_negative=("n_layers", "n_refiner_layers"),
+        optional_positive=("siglip_feat_dim",),
+        flags=("qk_norm",),
+        positive_numbers=("norm_eps", "rope_theta"),
+    )
     for name in ("all_patch_size", "all_f_patch_size", "axes_dims", "axes_lens"):
         value = args[name]
         if not isinstance(value, Sequence) or isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {value!r}")
-        if not all(_is_int(v, 1) for v in value):
+        if not all(is_int(v, 1) for v in value):
             raise ValueError(f"{name} must hold positive integers, got {value!r}")
     if len(args["all_patch_size"]) != len(args["all_f_patch_size"]):
         raise ValueError(
             f"all_patch_size {tuple(args['all_patch_size'])} and all_f_patch_size {tuple(args['all_f_patch_size'])} "
             "must have the same length (one (spatial, temporal) pair each)"
         )
-    axes_dims, axes_lens = tuple(args["axes_dims"]), tuple(args["axes_lens"])
-    if len(axes_dims) != 3 or len(axes_lens) != 3:
-        raise ValueError(
-            f"axes_dims {axes_dims} and axes_lens {axes_lens} must have 3 entries each (time, height, width)"
-        )
-    if any(d % 2 for d in axes_dims):
-        raise ValueError(f"axes_dims must be even (complex RoPE pairs), got {axes_dims}")
+    if len(args["axes_lens"]) != 3:
+        raise ValueError(f"axes_lens must have 3 entries (time, height, width), got {tuple(args['axes_lens'])}")
     head_dim = args["dim"] // args["n_heads"]
-    if sum(axes_dims) != head_dim:
-        raise ValueError(
-            f"axes_dims {axes_dims} must sum to the head width dim // n_heads = {head_dim}, got {sum(axes_dims)}"
-        )
-    for name in ("norm_eps", "rope_theta"):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    check_rope_axes("axes_dims", args["axes_dims"], head_dim, num_axes=3, head_name="the head width dim // n_heads")
     if isinstance(args["t_scale"], bool) or not isinstance(args["t_scale"], Real):
         raise ValueError(f"t_scale must be a number, got {args['t_scale']!r}")
-    if not isinstance(args["qk_norm"], bool):
-        raise ValueError(f"qk_norm must be True or False, got {args['qk_norm']!r}")

@@ -1,0 +1,115 @@
+"""Validation shared by the native models: constructor arguments and token tensors.
+
+Every check raises with the argument's name, the value received and what is allowed, so a bad config
+or input fails at the model boundary instead of deep inside torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from numbers import Real
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_architecture",
+    "check_rope_axes",
+    "check_tensor",
+    "check_tokens",
+    "is_int",
+]
+
+
+def is_int(value: Any, minimum: int) -> bool:
+    """True for an int (not a bool) of at least `minimum`."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+
+def check_architecture(
+    args: Mapping[str, Any],
+    positive: Iterable[str] = (),
+    non_negative: Iterable[str] = (),
+    optional_positive: Iterable[str] = (),
+    flags: Iterable[str] = (),
+    positive_numbers: Iterable[str] = (),
+) -> None:
+    """Check the constructor arguments named in each group.
+
+    Args:
+        args: the constructor's arguments by name.
+        positive: integers >= 1; non_negative: integers >= 0 (e.g. layer counts);
+        optional_positive: None or an integer >= 1; flags: True or False;
+        positive_numbers: real numbers > 0 (epsilons, ratios, RoPE bases).
+    """
+    for name in positive:
+        if not is_int(args[name], 1):
+            raise ValueError(f"{name} must be a positive integer, got {args[name]!r}")
+    for name in non_negative:
+        if not is_int(args[name], 0):
+            raise ValueError(f"{name} must be an integer >= 0, got {args[name]!r}")
+    for name in optional_positive:
+        if args[name] is not None and not is_int(args[name], 1):
+            raise ValueError(f"{name} must be None or a positive integer, got {args[name]!r}")
+    for name in flags:
+        if not isinstance(args[name], bool):
+            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
+    for name in positive_numbers:
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_rope_axes(
+    name: str, axes: Any, head_dim: int, num_axes: int | None = None, minimum: int = 2, head_name: str | None = None
+) -> tuple[int, ...]:
+    """RoPE channels per position axis: even integers >= `minimum` summing to the head width.
+
+    Args:
+        name: the argument's name; axes: its value.
+        head_dim: the width the axes must add up to; head_name: how to call it in the error.
+        num_axes: the required number of axes, if fixed.
+    """
+    allowed = f"{'' if num_axes is None else f'{num_axes} '}even integers >= {minimum}"
+    if isinstance(axes, str | bytes) or not isinstance(axes, Iterable):
+        raise ValueError(f"{name} must be {allowed}, got {axes!r}")
+    axes = tuple(axes)
+    if (
+        not axes
+        or (num_axes is not None and len(axes) != num_axes)
+        or any(not is_int(a, minimum) or a % 2 for a in axes)
+    ):
+        raise ValueError(f"{name} must be {allowed}, got {axes}")
+    if sum(axes) != head_dim:
+        raise ValueError(f"{name} {axes} must sum to {head_name or 'attention_head_dim'} {head_dim}, got {sum(axes)}")
+    return axes
+
+
+def check_tensor(name: str, value: Any, shape: tuple[int | str | tuple[int, ...], ...]) -> torch.Tensor:
+    """A floating-point tensor of the given rank and sizes.
+
+    Args:
+        name: the argument's name, for the error.
+        value: what was passed.
+        shape: one entry per dimension: an int (that size exactly), a tuple of ints (one of those
+            sizes) or a string (any size; the string names it in the error, e.g. "B", "L").
+    """
+    expected = "(" + ", ".join("|".join(map(str, d)) if isinstance(d, tuple) else str(d) for d in shape) + ")"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {expected}, got {type(value).__name__}")
+    fits = value.ndim == len(shape) and all(
+        isinstance(d, str) or (size in d if isinstance(d, tuple) else size == d)
+        for d, size in zip(shape, value.shape, strict=False)
+    )
+    if not fits:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    return value
+
+
+def check_tokens(name: str, value: Any, batch: int | None, width: int, min_length: int = 0) -> None:
+    """A floating-point (B, L, width) tensor with L >= `min_length`, and B == `batch` unless it is None."""
+    check_tensor(name, value, ("B" if batch is None else batch, "L", width))
+    if value.shape[1] < min_length:
+        raise ValueError(f"{name} must hold at least {min_length} token(s), got shape {tuple(value.shape)}")

@@ -368,3 +368,22 @@ def test_state_lives_on_the_instance():
     generate(first, TeaCacheParams(teacache_thresh=0.15), [make_input(0)] * 8)
     assert second.teacache_stats().positive.computed_steps == ()
     assert second.previous_residual is None and first.previous_residual is not None
+
+
+def test_a_changed_block_input_forces_a_compute():
+    class WithContext(TinyModel):
+        def forward_blocks(self, hidden_states, t, context):
+            return super().forward_blocks(hidden_states, t) + context.mean()
+
+        def teacache_indicator(self, hidden_states, t, context):
+            return super().teacache_indicator(hidden_states, t)
+
+        def forward(self, x, t, context):
+            return self.head(self.run_blocks(self.embed(x), t=t, context=context))
+
+    model = WithContext()
+    model.enable_teacache(TeaCacheParams(teacache_thresh=10.0), 4)
+    for step, length in enumerate((3, 3, 5, 5)):
+        with torch.no_grad(), model.teacache_step(step):
+            model(make_input(0), torch.tensor([1.0 - step / 10]), torch.ones(1, length, WIDTH))
+    assert model.teacache_stats().positive.computed_steps == (0, 2, 3)

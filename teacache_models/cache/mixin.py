@@ -41,6 +41,15 @@ def _tensor_signature(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), tensor.dtype, tensor.device
 
 
+def _inputs_signature(hidden_states: torch.Tensor, indicator: torch.Tensor, block_inputs: dict[str, Any]) -> tuple:
+    """Shapes, dtypes and devices of everything the block stack reads: a change means the cache is stale."""
+    parts = [_tensor_signature(hidden_states), _tensor_signature(indicator)]
+    for name, value in sorted(block_inputs.items()):
+        items = value if isinstance(value, list | tuple) else (value,)
+        parts.append((name, tuple(_tensor_signature(v) if isinstance(v, torch.Tensor) else None for v in items)))
+    return tuple(parts)
+
+
 @dataclass
 class _StepContext:
     step_index: int
@@ -292,7 +301,8 @@ class TeaCacheMixin:
             return self.forward_blocks(hidden_states, **block_inputs)
 
         indicator = self.teacache_indicator(hidden_states, **block_inputs)
-        if self._should_skip(session, state, context.step_index, hidden_states, indicator):
+        signature = _inputs_signature(hidden_states, indicator, block_inputs)
+        if self._should_skip(session, state, context.step_index, signature, indicator):
             state.skipped_steps.append(context.step_index)
             return hidden_states + state.previous_residual
         output = self.forward_blocks(hidden_states, **block_inputs)
@@ -305,10 +315,9 @@ class TeaCacheMixin:
         session: TeaCacheSession,
         state: BranchState,
         step_index: int,
-        hidden_states: torch.Tensor,
+        signature: tuple,
         indicator: torch.Tensor,
     ) -> bool:
-        signature = (_tensor_signature(hidden_states), _tensor_signature(indicator))
         previous = state.previous_modulated_input
         forced = (
             step_index < session.first_forced_steps

@@ -119,7 +119,7 @@ def test_deprecated_batched_ids_are_accepted_with_a_warning():
     inputs["txt_ids"] = inputs["txt_ids"][None]
     with pytest.warns(FutureWarning) as caught:
         actual = ours(**inputs, return_dict=False)[0]
-    assert sorted(str(w.message).split()[2] for w in caught) == ["img_ids", "txt_ids"]
+    assert sorted(str(w.message).split()[3] for w in caught) == ["img_ids", "txt_ids"]
     assert_parity(actual, reference(**inputs, return_dict=False)[0])
 
 

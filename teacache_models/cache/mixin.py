@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from ..params import TeaCacheParams, evaluate_polynomial
 from .state import BranchState, BranchStats, TeaCacheSession, TeaCacheStats
@@ -35,6 +36,25 @@ def relative_l1_distance(current: torch.Tensor, previous: torch.Tensor) -> torch
     """mean|current - previous| / mean|previous| over the whole tensor (batch included), in float32."""
     previous = previous.float()
     return (current.float() - previous).abs().mean() / previous.abs().mean()
+
+
+def _group_distance(
+    current: torch.Tensor, previous: torch.Tensor | None, forced: bool, group: dist.ProcessGroup
+) -> tuple[bool, float]:
+    """The forced flag and the distance of the whole indicator, from the shards the ranks of `group` hold.
+
+    One collective per step on every rank, forced or not, so no rank waits for a reduction another
+    rank skipped; a step is forced everywhere as soon as one rank must compute.
+    """
+    stats = torch.zeros(3, dtype=torch.float32, device=current.device)
+    stats[0] = float(forced)
+    if not forced:
+        previous = previous.float()
+        stats[1] = (current.float() - previous).abs().sum()
+        stats[2] = previous.abs().sum()
+    dist.all_reduce(stats, group=group)
+    forced_anywhere, difference, scale = stats.tolist()
+    return forced_anywhere > 0, difference / scale if scale else float("inf")
 
 
 def _tensor_signature(tensor: torch.Tensor) -> tuple:
@@ -140,6 +160,14 @@ class TeaCacheMixin:
             session.active = False
             session.closed = True
             session.release_tensors()
+
+    def set_teacache_process_group(self, group: dist.ProcessGroup | None) -> None:
+        """Share the skip decision with the ranks of `group`, which each hold a shard of the sequence.
+
+        Every rank then computes the distance of the whole indicator, so all ranks skip the same steps.
+        None (the default) decides from the local tensor alone.
+        """
+        self.__dict__["_teacache_group"] = group
 
     @property
     def teacache_enabled(self) -> bool:
@@ -310,8 +338,8 @@ class TeaCacheMixin:
         state.computed_steps.append(context.step_index)
         return output
 
-    @staticmethod
     def _should_skip(
+        self,
         session: TeaCacheSession,
         state: BranchState,
         step_index: int,
@@ -326,12 +354,16 @@ class TeaCacheMixin:
             or state.previous_residual is None
             or signature != state.input_signature
         )
+        group = self.__dict__.get("_teacache_group")
+        if group is not None:
+            forced, distance = _group_distance(indicator, previous, forced, group)
+        elif not forced:
+            distance = relative_l1_distance(indicator, previous).item()
         state.previous_modulated_input = indicator.detach()
         state.input_signature = signature
         if forced:
             state.accumulated_rel_l1_distance = 0.0
             return False
-        distance = relative_l1_distance(indicator, previous).item()
         state.accumulated_rel_l1_distance += evaluate_polynomial(session.coefficients, distance)
         thresh = session.params.teacache_thresh
         # A threshold of 0 never skips, whatever sign the rescaled distance has, so that 0 is exact.

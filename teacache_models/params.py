@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
-__all__ = ["SamplingParams", "TeaCacheParams"]
+__all__ = ["OPTIONAL_SAMPLING_FIELDS", "SamplingParams", "TeaCacheParams"]
 
 _MAX_SEED = 2**64 - 1
 
@@ -114,6 +114,15 @@ class SamplingParams:
         num_frames: frames to generate (1 for images).
         negative_prompt: the prompt of the negative CFG branch; None uses the model's default.
         teacache_params: TeaCache settings; None runs without the cache.
+        true_cfg_scale: true CFG scale of a guidance-distilled model (Flux, HunyuanVideo: CFG runs when it
+            is > 1 and a negative prompt is given) or of Qwen-Image (its CFG scale). None: the family's
+            default.
+        guidance_scale_2: the CFG scale of Wan2.2's low-noise expert; None reuses `guidance_scale`.
+        flow_shift: the flow-matching sigma shift; None keeps the scheduler's own setting.
+        fps: frames per second of a saved video; None: the family's default.
+        cfg_truncation: Z-Image: CFG stops once the normalised time (1 - sigma) exceeds it; None: never.
+        cfg_normalization: Z-Image: cap the guided prediction's norm at this multiple of the positive
+            one's; None: no cap.
     """
 
     num_inference_steps: int = 50
@@ -124,6 +133,12 @@ class SamplingParams:
     num_frames: int = 1
     negative_prompt: str | None = None
     teacache_params: TeaCacheParams | None = field(default_factory=TeaCacheParams)
+    true_cfg_scale: float | None = None
+    guidance_scale_2: float | None = None
+    flow_shift: float | None = None
+    fps: int | None = None
+    cfg_truncation: float | None = None
+    cfg_normalization: float | None = None
 
     def __post_init__(self) -> None:
         steps = _require_int("num_inference_steps", self.num_inference_steps, 1)
@@ -147,3 +162,28 @@ class SamplingParams:
                 "teacache_params must be a TeaCacheParams or None, got "
                 f"{self.teacache_params!r} ({type(self.teacache_params).__name__})"
             )
+        for name in ("true_cfg_scale", "guidance_scale_2", "cfg_truncation"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _require_finite(name, getattr(self, name), minimum=0.0))
+        for name in ("flow_shift", "cfg_normalization"):
+            value = getattr(self, name)
+            if value is not None and _require_finite(name, value, minimum=0.0) <= 0:
+                raise ValueError(f"{name} must be None or a number > 0, got {value}")
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+        if self.fps is not None:
+            object.__setattr__(self, "fps", _require_int("fps", self.fps, 1))
+
+    def extras(self) -> dict[str, Any]:
+        """The optional family-specific fields that are set (not None)."""
+        return {name: getattr(self, name) for name in OPTIONAL_SAMPLING_FIELDS if getattr(self, name) is not None}
+
+
+OPTIONAL_SAMPLING_FIELDS = (
+    "true_cfg_scale",
+    "guidance_scale_2",
+    "flow_shift",
+    "fps",
+    "cfg_truncation",
+    "cfg_normalization",
+)

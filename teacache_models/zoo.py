@@ -7,6 +7,7 @@ A zoo file is plain data that maps one-to-one onto `SamplingParams` (section `sa
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,15 @@ import yaml
 
 from .params import SamplingParams, TeaCacheParams
 
-__all__ = ["ZOO_DIR", "TeaCachePreset", "ZooEntry", "list_zoo", "load_zoo_entry"]
+__all__ = ["TASKS", "ZOO_DIR", "TeaCachePreset", "ZooEntry", "list_zoo", "load_zoo_entry"]
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = ("flux", "wan", "hunyuan_video", "qwen_image", "z_image")
+# t2i text-to-image, t2v text-to-video, i2v image-to-video (an image is required), ti2v text-and-image-to-video
+# (the image is optional).
+TASKS = ("t2i", "t2v", "i2v", "ti2v")
 
-_TOP_KEYS = {"name", "description", "manifest", "family", "transformer", "sampling", "teacache"}
+_TOP_KEYS = {"name", "description", "manifest", "family", "task", "transformer", "sampling", "teacache"}
 _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"teacache_params"}
 _PRESET_KEYS = {f.name for f in dataclasses.fields(TeaCacheParams)} | {"source"}
 
@@ -45,6 +49,12 @@ class ZooEntry:
     sampling: SamplingParams
     presets: dict[str, TeaCachePreset]
     default_preset: str
+    task: str = "t2i"
+    path: Path | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.task != "t2i"
 
     def sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
         """The model's sampling defaults with TeaCache preset `teacache` ("off", "default" or a name)."""
@@ -79,15 +89,20 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     if path.suffix not in (".yaml", ".yml"):
         path = ZOO_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise ValueError(f"unknown model {str(name_or_path)!r}; known models: {list_zoo()}")
+            close = difflib.get_close_matches(str(name_or_path), list_zoo(), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"unknown model {str(name_or_path)!r}{hint} Known models: {list_zoo()}")
     if not path.is_file():
         raise ValueError(f"model-zoo config {str(path)!r} does not exist")
     with path.open() as handle:
         data = yaml.safe_load(handle)
     where = str(path)
-    data = _check_keys(where, data, _TOP_KEYS, _TOP_KEYS - {"description"})
+    data = _check_keys(where, data, _TOP_KEYS, _TOP_KEYS - {"description", "task"})
     if data["family"] not in FAMILIES:
         raise ValueError(f"{where}: family {data['family']!r} is not one of {list(FAMILIES)}")
+    task = data.get("task", "t2i")
+    if task not in TASKS:
+        raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
     sampling = _check_keys(f"{where}: sampling", data["sampling"], _SAMPLING_KEYS)
     teacache = _check_keys(f"{where}: teacache", data["teacache"], {"default", "presets"}, {"default", "presets"})
     presets_data = _check_keys(f"{where}: teacache.presets", teacache["presets"], set(teacache["presets"] or {}))
@@ -114,6 +129,8 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         sampling=sampling_params,
         presets=presets,
         default_preset=teacache["default"],
+        task=task,
+        path=path,
     )
 
 

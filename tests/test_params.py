@@ -107,3 +107,24 @@ def test_sampling_carries_teacache_params():
 def test_sampling_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_optional_family_fields():
+    params = SamplingParams(true_cfg_scale=4, guidance_scale_2=3, flow_shift=5, fps=16, cfg_truncation=0.9)
+    assert params.extras() == {
+        "true_cfg_scale": 4.0,
+        "guidance_scale_2": 3.0,
+        "flow_shift": 5.0,
+        "fps": 16,
+        "cfg_truncation": 0.9,
+    }
+    assert SamplingParams().extras() == {}
+    for kwargs, message in [
+        (dict(flow_shift=0), "flow_shift must be None or a number > 0"),
+        (dict(cfg_normalization=-1.0), "cfg_normalization must be >= 0.0"),
+        (dict(fps=2.5), "fps must be an integer"),
+        (dict(true_cfg_scale=float("nan")), "true_cfg_scale must be a finite real number"),
+        (dict(guidance_scale_2="3"), "guidance_scale_2 must be a finite real number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**kwargs)

@@ -62,3 +62,29 @@ def test_unknown_model_and_unknown_keys_are_rejected(tmp_path):
 def test_preset_params_are_plain_teacache_params():
     entry = load_zoo_entry("flux1-schnell")
     assert all(isinstance(p.params, TeaCacheParams) for p in entry.presets.values())
+
+
+def test_video_entries_carry_their_task_and_sampling_extras():
+    entry = load_zoo_entry("wan2.2-t2v-a14b")
+    assert entry.task == "t2v" and entry.is_video and entry.family == "wan"
+    assert entry.sampling.guidance_scale_2 == 3.0 and entry.sampling.fps == 16
+    assert load_zoo_entry("wan2.1-i2v-14b-480p").task == "i2v"
+    assert load_zoo_entry("flux1-dev").task == "t2i" and not load_zoo_entry("flux1-dev").is_video
+    wan = load_zoo_entry("wan2.1-t2v-1.3b")
+    assert wan.presets["ret-fast"].params.use_ret_steps and wan.presets["slow"].params.indicator == "temb"
+    for name in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"):
+        assert all("BORROWED" in p.source for p in load_zoo_entry(name).presets.values())
+
+
+def test_bad_task_and_bad_extras_are_rejected(tmp_path):
+    data = yaml.safe_load((ZOO_DIR / "flux1-dev.yaml").read_text())
+    data["task"] = "i2i"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="task 'i2i' is not one of"):
+        load_zoo_entry(path)
+    data["task"] = "t2i"
+    data["sampling"]["fps"] = 0
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="sampling: fps must be an integer >= 1"):
+        load_zoo_entry(path)

@@ -6,6 +6,7 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -93,6 +94,26 @@ class ConfiguredModel(torch.nn.Module):
     def from_config(cls: type[M], config: Mapping[str, Any]) -> M:
         """Build the model from a `config.json` mapping; unknown keys are an error, not silently dropped."""
         return _build_from_config(cls, config)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        path_or_name: str | Path,
+        subfolder: str | None = "transformer",
+        torch_dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        **kwargs: Any,
+    ) -> M:
+        """Load real weights: a local diffusers folder (or original-release checkpoint) directly, a
+        `weights_manifest.yaml` name or Hub id after fetching `subfolder` (see `teacache_models.weights`).
+
+        `kwargs`: `config` (constructor overrides) and the download options of `resolve_weights`
+        (cache_dir, token, revision, local_files_only, manifest).
+        """
+        # Imported here: the models do not depend on the weights package (nor on huggingface_hub).
+        from ..weights.loading import from_pretrained
+
+        return from_pretrained(cls, path_or_name, subfolder, torch_dtype, device, **kwargs)
 
 
 def _build_from_config(cls: type[M], config: Mapping[str, Any]) -> M:

@@ -1,0 +1,423 @@
+"""The shared pipeline: prompt -> text encoding -> our denoising loop -> VAE decode -> images or frames.
+
+A family module subclasses `Pipeline` and provides the steps that differ between families: prompt
+encoding, latent preparation, the timestep schedule, one transformer call, the guidance rule and
+decoding. The loop itself lives here, once: it tells the transformer which step and CFG branch each
+call computes (`with transformer.teacache_step(step, is_cfg_negative=...)`), calls the positive and the
+negative branch separately, and switches TeaCache on and off around the generation.
+
+Text encoders, tokenizers, VAE and scheduler come from diffusers and transformers (the `pipelines`
+extra); they are imported lazily, so importing this package does not import diffusers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..cache import TeaCacheStats
+from ..cache.state import BranchStats
+from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams
+
+__all__ = ["Conditioning", "Pipeline", "PipelineResult", "ProgressCallback"]
+
+ProgressCallback = Callable[[int, int], None]
+"""Called after every denoising step with (steps done, total steps)."""
+
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class Conditioning:
+    """One CFG branch's text conditioning, as the family's transformer call reads it."""
+
+    tensors: dict[str, Any]
+
+
+@dataclass
+class PipelineResult:
+    """What one generation produced and how.
+
+    `images` is (B, 3, H, W) for image models and `frames` (B, F, 3, H, W) for video models, float32 in
+    [0, 1] on the CPU; the other is None. `timings` holds seconds per stage (`text_encoding`, `denoising`,
+    `decoding`, `total`). `teacache_stats` records which steps each CFG branch computed and skipped;
+    for a model with several transformers (Wan2.2's experts) it joins them, and `expert_stats` holds each
+    one's own record by component name (empty for one transformer).
+    """
+
+    images: torch.Tensor | None
+    frames: torch.Tensor | None
+    seed: int
+    sampling_params: SamplingParams
+    timings: dict[str, float]
+    teacache_stats: TeaCacheStats
+    prompt: list[str] = field(default_factory=list)
+    expert_stats: dict[str, TeaCacheStats] = field(default_factory=dict)
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames is not None
+
+    def to_uint8(self) -> torch.Tensor:
+        """(B, H, W, 3) or (B, F, H, W, 3) uint8: what an image or video file stores."""
+        pixels = self.frames if self.frames is not None else self.images
+        pixels = (pixels * 255).round().clamp(0, 255).to(torch.uint8)
+        return pixels.movedim(-3, -1)
+
+    def summary(self) -> str:
+        """One line: steps computed and skipped per CFG branch, and the wall time."""
+        return f"{self.teacache_stats.summary()}; wall time {self.timings['total']:.2f} s (seed {self.seed})"
+
+
+class Pipeline:
+    """Base class of the family pipelines. Components are passed directly (diffusers-style) or loaded
+    with `from_pretrained` / `teacache_models.pipelines.load_pipeline`.
+
+    Class attributes a family sets:
+
+    - `family`: the zoo family name; `diffusers_class_name`: the diffusers pipeline of the same
+      checkpoint layout (its `model_index.json` `_class_name`), whose `encode_prompt` we reuse.
+    - `transformer_class`: our native transformer; `text_component_names`: the text encoders and
+      tokenizers the family needs.
+    - `sampling_extras`: the optional `SamplingParams` fields the family reads; any other set field is
+      an error, so a setting is never silently ignored.
+    - `default_negative_prompt`: the negative prompt used when `SamplingParams.negative_prompt` is None.
+    """
+
+    family: ClassVar[str]
+    diffusers_class_name: ClassVar[str]
+    transformer_class: ClassVar[type]
+    text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
+    sampling_extras: ClassVar[frozenset[str]] = frozenset()
+    default_negative_prompt: ClassVar[str | None] = None
+    is_video: ClassVar[bool] = False
+    # Text encoding reads at most this many tokens (the diffusers pipeline's default).
+    max_sequence_length: int = 512
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        scheduler: Any,
+        vae: torch.nn.Module | None,
+        zoo_entry: Any = None,
+        **text_components: Any,
+    ) -> None:
+        if not isinstance(transformer, self.transformer_class):
+            raise TypeError(
+                f"transformer must be a {self.transformer_class.__name__} (teacache_models.models), "
+                f"got {type(transformer).__name__}"
+            )
+        if scheduler is None or not hasattr(scheduler, "step"):
+            raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
+        unknown = sorted(set(text_components) - set(self.text_component_names))
+        missing = sorted(set(self.text_component_names) - set(text_components))
+        if unknown or missing:
+            raise TypeError(
+                f"{type(self).__name__} takes text components {list(self.text_component_names)}; "
+                f"missing {missing}, unexpected {unknown}"
+            )
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.vae = vae
+        self.zoo_entry = zoo_entry
+        self.text_components = dict(text_components)
+        self._text_helper: Any = None
+
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Any,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        zoo_entry: Any = None,
+    ) -> Pipeline:
+        """Load every component from a diffusers-layout folder (`model_index.json` and subfolders)."""
+        from .loading import load_components
+
+        components = load_components(path, cls, torch_dtype=torch_dtype, device=device)
+        return cls(**components, zoo_entry=zoo_entry)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def default_sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
+        """The zoo entry's sampling defaults (generic `SamplingParams` ones without an entry), TeaCache off
+        when the model has no preset."""
+        if self.zoo_entry is not None:
+            return self.zoo_entry.sampling_params(teacache, **overrides)
+        if teacache not in ("off", "default"):
+            raise ValueError(f"this pipeline has no zoo entry, so no TeaCache preset {teacache!r}; use 'off'")
+        return SamplingParams(teacache_params=None, **overrides)
+
+    # ---- the family's pieces --------------------------------------------------------------------
+
+    def text_helper(self) -> Any:
+        """The diffusers pipeline of this family built from the text components only: its `encode_prompt`
+        is the reference prompt encoding, reused as is."""
+        if self._text_helper is None:
+            import diffusers
+
+            helper_class = getattr(diffusers, self.diffusers_class_name)
+            self._text_helper = helper_class(transformer=None, vae=None, scheduler=None, **self.text_components)
+        return self._text_helper
+
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along height and width."""
+        raise NotImplementedError
+
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor times the transformer's patch size)."""
+        raise NotImplementedError
+
+    def encode_prompt(self, prompts: list[str], params: SamplingParams) -> Conditioning:
+        raise NotImplementedError
+
+    def uses_cfg(self, params: SamplingParams) -> bool:
+        """Whether a negative branch runs at all in this generation."""
+        raise NotImplementedError
+
+    def prepare_latents(
+        self, batch: int, params: SamplingParams, generator: torch.Generator, **inputs: Any
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_timesteps(self, scheduler: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(
+        self, transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, condition: Conditioning
+    ) -> torch.Tensor:
+        """One transformer call (the caller has opened the step's `teacache_step` context)."""
+        raise NotImplementedError
+
+    def cfg_at_step(self, step: int, t: torch.Tensor, params: SamplingParams) -> bool:
+        """Whether the negative branch runs at this step (Z-Image's CFG truncation turns it off late)."""
+        return True
+
+    def guide(
+        self,
+        positive: torch.Tensor,
+        negative: torch.Tensor | None,
+        step: int,
+        t: torch.Tensor,
+        params: SamplingParams,
+    ) -> torch.Tensor:
+        """The family's guidance rule; `negative` is None when CFG is off at this step."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Latents -> pixels in [0, 1], (B, 3, H, W) or (B, F, 3, H, W)."""
+        raise NotImplementedError
+
+    def transformer_for_step(self, t: torch.Tensor) -> torch.nn.Module:
+        """The transformer computing timestep `t` (one, except for two-expert models)."""
+        return self.transformer
+
+    def teacache_models(self) -> dict[str, torch.nn.Module]:
+        """Every transformer whose cache a generation switches on, by component name."""
+        return {"transformer": self.transformer}
+
+    def make_scheduler(self, params: SamplingParams) -> Any:
+        """A fresh scheduler per generation, so no state leaks between calls; `flow_shift` overrides the
+        scheduler's shift."""
+        # UniPC (Wan's checkpoints) names the shift `flow_shift`; flow-matching Euler names it `shift`.
+        key = "flow_shift" if "flow_shift" in self.scheduler.config else "shift"
+        overrides = {key: params.flow_shift} if params.flow_shift is not None else {}
+        return type(self.scheduler).from_config(self.scheduler.config, **overrides)
+
+    # ---- checks ---------------------------------------------------------------------------------
+
+    def check_params(self, params: SamplingParams) -> None:
+        unsupported = sorted(set(params.extras()) - self.sampling_extras)
+        if unsupported:
+            raise ValueError(
+                f"{type(self).__name__} does not use sampling settings {unsupported}; it reads "
+                f"{sorted(self.sampling_extras) or 'none'} of {list(OPTIONAL_SAMPLING_FIELDS)}"
+            )
+        multiple = self.size_multiple()
+        for name in ("height", "width"):
+            value = getattr(params, name)
+            if value % multiple:
+                raise ValueError(
+                    f"{name} must be a multiple of {multiple} for this model (VAE factor x patch size), "
+                    f"got {value}; try {max(multiple, value // multiple * multiple)}"
+                )
+        if not self.is_video and params.num_frames != 1:
+            raise ValueError(f"num_frames must be 1 for an image model, got {params.num_frames}")
+
+    @staticmethod
+    def _prompts(prompt: str | Sequence[str]) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list | tuple) else None
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        return prompts
+
+    # ---- the generation -------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        sampling_params: SamplingParams | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+        **inputs: Any,
+    ) -> PipelineResult:
+        """Generate from `prompt` with `sampling_params` (default: the zoo entry's defaults)."""
+        params = self.default_sampling_params() if sampling_params is None else sampling_params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams or None, got {type(params).__name__}")
+        prompts = self._prompts(prompt)
+        self.check_params(params)
+        self.check_inputs(params, **inputs)
+        seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, _MAX_SEED)
+        # Noise is drawn on the CPU and moved, as diffusers does with a CPU generator: the same seed
+        # gives the same image on every device.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+
+        with torch.no_grad():
+            self._sync()
+            condition = self.encode_prompt(prompts, params)
+            negative = None
+            if self.uses_cfg(params):
+                negative_prompt = params.negative_prompt
+                if negative_prompt is None:
+                    negative_prompt = self.default_negative_prompt or ""
+                negative = self.encode_prompt([negative_prompt] * len(prompts), params)
+            self._sync()
+            timings["text_encoding"] = time.perf_counter() - started
+
+            mark = time.perf_counter()
+            latents = self.prepare_latents(len(prompts), params, generator, **inputs)
+            scheduler = self.make_scheduler(params)
+            timesteps = self.make_timesteps(scheduler, latents, params)
+            latents, stats, expert_stats = self._denoise(
+                scheduler, latents, timesteps, condition, negative, params, progress
+            )
+            self._sync()
+            timings["denoising"] = time.perf_counter() - mark
+
+            mark = time.perf_counter()
+            pixels = self.decode(latents, params).float().cpu()
+            self._sync()
+            timings["decoding"] = time.perf_counter() - mark
+        timings["total"] = time.perf_counter() - started
+        return PipelineResult(
+            images=None if self.is_video else pixels,
+            frames=pixels if self.is_video else None,
+            seed=seed,
+            sampling_params=params,
+            timings=timings,
+            teacache_stats=stats,
+            prompt=prompts,
+            expert_stats=expert_stats,
+        )
+
+    def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
+        """Family-specific inputs beyond the prompt (an image for I2V); none by default."""
+        if inputs:
+            raise TypeError(f"{type(self).__name__} takes no inputs {sorted(inputs)}")
+
+    def takes_image(self) -> str:
+        """Whether `image=` is "required" (image-to-video), "optional" (TI2V) or refused ("no")."""
+        return "no"
+
+    def _denoise(
+        self,
+        scheduler: Any,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: Conditioning,
+        negative: Conditioning | None,
+        params: SamplingParams,
+        progress: ProgressCallback | None,
+    ) -> tuple[torch.Tensor, TeaCacheStats, dict[str, TeaCacheStats]]:
+        num_steps = len(timesteps)
+        named_models = self.teacache_models()
+        models = list(named_models.values())
+        cache = params.teacache_params
+        # Without the cache: which transformer computed which step of each branch.
+        computed = {name: {False: [], True: []} for name in named_models}
+        names = {id(model): name for name, model in named_models.items()}
+        if cache is not None:
+            for model in models:
+                model.enable_teacache(cache, num_steps)
+        try:
+            for step, t in enumerate(timesteps):
+                transformer = self.transformer_for_step(t)
+                with transformer.teacache_step(step, is_cfg_negative=False):
+                    positive = self.predict(transformer, latents, t, condition)
+                computed[names[id(transformer)]][False].append(step)
+                negative_prediction = None
+                if negative is not None and self.cfg_at_step(step, t, params):
+                    with transformer.teacache_step(step, is_cfg_negative=True):
+                        negative_prediction = self.predict(transformer, latents, t, negative)
+                    computed[names[id(transformer)]][True].append(step)
+                prediction = self.guide(positive, negative_prediction, step, t, params)
+                latents = self.step_latents(scheduler, prediction, t, latents)
+                if progress is not None:
+                    progress(step + 1, num_steps)
+            if cache is None:
+                per_model = {
+                    name: TeaCacheStats(
+                        num_inference_steps=num_steps,
+                        positive=BranchStats(tuple(steps[False])),
+                        negative=BranchStats(tuple(steps[True])),
+                    )
+                    for name, steps in computed.items()
+                }
+            else:
+                per_model = {name: model.teacache_stats() for name, model in named_models.items()}
+            stats = merge_stats(list(per_model.values()))
+        finally:
+            if cache is not None:
+                for model in models:
+                    model.disable_teacache()
+        return latents, stats, per_model if len(per_model) > 1 else {}
+
+    def step_latents(self, scheduler: Any, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor):
+        return scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def merge_stats(all_stats: Sequence[TeaCacheStats]) -> TeaCacheStats:
+    """One record for several transformers (Wan2.2's experts): their steps together, per branch."""
+    if len(all_stats) == 1:
+        return all_stats[0]
+    first = all_stats[0]
+
+    def join(branch: str) -> BranchStats:
+        computed = sorted(s for stats in all_stats for s in getattr(stats, branch).computed_steps)
+        skipped = sorted(s for stats in all_stats for s in getattr(stats, branch).skipped_steps)
+        return BranchStats(tuple(computed), tuple(skipped))
+
+    reasons = [s.disabled_reason for s in all_stats if s.disabled_reason]
+    return TeaCacheStats(
+        enabled=any(s.enabled for s in all_stats),
+        teacache_thresh=first.teacache_thresh,
+        num_inference_steps=first.num_inference_steps,
+        positive=join("positive"),
+        negative=join("negative"),
+        disabled_reason="; ".join(reasons) or None,
+    )
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1] -> [0, 1], clamped (diffusers' `postprocess(output_type="pt")`)."""
+    return (pixels / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,166 @@
+"""Loading a pipeline: zoo name, local folder or Hub id -> the family pipeline with every component.
+
+The folder is the diffusers layout: `model_index.json` names the pipeline class and, per component, the
+library and class to load from the subfolder of the same name. The transformer(s) are ours (the same
+state-dict keys as diffusers); everything else is loaded with its own library's `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..zoo import ZooEntry, list_zoo, load_zoo_entry
+
+__all__ = ["load_components", "load_pipeline", "pipeline_class_for", "read_model_index"]
+
+_TRANSFORMER_KEYS = ("transformer", "transformer_2")
+
+
+def _registry() -> dict[str, type]:
+    from .flux import FluxTextToImagePipeline
+    from .qwen_image import QwenImageTextToImagePipeline
+    from .z_image import ZImageTextToImagePipeline
+
+    classes = (
+        FluxTextToImagePipeline,
+        QwenImageTextToImagePipeline,
+        ZImageTextToImagePipeline,
+    )
+    return {cls.diffusers_class_name: cls for cls in classes}
+
+
+def read_model_index(path: Path) -> dict[str, Any]:
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a pipeline folder: it has no model_index.json (the diffusers layout: "
+            "model_index.json plus one subfolder per component)"
+        )
+    with index_path.open() as handle:
+        return json.load(handle)
+
+
+def pipeline_class_for(model_index: dict[str, Any], where: str) -> type:
+    """Our pipeline class for the diffusers pipeline class named in `model_index.json`."""
+    name = model_index.get("_class_name")
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"{where}: pipeline class {name!r} is not supported; supported: {sorted(registry)}")
+    return registry[name]
+
+
+def _to_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"torch_dtype must be a torch.dtype or its name (float32, bfloat16...), got {dtype!r}")
+    return resolved
+
+
+def _load_transformer(folder: Path, model_class: type, dtype: torch.dtype | None, device: torch.device) -> Any:
+    from ..weights import load_transformer
+
+    return load_transformer(folder.parent, model_class, subfolder=folder.name, torch_dtype=dtype, device=device)
+
+
+def load_components(
+    path: str | Path,
+    pipeline_class: type,
+    torch_dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Every component `pipeline_class` takes, loaded from the diffusers-layout folder `path`."""
+    path = Path(path)
+    model_index = read_model_index(path)
+    dtype = _to_dtype(torch_dtype)
+    device = torch.device(device)
+    wanted = {"transformer", "scheduler", "vae", *pipeline_class.text_component_names}
+    wanted |= set(getattr(pipeline_class, "extra_component_names", ()))
+    components: dict[str, Any] = {}
+    for name in sorted(wanted):
+        entry = model_index.get(name)
+        if not entry or entry[0] is None:
+            components[name] = None
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{str(path)!r}: model_index.json names component {name!r}, but {folder} is missing"
+            )
+        if name in _TRANSFORMER_KEYS:
+            components[name] = _load_transformer(folder, pipeline_class.transformer_class, dtype, device)
+            continue
+        library, class_name = entry
+        component_class = getattr(importlib.import_module(library), class_name)
+        if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
+            # diffusers models take `torch_dtype`; transformers 5 models take `dtype`.
+            key = "torch_dtype" if library == "diffusers" else "dtype"
+            kwargs = {key: dtype} if dtype is not None else {}
+            components[name] = component_class.from_pretrained(str(folder), **kwargs).to(device).eval()
+        else:
+            components[name] = component_class.from_pretrained(str(folder))
+    if components.get("transformer") is None:
+        raise FileNotFoundError(f"{str(path)!r}: model_index.json names no transformer")
+    return components
+
+
+def _resolve_path(name_or_path: str | Path) -> tuple[Path, ZooEntry | None]:
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        entry = load_zoo_entry(path)
+        return _zoo_weights(entry), entry
+    if path.is_dir():
+        return path, None
+    if text in list_zoo():
+        entry = load_zoo_entry(text)
+        return _zoo_weights(entry), entry
+    if text.count("/") == 1 and not path.exists() and not text.startswith((".", "/", "~")):
+        return _resolve_weights(text), None
+    close = difflib.get_close_matches(text, list_zoo(), n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"unknown model {text!r}: not a zoo name, a local pipeline folder or a Hub id (owner/name).{hint} "
+        f"Zoo models: {list_zoo()}"
+    )
+
+
+def _resolve_weights(name: str) -> Path:
+    from ..weights import resolve_weights
+
+    return Path(resolve_weights(name))
+
+
+def _zoo_weights(entry: ZooEntry) -> Path:
+    return _resolve_weights(entry.manifest)
+
+
+def load_pipeline(
+    name_or_path: str | Path,
+    torch_dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    zoo_entry: ZooEntry | None = None,
+) -> Any:
+    """The family pipeline for a zoo name (e.g. "flux1-dev"), a zoo YAML, a local diffusers-layout folder
+    or a Hub id, with all components loaded on `device` in `torch_dtype` (None: as stored).
+
+    `zoo_entry` supplies the sampling defaults and TeaCache presets for a folder (a zoo name brings its
+    own).
+    """
+    path, entry = _resolve_path(name_or_path)
+    entry = zoo_entry or entry
+    model_index = read_model_index(path)
+    pipeline_class = pipeline_class_for(model_index, str(path))
+    if entry is not None and entry.family != pipeline_class.family:
+        raise ValueError(
+            f"zoo entry {entry.name!r} is a {entry.family} model, but {str(path)!r} holds a "
+            f"{model_index.get('_class_name')} ({pipeline_class.family})"
+        )
+    return pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, device=device, zoo_entry=entry)

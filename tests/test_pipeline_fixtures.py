@@ -1,0 +1,493 @@
+"""Tiny diffusers-layout pipeline folders for the pipeline and CLI tests, built offline.
+
+Each builder creates random tiny components from configs (our tests never touch the Hub), wraps them in
+the diffusers pipeline of the family and saves it with `save_pretrained`, so a folder holds
+`model_index.json` and one subfolder per component, exactly like a released checkpoint. Tokenizers are
+`tokenizers` word-level models over a small vocabulary, wrapped in `PreTrainedTokenizerFast`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.utils import randomize_
+
+PROMPT_WORDS = (
+    "a red fox jumps over the lazy dog in snow cat on mat blurry bad quality low detail sunset sea city "
+    "at night blue bird painting of an old house"
+)
+# The chat templates of Qwen-Image and Z-Image, tokenized by our word-level model.
+TEMPLATE_WORDS = (
+    "system user assistant Describe the image by detailing color , shape size texture quantity text spatial "
+    "relationships of objects and background : ."
+)
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(max_length: int, bos: bool = False):
+    """A word-level tokenizer (vocabulary: special tokens, then the prompt and template words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(PROMPT_WORDS.split()) | set(TEMPLATE_WORDS.split()))
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(words))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    if bos:  # CLIP-style: start and end tokens around every text
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+        )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="</s>",
+        bos_token="<s>",
+        model_max_length=max_length,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def vocab_size() -> int:
+    return len(build_tokenizer(8).get_vocab())
+
+
+def flow_scheduler(**config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**config)
+
+
+def save_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    )
+    randomize_(transformer, seed)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size(),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+            max_position_embeddings=77,
+            eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size(),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=1,
+        norm_num_groups=1,
+        layers_per_block=1,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(
+        scheduler=flow_scheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+        vae=vae,
+        text_encoder=clip.eval(),
+        tokenizer=build_tokenizer(77, bos=True),
+        text_encoder_2=t5.eval(),
+        tokenizer_2=build_tokenizer(512),
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def save_qwen_image(folder: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    randomize_(transformer, seed)
+    vocab = vocab_size()
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16,
+        vocab_size=vocab,
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 2,
+        vision_token_id=vocab - 1,
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 1,
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3],
+        latents_std=[1.5, 0.8, 1.0, 2.0],
+    )
+    pipe = QwenImagePipeline(
+        scheduler=flow_scheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9),
+        vae=vae,
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+        tokenizer=build_tokenizer(1024),
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def save_z_image(folder: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=16,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=1,
+        n_kv_heads=1,
+        cap_feat_dim=16,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    randomize_(transformer, seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=vocab_size(),
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=1,
+        layers_per_block=1,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    pipe = ZImagePipeline(
+        scheduler=flow_scheduler(shift=3.0, use_dynamic_shifting=False),
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=build_tokenizer(512),
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_fixture_folders_have_the_diffusers_layout(tmp_path):
+    folder = save_flux(tmp_path / "flux")
+    assert (folder / "model_index.json").is_file()
+    for name in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"):
+        assert (folder / name).is_dir()
+    tokenizer = build_tokenizer(16, bos=True)
+    ids = tokenizer("a red fox", padding="max_length", max_length=8).input_ids
+    assert ids[0] == SPECIAL_TOKENS.index("<s>") and len(ids) == 8
+
+
+# ---- video families --------------------------------------------------------------------------------
+
+
+def build_t5_tokenizer(max_length: int = 512):
+    """A UMT5-style tokenizer: a unigram model over the prompt words (with the sentencepiece word marker)
+    and single letters, so unknown words still split into pieces."""
+    from transformers import T5Tokenizer
+
+    words = sorted(set(PROMPT_WORDS.split()))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -15.0)]
+    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(words)]
+    vocab += [(c, -20.0) for c in "abcdefghijklmnopqrstuvwxyz,."]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+# Llama-3's pre-tokenizer pattern: with it the HunyuanVideo prompt template is exactly the 95 tokens the
+# reference crops (`crop_start`), so the prompt's own tokens reach the transformer as in the release.
+_LLAMA3_SPLIT = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
+
+
+def build_llama_tokenizer():
+    """A Llama-3-style tokenizer (word level, Llama-3 splitting, begin-of-text token) knowing the
+    HunyuanVideo prompt template and the prompt words."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaTokenizerFast
+
+    split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
+    text = DEFAULT_PROMPT_TEMPLATE["template"].replace("{}", " ") + " " + PROMPT_WORDS
+    pieces = {piece for piece, _ in split.pre_tokenize_str(text)}
+    pieces |= set(PROMPT_WORDS.split()) | {" " + w for w in PROMPT_WORDS.split()} | {"\n\n"}
+    special = ("<unk>", *LLAMA_SPECIAL_TOKENS)
+    vocab = {token: i for i, token in enumerate(special + tuple(sorted(pieces - set(special))))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = split
+    tokenizer.add_special_tokens(list(special))
+    bos = "<|begin_of_text|>"
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return LlamaTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token="<|end_of_text|>", pad_token="<|end_of_text|>"
+    )
+
+
+def wan_vae(z_dim: int = 4, ti2v: bool = False, seed: int = 0):
+    """A tiny Wan VAE: 8x spatial / 4x temporal (Wan2.1); TI2V's has a 2x2 pixel patch on top (16x)."""
+    from diffusers import AutoencoderKLWan
+
+    generator = torch.Generator().manual_seed(seed)
+    extra = (
+        dict(is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16) if ti2v else {}
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=(torch.randn(z_dim, generator=generator) * 0.3).tolist(),
+        latents_std=(torch.rand(z_dim, generator=generator) + 0.5).tolist(),
+        **extra,
+    )
+    return randomize_(vae, seed).eval()
+
+
+def wan_transformer(in_channels: int, out_channels: int, seed: int, **extra):
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+        **extra,
+    )
+    return randomize_(transformer, seed).eval()
+
+
+def save_wan(folder: Path, kind: str = "t2v", seed: int = 0) -> Path:
+    """A tiny Wan folder. kind: "t2v" (2.1), "t2v-a14b" (two experts, boundary 0.875), "i2v" (2.1, CLIP
+    image tokens), "i2v-a14b" (two experts, no CLIP, boundary 0.9), "ti2v" (2.2 5B: expand_timesteps)."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    kinds = ("t2v", "t2v-a14b", "i2v", "i2v-a14b", "ti2v")
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+    torch.manual_seed(seed)
+    z_dim = 4
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(build_t5_tokenizer()),
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+        )
+    ).eval()
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    common = dict(tokenizer=build_t5_tokenizer(), text_encoder=text_encoder, scheduler=scheduler)
+    image_to_video = kind.startswith("i2v")
+    in_channels = 2 * z_dim + 4 if image_to_video else z_dim
+    extra = {}
+    image_components = {}
+    if kind == "i2v":
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        extra = dict(image_dim=20, added_kv_proj_dim=24)
+        image_encoder = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=20,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+                projection_dim=20,
+            )
+        ).eval()
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        image_components = dict(image_encoder=image_encoder, image_processor=processor)
+    transformer = wan_transformer(in_channels, z_dim, seed, **extra)
+    experts = {}
+    if kind.endswith("a14b"):
+        experts = dict(
+            transformer_2=wan_transformer(in_channels, z_dim, seed + 1), boundary_ratio=0.9 if image_to_video else 0.875
+        )
+    vae = wan_vae(z_dim, ti2v=kind == "ti2v", seed=seed)
+    if image_to_video:
+        pipe = WanImageToVideoPipeline(vae=vae, transformer=transformer, **common, **image_components, **experts)
+    else:
+        pipe = WanPipeline(vae=vae, transformer=transformer, expand_timesteps=kind == "ti2v", **common, **experts)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def save_hunyuan_video(folder: Path, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    randomize_(transformer, seed)
+    llama_tokenizer = build_llama_tokenizer()
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(llama_tokenizer),
+            hidden_size=16,
+            intermediate_size=37,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
+    )
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size(),
+            hidden_size=8,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=8,
+            max_position_embeddings=77,
+            eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        )
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    randomize_(vae, seed)
+    pipe = HunyuanVideoPipeline(
+        text_encoder=text_encoder.eval(),
+        tokenizer=llama_tokenizer,
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        scheduler=flow_scheduler(shift=7.0),
+        text_encoder_2=clip.eval(),
+        tokenizer_2=build_tokenizer(77, bos=True),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_video_tokenizers_match_the_references_assumptions():
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    llama = build_llama_tokenizer()
+    prefix = llama(template.split("{}")[0]).input_ids
+    assert len(prefix) == DEFAULT_PROMPT_TEMPLATE["crop_start"], "the template crop keeps exactly the prompt"
+    ids = llama(template.format("a red fox")).input_ids
+    assert llama.unk_token_id not in ids
+    t5 = build_t5_tokenizer()
+    encoded = t5("a red fox zebra", padding="max_length", max_length=12).input_ids
+    assert t5.unk_token_id not in encoded and encoded[-1] == t5.pad_token_id

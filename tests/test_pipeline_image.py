@@ -1,0 +1,264 @@
+"""Image pipelines (Flux, Qwen-Image, Z-Image): equal to the diffusers pipelines with TeaCache off, and the
+loop's TeaCache contract (step index, separate CFG branches, stats) with it on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from teacache_models import SamplingParams, TeaCacheParams
+from teacache_models.pipelines import PipelineResult, load_pipeline
+from tests.test_pipeline_fixtures import save_flux, save_qwen_image, save_z_image
+from tests.utils import assert_parity
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+PROMPT = "a red fox jumps over the lazy dog"
+NEGATIVE = "blurry bad quality"
+# y = x and a threshold no distance reaches: every step between the forced first and last one skips.
+SKIP_ALL = TeaCacheParams(teacache_thresh=1e6, coefficients=(1.0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    return save_flux(tmp_path_factory.mktemp("flux"), guidance_embeds=True)
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    return save_qwen_image(tmp_path_factory.mktemp("qwen"))
+
+
+@pytest.fixture(scope="module")
+def z_image_folder(tmp_path_factory):
+    return save_z_image(tmp_path_factory.mktemp("z_image"))
+
+
+def reference(folder, class_name):
+    import diffusers
+
+    pipe = getattr(diffusers, class_name).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_reference(pipe, seed, **kwargs):
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(generator=generator, output_type="pt", **kwargs).images
+
+
+# ---- fidelity: TeaCache off equals diffusers -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(height=32, width=48, guidance_scale=3.5),
+        dict(height=24, width=16, guidance_scale=2.0, true_cfg_scale=3.0, negative_prompt=NEGATIVE),
+    ],
+    ids=["embedded-guidance", "true-cfg-odd-size"],
+)
+def test_flux_matches_diffusers(flux_folder, settings):
+    ours = load_pipeline(flux_folder)
+    params = SamplingParams(num_inference_steps=3, seed=11, teacache_params=None, **settings)
+    result = ours(PROMPT, params)
+    expected = run_reference(
+        reference(flux_folder, "FluxPipeline"), 11, prompt=PROMPT, num_inference_steps=3, **settings
+    )
+    assert_parity(result.images, expected, tol=1e-5)
+    cfg = "negative_prompt" in settings
+    assert result.teacache_stats.negative.num_computed == (3 if cfg else 0)
+
+
+def test_qwen_image_true_cfg_with_norm_rescale_matches_diffusers(qwen_folder):
+    ours = load_pipeline(qwen_folder)
+    params = SamplingParams(
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        seed=5,
+        height=32,
+        width=48,
+        negative_prompt=NEGATIVE,
+        teacache_params=None,
+    )
+    result = ours(PROMPT, params)
+    expected = run_reference(
+        reference(qwen_folder, "QwenImagePipeline"),
+        5,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        true_cfg_scale=4.0,
+        num_inference_steps=3,
+        height=32,
+        width=48,
+    )
+    assert_parity(result.images, expected, tol=1e-5)
+    assert result.teacache_stats.negative.computed_steps == (0, 1, 2)
+
+
+def test_qwen_image_batch_of_two_prompts_without_cfg(qwen_folder):
+    ours = load_pipeline(qwen_folder)
+    prompts = [PROMPT, "a cat on the mat"]
+    params = SamplingParams(
+        num_inference_steps=2, guidance_scale=1.0, seed=3, height=16, width=32, teacache_params=None
+    )
+    result = ours(prompts, params)
+    expected = run_reference(
+        reference(qwen_folder, "QwenImagePipeline"),
+        3,
+        prompt=prompts,
+        true_cfg_scale=1.0,
+        num_inference_steps=2,
+        height=16,
+        width=32,
+    )
+    assert_parity(result.images, expected, tol=1e-5)
+    assert result.images.shape == (2, 3, 16, 32)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(guidance_scale=0.0),
+        dict(guidance_scale=2.0, negative_prompt=NEGATIVE),
+        dict(guidance_scale=1.5, negative_prompt=NEGATIVE, cfg_truncation=0.2, cfg_normalization=1.05),
+    ],
+    ids=["turbo-no-cfg", "cfg", "cfg-truncated-normalized"],
+)
+def test_z_image_matches_diffusers(z_image_folder, settings):
+    ours = load_pipeline(z_image_folder)
+    params = SamplingParams(num_inference_steps=4, seed=2, height=32, width=48, teacache_params=None, **settings)
+    result = ours(PROMPT, params)
+    kwargs = {k: v for k, v in settings.items()}
+    expected = run_reference(
+        reference(z_image_folder, "ZImagePipeline"),
+        2,
+        prompt=PROMPT,
+        num_inference_steps=4,
+        height=32,
+        width=48,
+        **kwargs,
+    )
+    assert_parity(result.images, expected, tol=1e-5)
+    negative_steps = result.teacache_stats.negative.computed_steps
+    if settings["guidance_scale"] == 0:
+        assert negative_steps == ()
+    elif "cfg_truncation" in settings:
+        assert 0 < len(negative_steps) < 4, "truncation drops CFG on the late steps"
+    else:
+        assert negative_steps == (0, 1, 2, 3)
+
+
+# ---- TeaCache through the loop ---------------------------------------------------------------------
+
+
+def test_threshold_zero_is_identical_to_teacache_off(flux_folder):
+    pipe = load_pipeline(flux_folder)
+    params = SamplingParams(
+        num_inference_steps=4, guidance_scale=3.5, seed=1, height=16, width=16, teacache_params=None
+    )
+    off = pipe(PROMPT, params)
+    zero = pipe(PROMPT, dataclasses.replace(params, teacache_params=TeaCacheParams(teacache_thresh=0.0)))
+    assert torch.equal(off.images, zero.images)
+    assert zero.teacache_stats.positive.skipped_steps == ()
+    assert zero.teacache_stats.enabled
+
+
+@pytest.mark.parametrize("folder_name", ["flux_folder", "qwen_folder", "z_image_folder"])
+def test_teacache_skips_and_keeps_cfg_branches_apart(request, folder_name):
+    pipe = load_pipeline(request.getfixturevalue(folder_name))
+    settings = dict(num_inference_steps=5, seed=4, height=16, width=16, negative_prompt=NEGATIVE)
+    if folder_name == "flux_folder":
+        settings.update(guidance_scale=3.5, true_cfg_scale=2.0)
+    else:
+        settings.update(guidance_scale=2.0)
+    params = SamplingParams(teacache_params=SKIP_ALL, **settings)
+    cached = pipe(PROMPT, params)
+    stats = cached.teacache_stats
+    for branch in (stats.positive, stats.negative):
+        assert branch.computed_steps == (0, 4) and branch.skipped_steps == (1, 2, 3)
+    assert "positive: 2 computed, 3 skipped; negative: 2 computed, 3 skipped" in cached.summary()
+    uncached = pipe(PROMPT, dataclasses.replace(params, teacache_params=None))
+    assert not torch.equal(cached.images, uncached.images)
+    assert torch.isfinite(cached.images).all()
+    # Nothing is left switched on after a generation: the next one starts clean.
+    assert not pipe.transformer.teacache_enabled
+
+
+def test_steps_are_announced_to_the_transformer(flux_folder):
+    pipe = load_pipeline(flux_folder)
+    seen = []
+    original = type(pipe.transformer).teacache_step
+
+    def spy(model, step, is_cfg_negative=False, batched_cfg=False):
+        seen.append((step, is_cfg_negative))
+        return original(model, step, is_cfg_negative, batched_cfg)
+
+    pipe.transformer.teacache_step = spy.__get__(pipe.transformer)
+    params = SamplingParams(
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        true_cfg_scale=2.0,
+        negative_prompt=NEGATIVE,
+        seed=0,
+        height=16,
+        width=16,
+        teacache_params=None,
+    )
+    pipe(PROMPT, params)
+    assert seen == [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True)]
+
+
+def test_result_has_seed_timings_and_progress(flux_folder):
+    pipe = load_pipeline(flux_folder)
+    calls = []
+    params = SamplingParams(num_inference_steps=2, guidance_scale=3.5, height=16, width=16, teacache_params=None)
+    result = pipe(PROMPT, params, progress=lambda done, total: calls.append((done, total)))
+    assert isinstance(result, PipelineResult) and not result.is_video
+    assert isinstance(result.seed, int) and calls == [(1, 2), (2, 2)]
+    assert set(result.timings) == {"text_encoding", "denoising", "decoding", "total"}
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    again = pipe(PROMPT, dataclasses.replace(params, seed=result.seed))
+    assert torch.equal(again.images, result.images), "the reported seed reproduces the image"
+    assert result.to_uint8().shape == (1, 16, 16, 3)
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_rejected(flux_folder, z_image_folder, tmp_path):
+    pipe = load_pipeline(flux_folder)
+    with pytest.raises(ValueError, match=r"height must be a multiple of 4 .* got 18"):
+        pipe(PROMPT, SamplingParams(height=18, width=16, teacache_params=None))
+    with pytest.raises(ValueError, match="num_frames must be 1 for an image model, got 5"):
+        pipe(PROMPT, SamplingParams(height=16, width=16, num_frames=5, teacache_params=None))
+    with pytest.raises(ValueError, match=r"does not use sampling settings \['guidance_scale_2'\]"):
+        pipe(PROMPT, SamplingParams(height=16, width=16, guidance_scale_2=2.0, teacache_params=None))
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        pipe(3, SamplingParams(height=16, width=16, teacache_params=None))
+    with pytest.raises(TypeError, match="takes no inputs"):
+        pipe(PROMPT, SamplingParams(height=16, width=16, teacache_params=None), image=object())
+    with pytest.raises(ValueError, match="Did you mean 'flux1-dev'"):
+        load_pipeline("flux1-deb")
+    with pytest.raises(FileNotFoundError, match=r"no model_index\.json"):
+        load_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="is a z_image model"):
+        from teacache_models.zoo import load_zoo_entry
+
+        load_pipeline(flux_folder, zoo_entry=load_zoo_entry("z-image-turbo"))
+    with pytest.raises(TypeError, match="transformer must be a ZImageTransformer2DModel"):
+        z_pipe = load_pipeline(z_image_folder)
+        type(z_pipe)(pipe.transformer, z_pipe.scheduler, z_pipe.vae, **z_pipe.text_components)
+
+
+def test_zoo_defaults_and_presets_reach_the_pipeline(z_image_folder):
+    from teacache_models.zoo import load_zoo_entry
+
+    pipe = load_pipeline(z_image_folder, zoo_entry=load_zoo_entry("z-image-turbo"))
+    params = pipe.default_sampling_params("fast", height=16, width=16, num_inference_steps=3, seed=0)
+    assert params.guidance_scale == 0.0 and params.teacache_params.teacache_thresh == 0.3
+    result = pipe(PROMPT, params)
+    assert result.teacache_stats.num_inference_steps == 3 and result.teacache_stats.negative.num_computed == 0

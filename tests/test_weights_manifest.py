@@ -1,0 +1,156 @@
+"""weights_manifest.yaml: the shipped entries, the schema check, and shipped folders verified by sha256."""
+
+import hashlib
+
+import pytest
+import torch
+import yaml
+
+from teacache_models.models import (
+    FluxTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
+    QwenImageTransformer2DModel,
+    WanTransformer3DModel,
+    ZImageTransformer2DModel,
+)
+from teacache_models.weights import CheckpointError, ManifestError, load_manifest, resolve_weights
+from teacache_models.weights.manifest import FAMILY_TRANSFORMERS
+from teacache_models.zoo import FAMILIES, list_zoo, load_zoo_entry
+from tests import test_flux
+from tests.utils import randomize_
+
+RELEASED = {  # zoo name -> (class, released transformer config, as in models.md)
+    "flux1-dev": (FluxTransformer2DModel, dict(guidance_embeds=True)),
+    "flux1-schnell": (FluxTransformer2DModel, dict(guidance_embeds=False)),
+    "wan2.1-t2v-1.3b": (WanTransformer3DModel, dict(num_attention_heads=12, num_layers=30, ffn_dim=8960)),
+    "wan2.1-t2v-14b": (WanTransformer3DModel, dict()),
+    "wan2.1-i2v-14b-480p": (WanTransformer3DModel, dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120)),
+    "wan2.1-i2v-14b-720p": (WanTransformer3DModel, dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120)),
+    "wan2.2-t2v-a14b": (WanTransformer3DModel, dict()),
+    "wan2.2-i2v-a14b": (WanTransformer3DModel, dict(in_channels=36)),
+    "wan2.2-ti2v-5b": (
+        WanTransformer3DModel,
+        dict(num_attention_heads=24, num_layers=30, ffn_dim=14336, in_channels=48, out_channels=48),
+    ),
+    "hunyuanvideo": (HunyuanVideoTransformer3DModel, dict()),
+    "qwen-image": (QwenImageTransformer2DModel, dict()),
+    "z-image-turbo": (ZImageTransformer2DModel, dict()),
+}
+
+
+def test_every_released_checkpoint_has_an_entry():
+    manifest = load_manifest()
+    assert set(RELEASED) <= set(manifest)
+    assert set(FAMILY_TRANSFORMERS) == set(FAMILIES)
+    assert manifest["flux1-dev"].gated and not manifest["flux1-schnell"].gated
+    assert manifest["wan2.2-t2v-a14b"].transformers == ("transformer", "transformer_2")
+    for name in list_zoo():
+        entry = load_zoo_entry(name)
+        assert manifest[entry.manifest].transformer_class == entry.transformer
+    for entry in manifest.values():
+        # Components only, never the whole repository.
+        assert all(p == "model_index.json" or p.endswith("/*") for p in entry.allow_patterns())
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_parameter_counts_match_the_released_configs(name):
+    model_class, config = RELEASED[name]
+    with torch.device("meta"):
+        count = sum(p.numel() for p in model_class(**config).parameters())
+    entry = load_manifest()[name]
+    assert entry.transformer_class == model_class.__name__
+    assert abs(count - entry.transformer_parameters) <= 5e-4 * count, f"{count:,}"
+
+
+GOOD = dict(
+    family="flux",
+    repo="owner/name",
+    components=["transformer", "vae"],
+    transformer_dtype="bfloat16",
+    transformer_parameters=1.0e9,
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(extra=1), r"unknown keys \['extra'\]"),
+        (dict(family="flux2"), "family 'flux2' is not one of"),
+        (dict(transformer_dtype="float64"), "transformer_dtype 'float64' is not one of"),
+        (dict(transformer_parameters="11.9e9"), "transformer_parameters must be a positive number, got '11.9e9'"),
+        (dict(components=[]), "components must be a non-empty list"),
+        (dict(components=["transformer", "transformer"]), "lists a folder twice"),
+        (dict(transformers=["transformer_2"]), "must all be among components"),
+        (dict(repo="not a repo"), "repo must be a Hub repository id"),
+        (dict(local_path="demo"), "exactly one of repo"),
+        (dict(gated="yes"), "gated must be true or false"),
+        (dict(sha256={"transformer/x": "abc"}), "must be 64 lowercase hex digits, got .abc."),
+        (dict(sha256={"../x": "0" * 64}), "must be a path relative to the checkpoint root"),
+    ],
+)
+def test_schema_errors_name_the_entry_and_the_problem(change, match, tmp_path):
+    entry = {k: v for k, v in (GOOD | change).items() if v is not None}
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump({"my-model": entry}))
+    with pytest.raises(ManifestError, match=rf"entry 'my-model': .*{match}"):
+        load_manifest(path)
+
+
+def test_missing_keys_and_shipped_entries_without_digests(tmp_path):
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump({"m": {"family": "flux"}}))
+    with pytest.raises(ManifestError, match=r"missing keys \['components', 'transformer_dtype'"):
+        load_manifest(path)
+    local = {k: v for k, v in GOOD.items() if k != "repo"} | {"local_path": "demo"}
+    path.write_text(yaml.safe_dump({"m": local}))
+    with pytest.raises(ManifestError, match="needs the sha256 of every file"):
+        load_manifest(path)
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(tmp_path / "nowhere.yaml")
+
+
+def shipped_manifest(tmp_path):
+    """A tiny Flux saved by diffusers' layout under tmp/demo/, listed with the sha256 of every file."""
+    from diffusers import FluxTransformer2DModel as ReferenceFlux
+
+    reference = randomize_(ReferenceFlux(**test_flux.TINY), 0)
+    folder = tmp_path / "demo"
+    reference.save_pretrained(folder / "transformer", max_shard_size="20KB")
+    digests = {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+    entry = dict(
+        family="flux",
+        local_path="demo",
+        components=["transformer"],
+        transformer_dtype="float32",
+        transformer_parameters=float(sum(p.numel() for p in reference.parameters())),
+        sha256=digests,
+    )
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump({"flux-demo": entry}))
+    return path, folder, reference
+
+
+def test_shipped_folder_is_verified_and_loads_by_name(tmp_path):
+    path, folder, reference = shipped_manifest(tmp_path)
+    assert resolve_weights("flux-demo", manifest=path) == folder
+    model = FluxTransformer2DModel.from_pretrained("flux-demo", manifest=path)
+    assert torch.equal(model.proj_out.weight, reference.proj_out.weight)
+
+
+def test_sha256_mismatch_and_unlisted_files(tmp_path):
+    path, folder, _ = shipped_manifest(tmp_path)
+    shard = sorted((folder / "transformer").glob("*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one flipped bit in the tensor data: the header is intact, only the digest can tell
+    shard.write_bytes(bytes(data))
+    relative = str(shard.relative_to(folder))
+    with pytest.raises(CheckpointError, match=rf"{relative}: sha256 [0-9a-f]{{64}}, expected"):
+        FluxTransformer2DModel.from_pretrained("flux-demo", manifest=path)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"{relative}: missing"):
+        resolve_weights("flux-demo", manifest=path)
+    (folder / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"files without a sha256 in the manifest: notes\.txt"):
+        resolve_weights("flux-demo", manifest=path)

@@ -1,15 +1,18 @@
-"""scripts/generate.py end to end on a tiny local Flux folder: PNG + sidecar, summary line, every error."""
+"""scripts/generate.py end to end on tiny local folders: PNG (Flux) and MP4 (Wan) + sidecar, summary line,
+every error."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.test_pipeline_fixtures import save_flux
+from tests.test_pipeline_fixtures import save_flux, save_wan
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -144,3 +147,104 @@ def test_unwritable_output_and_missing_weights(cli, folder, tmp_path, capsys):
     args[args.index("--model") + 1] = "nobody/no-such-model"
     assert cli.main(args) == 1
     assert "nobody/no-such-model" in capsys.readouterr().err
+
+
+# ---- video: MP4 from a tiny Wan folder ---------------------------------------------------------------
+
+WAN_CONFIG = CONFIG.parent / "wan2.1-t2v-1.3b.yaml"
+WAN_I2V_CONFIG = CONFIG.parent / "wan2.1-i2v-14b-480p.yaml"
+
+
+@pytest.fixture(scope="module")
+def wan_folders(tmp_path_factory):
+    return {kind: save_wan(tmp_path_factory.mktemp(f"wan-{kind}"), kind) for kind in ("t2v", "i2v")}
+
+
+def wan_args(folder, config, output):
+    return [
+        "--model", str(folder), "--config", str(config), "--prompt", "a red fox", "--height", "32", "--width", "48",
+        "--num-frames", "5", "--steps", "3", "--seed", "1", "--no-progress", "--output", str(output),
+    ]  # fmt: skip
+
+
+def read_video(path):
+    imageio = pytest.importorskip("imageio.v2")
+    with imageio.get_reader(path, format="FFMPEG") as reader:
+        return np.stack(list(reader.iter_data())), reader.get_meta_data()["fps"]
+
+
+def test_wan_mp4_sidecar_and_summary(cli, wan_folders, tmp_path, capsys):
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("ftfy")
+    output = tmp_path / "video" / "fox.mp4"
+    args = [
+        *wan_args(wan_folders["t2v"], WAN_CONFIG, output),
+        "--teacache-thresh",
+        "1e6",
+        "--teacache-coefficients",
+        "1,0",
+    ]
+    assert cli.main(args) == 0
+    frames, fps = read_video(output)
+    assert frames.shape == (5, 32, 48, 3) and frames.dtype == np.uint8 and fps == 16
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["sampling_params"]["num_frames"] == 5 and record["sampling_params"]["fps"] == 16
+    branches = record["teacache_stats"]["branches"]
+    for branch in ("positive", "negative"):  # Wan's zoo default runs CFG 5.0: both branches cached apart
+        assert branches[branch] == {"computed_steps": [0, 2], "skipped_steps": [1]}
+    assert "negative: 2 computed, 1 skipped" in capsys.readouterr().out
+    assert not list(output.parent.glob(".partial-*"))
+
+    from teacache_models.pipelines import load_pipeline
+    from teacache_models.zoo import load_zoo_entry
+
+    pipe = load_pipeline(wan_folders["t2v"], zoo_entry=load_zoo_entry(WAN_CONFIG))
+    params = pipe.default_sampling_params("slow", height=32, width=48, num_frames=5, num_inference_steps=3, seed=1)
+    cache = dataclasses.replace(params.teacache_params, teacache_thresh=1e6, coefficients=(1.0, 0.0))
+    expected = pipe("a red fox", dataclasses.replace(params, teacache_params=cache)).to_uint8()[0].numpy()
+    # H.264 is lossy: the decoded video stays close to the frames written, not equal.
+    assert np.abs(frames.astype(float) - expected.astype(float)).mean() < 4
+
+
+def test_wan_image_to_video_mp4(cli, wan_folders, tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("ftfy")
+    from PIL import Image
+
+    picture = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(picture)
+    output = tmp_path / "i2v.mp4"
+    args = [*wan_args(wan_folders["i2v"], WAN_I2V_CONFIG, output), "--image", str(picture), "--teacache", "off"]
+    assert cli.main(args) == 0
+    frames, _ = read_video(output)
+    assert frames.shape == (5, 32, 48, 3)
+    assert json.loads(output.with_suffix(".json").read_text())["image"] == str(picture)
+
+
+@pytest.mark.parametrize(
+    "kind, change, message",
+    [
+        ("t2v", ["--num-frames", "6"], r"num_frames must be of the form 4k\+1 for Wan"),
+        ("t2v", ["--height", "40"], "height must be a multiple of 16"),
+        ("t2v", ["--output", "x.png"], "a video model writes .mp4"),
+        ("t2v", ["--config", None, "--image", "first.png"], "--image is only for image-to-video models"),
+        ("i2v", ["--config", None], "--image FILE is required"),
+    ],
+)
+def test_bad_video_flags_fail_cleanly(cli, wan_folders, tmp_path, capsys, kind, change, message):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "first.png")
+    output = tmp_path / "bad.mp4"
+    args = wan_args(wan_folders[kind], WAN_CONFIG, output)
+    for flag, value in zip(change[::2], change[1::2], strict=True):
+        if value is None:
+            index = args.index(flag)
+            del args[index : index + 2]
+        elif flag in args:
+            args[args.index(flag) + 1] = str(tmp_path / value) if flag in ("--output", "--image") else value
+        else:
+            args += [flag, str(tmp_path / value) if flag in ("--output", "--image") else value]
+    assert cli.main(args) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob("*.json"))

@@ -24,13 +24,18 @@ _TRANSFORMER_KEYS = ("transformer", "transformer_2")
 
 def _registry() -> dict[str, type]:
     from .flux import FluxTextToImagePipeline
+    from .hunyuan_video import HunyuanVideoTextToVideoPipeline
     from .qwen_image import QwenImageTextToImagePipeline
+    from .wan import WanImageToVideoPipeline, WanTextToVideoPipeline
     from .z_image import ZImageTextToImagePipeline
 
     classes = (
         FluxTextToImagePipeline,
         QwenImageTextToImagePipeline,
         ZImageTextToImagePipeline,
+        WanTextToVideoPipeline,
+        WanImageToVideoPipeline,
+        HunyuanVideoTextToVideoPipeline,
     )
     return {cls.diffusers_class_name: cls for cls in classes}
 

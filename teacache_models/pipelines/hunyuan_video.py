@@ -1,0 +1,112 @@
+"""HunyuanVideo text-to-video: embedded guidance, optional true CFG with a negative prompt.
+
+Guidance rule (as diffusers' HunyuanVideoPipeline): the released transformer is guidance-distilled, so
+`guidance_scale` is embedded (times 1000) and one call per step suffices. True CFG runs only when
+`true_cfg_scale > 1` and a negative prompt is given: `pred = neg + true_cfg_scale * (pos - neg)`.
+Sigmas run linearly from 1 towards 0 (`num_inference_steps` of them), shifted by the scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..models import HunyuanVideoTransformer3DModel
+from ..params import SamplingParams
+from .base import Conditioning, Pipeline
+from .wan import video_frames_to_unit_range
+
+__all__ = ["HunyuanVideoTextToVideoPipeline"]
+
+
+class HunyuanVideoTextToVideoPipeline(Pipeline):
+    """HunyuanVideo: Llava-Llama-3 text states (prompt template, masked) + CLIP-L pooled embedding, causal
+    3D VAE (4x temporal, 8x spatial)."""
+
+    family: ClassVar[str] = "hunyuan_video"
+    diffusers_class_name: ClassVar[str] = "HunyuanVideoPipeline"
+    transformer_class: ClassVar[type] = HunyuanVideoTransformer3DModel
+    text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    sampling_extras: ClassVar[frozenset[str]] = frozenset({"true_cfg_scale", "flow_shift", "fps"})
+    is_video: ClassVar[bool] = True
+    # The Llama prompt length after the template is cropped (the reference's default).
+    max_sequence_length: int = 256
+
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.spatial_compression_ratio
+
+    def temporal_scale_factor(self) -> int:
+        return self.vae.config.temporal_compression_ratio
+
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor() * self.transformer.config.patch_size
+
+    def check_params(self, params: SamplingParams) -> None:
+        super().check_params(params)
+        factor = self.temporal_scale_factor()
+        # The causal VAE decodes F latent frames into (F - 1) * factor + 1 frames: other counts cannot come back.
+        if params.num_frames % factor != 1:
+            lower = max(1, (params.num_frames - 1) // factor * factor + 1)
+            raise ValueError(
+                f"num_frames must be of the form {factor}k+1 for HunyuanVideo (its VAE compresses {factor} frames "
+                f"into one after the first), got {params.num_frames}; try {lower} or {lower + factor}"
+            )
+
+    def encode_prompt(self, prompts: list[str], params: SamplingParams) -> Conditioning:
+        embeds, pooled, mask = self.text_helper().encode_prompt(
+            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        dtype = self.dtype
+        return Conditioning(
+            {
+                "encoder_hidden_states": embeds.to(dtype),
+                "encoder_attention_mask": mask.to(dtype),
+                "pooled_projections": pooled.to(dtype),
+            }
+        )
+
+    def uses_cfg(self, params: SamplingParams) -> bool:
+        return (params.true_cfg_scale or 1.0) > 1 and params.negative_prompt is not None
+
+    def prepare_latents(self, batch: int, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+        spatial = self.vae_scale_factor()
+        frames = (params.num_frames - 1) // self.temporal_scale_factor() + 1
+        shape = (batch, self.transformer.config.in_channels, frames, params.height // spatial, params.width // spatial)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)  # (B, C, F, H, W)
+
+    def make_timesteps(self, scheduler: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        steps = params.num_inference_steps
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=self.device)
+        scheduler.set_begin_index(0)
+        guidance = torch.tensor([params.guidance_scale] * latents.shape[0], dtype=self.dtype, device=self.device)
+        self._guidance = guidance * 1000.0
+        return scheduler.timesteps
+
+    def predict(
+        self, transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, condition: Conditioning
+    ) -> torch.Tensor:
+        return transformer(
+            hidden_states=latents.to(self.dtype),
+            timestep=t.expand(latents.shape[0]).to(latents.dtype),
+            guidance=self._guidance,
+            return_dict=False,
+            **condition.tensors,
+        )[0]
+
+    def guide(
+        self,
+        positive: torch.Tensor,
+        negative: torch.Tensor | None,
+        step: int,
+        t: torch.Tensor,
+        params: SamplingParams,
+    ) -> torch.Tensor:
+        if negative is None:
+            return positive
+        return negative + params.true_cfg_scale * (positive - negative)
+
+    def decode(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return video_frames_to_unit_range(self.vae.decode(latents, return_dict=False)[0])

@@ -1,0 +1,347 @@
+"""Wan 2.1 / 2.2 video: text-to-video, image-to-video, TI2V-5B and the two experts of Wan2.2 A14B.
+
+Guidance rule (as diffusers' WanPipeline / WanImageToVideoPipeline): CFG runs when `guidance_scale > 1`,
+`pred = neg + g * (pos - neg)`. Wan2.2 A14B routes each step to the high-noise expert `transformer`
+while `t >= boundary_ratio * 1000`, then to the low-noise expert `transformer_2`, whose CFG scale is
+`guidance_scale_2` (default: `guidance_scale`). Each expert keeps its own TeaCache state per CFG branch.
+
+Conditioning:
+- Wan2.1 I2V: the first frame, VAE-encoded with zeros for the other frames, plus a 4-channel frame mask,
+  is concatenated to the noise on the channel axis; CLIP image tokens join the text context.
+- Wan2.2 I2V A14B: the same latent concatenation, no CLIP.
+- TI2V-5B (`expand_timesteps` in `model_index.json`): per-token timesteps. With an image, the first latent
+  frame is replaced by the encoded image at every step and its tokens carry timestep 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..models.wan import WAN_TEACACHE_PRESETS, WanExpertPair, WanTransformer3DModel, wan_teacache_preset
+from ..params import SamplingParams
+from .base import Conditioning, Pipeline, to_unit_range
+
+__all__ = ["WanImageToVideoPipeline", "WanTextToVideoPipeline", "check_image", "video_frames_to_unit_range"]
+
+
+def check_image(image: Any) -> None:
+    """An input image: a PIL image, or a (3, H, W) / (1, 3, H, W) tensor in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return
+    if isinstance(image, torch.Tensor) and (
+        (image.ndim == 3 and image.shape[0] == 3) or (image.ndim == 4 and image.shape[:2] == (1, 3))
+    ):
+        return
+    shape = tuple(image.shape) if isinstance(image, torch.Tensor) else None
+    raise TypeError(
+        f"image must be a PIL image or a (3, H, W) / (1, 3, H, W) tensor in [0, 1], got {type(image).__name__}"
+        + (f" of shape {shape}" if shape is not None else "")
+    )
+
+
+def video_frames_to_unit_range(video: torch.Tensor) -> torch.Tensor:
+    """VAE output (B, 3, F, H, W) in [-1, 1] -> frames (B, F, 3, H, W) in [0, 1]."""
+    return to_unit_range(video).permute(0, 2, 1, 3, 4)
+
+
+class WanTextToVideoPipeline(Pipeline):
+    """Wan T2V (2.1 1.3B/14B, 2.2 A14B) and TI2V-5B: UMT5 text encoder, Wan VAE (per-channel latent
+    statistics), flow matching. TI2V also takes an optional `image=` (the first frame)."""
+
+    family: ClassVar[str] = "wan"
+    diffusers_class_name: ClassVar[str] = "WanPipeline"
+    transformer_class: ClassVar[type] = WanTransformer3DModel
+    extra_component_names: ClassVar[tuple[str, ...]] = ("transformer_2",)
+    sampling_extras: ClassVar[frozenset[str]] = frozenset({"guidance_scale_2", "flow_shift", "fps"})
+    default_negative_prompt: ClassVar[str | None] = ""
+    is_video: ClassVar[bool] = True
+    # Whether an image is required (I2V) rather than optional (TI2V) or refused (T2V).
+    requires_image: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        scheduler: Any,
+        vae: torch.nn.Module | None,
+        zoo_entry: Any = None,
+        transformer_2: WanTransformer3DModel | None = None,
+        boundary_ratio: float | None = None,
+        expand_timesteps: bool = False,
+        **text_components: Any,
+    ) -> None:
+        super().__init__(transformer, scheduler, vae, zoo_entry=zoo_entry, **text_components)
+        if (transformer_2 is None) != (boundary_ratio is None):
+            second = type(transformer_2).__name__ if transformer_2 is not None else None
+            raise ValueError(
+                "transformer_2 and boundary_ratio go together (Wan2.2 A14B's two experts): got transformer_2="
+                f"{second}, boundary_ratio={boundary_ratio!r}"
+            )
+        if not isinstance(expand_timesteps, bool):
+            raise TypeError(f"expand_timesteps must be True or False, got {expand_timesteps!r}")
+        self.experts = None
+        if transformer_2 is not None:
+            num_train_timesteps = scheduler.config.get("num_train_timesteps", 1000)
+            self.experts = WanExpertPair(transformer, transformer_2, boundary_ratio, num_train_timesteps)
+        self.transformer_2 = transformer_2
+        self.expand_timesteps = expand_timesteps
+        self._install_teacache_presets()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Any,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        zoo_entry: Any = None,
+    ) -> Pipeline:
+        from .loading import load_components, read_model_index
+
+        components = load_components(path, cls, torch_dtype=torch_dtype, device=device)
+        model_index = read_model_index(Path(path))
+        return cls(
+            **components,
+            zoo_entry=zoo_entry,
+            boundary_ratio=model_index.get("boundary_ratio"),
+            expand_timesteps=bool(model_index.get("expand_timesteps", False)),
+        )
+
+    def _install_teacache_presets(self) -> None:
+        """The Wan transformer has no coefficients of its own: each checkpoint has its fit, taken from the zoo
+        entry's presets (or the published table for its name) for the default and the ret-steps mode."""
+        entry = self.zoo_entry
+        if entry is None:
+            return
+        presets = [p.params for p in entry.presets.values() if p.params.coefficients is not None]
+        default = next((p.coefficients for p in presets if not p.use_ret_steps and p.indicator in (None, "temb")), None)
+        ret_steps = next((p.coefficients for p in presets if p.use_ret_steps), None)
+        if entry.name in WAN_TEACACHE_PRESETS:
+            default = default or wan_teacache_preset(entry.name)
+            ret_steps = ret_steps or wan_teacache_preset(entry.name, use_ret_steps=True)
+        for model in self.teacache_models().values():
+            model.teacache_default_coefficients = default
+            model.teacache_ret_steps_coefficients = ret_steps
+
+    # ---- sizes ----------------------------------------------------------------------------------
+
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.scale_factor_spatial
+
+    def temporal_scale_factor(self) -> int:
+        return self.vae.config.scale_factor_temporal
+
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor() * self.transformer.config.patch_size[1]
+
+    def check_params(self, params: SamplingParams) -> None:
+        super().check_params(params)
+        factor = self.temporal_scale_factor()
+        if params.num_frames % factor != 1:
+            lower = max(1, (params.num_frames - 1) // factor * factor + 1)
+            raise ValueError(
+                f"num_frames must be of the form {factor}k+1 for Wan (the VAE compresses {factor} frames into one "
+                f"latent frame after the first), got {params.num_frames}; try {lower} or {lower + factor}"
+            )
+        if params.guidance_scale_2 is not None and self.experts is None:
+            raise ValueError(
+                "guidance_scale_2 is the CFG scale of Wan2.2's low-noise expert; this model has one transformer"
+            )
+
+    def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
+        unknown = sorted(set(inputs) - {"image"})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} takes only image=..., got {unknown}")
+        image = inputs.get("image")
+        if image is None:
+            if self.takes_image() == "required":
+                raise ValueError(f"{type(self).__name__} is image-to-video: pass image=<first frame>")
+            return
+        if self.takes_image() == "no":
+            raise ValueError(
+                "image is only for image-to-video models (I2V, or TI2V with expand_timesteps); this Wan model is "
+                "text-to-video"
+            )
+        check_image(image)
+
+    def takes_image(self) -> str:
+        """ "required" (I2V: latents are concatenated with the image), "optional" (TI2V) or "no" (T2V)."""
+        if self.requires_image or self._concatenates_condition():
+            return "required"
+        return "optional" if self.expand_timesteps else "no"
+
+    def _concatenates_condition(self) -> bool:
+        return self.transformer.config.in_channels != self.vae.config.z_dim and not self.expand_timesteps
+
+    # ---- the family's pieces --------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], params: SamplingParams) -> Conditioning:
+        embeds, _ = self.text_helper().encode_prompt(
+            prompt=prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )
+        return Conditioning({"encoder_hidden_states": embeds.to(self._text_dtype())})
+
+    def _text_dtype(self) -> torch.dtype:
+        return self.transformer.condition_embedder.text_embedder.linear_1.weight.dtype
+
+    def uses_cfg(self, params: SamplingParams) -> bool:
+        return params.guidance_scale > 1
+
+    def prepare_latents(
+        self, batch: int, params: SamplingParams, generator: torch.Generator, image: Any = None
+    ) -> torch.Tensor:
+        spatial, temporal = self.vae_scale_factor(), self.temporal_scale_factor()
+        height, width = params.height // spatial, params.width // spatial
+        frames = (params.num_frames - 1) // temporal + 1
+        z_dim = self.vae.config.z_dim
+        channels = z_dim if self.takes_image() == "required" else self.transformer.config.in_channels
+        noise = torch.randn((batch, channels, frames, height, width), generator=generator, dtype=torch.float32)
+        latents = noise.to(self.device)  # (B, C, F, H, W)
+
+        self._image_tokens = None
+        self._concat_condition = None
+        self._first_frame = None
+        # Per-token timesteps mask: 0 where a token is the given first frame (TI2V), 1 elsewhere.
+        self._timestep_mask = (
+            torch.ones((1, 1, frames, height, width), device=self.device) if self.expand_timesteps else None
+        )
+        if image is None:
+            return latents
+        if self.transformer.config.image_dim is not None:  # Wan2.1 I2V: CLIP image tokens
+            tokens = self.text_helper().encode_image(image, self.device)  # (1, Li, image_dim)
+            self._image_tokens = tokens.repeat(batch, 1, 1).to(self._text_dtype())
+        pixels = self._preprocess_image(image, params)  # (1, 3, 1, H, W)
+        if self.expand_timesteps:
+            condition = self._encode_latents(pixels, batch)  # (B, z, 1, h, w)
+            self._timestep_mask[:, :, 0] = 0
+            self._first_frame = condition
+            return latents
+        padding = pixels.new_zeros(1, 3, params.num_frames - 1, params.height, params.width)
+        condition = self._encode_latents(torch.cat([pixels, padding], dim=2), batch)  # (B, z, F, h, w)
+        # Which pixel frames are given, folded to latent frames: the first latent frame stands for
+        # `temporal` copies of the first pixel frame, so the mask has `temporal` channels.
+        mask = torch.zeros(batch, 1, params.num_frames + temporal - 1, height, width)
+        mask[:, :, :temporal] = 1
+        mask = mask.view(batch, frames, temporal, height, width).transpose(1, 2).to(condition.device)
+        self._concat_condition = torch.cat([mask, condition], dim=1)  # (B, temporal + z, F, h, w)
+        return latents
+
+    def _preprocess_image(self, image: Any, params: SamplingParams) -> torch.Tensor:
+        """Resize to the output size and scale to [-1, 1] with diffusers' video processor (the reference's)."""
+        from diffusers.video_processor import VideoProcessor
+
+        processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor())
+        if isinstance(image, torch.Tensor) and image.ndim == 3:
+            image = image.unsqueeze(0)
+        pixels = processor.preprocess(image, height=params.height, width=params.width)
+        return pixels.to(self.device, torch.float32).unsqueeze(2)
+
+    def _encode_latents(self, video: torch.Tensor, batch: int) -> torch.Tensor:
+        """Pixels (1, 3, F, H, W) -> normalised latents (B, z, F', h, w): the mode of the VAE posterior."""
+        encoded = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode()
+        latents = encoded.repeat(batch, 1, 1, 1, 1).to(self.device, torch.float32)
+        mean, inverse_std = self._latent_statistics(latents)
+        return (latents - mean) * inverse_std
+
+    def _latent_statistics(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inverse_std = (1.0 / torch.tensor(config.latents_std)).view(shape).to(latents.device, latents.dtype)
+        return mean, inverse_std
+
+    def make_timesteps(self, scheduler: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+        scheduler.set_begin_index(0)
+        return scheduler.timesteps
+
+    def make_scheduler(self, params: SamplingParams) -> Any:
+        # Wan checkpoints ship UniPC with `flow_shift`; flow-matching Euler calls it `shift`.
+        key = "flow_shift" if "flow_shift" in self.scheduler.config else "shift"
+        overrides = {key: params.flow_shift} if params.flow_shift is not None else {}
+        return type(self.scheduler).from_config(self.scheduler.config, **overrides)
+
+    def transformer_for_step(self, t: torch.Tensor) -> torch.nn.Module:
+        return self.transformer if self.experts is None else self.experts.expert_for(t)
+
+    def teacache_models(self) -> dict[str, torch.nn.Module]:
+        if self.transformer_2 is None:
+            return {"transformer": self.transformer}
+        return {"transformer": self.transformer, "transformer_2": self.transformer_2}
+
+    def _model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._first_frame is not None:
+            mask = self._timestep_mask
+            latents = (1 - mask) * self._first_frame + mask * latents
+        elif self._concat_condition is not None:
+            latents = torch.cat([latents, self._concat_condition], dim=1)
+        return latents
+
+    def predict(
+        self, transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, condition: Conditioning
+    ) -> torch.Tensor:
+        batch = latents.shape[0]
+        if self._timestep_mask is not None:
+            _, p_h, p_w = transformer.config.patch_size
+            per_token = (self._timestep_mask[0, 0][:, ::p_h, ::p_w] * t).flatten()  # (L,)
+            timestep = per_token.unsqueeze(0).expand(batch, -1)  # (B, L)
+        else:
+            timestep = t.expand(batch)
+        model_input = self._model_input(latents).to(self.dtype)
+        return transformer(
+            hidden_states=model_input,
+            timestep=timestep,
+            encoder_hidden_states_image=self._image_tokens,
+            return_dict=False,
+            **condition.tensors,
+        )[0]
+
+    def guide(
+        self,
+        positive: torch.Tensor,
+        negative: torch.Tensor | None,
+        step: int,
+        t: torch.Tensor,
+        params: SamplingParams,
+    ) -> torch.Tensor:
+        if negative is None:
+            return positive
+        scale = params.guidance_scale
+        if self.experts is not None and self.experts.expert_for(t) is self.transformer_2:
+            scale = params.guidance_scale if params.guidance_scale_2 is None else params.guidance_scale_2
+        return negative + scale * (positive - negative)
+
+    def decode(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        if self._first_frame is not None:
+            latents = self._model_input(latents)
+        latents = latents.to(self.vae.dtype)
+        mean, inverse_std = self._latent_statistics(latents)
+        video = self.vae.decode(latents / inverse_std + mean, return_dict=False)[0]  # (B, 3, F, H, W)
+        return video_frames_to_unit_range(video)
+
+
+class WanImageToVideoPipeline(WanTextToVideoPipeline):
+    """Wan2.1 I2V 480P/720P (CLIP-H image tokens) and Wan2.2 I2V A14B (no image encoder): `image=` is the
+    first frame. The diffusers helper is built with the image encoder too, for its `encode_image`."""
+
+    diffusers_class_name: ClassVar[str] = "WanImageToVideoPipeline"
+    # The image encoder and its processor are None for Wan2.2 I2V (no CLIP).
+    text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "image_encoder", "image_processor")
+    requires_image: ClassVar[bool] = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        needs_clip = self.transformer.config.image_dim is not None
+        if needs_clip and (
+            self.text_components["image_encoder"] is None or self.text_components["image_processor"] is None
+        ):
+            raise ValueError(
+                "this transformer attends to CLIP image tokens (image_dim set, Wan2.1 I2V): image_encoder and "
+                "image_processor are required"
+            )

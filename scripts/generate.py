@@ -2,14 +2,18 @@
 """Generate an image (PNG) or a video (MP4) with TeaCache, from a model-zoo entry or a local folder.
 
 Examples:
+    python scripts/generate.py --model flux-digits --prompt "a handwritten digit 7"     # offline demo
+    python scripts/generate.py --model flux-digits --prompt "a handwritten digit "{0..9} --num-images 4 --grid --compare
     python scripts/generate.py --model flux1-dev --prompt "a red fox in the snow" --teacache fast
     python scripts/generate.py --model ./my-flux-folder --config configs/flux1-schnell.yaml --prompt "a cat"
     python scripts/generate.py --list-models
 
 Settings come from the zoo entry (`configs/<name>.yaml`: steps, guidance, resolution, frames, TeaCache
-presets); every flag given overrides its setting. Next to the output a JSON sidecar records every
-setting, the timings and the TeaCache statistics; one summary line (steps computed and skipped per CFG
-branch, wall time) is printed. Nothing is written when the run fails: errors exit non-zero.
+presets); every flag given overrides its setting. Several prompts (and --num-images per prompt) run as one
+batch; --grid tiles an image batch into one PNG; --compare also runs the batch with TeaCache off and prints
+the speedup and the PSNR against it. Next to the output a JSON sidecar records every setting, the timings
+and the TeaCache statistics; one summary line (steps computed and skipped per CFG branch, wall time) is
+printed. Nothing is written when the run fails: errors exit non-zero.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import random
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +38,9 @@ from teacache_models.params import SamplingParams, TeaCacheParams  # noqa: E402
 from teacache_models.zoo import ZooEntry, list_zoo, load_zoo_entry  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Grid cells smaller than this many pixels are enlarged (nearest neighbour) so that small images stay visible.
+GRID_CELL_PIXELS = 64
+_MAX_SEED = 2**63 - 1
 IMAGE_SUFFIXES = (".png",)
 VIDEO_SUFFIXES = (".mp4",)
 
@@ -47,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
             "TeaCache: --teacache picks a preset of the zoo entry ('slow' is more faithful, 'fast' skips more "
             "steps; the entry's default preset when omitted); 'off' runs every step. --teacache-thresh and "
             "--teacache-coefficients override the preset's values (or define the cache for a folder without "
-            "a zoo config). Outputs: PNG for image models, MP4 for video models, plus <output>.json."
+            "a zoo config). Outputs: PNG for image models, MP4 for video models, plus <output>.json. "
+            "Offline demo (weights shipped in this repository): --model flux-digits (or wan-digits) "
+            '--prompt "a handwritten digit "{0..9} --grid --compare'
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -60,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--list-models", action="store_true", help="list the zoo models and exit")
     prompt = parser.add_argument_group("prompt")
-    prompt.add_argument("--prompt", help="the text prompt (required unless --list-models)")
+    prompt.add_argument(
+        "--prompt",
+        nargs="+",
+        metavar="TEXT",
+        help="one or more text prompts, one output each (required unless --list-models); in bash, "
+        '--prompt "a handwritten digit "{0..9} gives ten',
+    )
     prompt.add_argument("--negative-prompt", help="negative prompt of the CFG branch (default: the model's)")
     prompt.add_argument("--image", type=Path, help="input image for image-to-video models (required for I2V)")
     sampling = parser.add_argument_group("sampling (default: the zoo entry's values)")
@@ -75,6 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--true-cfg-scale", type=float, help="true CFG scale of Flux/HunyuanVideo (with a negative prompt)"
     )
     sampling.add_argument("--seed", type=int, help="random seed (default: drawn at random and reported)")
+    batch = parser.add_argument_group("batch, grid and comparison")
+    batch.add_argument(
+        "--num-images", type=int, default=1, help="outputs per prompt, each from its own noise (one batch, one seed)"
+    )
+    batch.add_argument(
+        "--grid",
+        action="store_true",
+        help="image models: write the whole batch as one PNG grid (a column per prompt, a row per --num-images; "
+        f"cells under {GRID_CELL_PIXELS} px are enlarged) instead of one file per image",
+    )
+    batch.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the batch with TeaCache off (same prompts and seed, same process, after a one-step warm-up), "
+        "print the speedup (denoising time uncached / cached) and the PSNR of the cached output against the "
+        "uncached one, and write the uncached output next to it as <output>-uncached",
+    )
+    batch.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with --compare: timed runs of each mode, alternating; the speedup compares their median times",
+    )
     cache = parser.add_argument_group("TeaCache")
     cache.add_argument("--teacache", default=None, help="off, slow or fast (or another preset of the zoo entry)")
     cache.add_argument("--teacache-thresh", type=float, help="override the preset's threshold (0 never skips)")
@@ -86,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
     run.add_argument("--output", type=Path, help="output file (.png or .mp4; default: outputs/<model>-<seed>.<ext>)")
+    run.add_argument(
+        "--threads", type=int, help="CPU threads of torch (default: torch's; 1 is fastest for the tiny demo models)"
+    )
     run.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return parser
 
@@ -208,9 +252,19 @@ def write_atomically(path: Path, write: Any, suffix: str) -> None:
 
 
 def save_png(pixels: Any, path: Path) -> None:
-    from PIL import Image
+    # zlib alone: the offline demo runs without an imaging library.
+    from teacache_models.demo import write_png
 
-    Image.fromarray(pixels.numpy()).save(path, format="PNG")
+    write_png(path, pixels.numpy() if hasattr(pixels, "numpy") else pixels)
+
+
+def grid_image(pixels: Any, columns: int) -> Any:
+    """(N, H, W, 3) uint8 -> one grid image, `columns` per row."""
+    from teacache_models.demo import make_grid
+
+    height, width = pixels.shape[1:3]
+    scale = max(1, GRID_CELL_PIXELS // max(height, width))
+    return make_grid(pixels.numpy(), columns=columns, scale=scale)
 
 
 def save_mp4(frames: Any, path: Path, fps: int) -> None:
@@ -225,14 +279,23 @@ def save_mp4(frames: Any, path: Path, fps: int) -> None:
             writer.append_data(frame)
 
 
-def sidecar(args: argparse.Namespace, model: str, entry: ZooEntry | None, result: Any, files: list[Path]) -> dict:
+def sidecar(
+    args: argparse.Namespace,
+    model: str,
+    entry: ZooEntry | None,
+    result: Any,
+    files: list[Path],
+    comparison: dict[str, Any] | None,
+) -> dict:
     params = result.sampling_params
     settings = dataclasses.asdict(params)
     settings["seed"] = result.seed
-    return {
+    record = {
         "model": model,
         "zoo_entry": entry.name if entry is not None else None,
         "prompt": args.prompt,
+        "num_images": args.num_images,
+        "grid": args.grid,
         "image": str(args.image) if args.image is not None else None,
         "device": args.device,
         "dtype": args.dtype,
@@ -243,6 +306,9 @@ def sidecar(args: argparse.Namespace, model: str, entry: ZooEntry | None, result
         "teacache_stats": result.teacache_stats.as_dict(),
         "summary": result.summary(),
     }
+    if comparison is not None:
+        record["comparison"] = comparison
+    return record
 
 
 def output_paths(base: Path, batch: int) -> list[Path]:
@@ -251,14 +317,49 @@ def output_paths(base: Path, batch: int) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(batch)]
 
 
+def uncached_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}-uncached{path.suffix}")
+
+
+def psnr(actual: Any, reference: Any) -> float:
+    """PSNR in dB of pixels in [0, 1] against a reference (inf when equal)."""
+    mse = float(((actual.double() - reference.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def write_outputs(result: Any, base: Path, columns: int, grid: bool, fps: int) -> list[Path]:
+    """Write a result as one grid PNG, or one PNG / MP4 per sample; returns the files."""
+    pixels = result.to_uint8()
+    if grid:
+        image = grid_image(pixels, columns)
+        write_atomically(base, lambda p: save_png(image, p), base.suffix)
+        return [base]
+    files = output_paths(base, pixels.shape[0])
+    for path, sample in zip(files, pixels, strict=True):
+        if result.is_video:
+            write_atomically(path, lambda p, s=sample: save_mp4(s, p, fps), path.suffix)
+        else:
+            write_atomically(path, lambda p, s=sample: save_png(s, p), path.suffix)
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list_models:
         print(list_models())
         return 0
-    if not args.prompt:
-        raise CliError("--prompt is required (a non-empty text)")
+    if not args.prompt or not all(p.strip() for p in args.prompt):
+        raise CliError("--prompt is required (one or more non-empty texts)")
+    for flag, value in (("--num-images", args.num_images), ("--repeats", args.repeats)):
+        if value < 1:
+            raise CliError(f"{flag} must be at least 1, got {value}")
+    if args.repeats > 1 and not args.compare:
+        raise CliError("--repeats times the runs of --compare: give --compare too")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be at least 1, got {args.threads}")
     model, entry = resolve_entry(args)
     params = sampling_params(args, entry)
+    if args.compare and params.teacache_params is None:
+        raise CliError("--compare measures TeaCache against an uncached run: it needs TeaCache on (not --teacache off)")
     is_video = entry.is_video if entry is not None else None
     if entry is not None and entry.task == "i2v" and args.image is None:
         raise CliError(f"{entry.name} is an image-to-video model: --image FILE is required")
@@ -270,6 +371,8 @@ def run(args: argparse.Namespace) -> int:
         inputs = {"image": load_image(args.image)}
     else:
         inputs = {}
+    if args.grid and is_video:
+        raise CliError(f"--grid writes one PNG: it is for image models; {entry.name} is a video model")
     args.device = args.device or default_device()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.output is not None and is_video is not None:
@@ -279,46 +382,93 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(model, torch_dtype=args.dtype, device=args.device, zoo_entry=entry)
     is_video = pipe.is_video
+    if args.grid and is_video:
+        raise CliError(f"--grid writes one PNG: it is for image models; {name_of(model, entry)} is a video model")
     if args.image is None and pipe.takes_image() == "required":
         raise CliError(f"{name_of(model, entry)} is an image-to-video model: --image FILE is required")
     if args.image is not None and pipe.takes_image() == "no":
         raise CliError(f"--image is only for image-to-video models; {name_of(model, entry)} takes no image")
+    if args.compare and params.seed is None:
+        # Both runs must start from the same noise.
+        params = dataclasses.replace(params, seed=random.SystemRandom().randint(0, _MAX_SEED))
     seed_label = params.seed if params.seed is not None else "random"
     name = name_of(model, entry)
     output = args.output or REPO / "outputs" / f"{name}-{seed_label}{'.mp4' if is_video else '.png'}"
     check_output(output, is_video)
     pipe.check_params(params)
+    prompts = list(args.prompt) * args.num_images  # row-major: a row per image index, a column per prompt
 
-    progress = None
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
+    if args.threads is not None:
+        import torch
 
-        bar = tqdm(total=params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr)
+        torch.set_num_threads(args.threads)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-
-    try:
-        result = pipe(args.prompt, params, progress=progress, **inputs)
-    finally:
-        if bar is not None:
-            bar.close()
+    if args.compare:
+        result, uncached, seconds = compare(pipe, prompts, params, inputs, args)
+    else:
+        result = generate(pipe, prompts, params, inputs, args, "TeaCache" if params.teacache_params else "denoising")
     if args.output is None and params.seed is None:
         output = output.with_name(output.name.replace("-random", f"-{result.seed}"))
-    pixels = result.to_uint8()
-    files = output_paths(output, pixels.shape[0])
     fps = params.fps or 16
-    for path, sample in zip(files, pixels, strict=True):
-        if is_video:
-            write_atomically(path, lambda p, s=sample: save_mp4(s, p, fps), path.suffix)
-        else:
-            write_atomically(path, lambda p, s=sample: save_png(s, p), path.suffix)
-    record = sidecar(args, model, entry, result, files)
+    files = write_outputs(result, output, len(args.prompt), args.grid, fps)
+    comparison = None
+    if args.compare:
+        uncached_files = write_outputs(uncached, uncached_path(output), len(args.prompt), args.grid, fps)
+        pixels, reference = (r.frames if r.is_video else r.images for r in (result, uncached))
+        comparison = {
+            "speedup": seconds["uncached"]["denoising"] / seconds["TeaCache"]["denoising"],
+            "speedup_total": seconds["uncached"]["total"] / seconds["TeaCache"]["total"],
+            "repeats": args.repeats,
+            "median_seconds": seconds,
+            "psnr_db": psnr(pixels, reference),
+            "uncached_outputs": [str(f) for f in uncached_files],
+            "uncached_timings_s": uncached.timings,
+            "uncached_summary": uncached.summary(),
+        }
+    record = sidecar(args, model, entry, result, files, comparison)
     text = json.dumps(record, indent=2)
     write_atomically(output.with_suffix(".json"), lambda p: p.write_text(text + "\n"), ".json")
     print(f"{', '.join(str(f) for f in files)}: {result.summary()}")
+    if comparison is not None:
+        median = f" (medians of {args.repeats} runs)" if args.repeats > 1 else ""
+        print(
+            f"speedup {comparison['speedup']:.2f}x with TeaCache: denoising {seconds['uncached']['denoising']:.2f} s "
+            f"uncached, {seconds['TeaCache']['denoising']:.2f} s cached{median}; total "
+            f"{comparison['speedup_total']:.2f}x; PSNR {comparison['psnr_db']:.1f} dB against uncached "
+            f"({', '.join(comparison['uncached_outputs'])})"
+        )
     return 0
+
+
+def compare(
+    pipe: Any, prompts: list[str], params: SamplingParams, inputs: dict[str, Any], args: argparse.Namespace
+) -> tuple[Any, Any, dict[str, dict[str, float]]]:
+    """The batch with TeaCache and uncached, `--repeats` times each, alternating: (the last cached result, the
+    last uncached one, median seconds of each mode per stage)."""
+    # A one-step warm-up first: the first call allocates, which would count against the uncached run.
+    pipe(prompts, dataclasses.replace(params, num_inference_steps=1, teacache_params=None), **inputs)
+    runs: dict[str, list[Any]] = {"uncached": [], "TeaCache": []}
+    for repeat in range(args.repeats):
+        for label, mode in (("uncached", dataclasses.replace(params, teacache_params=None)), ("TeaCache", params)):
+            tag = f"{label} {repeat + 1}/{args.repeats}" if args.repeats > 1 else label
+            runs[label].append(generate(pipe, prompts, mode, inputs, args, tag))
+    seconds = {
+        label: {stage: statistics.median(r.timings[stage] for r in results) for stage in ("denoising", "total")}
+        for label, results in runs.items()
+    }
+    return runs["TeaCache"][-1], runs["uncached"][-1], seconds
+
+
+def generate(
+    pipe: Any, prompts: list[str], params: SamplingParams, inputs: dict[str, Any], args: argparse.Namespace, label: str
+) -> Any:
+    """One pipeline call with a progress bar over the steps (unless --no-progress)."""
+    if args.no_progress:
+        return pipe(prompts, params, **inputs)
+    from tqdm import tqdm
+
+    with tqdm(total=params.num_inference_steps, desc=label, unit="step", file=sys.stderr) as bar:
+        return pipe(prompts, params, progress=lambda done, total: bar.update(done - bar.n), **inputs)
 
 
 def name_of(model: str, entry: ZooEntry | None) -> str:

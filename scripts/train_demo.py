@@ -7,8 +7,10 @@ model predicts noise - x0. The prompt ("a handwritten digit 7", "the number seve
 learns the unconditional prediction and classifier-free guidance is real.
 
 Run: `python scripts/train_demo.py [--family flux|wan|both] [--steps N] [--out demo_models]`.
-The two models train side by side, one CPU core each, in about ten minutes; the weights, an exponential moving average
-of the trained parameters, are written in the diffusers layout with their sha256.
+The two models train side by side, one CPU core each, in about fifteen minutes; the weights, an exponential
+moving average of the trained parameters, are written in the diffusers layout with their sha256
+(`sha256sums.txt`, and the `sha256:` blocks printed for `weights_manifest.yaml`, which the loader checks).
+Sampling defaults and TeaCache presets live in `configs/flux-digits.yaml` and `configs/wan-digits.yaml`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from teacache_models.demo import NUMBER_WORDS, DigitTextEncoder, load_digits, predict_flow, save_demo_model
-from teacache_models.demo import DemoModel as Demo
+from teacache_models.demo import NUMBER_WORDS, DigitTextEncoder, load_digits, save_demo_model
 from teacache_models.models import FluxTransformer2DModel, WanTransformer3DModel
+from teacache_models.pipelines.demo import predict_flow
 
 IMAGE_SIZE = 16
 TEXT_WIDTH = 32
@@ -73,19 +75,6 @@ TEMPLATES = (
 )
 CONDITION_DROPOUT = 0.12
 
-# What `scripts/demo_generate.py` and the tests sample with. The TeaCache polynomial is the identity
-# (the raw relative L1 distance of the indicator): on both models, uncached over 20 prompts x 20 steps,
-# that distance tracks the block-stack residual's within about 20% up to the last few steps, so no
-# rescaling was needed to start; `scripts/calibrate.py` fits a real polynomial. Threshold 0.2 skips
-# 10-12 of 20 steps per branch at about 35 dB PSNR against the uncached samples, every digit still
-# read correctly; 0.3 drops to about 31-32 dB.
-DEMO_SAMPLING = {
-    "num_inference_steps": 20,
-    "guidance_scale": 4.0,
-    "shift": 1.0,
-    "teacache": {"teacache_thresh": 0.2, "coefficients": [1.0, 0.0], "indicator": None},
-}
-
 
 def random_prompt(digit: int, rng: random.Random) -> str:
     """A training prompt for `digit`: a random template with the numeral or the word; "" for dropout."""
@@ -108,7 +97,7 @@ def build(family: str) -> tuple[torch.nn.Module, DigitTextEncoder]:
     return transformer, encoder
 
 
-def train(family: str, steps: int, batch_size: int, seed: int) -> tuple[Demo, dict]:
+def train(family: str, steps: int, batch_size: int, seed: int) -> tuple[torch.nn.Module, DigitTextEncoder, dict]:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     images, labels = load_digits(IMAGE_SIZE)  # (N, 1, 16, 16), (N,)
@@ -125,7 +114,6 @@ def train(family: str, steps: int, batch_size: int, seed: int) -> tuple[Demo, di
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) * 0.95 + 0.05
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
-    demo = Demo(transformer, encoder, {"image_size": IMAGE_SIZE, "num_frames": 1})
     print(
         f"[{family}] transformer {sum(p.numel() for p in transformer.parameters()):,} parameters, "
         f"text encoder {sum(p.numel() for p in encoder.parameters()):,}; {steps} steps of batch {batch_size}"
@@ -143,7 +131,7 @@ def train(family: str, steps: int, batch_size: int, seed: int) -> tuple[Demo, di
         s = sigma.view(-1, 1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
         text, pooled = encoder.encode([random_prompt(int(d), rng) for d in labels[index]])
-        loss = torch.nn.functional.mse_loss(predict_flow(demo, noisy, sigma, text, pooled), noise - x0)
+        loss = torch.nn.functional.mse_loss(predict_flow(transformer, noisy, sigma, text, pooled), noise - x0)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,7 +149,6 @@ def train(family: str, steps: int, batch_size: int, seed: int) -> tuple[Demo, di
                 flush=True,
             )
     wall = time.perf_counter() - start
-    transformer, encoder = ema[0], ema[1]
     record = {
         "steps": steps,
         "batch_size": batch_size,
@@ -169,7 +156,7 @@ def train(family: str, steps: int, batch_size: int, seed: int) -> tuple[Demo, di
         "final_loss": round(running, 4),
         "wall_s": round(wall, 1),
     }
-    return Demo(transformer, encoder, {}), record
+    return ema[0], ema[1], record
 
 
 def sha256(path: Path) -> str:
@@ -187,7 +174,7 @@ def write_sha256sums(root: Path) -> Path:
 def train_and_save(family: str, args: argparse.Namespace) -> list[tuple[str, int, Path]]:
     """Train one family with `args.threads` threads and write its folder; returns (sha256, size, path) per file."""
     torch.set_num_threads(args.threads)
-    demo, record = train(family, args.steps, args.batch_size, args.seed)
+    transformer, encoder, record = train(family, args.steps, args.batch_size, args.seed)
     index = {
         "family": family,
         "image_size": IMAGE_SIZE,
@@ -196,9 +183,8 @@ def train_and_save(family: str, args: argparse.Namespace) -> list[tuple[str, int
         "pixel_range": [-1, 1],
         "data": "sklearn.datasets.load_digits, 8x8 upsampled bilinearly to 16x16",
         "training": {**record, "threads": args.threads, "condition_dropout": CONDITION_DROPOUT},
-        "sampling": DEMO_SAMPLING,
     }
-    files = save_demo_model(args.out / f"{family}-digits", demo.transformer, demo.text_encoder, index)
+    files = save_demo_model(args.out / f"{family}-digits", transformer, encoder, index)
     return [(sha256(path), path.stat().st_size, path) for path in files]
 
 
@@ -224,6 +210,11 @@ def main() -> None:
         print(f"[{family}] files (sha256, bytes, path):")
         for digest, size, path in files:
             print(f"  {digest}  {size:>9,}  {path}")
+    print("weights_manifest.yaml: replace the sha256 blocks of the entries with")
+    for family, files in results.items():
+        print(f"{family}-digits:\n  sha256:")
+        for digest, _, path in files:
+            print(f"    {path.relative_to(args.out / f'{family}-digits').as_posix()}: {digest}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""The offline demo: small pixel-space digit models of the native Flux and Wan architectures.
+"""The offline demo's own pieces: a text encoder that needs no download, the digits data set, a digit reader.
 
-Everything here runs without a download: a word-level text encoder over a fixed vocabulary, the
-pixel-space helpers (patch packing, position ids, image <-> [-1, 1] tensors, a PNG writer on zlib),
-the loader of a demo folder and a flow-matching Euler sampler with classifier-free guidance that
-tells the transformer each step and CFG branch, so TeaCache keeps one state per branch.
+- `DigitTextEncoder`: a word-level tokenizer over a fixed vocabulary and learned embeddings; the
+  empty prompt is the unconditional (negative) condition.
+- `load_digits` / `fit_digit_classifier`: scikit-learn's 8x8 handwritten digits (the training data,
+  upsampled) and a logistic-regression reader that checks generated digits.
+- Pixel helpers (image <-> [-1, 1] tensors, a grid, a PNG writer on zlib alone) and the demo folders
+  (`save_demo_model`, `load_demo_model`).
 
-A demo folder has the diffusers layout: `model_index.json` naming the parts, `transformer/` and
-`text_encoder/`, each with `config.json` and `diffusion_pytorch_model.safetensors`. The models are
-trained by `scripts/train_demo.py` on scikit-learn's 8x8 handwritten digits, upsampled; images are
-generated directly in pixel space (one grey channel, no VAE).
+A demo folder has the diffusers layout: `model_index.json` naming the pipeline class and the parts,
+`transformer/` and `text_encoder/`, each with `config.json` and `diffusion_pytorch_model.safetensors`.
+The models are trained by `scripts/train_demo.py` and generate directly in pixel space (one grey
+channel, no VAE). Generating is the pipelines' job: `load_pipeline("flux-digits")`
+(`teacache_models.pipelines.demo`); sampling defaults and TeaCache presets are in `configs/*-digits.yaml`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from torch import nn
 
 from .models import FluxTransformer2DModel, WanTransformer3DModel
 from .models.base import ConfiguredModel, register_config
-from .params import TeaCacheParams
 
 __all__ = [
     "DEFAULT_VOCABULARY",
@@ -36,17 +38,12 @@ __all__ = [
     "DigitTextEncoder",
     "digit_prompt",
     "fit_digit_classifier",
-    "flow_sigmas",
-    "image_ids",
     "images_to_tensor",
     "load_demo_model",
     "load_digits",
     "make_grid",
-    "pack_patches",
-    "sample",
     "save_demo_model",
     "tensor_to_images",
-    "unpack_patches",
     "write_png",
 ]
 
@@ -181,51 +178,23 @@ def tensor_to_images(tensor: torch.Tensor) -> np.ndarray:
     return pixels.to(torch.uint8).cpu().numpy()
 
 
-def pack_patches(images: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """(B, C, H, W) -> Flux tokens (B, H/p * W/p, C * p * p), channels then patch rows then columns."""
-    if images.ndim != 4 or images.shape[2] % patch or images.shape[3] % patch:
-        raise ValueError(
-            f"images must have shape (B, C, H, W) with H, W divisible by {patch}, got {tuple(images.shape)}"
-        )
-    b, c, h, w = images.shape
-    tokens = images.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return tokens.reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def unpack_patches(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
-    """Flux tokens (B, H/p * W/p, C * p * p) -> (B, C, H, W); the inverse of `pack_patches`."""
-    if tokens.ndim != 3 or tokens.shape[1] != (height // patch) * (width // patch) or tokens.shape[2] % (patch * patch):
-        raise ValueError(
-            f"tokens must have shape (B, {(height // patch) * (width // patch)}, C * {patch * patch}) for a "
-            f"{height}x{width} image, got {tuple(tokens.shape)}"
-        )
-    b, _, d = tokens.shape
-    c = d // (patch * patch)
-    images = tokens.reshape(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return images.reshape(b, c, height, width)
-
-
-def image_ids(rows: int, columns: int) -> torch.Tensor:
-    """Flux position ids of a token grid: (rows * columns, 3) with (0, row, column)."""
-    ids = torch.zeros(rows, columns, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]
-    ids[..., 2] = torch.arange(columns)[None, :]
-    return ids.reshape(rows * columns, 3)
-
-
 def make_grid(images: np.ndarray, columns: int, scale: int = 1, padding: int = 2, background: int = 128) -> np.ndarray:
-    """uint8 (N, H, W) -> one uint8 image with `columns` per row, each cell scaled up `scale` times.
+    """uint8 (N, H, W) grey or (N, H, W, 3) RGB images -> one uint8 image with `columns` per row, each cell
+    scaled up `scale` times (nearest neighbour).
 
     The cells are separated by `padding` pixels of the grey level `background`.
     """
     images = np.asarray(images)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 of shape (N, H, W), got {images.dtype} {images.shape}")
-    n, h, w = images.shape
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
+        raise ValueError(f"images must be uint8 of shape (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}")
+    for name, value, least in (("columns", columns, 1), ("scale", scale, 1), ("padding", padding, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    n, h, w = images.shape[:3]
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     rows = -(-n // columns)
     cell_h, cell_w = h * scale + padding, w * scale + padding
-    grid = np.full((rows * cell_h + padding, columns * cell_w + padding), background, dtype=np.uint8)
+    grid = np.full((rows * cell_h + padding, columns * cell_w + padding, *images.shape[3:]), background, np.uint8)
     for index, image in enumerate(images):
         r, c = divmod(index, columns)
         grid[padding + r * cell_h : (r + 1) * cell_h, padding + c * cell_w : (c + 1) * cell_w] = image
@@ -301,6 +270,8 @@ _TRANSFORMERS: dict[str, type[ConfiguredModel]] = {
     "FluxTransformer2DModel": FluxTransformer2DModel,
     "WanTransformer3DModel": WanTransformer3DModel,
 }
+# The `model_index.json` `_class_name` of each transformer's demo: the pipeline `load_pipeline` picks.
+_PIPELINE_NAMES = {"FluxTransformer2DModel": "FluxDigitsPipeline", "WanTransformer3DModel": "WanDigitsPipeline"}
 
 
 @dataclass
@@ -323,9 +294,12 @@ class DemoModel:
 def save_demo_model(
     folder: str | Path, transformer: ConfiguredModel, text_encoder: DigitTextEncoder, index: dict[str, Any]
 ) -> list[Path]:
-    """Write a demo folder (diffusers layout); returns the files written."""
+    """Write a demo folder (diffusers layout); returns the files written. `index` adds training metadata to
+    `model_index.json`."""
     from safetensors.torch import save_file
 
+    if type(transformer).__name__ not in _PIPELINE_NAMES:
+        raise TypeError(f"transformer must be one of {sorted(_PIPELINE_NAMES)}, got {type(transformer).__name__}")
     folder = Path(folder)
     written = []
     for part, model in (("transformer", transformer), ("text_encoder", text_encoder)):
@@ -337,6 +311,7 @@ def save_demo_model(
         save_file(state, str(folder / part / _WEIGHTS_NAME))
         written += [folder / part / _CONFIG_NAME, folder / part / _WEIGHTS_NAME]
     index = {
+        "_class_name": _PIPELINE_NAMES[type(transformer).__name__],
         "transformer": ["teacache_models.models", type(transformer).__name__],
         "text_encoder": ["teacache_models.demo", "DigitTextEncoder"],
         **index,
@@ -345,125 +320,20 @@ def save_demo_model(
     return [folder / _INDEX_NAME, *written]
 
 
-def _load_part(folder: Path, classes: dict[str, type[ConfiguredModel]]) -> ConfiguredModel:
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / _CONFIG_NAME).read_text())
-    class_name = config.get("_class_name")
-    if class_name not in classes:
-        raise ValueError(f"{folder / _CONFIG_NAME} names class {class_name!r}; expected one of {sorted(classes)}")
-    model = classes[class_name].from_config(config)
-    model.load_state_dict(load_file(str(folder / _WEIGHTS_NAME)), strict=True)
-    return model.eval()
-
-
 def load_demo_model(folder: str | Path) -> DemoModel:
-    """Load a demo folder written by `save_demo_model` (float32, CPU, eval mode)."""
+    """Load a demo folder written by `save_demo_model` (float32, CPU, eval mode) with the checked loader of
+    `teacache_models.weights`. Loading by zoo name (`load_pipeline("flux-digits")`) also verifies every
+    file's sha256 against the weights manifest."""
+    from .weights import load_transformer
+
     folder = Path(folder)
     if not (folder / _INDEX_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a demo model folder: it has no {_INDEX_NAME}")
     index = json.loads((folder / _INDEX_NAME).read_text())
-    transformer = _load_part(folder / "transformer", _TRANSFORMERS)
-    text_encoder = _load_part(folder / "text_encoder", {"DigitTextEncoder": DigitTextEncoder})
+    config_path = folder / "transformer" / _CONFIG_NAME
+    class_name = json.loads(config_path.read_text()).get("_class_name") if config_path.is_file() else None
+    if class_name not in _TRANSFORMERS:
+        raise ValueError(f"{config_path} names class {class_name!r}; expected one of {sorted(_TRANSFORMERS)}")
+    transformer = load_transformer(folder, _TRANSFORMERS[class_name], subfolder="transformer")
+    text_encoder = load_transformer(folder, DigitTextEncoder, subfolder="text_encoder")
     return DemoModel(transformer, text_encoder, index)  # type: ignore[arg-type]
-
-
-# ---- sampling --------------------------------------------------------------------------------------
-
-
-def flow_sigmas(num_inference_steps: int, shift: float = 1.0) -> torch.Tensor:
-    """FlowMatchEulerDiscreteScheduler's noise levels (static shift): N values from 1 down, then 0."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-
-    def shifted(sigma: np.ndarray | float) -> np.ndarray | float:
-        return shift * sigma / (1 + (shift - 1) * sigma)
-
-    # The scheduler's lowest level is the shifted 1/1000 of its 1000 training steps, and it shifts the
-    # spaced levels once more: both shifts are part of its schedule.
-    spaced = np.linspace(1.0, shifted(1.0 / 1000), num_inference_steps)
-    sigmas = torch.from_numpy(shifted(spaced)).float()
-    return torch.cat([sigmas, torch.zeros(1)])  # (N + 1,)
-
-
-def predict_flow(
-    demo: DemoModel,
-    noisy: torch.Tensor,
-    sigma: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    pooled: torch.Tensor | None,
-) -> torch.Tensor:
-    """One transformer call on pixel images (B, 1, F, H, W) at noise levels (B,) -> flow (B, 1, F, H, W).
-
-    The prediction is noise - clean image (the rectified-flow velocity), as Flux and Wan are trained.
-    """
-    model = demo.transformer
-    frames, height, width = noisy.shape[2:]
-    if isinstance(model, FluxTransformer2DModel):
-        if frames != 1:
-            raise ValueError(f"the Flux demo generates single images, got {frames} frames")
-        tokens = pack_patches(noisy[:, :, 0])  # (B, H/2 * W/2, 4)
-        text_len = encoder_hidden_states.shape[1]
-        out = model(
-            tokens,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled,
-            timestep=sigma,  # Flux scales sigma by 1000 inside
-            img_ids=image_ids(height // 2, width // 2).to(noisy.device),
-            txt_ids=torch.zeros(text_len, 3, device=noisy.device),
-            return_dict=False,
-        )[0]
-        return unpack_patches(out, height, width).unsqueeze(2)
-    return model(noisy, sigma * 1000, encoder_hidden_states, return_dict=False)[0]
-
-
-@torch.no_grad()
-def sample(
-    demo: DemoModel,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    num_inference_steps: int = 20,
-    guidance_scale: float = 4.0,
-    teacache: TeaCacheParams | None = None,
-    negative_prompt: str = "",
-    shift: float = 1.0,
-) -> torch.Tensor:
-    """Generate one sample per prompt with classifier-free guidance; returns (B, 1, F, H, W) in [-1, 1].
-
-    Each sample's starting noise is drawn from its own seed. Both CFG branches run as separate calls
-    inside `teacache_step`, so TeaCache (when `teacache` is given) keeps one state per branch; the
-    whole batch shares one skip decision per branch. `guidance_scale` 1 runs the positive branch only.
-    """
-    if len(prompts) != len(seeds) or not prompts:
-        raise ValueError(
-            f"prompts and seeds must be non-empty and of equal length, got {len(prompts)} and {len(seeds)}"
-        )
-    if guidance_scale < 1:
-        raise ValueError(f"guidance_scale must be >= 1 (1 turns CFG off), got {guidance_scale}")
-    size, frames = demo.image_size, demo.num_frames
-    model = demo.transformer
-    noise = [torch.randn(1, 1, frames, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    x = torch.cat(noise)  # (B, 1, F, H, W)
-    batch = x.shape[0]
-    text, pooled = demo.text_encoder.encode(list(prompts))
-    use_cfg = guidance_scale != 1
-    if use_cfg:
-        negative_text, negative_pooled = demo.text_encoder.encode([negative_prompt] * batch)
-    sigmas = flow_sigmas(num_inference_steps, shift)
-
-    if teacache is not None:
-        model.enable_teacache(teacache, num_inference_steps)
-    try:
-        for step in range(num_inference_steps):
-            sigma = sigmas[step].expand(batch)
-            with model.teacache_step(step, is_cfg_negative=False):
-                flow = predict_flow(demo, x, sigma, text, pooled)
-            if use_cfg:
-                with model.teacache_step(step, is_cfg_negative=True):
-                    negative = predict_flow(demo, x, sigma, negative_text, negative_pooled)
-                flow = negative + guidance_scale * (flow - negative)
-            x = x + (sigmas[step + 1] - sigmas[step]) * flow
-    finally:
-        if teacache is not None:
-            model.disable_teacache()
-    return x.clamp(-1, 1)

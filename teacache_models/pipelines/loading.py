@@ -2,7 +2,8 @@
 
 The folder is the diffusers layout: `model_index.json` names the pipeline class and, per component, the
 library and class to load from the subfolder of the same name. The transformer(s) are ours (the same
-state-dict keys as diffusers); everything else is loaded with its own library's `from_pretrained`.
+state-dict keys as diffusers); everything else is loaded with its own library's `from_pretrained`. A
+pipeline class may load its folder itself (the pixel-space demo's `from_pretrained`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _TRANSFORMER_KEYS = ("transformer", "transformer_2")
 
 
 def _registry() -> dict[str, type]:
+    from .demo import FluxDigitsPipeline, WanDigitsPipeline
     from .flux import FluxTextToImagePipeline
     from .hunyuan_video import HunyuanVideoTextToVideoPipeline
     from .qwen_image import QwenImageTextToImagePipeline
@@ -36,6 +38,8 @@ def _registry() -> dict[str, type]:
         WanTextToVideoPipeline,
         WanImageToVideoPipeline,
         HunyuanVideoTextToVideoPipeline,
+        FluxDigitsPipeline,
+        WanDigitsPipeline,
     )
     return {cls.diffusers_class_name: cls for cls in classes}
 

@@ -49,6 +49,15 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="generate.py",
@@ -61,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Offline demo (weights shipped in this repository): --model flux-digits (or wan-digits) "
             '--prompt "a handwritten digit "{0..9} --grid --compare'
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     source = parser.add_argument_group("model")
     source.add_argument("--model", help="zoo name (see --list-models), a local diffusers-layout folder, or a Hub id")

@@ -220,6 +220,7 @@ class TeaCacheMixin:
         finally:
             self.__dict__["_teacache_context"] = None
 
+    @torch.compiler.disable
     def claim_batched_cfg_call(self) -> bool:
         """For a model that splits a batched-CFG call itself: True when the current call must be split.
 
@@ -305,13 +306,27 @@ class TeaCacheMixin:
 
     def run_blocks(self, hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
         """Run the block stack, or reuse this branch's cached residual when TeaCache decides to skip."""
+        action, residual = self._teacache_plan(hidden_states, block_inputs)
+        if action == "skip":
+            return hidden_states + residual
+        output = self.forward_blocks(hidden_states, **block_inputs)
+        if action == "compute":
+            self._teacache_record(output, hidden_states)
+        return output
+
+    # The decision reads and writes Python state (step index, branch, accumulator) and syncs for one
+    # float: kept out of torch.compile graphs, so that a compiled model traces the block stack once per
+    # path (computed or skipped) instead of recompiling at every step.
+    @torch.compiler.disable
+    def _teacache_plan(
+        self, hidden_states: torch.Tensor, block_inputs: dict[str, Any]
+    ) -> tuple[str, torch.Tensor | None]:
+        """("run", None): plain call; ("compute", None): run and cache; ("skip", residual): reuse the residual."""
         context: _StepContext | None = self.__dict__.get("_teacache_context")
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         if context is None or session is None or session.closed:
-            return self.forward_blocks(hidden_states, **block_inputs)
-        if context.used:
-            raise RuntimeError("one teacache_step() context covers one forward call; open a new context for each call")
-        context.used = True
+            return "run", None
+        self._claim(context)
         if context.batched_cfg and session.active:
             raise ValueError(
                 f"{type(self).__name__} cannot cache a call that batches both CFG branches: with TeaCache on, "
@@ -326,17 +341,21 @@ class TeaCacheMixin:
             )
         if not session.active:
             state.computed_steps.append(context.step_index)
-            return self.forward_blocks(hidden_states, **block_inputs)
+            return "run", None
 
         indicator = self.teacache_indicator(hidden_states, **block_inputs)
         signature = _inputs_signature(hidden_states, indicator, block_inputs)
         if self._should_skip(session, state, context.step_index, signature, indicator):
             state.skipped_steps.append(context.step_index)
-            return hidden_states + state.previous_residual
-        output = self.forward_blocks(hidden_states, **block_inputs)
+            return "skip", state.previous_residual
+        return "compute", None
+
+    @torch.compiler.disable
+    def _teacache_record(self, output: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        context: _StepContext = self.__dict__["_teacache_context"]
+        state = self.__dict__["_teacache_session"].branches[context.is_cfg_negative]
         state.previous_residual = output - hidden_states
         state.computed_steps.append(context.step_index)
-        return output
 
     def _should_skip(
         self,
@@ -376,4 +395,6 @@ class TeaCacheMixin:
         session.active = False
         session.disabled_reason = reason
         session.release_tensors()
-        warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=4)
+        # Frames up to the caller: _teacache_plan, its compiler.disable wrapper, run_blocks, the model's
+        # forward and nn.Module's two call wrappers.
+        warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=8)

@@ -1,0 +1,149 @@
+"""torch.compile on native models with TeaCache on: same outputs as eager, and no recompilation per step.
+
+The TeaCache decision (step index, branch, accumulator, one synced float) runs outside the graphs, so
+a compiled model traces each path (computed step, skipped step) once and then only replays it. The
+graphs go to a counting backend that runs them eagerly ("eager"): what is tested is what Dynamo
+traces and guards, not Inductor's code generation, which would take minutes on a CPU.
+"""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from teacache_models import TeaCacheParams
+from teacache_models.models import FluxTransformer2DModel
+from teacache_models.models.wan import WanTransformer3DModel
+from tests.utils import assert_parity, randomize_
+
+FLUX = dict(
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 4, 8),
+)
+WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    rope_max_seq_len=32,
+)
+# Rescaled distance = raw distance. With these random weights one step moves the indicator by about 0.5-0.8
+# (Flux) or 0.7-1.4 (Wan): the thresholds let every other step or so skip.
+THRESHOLDS = {"flux": 1.0, "wan": 1.5}
+
+
+class CountingBackend:
+    """Counts the graphs Dynamo hands over and runs them as traced."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.graphs += 1
+        return graph_module.forward
+
+
+def flux_case() -> tuple[torch.nn.Module, Callable[[float], dict]]:
+    model = randomize_(FluxTransformer2DModel(**FLUX), seed=0).eval()
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 16, 4, generator=generator)
+    prompt = torch.randn(1, 6, 32, generator=generator)
+    pooled = torch.randn(1, 32, generator=generator)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+
+    def inputs(sigma: float) -> dict:
+        return dict(
+            hidden_states=latents,
+            encoder_hidden_states=prompt,
+            pooled_projections=pooled,
+            timestep=torch.tensor([sigma]),
+            img_ids=ids.reshape(-1, 3),
+            txt_ids=torch.zeros(6, 3),
+            guidance=torch.tensor([3.5]),
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+def wan_case() -> tuple[torch.nn.Module, Callable[[float], dict]]:
+    model = randomize_(WanTransformer3DModel(**WAN), seed=0).eval()
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 2, 8, 8, generator=generator)
+    prompt = torch.randn(1, 7, 16, generator=generator)
+
+    def inputs(sigma: float) -> dict:
+        return dict(
+            hidden_states=latents,
+            timestep=torch.tensor([1000 * sigma]),
+            encoder_hidden_states=prompt,
+            return_dict=False,
+        )
+
+    return model, inputs
+
+
+def run_loop(
+    model: torch.nn.Module,
+    call: torch.nn.Module,
+    inputs: Callable[[float], dict],
+    steps: int,
+    on_step: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    sigmas = torch.linspace(1.0, 0.05, steps).tolist()
+    thresh = THRESHOLDS["wan" if isinstance(model, WanTransformer3DModel) else "flux"]
+    model.enable_teacache(TeaCacheParams(teacache_thresh=thresh, coefficients=[1.0, 0.0]), steps)
+    outputs = []
+    with torch.no_grad():
+        for step, sigma in enumerate(sigmas):
+            with model.teacache_step(step):
+                outputs.append(call(**inputs(sigma))[0])
+            if on_step is not None:
+                on_step(step)
+    return outputs
+
+
+@pytest.mark.parametrize("case", [flux_case, wan_case], ids=["flux", "wan"])
+def test_compiled_model_matches_eager_and_compiles_a_bounded_number_of_graphs(case):
+    torch._dynamo.reset()
+    model, inputs = case()
+    steps = 10
+    eager = run_loop(model, model, inputs, steps)
+    eager_stats = model.teacache_stats()
+    assert 0 < eager_stats.positive.num_skipped < steps - 2, "the threshold must skip some steps, not all"
+
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    graphs_after_step = []
+    outputs = run_loop(model, compiled, inputs, steps, on_step=lambda _: graphs_after_step.append(backend.graphs))
+
+    assert model.teacache_stats().positive == eager_stats.positive  # the same steps computed and skipped
+    for actual, expected in zip(outputs, eager, strict=True):
+        assert_parity(actual, expected)
+    assert backend.graphs > 0, "nothing was compiled"
+    # Both paths have run by the middle of the loop; from then on no step compiles anything new.
+    assert graphs_after_step[-1] == graphs_after_step[steps // 2], graphs_after_step
+    assert graphs_after_step[-1] <= 12, graphs_after_step
+
+
+def test_a_second_generation_reuses_the_compiled_graphs():
+    torch._dynamo.reset()
+    model, inputs = flux_case()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    run_loop(model, compiled, inputs, 8)
+    graphs = backend.graphs
+    run_loop(model, compiled, inputs, 6)  # another step count, fresh TeaCache state
+    assert backend.graphs == graphs

@@ -1,0 +1,387 @@
+"""Fitting TeaCache's rescaling polynomial: record distances during uncached runs, fit, plot, write a zoo config.
+
+TeaCache skips the block stack while the accumulated, rescaled change of a cheap indicator stays below a
+threshold. The rescaling polynomial maps the indicator's relative L1 change between consecutive steps (x)
+to the change of what the blocks produce (y). Calibration observes both during generations that skip
+nothing and fits `numpy.polyfit(x, y, degree)`, per model.
+
+Recording works on any model with the `TeaCacheMixin` seam and any sampler that declares its steps with
+`model.teacache_step(...)`: `DistanceRecorder` wraps the instance's `teacache_indicator` and
+`forward_blocks` while the sampler runs with `calibration_params(indicator)`, a threshold of 0 (bit-identical
+to an uncached run) that makes the model compute the chosen indicator at every step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache.mixin import TeaCacheMixin, relative_l1_distance
+from .params import TeaCacheParams
+
+__all__ = [
+    "TARGETS",
+    "DistanceRecord",
+    "DistanceRecorder",
+    "PolynomialFit",
+    "calibration_params",
+    "calibration_source",
+    "fit_polynomial",
+    "plot_fit",
+    "record_runs",
+    "write_coefficients",
+]
+
+# What y measures: the block stack's output, or its residual (output - input), which TeaCache caches.
+TARGETS = ("output", "residual")
+_SOURCE_PREFIX = "coefficients: scripts/calibrate.py"
+
+
+def calibration_params(indicator: str | None = None) -> TeaCacheParams:
+    """TeaCache settings for a recording run: nothing is skipped, the chosen indicator is computed every step.
+
+    `indicator` None is the model's default indicator.
+    """
+    return TeaCacheParams(
+        teacache_thresh=0.0, coefficients=(0.0,), start_skipping=0, end_skipping=0, indicator=indicator
+    )
+
+
+@dataclass(frozen=True)
+class DistanceRecord:
+    """One pair of consecutive steps (`step - 1`, `step`) of one CFG branch of one generation."""
+
+    generation: int
+    is_cfg_negative: bool
+    step: int
+    x: float  # relative L1 change of the indicator
+    y: float  # relative L1 change of the block-stack output (or residual)
+
+
+class DistanceRecorder:
+    """Records indicator and block-stack distances of `model` between consecutive steps, per CFG branch.
+
+    Use it as a context manager around generations that run with `calibration_params(...)`:
+
+        with DistanceRecorder(model, target="output") as recorder:
+            sample(demo, prompts, seeds, teacache=calibration_params("temb"))
+        records = recorder.records
+
+    The wrappers live on the instance only while the context is open. Each `enable_teacache` call starts a
+    new generation; a branch's first step, or a step that does not follow the branch's previous one, gives
+    no record.
+    """
+
+    def __init__(self, model: TeaCacheMixin, target: str = "output") -> None:
+        if not isinstance(model, TeaCacheMixin):
+            raise TypeError(f"model must be a TeaCacheMixin model, got {type(model).__name__}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
+        self.model = model
+        self.target = target
+        self.records: list[DistanceRecord] = []
+        self._generation = -1
+        self._step: tuple[int, bool] | None = None
+        self._indicator: torch.Tensor | None = None
+        # Per branch: (step, indicator, target tensor) of the branch's latest computed step.
+        self._previous: dict[bool, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._wrapped: list[str] = []
+
+    def points(self, is_cfg_negative: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of all records, or of one branch's."""
+        chosen = [r for r in self.records if is_cfg_negative is None or r.is_cfg_negative == is_cfg_negative]
+        return np.array([r.x for r in chosen]), np.array([r.y for r in chosen])
+
+    def __enter__(self) -> DistanceRecorder:
+        if self._wrapped:
+            raise RuntimeError("this DistanceRecorder is already recording")
+        model = self.model
+        enable, step_context, branch_context = model.enable_teacache, model.teacache_step, model.teacache_branch
+        indicator, blocks = model.teacache_indicator, model.forward_blocks
+
+        def enable_teacache(params: TeaCacheParams, num_inference_steps: int) -> None:
+            if params.teacache_thresh != 0:
+                raise ValueError(
+                    f"a recording run must skip nothing: got teacache_thresh={params.teacache_thresh}; "
+                    "run the sampler with calibration_params(indicator)"
+                )
+            enable(params, num_inference_steps)
+            self._generation += 1
+            self._previous.clear()
+
+        @contextmanager
+        def teacache_step(step_index: int, is_cfg_negative: bool = False, batched_cfg: bool = False) -> Iterator[None]:
+            with step_context(step_index, is_cfg_negative, batched_cfg):
+                self._step = (step_index, is_cfg_negative)
+                try:
+                    yield
+                finally:
+                    self._step = None
+
+        @contextmanager
+        def teacache_branch(is_cfg_negative: bool) -> Iterator[None]:
+            outer = self._step
+            with branch_context(is_cfg_negative):
+                self._step = None if outer is None else (outer[0], is_cfg_negative)
+                try:
+                    yield
+                finally:
+                    self._step = outer
+
+        def teacache_indicator(hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
+            value = indicator(hidden_states, **block_inputs)
+            self._indicator = value.detach()
+            return value
+
+        def forward_blocks(hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
+            output = blocks(hidden_states, **block_inputs)
+            if self._step is not None:
+                if self._indicator is None:
+                    raise RuntimeError(
+                        "the block stack ran without its indicator: run the sampler with "
+                        "teacache=calibration_params(indicator) while recording"
+                    )
+                target = output if self.target == "output" else output - hidden_states
+                self._record(*self._step, self._indicator, target.detach())
+            self._indicator = None
+            return output
+
+        for name, wrapper in (
+            ("enable_teacache", enable_teacache),
+            ("teacache_step", teacache_step),
+            ("teacache_branch", teacache_branch),
+            ("teacache_indicator", teacache_indicator),
+            ("forward_blocks", forward_blocks),
+        ):
+            object.__setattr__(model, name, wrapper)
+            self._wrapped.append(name)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name in self._wrapped:
+            object.__delattr__(self.model, name)
+        self._wrapped.clear()
+        self._previous.clear()
+        self._step = self._indicator = None
+
+    def _record(self, step: int, is_cfg_negative: bool, indicator: torch.Tensor, target: torch.Tensor) -> None:
+        previous = self._previous.get(is_cfg_negative)
+        if previous is not None and previous[0] == step - 1:
+            x = relative_l1_distance(indicator, previous[1]).item()
+            y = relative_l1_distance(target, previous[2]).item()
+            self.records.append(DistanceRecord(self._generation, is_cfg_negative, step, x, y))
+        self._previous[is_cfg_negative] = (step, indicator, target)
+
+
+@dataclass(frozen=True)
+class PolynomialFit:
+    """A least-squares polynomial y ~ poly(x), highest degree first (`numpy.poly1d` order)."""
+
+    coefficients: tuple[float, ...]
+    num_points: int
+    r_squared: float
+    x_min: float
+    x_max: float
+
+    @property
+    def degree(self) -> int:
+        return len(self.coefficients) - 1
+
+    def __call__(self, x: np.ndarray | float) -> np.ndarray:
+        return np.polyval(self.coefficients, x)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "coefficients": list(self.coefficients),
+            "degree": self.degree,
+            "num_points": self.num_points,
+            "r_squared": self.r_squared,
+            "x_range": [self.x_min, self.x_max],
+        }
+
+
+def fit_polynomial(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, degree: int = 4) -> PolynomialFit:
+    """Fit `numpy.polyfit(x, y, degree)` and report R^2 (1 - residual / total sum of squares) and the x range."""
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+        raise ValueError(f"degree must be an integer >= 0, got {degree!r}")
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"x and y must be 1-D of equal length, got shapes {x.shape} and {y.shape}")
+    if len(x) <= degree:
+        raise ValueError(f"a degree-{degree} fit needs more than {degree} points, got {len(x)}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("x and y must be finite")
+    coefficients = np.polyfit(x, y, degree)
+    residual = float(np.sum((y - np.polyval(coefficients, x)) ** 2))
+    total = float(np.sum((y - y.mean()) ** 2))
+    r_squared = 1 - residual / total if total > 0 else (1.0 if residual == 0 else 0.0)
+    return PolynomialFit(tuple(float(c) for c in coefficients), len(x), r_squared, float(x.min()), float(x.max()))
+
+
+def plot_fit(
+    records: Sequence[DistanceRecord], fit: PolynomialFit, path: str | Path, title: str, x_label: str, y_label: str
+) -> None:
+    """Save a scatter of the records (one colour per CFG branch) with the fitted curve as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install 'teacache_models[demo]'") from error
+    figure, axes = plt.subplots(figsize=(6, 4.2), dpi=110)
+    for negative, colour, label in ((False, "tab:blue", "positive branch"), (True, "tab:orange", "negative branch")):
+        xs = [r.x for r in records if r.is_cfg_negative == negative]
+        ys = [r.y for r in records if r.is_cfg_negative == negative]
+        if xs:
+            axes.scatter(xs, ys, s=6, alpha=0.35, color=colour, label=label, linewidths=0)
+    grid = np.linspace(fit.x_min, fit.x_max, 200)
+    axes.plot(
+        grid, fit(grid), color="black", linewidth=1.5, label=f"degree-{fit.degree} fit, $R^2$={fit.r_squared:.3f}"
+    )
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def calibration_source(fit: PolynomialFit, previous_source: str = "") -> str:
+    """A preset's `source` saying where its coefficients come from, keeping the threshold's justification."""
+    rest = previous_source
+    if rest.startswith(_SOURCE_PREFIX):
+        rest = rest.split("; ", 1)[1] if "; " in rest else ""
+    note = (
+        f"{_SOURCE_PREFIX} fit on {fit.num_points} points (R^2 {fit.r_squared:.3f}, "
+        f"x in [{fit.x_min:.3g}, {fit.x_max:.3g}])"
+    )
+    return f"{note}; {rest}" if rest else note
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _is_content(line: str) -> bool:
+    stripped = line.strip()
+    return bool(stripped) and not stripped.startswith("#")
+
+
+def _block_end(lines: list[str], start: int, indent: int) -> int:
+    """Index after the lines that belong to the key at `start` (more indented than `indent`)."""
+    end = start + 1
+    while end < len(lines) and (not _is_content(lines[end]) or _indent(lines[end]) > indent):
+        end += 1
+    # Trailing blank or comment lines belong to what follows.
+    while end > start + 1 and not _is_content(lines[end - 1]):
+        end -= 1
+    return end
+
+
+def _find_key(lines: list[str], key: str, start: int, end: int, indent: int | None) -> int | None:
+    pattern = re.compile(rf"^( *){re.escape(key)}:(\s|$)")
+    for index in range(start, end):
+        match = pattern.match(lines[index])
+        if match and (indent is None or len(match.group(1)) == indent):
+            return index
+    return None
+
+
+def _set_key(lines: list[str], start: int, end: int, child_indent: int, key: str, value: str) -> None:
+    """Replace the value (with any continuation lines) of `key` in lines[start:end], or insert it at `start`."""
+    index = _find_key(lines, key, start, end, child_indent)
+    new_line = f"{' ' * child_indent}{key}: {value}\n"
+    if index is None:
+        lines.insert(start, new_line)
+        return
+    lines[index : _block_end(lines, index, child_indent)] = [new_line]
+
+
+def write_coefficients(
+    config_path: str | Path,
+    indicator: str,
+    fit: PolynomialFit,
+    default_indicator: str,
+    use_ret_steps: bool | None = None,
+) -> list[str]:
+    """Set the coefficients (and `source`) of every preset of a zoo config that uses `indicator`.
+
+    Edits the YAML text in place so comments and every other key stay as they are. A preset without an
+    `indicator` key uses `default_indicator` (the model's default). `use_ret_steps` True or False limits the
+    update to presets of that mode. Returns the names of the presets updated; the file is re-read with
+    the zoo loader afterwards, so a broken result fails here.
+    """
+    import yaml
+
+    from .zoo import load_zoo_entry
+
+    path = Path(config_path)
+    text = path.read_text()
+    data = yaml.safe_load(text)
+    presets = (data.get("teacache") or {}).get("presets") or {}
+    chosen = [
+        name
+        for name, preset in presets.items()
+        if (preset.get("indicator") or default_indicator) == indicator
+        and (use_ret_steps is None or bool(preset.get("use_ret_steps", False)) == use_ret_steps)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"{path} has no TeaCache preset using indicator {indicator!r}"
+            + ("" if use_ret_steps is None else f" with use_ret_steps={use_ret_steps}")
+            + f"; its presets: {sorted(presets)}"
+        )
+    lines = text.splitlines(keepends=True)
+    teacache = _find_key(lines, "teacache", 0, len(lines), 0)
+    presets_at = (
+        None if teacache is None else _find_key(lines, "presets", teacache + 1, _block_end(lines, teacache, 0), None)
+    )
+    if presets_at is None:
+        raise ValueError(f"{path}: expected a block-style 'teacache:' mapping with a 'presets:' key")
+    presets_indent = _indent(lines[presets_at])
+    coefficients = "[" + ", ".join(f"{c:.8e}" for c in fit.coefficients) + "]"
+    for name in chosen:
+        presets_end = _block_end(lines, presets_at, presets_indent)
+        header = next(
+            i
+            for i in range(presets_at + 1, presets_end)
+            if _is_content(lines[i]) and _indent(lines[i]) > presets_indent and lines[i].strip().startswith(f"{name}:")
+        )
+        header_indent = _indent(lines[header])
+        end = _block_end(lines, header, header_indent)
+        child_indent = next(_indent(line) for line in lines[header + 1 : end] if _is_content(line))
+        source = calibration_source(fit, str(presets[name].get("source", "")))
+        _set_key(lines, header + 1, end, child_indent, "source", _yaml_string(source))
+        end = _block_end(lines, header, header_indent)
+        _set_key(lines, header + 1, end, child_indent, "coefficients", coefficients)
+    path.write_text("".join(lines))
+    entry = load_zoo_entry(path)
+    for name in chosen:
+        written = entry.presets[name].params.coefficients
+        if not all(math.isclose(a, b, rel_tol=1e-7) for a, b in zip(written, fit.coefficients, strict=True)):
+            raise RuntimeError(f"{path}: preset {name!r} did not take the new coefficients")
+    return chosen
+
+
+def _yaml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def record_runs(
+    model: TeaCacheMixin, run: Callable[[TeaCacheParams], Any], indicator: str | None, target: str = "output"
+) -> list[DistanceRecord]:
+    """Call `run(params)` (one or more generations with those TeaCache params) while recording `model`."""
+    with DistanceRecorder(model, target) as recorder:
+        run(calibration_params(indicator))
+    return recorder.records

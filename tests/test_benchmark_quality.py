@@ -1,0 +1,55 @@
+"""scripts/benchmark_quality.py on a tiny sweep: every method runs, the JSON is complete and consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_quality", REPO / "scripts" / "benchmark_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model", ["wan-digits", "flux-digits"])
+def test_benchmark_tiny_sweep_writes_valid_json(tmp_path, model):
+    output = tmp_path / "bench.json"
+    args = ["--model", str(REPO / "demo_models" / model), "--config", model, "--output", str(output)]
+    args += ["--pairs", "2", "--steps", "6", "--rounds", "1", "--calibration-pairs", "1"]
+    args += ["--teacache-thresholds", "0.3", "1.0", "--fbc-thresholds", "0.1", "0.5"]
+    args += ["--magcache-thresholds", "0.1", "0.5", "--taylorseer-intervals", "2", "3"]
+    assert _load_script().main(args) == 0
+    report = json.loads(output.read_text())
+    points = report["points"]
+    methods = [p["method"] for p in points]
+    assert methods[:2] == ["uncached", "uncached (diffusers)"]
+    teacache = next(m for m in methods if m.startswith("TeaCache"))
+    for name in (teacache, "FirstBlockCache", "MagCache", "TaylorSeer"):
+        assert methods.count(name) == 2
+    for point in points:
+        assert 0 <= point["skipped_fraction"] <= 1 and point["speedup"] > 0
+        assert len(point["seconds"]) == 1 and -1 <= point["ssim_mean"] <= 1
+    # Baselines against themselves; the two implementations agree with each other.
+    assert all(p["psnr_mean"] == report["psnr_cap_db"] for p in points[:2])
+    assert report["uncached_native_vs_diffusers"]["psnr_mean"] > 60
+    # TaylorSeer computes its 3 warm-up steps, then every `interval`-th step from step 4 on: with interval 2
+    # it predicts steps 3 and 5 of 6, with interval 3 steps 3 and 5 too (step 4 computes, step 7 would).
+    taylor = [p for p in points if p["method"] == "TaylorSeer"]
+    assert [math.isclose(p["skipped_fraction"], 2 / 6) for p in taylor] == [True, True]
+    # A threshold of 1.0 skips more than 0.3 (start and end steps always compute).
+    ours = [p for p in points if p["method"] == teacache]
+    assert ours[1]["skipped_fraction"] >= ours[0]["skipped_fraction"] > 0
+    assert len(report["magcache_ratios"]) == 6
+    assert set(report["summary"]["best_at_30db"]) == {teacache, "FirstBlockCache", "MagCache", "TaylorSeer"}

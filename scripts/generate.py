@@ -7,6 +7,7 @@ Examples:
     python scripts/generate.py --model flux1-dev --prompt "a red fox in the snow" --teacache fast
     python scripts/generate.py --model ./my-flux-folder --config configs/flux1-schnell.yaml --prompt "a cat"
     python scripts/generate.py --list-models
+    torchrun --nproc-per-node 4 scripts/generate.py --model wan2.1-t2v-14b --prompt "a fox" --cfg-parallel --sp-degree 2
 
 Settings come from the zoo entry (`configs/<name>.yaml`: steps, guidance, resolution, frames, TeaCache
 presets); every flag given overrides its setting. Several prompts (and --num-images per prompt) run as one
@@ -14,6 +15,10 @@ batch; --grid tiles an image batch into one PNG; --compare also runs the batch w
 the speedup and the PSNR against it. Next to the output a JSON sidecar records every setting, the timings
 and the TeaCache statistics; one summary line (steps computed and skipped per CFG branch, wall time) is
 printed. Nothing is written when the run fails: errors exit non-zero.
+
+Under torchrun, --cfg-parallel computes the two CFG branches on two ranks and --sp-degree N splits the
+token sequence over N ranks (Wan, HunyuanVideo); the world size must be 2 x N with CFG, else N. Every rank
+generates the same result; only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -140,7 +145,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="CPU threads of torch (default: torch's; 1 is fastest for the tiny demo models)"
     )
     run.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    parallel = parser.add_argument_group("several GPUs (launch with torchrun --nproc-per-node N)")
+    parallel.add_argument(
+        "--cfg-parallel", action="store_true", help="compute the positive and negative CFG branch on two ranks"
+    )
+    parallel.add_argument(
+        "--sp-degree",
+        type=int,
+        default=1,
+        help="ranks splitting the token sequence (Ulysses sequence parallelism; Wan and HunyuanVideo)",
+    )
+    parallel.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a rank waits for the others in a collective before failing instead of hanging",
+    )
     return parser
+
+
+def start_parallel(args: argparse.Namespace) -> Any:
+    """The `ParallelState` of this rank under torchrun, None for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.sp_degree < 1:
+        raise CliError(f"--sp-degree must be at least 1, got {args.sp_degree}")
+    if args.dist_timeout <= 0:
+        raise CliError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    if world_size == 1 and not args.cfg_parallel and args.sp_degree == 1:
+        return None
+    if world_size == 1:
+        needed = (2 if args.cfg_parallel else 1) * args.sp_degree
+        raise CliError(
+            f"--cfg-parallel / --sp-degree need {needed} ranks: launch with "
+            f"torchrun --nproc-per-node {needed} scripts/generate.py ..."
+        )
+    from teacache_models.distributed import init_parallel
+
+    try:
+        return init_parallel(args.cfg_parallel, args.sp_degree, timeout_s=args.dist_timeout)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def list_models() -> str:
@@ -382,6 +426,29 @@ def run(args: argparse.Namespace) -> int:
         inputs = {}
     if args.grid and is_video:
         raise CliError(f"--grid writes one PNG: it is for image models; {entry.name} is a video model")
+    state = start_parallel(args)
+    if state is None:
+        return generate_and_write(args, model, entry, params, inputs, is_video, None)
+    # Each rank computes on its own device (its GPU under NCCL); only rank 0 shows progress.
+    args.device = str(state.device)
+    args.no_progress = args.no_progress or not state.is_main
+    try:
+        with state.guard():
+            return generate_and_write(args, model, entry, params, inputs, is_video, state)
+    finally:
+        state.close()
+
+
+def generate_and_write(
+    args: argparse.Namespace,
+    model: str,
+    entry: ZooEntry | None,
+    params: SamplingParams,
+    inputs: dict[str, Any],
+    is_video: bool | None,
+    state: Any,
+) -> int:
+    """Load, generate and (on rank 0 or alone) write the outputs, the sidecar and the summary."""
     args.device = args.device or default_device()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.output is not None and is_video is not None:
@@ -391,6 +458,11 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(model, torch_dtype=args.dtype, device=args.device, zoo_entry=entry)
     is_video = pipe.is_video
+    if state is not None:
+        try:
+            pipe.enable_parallel(state)
+        except ValueError as error:
+            raise CliError(str(error)) from None
     if args.grid and is_video:
         raise CliError(f"--grid writes one PNG: it is for image models; {name_of(model, entry)} is a video model")
     if args.image is None and pipe.takes_image() == "required":
@@ -399,7 +471,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--image is only for image-to-video models; {name_of(model, entry)} takes no image")
     if args.compare and params.seed is None:
         # Both runs must start from the same noise.
-        params = dataclasses.replace(params, seed=random.SystemRandom().randint(0, _MAX_SEED))
+        seed = random.SystemRandom().randint(0, _MAX_SEED)
+        if state is not None:
+            seed = state.broadcast_object(seed)  # every rank must draw the same noise
+        params = dataclasses.replace(params, seed=seed)
     seed_label = params.seed if params.seed is not None else "random"
     name = name_of(model, entry)
     output = args.output or REPO / "outputs" / f"{name}-{seed_label}{'.mp4' if is_video else '.png'}"
@@ -416,6 +491,8 @@ def run(args: argparse.Namespace) -> int:
         result, uncached, seconds = compare(pipe, prompts, params, inputs, args)
     else:
         result = generate(pipe, prompts, params, inputs, args, "TeaCache" if params.teacache_params else "denoising")
+    if state is not None and not state.is_main:
+        return 0
     if args.output is None and params.seed is None:
         output = output.with_name(output.name.replace("-random", f"-{result.seed}"))
     fps = params.fps or 16
@@ -435,6 +512,13 @@ def run(args: argparse.Namespace) -> int:
             "uncached_summary": uncached.summary(),
         }
     record = sidecar(args, model, entry, result, files, comparison)
+    if state is not None:
+        record["parallel"] = {
+            "world_size": state.world_size,
+            "cfg_parallel": state.cfg_parallel,
+            "sp_degree": state.sp_degree,
+            "backend": state.backend,
+        }
     text = json.dumps(record, indent=2)
     write_atomically(output.with_suffix(".json"), lambda p: p.write_text(text + "\n"), ".json")
     print(f"{', '.join(str(f) for f in files)}: {result.summary()}")

@@ -1,7 +1,7 @@
 """The README's offline demo end to end: the shipped digit models through the zoo, the weights manifest
 (sha256-checked), the pixel-space pipelines and scripts/generate.py (grid, --compare, sidecar).
 
-Few steps and one image per digit keep it quick; every generated digit is read back from the PNG and
+The zoo defaults and one image per digit keep it quick; every generated digit is read back from the PNG and
 checked by the logistic-regression reader of `teacache_models.demo`.
 """
 
@@ -74,7 +74,7 @@ def read_grid(path: Path, rows: int, columns: int) -> torch.Tensor:
 def test_readme_command_writes_a_recognisable_grid_and_prints_the_speedup(name, cli, digit_reader, tmp_path, capsys):
     output = tmp_path / "demo" / f"{name}.png"
     args = [
-        "--model", name, "--prompt", *PROMPTS, "--grid", "--compare", "--steps", "10", "--seed", "0",
+        "--model", name, "--prompt", *PROMPTS, "--grid", "--compare", "--seed", "0",
         "--threads", "1", "--no-progress", "--output", str(output),
     ]  # fmt: skip
     assert cli.main(args) == 0
@@ -97,8 +97,11 @@ def test_readme_command_writes_a_recognisable_grid_and_prints_the_speedup(name, 
         == entry.presets[entry.default_preset].params.teacache_thresh
     )
     skipped = record["teacache_stats"]["branches"]["negative"]["skipped_steps"]
-    assert len(skipped) == int(counts.group(4)) and 0 not in skipped and 9 not in skipped  # first and last computed
-    assert "positive: 10 computed, 0 skipped" in comparison["uncached_summary"]
+    steps = entry.sampling.num_inference_steps
+    assert (
+        len(skipped) == int(counts.group(4)) and 0 not in skipped and steps - 1 not in skipped
+    )  # first, last computed
+    assert f"positive: {steps} computed, 0 skipped" in comparison["uncached_summary"]
 
     uncached_path = output.with_name(f"{name}-uncached.png")
     assert comparison["uncached_outputs"] == [str(uncached_path)]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..cache.mixin import TeaCacheMixin
+from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
 from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
@@ -197,7 +198,13 @@ class HunyuanVideoRotaryPosEmbed(nn.Module):
 
 
 class HunyuanVideoAttention(nn.Module):
-    """Multi-head attention with optional QK norm; with `joint=True` it also projects the text stream."""
+    """Multi-head attention with optional QK norm; with `joint=True` it also projects the text stream.
+
+    `sequence_parallel` (set by `HunyuanVideoTransformer3DModel.enable_sequence_parallel`) makes the
+    image+text attention of the blocks attend over every rank's shard of the image tokens.
+    """
+
+    sequence_parallel: SequenceParallel | None = None
 
     def __init__(
         self,
@@ -251,7 +258,7 @@ class HunyuanVideoAttention(nn.Module):
         q = torch.cat([q, self._heads(self.add_q_proj, self.norm_added_q, text)], dim=1)  # (B, Li + Lt, H, Dh)
         k = torch.cat([k, self._heads(self.add_k_proj, self.norm_added_k, text)], dim=1)
         v = torch.cat([v, self._heads(self.add_v_proj, None, text)], dim=1)
-        out = attention(q, k, v, attn_mask=mask)  # (B, Li + Lt, H * Dh)
+        out = self._attend(q, k, v, mask, replicated=text.shape[1])  # (B, Li + Lt, H * Dh)
         image_len = image.shape[1]
         return self.to_out[0](out[:, :image_len]), self.to_add_out(out[:, image_len:])
 
@@ -260,7 +267,16 @@ class HunyuanVideoAttention(nn.Module):
         q, k, v = self._qkv(tokens)
         q = torch.cat([apply_rotary_interleaved(q[:, :image_len], *rope), q[:, image_len:]], dim=1)
         k = torch.cat([apply_rotary_interleaved(k[:, :image_len], *rope), k[:, image_len:]], dim=1)
-        return attention(q, k, v, attn_mask=mask)
+        return self._attend(q, k, v, mask, replicated=tokens.shape[1] - image_len)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, replicated: int
+    ) -> torch.Tensor:
+        """Image tokens then `replicated` text tokens (B, Li + Lt, H, Dh) -> (B, Li + Lt, H * Dh); under
+        sequence parallelism the image tokens are this rank's shard and the text tokens are on every rank."""
+        if self.sequence_parallel is None:
+            return attention(q, k, v, attn_mask=mask)
+        return self.sequence_parallel.attention(q, k, v, attn_mask=mask, replicated=replicated)
 
 
 class _LinearSiLU(nn.Module):
@@ -450,7 +466,7 @@ def _as_vector(name: str, value: Any, batch: int, device: torch.device) -> torch
     return value.reshape(-1)
 
 
-class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin):
+class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixin):
     """The HunyuanVideo transformer (diffusers layout and keyword arguments) with TeaCache.
 
     Args:
@@ -563,7 +579,16 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin):
         temb, replace_emb = self.time_text_embed(timestep, pooled_projections, guidance, token_replace)  # (B, D)
         hidden_states = self.x_embedder(hidden_states)  # (B, Li, D)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states, timestep, text_mask)  # (B, Lt, D)
-        attention_mask = _joint_attention_mask(text_mask, hidden_states.shape[1])  # (B, 1, 1, Li + Lt)
+        image_len, first_frame_tokens = hidden_states.shape[1], grid[1] * grid[2]
+        sp = self.sequence_parallel
+        if sp is not None:
+            # This rank keeps its shard of the image tokens; the attention keys span every shard (the
+            # padding included, which the attention masks out).
+            sp.begin(image_len)
+            hidden_states = sp.shard(hidden_states)  # (B, Li / N, D)
+            rope = (sp.shard(rope[0], dim=0), sp.shard(rope[1], dim=0))
+            image_len, first_frame_tokens = sp.padded_length, sp.local_count(first_frame_tokens)
+        attention_mask = _joint_attention_mask(text_mask, image_len)  # (B, 1, 1, Li + Lt)
 
         hidden_states = self.run_blocks(
             hidden_states,
@@ -571,10 +596,12 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin):
             temb=temb,
             attention_mask=attention_mask,
             rope=rope,
-            token_replace=None if replace_emb is None else (replace_emb, grid[1] * grid[2]),
+            token_replace=None if replace_emb is None else (replace_emb, first_frame_tokens),
         )  # (B, Li, D)
 
         output = self.proj_out(self.norm_out(hidden_states, temb))  # (B, Li, p_t * p * p * C)
+        if sp is not None:
+            output = sp.gather(output)  # every rank's shard: (B, Li, p_t * p * p * C)
         output = output.reshape(batch, *grid, -1, p_t, p, p)
         output = output.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', p_t, H', p, W', p)
         output = output.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
@@ -585,12 +612,16 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin):
     def teacache_indicator(
         self, hidden_states: torch.Tensor, temb: torch.Tensor, token_replace: TokenReplace | None = None, **_: Any
     ) -> torch.Tensor:
-        """Block 0's AdaLN-modulated image tokens (B, Li, D)."""
+        """Block 0's AdaLN-modulated image tokens (B, Li, D); under sequence parallelism this rank's real
+        tokens (no padding), which the group's reduction joins."""
         if len(self.transformer_blocks):
-            return self.transformer_blocks[0].norm1(hidden_states, temb, token_replace)[0]
-        if len(self.single_transformer_blocks):
-            return self.single_transformer_blocks[0].norm(hidden_states, temb, token_replace)[0]
-        return hidden_states
+            indicator = self.transformer_blocks[0].norm1(hidden_states, temb, token_replace)[0]
+        elif len(self.single_transformer_blocks):
+            indicator = self.single_transformer_blocks[0].norm(hidden_states, temb, token_replace)[0]
+        else:
+            indicator = hidden_states
+        sp = self.sequence_parallel
+        return indicator if sp is None else sp.trim(indicator)
 
     def forward_blocks(
         self,
@@ -612,6 +643,16 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin):
         for block in self.single_transformer_blocks:
             tokens = block(tokens, image_len, temb, attention_mask, rope, token_replace)
         return tokens[:, :image_len]
+
+    # ---- sequence parallelism ---------------------------------------------------------------------
+
+    @property
+    def sequence_parallel_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    def sequence_parallel_modules(self) -> list[nn.Module]:
+        """The image+text attention of every block (the text refiner's attention stays local)."""
+        return [block.attn for block in (*self.transformer_blocks, *self.single_transformer_blocks)]
 
     # ---- input validation -------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..cache.mixin import TeaCacheMixin
 from ..cache.state import TeaCacheStats
+from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
 from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
@@ -286,7 +287,12 @@ class WanAttention(nn.Module):
 
     With `added_kv_proj_dim` the cross-attention also attends to the image tokens through its own K/V
     projections; the two attention outputs are summed before the output projection.
+
+    `sequence_parallel` (set by `WanTransformer3DModel.enable_sequence_parallel`) makes the
+    self-attention attend over every rank's token shard; cross-attention reads the full context anyway.
     """
+
+    sequence_parallel: SequenceParallel | None = None
 
     def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None = None) -> None:
         super().__init__()
@@ -320,7 +326,10 @@ class WanAttention(nn.Module):
         value = self._heads(self.to_v(source))
         if rope is not None:
             query, key = _apply_rope(query, *rope), _apply_rope(key, *rope)
-        out = attention(query, key, value)  # (B, L, D)
+        if context is None and self.sequence_parallel is not None:
+            out = self.sequence_parallel.attention(query, key, value)  # (B, L, D), L: this rank's shard
+        else:
+            out = attention(query, key, value)  # (B, L, D)
         if image_context is not None:
             image_key = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
             image_value = self._heads(self.add_v_proj(image_context))
@@ -381,7 +390,7 @@ class WanTransformerBlock(nn.Module):
 # ---- the model -------------------------------------------------------------------------------------
 
 
-class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
+class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixin):
     """The Wan 2.1 / 2.2 transformer (diffusers layout and keyword arguments) with TeaCache.
 
     Args:
@@ -509,6 +518,14 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
         timestep_proj = timestep_proj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, L, 6, D)
         if timestep_proj.ndim == 3:
             temb, timestep_proj = temb.unsqueeze(1), timestep_proj.unsqueeze(1)  # (B, 1, D), (B, 1, 6, D)
+        sp = self.sequence_parallel
+        if sp is not None:
+            # This rank keeps its shard of the tokens and of everything given per token.
+            sp.begin(hidden_states.shape[1])
+            hidden_states = sp.shard(hidden_states)  # (B, L / N, D)
+            rope = (sp.shard(rope[0]), sp.shard(rope[1]))
+            if temb.shape[1] != 1:
+                temb, timestep_proj = sp.shard(temb), sp.shard(timestep_proj)
         if image_context is not None:
             # Image tokens go ahead of the text. With image K/V projections the two parts are then taken
             # back as views of the joined tensor: half-precision matmuls round differently on such strided
@@ -533,6 +550,8 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
         shift, scale = shift.squeeze(2), scale.squeeze(2)  # (B, L or 1, D)
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
         hidden_states = self.proj_out(hidden_states)  # (B, L, p_t * p_h * p_w * C)
+        if sp is not None:
+            hidden_states = sp.gather(hidden_states)  # every rank's shard: (B, L, p_t * p_h * p_w * C)
 
         output = hidden_states.reshape(batch, *grid, p_t, p_h, p_w, -1)
         output = output.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, -1, frames, height, width)
@@ -603,17 +622,23 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
     def teacache_indicator(
         self, hidden_states: torch.Tensor, temb: torch.Tensor, timestep_proj: torch.Tensor, **_: Any
     ) -> torch.Tensor:
-        """`temb` (B, L or 1, D), `timestep_proj` (B, L or 1, 6, D) or block 0's modulated input (B, L, D)."""
+        """`temb` (B, L or 1, D), `timestep_proj` (B, L or 1, 6, D) or block 0's modulated input (B, L, D).
+
+        Under sequence parallelism: this rank's real tokens (no padding), which the group's reduction joins.
+        """
         name = self.teacache_indicator_name
         if name == "temb":
-            return temb
-        if name == "timestep_proj":
-            return timestep_proj
-        if not len(self.blocks):
-            return hidden_states
-        block = self.blocks[0]
-        shift, scale = block.modulation(timestep_proj)[:2]
-        return block.modulated_input(hidden_states, shift, scale)
+            indicator = temb
+        elif name == "timestep_proj":
+            indicator = timestep_proj
+        elif not len(self.blocks):
+            indicator = hidden_states
+        else:
+            block = self.blocks[0]
+            shift, scale = block.modulation(timestep_proj)[:2]
+            indicator = block.modulated_input(hidden_states, shift, scale)
+        sp = self.sequence_parallel
+        return indicator if sp is None else sp.trim(indicator)
 
     def forward_blocks(
         self,
@@ -628,6 +653,16 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin):
         for block in self.blocks:
             hidden_states = block(hidden_states, context, timestep_proj, rope, image_context)
         return hidden_states
+
+    # ---- sequence parallelism ---------------------------------------------------------------------
+
+    @property
+    def sequence_parallel_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    def sequence_parallel_modules(self) -> list[nn.Module]:
+        """The self-attention of every block: the attention over the sharded tokens."""
+        return [block.attn1 for block in self.blocks]
 
     # ---- input validation -------------------------------------------------------------------------
 

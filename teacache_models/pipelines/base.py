@@ -12,17 +12,21 @@ extra); they are imported lazily, so importing this package does not import diff
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..cache import TeaCacheStats
 from ..cache.state import BranchStats
 from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams
+
+if TYPE_CHECKING:
+    from ..distributed import ParallelState
 
 __all__ = ["Conditioning", "Pipeline", "PipelineResult", "ProgressCallback"]
 
@@ -127,6 +131,7 @@ class Pipeline:
         self.zoo_entry = zoo_entry
         self.text_components = dict(text_components)
         self._text_helper: Any = None
+        self.parallel: ParallelState | None = None
 
     # ---- construction ---------------------------------------------------------------------------
 
@@ -160,6 +165,21 @@ class Pipeline:
         if teacache not in ("off", "default"):
             raise ValueError(f"this pipeline has no zoo entry, so no TeaCache preset {teacache!r}; use 'off'")
         return SamplingParams(teacache_params=None, **overrides)
+
+    def enable_parallel(self, state: ParallelState | None) -> None:
+        """Generate on the ranks of `state` (from `teacache_models.distributed.init_parallel`), None: alone.
+
+        With CFG parallelism each rank of a CFG pair computes one branch and the two predictions are
+        exchanged every step; with sequence parallelism every transformer splits its tokens over the
+        sequence-parallel group and shares its TeaCache decisions with it. Every rank ends with the same
+        latents and the same result.
+        """
+        for model in self.teacache_models().values():
+            if state is not None:
+                state.enable_sequence_parallel(model)
+            elif getattr(model, "sequence_parallel", None) is not None:
+                model.disable_sequence_parallel()
+        self.parallel = state
 
     # ---- the family's pieces --------------------------------------------------------------------
 
@@ -282,6 +302,8 @@ class Pipeline:
         self.check_params(params)
         self.check_inputs(params, **inputs)
         seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, _MAX_SEED)
+        if self.parallel is not None:
+            seed = self.parallel.broadcast_object(seed)  # every rank must start from the same noise
         # Noise is drawn on the CPU and moved, as diffusers does with a CPU generator: the same seed
         # gives the same image on every device.
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -352,20 +374,39 @@ class Pipeline:
         # Without the cache: which transformer computed which step of each branch.
         computed = {name: {False: [], True: []} for name in named_models}
         names = {id(model): name for name, model in named_models.items()}
+        cfg = self.parallel.cfg if self.parallel is not None else None
+        if cfg is not None and negative is None:
+            raise ValueError(
+                "CFG parallelism splits the positive and the negative branch between two ranks, but this "
+                "generation runs no negative branch (CFG is off for these sampling settings): run without it"
+            )
         if cache is not None:
             for model in models:
                 model.enable_teacache(cache, num_steps)
         try:
             for step, t in enumerate(timesteps):
                 transformer = self.transformer_for_step(t)
-                with transformer.teacache_step(step, is_cfg_negative=False):
-                    positive = self.predict(transformer, latents, t, condition)
-                computed[names[id(transformer)]][False].append(step)
-                negative_prediction = None
-                if negative is not None and self.cfg_at_step(step, t, params):
-                    with transformer.teacache_step(step, is_cfg_negative=True):
-                        negative_prediction = self.predict(transformer, latents, t, negative)
-                    computed[names[id(transformer)]][True].append(step)
+                if cfg is not None:
+                    positive, negative_prediction = self._cfg_parallel_predict(
+                        cfg,
+                        transformer,
+                        latents,
+                        t,
+                        step,
+                        condition,
+                        negative,
+                        params,
+                        computed[names[id(transformer)]],
+                    )
+                else:
+                    with transformer.teacache_step(step, is_cfg_negative=False):
+                        positive = self.predict(transformer, latents, t, condition)
+                    computed[names[id(transformer)]][False].append(step)
+                    negative_prediction = None
+                    if negative is not None and self.cfg_at_step(step, t, params):
+                        with transformer.teacache_step(step, is_cfg_negative=True):
+                            negative_prediction = self.predict(transformer, latents, t, negative)
+                        computed[names[id(transformer)]][True].append(step)
                 prediction = self.guide(positive, negative_prediction, step, t, params)
                 latents = self.step_latents(scheduler, prediction, t, latents)
                 if progress is not None:
@@ -381,12 +422,46 @@ class Pipeline:
                 }
             else:
                 per_model = {name: model.teacache_stats() for name, model in named_models.items()}
+            if cfg is not None:
+                # Each rank recorded its own branch: the positive rank's positive, the negative rank's negative.
+                positive_side, negative_side = cfg.gather_objects(per_model)
+                per_model = {
+                    name: dataclasses.replace(stats, negative=negative_side[name].negative)
+                    for name, stats in positive_side.items()
+                }
             stats = merge_stats(list(per_model.values()))
         finally:
             if cache is not None:
                 for model in models:
                     model.disable_teacache()
         return latents, stats, per_model if len(per_model) > 1 else {}
+
+    def _cfg_parallel_predict(
+        self,
+        cfg: Any,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        step: int,
+        condition: Conditioning,
+        negative: Conditioning,
+        params: SamplingParams,
+        computed: dict[bool, list[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step of a CFG pair: this rank's branch, then both predictions by one exchange."""
+        if not self.cfg_at_step(step, t, params):
+            # No negative branch at this step: the positive rank computes and sends its prediction.
+            positive = None
+            if not cfg.is_cfg_negative:
+                with transformer.teacache_step(step, is_cfg_negative=False):
+                    positive = self.predict(transformer, latents, t, condition)
+                computed[False].append(step)
+            return cfg.share_positive(positive, latents.device), None
+        mine = cfg.is_cfg_negative
+        with transformer.teacache_step(step, is_cfg_negative=mine):
+            prediction = self.predict(transformer, latents, t, cfg.select(condition, negative))
+        computed[mine].append(step)
+        return cfg.combine(prediction)
 
     def step_latents(self, scheduler: Any, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor):
         return scheduler.step(prediction, t, latents, return_dict=False)[0]

@@ -234,8 +234,18 @@ class Pipeline:
         t: torch.Tensor,
         params: SamplingParams,
     ) -> torch.Tensor:
-        """The family's guidance rule; `negative` is None when CFG is off at this step."""
-        raise NotImplementedError
+        """The family's guidance rule; `negative` is None when CFG is off at this step.
+
+        The default is classifier-free guidance, negative + scale * (positive - negative), with the
+        family's `cfg_scale`.
+        """
+        if negative is None:
+            return positive
+        return negative + self.cfg_scale(t, params) * (positive - negative)
+
+    def cfg_scale(self, t: torch.Tensor, params: SamplingParams) -> float:
+        """The CFG scale at timestep `t` (default: `guidance_scale`)."""
+        return params.guidance_scale
 
     def decode(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """Latents -> pixels in [0, 1], (B, 3, H, W) or (B, F, 3, H, W)."""

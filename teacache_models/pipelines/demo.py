@@ -193,18 +193,6 @@ class DigitPipeline(Pipeline):
     ) -> torch.Tensor:
         return predict_flow(transformer, latents, t.to(latents.dtype), **condition.tensors)
 
-    def guide(
-        self,
-        positive: torch.Tensor,
-        negative: torch.Tensor | None,
-        step: int,
-        t: torch.Tensor,
-        params: SamplingParams,
-    ) -> torch.Tensor:
-        if negative is None:
-            return positive
-        return negative + params.guidance_scale * (positive - negative)
-
     def step_latents(
         self, scheduler: FlowMatchEuler, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor
     ) -> torch.Tensor:

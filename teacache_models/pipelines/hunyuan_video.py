@@ -95,17 +95,9 @@ class HunyuanVideoTextToVideoPipeline(Pipeline):
             **condition.tensors,
         )[0]
 
-    def guide(
-        self,
-        positive: torch.Tensor,
-        negative: torch.Tensor | None,
-        step: int,
-        t: torch.Tensor,
-        params: SamplingParams,
-    ) -> torch.Tensor:
-        if negative is None:
-            return positive
-        return negative + params.true_cfg_scale * (positive - negative)
+    def cfg_scale(self, t: torch.Tensor, params: SamplingParams) -> float:
+        # Embedded guidance is the model's own; a negative prompt adds true CFG with its own scale.
+        return params.true_cfg_scale
 
     def decode(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor

@@ -84,9 +84,9 @@ class QwenImageTextToImagePipeline(Pipeline):
         t: torch.Tensor,
         params: SamplingParams,
     ) -> torch.Tensor:
+        combined = super().guide(positive, negative, step, t, params)
         if negative is None:
-            return positive
-        combined = negative + params.guidance_scale * (positive - negative)
+            return combined
         # Per token, keep the positive prediction's norm: CFG changes the direction, not the magnitude.
         scale = torch.norm(positive, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True)
         return combined * scale

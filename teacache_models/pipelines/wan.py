@@ -302,20 +302,10 @@ class WanTextToVideoPipeline(Pipeline):
             **condition.tensors,
         )[0]
 
-    def guide(
-        self,
-        positive: torch.Tensor,
-        negative: torch.Tensor | None,
-        step: int,
-        t: torch.Tensor,
-        params: SamplingParams,
-    ) -> torch.Tensor:
-        if negative is None:
-            return positive
-        scale = params.guidance_scale
+    def cfg_scale(self, t: torch.Tensor, params: SamplingParams) -> float:
         if self.experts is not None and self.experts.expert_for(t) is self.transformer_2:
-            scale = params.guidance_scale if params.guidance_scale_2 is None else params.guidance_scale_2
-        return negative + scale * (positive - negative)
+            return params.guidance_scale if params.guidance_scale_2 is None else params.guidance_scale_2
+        return params.guidance_scale
 
     def decode(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         if self._first_frame is not None:

@@ -24,7 +24,7 @@ from ..demo import DigitTextEncoder
 from ..models import FluxTransformer2DModel, WanTransformer3DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .flux import _image_ids, pack_2x2, unpack_2x2
+from .flux import flux_image_ids, pack_2x2, unpack_2x2
 
 __all__ = ["DigitPipeline", "FlowMatchEuler", "FluxDigitsPipeline", "WanDigitsPipeline", "flow_sigmas", "predict_flow"]
 
@@ -99,7 +99,7 @@ def predict_flow(
             encoder_hidden_states=encoder_hidden_states,
             pooled_projections=pooled_projections,
             timestep=sigma.expand(batch),  # Flux scales sigma by 1000 inside
-            img_ids=_image_ids(height // 2, width // 2).to(pixels.device, pixels.dtype),
+            img_ids=flux_image_ids(height // 2, width // 2).to(pixels.device, pixels.dtype),
             txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=pixels.device, dtype=pixels.dtype),
             return_dict=False,
         )[0]

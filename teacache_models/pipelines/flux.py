@@ -74,7 +74,7 @@ class FluxTextToImagePipeline(Pipeline):
         channels = self.transformer.config.in_channels // 4
         dtype = self.text_components["text_encoder_2"].dtype
         noise = torch.randn((batch, channels, height, width), generator=generator, dtype=dtype)
-        self._image_ids = _image_ids(height // 2, width // 2).to(self.device, dtype)
+        self._image_ids = flux_image_ids(height // 2, width // 2).to(self.device, dtype)
         return pack_2x2(noise).to(self.device)  # (B, L, C * 4)
 
     def make_timesteps(self, scheduler: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -117,7 +117,7 @@ class FluxTextToImagePipeline(Pipeline):
         return to_unit_range(self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0])
 
 
-def _image_ids(height: int, width: int) -> torch.Tensor:
+def flux_image_ids(height: int, width: int) -> torch.Tensor:
     """(H * W, 3) position ids of the packed tokens: (0, row, column)."""
     ids = torch.zeros(height, width, 3)
     ids[..., 1] = torch.arange(height)[:, None]

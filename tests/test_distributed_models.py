@@ -13,6 +13,7 @@ from teacache_models import TeaCacheParams
 from teacache_models.distributed import ParallelState
 from teacache_models.models import HunyuanVideoTransformer3DModel
 from teacache_models.models.wan import WanTransformer3DModel
+from tests import tiny_configs
 from tests.test_distributed_primitives import spawn_ranks
 from tests.utils import assert_parity, randomize_
 
@@ -20,35 +21,7 @@ TOL = 1e-5
 NUM_STEPS = 6
 LINEAR = (1.0, 0.0)  # rescaled distance = raw distance
 
-# The tiny configs of tests/test_wan.py and tests/test_hunyuan_video.py, restated: importing those
-# modules imports diffusers (their oracle), which would slow every spawned rank down by seconds.
-WAN_TINY = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=4,
-    out_channels=4,
-    text_dim=16,
-    freq_dim=256,
-    ffn_dim=32,
-    num_layers=2,
-    rope_max_seq_len=32,
-)
-WAN_I2V = dict(WAN_TINY, in_channels=8, image_dim=20, added_kv_proj_dim=24)
-HV_TINY = dict(
-    in_channels=4,
-    out_channels=4,
-    num_attention_heads=2,
-    attention_head_dim=10,
-    num_layers=1,
-    num_single_layers=1,
-    num_refiner_layers=1,
-    patch_size=1,
-    patch_size_t=1,
-    text_embed_dim=16,
-    pooled_projection_dim=8,
-    rope_axes_dim=(2, 4, 4),
-)
+WAN_TINY, WAN_I2V, HV_TINY = tiny_configs.WAN_TINY, tiny_configs.WAN_I2V, tiny_configs.HUNYUAN_VIDEO_TINY
 HV_TOKEN_REPLACE = dict(HV_TINY, num_layers=2, num_single_layers=2, image_condition_type="token_replace")
 
 

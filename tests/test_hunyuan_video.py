@@ -11,23 +11,10 @@ from teacache_models.models.hunyuan_video import (
     HunyuanVideoTransformer3DModel,
 )
 from teacache_models.params import TeaCacheParams, evaluate_polynomial
+from tests.tiny_configs import HUNYUAN_VIDEO_TINY
 from tests.utils import assert_parity, load_both_ways, randomize_
 
-# The tiny config of the reference facts: heads 2 x 10, rope (2, 4, 4), one block of each kind.
-TINY = dict(
-    in_channels=4,
-    out_channels=4,
-    num_attention_heads=2,
-    attention_head_dim=10,
-    num_layers=1,
-    num_single_layers=1,
-    num_refiner_layers=1,
-    patch_size=1,
-    patch_size_t=1,
-    text_embed_dim=16,
-    pooled_projection_dim=8,
-    rope_axes_dim=(2, 4, 4),
-)
+TINY = HUNYUAN_VIDEO_TINY
 
 CONFIGS = {
     "tiny": TINY,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tests.tiny_configs import HUNYUAN_VIDEO_TINY
 from tests.utils import randomize_
 
 PROMPT_WORDS = (
@@ -412,20 +413,7 @@ def save_hunyuan_video(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    transformer = HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=10,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4),
-    )
+    transformer = HunyuanVideoTransformer3DModel(**HUNYUAN_VIDEO_TINY)
     randomize_(transformer, seed)
     llama_tokenizer = build_llama_tokenizer()
     text_encoder = LlamaModel(

@@ -15,21 +15,10 @@ from teacache_models.models.wan import (
     WanTransformer3DModel,
     wan_teacache_preset,
 )
+from tests.tiny_configs import WAN_I2V, WAN_TINY
 from tests.utils import assert_parity, load_both_ways, randomize_
 
-TINY = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=4,
-    out_channels=4,
-    text_dim=16,
-    freq_dim=256,
-    ffn_dim=32,
-    num_layers=2,
-    rope_max_seq_len=32,
-)
-I2V = dict(TINY, in_channels=8, image_dim=20, added_kv_proj_dim=24)
+TINY, I2V = WAN_TINY, WAN_I2V
 
 CONFIGS = {
     "t2v": TINY,

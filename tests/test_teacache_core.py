@@ -387,3 +387,22 @@ def test_a_changed_block_input_forces_a_compute():
         with torch.no_grad(), model.teacache_step(step):
             model(make_input(0), torch.tensor([1.0 - step / 10]), torch.ones(1, length, WIDTH))
     assert model.teacache_stats().positive.computed_steps == (0, 2, 3)
+
+
+def test_switch_off_warning_points_at_the_callers_line():
+    model = TinyModelWithoutSeparation()
+    model.enable_teacache(TeaCacheParams(), 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), model.teacache_step(0, is_cfg_negative=True):
+            model(make_input(0), torch.tensor([1.0]))
+    assert [w.filename for w in caught] == [__file__]
+
+
+def test_importing_the_package_leaves_the_compiler_unloaded():
+    import subprocess
+    import sys
+
+    code = "import sys, teacache_models.models, teacache_models.pipelines; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False"

@@ -17,8 +17,9 @@ context runs the blocks and touches no state.
 
 from __future__ import annotations
 
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,6 +56,24 @@ def _group_distance(
     dist.all_reduce(stats, group=group)
     forced_anywhere, difference, scale = stats.tolist()
     return forced_anywhere > 0, difference / scale if scale else float("inf")
+
+
+# The decision helpers wrapped with torch.compiler.disable, made once torch.compile is in use: the
+# decision reads and writes Python state (step index, branch, accumulator) and syncs for one float, so
+# it stays out of graphs, and a compiled model traces the block stack once per path (computed or
+# skipped) instead of recompiling at every step. Made lazily because importing the compiler costs
+# seconds that eager runs never need.
+_OUTSIDE_GRAPHS: dict[str, Callable[..., Any]] = {}
+
+
+def _prepare_for_compile() -> None:
+    if not _OUTSIDE_GRAPHS and "torch._dynamo" in sys.modules:
+        for name in ("_teacache_plan", "_teacache_record", "_claim_batched_cfg_call"):
+            _OUTSIDE_GRAPHS[name] = torch.compiler.disable(getattr(TeaCacheMixin, name))
+
+
+def _helper(name: str) -> Callable[..., Any]:
+    return _OUTSIDE_GRAPHS.get(name) or getattr(TeaCacheMixin, name)
 
 
 def _tensor_signature(tensor: torch.Tensor) -> tuple:
@@ -144,6 +163,7 @@ class TeaCacheMixin:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("enable_teacache() cannot be called inside a teacache_step() context")
+        _prepare_for_compile()
         coefficients, first_forced, last_forced = self.teacache_schedule(params)
         self.__dict__["_teacache_session"] = TeaCacheSession(
             params=params,
@@ -214,19 +234,22 @@ class TeaCacheMixin:
             )
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("teacache_step() contexts cannot be nested")
+        _prepare_for_compile()
         self.__dict__["_teacache_context"] = _StepContext(step_index, is_cfg_negative, batched_cfg)
         try:
             yield
         finally:
             self.__dict__["_teacache_context"] = None
 
-    @torch.compiler.disable
     def claim_batched_cfg_call(self) -> bool:
         """For a model that splits a batched-CFG call itself: True when the current call must be split.
 
         It consumes the step context (one forward call per context); the model then runs each half of
         the batch inside `teacache_branch(False)` and `teacache_branch(True)`.
         """
+        return _helper("_claim_batched_cfg_call")(self)
+
+    def _claim_batched_cfg_call(self) -> bool:
         context: _StepContext | None = self.__dict__.get("_teacache_context")
         if context is None or not context.batched_cfg or not self.teacache_enabled:
             return False
@@ -306,18 +329,14 @@ class TeaCacheMixin:
 
     def run_blocks(self, hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
         """Run the block stack, or reuse this branch's cached residual when TeaCache decides to skip."""
-        action, residual = self._teacache_plan(hidden_states, block_inputs)
+        action, residual = _helper("_teacache_plan")(self, hidden_states, block_inputs)
         if action == "skip":
             return hidden_states + residual
         output = self.forward_blocks(hidden_states, **block_inputs)
         if action == "compute":
-            self._teacache_record(output, hidden_states)
+            _helper("_teacache_record")(self, output, hidden_states)
         return output
 
-    # The decision reads and writes Python state (step index, branch, accumulator) and syncs for one
-    # float: kept out of torch.compile graphs, so that a compiled model traces the block stack once per
-    # path (computed or skipped) instead of recompiling at every step.
-    @torch.compiler.disable
     def _teacache_plan(
         self, hidden_states: torch.Tensor, block_inputs: dict[str, Any]
     ) -> tuple[str, torch.Tensor | None]:
@@ -350,7 +369,6 @@ class TeaCacheMixin:
             return "skip", state.previous_residual
         return "compute", None
 
-    @torch.compiler.disable
     def _teacache_record(self, output: torch.Tensor, hidden_states: torch.Tensor) -> None:
         context: _StepContext = self.__dict__["_teacache_context"]
         state = self.__dict__["_teacache_session"].branches[context.is_cfg_negative]
@@ -395,6 +413,6 @@ class TeaCacheMixin:
         session.active = False
         session.disabled_reason = reason
         session.release_tensors()
-        # Frames up to the caller: _teacache_plan, its compiler.disable wrapper, run_blocks, the model's
-        # forward and nn.Module's two call wrappers.
-        warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=8)
+        # Frames up to the caller of the model: _teacache_plan, run_blocks, the model's forward and
+        # nn.Module's two call wrappers (one more under torch.compile's wrapper).
+        warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=7)

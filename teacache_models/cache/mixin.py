@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -74,6 +75,17 @@ def _prepare_for_compile() -> None:
 
 def _helper(name: str) -> Callable[..., Any]:
     return _OUTSIDE_GRAPHS.get(name) or getattr(TeaCacheMixin, name)
+
+
+def _caller_stacklevel() -> int:
+    """The warnings stack level of the first frame outside this package and torch: the user's call."""
+    level, frame = 2, sys._getframe(2)  # 2: the caller of the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_PATHS):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+_INTERNAL_PATHS = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
 
 
 def _tensor_signature(tensor: torch.Tensor) -> tuple:
@@ -413,6 +425,4 @@ class TeaCacheMixin:
         session.active = False
         session.disabled_reason = reason
         session.release_tensors()
-        # Frames up to the caller of the model: _teacache_plan, run_blocks, the model's forward and
-        # nn.Module's two call wrappers (one more under torch.compile's wrapper).
-        warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=7)
+        warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=_caller_stacklevel())

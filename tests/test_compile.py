@@ -14,6 +14,7 @@ import torch
 from teacache_models import TeaCacheParams
 from teacache_models.models import FluxTransformer2DModel
 from teacache_models.models.wan import WanTransformer3DModel
+from tests.tiny_configs import WAN_TINY
 from tests.utils import assert_parity, randomize_
 
 FLUX = dict(
@@ -27,18 +28,7 @@ FLUX = dict(
     guidance_embeds=True,
     axes_dims_rope=(4, 4, 8),
 )
-WAN = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=4,
-    out_channels=4,
-    text_dim=16,
-    freq_dim=256,
-    ffn_dim=32,
-    num_layers=2,
-    rope_max_seq_len=32,
-)
+WAN = WAN_TINY
 # Rescaled distance = raw distance. With these random weights one step moves the indicator by about 0.5-0.8
 # (Flux) or 0.7-1.4 (Wan): the thresholds let every other step or so skip.
 THRESHOLDS = {"flux": 1.0, "wan": 1.5}

@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "check_architecture",
+    "check_patch_grid",
     "check_rope_axes",
     "check_tensor",
     "check_tokens",
@@ -106,6 +107,17 @@ def check_tensor(name: str, value: Any, shape: tuple[int | str | tuple[int, ...]
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     return value
+
+
+def check_patch_grid(name: str, sizes: tuple[int, ...], patches: tuple[int, ...]) -> tuple[int, ...]:
+    """Latent (frames, height, width) sizes that patches of `patches` tile exactly -> patches per axis."""
+    for axis, size, patch in zip(("frames", "height", "width"), sizes, patches, strict=True):
+        if size == 0 or size % patch:
+            raise ValueError(
+                f"{name} {axis} must be a positive multiple of the patch size {patch}, got {size}: frames, "
+                f"height, width {tuple(sizes)} must be positive multiples of {tuple(patches)}"
+            )
+    return tuple(size // patch for size, patch in zip(sizes, patches, strict=True))
 
 
 def check_tokens(name: str, value: Any, batch: int | None, width: int, min_length: int = 0) -> None:

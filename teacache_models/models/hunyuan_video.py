@@ -36,7 +36,7 @@ from ..layers.normalization import (
 )
 from ..layers.rope import apply_rotary_interleaved, rope_cos_sin
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_rope_axes, check_tensor, check_tokens
+from .checks import check_architecture, check_patch_grid, check_rope_axes, check_tensor, check_tokens
 
 __all__ = [
     "HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS",
@@ -668,16 +668,8 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         config = self.config
         check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
         batch, _, frames, height, width = hidden_states.shape
-        for axis, size, patch in (
-            ("frames", frames, config.patch_size_t),
-            ("height", height, config.patch_size),
-            ("width", width, config.patch_size),
-        ):
-            if size == 0 or size % patch:
-                raise ValueError(
-                    f"hidden_states {axis} must be a positive multiple of the patch size {patch}, got {size} "
-                    f"(shape {tuple(hidden_states.shape)})"
-                )
+        patches = (config.patch_size_t, config.patch_size, config.patch_size)
+        check_patch_grid("hidden_states", (frames, height, width), patches)
 
         check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_embed_dim)
         if encoder_hidden_states.shape[1] == 0:

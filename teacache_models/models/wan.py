@@ -40,7 +40,7 @@ from ..layers.normalization import FP32LayerNorm
 from ..layers.rope import rope_cos_sin
 from ..params import TeaCacheParams
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_tensor, check_tokens, is_int
+from .checks import check_architecture, check_patch_grid, check_tensor, check_tokens, is_int
 
 __all__ = [
     "WAN_TEACACHE_PRESETS",
@@ -679,12 +679,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
         _check_dtype("hidden_states", hidden_states, self.patch_embedding.weight)
         batch, _, *sizes = hidden_states.shape
-        if any(size % patch for size, patch in zip(sizes, self.patch_size, strict=True)) or 0 in sizes:
-            raise ValueError(
-                f"hidden_states frames, height, width {tuple(sizes)} must be positive multiples of "
-                f"patch_size {self.patch_size}"
-            )
-        grid = [size // patch for size, patch in zip(sizes, self.patch_size, strict=True)]
+        grid = check_patch_grid("hidden_states", tuple(sizes), tuple(self.patch_size))
         if max(grid) > config.rope_max_seq_len:
             raise ValueError(
                 f"hidden_states has {tuple(grid)} patches along (frames, height, width); at most "

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from teacache_models.layers.linear import LINEAR_KERNELS, resolve_linear_kernel  # noqa: E402
 from teacache_models.params import SamplingParams, TeaCacheParams  # noqa: E402
 from teacache_models.zoo import ZooEntry, list_zoo, load_zoo_entry  # noqa: E402
 
@@ -143,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="output file (.png or .mp4; default: outputs/<model>-<seed>.<ext>)")
     run.add_argument(
         "--threads", type=int, help="CPU threads of torch (default: torch's; 1 is fastest for the tiny demo models)"
+    )
+    run.add_argument(
+        "--linear-kernel",
+        choices=["auto", *LINEAR_KERNELS],
+        default="auto",
+        help="kernel of the transformer's linear layers: aten (PyTorch's), onednn (float32 on CPU, equal to "
+        "float32 rounding, often faster); auto: onednn for float32 on CPU where available, else aten",
     )
     run.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     parallel = parser.add_argument_group("several GPUs (launch with torchrun --nproc-per-node N)")
@@ -352,6 +360,7 @@ def sidecar(
         "image": str(args.image) if args.image is not None else None,
         "device": args.device,
         "dtype": args.dtype,
+        "linear_kernel": args.linear_kernel,
         "teacache": args.teacache or ("off" if params.teacache_params is None else "default"),
         "sampling_params": settings,
         "outputs": [str(f) for f in files],
@@ -457,6 +466,8 @@ def generate_and_write(
     from teacache_models.pipelines import load_pipeline
 
     pipe = load_pipeline(model, torch_dtype=args.dtype, device=args.device, zoo_entry=entry)
+    args.linear_kernel = resolve_linear_kernel(args.linear_kernel, args.device, args.dtype)
+    pipe.set_linear_kernel(args.linear_kernel)
     is_video = pipe.is_video
     if state is not None:
         try:

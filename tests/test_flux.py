@@ -9,7 +9,7 @@ from teacache_models.cache import relative_l1_distance
 from teacache_models.models import FluxTransformer2DModel
 from teacache_models.models.flux import FLUX_TEACACHE_COEFFICIENTS
 from teacache_models.params import evaluate_polynomial
-from tests.utils import assert_parity, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
 
 TINY = dict(
     in_channels=4,
@@ -364,3 +364,12 @@ def test_guidance_on_a_model_without_guidance_embedding():
 def test_bad_architecture_is_rejected(change, match):
     with pytest.raises(ValueError, match=match):
         FluxTransformer2DModel(**{**TINY, **change})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_onednn_linear_kernel_matches_diffusers(name):
+    config = CONFIGS[name]
+    ours, reference = build_pair(config, seed=11)
+    inputs = make_inputs(config, 2, 3, 5, 7)
+    check_linear_kernels(ours, reference, lambda model: model(**inputs, return_dict=False)[0])

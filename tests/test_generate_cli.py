@@ -72,9 +72,13 @@ def test_teacache_off_matches_the_python_api(cli, folder, tmp_path):
     from PIL import Image
 
     from teacache_models import SamplingParams
+    from teacache_models.layers.linear import resolve_linear_kernel
     from teacache_models.pipelines import load_pipeline
 
-    result = load_pipeline(folder)(
+    pipe = load_pipeline(folder)
+    # The CLI's default kernel: oneDNN for float32 on CPU where available (equal to float32 rounding only).
+    pipe.set_linear_kernel(resolve_linear_kernel("auto", "cpu", "float32"))
+    result = pipe(
         "a red fox",
         SamplingParams(num_inference_steps=5, guidance_scale=3.5, seed=3, height=16, width=24, teacache_params=None),
     )
@@ -82,6 +86,7 @@ def test_teacache_off_matches_the_python_api(cli, folder, tmp_path):
         assert np.array_equal(np.asarray(image), result.to_uint8()[0].numpy())
     record = json.loads(output.with_suffix(".json").read_text())
     assert record["teacache"] == "off" and record["teacache_stats"]["enabled"] is False
+    assert record["linear_kernel"] == resolve_linear_kernel("auto", "cpu", "float32")
 
 
 def test_list_models_and_help(cli, capsys):

@@ -12,7 +12,7 @@ from teacache_models.models.hunyuan_video import (
 )
 from teacache_models.params import TeaCacheParams, evaluate_polynomial
 from tests.tiny_configs import HUNYUAN_VIDEO_TINY
-from tests.utils import assert_parity, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
 
 TINY = HUNYUAN_VIDEO_TINY
 
@@ -429,3 +429,12 @@ def test_frames_not_divisible_by_the_temporal_patch():
 def test_bad_architecture_is_rejected(change, match):
     with pytest.raises(ValueError, match=match):
         HunyuanVideoTransformer3DModel(**{**TINY, **change})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_onednn_linear_kernel_matches_diffusers(name):
+    config = CONFIGS[name]
+    ours, reference = build_pair(config, seed=11)
+    inputs = make_inputs(config, *CASES["frames-odd-sizes-padding"])
+    check_linear_kernels(ours, reference, lambda model: model(**inputs, return_dict=False)[0])

@@ -14,7 +14,7 @@ from teacache_models.models.qwen_image import (
     QwenImageTransformer2DModel,
 )
 from teacache_models.params import evaluate_polynomial
-from tests.utils import assert_parity, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
 
 # The tiny config of models.md.
 TINY = dict(
@@ -441,3 +441,15 @@ def test_positions_beyond_the_rope_tables_are_rejected():
 def test_bad_architecture_is_rejected(change, match):
     with pytest.raises(ValueError, match=match):
         QwenImageTransformer2DModel(**{**TINY, **change})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_onednn_linear_kernel_matches_diffusers(name):
+    config = CONFIGS[name]
+    ours, reference = build_pair(config, seed=11)
+    batch, img_shapes, text_len, mask = CASES["non-square-padded"]
+    if config.get("use_additional_t_cond") and config.get("zero_cond_t"):
+        batch, img_shapes, mask = 1, img_shapes[:1], mask[:1]
+    inputs = make_inputs(config, batch, img_shapes, text_len, mask)
+    check_linear_kernels(ours, reference, lambda model: model(**inputs, return_dict=False)[0])

@@ -16,7 +16,7 @@ from teacache_models.models.wan import (
     wan_teacache_preset,
 )
 from tests.tiny_configs import WAN_I2V, WAN_TINY
-from tests.utils import assert_parity, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
 
 TINY, I2V = WAN_TINY, WAN_I2V
 
@@ -609,3 +609,12 @@ def test_expert_pair_threshold_zero_is_bit_identical():
         assert all(torch.equal(a, b) for a, b in zip(cached[branch], plain[branch], strict=True))
     with pytest.raises(ValueError, match="step_index 8 is out of range"), pair.teacache_step(NUM_STEPS):
         pass
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_onednn_linear_kernel_matches_diffusers(name):
+    config = CONFIGS[name]
+    ours, reference = build_pair(config, seed=11)
+    inputs = make_inputs(config, GRIDS[-1][0], GRIDS[-1][1:])
+    check_linear_kernels(ours, reference, lambda model: model(**inputs, return_dict=False)[0])

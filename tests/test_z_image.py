@@ -7,7 +7,7 @@ from diffusers.models.transformers.transformer_z_image import ZImageTransformer2
 from teacache_models.cache import relative_l1_distance
 from teacache_models.models.z_image import Z_IMAGE_TEACACHE_COEFFICIENTS, ZImageTransformer2DModel
 from teacache_models.params import TeaCacheParams, evaluate_polynomial
-from tests.utils import assert_parity, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
 
 TINY = dict(
     in_channels=4,
@@ -428,3 +428,16 @@ def test_lora_scale_is_accepted_and_ignored():
 def test_bad_architecture_is_rejected(change, match):
     with pytest.raises(ValueError, match=match):
         ZImageTransformer2DModel(**{**TINY, **change})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_onednn_linear_kernel_matches_diffusers(name):
+    config = CONFIGS[name]
+    ours, reference = build_pair(config, seed=11)
+    inputs = make_inputs(config, *CASES["batch2-sizes-differ"])
+
+    def run(model):
+        return torch.cat([sample.flatten() for sample in model(**inputs, return_dict=False)[0]])
+
+    check_linear_kernels(ours, reference, run)

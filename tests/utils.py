@@ -54,3 +54,24 @@ def run_steps(
             with torch.no_grad(), model.teacache_step(step, is_cfg_negative=negative):
                 outputs[negative].append(call(step, negative))
     return outputs
+
+
+def check_linear_kernels(
+    ours: torch.nn.Module, reference: torch.nn.Module, run: Callable[[torch.nn.Module], torch.Tensor]
+) -> None:
+    """Our model on oneDNN linear layers matches diffusers to float32 rounding with the same state_dict keys,
+    and switching back to PyTorch's kernel gives diffusers' output exactly again."""
+    from teacache_models.layers.linear import onednn_available
+
+    if not onednn_available():
+        import pytest
+
+        pytest.skip("this PyTorch build has no oneDNN")
+    expected = run(reference)
+    keys = list(ours.state_dict())
+    assert ours.set_linear_kernel("onednn") is ours and ours.linear_kernel == "onednn"
+    assert list(ours.state_dict()) == keys
+    assert_parity(run(ours), expected)
+    ours.set_linear_kernel("aten")
+    assert ours.linear_kernel == "aten"
+    assert torch.equal(run(ours), expected)

@@ -3,6 +3,7 @@
 from .attention import attention
 from .embeddings import MLPEmbedder, timestep_sinusoids
 from .feedforward import FeedForward
+from .linear import LINEAR_KERNELS, OneDNNLinear, linear_activation, onednn_available, set_linear_kernel
 from .normalization import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -15,18 +16,23 @@ from .precision import clip_fp16
 from .rope import apply_rotary_complex, apply_rotary_interleaved, rope_cos_sin
 
 __all__ = [
+    "LINEAR_KERNELS",
     "AdaLayerNormContinuous",
     "AdaLayerNormZero",
     "AdaLayerNormZeroSingle",
     "FP32LayerNorm",
     "FeedForward",
     "MLPEmbedder",
+    "OneDNNLinear",
     "RMSNorm",
     "apply_rotary_complex",
     "apply_rotary_interleaved",
     "attention",
     "clip_fp16",
+    "linear_activation",
     "modulate",
+    "onednn_available",
     "rope_cos_sin",
+    "set_linear_kernel",
     "timestep_sinusoids",
 ]

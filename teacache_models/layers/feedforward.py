@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .linear import linear_activation
 
 __all__ = ["FeedForward"]
 
-_GELU_APPROXIMATIONS = {"gelu": "none", "gelu-approximate": "tanh"}
+# diffusers' activation names -> those of `linear_activation`.
+_GELU_ACTIVATIONS = {"gelu": "gelu", "gelu-approximate": "gelu_tanh"}
 
 
 class _GELUProjection(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, approximate: str, bias: bool) -> None:
+    def __init__(self, dim_in: int, dim_out: int, activation: str, bias: bool) -> None:
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out, bias=bias)
-        self.approximate = approximate
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate=self.approximate)
+        return linear_activation(self.proj, x, self.activation)
 
 
 class FeedForward(nn.Module):
@@ -41,13 +43,13 @@ class FeedForward(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if activation_fn not in _GELU_APPROXIMATIONS:
-            raise ValueError(f"activation_fn must be one of {sorted(_GELU_APPROXIMATIONS)}, got {activation_fn!r}")
+        if activation_fn not in _GELU_ACTIVATIONS:
+            raise ValueError(f"activation_fn must be one of {sorted(_GELU_ACTIVATIONS)}, got {activation_fn!r}")
         inner_dim = inner_dim or int(dim * mult)
         # Index 1 holds no weights (dropout at training time); keeping it preserves the key `net.2`.
         self.net = nn.ModuleList(
             [
-                _GELUProjection(dim, inner_dim, _GELU_APPROXIMATIONS[activation_fn], bias),
+                _GELUProjection(dim, inner_dim, _GELU_ACTIVATIONS[activation_fn], bias),
                 nn.Identity(),
                 nn.Linear(inner_dim, dim_out or dim, bias=bias),
             ]

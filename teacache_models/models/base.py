@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..layers.linear import linear_kernel_of, set_linear_kernel
+
 __all__ = ["ConfiguredModel", "ModelConfig", "Transformer2DModelOutput", "register_config"]
 
 # Keys diffusers writes into every config.json that are not constructor arguments.
@@ -114,6 +116,18 @@ class ConfiguredModel(torch.nn.Module):
         from ..weights.loading import from_pretrained
 
         return from_pretrained(cls, path_or_name, subfolder, torch_dtype, device, **kwargs)
+
+    def set_linear_kernel(self: M, kernel: str) -> M:
+        """Run the model's linear layers on `kernel`: "aten" (PyTorch's, the default) or "onednn"
+        (float32 CPU inference through oneDNN; equal to float32 rounding, often faster: see
+        `teacache_models.layers.linear`). Returns the model."""
+        set_linear_kernel(self, kernel)
+        return self
+
+    @property
+    def linear_kernel(self) -> str | None:
+        """The kernel of the linear layers: "aten" or "onednn"."""
+        return linear_kernel_of(self)
 
 
 def _build_from_config(cls: type[M], config: Mapping[str, Any]) -> M:

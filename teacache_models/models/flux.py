@@ -26,6 +26,7 @@ from ..layers import (
     apply_rotary_interleaved,
     attention,
     clip_fp16,
+    linear_activation,
     modulate,
     rope_cos_sin,
     timestep_sinusoids,
@@ -190,14 +191,13 @@ class FluxSingleTransformerBlock(nn.Module):
         mlp_hidden_dim = int(dim * mlp_ratio)
         self.norm = AdaLayerNormZeroSingle(dim)
         self.proj_mlp = nn.Linear(dim, mlp_hidden_dim)
-        self.act_mlp = nn.GELU(approximate="tanh")
         self.proj_out = nn.Linear(dim + mlp_hidden_dim, dim)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, eps=1e-6, pre_only=True)
 
     def forward(self, tokens: torch.Tensor, temb: torch.Tensor, rope: Rope) -> torch.Tensor:
         """Joined tokens (B, Lt + Li, D), conditioning (B, D) -> updated tokens."""
         norm_x, gate = self.norm(tokens, temb)
-        mlp = self.act_mlp(self.proj_mlp(norm_x))
+        mlp = linear_activation(self.proj_mlp, norm_x, "gelu_tanh")
         attn = self.attn(norm_x, rope)
         update = gate.unsqueeze(1) * self.proj_out(torch.cat([attn, mlp], dim=2))
         return clip_fp16(tokens + update)

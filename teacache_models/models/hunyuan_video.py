@@ -26,6 +26,7 @@ from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
 from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
+from ..layers.linear import linear_activation
 from ..layers.normalization import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -285,7 +286,7 @@ class _LinearSiLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.silu(self.proj(x))
+        return linear_activation(self.proj, x, "silu")
 
 
 class HunyuanVideoRefinerFeedForward(nn.Module):
@@ -424,7 +425,6 @@ class HunyuanVideoSingleTransformerBlock(nn.Module):
         self.attn = HunyuanVideoAttention(dim, num_heads, head_dim, qk_norm, pre_only=True)
         self.norm = HunyuanVideoAdaLayerNormZeroSingle(dim)
         self.proj_mlp = nn.Linear(dim, mlp_dim)
-        self.act_mlp = nn.GELU(approximate="tanh")
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
     def forward(
@@ -438,7 +438,7 @@ class HunyuanVideoSingleTransformerBlock(nn.Module):
     ) -> torch.Tensor:
         """Joined tokens (B, Li + Lt, D), image first, conditioning (B, D) -> updated tokens."""
         norm_x, mod = self.norm(tokens, temb, token_replace)
-        mlp = self.act_mlp(self.proj_mlp(norm_x))
+        mlp = linear_activation(self.proj_mlp, norm_x, "gelu_tanh")
         attn = self.attn.joined_attention(norm_x, image_len, attention_mask, rope)
         return mod.gated_add(tokens, self.proj_out(torch.cat([attn, mlp], dim=2)))
 

@@ -23,12 +23,11 @@ from numbers import Real
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ..cache import TeaCacheMixin
-from ..layers import RMSNorm, apply_rotary_complex, attention, timestep_sinusoids
+from ..layers import RMSNorm, apply_rotary_complex, attention, linear_activation, timestep_sinusoids
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import check_architecture, check_rope_axes, check_tensor, is_int
 
@@ -144,7 +143,7 @@ class ZImageFeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(linear_activation(self.w1, x, "silu") * self.w3(x))
 
 
 class ZImageTransformerBlock(nn.Module):

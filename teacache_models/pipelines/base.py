@@ -23,6 +23,7 @@ import torch
 
 from ..cache import TeaCacheStats
 from ..cache.state import BranchStats
+from ..layers.linear import set_linear_kernel
 from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams
 
 if TYPE_CHECKING:
@@ -258,6 +259,12 @@ class Pipeline:
     def teacache_models(self) -> dict[str, torch.nn.Module]:
         """Every transformer whose cache a generation switches on, by component name."""
         return {"transformer": self.transformer}
+
+    def set_linear_kernel(self, kernel: str) -> None:
+        """Run the linear layers of every transformer on `kernel`: "aten" (default) or "onednn" (float32
+        CPU inference through oneDNN, equal to float32 rounding; see `teacache_models.layers.linear`)."""
+        for transformer in self.teacache_models().values():
+            set_linear_kernel(transformer, kernel)
 
     def make_scheduler(self, params: SamplingParams) -> Any:
         """A fresh scheduler per generation, so no state leaks between calls; `flow_shift` overrides the

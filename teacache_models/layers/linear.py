@@ -1,0 +1,131 @@
+"""A choice of matrix-multiply kernel for the linear layers of a model on CPU.
+
+PyTorch runs a float32 `nn.Linear` on CPU through its BLAS (MKL in the official wheels); oneDNN's
+inner-product kernel computes the same product, and on some processors (AMD EPYC among them) it is about
+twice as fast for transformer-sized matrices. The results agree to float32 rounding, not bit for bit (the
+sums are taken in another order), so the default stays "aten", PyTorch's own kernel, and "onednn" is
+chosen explicitly: `set_linear_kernel(model, "onednn")`, `model.set_linear_kernel("onednn")` or the
+CLI's `--linear-kernel`.
+
+The choice swaps the class of each plain `nn.Linear` for a subclass with the same parameters, so the
+`state_dict`, `isinstance` checks and every other use of the module are unchanged. oneDNN is used only
+where it computes the same thing: a float32 CPU input and weight, no gradient wanted, outside
+`torch.compile` tracing; anything else takes PyTorch's path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LINEAR_KERNELS",
+    "OneDNNLinear",
+    "linear_activation",
+    "linear_kernel_of",
+    "onednn_available",
+    "resolve_linear_kernel",
+    "set_linear_kernel",
+]
+
+LINEAR_KERNELS = ("aten", "onednn")
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this PyTorch build can run float32 linear layers through oneDNN (checked once, by a call)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, weight, bias = torch.ones(2, 3), torch.ones(4, 3), torch.ones(4)
+        out = _onednn_linear(x, weight, bias)
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.equal(out, torch.full((2, 4), 4.0)))
+
+
+# Activations oneDNN can apply to the product as it is written out: ours -> (its name, its algorithm).
+_ONEDNN_ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}
+_TORCH_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def _onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none", algorithm: str = ""
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.layout != torch.strided:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+class OneDNNLinear(nn.Linear):
+    """`nn.Linear` whose float32 CPU inference runs oneDNN's inner-product kernel (see the module doc)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _onednn_applies(x, self.weight):
+            return _onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear_activation(layer: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """`activation(layer(x))` for "gelu", "gelu_tanh" or "silu"; on the oneDNN kernel, in one pass."""
+    if type(layer) is OneDNNLinear and _onednn_applies(x, layer.weight):
+        return _onednn_linear(x, layer.weight, layer.bias, *_ONEDNN_ACTIVATIONS[activation])
+    return _TORCH_ACTIVATIONS[activation](layer(x))
+
+
+_CLASS_OF_KERNEL: dict[str, type[nn.Linear]] = {"aten": nn.Linear, "onednn": OneDNNLinear}
+
+
+def set_linear_kernel(module: nn.Module, kernel: str) -> int:
+    """Run every plain `nn.Linear` inside `module` on `kernel` ("aten" or "onednn"); returns how many.
+
+    Raises ValueError for another name and RuntimeError for "onednn" where this PyTorch build lacks it.
+    """
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"linear kernel must be one of {list(LINEAR_KERNELS)}, got {kernel!r}")
+    if kernel == "onednn" and not onednn_available():
+        raise RuntimeError(
+            "linear kernel 'onednn' needs a PyTorch build with oneDNN (torch.backends.mkldnn), which this one "
+            "lacks; use 'aten'"
+        )
+    target = _CLASS_OF_KERNEL[kernel]
+    swapped = 0
+    for child in module.modules():
+        if type(child) in _CLASS_OF_KERNEL.values():
+            child.__class__ = target
+            swapped += 1
+    return swapped
+
+
+def linear_kernel_of(module: nn.Module) -> str | None:
+    """The kernel of the linear layers inside `module`: "aten", "onednn", or None if none or mixed."""
+    kinds = {type(child) for child in module.modules() if type(child) in _CLASS_OF_KERNEL.values()}
+    if len(kinds) != 1:
+        return None
+    return "onednn" if kinds == {OneDNNLinear} else "aten"
+
+
+def resolve_linear_kernel(kernel: str, device: torch.device | str, dtype: torch.dtype | str) -> str:
+    """`kernel`, or for "auto": "onednn" for float32 on a CPU where this build has it, else "aten"."""
+    if kernel != "auto":
+        if kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear kernel must be 'auto' or one of {list(LINEAR_KERNELS)}, got {kernel!r}")
+        return kernel
+    on_cpu = torch.device(device).type == "cpu"
+    is_float32 = dtype in (torch.float32, "float32")
+    return "onednn" if on_cpu and is_float32 and onednn_available() else "aten"

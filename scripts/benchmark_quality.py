@@ -27,6 +27,7 @@ import argparse
 import ast
 import contextlib
 import io
+import itertools
 import json
 import platform
 import statistics
@@ -47,7 +48,7 @@ from torch import nn  # noqa: E402
 
 from teacache_models.demo import digit_prompt, load_demo_model  # noqa: E402
 from teacache_models.metrics import psnr, ssim  # noqa: E402
-from teacache_models.params import TeaCacheParams  # noqa: E402
+from teacache_models.params import RESIDUAL_ORDERS, TeaCacheParams  # noqa: E402
 from teacache_models.pipelines.demo import flow_sigmas  # noqa: E402
 from teacache_models.pipelines.flux import pack_2x2, unpack_2x2  # noqa: E402
 from teacache_models.zoo import load_zoo_entry  # noqa: E402
@@ -275,15 +276,24 @@ def build_methods(
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     curves: list[list[Method]] = []
-    for indicator, coefficients in teacache_curves:
+    variants = itertools.product(teacache_curves, args.teacache_residual_orders, args.teacache_max_consecutive_skips)
+    for (indicator, coefficients), order, limit in variants:
+        options = [indicator, f"residual order {order}" * bool(order), f"max {limit} skips in a row" * bool(limit)]
+        label = f"TeaCache ({', '.join(o for o in options if o)})"
         curves.append(
             [
                 Method(
-                    f"TeaCache ({indicator})",
+                    label,
                     f"thresh={t}",
                     t,
                     "native",
-                    teacache=TeaCacheParams(teacache_thresh=t, coefficients=coefficients, indicator=indicator),
+                    teacache=TeaCacheParams(
+                        teacache_thresh=t,
+                        coefficients=coefficients,
+                        indicator=indicator,
+                        residual_order=order,
+                        max_consecutive_skips=limit or None,
+                    ),
                 )
                 for t in args.teacache_thresholds
             ]
@@ -461,6 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=2, help="timing rounds; the median counts")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--teacache-thresholds", type=float, nargs="+", default=list(DEFAULT_TEACACHE_THRESHOLDS))
+    parser.add_argument(
+        "--teacache-residual-orders",
+        type=int,
+        nargs="+",
+        choices=RESIDUAL_ORDERS,
+        default=[0],
+        help="one TeaCache curve per residual order (0: reuse the residual, as published; 1: extrapolate it)",
+    )
+    parser.add_argument(
+        "--teacache-max-consecutive-skips",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one TeaCache curve per limit on skipped steps in a row (0: none, as published)",
+    )
     parser.add_argument("--fbc-thresholds", type=float, nargs="+", default=list(DEFAULT_FBC_THRESHOLDS))
     parser.add_argument("--magcache-thresholds", type=float, nargs="+", default=list(DEFAULT_MAGCACHE_THRESHOLDS))
     parser.add_argument("--taylorseer-intervals", type=int, nargs="+", default=list(DEFAULT_TAYLORSEER_INTERVALS))

@@ -59,6 +59,8 @@ class Case:
     reference: type
     config: dict
     inputs: Callable[[float], dict]
+    # TeaCache indicators measured besides the default, where they skip another part of the model.
+    extra_indicators: tuple[str, ...] = ()
 
     def build(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
         with torch.device(device):  # built in place: the large sizes take many GB
@@ -255,7 +257,7 @@ def z_image_case(size: str) -> Case:
         # Z-Image takes t = 1 - sigma.
         return dict(x=[_noisy(clean, noise, sigma)], t=torch.tensor([1 - sigma]), cap_feats=[caption])
 
-    return Case("z_image", ZImageTransformer2DModel, Reference, config, inputs)
+    return Case("z_image", ZImageTransformer2DModel, Reference, config, inputs, ("refiner_modulated_input",))
 
 
 CASES = {
@@ -313,13 +315,16 @@ def _alternate(fns: list[Callable[[], float]], repeats: int) -> list[list[float]
     return times
 
 
-def _half_skip_params(model: torch.nn.Module, inputs: Callable[[float], dict], sigmas: list[float]) -> TeaCacheParams:
+def _half_skip_params(
+    model: torch.nn.Module, inputs: Callable[[float], dict], sigmas: list[float], indicator: str | None = None
+) -> TeaCacheParams:
     """A threshold (linear rescaling) that lets about every other step skip.
 
     The inputs of the loop do not depend on its outputs, so a dry run that never computes after the
     first step yields every step's indicator distance as the growth of the accumulator.
     """
-    model.enable_teacache(TeaCacheParams(teacache_thresh=1e9, coefficients=[1.0, 0.0], end_skipping=0), len(sigmas))
+    dry_run = TeaCacheParams(teacache_thresh=1e9, coefficients=[1.0, 0.0], end_skipping=0, indicator=indicator)
+    model.enable_teacache(dry_run, len(sigmas))
     accumulated = []
     for step, sigma in enumerate(sigmas):
         with model.teacache_step(step):
@@ -329,7 +334,70 @@ def _half_skip_params(model: torch.nn.Module, inputs: Callable[[float], dict], s
     distances = [b - a for a, b in itertools.pairwise(accumulated)]
     threshold = 1.05 * max(distances)  # one step's distance never reaches it, two steps' always do
     threshold = min(threshold, 0.99 * min(a + b for a, b in itertools.pairwise(distances)))
-    return TeaCacheParams(teacache_thresh=threshold, coefficients=[1.0, 0.0])
+    return TeaCacheParams(teacache_thresh=threshold, coefficients=[1.0, 0.0], indicator=indicator)
+
+
+def _teacache_costs(
+    ours: torch.nn.Module,
+    inputs: Callable[[float], dict],
+    step_inputs: dict,
+    timer: Timer,
+    repeats: int,
+    steps: int,
+    indicator: str | None,
+) -> dict:
+    """Measurements 2 and 3 for one indicator (None: the model's default)."""
+    # A skipped step: a threshold no distance reaches skips everything after the first step.
+    skip_all = TeaCacheParams(teacache_thresh=1e9, coefficients=[1.0], end_skipping=0, indicator=indicator)
+    ours.enable_teacache(skip_all, 2 * repeats + 2)
+    with ours.teacache_step(0):
+        ours(**step_inputs)
+    step = iter(range(1, 2 * repeats + 2))
+
+    def skipped() -> float:
+        with ours.teacache_step(next(step)):
+            return timer(lambda: ours(**step_inputs))
+
+    skipped_times, computed_times = _alternate([skipped, lambda: timer(lambda: ours(**step_inputs))], repeats)
+    assert ours.teacache_stats().positive.num_computed == 1, "the skip measurement computed more than one step"
+    ours.disable_teacache()
+
+    # A loop that skips about every other step, against the same loop uncached.
+    sigmas = torch.linspace(1.0, 1.0 / steps, steps).tolist()
+    loop_inputs = [inputs(sigma) for sigma in sigmas]
+    params = _half_skip_params(ours, inputs, sigmas, indicator)
+
+    def loop(cached: bool) -> float:
+        if cached:
+            ours.enable_teacache(params, steps)
+
+        def run() -> None:
+            for index, step_inputs in enumerate(loop_inputs):
+                with ours.teacache_step(index):
+                    ours(**step_inputs)
+
+        elapsed = timer(run)
+        ours.disable_teacache()
+        return elapsed
+
+    loop_repeats = max(3, repeats // 2)
+    uncached_times, cached_times = _alternate([lambda: loop(False), lambda: loop(True)], loop_repeats)
+    computed = ours.teacache_stats().positive.num_computed
+    ideal = steps / computed
+    realized = statistics.median(uncached_times) / statistics.median(cached_times)
+    return {
+        "skipped_step_s": statistics.median(skipped_times),
+        "computed_step_s": statistics.median(computed_times),
+        "skipped_step_cost": statistics.median(skipped_times) / statistics.median(computed_times),
+        "loop_steps": steps,
+        "loop_computed_steps": computed,
+        "loop_uncached_s": statistics.median(uncached_times),
+        "loop_cached_s": statistics.median(cached_times),
+        "loop_realized_speedup": realized,
+        "loop_ideal_speedup": ideal,
+        "loop_efficiency": realized / ideal,
+        "loop_spread": max(_spread(uncached_times), _spread(cached_times)),
+    }
 
 
 @torch.no_grad()
@@ -359,43 +427,11 @@ def measure_speed(case: Case, device: torch.device, dtype: torch.dtype, repeats:
     # The rest measures TeaCache on the kernel a CPU float32 run picks by default.
     ours.set_linear_kernel(fast_kernel)
 
-    # A skipped step: a threshold no distance reaches skips everything after the first step.
-    ours.enable_teacache(TeaCacheParams(teacache_thresh=1e9, coefficients=[1.0], end_skipping=0), 2 * repeats + 2)
-    with ours.teacache_step(0):
-        ours(**step_inputs)
-    step = iter(range(1, 2 * repeats + 2))
-
-    def skipped() -> float:
-        with ours.teacache_step(next(step)):
-            return timer(lambda: ours(**step_inputs))
-
-    skipped_times, computed_times = _alternate([skipped, lambda: timer(lambda: ours(**step_inputs))], repeats)
-    assert ours.teacache_stats().positive.num_computed == 1, "the skip measurement computed more than one step"
-    ours.disable_teacache()
-
-    # A loop that skips about every other step, against the same loop uncached.
-    sigmas = torch.linspace(1.0, 1.0 / steps, steps).tolist()
-    loop_inputs = [inputs(sigma) for sigma in sigmas]
-    params = _half_skip_params(ours, inputs, sigmas)
-
-    def loop(cached: bool) -> float:
-        if cached:
-            ours.enable_teacache(params, steps)
-
-        def run() -> None:
-            for index, step_inputs in enumerate(loop_inputs):
-                with ours.teacache_step(index):
-                    ours(**step_inputs)
-
-        elapsed = timer(run)
-        ours.disable_teacache()
-        return elapsed
-
-    loop_repeats = max(3, repeats // 2)
-    uncached_times, cached_times = _alternate([lambda: loop(False), lambda: loop(True)], loop_repeats)
-    computed = ours.teacache_stats().positive.num_computed
-    ideal = steps / computed
-    realized = statistics.median(uncached_times) / statistics.median(cached_times)
+    costs = {
+        indicator: _teacache_costs(ours, inputs, step_inputs, timer, repeats, steps, indicator)
+        for indicator in (None, *case.extra_indicators)
+    }
+    default = costs.pop(None)
     return {
         "forward_ours_s": statistics.median(ours_times),
         "forward_diffusers_s": statistics.median(reference_times),
@@ -407,17 +443,8 @@ def measure_speed(case: Case, device: torch.device, dtype: torch.dtype, repeats:
         "forward_fast_s": statistics.median(fast_times),
         "forward_ratio_fast": statistics.median(fast_times) / statistics.median(reference_times),
         "forward_ratio_fast_min": min(fast_times) / min(reference_times),
-        "skipped_step_s": statistics.median(skipped_times),
-        "computed_step_s": statistics.median(computed_times),
-        "skipped_step_cost": statistics.median(skipped_times) / statistics.median(computed_times),
-        "loop_steps": steps,
-        "loop_computed_steps": computed,
-        "loop_uncached_s": statistics.median(uncached_times),
-        "loop_cached_s": statistics.median(cached_times),
-        "loop_realized_speedup": realized,
-        "loop_ideal_speedup": ideal,
-        "loop_efficiency": realized / ideal,
-        "loop_spread": max(_spread(uncached_times), _spread(cached_times)),
+        **default,
+        "by_indicator": costs,
     }
 
 
@@ -583,6 +610,13 @@ def main() -> None:
         elif "compile_ok" in r:
             line += f"  compile failed: {r['compile_error']}"
         print(line)
+        for indicator, c in r["by_indicator"].items():
+            print(
+                f"{'  indicator ' + indicator:<55}"
+                f"{c['skipped_step_cost']:>9.3f}{_mark(c['skipped_step_cost'], TARGETS['skipped_step_cost'])}"
+                f"{c['loop_efficiency']:>10.3f}{_mark(c['loop_efficiency'], TARGETS['loop_efficiency'], False)}"
+                f"{c['loop_computed_steps']:>6}/{c['loop_steps']:<2}"
+            )
     print(
         f"targets: ours/diffusers <= {TARGETS['forward_ratio']}, skip/compute <= {TARGETS['skipped_step_cost']}, "
         f"realized/ideal >= {TARGETS['loop_efficiency']}, no graphs after warm-up ('!' = missed)"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -135,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--teacache", default=None, help="off, slow or fast (or another preset of the zoo entry)")
     cache.add_argument("--teacache-thresh", type=float, help="override the preset's threshold (0 never skips)")
     cache.add_argument(
+        "--teacache-residual-order",
+        type=int,
+        help="what a skipped step adds: 0 the last residual (as published), 1 its linear extrapolation",
+    )
+    cache.add_argument(
+        "--teacache-max-consecutive-skips", type=int, help="compute after this many skipped steps in a row"
+    )
+    cache.add_argument(
         "--teacache-coefficients",
         help="override the rescaling polynomial: comma-separated numbers, highest degree first",
     )
@@ -233,12 +242,27 @@ def resolve_entry(args: argparse.Namespace) -> tuple[str, ZooEntry | None]:
     return args.model, entry
 
 
+_TEACACHE_FLAGS = {
+    "teacache_thresh": "--teacache-thresh",
+    "coefficients": "--teacache-coefficients",
+    "residual_order": "--teacache-residual-order",
+    "max_consecutive_skips": "--teacache-max-consecutive-skips",
+}
+
+
 def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCacheParams | None:
     choice = args.teacache
-    coefficients = parse_coefficients(args.teacache_coefficients) if args.teacache_coefficients else None
+    flags = {
+        "teacache_thresh": args.teacache_thresh,
+        "coefficients": parse_coefficients(args.teacache_coefficients) if args.teacache_coefficients else None,
+        "residual_order": args.teacache_residual_order,
+        "max_consecutive_skips": args.teacache_max_consecutive_skips,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
     if choice == "off":
-        if args.teacache_thresh is not None or coefficients is not None:
-            raise CliError("--teacache off contradicts --teacache-thresh / --teacache-coefficients")
+        if overrides:
+            given = ", ".join(_TEACACHE_FLAGS[k] for k in overrides)
+            raise CliError(f"--teacache off contradicts {given}")
         return None
     if entry is None:
         if choice is not None:
@@ -248,17 +272,19 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
             )
         if args.teacache_thresh is None:
             return None
-        return TeaCacheParams(teacache_thresh=args.teacache_thresh, coefficients=coefficients)
+        return _teacache_or_error(TeaCacheParams, overrides)
     preset = choice or entry.default_preset
     if preset not in entry.presets:
         raise CliError(f"--teacache {preset!r}: {entry.name} offers 'off' or {sorted(entry.presets)}")
     params = entry.presets[preset].params
-    overrides: dict[str, Any] = {}
-    if args.teacache_thresh is not None:
-        overrides["teacache_thresh"] = args.teacache_thresh
-    if coefficients is not None:
-        overrides["coefficients"] = coefficients
-    return dataclasses.replace(params, **overrides)
+    return _teacache_or_error(functools.partial(dataclasses.replace, params), overrides)
+
+
+def _teacache_or_error(build: Any, values: dict[str, Any]) -> TeaCacheParams:
+    try:
+        return build(**values)
+    except ValueError as error:
+        raise CliError(f"TeaCache settings: {error}") from None
 
 
 def sampling_params(args: argparse.Namespace, entry: ZooEntry | None) -> SamplingParams:

@@ -59,6 +59,10 @@ def _coefficient_tuple(value: Any) -> tuple[float, ...] | None:
     return tuple(_require_finite(f"coefficients[{i}]", c) for i, c in enumerate(items))
 
 
+# 0: reuse the last residual; 1: extrapolate it linearly from the last two computed steps.
+RESIDUAL_ORDERS = (0, 1)
+
+
 def evaluate_polynomial(coefficients: Sequence[float], x: float) -> float:
     """Horner evaluation, highest degree first (the convention of `numpy.poly1d`)."""
     result = 0.0
@@ -80,6 +84,12 @@ class TeaCacheParams:
         use_ret_steps: use the model's alternative indicator, where the model offers one (Wan).
         indicator: which indicator to use among those the model offers (its
             `supported_teacache_indicators`); None is the model's published default.
+        residual_order: what a skipped step adds to the block-stack input. 0 (TeaCache as published):
+            the residual of the branch's last computed step. 1: that residual extrapolated linearly in
+            the step index from the branch's last two computed steps (a first-order Taylor step), which
+            follows the residual's drift between computes; until a branch has computed twice, order 0.
+        max_consecutive_skips: at most this many skipped steps in a row per branch, then one computes
+            whatever the accumulated distance; None (as published) sets no limit.
     """
 
     teacache_thresh: float = 0.1
@@ -88,6 +98,8 @@ class TeaCacheParams:
     end_skipping: int = 1
     use_ret_steps: bool = False
     indicator: str | None = None
+    residual_order: int = 0
+    max_consecutive_skips: int | None = None
 
     def __post_init__(self) -> None:
         thresh = _require_finite("teacache_thresh", self.teacache_thresh, minimum=0.0)
@@ -98,6 +110,13 @@ class TeaCacheParams:
         _require_bool("use_ret_steps", self.use_ret_steps)
         if self.indicator is not None and (not isinstance(self.indicator, str) or not self.indicator):
             raise ValueError(f"indicator must be None or a non-empty string, got {self.indicator!r}")
+        order = _require_int("residual_order", self.residual_order, 0)
+        if order not in RESIDUAL_ORDERS:
+            raise ValueError(f"residual_order must be one of {list(RESIDUAL_ORDERS)}, got {order}")
+        object.__setattr__(self, "residual_order", order)
+        if self.max_consecutive_skips is not None:
+            limit = _require_int("max_consecutive_skips", self.max_consecutive_skips, 1)
+            object.__setattr__(self, "max_consecutive_skips", limit)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,24 @@ def test_png_sidecar_and_summary(cli, folder, tmp_path, capsys):
     assert not list(output.parent.glob(".partial-*")), "no temporary file is left behind"
 
 
+def test_unknown_linear_kernel_is_an_argparse_error(cli, folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*base_args(folder, tmp_path / "x.png"), "--linear-kernel", "mkl"])
+    assert "invalid choice: 'mkl' (choose from 'auto', 'aten', 'onednn')" in capsys.readouterr().err
+
+
+def test_residual_order_and_skip_limit_flags(cli, folder, tmp_path):
+    output = tmp_path / "limited.png"
+    args = [*base_args(folder, output), "--teacache-thresh", "1e6", "--teacache-coefficients", "1,0"]
+    args += ["--teacache-residual-order", "1", "--teacache-max-consecutive-skips", "2"]
+    assert cli.main(args) == 0
+    record = json.loads(output.with_suffix(".json").read_text())
+    params = record["sampling_params"]["teacache_params"]
+    assert params["residual_order"] == 1 and params["max_consecutive_skips"] == 2
+    # Two skips in a row at most: step 3 computes although the threshold is never reached.
+    assert record["teacache_stats"]["branches"]["positive"] == {"computed_steps": [0, 3, 4], "skipped_steps": [1, 2]}
+
+
 def test_teacache_off_matches_the_python_api(cli, folder, tmp_path):
     output = tmp_path / "off.png"
     assert cli.main([*base_args(folder, output), "--teacache", "off"]) == 0
@@ -111,7 +129,10 @@ def test_list_models_and_help(cli, capsys):
         (["--model", "flux1-deb"], "Did you mean 'flux1-dev'|did you mean 'flux1-dev'"),
         (["--height", "18"], "height must be a multiple of 4"),
         (["--teacache", "medium"], "offers 'off' or"),
-        (["--teacache", "off", "--teacache-thresh", "0.3"], "contradicts"),
+        (["--teacache", "off", "--teacache-thresh", "0.3"], "contradicts --teacache-thresh"),
+        (["--teacache", "off", "--teacache-residual-order", "1"], "contradicts --teacache-residual-order"),
+        (["--teacache-residual-order", "2"], r"residual_order must be one of \[0, 1\], got 2"),
+        (["--teacache-max-consecutive-skips", "0"], "max_consecutive_skips must be an integer >= 1, got 0"),
         (["--teacache-coefficients", "1,x"], "comma-separated numbers"),
         (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
         (["--prompt", ""], "--prompt is required"),

@@ -61,6 +61,12 @@ def test_polynomial_is_highest_degree_first_like_numpy():
         ({"use_ret_steps": "yes"}, "use_ret_steps"),
         ({"indicator": ""}, "indicator"),
         ({"indicator": 3}, "indicator"),
+        ({"residual_order": 2}, r"residual_order must be one of \[0, 1\]"),
+        ({"residual_order": -1}, "residual_order"),
+        ({"residual_order": 1.0}, "residual_order"),
+        ({"residual_order": True}, "residual_order"),
+        ({"max_consecutive_skips": 0}, "max_consecutive_skips"),
+        ({"max_consecutive_skips": 2.5}, "max_consecutive_skips"),
     ],
 )
 def test_teacache_invalid_values_name_the_field(kwargs, field):

@@ -143,6 +143,54 @@ def test_skipped_step_adds_cached_residual_to_its_own_input():
     assert not torch.equal(outputs[1], uncached_step1)
 
 
+def computed_residual(model, x, t):
+    with torch.no_grad():
+        hidden = model.embed(x)
+        return model.forward_blocks(hidden, torch.tensor([t])) - hidden
+
+
+def test_residual_order_one_extrapolates_from_the_last_two_computed_steps():
+    model = TinyModel()
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.15, residual_order=1), xs)
+    assert model.teacache_stats().positive.computed_steps == (0, 3, 6, 7)  # the order does not change decisions
+    r0, r3 = (computed_residual(model, xs[k], TIMESTEPS[k]) for k in (0, 3))
+    expected = {
+        1: r0,  # one computed step so far: its residual, as order 0
+        2: r0,
+        4: r3 + (4 - 3) / (3 - 0) * (r3 - r0),
+        5: r3 + (5 - 3) / (3 - 0) * (r3 - r0),
+    }
+    with torch.no_grad():
+        for step, residual in expected.items():
+            torch.testing.assert_close(outputs[step], model.head(model.embed(xs[step]) + residual))
+        assert not torch.allclose(outputs[4], model.head(model.embed(xs[4]) + r3))
+
+
+def test_residual_order_one_restarts_after_a_shape_change():
+    model = TinyModel()
+    xs = [make_input(0, tokens=5)] * 2 + [make_input(0, tokens=9)] * 6
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.15, residual_order=1), xs)
+    stats = model.teacache_stats()
+    assert stats.positive.computed_steps[:2] == (0, 2) and 3 in stats.positive.skipped_steps
+    # Step 3 has one computed step of its shape (2): that residual, not an extrapolation across shapes.
+    r2 = computed_residual(model, xs[2], TIMESTEPS[2])
+    with torch.no_grad():
+        torch.testing.assert_close(outputs[3], model.head(model.embed(xs[3]) + r2))
+
+
+def test_max_consecutive_skips_forces_a_compute():
+    # Without the limit: computed (0, 3, 6, 7) (see the hand-computed test above).
+    model = TinyModel()
+    xs = [make_input(0)] * len(TIMESTEPS)
+    generate(model, TeaCacheParams(teacache_thresh=0.15, max_consecutive_skips=1), xs)
+    stats = model.teacache_stats()
+    assert stats.positive.computed_steps == (0, 2, 4, 6, 7)
+    assert stats.positive.skipped_steps == (1, 3, 5)
+    generate(model, TeaCacheParams(teacache_thresh=0.15, max_consecutive_skips=2), xs)
+    assert model.teacache_stats().positive.computed_steps == (0, 3, 6, 7)
+
+
 def test_threshold_zero_is_bit_identical_even_with_negative_rescaled_distances():
     model = TinyModel()
     xs = [make_input(k) for k in range(len(TIMESTEPS))]

@@ -197,8 +197,10 @@ def test_threshold_zero_is_bit_identical_to_uncached_z_image():
     assert model.teacache_stats().positive.computed_steps == tuple(range(6))
 
 
-def indicator_by_hand(model, latents, t, cap_feats):
-    """The first main layer's attention_norm1(unified) * (1 + scale_msa), recomputed from the model's stream."""
+def indicator_by_hand(model, latents, t, cap_feats, blocks="layers"):
+    """The first block's attention_norm1(stack input) * (1 + scale_msa), recomputed from the model's stream:
+    the first main layer's over the unified stream, or the first noise refiner's over the image tokens."""
+    first = getattr(model, blocks)[0]
     captured = {}
 
     def capture(hidden_states, **block_inputs):
@@ -210,18 +212,23 @@ def indicator_by_hand(model, latents, t, cap_feats):
         with torch.no_grad():
             model(latents, t, cap_feats)
             adaln = model.t_embedder(t * 1000.0)
-            scale_msa = 1.0 + model.layers[0].adaLN_modulation(adaln).chunk(4, dim=1)[0]
-            return model.layers[0].attention_norm1(captured["input"]) * scale_msa[:, None]
+            scale_msa = 1.0 + first.adaLN_modulation(adaln).chunk(4, dim=1)[0]
+            return first.attention_norm1(captured["input"]) * scale_msa[:, None]
     finally:
         del model.forward_blocks
 
 
 # Random weights move far more per step than trained ones, hence thresholds far above the published ones.
-@pytest.mark.parametrize(("coefficients", "thresh"), [(None, 4.0), ([1.0, 0.0], 1.0)])
-def test_decisions_follow_the_rule_on_the_first_layers_scaled_input(coefficients, thresh):
+@pytest.mark.parametrize(
+    ("coefficients", "thresh", "indicator"),
+    [(None, 4.0, None), ([1.0, 0.0], 1.0, None), ([1.0, 0.0], 1.0, "refiner_modulated_input")],
+)
+def test_decisions_follow_the_rule_on_the_first_blocks_scaled_input(coefficients, thresh, indicator):
     model, _ = build_pair(TINY, seed=8)
     num_steps = 10
-    trajectory, cap_feats = denoise(model, num_steps, TeaCacheParams(teacache_thresh=thresh, coefficients=coefficients))
+    params = TeaCacheParams(teacache_thresh=thresh, coefficients=coefficients, indicator=indicator)
+    trajectory, cap_feats = denoise(model, num_steps, params)
+    blocks = "noise_refiner" if indicator else "layers"
     stats = model.teacache_stats()
     assert stats.positive.skipped_steps, "the threshold was chosen so that some steps skip"
     assert stats.positive.computed_steps[0] == 0 and stats.positive.computed_steps[-1] == num_steps - 1
@@ -230,15 +237,19 @@ def test_decisions_follow_the_rule_on_the_first_layers_scaled_input(coefficients
     sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
     previous, accumulated, skipped = None, 0.0, []
     for step in range(num_steps):
-        indicator = indicator_by_hand(model, trajectory[step], (1 - sigmas[step]).expand(1), cap_feats)
+        t = (1 - sigmas[step]).expand(1)
+        if indicator:  # the stack input is the image tokens only in a generation with this indicator
+            model.enable_teacache(TeaCacheParams(teacache_thresh=0.0, coefficients=[1.0], indicator=indicator), 1)
+        indicator_value = indicator_by_hand(model, trajectory[step], t, cap_feats, blocks)
+        model.disable_teacache()
         if 0 < step < num_steps - 1:
-            distance = relative_l1_distance(indicator, previous).item()
+            distance = relative_l1_distance(indicator_value, previous).item()
             accumulated += evaluate_polynomial(coefficients or Z_IMAGE_TEACACHE_COEFFICIENTS, distance)
             if accumulated < thresh:
                 skipped.append(step)
             else:
                 accumulated = 0.0
-        previous = indicator
+        previous = indicator_value
     assert tuple(skipped) == stats.positive.skipped_steps
 
 
@@ -266,6 +277,54 @@ def test_skipped_step_reruns_the_refiners_and_reuses_the_main_layers_residual():
     with torch.no_grad():
         uncached = model(**{**inputs, "t": torch.tensor([0.1, 0.1])}, return_dict=False)[0]
     assert not torch.equal(uncached[0], outputs[1][0])
+
+
+REFINER_INDICATOR = dict(indicator="refiner_modulated_input", coefficients=[1.0, 0.0])
+
+
+def test_refiner_indicator_at_threshold_zero_is_bit_identical_to_uncached():
+    model, _ = build_pair(TINY, seed=7)
+    kwargs = dict(sizes=((1, 4, 4), (1, 2, 6)), caption_lengths=(5, 40))
+    plain, _ = denoise(model, 6, **kwargs)
+    cached, _ = denoise(model, 6, TeaCacheParams(teacache_thresh=0.0, **REFINER_INDICATOR), **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(plain[-1], cached[-1], strict=True))
+    assert model.teacache_stats().positive.computed_steps == tuple(range(6))
+
+
+def test_refiner_indicator_skips_the_refiners_too():
+    model, _ = build_pair(TINY, seed=9)
+    inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 36])
+    calls = []
+    for name in ("noise_refiner", "context_refiner", "layers"):
+        getattr(model, name)[0].register_forward_hook(lambda *_, name=name: calls.append((step, name)))
+    model.enable_teacache(TeaCacheParams(teacache_thresh=100.0, **REFINER_INDICATOR), 3)
+    outputs = []
+    for step, t in enumerate((0.0, 0.1, 0.2)):
+        with torch.no_grad(), model.teacache_step(step):
+            outputs.append(model(**{**inputs, "t": torch.tensor([t, t])}, return_dict=False)[0])
+            if step == 0:
+                residual = model.previous_residual.clone()
+    assert model.teacache_stats().positive.skipped_steps == (1,)
+    assert {name for s, name in calls if s == 1} == set(), "a skipped step runs neither refiner nor main layer"
+    assert {name for s, name in calls if s == 2} == {"noise_refiner", "context_refiner", "layers"}
+    assert residual.shape[:2] == (2, 32)  # the padded image tokens (B, Li, D), before the refiners
+
+    # Step 1 must be the embedded image tokens plus the residual, through the final layer.
+    model.forward_blocks = lambda hidden_states, **_: hidden_states + residual
+    try:
+        with torch.no_grad():
+            expected = model(**{**inputs, "t": torch.tensor([0.1, 0.1])}, return_dict=False)[0]
+    finally:
+        del model.forward_blocks
+    assert all(torch.equal(a, e) for a, e in zip(outputs[1], expected, strict=True))
+
+
+def test_refiner_indicator_needs_its_own_coefficients():
+    model, _ = build_pair(TINY)
+    with pytest.raises(ValueError, match=r"no preset coefficients.*fitted for it"):
+        model.enable_teacache(TeaCacheParams(teacache_thresh=0.1, indicator="refiner_modulated_input"), 4)
+    with pytest.raises(ValueError, match=r"choose one of \['modulated_input', 'refiner_modulated_input'\]"):
+        model.enable_teacache(TeaCacheParams(teacache_thresh=0.1, indicator="temb"), 4)
 
 
 def cfg_loop(model, num_steps, mode, trajectory=None):
@@ -441,3 +500,15 @@ def test_onednn_linear_kernel_matches_diffusers(name):
         return torch.cat([sample.flatten() for sample in model(**inputs, return_dict=False)[0]])
 
     check_linear_kernels(ours, reference, run)
+
+
+def test_refiner_indicator_can_be_calibrated():
+    from teacache_models.calibration import DistanceRecorder, calibration_params
+
+    model, _ = build_pair(TINY, seed=5)
+    plain, _ = denoise(model, 5)
+    with DistanceRecorder(model, target="residual") as recorder:
+        recorded, _ = denoise(model, 5, calibration_params("refiner_modulated_input"))
+    assert all(torch.equal(a, b) for a, b in zip(plain[-1], recorded[-1], strict=True))
+    assert [r.step for r in recorder.records] == [1, 2, 3, 4]
+    assert all(r.x > 0 and r.y > 0 for r in recorder.records)

@@ -378,13 +378,15 @@ class TeaCacheMixin:
         signature = _inputs_signature(hidden_states, indicator, block_inputs)
         if self._should_skip(session, state, context.step_index, signature, indicator):
             state.skipped_steps.append(context.step_index)
-            return "skip", state.previous_residual
+            state.consecutive_skips += 1
+            return "skip", state.skip_residual(context.step_index, session.params.residual_order)
         return "compute", None
 
     def _teacache_record(self, output: torch.Tensor, hidden_states: torch.Tensor) -> None:
         context: _StepContext = self.__dict__["_teacache_context"]
-        state = self.__dict__["_teacache_session"].branches[context.is_cfg_negative]
-        state.previous_residual = output - hidden_states
+        session: TeaCacheSession = self.__dict__["_teacache_session"]
+        state = session.branches[context.is_cfg_negative]
+        state.record_residual(output - hidden_states, context.step_index, session.params.residual_order)
         state.computed_steps.append(context.step_index)
 
     def _should_skip(
@@ -402,6 +404,7 @@ class TeaCacheMixin:
             or previous is None
             or state.previous_residual is None
             or signature != state.input_signature
+            or state.consecutive_skips >= (session.params.max_consecutive_skips or session.num_inference_steps)
         )
         group = self.__dict__.get("_teacache_group")
         if group is not None:

@@ -26,14 +26,37 @@ class BranchState:
 
     previous_modulated_input: torch.Tensor | None = None
     previous_residual: torch.Tensor | None = None
+    # For `residual_order=1`: the step of `previous_residual`, and the residual and step computed before it.
+    previous_residual_step: int | None = None
+    older_residual: torch.Tensor | None = None
+    older_residual_step: int | None = None
     accumulated_rel_l1_distance: float = 0.0
+    consecutive_skips: int = 0
     input_signature: tuple | None = None
     computed_steps: list[int] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
 
+    def skip_residual(self, step_index: int, order: int) -> torch.Tensor:
+        """What a skipped step adds to the block-stack input (see `TeaCacheParams.residual_order`)."""
+        if order == 0 or self.older_residual is None:
+            return self.previous_residual
+        slope = (step_index - self.previous_residual_step) / (self.previous_residual_step - self.older_residual_step)
+        return self.previous_residual + slope * (self.previous_residual - self.older_residual)
+
+    def record_residual(self, residual: torch.Tensor, step_index: int, order: int) -> None:
+        """Keep a computed step's residual (and, for order 1, the one before it if it has the same shape)."""
+        previous = self.previous_residual
+        keep_older = order >= 1 and previous is not None and previous.shape == residual.shape
+        self.older_residual = previous if keep_older else None
+        self.older_residual_step = self.previous_residual_step if keep_older else None
+        self.previous_residual = residual
+        self.previous_residual_step = step_index
+        self.consecutive_skips = 0
+
     def release_tensors(self) -> None:
         self.previous_modulated_input = None
         self.previous_residual = None
+        self.older_residual = None
         self.input_signature = None
 
 

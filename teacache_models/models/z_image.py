@@ -7,8 +7,11 @@ noise refiner runs over the image tokens and an unmodulated context refiner over
 then one stream per sample (image tokens first, caption tokens after) passes the main `layers`, and the
 image part goes through the final layer and is unpatchified back to (C, F, H, W).
 
-TeaCache skips only the main `layers` (the refiners run every step); its indicator is the first main
-layer's `attention_norm1` output scaled by (1 + scale_msa).
+TeaCache's default indicator (`modulated_input`, the published one) is the first main layer's
+`attention_norm1` output scaled by (1 + scale_msa): it is computed after the refiners, so a skipped step
+still runs them and skips only the main `layers`. The `refiner_modulated_input` indicator reads the same
+quantity at the first noise-refiner block instead, so a skipped step skips the refiners too (it has no
+published coefficients: fit them with `scripts/calibrate.py`).
 
 Only the text-to-image mode is implemented: the Omni variant's inputs (nested lists of images,
 `siglip_feats`, `image_noise_mask`) are refused with an error. A model built with `siglip_feat_dim`
@@ -28,6 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..cache import TeaCacheMixin
 from ..layers import RMSNorm, apply_rotary_complex, attention, linear_activation, timestep_sinusoids
+from ..params import TeaCacheParams
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import check_architecture, check_rope_axes, check_tensor, is_int
 
@@ -42,6 +46,8 @@ _TIMESTEP_FEATURES = 256
 _TIMESTEP_HIDDEN = 1024
 # Every caption and image sequence is padded to a multiple of this many tokens.
 _SEQ_MULTIPLE = 32
+# The TeaCache indicator read before the refiners: a skipped step then skips them too.
+_REFINER_INDICATOR = "refiner_modulated_input"
 
 
 def _padding(length: int) -> int:
@@ -254,6 +260,7 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     """
 
     teacache_default_coefficients = Z_IMAGE_TEACACHE_COEFFICIENTS
+    supported_teacache_indicators = ("modulated_input", _REFINER_INDICATOR)
 
     @register_config
     def __init__(
@@ -374,35 +381,50 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             image_ids.append(ids)
 
         image_seq = self._embed(self.all_x_embedder[key], patches, image_ids, self.x_pad_token)
-        for block in self.noise_refiner:
-            image_seq.tokens = block(image_seq.tokens, image_seq.mask, image_seq.freqs_cis, adaln_input)
         cap_seq = self._embed(self.cap_embedder, cap_feats, cap_ids, self.cap_pad_token)
-        for block in self.context_refiner:
-            cap_seq.tokens = block(cap_seq.tokens, cap_seq.mask, cap_seq.freqs_cis)
-
-        unified = _pad_batch(
-            [
-                torch.cat([image_seq.tokens[i, :n], cap_seq.tokens[i, :m]])
-                for i, (n, m) in enumerate(zip(image_seq.lengths, cap_seq.lengths, strict=True))
-            ],
-            [
-                torch.cat([image_seq.freqs_cis[i, :n], cap_seq.freqs_cis[i, :m]])
-                for i, (n, m) in enumerate(zip(image_seq.lengths, cap_seq.lengths, strict=True))
-            ],
-        )  # image tokens first, then caption tokens: (B, L, D)
-        hidden_states = self.run_blocks(
-            unified.tokens,
-            attn_mask=unified.mask,
-            freqs_cis=unified.freqs_cis,
-            adaln_input=adaln_input,
-            controlnet_block_samples=controlnet_block_samples,
-        )  # (B, L, D)
+        if self.teacache_indicator_name == _REFINER_INDICATOR:
+            # TeaCache's stack starts at the refiners: image tokens in, image tokens out.
+            image_tokens = self.run_blocks(
+                image_seq.tokens,
+                attn_mask=image_seq.mask,
+                freqs_cis=image_seq.freqs_cis,
+                adaln_input=adaln_input,
+                controlnet_block_samples=controlnet_block_samples,
+                image_lengths=image_seq.lengths,
+                captions=cap_seq.tokens,
+                caption_mask=cap_seq.mask,
+                caption_freqs_cis=cap_seq.freqs_cis,
+                caption_lengths=cap_seq.lengths,
+            )
+            # The final layer reads the stream's layout; the caption rows it also computes are dropped.
+            hidden_states = _joint_layout(image_tokens, image_seq.lengths, cap_seq.lengths)
+        else:
+            unified = self._refine(image_seq, cap_seq, adaln_input)
+            hidden_states = self.run_blocks(
+                unified.tokens,
+                attn_mask=unified.mask,
+                freqs_cis=unified.freqs_cis,
+                adaln_input=adaln_input,
+                controlnet_block_samples=controlnet_block_samples,
+            )  # (B, L, D)
 
         output = self.all_final_layer[key](hidden_states, adaln_input)  # (B, L, p * p * pf * C)
         return [
             _unpatchify(sample, grid, patch_size, f_patch_size, self.out_channels)
             for sample, grid in zip(output.unbind(0), grids, strict=True)
         ]
+
+    def _refine(self, image_seq: _Sequences, cap_seq: _Sequences, adaln_input: torch.Tensor) -> _Sequences:
+        """Both refiners, then one stream per sample: image tokens first, then caption tokens, (B, L, D)."""
+        for block in self.noise_refiner:
+            image_seq.tokens = block(image_seq.tokens, image_seq.mask, image_seq.freqs_cis, adaln_input)
+        for block in self.context_refiner:
+            cap_seq.tokens = block(cap_seq.tokens, cap_seq.mask, cap_seq.freqs_cis)
+        pairs = list(enumerate(zip(image_seq.lengths, cap_seq.lengths, strict=True)))
+        return _pad_batch(
+            [torch.cat([image_seq.tokens[i, :n], cap_seq.tokens[i, :m]]) for i, (n, m) in pairs],
+            [torch.cat([image_seq.freqs_cis[i, :n], cap_seq.freqs_cis[i, :m]]) for i, (n, m) in pairs],
+        )
 
     def _embed(
         self,
@@ -455,11 +477,24 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
 
     # ---- TeaCache seam ----------------------------------------------------------------------------
 
+    def teacache_schedule(self, params: TeaCacheParams) -> tuple[tuple[float, ...], int, int]:
+        """As the mixin's, but the published coefficients are a fit for `modulated_input` only."""
+        schedule = super().teacache_schedule(params)
+        if params.indicator == _REFINER_INDICATOR and params.coefficients is None:
+            raise ValueError(
+                f"indicator {_REFINER_INDICATOR!r} has no preset coefficients (the published set is a fit for "
+                "'modulated_input'); pass TeaCacheParams(coefficients=[...]) fitted for it "
+                "(scripts/calibrate.py --indicator refiner_modulated_input)"
+            )
+        return schedule
+
     def teacache_indicator(self, hidden_states: torch.Tensor, adaln_input: torch.Tensor, **_: Any) -> torch.Tensor:
-        """The first main layer's attention_norm1 output scaled by (1 + scale_msa): (B, L, D)."""
-        if not len(self.layers):
+        """The first block's attention_norm1 output scaled by (1 + scale_msa): (B, L, D). The block is the first
+        main layer (`modulated_input`) or the first noise-refiner block (`refiner_modulated_input`)."""
+        blocks = self.noise_refiner if self.teacache_indicator_name == _REFINER_INDICATOR else self.layers
+        if not len(blocks):
             return hidden_states
-        first = self.layers[0]
+        first = blocks[0]
         scale_msa = first.modulation_factors(adaln_input)[0]
         return first.attention_norm1(hidden_states) * scale_msa
 
@@ -470,8 +505,37 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         freqs_cis: torch.Tensor,
         adaln_input: torch.Tensor,
         controlnet_block_samples: dict[int, torch.Tensor] | None = None,
+        image_lengths: list[int] | None = None,
+        captions: torch.Tensor | None = None,
+        caption_mask: torch.Tensor | None = None,
+        caption_freqs_cis: torch.Tensor | None = None,
+        caption_lengths: list[int] | None = None,
     ) -> torch.Tensor:
-        """The main layers over the unified stream: (B, L, D) -> (B, L, D)."""
+        """The main layers over the unified stream: (B, L, D) -> (B, L, D).
+
+        With `captions` (the `refiner_modulated_input` indicator), `hidden_states` are the embedded image
+        tokens (`attn_mask`, `freqs_cis` and `image_lengths` theirs) and the stack begins with the refiners;
+        the image tokens of the main layers' output are returned in the layout of `hidden_states`.
+        """
+        if captions is not None:
+            image_seq = _Sequences(hidden_states, freqs_cis, attn_mask, image_lengths)
+            cap_seq = _Sequences(captions, caption_freqs_cis, caption_mask, caption_lengths)
+            unified = self._refine(image_seq, cap_seq, adaln_input)
+            output = self._main_layers(
+                unified.tokens, unified.mask, unified.freqs_cis, adaln_input, controlnet_block_samples
+            )
+            images = [output[i, :n] for i, n in enumerate(image_lengths)]
+            return pad_sequence(images, batch_first=True, padding_value=0.0)
+        return self._main_layers(hidden_states, attn_mask, freqs_cis, adaln_input, controlnet_block_samples)
+
+    def _main_layers(
+        self,
+        hidden_states: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        freqs_cis: torch.Tensor,
+        adaln_input: torch.Tensor,
+        controlnet_block_samples: dict[int, torch.Tensor] | None,
+    ) -> torch.Tensor:
         for index, block in enumerate(self.layers):
             hidden_states = block(hidden_states, attn_mask, freqs_cis, adaln_input)
             if controlnet_block_samples is not None and index in controlnet_block_samples:
@@ -549,6 +613,15 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 "controlnet_block_samples must be None or a dict {layer index: tensor}, "
                 f"got {type(controlnet_block_samples).__name__}"
             )
+
+
+def _joint_layout(image_tokens: torch.Tensor, image_lengths: list[int], caption_lengths: list[int]) -> torch.Tensor:
+    """(B, Li, D) image tokens -> the (B, L, D) layout of the joint stream, zeros where its captions sit."""
+    rows = [
+        torch.cat([image_tokens[i, :n], image_tokens.new_zeros((m, image_tokens.shape[-1]))])
+        for i, (n, m) in enumerate(zip(image_lengths, caption_lengths, strict=True))
+    ]
+    return pad_sequence(rows, batch_first=True, padding_value=0.0)
 
 
 def _patchify(image: torch.Tensor, patch_size: int, f_patch_size: int) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -1,0 +1,41 @@
+"""scripts/benchmark_speed.py on a tiny Z-Image: every measurement runs and reports consistent numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "scripts" / "benchmark_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_measurements_on_a_tiny_model():
+    script = _load_script()
+    medium = script.z_image_case("medium")
+    tiny = dict(medium.config, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, axes_dims=(8, 12, 12))
+    case = dataclasses.replace(medium, config=tiny)
+    result = script.measure_speed(case, torch.device("cpu"), torch.float32, repeats=1, steps=6)
+
+    assert result["fast_linear_kernel"] in ("aten", "onednn")
+    for key in ("forward_ratio", "forward_ratio_fast", "skipped_step_cost", "loop_efficiency"):
+        assert 0 < result[key] < 10, key
+    # The threshold of the loop is chosen so that the middle steps alternate between computed and skipped.
+    assert 3 <= result["loop_computed_steps"] < 6
+    assert result["loop_ideal_speedup"] == 6 / result["loop_computed_steps"]
+    refiner = result["by_indicator"]["refiner_modulated_input"]
+    assert 3 <= refiner["loop_computed_steps"] < 6
+    assert refiner["skipped_step_s"] > 0 and refiner["computed_step_s"] > 0

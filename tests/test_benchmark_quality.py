@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.utils import load_script
+
 pytest.importorskip("diffusers")
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_quality", REPO / "scripts" / "benchmark_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("model", ["wan-digits", "flux-digits"])
@@ -30,7 +22,7 @@ def test_benchmark_tiny_sweep_writes_valid_json(tmp_path, model):
     args += ["--pairs", "2", "--steps", "6", "--rounds", "1", "--calibration-pairs", "1"]
     args += ["--teacache-thresholds", "0.6", "3.0", "--fbc-thresholds", "0.1", "0.5"]
     args += ["--magcache-thresholds", "0.1", "0.5", "--taylorseer-intervals", "2", "3"]
-    assert _load_script().main(args) == 0
+    assert load_script("benchmark_quality").main(args) == 0
     report = json.loads(output.read_text())
     points = report["points"]
     methods = [p["method"] for p in points]

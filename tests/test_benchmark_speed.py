@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.utils import load_script
 
 pytest.importorskip("diffusers")
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "scripts" / "benchmark_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_speed_measurements_on_a_tiny_model():
-    script = _load_script()
+    script = load_script("benchmark_speed")
     medium = script.z_image_case("medium")
     tiny = dict(medium.config, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, axes_dims=(8, 12, 12))
     case = dataclasses.replace(medium, config=tiny)

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from teacache_models.calibration import (
 from teacache_models.metrics import psnr, ssim
 from teacache_models.params import TeaCacheParams
 from teacache_models.zoo import ZOO_DIR, load_zoo_entry
+from tests.utils import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -171,14 +171,6 @@ def test_write_coefficients_handles_ret_steps_and_missing_presets(tmp_path):
 # ---- scripts/calibrate.py --------------------------------------------------------------------------
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_calibrate_script_end_to_end(tmp_path, capsys):
     config = tmp_path / "flux-digits.yaml"
     shutil.copy(ZOO_DIR / "flux-digits.yaml", config)
@@ -189,7 +181,7 @@ def test_calibrate_script_end_to_end(tmp_path, capsys):
     args += ["--json", str(tmp_path / "fit.json"), "--write-config", str(config)]
     if importlib.util.find_spec("matplotlib") is not None:
         args += ["--plot", str(tmp_path / "fit.png")]
-    assert _load_script("calibrate").main(args) == 0
+    assert load_script("calibrate").main(args) == 0
     record = json.loads((tmp_path / "fit.json").read_text())
     # 2 prompts x 2 seeds x 5 step pairs per branch.
     assert record["fit"]["num_points"] == 40 and len(record["points"]["negative"]) == 20

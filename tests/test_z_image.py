@@ -253,10 +253,10 @@ def test_decisions_follow_the_rule_on_the_first_blocks_scaled_input(coefficients
     assert tuple(skipped) == stats.positive.skipped_steps
 
 
-def test_skipped_step_reruns_the_refiners_and_reuses_the_main_layers_residual():
-    model, _ = build_pair(TINY, seed=9)
-    inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 36])
-    model.enable_teacache(TeaCacheParams(teacache_thresh=100.0), 3)
+def three_steps_skipping_one(model, inputs, params):
+    """Steps at t = 0, 0.1, 0.2 with a threshold that skips step 1 (first and last are forced): the outputs
+    and the residual step 0 cached."""
+    model.enable_teacache(params, 3)
     outputs = []
     for step, t in enumerate((0.0, 0.1, 0.2)):
         with torch.no_grad(), model.teacache_step(step):
@@ -264,6 +264,13 @@ def test_skipped_step_reruns_the_refiners_and_reuses_the_main_layers_residual():
             if step == 0:
                 residual = model.previous_residual.clone()
     assert model.teacache_stats().positive.skipped_steps == (1,)
+    return outputs, residual
+
+
+def test_skipped_step_reruns_the_refiners_and_reuses_the_main_layers_residual():
+    model, _ = build_pair(TINY, seed=9)
+    inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 36])
+    outputs, residual = three_steps_skipping_one(model, inputs, TeaCacheParams(teacache_thresh=100.0))
     assert residual.shape[:2] == (2, 32 + 64)  # the unified padded stream (B, L, D)
 
     # Step 1 must be the full model with the refiners at t = 0.1 and the main layers replaced by the residual.
@@ -294,19 +301,14 @@ def test_refiner_indicator_at_threshold_zero_is_bit_identical_to_uncached():
 def test_refiner_indicator_skips_the_refiners_too():
     model, _ = build_pair(TINY, seed=9)
     inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 36])
-    calls = []
+    calls = []  # per model call, the blocks that ran
+    model.register_forward_pre_hook(lambda *_: calls.append(set()))
     for name in ("noise_refiner", "context_refiner", "layers"):
-        getattr(model, name)[0].register_forward_hook(lambda *_, name=name: calls.append((step, name)))
-    model.enable_teacache(TeaCacheParams(teacache_thresh=100.0, **REFINER_INDICATOR), 3)
-    outputs = []
-    for step, t in enumerate((0.0, 0.1, 0.2)):
-        with torch.no_grad(), model.teacache_step(step):
-            outputs.append(model(**{**inputs, "t": torch.tensor([t, t])}, return_dict=False)[0])
-            if step == 0:
-                residual = model.previous_residual.clone()
-    assert model.teacache_stats().positive.skipped_steps == (1,)
-    assert {name for s, name in calls if s == 1} == set(), "a skipped step runs neither refiner nor main layer"
-    assert {name for s, name in calls if s == 2} == {"noise_refiner", "context_refiner", "layers"}
+        getattr(model, name)[0].register_forward_hook(lambda *_, name=name: calls[-1].add(name))
+    params = TeaCacheParams(teacache_thresh=100.0, **REFINER_INDICATOR)
+    outputs, residual = three_steps_skipping_one(model, inputs, params)
+    assert calls[1] == set(), "a skipped step runs neither refiner nor main layer"
+    assert calls[0] == calls[2] == {"noise_refiner", "context_refiner", "layers"}
     assert residual.shape[:2] == (2, 32)  # the padded image tokens (B, Li, D), before the refiners
 
     # Step 1 must be the embedded image tokens plus the residual, through the final layer.

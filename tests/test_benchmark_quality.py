@@ -22,7 +22,9 @@ def test_benchmark_tiny_sweep_writes_valid_json(tmp_path, model):
     args += ["--pairs", "2", "--steps", "6", "--rounds", "1", "--calibration-pairs", "1"]
     args += ["--teacache-thresholds", "0.6", "3.0", "--fbc-thresholds", "0.1", "0.5"]
     args += ["--magcache-thresholds", "0.1", "0.5", "--taylorseer-intervals", "2", "3"]
-    assert load_script("benchmark_quality").main(args) == 0
+    args += ["--teacache-variants", "0", "1:1"]
+    script = load_script("benchmark_quality")
+    assert script.main(args) == 0
     report = json.loads(output.read_text())
     points = report["points"]
     methods = [p["method"] for p in points]
@@ -44,4 +46,15 @@ def test_benchmark_tiny_sweep_writes_valid_json(tmp_path, model):
     ours = [p for p in points if p["method"] == teacache]
     assert ours[1]["skipped_fraction"] >= ours[0]["skipped_fraction"] > 0
     assert len(report["magcache_ratios"]) == 6
-    assert set(report["summary"]["best_at_30db"]) == {teacache, "FirstBlockCache", "MagCache", "TaylorSeer"}
+    # The second variant: extrapolated residual, at most one skipped step in a row.
+    limited = [p for p in points if p["method"].endswith("residual order 1, max 1 skips in a row)")]
+    # Steps 1 and 3 of 0..5 at most: 2 and 4 must compute, 0 and 5 always do.
+    assert limited[0]["skipped_fraction"] <= 2 / 6 + 1e-9 and math.isclose(limited[1]["skipped_fraction"], 2 / 6)
+    curves = {teacache, limited[0]["method"], script.ANY_SETTING}
+    assert set(report["summary"]["best_at_30db"]) == curves | {"FirstBlockCache", "MagCache", "TaylorSeer"}
+    # The best of all settings, at a peer point: the best PSNR among our points at least as fast.
+    rows = report["summary"]["comparisons"][script.ANY_SETTING]["equal_speedup_rows"]
+    ours_all = [p for p in points if p["method"] in curves]
+    for row in rows:
+        faster = [p["psnr_mean"] for p in ours_all if p["skipped_fraction"] >= row["at_skipped_fraction"]]
+        assert row["our_psnr_at_skipped_fraction"] == (max(faster) if faster else None)

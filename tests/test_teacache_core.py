@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from teacache_models import TeaCacheMixin, TeaCacheParams
-from teacache_models.cache import relative_l1_distance
+from teacache_models.cache import Deferred, relative_l1_distance
 from teacache_models.params import evaluate_polynomial
 
 WIDTH = 8
@@ -189,6 +189,46 @@ def test_max_consecutive_skips_forces_a_compute():
     assert stats.positive.skipped_steps == (1, 3, 5)
     generate(model, TeaCacheParams(teacache_thresh=0.15, max_consecutive_skips=2), xs)
     assert model.teacache_stats().positive.computed_steps == (0, 3, 6, 7)
+
+
+class TinyModelWithDeferredInput(TinyModel):
+    """The timestep scale of the blocks arrives as a `Deferred` input, computed only when they run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale_computations = 0
+
+    def teacache_indicator(self, hidden_states: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
+        return super().teacache_indicator(hidden_states, t)
+
+    def forward_blocks(self, hidden_states: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return super().forward_blocks(hidden_states, t) * scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        def scale() -> torch.Tensor:
+            self.scale_computations += 1
+            return 1 + source.mean()
+
+        hidden_states = self.run_blocks(self.embed(x), t=t, scale=Deferred(scale, (source,)))
+        return self.head(hidden_states)
+
+
+def test_deferred_inputs_are_computed_only_when_the_blocks_run():
+    model, x, source = TinyModelWithDeferredInput(), make_input(0), torch.ones(3)
+    with torch.no_grad():
+        plain = model(x, torch.tensor([0.5]), source)
+    assert model.scale_computations == 1  # outside a step: computed
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.15), len(TIMESTEPS))
+    outputs = []
+    for step, t in enumerate(TIMESTEPS):
+        with torch.no_grad(), model.teacache_step(step):
+            outputs.append(model(x, torch.tensor([t]), source if step != 4 else torch.ones(5)))
+    stats = model.teacache_stats().positive
+    # Step 4's deferred input has a source of another shape (and step 5's changes back): both compute.
+    assert stats.computed_steps == (0, 3, 4, 5, 6, 7)
+    assert model.scale_computations == 1 + len(stats.computed_steps)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.tensor([0.5]), source), plain, rtol=0, atol=0)
 
 
 def test_threshold_zero_is_bit_identical_even_with_negative_rescaled_distances():

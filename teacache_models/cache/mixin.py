@@ -12,7 +12,9 @@ Its `forward` then calls `self.run_blocks(hidden_states, **block_inputs)` where 
 blocks. The mixin decides, per step and per CFG branch, whether to run them or to add the residual
 cached at the branch's last computed step. Which step and branch a call computes is told by the
 caller through `with model.teacache_step(step_index, is_cfg_negative): ...`; a call outside that
-context runs the blocks and touches no state.
+context runs the blocks and touches no state. A block input that only the blocks read (rotary
+tables, projected text) can be passed as `Deferred(compute, sources)`: it is computed when the blocks
+run, never on a skipped step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.distributed as dist
 from ..params import TeaCacheParams, evaluate_polynomial
 from .state import BranchState, BranchStats, TeaCacheSession, TeaCacheStats
 
-__all__ = ["TeaCacheMixin", "relative_l1_distance"]
+__all__ = ["Deferred", "TeaCacheMixin", "relative_l1_distance"]
 
 
 def relative_l1_distance(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,23 @@ def _caller_stacklevel() -> int:
 _INTERNAL_PATHS = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A block-stack input computed only when the block stack runs: a skipped step never needs it.
+
+    `compute()` returns the value `forward_blocks` receives; `sources`, the tensors it is computed
+    from, stand for it in the check that the block-stack inputs kept their shape, dtype and device.
+    The indicator must not read a deferred input.
+    """
+
+    compute: Callable[[], Any]
+    sources: tuple[torch.Tensor | None, ...] = ()
+
+
+def _materialize(block_inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.compute() if isinstance(v, Deferred) else v for k, v in block_inputs.items()}
+
+
 def _tensor_signature(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), tensor.dtype, tensor.device
 
@@ -96,6 +115,8 @@ def _inputs_signature(hidden_states: torch.Tensor, indicator: torch.Tensor, bloc
     """Shapes, dtypes and devices of everything the block stack reads: a change means the cache is stale."""
     parts = [_tensor_signature(hidden_states), _tensor_signature(indicator)]
     for name, value in sorted(block_inputs.items()):
+        if isinstance(value, Deferred):
+            value = value.sources
         items = value if isinstance(value, list | tuple) else (value,)
         parts.append((name, tuple(_tensor_signature(v) if isinstance(v, torch.Tensor) else None for v in items)))
     return tuple(parts)
@@ -344,7 +365,7 @@ class TeaCacheMixin:
         action, residual = _helper("_teacache_plan")(self, hidden_states, block_inputs)
         if action == "skip":
             return hidden_states + residual
-        output = self.forward_blocks(hidden_states, **block_inputs)
+        output = self.forward_blocks(hidden_states, **_materialize(block_inputs))
         if action == "compute":
             _helper("_teacache_record")(self, output, hidden_states)
         return output

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cache import TeaCacheMixin
+from ..cache import Deferred, TeaCacheMixin
 from ..layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -330,14 +330,13 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         if guidance is not None:
             guidance = _as_batch_vector("guidance", guidance, batch, device).to(dtype) * 1000
         temb = self.time_text_embed(timestep, guidance, pooled_projections)  # (B, D)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)  # (B, Lt, D)
-        rope = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
-
+        text = encoder_hidden_states
+        # Only the blocks read the projected text and the rotary tables: a skipped step computes neither.
         hidden_states = self.run_blocks(
             hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states=Deferred(lambda: self.context_embedder(text), (text,)),  # (B, Lt, D)
             temb=temb,
-            rope=rope,
+            rope=Deferred(lambda: self.pos_embed(torch.cat([txt_ids, img_ids], dim=0)), (txt_ids, img_ids)),
             controlnet_block_samples=controlnet_block_samples,
             controlnet_single_block_samples=controlnet_single_block_samples,
             controlnet_blocks_repeat=controlnet_blocks_repeat,

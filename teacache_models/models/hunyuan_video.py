@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..cache.mixin import TeaCacheMixin
+from ..cache.mixin import Deferred, TeaCacheMixin
 from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
 from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
@@ -574,11 +574,10 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         else:
             guidance = None
 
-        rope = self.rope(grid, device)
         token_replace = self.config.image_condition_type == "token_replace"
         temb, replace_emb = self.time_text_embed(timestep, pooled_projections, guidance, token_replace)  # (B, D)
+        latents, text = hidden_states, encoder_hidden_states
         hidden_states = self.x_embedder(hidden_states)  # (B, Li, D)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states, timestep, text_mask)  # (B, Lt, D)
         image_len, first_frame_tokens = hidden_states.shape[1], grid[1] * grid[2]
         sp = self.sequence_parallel
         if sp is not None:
@@ -586,16 +585,22 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
             # padding included, which the attention masks out).
             sp.begin(image_len)
             hidden_states = sp.shard(hidden_states)  # (B, Li / N, D)
-            rope = (sp.shard(rope[0], dim=0), sp.shard(rope[1], dim=0))
             image_len, first_frame_tokens = sp.padded_length, sp.local_count(first_frame_tokens)
         attention_mask = _joint_attention_mask(text_mask, image_len)  # (B, 1, 1, Li + Lt)
 
+        def rope() -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = self.rope(grid, device)
+            return (cos, sin) if sp is None else (sp.shard(cos, dim=0), sp.shard(sin, dim=0))
+
+        # Only the blocks read the refined text and the rotary tables: a skipped step computes neither.
         hidden_states = self.run_blocks(
             hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states=Deferred(
+                lambda: self.context_embedder(text, timestep, text_mask), (text, timestep, text_mask)
+            ),  # (B, Lt, D)
             temb=temb,
             attention_mask=attention_mask,
-            rope=rope,
+            rope=Deferred(rope, (latents,)),
             token_replace=None if replace_emb is None else (replace_emb, first_frame_tokens),
         )  # (B, Li, D)
 

@@ -210,7 +210,7 @@ def list_models() -> str:
         entry = load_zoo_entry(name)
         s = entry.sampling
         size = f"{s.width}x{s.height}" + (f"x{s.num_frames}f" if entry.is_video else "")
-        presets = ", ".join(f"{p}={entry.presets[p].params.teacache_thresh:g}" for p in entry.presets)
+        presets = ", ".join(f"{p}={entry.presets[p].params.teacache_thresh:g}" for p in entry.presets) or "no preset"
         lines.append(f"{name:22s} {entry.task:5s} {size:16s} {s.num_inference_steps:3d} steps  TeaCache: {presets}")
     return "\n".join(lines)
 
@@ -264,16 +264,18 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
             given = ", ".join(_TEACACHE_FLAGS[k] for k in overrides)
             raise CliError(f"--teacache off contradicts {given}")
         return None
-    if entry is None:
-        if choice is not None:
-            raise CliError(
-                f"--teacache {choice}: this model folder has no zoo config, so no presets; pass --config FILE, "
-                "or --teacache-thresh (and --teacache-coefficients) to define the cache"
-            )
+    if entry is None and choice is not None:
+        raise CliError(
+            f"--teacache {choice}: this model folder has no zoo config, so no presets; pass --config FILE, "
+            "or --teacache-thresh (and --teacache-coefficients) to define the cache"
+        )
+    preset = choice or (entry.default_preset if entry is not None else "off")
+    if preset == "off":  # no preset to start from: the flags define the cache, or it stays off
         if args.teacache_thresh is None:
+            if overrides:
+                raise CliError(f"{', '.join(_TEACACHE_FLAGS[k] for k in overrides)} need --teacache-thresh here")
             return None
         return _teacache_or_error(TeaCacheParams, overrides)
-    preset = choice or entry.default_preset
     if preset not in entry.presets:
         raise CliError(f"--teacache {preset!r}: {entry.name} offers 'off' or {sorted(entry.presets)}")
     params = entry.presets[preset].params

@@ -58,10 +58,10 @@ class ZooEntry:
 
     def sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
         """The model's sampling defaults with TeaCache preset `teacache` ("off", "default" or a name)."""
-        if teacache == "off":
+        preset = self.default_preset if teacache == "default" else teacache
+        if preset == "off":
             cache = None
         else:
-            preset = self.default_preset if teacache == "default" else teacache
             if preset not in self.presets:
                 raise ValueError(
                     f"{self.name} has no TeaCache preset {teacache!r}; choose 'off', 'default' or one of "
@@ -105,7 +105,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
     sampling = _check_keys(f"{where}: sampling", data["sampling"], _SAMPLING_KEYS)
     teacache = _check_keys(f"{where}: teacache", data["teacache"], {"default", "presets"}, {"default", "presets"})
-    presets_data = _check_keys(f"{where}: teacache.presets", teacache["presets"], set(teacache["presets"] or {}))
+    presets_data = _check_keys(f"{where}: teacache.presets", teacache["presets"] or {}, set(teacache["presets"] or {}))
     presets = {}
     for preset_name, preset in presets_data.items():
         preset = dict(_check_keys(f"{where}: teacache.presets.{preset_name}", preset, _PRESET_KEYS, {"source"}))
@@ -114,10 +114,12 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
             presets[preset_name] = TeaCachePreset(TeaCacheParams(**preset), str(source))
         except ValueError as error:
             raise ValueError(f"{where}: teacache.presets.{preset_name}: {error}") from None
-    if teacache["default"] not in presets:
-        raise ValueError(f"{where}: teacache.default {teacache['default']!r} is not one of {sorted(presets)}")
+    # "off": TeaCache stays off unless asked for (a model without a measured or published threshold).
+    if teacache["default"] != "off" and teacache["default"] not in presets:
+        raise ValueError(f"{where}: teacache.default {teacache['default']!r} is not 'off' or one of {sorted(presets)}")
+    default_params = presets[teacache["default"]].params if teacache["default"] != "off" else None
     try:
-        sampling_params = SamplingParams(**sampling, teacache_params=presets[teacache["default"]].params)
+        sampling_params = SamplingParams(**sampling, teacache_params=default_params)
     except ValueError as error:
         raise ValueError(f"{where}: sampling: {error}") from None
     return ZooEntry(

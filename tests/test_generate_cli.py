@@ -18,7 +18,8 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "generate.py"
-CONFIG = SCRIPT.parent.parent / "configs" / "flux1-dev.yaml"
+ZOO = SCRIPT.parent.parent / "configs"
+CONFIG = ZOO / "flux1-dev.yaml"
 
 
 def load_cli():
@@ -70,6 +71,23 @@ def test_unknown_linear_kernel_is_an_argparse_error(cli, folder, tmp_path, capsy
     with pytest.raises(SystemExit):
         cli.main([*base_args(folder, tmp_path / "x.png"), "--linear-kernel", "mkl"])
     assert "invalid choice: 'mkl' (choose from 'auto', 'aten', 'onednn')" in capsys.readouterr().err
+
+
+def test_a_zoo_entry_without_presets_runs_uncached_unless_a_threshold_is_given(cli, tmp_path, capsys):
+    from tests.test_pipeline_fixtures import save_z_image
+
+    folder = save_z_image(tmp_path / "z-image")
+    args = ["--model", str(folder), "--config", str(ZOO / "z-image-turbo.yaml"), "--prompt", "a red fox"]
+    args += ["--height", "16", "--width", "16", "--steps", "4", "--seed", "1", "--no-progress"]
+    assert cli.main([*args, "--output", str(tmp_path / "off.png")]) == 0
+    assert json.loads((tmp_path / "off.json").read_text())["teacache_stats"]["enabled"] is False
+    assert cli.main([*args, "--teacache-thresh", "1e6", "--output", str(tmp_path / "on.png")]) == 0
+    record = json.loads((tmp_path / "on.json").read_text())
+    assert record["teacache_stats"]["branches"]["positive"]["skipped_steps"] == [1, 2]
+    assert cli.main([*args, "--teacache", "slow", "--output", str(tmp_path / "bad.png")]) == 1
+    assert "offers 'off' or []" in capsys.readouterr().err
+    assert cli.main([*args, "--teacache-residual-order", "1", "--output", str(tmp_path / "bad.png")]) == 1
+    assert "--teacache-residual-order need --teacache-thresh" in capsys.readouterr().err
 
 
 def test_residual_order_and_skip_limit_flags(cli, folder, tmp_path):

@@ -258,7 +258,11 @@ def test_zoo_defaults_and_presets_reach_the_pipeline(z_image_folder):
     from teacache_models.zoo import load_zoo_entry
 
     pipe = load_pipeline(z_image_folder, zoo_entry=load_zoo_entry("z-image-turbo"))
-    params = pipe.default_sampling_params("fast", height=16, width=16, num_inference_steps=3, seed=0)
-    assert params.guidance_scale == 0.0 and params.teacache_params.teacache_thresh == 0.3
+    # Z-Image-Turbo ships no preset: its default leaves TeaCache off.
+    params = pipe.default_sampling_params(height=16, width=16, num_inference_steps=3, seed=0)
+    assert params.guidance_scale == 0.0 and params.teacache_params is None
+    assert pipe(PROMPT, params).teacache_stats.teacache_thresh is None
+    params = dataclasses.replace(params, teacache_params=TeaCacheParams(teacache_thresh=1e6))
     result = pipe(PROMPT, params)
     assert result.teacache_stats.num_inference_steps == 3 and result.teacache_stats.negative.num_computed == 0
+    assert result.teacache_stats.positive.skipped_steps == (1,)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache.mixin import TeaCacheMixin
+from ..cache.mixin import Deferred, TeaCacheMixin
 from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
@@ -467,7 +467,7 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             timestep = torch.cat([timestep, timestep * 0])
             condition_tokens = _condition_token_mask(layouts, device)  # (B, Li, 1)
         temb = self.time_text_embed(timestep, dtype, additional_t_cond)  # (N, D): N timestep rows, x2 by zero_cond_t
-        encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states))  # (B, Lt, D)
+        text = encoder_hidden_states
 
         attention_mask = None
         if encoder_hidden_states_mask is not None:
@@ -481,13 +481,17 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 UserWarning,
                 stacklevel=2,
             )
-        rope = _rope_factors(tuple(config.axes_dims_rope), layouts[0], text_len, config.use_layer3d_rope, device)
+        layout = layouts[0]
 
+        def rope() -> torch.Tensor:
+            return _rope_factors(tuple(config.axes_dims_rope), layout, text_len, config.use_layer3d_rope, device)
+
+        # Only the blocks read the projected text and the rotary factors: a skipped step computes neither.
         hidden_states = self.run_blocks(
             hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states=Deferred(lambda: self.txt_in(self.txt_norm(text)), (text,)),  # (B, Lt, D)
             temb=temb,
-            rope=rope,
+            rope=Deferred(rope, (text,)),
             attention_mask=attention_mask,
             condition_tokens=condition_tokens,
             controlnet_block_samples=controlnet_block_samples,

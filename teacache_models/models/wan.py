@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..cache.mixin import TeaCacheMixin
+from ..cache.mixin import Deferred, TeaCacheMixin
 from ..cache.state import TeaCacheStats
 from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
 from ..layers.attention import attention
@@ -263,20 +263,28 @@ class WanTimeTextImageEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Timestep (B,) or per-token (B, L) -> temb (B, D) or (B, L, D), timestep_proj (B[, L], 6 D),
         text (B, Lt, D), image (B, Li, D) or None."""
+        temb, timestep_proj = self.embed_timestep(timestep, encoder_hidden_states.dtype)
+        return (temb, timestep_proj, *self.embed_context(encoder_hidden_states, encoder_hidden_states_image))
+
+    def embed_timestep(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """temb and timestep_proj, in `dtype` (the model's: that of the text states, as in the reference)."""
         features = timestep_sinusoids(timestep.flatten(), self.time_freq_dim)  # float32
         if timestep.ndim == 2:
             features = features.unflatten(0, timestep.shape)
         embedder_dtype = self.time_embedder.linear_1.weight.dtype
         if embedder_dtype != torch.int8:  # quantised embedders take the float32 features as they are
             features = features.to(embedder_dtype)
-        # The embedding returns to the model's dtype (that of the text states), as in the reference.
-        temb = self.time_embedder(features).type_as(encoder_hidden_states)
-        timestep_proj = self.time_proj(self.act_fn(temb))
-        text = self.text_embedder(encoder_hidden_states)
+        temb = self.time_embedder(features).to(dtype)
+        return temb, self.time_proj(self.act_fn(temb))
+
+    def embed_context(
+        self, encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The projected text (B, Lt, D) and image tokens (B, Li, D) or None."""
         image = None
         if encoder_hidden_states_image is not None:
             image = self.image_embedder(encoder_hidden_states_image)
-        return temb, timestep_proj, text, image
+        return self.text_embedder(encoder_hidden_states), image
 
 
 # ---- attention and blocks --------------------------------------------------------------------------
@@ -508,12 +516,9 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
         grid = (frames // p_t, height // p_h, width // p_w)
-        rope = self.rope(*grid, device=hidden_states.device)
-
+        latents = hidden_states
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
-        temb, timestep_proj, context, image_context = self.condition_embedder(
-            timestep, encoder_hidden_states, encoder_hidden_states_image
-        )
+        temb, timestep_proj = self.condition_embedder.embed_timestep(timestep, encoder_hidden_states.dtype)
         # One modulation per sample becomes a length-1 token axis, so both timestep forms share one path.
         timestep_proj = timestep_proj.unflatten(-1, (6, -1))  # (B, 6, D) or (B, L, 6, D)
         if timestep_proj.ndim == 3:
@@ -523,27 +528,30 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
             # This rank keeps its shard of the tokens and of everything given per token.
             sp.begin(hidden_states.shape[1])
             hidden_states = sp.shard(hidden_states)  # (B, L / N, D)
-            rope = (sp.shard(rope[0]), sp.shard(rope[1]))
             if temb.shape[1] != 1:
                 temb, timestep_proj = sp.shard(temb), sp.shard(timestep_proj)
-        if image_context is not None:
-            # Image tokens go ahead of the text. With image K/V projections the two parts are then taken
-            # back as views of the joined tensor: half-precision matmuls round differently on such strided
-            # views than on separate tensors, and the reference reads these views.
-            image_len = image_context.shape[1]
-            context = torch.cat([image_context, context], dim=1)  # (B, Li + Lt, D)
-            if self.config.added_kv_proj_dim is None:
-                image_context = None
-            else:
-                image_context, context = context[:, :image_len], context[:, image_len:]
 
+        def rope() -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = self.rope(*grid, device=latents.device)
+            return (cos, sin) if sp is None else (sp.shard(cos), sp.shard(sin))
+
+        # Only the blocks read the projected text and image tokens and the rotary tables: a skipped step
+        # computes none of them. Both context inputs come from one computation, made once.
+        contexts: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+        def context(part: int) -> torch.Tensor | None:
+            if not contexts:
+                contexts.append(self._joint_context(encoder_hidden_states, encoder_hidden_states_image))
+            return contexts[0][part]
+
+        sources = (encoder_hidden_states, encoder_hidden_states_image)
         hidden_states = self.run_blocks(
             hidden_states,
-            context=context,
-            image_context=image_context,
+            context=Deferred(lambda: context(0), sources),
+            image_context=Deferred(lambda: context(1), sources),
             temb=temb,
             timestep_proj=timestep_proj,
-            rope=rope,
+            rope=Deferred(rope, (latents,)),
         )  # (B, L, D)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
@@ -556,6 +564,24 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         output = hidden_states.reshape(batch, *grid, p_t, p_h, p_w, -1)
         output = output.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, -1, frames, height, width)
         return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
+
+    def _joint_context(
+        self, encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cross-attention context (B, [Li +] Lt, D) and, with image K/V projections, the image part."""
+        context, image_context = self.condition_embedder.embed_context(
+            encoder_hidden_states, encoder_hidden_states_image
+        )
+        if image_context is None:
+            return context, None
+        # Image tokens go ahead of the text. With image K/V projections the two parts are then taken back
+        # as views of the joined tensor: half-precision matmuls round differently on such strided views
+        # than on separate tensors, and the reference reads these views.
+        image_len = image_context.shape[1]
+        context = torch.cat([image_context, context], dim=1)  # (B, Li + Lt, D)
+        if self.config.added_kv_proj_dim is None:
+            return context, None
+        return context[:, image_len:], context[:, :image_len]
 
     # ---- TeaCache seam ----------------------------------------------------------------------------
 

@@ -376,9 +376,12 @@ def _best_at_least(points: list[dict], key: str, at: float) -> float | None:
 
 
 def _compare(peer_points: dict[str, list[dict]], ours: Callable[[str, float], float | None]) -> list[dict]:
+    """One row per peer point that skipped something (one that skipped nothing is the uncached model)."""
     rows = []
     for peer, curve in peer_points.items():
         for point in curve:
+            if point["skipped_fraction"] == 0:
+                continue
             row = {"peer": peer, "setting": point["setting"], "peer_psnr": point["psnr_mean"]}
             for key in ("speedup", "skipped_fraction"):
                 our_psnr = ours(key, point[key])

@@ -494,7 +494,10 @@ def generate_and_write(
     from teacache_models.pipelines import load_pipeline
 
     pipe = load_pipeline(model, torch_dtype=args.dtype, device=args.device, zoo_entry=entry)
-    args.linear_kernel = resolve_linear_kernel(args.linear_kernel, args.device, args.dtype)
+    try:
+        args.linear_kernel = resolve_linear_kernel(args.linear_kernel, args.device, args.dtype)
+    except ValueError as error:
+        raise CliError(f"--linear-kernel: {error}") from None
     pipe.set_linear_kernel(args.linear_kernel)
     is_video = pipe.is_video
     if state is not None:

@@ -151,6 +151,7 @@ def test_list_models_and_help(cli, capsys):
         (["--teacache", "off", "--teacache-residual-order", "1"], "contradicts --teacache-residual-order"),
         (["--teacache-residual-order", "2"], r"residual_order must be one of \[0, 1\], got 2"),
         (["--teacache-max-consecutive-skips", "0"], "max_consecutive_skips must be an integer >= 1, got 0"),
+        (["--linear-kernel", "onednn", "--dtype", "bfloat16"], "--linear-kernel: linear kernel 'onednn' runs float32"),
         (["--teacache-coefficients", "1,x"], "comma-separated numbers"),
         (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
         (["--prompt", ""], "--prompt is required"),

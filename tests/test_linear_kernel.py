@@ -131,6 +131,10 @@ def test_auto_picks_onednn_only_for_float32_on_cpu():
     assert resolve_linear_kernel("auto", "cpu", "bfloat16") == "aten"
     assert resolve_linear_kernel("auto", "cuda", torch.float32) == "aten"
     assert resolve_linear_kernel("aten", "cpu", torch.float32) == "aten"
+    with pytest.raises(ValueError, match="runs float32 on a CPU; this run is bfloat16 on cpu"):
+        resolve_linear_kernel("onednn", "cpu", "bfloat16")
+    with pytest.raises(ValueError, match="on cuda: use 'aten' or 'auto'"):
+        resolve_linear_kernel("onednn", "cuda", torch.float32)
 
 
 @needs_onednn

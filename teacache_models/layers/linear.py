@@ -121,11 +121,18 @@ def linear_kernel_of(module: nn.Module) -> str | None:
 
 
 def resolve_linear_kernel(kernel: str, device: torch.device | str, dtype: torch.dtype | str) -> str:
-    """`kernel`, or for "auto": "onednn" for float32 on a CPU where this build has it, else "aten"."""
-    if kernel != "auto":
-        if kernel not in LINEAR_KERNELS:
-            raise ValueError(f"linear kernel must be 'auto' or one of {list(LINEAR_KERNELS)}, got {kernel!r}")
-        return kernel
+    """`kernel`, or for "auto": "onednn" for float32 on a CPU where this build has it, else "aten".
+
+    Raises ValueError for an unknown name, and for "onednn" asked for another device or dtype (where it
+    would silently do nothing)."""
     on_cpu = torch.device(device).type == "cpu"
     is_float32 = dtype in (torch.float32, "float32")
-    return "onednn" if on_cpu and is_float32 and onednn_available() else "aten"
+    if kernel == "auto":
+        return "onednn" if on_cpu and is_float32 and onednn_available() else "aten"
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"linear kernel must be 'auto' or one of {list(LINEAR_KERNELS)}, got {kernel!r}")
+    if kernel == "onednn" and not (on_cpu and is_float32):
+        raise ValueError(
+            f"linear kernel 'onednn' runs float32 on a CPU; this run is {dtype} on {device}: use 'aten' or 'auto'"
+        )
+    return kernel

@@ -179,6 +179,20 @@ def test_residual_order_one_restarts_after_a_shape_change():
         torch.testing.assert_close(outputs[3], model.head(model.embed(xs[3]) + r2))
 
 
+def test_residual_order_one_never_mixes_dtypes():
+    model = TinyModel().double()
+    xs = [make_input(0).double()] * 3 + [make_input(0).float()] * 5  # the weights follow from step 3 on
+    outputs = []
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.15, residual_order=1), len(TIMESTEPS))
+    for step, t in enumerate(TIMESTEPS):
+        if step == 3:
+            model.float()
+        with torch.no_grad(), model.teacache_step(step):
+            outputs.append(model(xs[step], torch.tensor([t], dtype=xs[step].dtype)))
+    assert 3 in model.teacache_stats().positive.computed_steps  # the dtype change forces a compute
+    assert all(o.dtype == x.dtype for o, x in zip(outputs, xs, strict=True))
+
+
 def test_max_consecutive_skips_forces_a_compute():
     # Without the limit: computed (0, 3, 6, 7) (see the hand-computed test above).
     model = TinyModel()

@@ -44,9 +44,14 @@ class BranchState:
         return self.previous_residual + slope * (self.previous_residual - self.older_residual)
 
     def record_residual(self, residual: torch.Tensor, step_index: int, order: int) -> None:
-        """Keep a computed step's residual (and, for order 1, the one before it if it has the same shape)."""
+        """Keep a computed step's residual (and, for order 1, the one before it if it has the same shape,
+        dtype and device)."""
         previous = self.previous_residual
-        keep_older = order >= 1 and previous is not None and previous.shape == residual.shape
+        keep_older = (
+            order >= 1
+            and previous is not None
+            and (previous.shape, previous.dtype, previous.device) == (residual.shape, residual.dtype, residual.device)
+        )
         self.older_residual = previous if keep_older else None
         self.older_residual_step = self.previous_residual_step if keep_older else None
         self.previous_residual = residual

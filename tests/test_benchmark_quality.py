@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-from tests.utils import load_script
+from tests.utils import REPO, load_script
 
 pytest.importorskip("diffusers")
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("model", ["wan-digits", "flux-digits"])

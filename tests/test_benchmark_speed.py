@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,6 @@ import torch
 from tests.utils import load_script
 
 pytest.importorskip("diffusers")
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_speed_measurements_on_a_tiny_model():

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,9 +24,8 @@ from teacache_models.calibration import (
 from teacache_models.metrics import psnr, ssim
 from teacache_models.params import TeaCacheParams
 from teacache_models.zoo import ZOO_DIR, load_zoo_entry
-from tests.utils import load_script
+from tests.utils import REPO, load_script
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
 
 

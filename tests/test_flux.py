@@ -40,6 +40,8 @@ CONFIGS = {
     ),
     "single-stream-only": dict(TINY, num_layers=0, num_single_layers=2, guidance_embeds=False),
     "dual-stream-only": dict(TINY, num_layers=2, num_single_layers=0, guidance_embeds=True),
+    # diffusers accepts a RoPE axis of 0 channels: its position ids then have no effect.
+    "zero-channel-rope-axis": dict(TINY, axes_dims_rope=(0, 8, 8), guidance_embeds=True),
 }
 
 
@@ -108,6 +110,44 @@ def test_parity_with_controlnet_residuals():
     for repeat in (False, True):
         expected = reference(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0]
         assert_parity(ours(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0], expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("form", ["stacked tensor", "broadcast shapes"])
+def test_parity_with_controlnet_residuals_in_other_forms(form):
+    config = CONFIGS["deeper-odd-heads"]
+    ours, reference = build_pair(config, seed=4)
+    inputs = make_inputs(config, 2, 3, 4, 5)
+    generator = torch.Generator().manual_seed(9)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    if form == "stacked tensor":  # diffusers indexes it like a list
+        inputs["controlnet_block_samples"] = torch.randn(2, 2, 12, width, generator=generator)
+        inputs["controlnet_single_block_samples"] = torch.randn(3, 2, 12, width, generator=generator)
+    else:
+        inputs["controlnet_block_samples"] = [torch.randn(1, 12, width, generator=generator)]
+        inputs["controlnet_single_block_samples"] = [torch.randn(12, 1, generator=generator)]
+    assert_parity(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+def test_controlnet_residuals_of_an_empty_block_stack_are_ignored():
+    config = CONFIGS["single-stream-only"]
+    ours, reference = build_pair(config, seed=4)
+    inputs = make_inputs(config, 1, 2, 2, 3)
+    inputs["controlnet_block_samples"] = []  # diffusers never reads it without dual-stream blocks
+    assert_parity(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 1.0}, {"scale": 0.5}])
+def test_a_lora_scale_alone_is_accepted_and_has_no_effect(kwargs):
+    config = CONFIGS["tiny-guidance"]
+    ours, reference = build_pair(config, seed=6)
+    inputs = make_inputs(config, 2, 2, 3, 4)
+    expected = reference(**inputs, joint_attention_kwargs=dict(kwargs), return_dict=False)[0]
+    actual = ours(**inputs, joint_attention_kwargs=dict(kwargs), return_dict=False)[0]
+    assert torch.equal(actual, ours(**inputs, return_dict=False)[0])
+    assert_parity(actual, expected)
 
 
 @torch.no_grad()
@@ -328,7 +368,33 @@ def bad_inputs():
         "img_ids length": ({"img_ids": torch.zeros(5, 3)}, ValueError, r"img_ids must have shape \(6, 3\)"),
         "txt_ids axes": ({"txt_ids": torch.zeros(4, 2)}, ValueError, r"txt_ids must have shape \(4, 3\)"),
         "ids missing": ({"img_ids": None}, TypeError, "img_ids"),
-        "attention kwargs": ({"joint_attention_kwargs": {"scale": 0.5}}, ValueError, "joint_attention_kwargs"),
+        "attention kwargs": (
+            {"joint_attention_kwargs": {"scale": 0.5, "ip_adapter_image_embeds": torch.ones(1)}},
+            ValueError,
+            "joint_attention_kwargs",
+        ),
+        "attention kwargs type": ({"joint_attention_kwargs": [("scale", 1.0)]}, TypeError, "must be None or a dict"),
+        "hidden_states dtype": ({"hidden_states": torch.randn(2, 6, 4).double()}, TypeError, "hidden_states.*float32"),
+        "text dtype": ({"encoder_hidden_states": torch.randn(2, 4, 32).half()}, TypeError, "encoder_hidden_states"),
+        "pooled dtype": ({"pooled_projections": torch.randn(2, 32).bfloat16()}, TypeError, "pooled_projections"),
+        "controlnet empty": ({"controlnet_block_samples": []}, ValueError, "controlnet_block_samples must be None"),
+        "controlnet single empty": ({"controlnet_single_block_samples": ()}, ValueError, "controlnet_single_block"),
+        "controlnet shape": (
+            {"controlnet_block_samples": [torch.randn(2, 7, 32)]},
+            ValueError,
+            r"controlnet_block_samples\[0\] must broadcast to \(2, 6, 32\), got \(2, 7, 32\)",
+        ),
+        "controlnet single batch": (
+            {"controlnet_single_block_samples": [torch.randn(2, 6, 32), torch.randn(3, 6, 32)]},
+            ValueError,
+            r"controlnet_single_block_samples\[1\]",
+        ),
+        "controlnet item": ({"controlnet_block_samples": [0.5]}, TypeError, "must be a tensor"),
+        "controlnet dtype": (
+            {"controlnet_block_samples": [torch.randn(2, 6, 32).double()]},
+            TypeError,
+            "must not promote",
+        ),
     }
     return config, good, cases
 

@@ -45,6 +45,8 @@ CONFIGS = {
     "additional-t-cond": dict(TINY, use_additional_t_cond=True),
     "layer3d-rope": dict(TINY, use_layer3d_rope=True),
     "all-variants": dict(TINY, num_layers=1, zero_cond_t=True, use_additional_t_cond=True, use_layer3d_rope=True),
+    # diffusers accepts a RoPE axis of 0 channels: that axis then has no effect.
+    "zero-channel-rope-axis": dict(TINY, axes_dims_rope=(0, 8, 8)),
 }
 
 # (batch, img_shapes, text_len, text mask rows as strings of 1/0 or None)
@@ -139,6 +141,27 @@ def test_parity_with_controlnet_residuals_and_lora_scale_kwarg():
     width = config["num_attention_heads"] * config["attention_head_dim"]
     inputs["controlnet_block_samples"] = [torch.randn(2, 12, width, generator=generator) for _ in range(2)]
     inputs["attention_kwargs"] = {"scale": 1.0}
+    assert torch.equal(*both(ours, reference, inputs))
+
+
+@pytest.mark.parametrize("form", ["stacked tensor", "broadcast shapes"])
+def test_parity_with_controlnet_residuals_in_other_forms(form):
+    config = CONFIGS["odd-sizes"]
+    ours, reference = build_pair(config, seed=5)
+    inputs = make_inputs(config, 2, [[(1, 3, 4)]] * 2, 5, ["11110", "11111"])
+    generator = torch.Generator().manual_seed(9)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    if form == "stacked tensor":  # diffusers indexes it like a list
+        inputs["controlnet_block_samples"] = torch.randn(2, 2, 12, width, generator=generator)
+    else:
+        inputs["controlnet_block_samples"] = [torch.randn(12, width, generator=generator), torch.randn(1, 1, width)]
+    assert torch.equal(*both(ours, reference, inputs))
+
+
+def test_half_precision_text_feeds_a_float32_model_as_in_diffusers():
+    ours, reference = build_pair(TINY, seed=5)
+    inputs = make_inputs(TINY, 1, [[(1, 2, 3)]], 4)
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].bfloat16()  # txt_norm promotes it
     assert torch.equal(*both(ours, reference, inputs))
 
 
@@ -382,6 +405,20 @@ def bad_inputs():
         "attention kwargs": ({"attention_kwargs": {"attention_mask": None, "x": 1}}, ValueError, "attention_kwargs"),
         "controlnet shape": ({"controlnet_block_samples": [torch.randn(2, 5, 64)]}, ValueError, "controlnet"),
         "controlnet empty": ({"controlnet_block_samples": []}, ValueError, "controlnet_block_samples"),
+        "controlnet dtype": ({"controlnet_block_samples": [torch.randn(2, 6, 64).double()]}, TypeError, "promote"),
+        "controlnet item": ({"controlnet_block_samples": [1.0]}, TypeError, r"controlnet_block_samples\[0\]"),
+        "hidden_states dtype": ({"hidden_states": torch.randn(2, 6, 16).double()}, TypeError, "hidden_states"),
+        "text dtype": ({"encoder_hidden_states": torch.randn(2, 4, 16).double()}, TypeError, "encoder_hidden_states"),
+        "attention kwargs type": ({"attention_kwargs": [("scale", 1.0)]}, TypeError, "must be None or a dict"),
+        "empty batch": (
+            {
+                "hidden_states": torch.randn(0, 6, 16),
+                "encoder_hidden_states": torch.randn(0, 4, 16),
+                "encoder_hidden_states_mask": None,
+            },
+            ValueError,
+            "at least one sample",
+        ),
     }
     return good, cases
 
@@ -429,7 +466,7 @@ def test_positions_beyond_the_rope_tables_are_rejected():
     ("change", "match"),
     [
         ({"axes_dims_rope": (8, 4, 2)}, "must sum to attention_head_dim"),
-        ({"axes_dims_rope": (8, 8)}, r"axes_dims_rope must be 3 even integers >= 2"),
+        ({"axes_dims_rope": (8, 8)}, r"axes_dims_rope must be 3 even integers >= 0"),
         ({"axes_dims_rope": (7, 5, 4)}, "even"),
         ({"num_attention_heads": 0}, "num_attention_heads"),
         ({"in_channels": 2.5}, "in_channels"),

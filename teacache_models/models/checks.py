@@ -6,7 +6,7 @@ or input fails at the model boundary instead of deep inside torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -14,10 +14,13 @@ import torch
 
 __all__ = [
     "check_architecture",
+    "check_dtype",
     "check_patch_grid",
+    "check_residuals",
     "check_rope_axes",
     "check_tensor",
     "check_tokens",
+    "controlnet_residuals",
     "is_int",
 ]
 
@@ -109,6 +112,13 @@ def check_tensor(name: str, value: Any, shape: tuple[int | str | tuple[int, ...]
     return value
 
 
+def check_dtype(name: str, value: torch.Tensor, expected: torch.dtype) -> None:
+    """`value` has the dtype of the layer it feeds: PyTorch's linear layers do not mix dtypes. Not checked
+    under autocast, which casts the inputs of those layers itself."""
+    if value.dtype != expected and not torch.is_autocast_enabled(value.device.type):
+        raise TypeError(f"{name} must have the model's dtype {expected}, got {value.dtype}; cast it with .to()")
+
+
 def check_patch_grid(name: str, sizes: tuple[int, ...], patches: tuple[int, ...]) -> tuple[int, ...]:
     """Latent (frames, height, width) sizes that patches of `patches` tile exactly -> patches per axis."""
     for axis, size, patch in zip(("frames", "height", "width"), sizes, patches, strict=True):
@@ -125,3 +135,47 @@ def check_tokens(name: str, value: Any, batch: int | None, width: int, min_lengt
     check_tensor(name, value, ("B" if batch is None else batch, "L", width))
     if value.shape[1] < min_length:
         raise ValueError(f"{name} must hold at least {min_length} token(s), got shape {tuple(value.shape)}")
+
+
+def check_residuals(name: str, samples: Any, target: tuple[int, ...], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """ControlNet residuals: a non-empty sequence of tensors (or one stacked tensor, indexed along dim 0)
+    that each broadcast to `target` without promoting the `dtype` of the stream they are added to (None:
+    any dtype, e.g. under autocast, where the next layer casts anyway).
+
+    Returns them as a list.
+    """
+    expected = "(" + ", ".join(map(str, target)) + ")"
+    allowed = f"a non-empty list of tensors broadcastable to {expected}"
+    if isinstance(samples, torch.Tensor):
+        if samples.ndim != len(target) + 1:
+            raise ValueError(
+                f"{name} must be {allowed} (or one stacked tensor), got a tensor of shape {tuple(samples.shape)}"
+            )
+        samples = list(samples)  # a stacked tensor is read one residual per index, as a list would be
+    elif isinstance(samples, str | bytes) or not isinstance(samples, Sequence):
+        raise TypeError(f"{name} must be None or {allowed}, got {type(samples).__name__}")
+    if not samples:
+        raise ValueError(f"{name} must be None or {allowed}, got an empty {type(samples).__name__}")
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"{name}[{index}] must be a tensor, got {type(sample).__name__}")
+        shape = tuple(sample.shape)
+        if len(shape) > len(target) or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False)):
+            raise ValueError(f"{name}[{index}] must broadcast to {expected}, got {shape}")
+        if dtype is not None and torch.promote_types(sample.dtype, dtype) != dtype:
+            raise TypeError(f"{name}[{index}] must not promote the {dtype} hidden states, got {sample.dtype}")
+    return list(samples)
+
+
+def controlnet_residuals(
+    name: str, samples: Any, blocks: torch.nn.ModuleList, hidden_states: torch.Tensor
+) -> list[torch.Tensor] | None:
+    """Checked ControlNet residuals for the stream `hidden_states` that `blocks` update, or None.
+
+    diffusers reads them only inside the block loop, so with no blocks they are ignored, whatever they
+    are. Under autocast the next layer casts its input, so a residual may promote the stream.
+    """
+    if samples is None or not len(blocks):
+        return None
+    dtype = None if torch.is_autocast_enabled(hidden_states.device.type) else hidden_states.dtype
+    return check_residuals(name, samples, tuple(hidden_states.shape), dtype)

@@ -32,7 +32,14 @@ from ..layers import (
     timestep_sinusoids,
 )
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_rope_axes, check_tensor, check_tokens
+from .checks import (
+    check_architecture,
+    check_dtype,
+    check_rope_axes,
+    check_tensor,
+    check_tokens,
+    controlnet_residuals,
+)
 
 __all__ = ["FLUX_TEACACHE_COEFFICIENTS", "FluxTransformer2DModel"]
 
@@ -309,8 +316,10 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             timestep: (B,) sigmas in [0, 1] (scaled by 1000 inside), or a scalar.
             img_ids: (L_img, n_axes) image position ids; txt_ids: (L_txt, n_axes) text position ids.
             guidance: (B,) embedded guidance scale, required exactly when `guidance_embeds`.
+            joint_attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
             controlnet_block_samples, controlnet_single_block_samples: residuals added to the image
-                stream after the dual- / single-stream blocks.
+                stream after the dual- / single-stream blocks: lists (or stacked tensors) of tensors that
+                broadcast to (B, L_img, D); ignored when that block stack is empty, as in diffusers.
             return_dict: return a `Transformer2DModelOutput` instead of a tuple.
 
         Returns:
@@ -326,6 +335,15 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
 
         hidden_states = self.x_embedder(hidden_states)  # (B, Li, D)
         dtype = hidden_states.dtype
+        controlnet_block_samples = controlnet_residuals(
+            "controlnet_block_samples", controlnet_block_samples, self.transformer_blocks, hidden_states
+        )
+        controlnet_single_block_samples = controlnet_residuals(
+            "controlnet_single_block_samples",
+            controlnet_single_block_samples,
+            self.single_transformer_blocks,
+            hidden_states,
+        )
         timestep = _as_batch_vector("timestep", timestep, batch, device).to(dtype) * 1000
         if guidance is not None:
             guidance = _as_batch_vector("guidance", guidance, batch, device).to(dtype) * 1000
@@ -402,14 +420,22 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         batch = hidden_states.shape[0]
         check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim)
         check_tensor("pooled_projections", pooled_projections, ((1, batch), config.pooled_projection_dim))
+        check_dtype("hidden_states", hidden_states, self.x_embedder.weight.dtype)
+        check_dtype("encoder_hidden_states", encoder_hidden_states, self.context_embedder.weight.dtype)
+        check_dtype("pooled_projections", pooled_projections, self.time_text_embed.text_embedder.linear_1.weight.dtype)
         if config.guidance_embeds and guidance is None:
             raise ValueError("guidance is required: this model has guidance_embeds=True (e.g. FLUX.1-dev)")
         if not config.guidance_embeds and guidance is not None:
             raise ValueError("guidance must be None: this model has guidance_embeds=False (e.g. FLUX.1-schnell)")
-        if joint_attention_kwargs:
+        if joint_attention_kwargs is not None and not isinstance(joint_attention_kwargs, dict):
+            raise TypeError(
+                f"joint_attention_kwargs must be None or a dict, got {type(joint_attention_kwargs).__name__}"
+            )
+        # diffusers pops a LoRA `scale` before the attention sees the kwargs; without LoRA layers it has no effect.
+        if joint_attention_kwargs and set(joint_attention_kwargs) - {"scale"}:
             raise ValueError(
                 f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported: this model has no "
-                "IP-adapter or LoRA attention hooks; pass None"
+                "IP-adapter or attention hooks; pass None (a LoRA 'scale' alone is accepted and has no effect)"
             )
         return batch, encoder_hidden_states.shape[1]
 
@@ -429,4 +455,5 @@ def _check_architecture(args: dict[str, Any]) -> None:
         optional_positive=("out_channels",),
         flags=("guidance_embeds",),
     )
-    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"])
+    # An axis of 0 channels is allowed, as in diffusers: its position ids then have no effect.
+    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"], minimum=0)

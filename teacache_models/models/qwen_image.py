@@ -34,7 +34,7 @@ from ..layers.normalization import AdaLayerNormContinuous, RMSNorm
 from ..layers.precision import clip_fp16
 from ..layers.rope import apply_rotary_complex
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_rope_axes, check_tokens
+from .checks import check_architecture, check_dtype, check_rope_axes, check_tokens, controlnet_residuals
 
 __all__ = ["QWEN_IMAGE_TEACACHE_COEFFICIENTS", "QWEN_IMAGE_TEACACHE_PRESET", "QwenImageTransformer2DModel"]
 
@@ -442,7 +442,8 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 the first sample's layout for the whole batch, as the reference does.
             guidance: must be None (the model has no guidance embedder).
             attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
-            controlnet_block_samples: residuals added to the image stream after the blocks.
+            controlnet_block_samples: residuals added to the image stream after the blocks: a list (or a
+                stacked tensor) of tensors that broadcast to (B, L_img, D); ignored when num_layers is 0.
             additional_t_cond: (B,) long, 0 or 1; required exactly when `use_additional_t_cond`.
             return_dict: return a `Transformer2DModelOutput` instead of a tuple.
 
@@ -452,7 +453,6 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         batch, image_len, text_len, layouts = self._check_inputs(
             hidden_states, encoder_hidden_states, encoder_hidden_states_mask, img_shapes, guidance, attention_kwargs
         )
-        _check_controlnet_samples(controlnet_block_samples, batch, image_len, self.inner_dim)
         config = self.config
         device = hidden_states.device
 
@@ -461,6 +461,9 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
 
         hidden_states = self.img_in(hidden_states)  # (B, Li, D)
         dtype = hidden_states.dtype
+        controlnet_block_samples = controlnet_residuals(
+            "controlnet_block_samples", controlnet_block_samples, self.transformer_blocks, hidden_states
+        )
         timestep = timestep.to(dtype)
         condition_tokens = None
         if config.zero_cond_t:
@@ -553,7 +556,11 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         config = self.config
         check_tokens("hidden_states", hidden_states, None, config.in_channels)
         batch, image_len = hidden_states.shape[:2]
+        if batch == 0:
+            raise ValueError(f"hidden_states must hold at least one sample, got shape {tuple(hidden_states.shape)}")
+        check_dtype("hidden_states", hidden_states, self.img_in.weight.dtype)
         check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim)
+        self._check_text_dtype(encoder_hidden_states)
         text_len = encoder_hidden_states.shape[1]
         if text_len == 0:
             raise ValueError("encoder_hidden_states must hold at least one text token, got shape (B, 0, D)")
@@ -574,6 +581,8 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 "guidance must be None: QwenImageTransformer2DModel has no guidance embedder (diffusers builds "
                 "none either, whatever guidance_embeds says)"
             )
+        if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
+            raise TypeError(f"attention_kwargs must be None or a dict, got {type(attention_kwargs).__name__}")
         if attention_kwargs and set(attention_kwargs) - {"scale"}:
             raise ValueError(
                 f"attention_kwargs {sorted(attention_kwargs)} are not supported: this model has no attention "
@@ -581,6 +590,22 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             )
         layouts = _image_layouts(img_shapes, batch, image_len, config.use_layer3d_rope)
         return batch, image_len, text_len, layouts
+
+    def _check_text_dtype(self, text: torch.Tensor) -> None:
+        """The text must reach `txt_in` in its dtype. `txt_norm` returns its weight's dtype when that is half
+        precision and the promoted dtype otherwise, so, as in diffusers, half-precision text is accepted by
+        a float32 model, but not float64 text."""
+        weight = self.txt_norm.weight
+        normed = (
+            weight.dtype
+            if weight.dtype in (torch.float16, torch.bfloat16)
+            else torch.promote_types(text.dtype, weight.dtype)
+        )
+        if normed != self.txt_in.weight.dtype and not torch.is_autocast_enabled(text.device.type):
+            raise TypeError(
+                f"encoder_hidden_states of dtype {text.dtype} does not fit the model's dtype "
+                f"{self.txt_in.weight.dtype}; cast it with .to()"
+            )
 
     def _check_additional_t_cond(self, value: Any, rows: int, batch: int) -> None:
         """`rows`: the timestep rows the embedding is added to (doubled under zero_cond_t); it broadcasts."""
@@ -604,22 +629,6 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             raise ValueError(f"additional_t_cond values must be 0 or 1, got {value.tolist()}")
 
 
-def _check_controlnet_samples(samples: Any, batch: int, image_len: int, width: int) -> None:
-    if samples is None:
-        return
-    expected = f"({batch}, {image_len}, {width})"
-    if isinstance(samples, torch.Tensor) or not isinstance(samples, Sequence) or not samples:
-        raise ValueError(
-            f"controlnet_block_samples must be None or a non-empty list of tensors of shape {expected}, "
-            f"got {type(samples).__name__}"
-        )
-    for index, sample in enumerate(samples):
-        if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"controlnet_block_samples[{index}] must be a tensor, got {type(sample).__name__}")
-        if sample.ndim != 3 or sample.shape[0] not in (1, batch) or tuple(sample.shape[1:]) != (image_len, width):
-            raise ValueError(f"controlnet_block_samples[{index}] must have shape {expected}, got {tuple(sample.shape)}")
-
-
 def _check_architecture(args: dict[str, Any]) -> None:
     check_architecture(
         args,
@@ -628,4 +637,5 @@ def _check_architecture(args: dict[str, Any]) -> None:
         optional_positive=("out_channels",),
         flags=("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"),
     )
-    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"], num_axes=3)
+    # An axis of 0 channels is allowed, as in diffusers: that axis then has no effect.
+    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"], num_axes=3, minimum=0)

@@ -1,5 +1,7 @@
 """Native HunyuanVideo against diffusers' HunyuanVideoTransformer3DModel, and TeaCache on HunyuanVideo."""
 
+import inspect
+
 import pytest
 import torch
 from diffusers import HunyuanVideoTransformer3DModel as ReferenceHunyuanVideo
@@ -158,6 +160,14 @@ def test_bfloat16_matches_diffusers():
     actual, expected = outputs(ours, reference, inputs)
     assert actual.dtype == torch.bfloat16
     assert_parity(actual, expected, tol=2e-2)
+
+
+@pytest.mark.parametrize("method", ["__init__", "forward"])
+def test_signatures_equal_diffusers(method):
+    def parameters(cls):
+        return [(p.name, p.default, p.kind) for p in inspect.signature(getattr(cls, method)).parameters.values()]
+
+    assert parameters(HunyuanVideoTransformer3DModel) == parameters(ReferenceHunyuanVideo)
 
 
 def test_return_types_and_config():
@@ -365,6 +375,12 @@ def bad_inputs():
         "latent channels": ({"hidden_states": torch.randn(2, 5, 2, 4, 4)}, ValueError, r"\(B, 4, F, H, W\)"),
         "latent type": ({"hidden_states": [[1.0]]}, TypeError, "hidden_states must be a tensor"),
         "integer latents": ({"hidden_states": torch.ones(2, 4, 2, 4, 4, dtype=torch.long)}, TypeError, "floating"),
+        "latent dtype": (
+            {"hidden_states": torch.randn(2, 4, 2, 4, 4, dtype=torch.float64)},
+            TypeError,
+            r"hidden_states must have the dtype of the model's weights .*\(torch.float32\), got torch.float64",
+        ),
+        "empty batch": ({"hidden_states": torch.randn(0, 4, 2, 4, 4)}, ValueError, "at least one sample"),
         "odd height": ({"hidden_states": torch.randn(2, 4, 2, 5, 4)}, ValueError, "height must be .* patch size 2"),
         "odd width": ({"hidden_states": torch.randn(2, 4, 2, 4, 3)}, ValueError, "width must be .* patch size 2"),
         "text width": (
@@ -374,6 +390,11 @@ def bad_inputs():
         ),
         "text batch": ({"encoder_hidden_states": torch.randn(3, 4, 16)}, ValueError, "encoder_hidden_states"),
         "text missing": ({"encoder_hidden_states": None}, TypeError, "encoder_hidden_states"),
+        "text dtype": (
+            {"encoder_hidden_states": torch.randn(2, 4, 16, dtype=torch.bfloat16)},
+            TypeError,
+            "encoder_hidden_states must have the dtype",
+        ),
         "mask shape": ({"encoder_attention_mask": torch.ones(2, 5)}, ValueError, r"must have shape \(2, 4\)"),
         "mask rank": ({"encoder_attention_mask": torch.ones(2, 1, 4)}, ValueError, "encoder_attention_mask"),
         "mask values": ({"encoder_attention_mask": torch.full((2, 4), 0.5)}, ValueError, "only 0 and 1"),
@@ -384,10 +405,17 @@ def bad_inputs():
             ValueError,
             r"pooled_projections must have shape \(1\|2, 8\)",
         ),
+        "pooled dtype": (
+            {"pooled_projections": torch.randn(2, 8, dtype=torch.float64)},
+            TypeError,
+            "pooled_projections must have the dtype",
+        ),
         "guidance missing": ({"guidance": None}, ValueError, "guidance is required"),
+        "complex guidance": ({"guidance": torch.ones(2, dtype=torch.complex64)}, TypeError, "guidance must be a real"),
         "guidance shape": ({"guidance": torch.ones(3)}, ValueError, r"guidance must have shape"),
         "timestep shape": ({"timestep": torch.rand(2, 1)}, ValueError, "timestep must have shape"),
         "timestep missing": ({"timestep": None}, TypeError, "timestep"),
+        "boolean timestep": ({"timestep": torch.tensor([True, False])}, TypeError, "timestep must be a real tensor"),
         "attention kwargs": ({"attention_kwargs": {"scale": 0.5}}, ValueError, "attention_kwargs"),
     }
     return config, good, cases

@@ -237,6 +237,7 @@ def test_rope_tables_left_on_the_meta_device_are_rebuilt():
         (dict(hidden_states=torch.randn(1, 4, 1, 4, 66)), ValueError, "rope_max_seq_len=32"),
         (dict(hidden_states=torch.randn(1, 4, 1, 4, 4).double()), TypeError, "hidden_states must have the dtype"),
         (dict(hidden_states=[1.0]), TypeError, "hidden_states must be a tensor"),
+        (dict(hidden_states=torch.randn(0, 4, 1, 4, 4)), ValueError, r"at least one sample, got shape \(0, 4,"),
         (dict(encoder_hidden_states=torch.randn(1, 7, 15)), ValueError, r"encoder_hidden_states must have shape"),
         (dict(encoder_hidden_states=torch.randn(2, 7, 16)), ValueError, r"\(1, L, 16\).*got \(2, 7, 16\)"),
         (dict(encoder_hidden_states=torch.randn(1, 7, 16).half()), TypeError, "encoder_hidden_states must have"),

@@ -116,7 +116,10 @@ def check_dtype(name: str, value: torch.Tensor, expected: torch.dtype) -> None:
     """`value` has the dtype of the layer it feeds: PyTorch's linear layers do not mix dtypes. Not checked
     under autocast, which casts the inputs of those layers itself."""
     if value.dtype != expected and not torch.is_autocast_enabled(value.device.type):
-        raise TypeError(f"{name} must have the model's dtype {expected}, got {value.dtype}; cast it with .to()")
+        raise TypeError(
+            f"{name} must have the dtype of the model's weights that read it ({expected}), got {value.dtype}; "
+            "cast it with .to()"
+        )
 
 
 def check_patch_grid(name: str, sizes: tuple[int, ...], patches: tuple[int, ...]) -> tuple[int, ...]:

@@ -37,7 +37,7 @@ from ..layers.normalization import (
 )
 from ..layers.rope import apply_rotary_interleaved, rope_cos_sin
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_patch_grid, check_rope_axes, check_tensor, check_tokens
+from .checks import check_architecture, check_dtype, check_patch_grid, check_rope_axes, check_tensor, check_tokens
 
 __all__ = [
     "HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS",
@@ -461,6 +461,8 @@ def _as_vector(name: str, value: Any, batch: int, device: torch.device) -> torch
         if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{name} must be a tensor of shape ({batch},) or a number, got {type(value).__name__}")
         return torch.tensor([float(value)], device=device)
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
     if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch)):
         raise ValueError(f"{name} must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
     return value.reshape(-1)
@@ -672,16 +674,21 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         """Validate the tensors; return the text mask (B, Lt), all ones when None was passed."""
         config = self.config
         check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
+        check_dtype("hidden_states", hidden_states, self.x_embedder.proj.weight.dtype)
         batch, _, frames, height, width = hidden_states.shape
+        if batch == 0:
+            raise ValueError(f"hidden_states must hold at least one sample, got shape {tuple(hidden_states.shape)}")
         patches = (config.patch_size_t, config.patch_size, config.patch_size)
         check_patch_grid("hidden_states", (frames, height, width), patches)
 
         check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_embed_dim)
         if encoder_hidden_states.shape[1] == 0:
             raise ValueError("encoder_hidden_states must hold at least one text token, got 0")
+        check_dtype("encoder_hidden_states", encoder_hidden_states, self.context_embedder.proj_in.weight.dtype)
         text_mask = _check_text_mask(encoder_attention_mask, encoder_hidden_states)
 
         check_tensor("pooled_projections", pooled_projections, ((1, batch), config.pooled_projection_dim))
+        check_dtype("pooled_projections", pooled_projections, self.time_text_embed.text_embedder.linear_1.weight.dtype)
         if attention_kwargs:
             raise ValueError(
                 f"attention_kwargs {sorted(attention_kwargs)} are not supported: this model has no LoRA or "

@@ -40,7 +40,7 @@ from ..layers.normalization import FP32LayerNorm
 from ..layers.rope import rope_cos_sin
 from ..params import TeaCacheParams
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_patch_grid, check_tensor, check_tokens, is_int
+from .checks import check_architecture, check_dtype, check_patch_grid, check_tensor, check_tokens, is_int
 
 __all__ = [
     "WAN_TEACACHE_PRESETS",
@@ -703,8 +703,10 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         """Validate the forward inputs; returns the timestep as a (1,), (B,) or (B, L) tensor."""
         config = self.config
         check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
-        _check_dtype("hidden_states", hidden_states, self.patch_embedding.weight)
+        check_dtype("hidden_states", hidden_states, self.patch_embedding.weight.dtype)
         batch, _, *sizes = hidden_states.shape
+        if batch == 0:
+            raise ValueError(f"hidden_states must hold at least one sample, got shape {tuple(hidden_states.shape)}")
         grid = check_patch_grid("hidden_states", tuple(sizes), tuple(self.patch_size))
         if max(grid) > config.rope_max_seq_len:
             raise ValueError(
@@ -714,8 +716,8 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         num_tokens = math.prod(grid)
 
         check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_dim, min_length=1)
-        _check_dtype(
-            "encoder_hidden_states", encoder_hidden_states, self.condition_embedder.text_embedder.linear_1.weight
+        check_dtype(
+            "encoder_hidden_states", encoder_hidden_states, self.condition_embedder.text_embedder.linear_1.weight.dtype
         )
         if config.added_kv_proj_dim is not None and encoder_hidden_states.shape[1] != _TEXT_CONTEXT_LEN:
             raise ValueError(
@@ -749,19 +751,12 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         image_batch = 2 * batch if pairs else batch
         check_tokens("encoder_hidden_states_image", image, image_batch, config.image_dim, min_length=1)
         embedder = self.condition_embedder.image_embedder
-        _check_dtype("encoder_hidden_states_image", image, embedder.ff.net[0].proj.weight)
+        check_dtype("encoder_hidden_states_image", image, embedder.ff.net[0].proj.weight.dtype)
         if pairs and config.pos_embed_seq_len not in (1, 2 * image.shape[1]):
             raise ValueError(
                 f"encoder_hidden_states_image must have pos_embed_seq_len / 2 = {config.pos_embed_seq_len / 2:g} "
                 f"tokens per image (two images per sample), got {image.shape[1]}"
             )
-
-
-def _check_dtype(name: str, value: torch.Tensor, weight: torch.Tensor) -> None:
-    if value.dtype != weight.dtype:
-        raise TypeError(
-            f"{name} must have the dtype of the model's weights that read it ({weight.dtype}), got {value.dtype}"
-        )
 
 
 def _check_timestep(timestep: Any, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:

@@ -128,7 +128,7 @@ class Family:
             self.config = HV_TINY
             positive = hv_inputs(self.config, 1, (3, 3, 3), (4,), 6, seed=5)
             negative = hv_inputs(self.config, 1, (3, 3, 3), (2,), 6, seed=6)
-            self.params = TeaCacheParams(teacache_thresh=0.92, coefficients=LINEAR)
+            self.params = TeaCacheParams(teacache_thresh=0.7, coefficients=LINEAR)
         self.latents = positive.pop("hidden_states")
         for branch in (positive, negative):
             branch.pop("hidden_states", None)

@@ -105,20 +105,22 @@ class FluxAttention(nn.Module):
         super().__init__()
         inner_dim = num_heads * head_dim
         self.head_dim = head_dim
+        # Submodules are created in diffusers' order, so that a seeded construction draws the same weights
+        # and the state_dict lists its keys in the same order.
+        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_q = nn.Linear(dim, inner_dim)
         self.to_k = nn.Linear(dim, inner_dim)
         self.to_v = nn.Linear(dim, inner_dim)
-        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
-        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         if not pre_only:
             # Index 1 (dropout at training time) holds no weights; it keeps the key `to_out.0`.
             self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim), nn.Identity()])
         if added_kv_proj_dim is not None:
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
             self.add_q_proj = nn.Linear(added_kv_proj_dim, inner_dim)
             self.add_k_proj = nn.Linear(added_kv_proj_dim, inner_dim)
             self.add_v_proj = nn.Linear(added_kv_proj_dim, inner_dim)
-            self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
-            self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
             self.to_add_out = nn.Linear(inner_dim, dim)
 
     def _heads(self, projection: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:

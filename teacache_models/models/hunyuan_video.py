@@ -219,21 +219,24 @@ class HunyuanVideoAttention(nn.Module):
         super().__init__()
         inner_dim = num_heads * head_dim
         self.num_heads = num_heads
+        # Submodules are created in diffusers' order (its `Attention` makes the text projections k, v, q),
+        # so that a seeded construction draws the same weights and the state_dict keys come in its order.
+        self.norm_q = _qk_norm(qk_norm, head_dim)
+        self.norm_k = _qk_norm(qk_norm, head_dim)
         self.to_q = nn.Linear(dim, inner_dim)
         self.to_k = nn.Linear(dim, inner_dim)
         self.to_v = nn.Linear(dim, inner_dim)
-        self.norm_q = _qk_norm(qk_norm, head_dim)
-        self.norm_k = _qk_norm(qk_norm, head_dim)
+        if joint:
+            self.add_k_proj = nn.Linear(dim, inner_dim)
+            self.add_v_proj = nn.Linear(dim, inner_dim)
+            self.add_q_proj = nn.Linear(dim, inner_dim)
         if not pre_only:
             # Index 1 (dropout at training time) holds no weights; it keeps the key `to_out.0`.
             self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim), nn.Identity()])
         if joint:
-            self.add_q_proj = nn.Linear(dim, inner_dim)
-            self.add_k_proj = nn.Linear(dim, inner_dim)
-            self.add_v_proj = nn.Linear(dim, inner_dim)
+            self.to_add_out = nn.Linear(inner_dim, dim)
             self.norm_added_q = _qk_norm(qk_norm, head_dim)
             self.norm_added_k = _qk_norm(qk_norm, head_dim)
-            self.to_add_out = nn.Linear(inner_dim, dim)
 
     def _heads(self, projection: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         heads = projection(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)

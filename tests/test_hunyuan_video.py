@@ -416,7 +416,8 @@ def bad_inputs():
         "timestep shape": ({"timestep": torch.rand(2, 1)}, ValueError, "timestep must have shape"),
         "timestep missing": ({"timestep": None}, TypeError, "timestep"),
         "boolean timestep": ({"timestep": torch.tensor([True, False])}, TypeError, "timestep must be a real tensor"),
-        "attention kwargs": ({"attention_kwargs": {"scale": 0.5}}, ValueError, "attention_kwargs"),
+        "attention kwargs": ({"attention_kwargs": {"ip_adapter_masks": None}}, ValueError, "attention_kwargs"),
+        "attention kwargs type": ({"attention_kwargs": [("scale", 0.5)]}, TypeError, "attention_kwargs must be"),
     }
     return config, good, cases
 
@@ -466,3 +467,15 @@ def test_onednn_linear_kernel_matches_diffusers(name):
     ours, reference = build_pair(config, seed=11)
     inputs = make_inputs(config, *CASES["frames-odd-sizes-padding"])
     check_linear_kernels(ours, reference, lambda model: model(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 1.0}, {"scale": 0.5}])
+def test_a_lora_scale_alone_is_accepted_and_has_no_effect(kwargs):
+    config = CONFIGS["tiny"]
+    ours, reference = build_pair(config, seed=6)
+    inputs = make_inputs(config, 2, (1, 2, 2), (3, 2), 4)
+    expected = reference(**inputs, attention_kwargs=dict(kwargs), return_dict=False)[0]
+    actual = ours(**inputs, attention_kwargs=dict(kwargs), return_dict=False)[0]
+    assert torch.equal(actual, ours(**inputs, return_dict=False)[0])
+    assert_parity(actual, expected)

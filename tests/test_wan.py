@@ -247,7 +247,12 @@ def test_rope_tables_left_on_the_meta_device_are_rebuilt():
         (dict(timestep=torch.rand(1, 1, 1)), ValueError, "timestep must have shape"),
         (dict(timestep="500"), TypeError, "timestep must be a tensor or a number"),
         (dict(timestep=torch.tensor([True])), TypeError, "timestep must be a real tensor"),
-        (dict(attention_kwargs={"scale": 0.5}), ValueError, r"attention_kwargs \['scale'\] are not supported"),
+        (
+            dict(attention_kwargs={"ip_adapter_masks": None}),
+            ValueError,
+            r"attention_kwargs \['ip_adapter_masks'\] are not",
+        ),
+        (dict(attention_kwargs=[("scale", 0.5)]), TypeError, "attention_kwargs must be None or a dict"),
     ],
 )
 def test_bad_t2v_input_is_rejected_clearly(change, error, match):
@@ -619,3 +624,14 @@ def test_onednn_linear_kernel_matches_diffusers(name):
     ours, reference = build_pair(config, seed=11)
     inputs = make_inputs(config, GRIDS[-1][0], GRIDS[-1][1:])
     check_linear_kernels(ours, reference, lambda model: model(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 1.0}, {"scale": 0.5}])
+def test_a_lora_scale_alone_is_accepted_and_has_no_effect(kwargs):
+    ours, reference = build_pair(TINY, seed=6)
+    inputs = make_inputs(TINY, 2, (1, 2, 2))
+    expected = reference(**inputs, attention_kwargs=dict(kwargs), return_dict=False)[0]
+    actual = ours(**inputs, attention_kwargs=dict(kwargs), return_dict=False)[0]
+    assert torch.equal(actual, ours(**inputs, return_dict=False)[0])
+    assert_parity(actual, expected)

@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "check_architecture",
+    "check_attention_kwargs",
     "check_dtype",
     "check_patch_grid",
     "check_residuals",
@@ -110,6 +111,20 @@ def check_tensor(name: str, value: Any, shape: tuple[int | str | tuple[int, ...]
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     return value
+
+
+def check_attention_kwargs(name: str, value: Any) -> None:
+    """None or a dict holding at most a LoRA `scale`: diffusers pops that before the attention runs, and
+    without LoRA layers it has no effect. Other keys feed attention-processor hooks these models lack."""
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be None or a dict, got {type(value).__name__}")
+    if set(value) - {"scale"}:
+        raise ValueError(
+            f"{name} {sorted(value)} are not supported: this model has no IP-adapter or attention-processor "
+            "hooks; pass None (a LoRA 'scale' alone is accepted and has no effect)"
+        )
 
 
 def check_dtype(name: str, value: torch.Tensor, expected: torch.dtype) -> None:

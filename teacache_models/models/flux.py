@@ -34,6 +34,7 @@ from ..layers import (
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import (
     check_architecture,
+    check_attention_kwargs,
     check_dtype,
     check_rope_axes,
     check_tensor,
@@ -429,16 +430,7 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             raise ValueError("guidance is required: this model has guidance_embeds=True (e.g. FLUX.1-dev)")
         if not config.guidance_embeds and guidance is not None:
             raise ValueError("guidance must be None: this model has guidance_embeds=False (e.g. FLUX.1-schnell)")
-        if joint_attention_kwargs is not None and not isinstance(joint_attention_kwargs, dict):
-            raise TypeError(
-                f"joint_attention_kwargs must be None or a dict, got {type(joint_attention_kwargs).__name__}"
-            )
-        # diffusers pops a LoRA `scale` before the attention sees the kwargs; without LoRA layers it has no effect.
-        if joint_attention_kwargs and set(joint_attention_kwargs) - {"scale"}:
-            raise ValueError(
-                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported: this model has no "
-                "IP-adapter or attention hooks; pass None (a LoRA 'scale' alone is accepted and has no effect)"
-            )
+        check_attention_kwargs("joint_attention_kwargs", joint_attention_kwargs)
         return batch, encoder_hidden_states.shape[1]
 
 

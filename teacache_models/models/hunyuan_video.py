@@ -37,7 +37,15 @@ from ..layers.normalization import (
 )
 from ..layers.rope import apply_rotary_interleaved, rope_cos_sin
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_dtype, check_patch_grid, check_rope_axes, check_tensor, check_tokens
+from .checks import (
+    check_architecture,
+    check_attention_kwargs,
+    check_dtype,
+    check_patch_grid,
+    check_rope_axes,
+    check_tensor,
+    check_tokens,
+)
 
 __all__ = [
     "HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS",
@@ -558,7 +566,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
             pooled_projections: (B, pooled_projection_dim) pooled text embedding.
             guidance: (B,) embedded guidance scale times 1000; required when `guidance_embeds`, ignored
                 otherwise (the reference pipeline always passes it).
-            attention_kwargs: None (LoRA scaling is not supported).
+            attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
             return_dict: return a `Transformer2DModelOutput` instead of a tuple.
 
         Returns:
@@ -692,11 +700,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
 
         check_tensor("pooled_projections", pooled_projections, ((1, batch), config.pooled_projection_dim))
         check_dtype("pooled_projections", pooled_projections, self.time_text_embed.text_embedder.linear_1.weight.dtype)
-        if attention_kwargs:
-            raise ValueError(
-                f"attention_kwargs {sorted(attention_kwargs)} are not supported: this model has no LoRA or "
-                "attention-processor hooks; pass None"
-            )
+        check_attention_kwargs("attention_kwargs", attention_kwargs)
         return text_mask
 
 

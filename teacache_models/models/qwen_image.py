@@ -34,7 +34,14 @@ from ..layers.normalization import AdaLayerNormContinuous, RMSNorm
 from ..layers.precision import clip_fp16
 from ..layers.rope import apply_rotary_complex
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_dtype, check_rope_axes, check_tokens, controlnet_residuals
+from .checks import (
+    check_architecture,
+    check_attention_kwargs,
+    check_dtype,
+    check_rope_axes,
+    check_tokens,
+    controlnet_residuals,
+)
 
 __all__ = ["QWEN_IMAGE_TEACACHE_COEFFICIENTS", "QWEN_IMAGE_TEACACHE_PRESET", "QwenImageTransformer2DModel"]
 
@@ -583,13 +590,7 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 "guidance must be None: QwenImageTransformer2DModel has no guidance embedder (diffusers builds "
                 "none either, whatever guidance_embeds says)"
             )
-        if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
-            raise TypeError(f"attention_kwargs must be None or a dict, got {type(attention_kwargs).__name__}")
-        if attention_kwargs and set(attention_kwargs) - {"scale"}:
-            raise ValueError(
-                f"attention_kwargs {sorted(attention_kwargs)} are not supported: this model has no attention "
-                "hooks; pass None (a LoRA 'scale' alone is accepted and has no effect)"
-            )
+        check_attention_kwargs("attention_kwargs", attention_kwargs)
         layouts = _image_layouts(img_shapes, batch, image_len, config.use_layer3d_rope)
         return batch, image_len, text_len, layouts
 

@@ -40,7 +40,15 @@ from ..layers.normalization import FP32LayerNorm
 from ..layers.rope import rope_cos_sin
 from ..params import TeaCacheParams
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_dtype, check_patch_grid, check_tensor, check_tokens, is_int
+from .checks import (
+    check_architecture,
+    check_attention_kwargs,
+    check_dtype,
+    check_patch_grid,
+    check_tensor,
+    check_tokens,
+    is_int,
+)
 
 __all__ = [
     "WAN_TEACACHE_PRESETS",
@@ -505,7 +513,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
             encoder_hidden_states_image: (B, Li, image_dim) CLIP image tokens, for `image_dim` models
                 only ((2B, Li, image_dim) with `pos_embed_seq_len`: first and last frame per sample).
             return_dict: return a `Transformer2DModelOutput` instead of a tuple.
-            attention_kwargs: accepted for signature compatibility; must be None or empty.
+            attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
 
         Returns:
             (B, out_channels, F, H, W) prediction, in a tuple or output object.
@@ -726,11 +734,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
                 "text states to the UMT5 context length"
             )
         self._check_image_tokens(encoder_hidden_states_image, batch)
-        if attention_kwargs:
-            raise ValueError(
-                f"attention_kwargs {sorted(attention_kwargs)} are not supported: this model has no LoRA or "
-                "attention-processor hooks; pass None"
-            )
+        check_attention_kwargs("attention_kwargs", attention_kwargs)
         return _check_timestep(timestep, batch, num_tokens, hidden_states.device)
 
     def _check_image_tokens(self, image: Any, batch: int) -> None:

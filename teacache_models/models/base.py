@@ -117,6 +117,25 @@ class ConfiguredModel(torch.nn.Module):
 
         return from_pretrained(cls, path_or_name, subfolder, torch_dtype, device, **kwargs)
 
+    def save_pretrained(
+        self, save_directory: str | Path, max_shard_size: int | str = "10GB", safe_serialization: bool = True
+    ) -> Path:
+        """Write `config.json` and safetensors (sharded above `max_shard_size`, with an index) in the diffusers
+        layout, which diffusers' class and `from_pretrained` both load. Returns the folder."""
+        from ..weights.saving import save_pretrained
+
+        return save_pretrained(self, save_directory, max_shard_size, safe_serialization)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point parameter, as diffusers' `ModelMixin.dtype`."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter, as diffusers' `ModelMixin.device`."""
+        return next((p.device for p in self.parameters()), torch.device("cpu"))
+
     def set_linear_kernel(self: M, kernel: str) -> M:
         """Run the model's linear layers on `kernel`: "aten" (PyTorch's, the default) or "onednn"
         (float32 CPU inference through oneDNN; equal to float32 rounding, often faster: see

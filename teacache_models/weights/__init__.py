@@ -3,6 +3,7 @@
     folder = resolve_weights("flux1-dev", token=...)             # manifest name, path or Hub id
     model = load_transformer(folder, FluxTransformer2DModel, torch_dtype=torch.bfloat16)
     model = FluxTransformer2DModel.from_pretrained("flux1-dev", torch_dtype="bfloat16")  # both at once
+    model.save_pretrained("my-flux/transformer", max_shard_size="5GB")  # the diffusers layout
 
 Importing this package reads no file and imports no huggingface_hub.
 """
@@ -13,6 +14,7 @@ from .download import DownloadPlan, plan_download, resolve_weights
 from .errors import CheckpointError, ManifestError, WeightsUnavailableError
 from .loading import TORCH_DTYPES, from_pretrained, load_transformer
 from .manifest import FAMILY_TRANSFORMERS, MANIFEST_PATH, ManifestEntry, load_manifest
+from .saving import save_pretrained
 
 __all__ = [
     "FAMILY_TRANSFORMERS",
@@ -34,5 +36,6 @@ __all__ = [
     "plan_download",
     "read_safetensors_header",
     "resolve_weights",
+    "save_pretrained",
     "verify_sha256",
 ]

@@ -54,6 +54,8 @@ CONFIGS = {
         axes_lens=(128, 16, 16),
     ),
     "no-main-layers": dict(TINY, n_layers=0),
+    # 16 channels in 2 x 2 patches: the 64-wide tokens an Omni missing latent (None) stands for.
+    "omni": dict(TINY, in_channels=16, n_refiner_layers=2, siglip_feat_dim=6),
 }
 
 # (latent F, H, W per sample, caption length per sample)
@@ -62,6 +64,9 @@ CASES = {
     "batch2-captions-differ": ([(1, 4, 6), (1, 4, 6)], [7, 40]),
     "batch2-sizes-differ": ([(2, 2, 2), (2, 8, 6)], [33, 3]),
     "batch2-equal-multiples-of-32": ([(2, 6, 6), (2, 4, 4)], [32, 32]),
+    # A sample may be empty where another one is not: its tokens are all padding of the batch.
+    "batch2-one-empty-caption": ([(2, 4, 4), (2, 2, 2)], [0, 5]),
+    "batch2-one-empty-latent": ([(2, 4, 0), (2, 2, 2)], [3, 36]),
 }
 
 
@@ -84,6 +89,9 @@ def make_inputs(config: dict, sizes: list, caption_lengths: list, seed: int = 1)
 def assert_samples_equal(actual: list, expected: list, tol: float = 1e-5) -> None:
     assert isinstance(actual, list) and len(actual) == len(expected)
     for a, e in zip(actual, expected, strict=True):
+        if e.numel() == 0:
+            assert a.shape == e.shape
+            continue
         assert_parity(a, e, tol)
 
 
@@ -103,6 +111,77 @@ def test_parity_with_diffusers(name, case):
         actual = ours(**kwargs)[0]
         assert [a.shape for a in actual] == [tuple(img.shape) for img in inputs["x"]]
         assert_samples_equal(actual, expected, tol=0.0)
+
+
+# Omni mode, per sample: latent (F, H, W) sizes (None: missing), caption lengths, noise flags, SigLIP (H, W)
+# grids (None: missing) or None for no SigLIP features.
+OMNI_CASES = {
+    "target-only": ([[(1, 4, 4)]], [[5]], [[1]], [[(2, 3)]]),
+    "conditions-and-batch": (
+        [[(1, 4, 4), (1, 2, 6)], [(1, 2, 2)]],
+        [[5, 40], [3]],
+        [[0, 1], [1]],
+        [[(3, 2), (2, 2)], [(1, 1)]],
+    ),
+    "missing-latent-and-grid-extra-caption": ([[None, (1, 4, 4)]], [[7, 33, 2]], [[0, 1]], [[None, (2, 2)]]),
+    "no-siglip-features": ([[(1, 2, 2), (1, 4, 4)], [(1, 4, 2)]], [[32, 1], [64]], [[0, 1], [1]], [None, None]),
+    # As released, the SigLIP stream runs only when the first sample has features.
+    "siglip-off-without-first-sample-features": ([[(1, 2, 2)], [(1, 4, 2)]], [[4], [9]], [[1], [1]], [None, [(2, 2)]]),
+    "fewer-siglip-grids-than-latents": ([[(2, 2, 2), (1, 4, 4), (1, 2, 4)]], [[3, 4, 5]], [[0, 0, 1]], [[(4, 1)]]),
+}
+
+
+def make_omni_inputs(config: dict, case: str, seed: int = 1) -> dict:
+    sizes, caption_lengths, flags, grids = OMNI_CASES[case]
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    siglip_width = config.get("siglip_feat_dim") or 3
+    return dict(
+        x=[[None if s is None else randn(config["in_channels"], *s) for s in sample] for sample in sizes],
+        t=torch.rand(len(sizes), generator=generator),
+        cap_feats=[[randn(n, config["cap_feat_dim"]) for n in sample] for sample in caption_lengths],
+        image_noise_mask=flags,
+        siglip_feats=[
+            None if sample is None else [None if g is None else randn(*g, siglip_width) for g in sample]
+            for sample in grids
+        ],
+    )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["omni", "tiny", "odd-width-no-qk-norm"])
+@pytest.mark.parametrize("case", list(OMNI_CASES))
+def test_omni_parity_with_diffusers(name, case):
+    config = CONFIGS[name]
+    has_missing = any(s is None for sample in OMNI_CASES[case][0] for s in sample)
+    has_missing |= any(g is None for sample in OMNI_CASES[case][3] for g in (sample or ()))
+    if has_missing and name != "omni":
+        pytest.skip("missing latents need 64-wide patches and missing SigLIP grids a SigLIP stream")
+    ours, reference = build_pair(config, seed=len(case))
+    inputs = make_omni_inputs(config, case)
+    expected = reference(**inputs, return_dict=False)[0]
+    actual = ours(**inputs, return_dict=False)[0]
+    assert [a.shape for a in actual] == [tuple(sample[-1].shape) for sample in inputs["x"]]
+    assert_samples_equal(actual, expected, tol=0.0)
+
+
+@torch.no_grad()
+def test_omni_bfloat16_and_controlnet_residuals_match_diffusers():
+    config = CONFIGS["omni"]
+    ours, reference = build_pair(config, seed=4)
+    ours, reference = ours.to(torch.bfloat16), reference.to(torch.bfloat16)
+    inputs = make_omni_inputs(config, "conditions-and-batch")
+    inputs["x"] = [[image.bfloat16() for image in sample] for sample in inputs["x"]]
+    inputs["siglip_feats"] = [[g.bfloat16() for g in sample] for sample in inputs["siglip_feats"]]
+    # Unified lengths: captions 32 + 64, latents 32 + 32, SigLIP 32 + 32 and 32 + 32 + 32.
+    generator = torch.Generator().manual_seed(6)
+    inputs["controlnet_block_samples"] = {0: torch.randn(2, 224, config["dim"], generator=generator).bfloat16()}
+    actual = ours(**inputs, return_dict=False)[0]
+    assert all(a.dtype == torch.bfloat16 for a in actual)
+    assert_samples_equal(actual, reference(**inputs, return_dict=False)[0], tol=0.0)
 
 
 @torch.no_grad()
@@ -329,6 +408,55 @@ def test_refiner_indicator_needs_its_own_coefficients():
         model.enable_teacache(TeaCacheParams(teacache_thresh=0.1, indicator="temb"), 4)
 
 
+def test_teacache_in_the_omni_mode_reads_the_per_token_modulation():
+    config = CONFIGS["omni"]
+    model, _ = build_pair(config, seed=14)
+    inputs = make_omni_inputs(config, "conditions-and-batch")
+
+    def three_steps(params):
+        if params is not None:
+            model.enable_teacache(params, 3)
+        outputs = []
+        for step, t in enumerate((0.0, 0.1, 0.2)):
+            with torch.no_grad(), model.teacache_step(step):
+                outputs.append(model(**{**inputs, "t": torch.tensor([t, t])}, return_dict=False)[0])
+        return outputs
+
+    plain = three_steps(None)
+    exact = three_steps(TeaCacheParams(teacache_thresh=0.0))
+    assert all(torch.equal(a, b) for p, e in zip(plain, exact, strict=True) for a, b in zip(p, e, strict=True))
+    three_steps(TeaCacheParams(teacache_thresh=100.0))
+    assert model.teacache_stats().positive.skipped_steps == (1,)
+
+    # The indicator: noisy tokens scaled with t's modulation, clean condition tokens with t = 1's.
+    captured = {}
+
+    def capture(hidden_states, **block_inputs):
+        captured.update(block_inputs, hidden_states=hidden_states)
+        return type(model).forward_blocks(model, hidden_states, **block_inputs)
+
+    model.disable_teacache()
+    model.forward_blocks = capture
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        del model.forward_blocks
+    first, mask = model.layers[0], captured["noise_mask"]
+    assert mask.shape == captured["hidden_states"].shape[:2] and set(mask.unique().tolist()) == {0, 1}
+    with torch.no_grad():
+        noisy = 1.0 + first.adaLN_modulation(model.t_embedder(inputs["t"] * 1000.0)).chunk(4, dim=1)[0]
+        clean = 1.0 + first.adaLN_modulation(model.t_embedder(torch.ones(2) * 1000.0)).chunk(4, dim=1)[0]
+        scale = torch.where(mask[..., None] == 1, noisy[:, None], clean[:, None])
+        expected = first.attention_norm1(captured["hidden_states"]) * scale
+        indicator = model.teacache_indicator(**captured)
+    assert torch.equal(indicator, expected)
+
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.1, **REFINER_INDICATOR), 3)
+    with pytest.raises(ValueError, match="does not support the Omni mode"), model.teacache_step(0):
+        model(**inputs)
+
+
 def cfg_loop(model, num_steps, mode, trajectory=None):
     """CFG with a positive and a negative caption, calling the branches 'interleaved' or 'batched'.
 
@@ -428,17 +556,34 @@ def bad_inputs():
         "x channels": ({"x": [x[0], torch.randn(3, 1, 2, 2)]}, ValueError, r"x\[1\] must have shape \(4,"),
         "x not divisible": ({"x": [torch.randn(4, 1, 3, 4), x[1]]}, ValueError, "multiple of its patch size"),
         "x integer": ({"x": [x[0].long(), x[1]]}, TypeError, "floating"),
-        "omni nested x": ({"x": [[x[0]], [x[1]]]}, ValueError, "Omni mode"),
-        "siglip": ({"siglip_feats": [[None], [None]]}, ValueError, "siglip_feats must be None"),
-        "noise mask": ({"image_noise_mask": [[1], [1]]}, ValueError, "image_noise_mask must be None"),
-        "captions count": ({"cap_feats": caps[:1]}, ValueError, r"one tensor per sample of x \(2\), got 1"),
+        "nested x without noise mask": ({"x": [[x[0]], [x[1]]]}, ValueError, r"Omni mode\), image_noise_mask must"),
+        "flat x with siglip": ({"siglip_feats": [[None], [None]]}, ValueError, "siglip_feats must be None"),
+        "flat x with noise mask": ({"image_noise_mask": [[1], [1]]}, ValueError, "image_noise_mask must be None"),
+        "mixed nesting": (
+            {
+                "x": [[x[0]], x[1]],
+                "cap_feats": [[caps[0]], [caps[1]]],
+                "image_noise_mask": [[1], [1]],
+                "siglip_feats": [None, None],
+            },
+            ValueError,
+            r"x\[1\] must be a non-empty list",
+        ),
+        "captions count": ({"cap_feats": caps[:1]}, ValueError, r"one entry per sample of x \(2\), got 1"),
         "caption width": ({"cap_feats": [caps[0], torch.randn(3, 15)]}, ValueError, r"cap_feats\[1\] .*\(L, 16\)"),
         "caption rank": ({"cap_feats": [caps[0][None], caps[1]]}, ValueError, r"cap_feats\[0\] must have shape"),
-        "caption empty": (
-            {"cap_feats": [caps[0], torch.randn(0, 16)]},
+        "every caption empty": (
+            {"cap_feats": [torch.randn(0, 16), torch.randn(0, 16)]},
             ValueError,
-            r"cap_feats\[1\] must hold at least one caption token",
+            "cap_feats: every caption has 0 tokens",
         ),
+        "every latent empty": (
+            {"x": [torch.randn(4, 0, 4, 4), torch.randn(4, 1, 0, 2)]},
+            ValueError,
+            "x: every latent is empty",
+        ),
+        "x dtype": ({"x": [x[0].double(), x[1]]}, TypeError, r"x\[0\] has dtype torch.float64"),
+        "caption dtype": ({"cap_feats": [caps[0], caps[1].double()]}, TypeError, r"cap_feats\[1\] has dtype"),
         "caption type": ({"cap_feats": torch.randn(2, 5, 16)}, TypeError, "cap_feats must be a list"),
         "caption too long": ({"cap_feats": [torch.randn(250, 16), caps[1]]}, ValueError, r"axes_lens\[0\] is 256"),
         "image too wide": ({"x": [torch.randn(4, 1, 2, 66), x[1]]}, ValueError, r"axes_lens\[2\] is 32"),
@@ -447,9 +592,57 @@ def bad_inputs():
         "t float": ({"t": 0.5}, TypeError, "t must be a tensor"),
         "patch pair": ({"patch_size": 1}, ValueError, r"\(patch_size, f_patch_size\) = \(1, 1\) is not configured"),
         "attention kwargs": ({"joint_attention_kwargs": {"foo": 1}}, ValueError, "joint_attention_kwargs"),
+        "attention kwargs type": ({"joint_attention_kwargs": [("scale", 1.0)]}, TypeError, "joint_attention_kwargs"),
         "controlnet type": ({"controlnet_block_samples": [torch.zeros(1)]}, TypeError, "controlnet_block_samples"),
     }
     return good, cases
+
+
+def bad_omni_inputs():
+    config = CONFIGS["omni"]
+    good = make_omni_inputs(config, "conditions-and-batch")
+    x, caps, sig = good["x"], good["cap_feats"], good["siglip_feats"]
+    cases = {
+        "no siglip list": ({"siglip_feats": None}, ValueError, r"Omni mode\), siglip_feats must be a list"),
+        "first target missing": ({"x": [[x[0][0], None], x[1]]}, ValueError, r"x\[0\]\[-1\].*must be a tensor"),
+        "fewer captions": ({"cap_feats": [caps[0][:1], caps[1]]}, ValueError, r"cap_feats\[0\] must be a list with"),
+        "fewer flags": ({"image_noise_mask": [[1], [1]]}, ValueError, r"image_noise_mask\[0\] must be a list"),
+        "float flags": ({"image_noise_mask": [[0.0, 1.0], [1]]}, TypeError, "must hold integers"),
+        "latent channels": ({"x": [[x[0][0], torch.randn(4, 1, 2, 2)], x[1]]}, ValueError, r"x\[0\]\[1\] must"),
+        "siglip width": ({"siglip_feats": [[torch.randn(2, 2, 5)], sig[1]]}, ValueError, r"siglip_feats\[0\]\[0\]"),
+        "siglip after first missing": ({"siglip_feats": [sig[0], None]}, ValueError, r"siglip_feats\[1\] are None"),
+        "siglip without latent": (
+            {
+                "siglip_feats": [sig[0], [sig[1][0], torch.randn(2, 2, 6)]],
+                "cap_feats": [caps[0], caps[1] * 2],
+                "image_noise_mask": [[0, 1], [1, 0]],
+            },
+            ValueError,
+            r"siglip_feats\[1\]\[1\] has no latent",
+        ),
+        "caption too long": (
+            {"cap_feats": [caps[0], [torch.randn(250, 16)]]},
+            ValueError,
+            r"cap_feats\[1\] needs RoPE position 256 .* axes_lens\[0\] is 256",
+        ),
+    }
+    return good, cases
+
+
+@pytest.mark.parametrize("case", list(bad_omni_inputs()[1]))
+def test_bad_omni_input_gives_a_clear_error(case):
+    good, cases = bad_omni_inputs()
+    change, error, match = cases[case]
+    model = ZImageTransformer2DModel(**CONFIGS["omni"])
+    with pytest.raises(error, match=match), torch.no_grad():
+        model(**{**good, **change})
+
+
+def test_missing_omni_latent_needs_64_wide_patches():
+    inputs = make_omni_inputs(TINY, "no-siglip-features")
+    inputs["x"][0][0] = None
+    with pytest.raises(ValueError, match=r"needs f_patch_size \* patch_size \*\* 2 \* in_channels == 64, got 16"):
+        ZImageTransformer2DModel(**TINY)(**inputs)
 
 
 @pytest.mark.parametrize("case", list(bad_inputs()[1]))

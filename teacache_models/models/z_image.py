@@ -13,16 +13,17 @@ still runs them and skips only the main `layers`. The `refiner_modulated_input` 
 quantity at the first noise-refiner block instead, so a skipped step skips the refiners too (it has no
 published coefficients: fit them with `scripts/calibrate.py`).
 
-Only the text-to-image mode is implemented: the Omni variant's inputs (nested lists of images,
-`siglip_feats`, `image_noise_mask`) are refused with an error. A model built with `siglip_feat_dim`
-still has the SigLIP weights, so its checkpoints load.
+The Omni mode (x a list of lists of latents, with `siglip_feats` and `image_noise_mask`) follows diffusers too:
+per sample, captions, then condition latents and the target, then SigLIP tokens form the stream, and the
+tokens of clean condition images are modulated with the timestep t = 1 instead of t. There the TeaCache
+indicator is read with that per-token modulation; `refiner_modulated_input` is not supported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from ..cache import TeaCacheMixin
 from ..layers import RMSNorm, apply_rotary_complex, attention, linear_activation, timestep_sinusoids
 from ..params import TeaCacheParams
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_rope_axes, check_tensor, is_int
+from .checks import check_architecture, check_attention_kwargs, check_rope_axes, check_tensor, is_int
 
 __all__ = ["Z_IMAGE_TEACACHE_COEFFICIENTS", "ZImageTransformer2DModel"]
 
@@ -46,6 +47,8 @@ _TIMESTEP_FEATURES = 256
 _TIMESTEP_HIDDEN = 1024
 # Every caption and image sequence is padded to a multiple of this many tokens.
 _SEQ_MULTIPLE = 32
+# The released layout gives a missing Omni latent this many zero channels per token.
+_MISSING_PATCH_WIDTH = 64
 # The TeaCache indicator read before the refiners: a skipped step then skips them too.
 _REFINER_INDICATOR = "refiner_modulated_input"
 
@@ -116,11 +119,12 @@ class ZImageAttention(nn.Module):
         head_dim = dim // num_heads
         inner_dim = head_dim * num_heads
         self.heads = num_heads
+        # Created in diffusers' order, so that the state_dict keys come in its order.
+        self.norm_q = RMSNorm(head_dim, eps=1e-5) if qk_norm else None
+        self.norm_k = RMSNorm(head_dim, eps=1e-5) if qk_norm else None
         self.to_q = nn.Linear(dim, inner_dim, bias=False)
         self.to_k = nn.Linear(dim, inner_dim, bias=False)
         self.to_v = nn.Linear(dim, inner_dim, bias=False)
-        self.norm_q = RMSNorm(head_dim, eps=1e-5) if qk_norm else None
-        self.norm_k = RMSNorm(head_dim, eps=1e-5) if qk_norm else None
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim, bias=False)])
 
     def forward(
@@ -172,9 +176,23 @@ class ZImageTransformerBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.Linear(min(dim, _ADALN_EMBED_DIM), 4 * dim))
 
     def modulation_factors(
-        self, adaln_input: torch.Tensor
+        self,
+        adaln_input: torch.Tensor,
+        noise_mask: torch.Tensor | None = None,
+        adaln_clean: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, C) conditioning -> (1 + scale_msa), tanh(gate_msa), (1 + scale_mlp), tanh(gate_mlp), (B, 1, D) each."""
+        """(B, C) conditioning -> (1 + scale_msa), tanh(gate_msa), (1 + scale_mlp), tanh(gate_mlp), (B, 1, D) each.
+
+        With a (B, L) `noise_mask` (the Omni mode), tokens whose mask is 1 take the factors of `adaln_input` and
+        the others those of `adaln_clean`: (B, L, D) each.
+        """
+        factors = self._factors(adaln_input)
+        if noise_mask is None:
+            return factors
+        noisy = (noise_mask == 1).unsqueeze(-1)  # (B, L, 1)
+        return tuple(torch.where(noisy, a, b) for a, b in zip(factors, self._factors(adaln_clean), strict=True))
+
+    def _factors(self, adaln_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln_input).unsqueeze(1).chunk(4, dim=2)
         return 1.0 + scale_msa, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
 
@@ -184,12 +202,15 @@ class ZImageTransformerBlock(nn.Module):
         attn_mask: torch.Tensor | None,
         freqs_cis: torch.Tensor,
         adaln_input: torch.Tensor | None = None,
+        noise_mask: torch.Tensor | None = None,
+        adaln_clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, L, D) tokens -> (B, L, D); `adaln_input` (B, C) is required exactly when modulated."""
+        """(B, L, D) tokens -> (B, L, D); `adaln_input` (B, C) is required exactly when modulated, `adaln_clean`
+        exactly with a (B, L) `noise_mask` (see `modulation_factors`)."""
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), attn_mask, freqs_cis))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation_factors(adaln_input)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation_factors(adaln_input, noise_mask, adaln_clean)
         attn = self.attention(self.attention_norm1(x) * scale_msa, attn_mask, freqs_cis)
         x = x + gate_msa * self.attention_norm2(attn)
         return x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
@@ -204,23 +225,105 @@ class ZImageFinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(hidden_size, _ADALN_EMBED_DIM), hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) tokens, (B, C) conditioning -> (B, L, out_channels)."""
-        scale = 1.0 + self.adaLN_modulation(c)
-        return self.linear(self.norm_final(x) * scale.unsqueeze(1))
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        noise_mask: torch.Tensor | None = None,
+        c_clean: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, L, D) tokens, (B, C) conditioning -> (B, L, out_channels). With a (B, L) `noise_mask`, tokens
+        whose mask is not 1 are scaled by the clean conditioning `c_clean` instead."""
+        scale = (1.0 + self.adaLN_modulation(c)).unsqueeze(1)  # (B, 1, D)
+        if noise_mask is not None:
+            clean = (1.0 + self.adaLN_modulation(c_clean)).unsqueeze(1)
+            scale = torch.where((noise_mask == 1).unsqueeze(-1), scale, clean)  # (B, L, D)
+        return self.linear(self.norm_final(x) * scale)
+
+
+@dataclasses.dataclass
+class _Segment:
+    """One image, caption or SigLIP grid of a sample, padded to a multiple of 32 tokens before embedding."""
+
+    features: torch.Tensor  # (Ls, C), Ls a multiple of 32
+    is_pad: torch.Tensor  # (Ls,) bool: rows replaced by the learned pad token once embedded
+    position_ids: torch.Tensor  # (Ls', 3) int32, Ls' >= Ls (see `_caption_segment`)
+    noisy: int = 1  # Omni mode: 1 modulates with t, any other value with the clean timestep t = 1
+
+
+def _padded_segment(features: torch.Tensor, position_ids: torch.Tensor, noisy: int = 1) -> _Segment:
+    """(L, C) features repeat their last row up to a multiple of 32; the padding takes position (0, 0, 0)."""
+    length, extra = len(features), _padding(len(features))
+    return _Segment(
+        features=torch.cat([features, features[-1:].repeat(extra, 1)]),
+        is_pad=torch.arange(length + extra, device=features.device) >= length,
+        position_ids=torch.cat([position_ids, position_ids.new_zeros((extra, 3))]),
+        noisy=noisy,
+    )
+
+
+def _missing_segment(width: int, like: torch.Tensor, noisy: int) -> _Segment:
+    """An Omni image or SigLIP grid given as None: 32 pad tokens at position (0, 0, 0)."""
+    device = like.device
+    return _Segment(
+        features=like.new_zeros((_SEQ_MULTIPLE, width)),
+        is_pad=torch.ones(_SEQ_MULTIPLE, dtype=torch.bool, device=device),
+        position_ids=torch.zeros((_SEQ_MULTIPLE, 3), dtype=torch.int32, device=device),
+        noisy=noisy,
+    )
+
+
+def _caption_segment(caption: torch.Tensor, start: int, noisy: int = 1) -> _Segment:
+    """A caption's tokens, padding included, take time positions start, start + 1, ...
+
+    The released layout then appends (0, 0, 0) ids for the padding once more, so the ids outnumber the tokens:
+    a sample's later Omni captions take their ids shifted by the earlier captions' padding. Kept for parity.
+    """
+    length = len(caption) + _padding(len(caption))
+    return _padded_segment(caption, _grid_ids((length, 1, 1), (start, 0, 0), caption.device), noisy)
+
+
+def _siglip_segment(
+    features: torch.Tensor, start: int, image_size: tuple[int, int, int] | None, noisy: int
+) -> _Segment:
+    """(H, W, C) SigLIP features -> H * W tokens at time `start`, their grid stretched over the image's latent."""
+    height, width, channels = features.shape
+    # Not a transpose to (H * W, C): the released model reads the channel-first memory in rows of C.
+    tokens = features.permute(2, 0, 1).reshape(height * width, channels)
+    segment = _padded_segment(tokens, _grid_ids((1, height, width), (start, 0, 0), features.device), noisy)
+    if image_size is not None:
+        # Truncated float32 arithmetic, as the released model computes these positions.
+        ids = segment.position_ids.float()
+        ids[:, 1] = ids[:, 1] / max(height - 1, 1) * (image_size[1] - 1)
+        ids[:, 2] = ids[:, 2] / max(width - 1, 1) * (image_size[2] - 1)
+        segment.position_ids = ids.to(torch.int32)
+    return segment
+
+
+@dataclasses.dataclass
+class _Layout:
+    """A batch before embedding: per sample, its segments of each kind, and the token grid of each image."""
+
+    images: list[list[_Segment]]
+    captions: list[list[_Segment]]
+    siglip: list[list[_Segment]] | None
+    grids: list[list[tuple[int, int, int] | None]]  # None for a missing Omni image
 
 
 @dataclasses.dataclass
 class _Sequences:
-    """One kind of token (image or caption) of a batch, padded to a common length."""
+    """One kind of token (image, caption or SigLIP) of a batch, padded to a common length."""
 
     tokens: torch.Tensor  # (B, L, D)
     freqs_cis: torch.Tensor  # (B, L, Dh / 2) complex
     mask: torch.Tensor | None  # (B, L) bool, None when every sample has length L
     lengths: list[int]
+    noise_mask: torch.Tensor | None = None  # (B, L) int64 in the Omni mode: 1 for noisy tokens, 0 for padding
 
 
-def _pad_batch(tokens: list[torch.Tensor], freqs_cis: list[torch.Tensor]) -> _Sequences:
+def _pad_batch(
+    tokens: list[torch.Tensor], freqs_cis: list[torch.Tensor], noise_masks: list[torch.Tensor] | None = None
+) -> _Sequences:
     """Per-sample (Li, D) tokens and (Li, Dh / 2) factors -> zero-padded batch with a key mask if lengths differ."""
     lengths = [len(t) for t in tokens]
     longest = max(lengths)
@@ -234,7 +337,40 @@ def _pad_batch(tokens: list[torch.Tensor], freqs_cis: list[torch.Tensor]) -> _Se
         freqs_cis=pad_sequence(freqs_cis, batch_first=True, padding_value=0.0),
         mask=mask,
         lengths=lengths,
+        noise_mask=None if noise_masks is None else pad_sequence(noise_masks, batch_first=True, padding_value=0),
     )
+
+
+def _unify(parts: list[_Sequences]) -> _Sequences:
+    """Per sample, the unpadded tokens of each part one after another, batched again."""
+    rows = range(len(parts[0].lengths))
+
+    def joined(field: str) -> list[torch.Tensor]:
+        return [torch.cat([getattr(p, field)[i, : p.lengths[i]] for p in parts]) for i in rows]
+
+    noise_masks = None if parts[0].noise_mask is None else joined("noise_mask")
+    return _pad_batch(joined("tokens"), joined("freqs_cis"), noise_masks)
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """A forward call's per-sample inputs (the Omni ones None in the text-to-image mode)."""
+
+    x: list[Any]
+    t: torch.Tensor  # (B,) or (1,)
+    cap_feats: list[Any]
+    siglip_feats: list[Any] | None
+    image_noise_mask: list[Any] | None
+
+    def rows(self, rows: slice) -> _Inputs:
+        """The samples `rows` of the batch (a (1,) timestep is shared)."""
+        return _Inputs(
+            x=self.x[rows],
+            t=self.t[rows] if self.t.shape[0] == len(self.x) else self.t,
+            cap_feats=self.cap_feats[rows],
+            siglip_feats=None if self.siglip_feats is None else self.siglip_feats[rows],
+            image_noise_mask=None if self.image_noise_mask is None else self.image_noise_mask[rows],
+        )
 
 
 class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
@@ -252,7 +388,7 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         norm_eps: epsilon of the block RMSNorms.
         qk_norm: RMS-normalise queries and keys per head.
         cap_feat_dim: width of the caption (text encoder) features.
-        siglip_feat_dim: width of the Omni variant's SigLIP features; its weights are built, its mode is not.
+        siglip_feat_dim: width of the Omni variant's SigLIP features (None: no SigLIP stream).
         rope_theta: RoPE base.
         t_scale: factor applied to `t` before the sinusoidal embedding.
         axes_dims: RoPE channels per position axis (time, height, width).
@@ -288,8 +424,6 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         self.out_channels = in_channels
         self.dim = dim
 
-        self.x_pad_token = nn.Parameter(torch.zeros((1, dim)))
-        self.cap_pad_token = nn.Parameter(torch.zeros((1, dim)))
         self.all_x_embedder = nn.ModuleDict()
         self.all_final_layer = nn.ModuleDict()
         for p, pf in zip(all_patch_size, all_f_patch_size, strict=True):
@@ -311,6 +445,9 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             )
             self.siglip_refiner = blocks(n_refiner_layers, modulation=False)
             self.siglip_pad_token = nn.Parameter(torch.zeros((1, dim)))
+        # Registered here, as in diffusers, so that the state_dict keys come in its order.
+        self.x_pad_token = nn.Parameter(torch.zeros((1, dim)))
+        self.cap_pad_token = nn.Parameter(torch.zeros((1, dim)))
         self.layers = blocks(n_layers, modulation=True)
         self.rope_embedder = ZImageRopeEmbedder(rope_theta, tuple(axes_dims), tuple(axes_lens))
 
@@ -330,58 +467,64 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         """Predict the flow of each sample's latents.
 
         Args:
-            x: B latents (in_channels, F, H, W); F, H, W divisible by the patch sizes. Sizes may differ.
+            x: B latents (in_channels, F, H, W); F, H, W divisible by the patch sizes. Sizes may differ. In the
+                Omni mode, B lists of latents, the condition images first and the target last (None for a
+                missing condition image).
             t: (B,) or (1,) timesteps, 1 - sigma in [0, 1] (scaled by `t_scale` inside).
-            cap_feats: B caption features (L_i, cap_feat_dim), L_i >= 1; lengths may differ.
+            cap_feats: B caption features (L_i, cap_feat_dim); lengths may differ. In the Omni mode, B lists
+                with a caption per image (and possibly more).
             return_dict: return a `Transformer2DModelOutput` instead of a tuple.
             controlnet_block_samples: {main layer index: (B, L, dim) residual added after that layer}.
-            siglip_feats, image_noise_mask: Omni-mode inputs; not supported (must be None).
+            siglip_feats: Omni mode only: per sample None or a list of (H, W, siglip_feat_dim) features (or None)
+                per image; the SigLIP stream runs when the first sample has features and the model has
+                `siglip_feat_dim`.
+            image_noise_mask: Omni mode only: per sample, a flag per image: 1 for the noisy target, 0 for clean
+                conditions (their tokens are modulated with t = 1).
             patch_size, f_patch_size: a configured (spatial, temporal) patch size pair.
             joint_attention_kwargs: only `scale` (for LoRA layers, which this model has none of).
 
         Returns:
-            A list of B predictions (in_channels, F, H, W), in a tuple or output object.
+            A list of B predictions (in_channels, F, H, W) (in the Omni mode, of each sample's last image), in a
+            tuple or output object.
         """
         self._check_inputs(
             x, t, cap_feats, controlnet_block_samples, siglip_feats, image_noise_mask, patch_size, f_patch_size
         )
-        if joint_attention_kwargs is not None:
-            _check_joint_attention_kwargs(joint_attention_kwargs)
+        check_attention_kwargs("joint_attention_kwargs", joint_attention_kwargs)
+        if image_noise_mask is not None and self.teacache_indicator_name == _REFINER_INDICATOR:
+            raise ValueError(
+                f"TeaCache's indicator {_REFINER_INDICATOR!r} does not support the Omni mode (nested x); "
+                "use indicator 'modulated_input'"
+            )
+        inputs = _Inputs(x, t, cap_feats, siglip_feats, image_noise_mask)
         if self.claim_batched_cfg_call():
-            samples = self._predict_cfg_halves(x, t, cap_feats, controlnet_block_samples, patch_size, f_patch_size)
+            samples = self._predict_cfg_halves(inputs, controlnet_block_samples, patch_size, f_patch_size)
         else:
-            samples = self._predict(x, t, cap_feats, controlnet_block_samples, patch_size, f_patch_size)
+            samples = self._predict(inputs, controlnet_block_samples, patch_size, f_patch_size)
         return (samples,) if not return_dict else Transformer2DModelOutput(sample=samples)
 
     def _predict(
         self,
-        images: list[torch.Tensor],
-        t: torch.Tensor,
-        cap_feats: list[torch.Tensor],
+        inputs: _Inputs,
         controlnet_block_samples: dict[int, torch.Tensor] | None,
         patch_size: int,
         f_patch_size: int,
     ) -> list[torch.Tensor]:
         """Embed -> refiners -> main layers (TeaCache) -> final layer -> unpatchify."""
         key = f"{patch_size}-{f_patch_size}"
-        device = images[0].device
-        adaln_input = self.t_embedder(t * self.config.t_scale).type_as(images[0])  # (B, C)
+        t = inputs.t
+        omni = inputs.image_noise_mask is not None
+        reference = inputs.x[0][-1] if omni else inputs.x[0]
+        adaln_input = self.t_embedder(t * self.config.t_scale).type_as(reference)  # (B, C)
+        # The Omni mode's clean condition images are modulated as at t = 1.
+        adaln_clean = self.t_embedder(torch.ones_like(t) * self.config.t_scale).type_as(reference) if omni else None
+        layout = (self._omni_layout if omni else self._layout)(inputs, patch_size, f_patch_size)
 
-        # Captions take time positions 1..Lc; the image of the sample follows on the time axis.
-        cap_lengths = [len(c) + _padding(len(c)) for c in cap_feats]
-        cap_ids = [_grid_ids((n, 1, 1), (1, 0, 0), device) for n in cap_lengths]
-        patches, grids, image_ids = [], [], []
-        for image, cap_length in zip(images, cap_lengths, strict=True):
-            tokens, grid = _patchify(image, patch_size, f_patch_size)
-            ids = _grid_ids(grid, (cap_length + 1, 0, 0), device)
-            # Pad tokens sit at position (0, 0, 0).
-            ids = torch.cat([ids, ids.new_zeros((_padding(len(ids)), 3))])
-            patches.append(tokens)
-            grids.append(grid)
-            image_ids.append(ids)
-
-        image_seq = self._embed(self.all_x_embedder[key], patches, image_ids, self.x_pad_token)
-        cap_seq = self._embed(self.cap_embedder, cap_feats, cap_ids, self.cap_pad_token)
+        image_seq = self._embed("x", self.all_x_embedder[key], layout.images, self.x_pad_token, omni)
+        cap_seq = self._embed("cap_feats", self.cap_embedder, layout.captions, self.cap_pad_token, omni)
+        siglip_seq = None
+        if layout.siglip is not None:
+            siglip_seq = self._embed("siglip_feats", self.siglip_embedder, layout.siglip, self.siglip_pad_token, omni)
         if self.teacache_indicator_name == _REFINER_INDICATOR:
             # TeaCache's stack starts at the refiners: image tokens in, image tokens out.
             image_tokens = self.run_blocks(
@@ -398,65 +541,167 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             )
             # The final layer reads the stream's layout; the caption rows it also computes are dropped.
             hidden_states = _joint_layout(image_tokens, image_seq.lengths, cap_seq.lengths)
+            noise_mask = None
         else:
-            unified = self._refine(image_seq, cap_seq, adaln_input)
+            unified = self._refine(image_seq, cap_seq, siglip_seq, adaln_input, adaln_clean)
             hidden_states = self.run_blocks(
                 unified.tokens,
                 attn_mask=unified.mask,
                 freqs_cis=unified.freqs_cis,
                 adaln_input=adaln_input,
                 controlnet_block_samples=controlnet_block_samples,
+                noise_mask=unified.noise_mask,
+                adaln_clean=adaln_clean,
             )  # (B, L, D)
+            noise_mask = unified.noise_mask
 
-        output = self.all_final_layer[key](hidden_states, adaln_input)  # (B, L, p * p * pf * C)
+        output = self.all_final_layer[key](hidden_states, adaln_input, noise_mask, adaln_clean)  # (B, L, pf p p C)
+        # The image tokens follow the captions in the Omni layout and lead the stream otherwise.
+        offsets = cap_seq.lengths if omni else [0] * len(cap_seq.lengths)
         return [
-            _unpatchify(sample, grid, patch_size, f_patch_size, self.out_channels)
-            for sample, grid in zip(output.unbind(0), grids, strict=True)
+            self._last_image(sample[offset:], segments, grids, patch_size, f_patch_size)
+            for sample, offset, segments, grids in zip(
+                output.unbind(0), offsets, layout.images, layout.grids, strict=True
+            )
         ]
 
-    def _refine(self, image_seq: _Sequences, cap_seq: _Sequences, adaln_input: torch.Tensor) -> _Sequences:
-        """Both refiners, then one stream per sample: image tokens first, then caption tokens, (B, L, D)."""
+    def _last_image(
+        self,
+        tokens: torch.Tensor,
+        segments: list[_Segment],
+        grids: list[tuple[int, int, int] | None],
+        patch_size: int,
+        f_patch_size: int,
+    ) -> torch.Tensor:
+        """A sample's output tokens from its first image on -> the prediction of its last (present) image."""
+        start, image = 0, None
+        for segment, grid in zip(segments, grids, strict=True):
+            if grid is not None:
+                image = _unpatchify(tokens[start:], grid, patch_size, f_patch_size, self.out_channels)
+            start += len(segment.features)
+        return image
+
+    def _layout(self, inputs: _Inputs, patch_size: int, f_patch_size: int) -> _Layout:
+        """Text-to-image: the caption at time positions 1..Lc (padded), then its image from time Lc + 1 on."""
+        images, captions, grids = [], [], []
+        for image, caption in zip(inputs.x, inputs.cap_feats, strict=True):
+            captions.append([_caption_segment(caption, start=1)])
+            cap_length = len(captions[-1][0].features)
+            tokens, grid = _patchify(image, patch_size, f_patch_size)
+            images.append([_padded_segment(tokens, _grid_ids(grid, (cap_length + 1, 0, 0), image.device))])
+            grids.append([grid])
+        return _Layout(images, captions, None, grids)
+
+    def _omni_layout(self, inputs: _Inputs, patch_size: int, f_patch_size: int) -> _Layout:
+        """Omni: per sample, caption j at the time positions after caption j - 1 (two positions apart), image j
+        where its caption ends and SigLIP grid j one later; each segment noisy or clean as its image's flag."""
+        target = inputs.x[0][-1]
+        # As released, the SigLIP stream runs when the first sample has features (then every sample has them).
+        use_siglip = self.config.siglip_feat_dim is not None and inputs.siglip_feats[0] is not None
+        patch_width = f_patch_size * patch_size * patch_size * self.in_channels
+        images, captions, siglip, grids = [], [], [], []
+        for i, (sample_images, sample_captions) in enumerate(zip(inputs.x, inputs.cap_feats, strict=True)):
+            flags = inputs.image_noise_mask[i]
+            position, ends = 1, []
+            captions.append([])
+            for j, caption in enumerate(sample_captions):
+                captions[-1].append(_caption_segment(caption, position, flags[j] if j < len(flags) else 1))
+                position += len(caption)
+                ends.append(position)
+                position += 2  # one time position for the image, one for its SigLIP grid
+            images.append([])
+            grids.append([])
+            sizes = []
+            for j, image in enumerate(sample_images):
+                if image is None:
+                    images[-1].append(_missing_segment(patch_width, target, flags[j]))
+                    grids[-1].append(None)
+                    sizes.append(None)
+                    continue
+                tokens, grid = _patchify(image, patch_size, f_patch_size)
+                ids = _grid_ids(grid, (ends[j], 0, 0), image.device)
+                images[-1].append(_padded_segment(tokens, ids, flags[j]))
+                grids[-1].append(grid)
+                sizes.append(tuple(image.shape[1:]))
+            if use_siglip:
+                siglip.append(
+                    [
+                        _missing_segment(self.config.siglip_feat_dim, target, flags[j])
+                        if features is None
+                        else _siglip_segment(features, ends[j] + 1, sizes[j], flags[j])
+                        for j, features in enumerate(inputs.siglip_feats[i])
+                    ]
+                )
+        return _Layout(images, captions, siglip if use_siglip else None, grids)
+
+    def _refine(
+        self,
+        image_seq: _Sequences,
+        cap_seq: _Sequences,
+        siglip_seq: _Sequences | None,
+        adaln_input: torch.Tensor,
+        adaln_clean: torch.Tensor | None = None,
+    ) -> _Sequences:
+        """The refiners, then one stream per sample, (B, L, D): image then caption tokens, or in the Omni mode
+        caption, image and SigLIP tokens."""
         for block in self.noise_refiner:
-            image_seq.tokens = block(image_seq.tokens, image_seq.mask, image_seq.freqs_cis, adaln_input)
+            image_seq.tokens = block(
+                image_seq.tokens, image_seq.mask, image_seq.freqs_cis, adaln_input, image_seq.noise_mask, adaln_clean
+            )
         for block in self.context_refiner:
             cap_seq.tokens = block(cap_seq.tokens, cap_seq.mask, cap_seq.freqs_cis)
-        pairs = list(enumerate(zip(image_seq.lengths, cap_seq.lengths, strict=True)))
-        return _pad_batch(
-            [torch.cat([image_seq.tokens[i, :n], cap_seq.tokens[i, :m]]) for i, (n, m) in pairs],
-            [torch.cat([image_seq.freqs_cis[i, :n], cap_seq.freqs_cis[i, :m]]) for i, (n, m) in pairs],
-        )
+        if image_seq.noise_mask is None:
+            return _unify([image_seq, cap_seq])
+        if siglip_seq is None:
+            return _unify([cap_seq, image_seq])
+        for block in self.siglip_refiner:
+            siglip_seq.tokens = block(siglip_seq.tokens, siglip_seq.mask, siglip_seq.freqs_cis)
+        return _unify([cap_seq, image_seq, siglip_seq])
 
     def _embed(
-        self,
-        embedder: nn.Module,
-        sequences: list[torch.Tensor],
-        position_ids: list[torch.Tensor],
-        pad_token: torch.Tensor,
+        self, name: str, embedder: nn.Module, samples: list[list[_Segment]], pad_token: torch.Tensor, omni: bool
     ) -> _Sequences:
-        """Pad each (Li, C) sequence to a multiple of 32 with the learned pad token, embed, batch."""
-        pad_lengths = [_padding(len(s)) for s in sequences]
-        # The embedder sees the last row repeated in the padding; those rows are then replaced.
-        padded = [torch.cat([s, s[-1:].repeat(n, 1)]) for s, n in zip(sequences, pad_lengths, strict=True)]
-        device = sequences[0].device
-        is_pad = torch.cat(
-            [torch.arange(len(s) + n, device=device) >= len(s) for s, n in zip(sequences, pad_lengths, strict=True)]
-        )  # (sum Li,)
-        tokens = torch.where(is_pad.unsqueeze(-1), pad_token, embedder(torch.cat(padded)))  # (sum Li, D)
-        tokens = list(tokens.split([len(p) for p in padded]))
-        freqs_cis = list(self.rope_embedder(torch.cat(position_ids)).split([len(p) for p in position_ids]))
-        return _pad_batch(tokens, freqs_cis)
+        """Per sample, its segments of one kind (argument `name`) -> embedded with the learned pad token, batched."""
+        features = [torch.cat([s.features for s in segments]) for segments in samples]
+        lengths = [len(f) for f in features]
+        position_ids = [torch.cat([s.position_ids for s in segments]) for segments in samples]
+        self._check_positions(name, position_ids)
+        is_pad = torch.cat([s.is_pad for segments in samples for s in segments]).unsqueeze(-1)  # (sum Li, 1)
+        tokens = torch.where(is_pad, pad_token, embedder(torch.cat(features))).split(lengths)  # (Li, D) each
+        factors = self.rope_embedder(torch.cat(position_ids)).split([len(p) for p in position_ids])
+        # A caption's ids outnumber its tokens (see `_caption_segment`): the extra ones are no token's.
+        factors = [f[:n] for f, n in zip(factors, lengths, strict=True)]
+        noise_masks = None
+        if omni:
+            device = features[0].device
+            noise_masks = [
+                torch.cat([torch.full((len(s.features),), s.noisy, dtype=torch.long, device=device) for s in segments])
+                for segments in samples
+            ]
+        return _pad_batch(list(tokens), factors, noise_masks)
+
+    def _check_positions(self, name: str, position_ids: list[torch.Tensor]) -> None:
+        """Every position id must index the RoPE tables (`axes_lens` rows per axis)."""
+        for i, ids in enumerate(position_ids):
+            if not len(ids):
+                continue
+            for axis, (last, length) in enumerate(zip(ids.amax(0).tolist(), self.config.axes_lens, strict=True)):
+                if last >= length:
+                    raise ValueError(
+                        f"{name}[{i}] needs RoPE position {last} on axis {axis} (its sample's captions, padded to "
+                        f"multiples of {_SEQ_MULTIPLE} tokens, come first on the time axis), but axes_lens[{axis}] "
+                        f"is {length}: shorten the captions or the images"
+                    )
 
     def _predict_cfg_halves(
         self,
-        images: list[torch.Tensor],
-        t: torch.Tensor,
-        cap_feats: list[torch.Tensor],
+        inputs: _Inputs,
         controlnet_block_samples: dict[int, torch.Tensor] | None,
         patch_size: int,
         f_patch_size: int,
     ) -> list[torch.Tensor]:
         """A call batching both CFG branches: each half runs as its own branch, each with its own cache."""
-        batch = len(images)
+        batch = len(inputs.x)
         if batch % 2:
             raise ValueError(
                 f"x has {batch} samples, but a batched_cfg=True call holds the positive then the negative half "
@@ -470,9 +715,8 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         half = batch // 2
         samples: list[torch.Tensor] = []
         for negative, rows in ((False, slice(0, half)), (True, slice(half, batch))):
-            branch_t = t[rows] if t.shape[0] == batch else t
             with self.teacache_branch(negative):
-                samples += self._predict(images[rows], branch_t, cap_feats[rows], None, patch_size, f_patch_size)
+                samples += self._predict(inputs.rows(rows), None, patch_size, f_patch_size)
         return samples
 
     # ---- TeaCache seam ----------------------------------------------------------------------------
@@ -488,14 +732,21 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             )
         return schedule
 
-    def teacache_indicator(self, hidden_states: torch.Tensor, adaln_input: torch.Tensor, **_: Any) -> torch.Tensor:
+    def teacache_indicator(
+        self,
+        hidden_states: torch.Tensor,
+        adaln_input: torch.Tensor,
+        noise_mask: torch.Tensor | None = None,
+        adaln_clean: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
         """The first block's attention_norm1 output scaled by (1 + scale_msa): (B, L, D). The block is the first
         main layer (`modulated_input`) or the first noise-refiner block (`refiner_modulated_input`)."""
         blocks = self.noise_refiner if self.teacache_indicator_name == _REFINER_INDICATOR else self.layers
         if not len(blocks):
             return hidden_states
         first = blocks[0]
-        scale_msa = first.modulation_factors(adaln_input)[0]
+        scale_msa = first.modulation_factors(adaln_input, noise_mask, adaln_clean)[0]
         return first.attention_norm1(hidden_states) * scale_msa
 
     def forward_blocks(
@@ -510,8 +761,11 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         caption_mask: torch.Tensor | None = None,
         caption_freqs_cis: torch.Tensor | None = None,
         caption_lengths: list[int] | None = None,
+        noise_mask: torch.Tensor | None = None,
+        adaln_clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The main layers over the unified stream: (B, L, D) -> (B, L, D).
+        """The main layers over the unified stream: (B, L, D) -> (B, L, D); in the Omni mode with the stream's
+        (B, L) `noise_mask` and the clean conditioning `adaln_clean`.
 
         With `captions` (the `refiner_modulated_input` indicator), `hidden_states` are the embedded image
         tokens (`attn_mask`, `freqs_cis` and `image_lengths` theirs) and the stack begins with the refiners;
@@ -520,13 +774,15 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         if captions is not None:
             image_seq = _Sequences(hidden_states, freqs_cis, attn_mask, image_lengths)
             cap_seq = _Sequences(captions, caption_freqs_cis, caption_mask, caption_lengths)
-            unified = self._refine(image_seq, cap_seq, adaln_input)
+            unified = self._refine(image_seq, cap_seq, None, adaln_input)
             output = self._main_layers(
                 unified.tokens, unified.mask, unified.freqs_cis, adaln_input, controlnet_block_samples
             )
             images = [output[i, :n] for i, n in enumerate(image_lengths)]
             return pad_sequence(images, batch_first=True, padding_value=0.0)
-        return self._main_layers(hidden_states, attn_mask, freqs_cis, adaln_input, controlnet_block_samples)
+        return self._main_layers(
+            hidden_states, attn_mask, freqs_cis, adaln_input, controlnet_block_samples, noise_mask, adaln_clean
+        )
 
     def _main_layers(
         self,
@@ -535,9 +791,11 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         freqs_cis: torch.Tensor,
         adaln_input: torch.Tensor,
         controlnet_block_samples: dict[int, torch.Tensor] | None,
+        noise_mask: torch.Tensor | None = None,
+        adaln_clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for index, block in enumerate(self.layers):
-            hidden_states = block(hidden_states, attn_mask, freqs_cis, adaln_input)
+            hidden_states = block(hidden_states, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_clean)
             if controlnet_block_samples is not None and index in controlnet_block_samples:
                 hidden_states = hidden_states + controlnet_block_samples[index]
         return hidden_states
@@ -556,54 +814,49 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         f_patch_size: Any,
     ) -> None:
         config = self.config
-        omni = "the Omni mode (nested image lists, siglip_feats, image_noise_mask) is not implemented"
-        if siglip_feats is not None:
-            raise ValueError(f"siglip_feats must be None: {omni}")
-        if image_noise_mask is not None:
-            raise ValueError(f"image_noise_mask must be None: {omni}")
         if not isinstance(x, list | tuple) or not x:
             raise TypeError(f"x must be a non-empty list of (C, F, H, W) latent tensors, got {type(x).__name__}")
-        if any(isinstance(item, list | tuple) for item in x):
-            raise ValueError(f"x must be a flat list of tensors: {omni}")
-        if not isinstance(cap_feats, list | tuple):
-            raise TypeError(
-                f"cap_feats must be a list of (L, {config.cap_feat_dim}) tensors, got {type(cap_feats).__name__}"
-            )
-        if len(cap_feats) != len(x):
-            raise ValueError(f"cap_feats must hold one tensor per sample of x ({len(x)}), got {len(cap_feats)}")
         pairs = set(zip(config.all_patch_size, config.all_f_patch_size, strict=True))
         if (patch_size, f_patch_size) not in pairs:
             raise ValueError(
                 f"(patch_size, f_patch_size) = ({patch_size!r}, {f_patch_size!r}) is not configured; "
                 f"choose one of {sorted(pairs)}"
             )
-        axes_lens = config.axes_lens
-        for i, (image, caption) in enumerate(zip(x, cap_feats, strict=True)):
-            check_tensor(f"x[{i}]", image, (config.in_channels, "F", "H", "W"))
+        if not isinstance(cap_feats, list | tuple):
+            raise TypeError(
+                f"cap_feats must be a list of (L, {config.cap_feat_dim}) tensors, got {type(cap_feats).__name__}"
+            )
+        if len(cap_feats) != len(x):
+            raise ValueError(f"cap_feats must hold one entry per sample of x ({len(x)}), got {len(cap_feats)}")
+        patch_width = f_patch_size * patch_size * patch_size * config.in_channels
+        if isinstance(x[0], list | tuple):
+            images, captions = self._check_omni_inputs(x, cap_feats, siglip_feats, image_noise_mask, patch_width)
+            # A missing latent (None) still adds 32 pad tokens to its sample.
+            has_missing = any(image is None for sample in x for image in sample)
+        else:
+            images, captions = self._check_flat_inputs(x, cap_feats, siglip_feats, image_noise_mask)
+            has_missing = False
+        device, dtype = images[0][1].device, self.x_pad_token.dtype
+        for name, image in images:
+            check_tensor(name, image, (config.in_channels, "F", "H", "W"))
             frames, height, width = image.shape[1:]
-            if frames % f_patch_size or height % patch_size or width % patch_size or not frames * height * width:
+            if frames % f_patch_size or height % patch_size or width % patch_size:
                 raise ValueError(
-                    f"x[{i}] has F, H, W = {frames}, {height}, {width}: each must be a positive multiple of its "
-                    f"patch size (f_patch_size {f_patch_size}, patch_size {patch_size})"
+                    f"{name} has F, H, W = {frames}, {height}, {width}: each must be a multiple of its patch size "
+                    f"(f_patch_size {f_patch_size}, patch_size {patch_size})"
                 )
-            if image.device != x[0].device:
-                raise ValueError(f"x[{i}] is on {image.device}, x[0] on {x[0].device}: all must share one device")
-            check_tensor(f"cap_feats[{i}]", caption, ("L", config.cap_feat_dim))
-            if caption.shape[0] < 1:
-                raise ValueError(
-                    f"cap_feats[{i}] must hold at least one caption token, got shape {tuple(caption.shape)}"
-                )
-            if caption.device != image.device:
-                raise ValueError(f"cap_feats[{i}] is on {caption.device}, x[{i}] on {image.device}: use one device")
-            cap_length = caption.shape[0] + _padding(caption.shape[0])
-            last_positions = (cap_length + frames // f_patch_size, height // patch_size - 1, width // patch_size - 1)
-            for axis, (last, length) in enumerate(zip(last_positions, axes_lens, strict=True)):
-                if last >= length:
-                    raise ValueError(
-                        f"sample {i} needs RoPE position {last} on axis {axis} (caption of {caption.shape[0]} tokens "
-                        f"padded to {cap_length}, latent F, H, W = {frames}, {height}, {width}), but axes_lens[{axis}] "
-                        f"is {length}: shorten the caption or the image"
-                    )
+            if image.device != device:
+                raise ValueError(f"{name} is on {image.device}, {images[0][0]} on {device}: all must share one device")
+        for name, caption in captions:
+            check_tensor(name, caption, ("L", config.cap_feat_dim))
+            if caption.device != device:
+                raise ValueError(f"{name} is on {caption.device}, x on {device}: use one device")
+        for name, image in images:
+            if image.dtype != dtype:
+                raise TypeError(f"{name} has dtype {image.dtype}, but the model's weights are {dtype}: convert it")
+        for name, caption in captions:
+            _check_normed_dtype(name, caption, dtype)
+        self._check_token_counts(images, captions, -1 if has_missing else patch_width)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"t must be a tensor of shape ({len(x)},) or (1,), got {type(t).__name__}")
         if t.ndim != 1 or t.shape[0] not in (1, len(x)):
@@ -613,6 +866,116 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 "controlnet_block_samples must be None or a dict {layer index: tensor}, "
                 f"got {type(controlnet_block_samples).__name__}"
             )
+
+    def _check_flat_inputs(
+        self, x: Sequence[Any], cap_feats: Sequence[Any], siglip_feats: Any, image_noise_mask: Any
+    ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """The text-to-image mode's inputs -> (name, latent) and (name, caption) pairs."""
+        omni = "belongs to the Omni mode, where x is a list of lists of latents"
+        if siglip_feats is not None:
+            raise ValueError(f"siglip_feats must be None with a flat list x: it {omni}")
+        if image_noise_mask is not None:
+            raise ValueError(f"image_noise_mask must be None with a flat list x: it {omni}")
+        if any(isinstance(item, list | tuple) for item in x):
+            raise ValueError("x must be a flat list of tensors or (the Omni mode) a list of lists, not a mix")
+        return [(f"x[{i}]", image) for i, image in enumerate(x)], [
+            (f"cap_feats[{i}]", caption) for i, caption in enumerate(cap_feats)
+        ]
+
+    def _check_omni_inputs(
+        self, x: Sequence[Any], cap_feats: Sequence[Any], siglip_feats: Any, image_noise_mask: Any, patch_width: int
+    ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """The Omni mode's nested inputs -> (name, latent) and (name, caption) pairs (missing images left out)."""
+        batch = len(x)
+        for name, value in (("image_noise_mask", image_noise_mask), ("siglip_feats", siglip_feats)):
+            if not isinstance(value, list | tuple) or len(value) != batch:
+                raise ValueError(
+                    f"with nested x (the Omni mode), {name} must be a list with an entry per sample ({batch}), "
+                    f"got {value!r:.80}"
+                )
+        images, captions = [], []
+        for i, (sample, sample_captions, flags) in enumerate(zip(x, cap_feats, image_noise_mask, strict=True)):
+            if not isinstance(sample, list | tuple) or not sample:
+                raise ValueError(f"x[{i}] must be a non-empty list of latents (nested x: the Omni mode)")
+            if i == 0 and sample[-1] is None:
+                raise ValueError("x[0][-1], the first sample's target latent, must be a tensor, got None")
+            if all(image is None for image in sample):
+                raise ValueError(f"x[{i}] holds no latent: at least its last entry must be a tensor")
+            if not isinstance(sample_captions, list | tuple) or len(sample_captions) < len(sample):
+                raise ValueError(f"cap_feats[{i}] must be a list with a caption per latent of x[{i}] ({len(sample)})")
+            if not isinstance(flags, list | tuple) or len(flags) < len(sample):
+                raise ValueError(
+                    f"image_noise_mask[{i}] must be a list with a flag per latent of x[{i}] ({len(sample)})"
+                )
+            if not all(isinstance(flag, Integral) for flag in flags):
+                raise TypeError(f"image_noise_mask[{i}] must hold integers (1: noisy, 0: clean), got {flags!r}")
+            images += [(f"x[{i}][{j}]", image) for j, image in enumerate(sample) if image is not None]
+            captions += [(f"cap_feats[{i}][{j}]", caption) for j, caption in enumerate(sample_captions)]
+            self._check_siglip_sample(i, siglip_feats[i], sample, len(sample_captions), len(flags))
+        if any(image is None for sample in x for image in sample) and patch_width != _MISSING_PATCH_WIDTH:
+            raise ValueError(
+                f"a missing latent (None in x) stands for {_MISSING_PATCH_WIDTH}-wide zero patches in the released "
+                f"layout, so it needs f_patch_size * patch_size ** 2 * in_channels == {_MISSING_PATCH_WIDTH}, got "
+                f"{patch_width}"
+            )
+        if self.config.siglip_feat_dim is not None and siglip_feats[0] is not None:
+            missing = [i for i, features in enumerate(siglip_feats) if features is None]
+            if missing:
+                raise ValueError(
+                    f"siglip_feats[0] holds features, so every sample needs a list; siglip_feats{missing} are None"
+                )
+        return images, captions
+
+    def _check_siglip_sample(self, i: int, features: Any, sample: Sequence[Any], captions: int, flags: int) -> None:
+        if features is None:
+            return
+        if not isinstance(features, list | tuple) or not features:
+            raise ValueError(f"siglip_feats[{i}] must be None or a non-empty list with an entry per latent of x[{i}]")
+        if len(features) > min(captions, flags):
+            raise ValueError(
+                f"siglip_feats[{i}] has {len(features)} entries, more than cap_feats[{i}] ({captions}) or "
+                f"image_noise_mask[{i}] ({flags})"
+            )
+        width = self.config.siglip_feat_dim
+        uses_siglip = width is not None
+        for j, grid in enumerate(features):
+            name = f"siglip_feats[{i}][{j}]"
+            if grid is None:
+                if not uses_siglip:
+                    raise ValueError(f"{name} is None, but this model has no SigLIP stream (siglip_feat_dim is None)")
+                continue
+            if j >= len(sample):
+                raise ValueError(f"{name} has no latent x[{i}][{j}] to be placed with")
+            check_tensor(name, grid, ("H", "W", width if uses_siglip else "C"))
+            if uses_siglip:
+                _check_normed_dtype(name, grid, self.x_pad_token.dtype)
+            if not grid.shape[0] or not grid.shape[1]:
+                raise ValueError(f"{name} must hold at least one feature, got shape {tuple(grid.shape)}")
+
+    def _check_token_counts(
+        self, images: list[tuple[str, torch.Tensor]], captions: list[tuple[str, torch.Tensor]], patch_width: int
+    ) -> None:
+        """A sample may have an empty latent or caption, but no block stack may run over an empty batch."""
+        has_image = any(image.numel() for _, image in images) or patch_width < 0
+        has_caption = any(len(caption) for _, caption in captions)
+        stacks = (
+            (self.config.n_refiner_layers and not has_image, "x", "every latent is empty (F, H or W is 0)"),
+            (self.config.n_refiner_layers and not has_caption, "cap_feats", "every caption has 0 tokens"),
+            (self.config.n_layers and not (has_image or has_caption), "x", "every latent and caption is empty"),
+        )
+        for empty, name, what in stacks:
+            if empty:
+                raise ValueError(f"{name}: {what}, so the blocks would attend over no token; give one sample some")
+
+
+def _check_normed_dtype(name: str, features: torch.Tensor, dtype: torch.dtype) -> None:
+    """Features entering an RMSNorm + Linear embedder of weights in `dtype`: the norm casts them to half-precision
+    weights, and otherwise leaves them promoted with its float32 statistics, which the Linear must accept."""
+    normed = dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        normed = torch.promote_types(torch.promote_types(features.dtype, torch.float32), dtype)
+    if normed != dtype:
+        raise TypeError(f"{name} has dtype {features.dtype}, but the model's weights are {dtype}: convert it")
 
 
 def _joint_layout(image_tokens: torch.Tensor, image_lengths: list[int], caption_lengths: list[int]) -> torch.Tensor:
@@ -629,7 +992,10 @@ def _patchify(image: torch.Tensor, patch_size: int, f_patch_size: int) -> tuple[
     channels, frames, height, width = image.shape
     grid = (frames // f_patch_size, height // patch_size, width // patch_size)
     patches = image.reshape(channels, grid[0], f_patch_size, grid[1], patch_size, grid[2], patch_size)
-    tokens = patches.permute(1, 3, 5, 2, 4, 6, 0).reshape(grid[0] * grid[1] * grid[2], -1)
+    # The patch width is explicit: an empty latent (a size 0) still gives (0, pf * p * p * C) tokens.
+    tokens = patches.permute(1, 3, 5, 2, 4, 6, 0).reshape(
+        grid[0] * grid[1] * grid[2], f_patch_size * patch_size * patch_size * channels
+    )
     return tokens, grid
 
 
@@ -640,13 +1006,6 @@ def _unpatchify(
     f, h, w = grid
     patches = tokens[: f * h * w].reshape(f, h, w, f_patch_size, patch_size, patch_size, channels)
     return patches.permute(6, 0, 3, 1, 4, 2, 5).reshape(channels, f * f_patch_size, h * patch_size, w * patch_size)
-
-
-def _check_joint_attention_kwargs(kwargs: Any) -> None:
-    if not isinstance(kwargs, dict) or set(kwargs) - {"scale"}:
-        raise ValueError(
-            f"joint_attention_kwargs may only hold 'scale' (ignored: this model has no LoRA layers), got {kwargs!r}"
-        )
 
 
 def _check_architecture(args: dict[str, Any]) -> None:

@@ -1,0 +1,33 @@
+"""A seeded construction draws the weights diffusers draws, with the state_dict keys in diffusers' order.
+
+Code that builds a model under `torch.manual_seed` (random-weight tests, toy runs) then gets the same
+model from either class, and a state_dict saved from one lists its keys as the other's does.
+"""
+
+import diffusers
+import pytest
+import torch
+
+from teacache_models import models
+from tests import test_flux, test_hunyuan_video, test_qwen_image, test_wan, test_z_image
+
+FAMILIES = {
+    "FluxTransformer2DModel": test_flux.CONFIGS,
+    "WanTransformer3DModel": test_wan.CONFIGS,
+    "HunyuanVideoTransformer3DModel": test_hunyuan_video.CONFIGS,
+    "QwenImageTransformer2DModel": test_qwen_image.CONFIGS,
+    "ZImageTransformer2DModel": test_z_image.CONFIGS,
+}
+CASES = [(name, config) for name, configs in FAMILIES.items() for config in configs]
+
+
+@pytest.mark.parametrize(("name", "config"), CASES)
+def test_seeded_construction_equals_diffusers(name, config):
+    arguments = FAMILIES[name][config]
+    torch.manual_seed(0)
+    reference = getattr(diffusers, name)(**arguments).state_dict()
+    torch.manual_seed(0)
+    ours = getattr(models, name)(**arguments).state_dict()
+    assert list(ours) == list(reference)
+    different = [key for key in reference if not torch.equal(ours[key], reference[key])]
+    assert not different, f"{len(different)} tensors differ, first {different[:3]}"

@@ -99,34 +99,25 @@ def test_parity_with_random_position_ids_and_broadcast_timestep():
 
 
 @torch.no_grad()
-def test_parity_with_controlnet_residuals():
+@pytest.mark.parametrize("form", ["lists", "stacked tensor", "broadcast shapes"])
+def test_parity_with_controlnet_residuals(form):
     config = CONFIGS["deeper-odd-heads"]
     ours, reference = build_pair(config, seed=4)
     inputs = make_inputs(config, 2, 3, 4, 5)
     generator = torch.Generator().manual_seed(9)
     width = config["num_attention_heads"] * config["attention_head_dim"]
-    inputs["controlnet_block_samples"] = [torch.randn(2, 12, width, generator=generator)]
-    inputs["controlnet_single_block_samples"] = [torch.randn(2, 12, width, generator=generator) for _ in range(2)]
-    for repeat in (False, True):
-        expected = reference(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0]
-        assert_parity(ours(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0], expected)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("form", ["stacked tensor", "broadcast shapes"])
-def test_parity_with_controlnet_residuals_in_other_forms(form):
-    config = CONFIGS["deeper-odd-heads"]
-    ours, reference = build_pair(config, seed=4)
-    inputs = make_inputs(config, 2, 3, 4, 5)
-    generator = torch.Generator().manual_seed(9)
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    if form == "stacked tensor":  # diffusers indexes it like a list
+    if form == "lists":
+        inputs["controlnet_block_samples"] = [torch.randn(2, 12, width, generator=generator)]
+        inputs["controlnet_single_block_samples"] = [torch.randn(2, 12, width, generator=generator) for _ in range(2)]
+    elif form == "stacked tensor":  # diffusers indexes it like a list
         inputs["controlnet_block_samples"] = torch.randn(2, 2, 12, width, generator=generator)
         inputs["controlnet_single_block_samples"] = torch.randn(3, 2, 12, width, generator=generator)
     else:
         inputs["controlnet_block_samples"] = [torch.randn(1, 12, width, generator=generator)]
         inputs["controlnet_single_block_samples"] = [torch.randn(12, 1, generator=generator)]
-    assert_parity(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    for repeat in (False, True):
+        expected = reference(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0]
+        assert_parity(ours(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0], expected)
 
 
 @torch.no_grad()

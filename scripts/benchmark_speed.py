@@ -7,8 +7,9 @@ weights and inputs, alternating the implementations and taking medians over repe
    kernel (as diffusers runs them) and on the one `--linear-kernel auto` picks (oneDNN for float32 on CPU);
 2. the cost of a skipped step (embeddings, indicator, residual add, head) / a computed step (target <= 5%);
 3. a denoising loop with TeaCache at a threshold that skips about half the steps:
-   realized speedup / ideal speedup, ideal = steps / computed steps (target >= 0.95); each loop's time
-   is the sum over its steps of the step's median time over the repeats, robust to bursts of load;
+   realized speedup / ideal speedup, ideal = steps / computed steps (target >= 0.95); the cached and the
+   uncached loop run in lockstep, a step of each in turn, and each loop's time is the sum over its steps
+   of the step's median time over the repeats, robust to bursts of load from elsewhere;
 4. peak memory while loading a sharded checkpoint / its bytes (target <= 1.3; runs
    `scripts/benchmark_loading.py` in a subprocess);
 5. `torch.compile` of the whole model with TeaCache on: that it runs, matches eager, and how many graphs
@@ -374,23 +375,34 @@ def _teacache_costs(
     loop_inputs = [inputs(sigma) for sigma in sigmas]
     params = _half_skip_params(ours, inputs, sigmas, indicator)
 
-    def loop(cached: bool) -> list[float]:
-        """The time of each step of one loop, with TeaCache on or off."""
-        if cached:
-            ours.enable_teacache(params, steps)
+    def lockstep(cached_first: bool) -> tuple[list[float], list[float]]:
+        """One uncached and one cached loop advancing together: the time of each step of each.
 
-        def step(index: int) -> float:
-            with ours.teacache_step(index):
-                return timer(lambda: ours(**loop_inputs[index]))
+        A call outside `teacache_step` computes everything and leaves the cache alone, so both loops run in
+        one model, step after step, and load from elsewhere hits both alike. The order within a step
+        alternates between repeats, so that neither loop always finds the caches warmed by the other.
+        """
+        ours.enable_teacache(params, steps)
+        uncached, cached = [], []
+        for index, step_inputs in enumerate(loop_inputs):
 
-        times = [step(index) for index in range(steps)]
+            def cached_step(step_inputs: dict = step_inputs, index: int = index) -> None:
+                with ours.teacache_step(index):
+                    cached.append(timer(lambda: ours(**step_inputs)))
+
+            def uncached_step(step_inputs: dict = step_inputs) -> None:
+                uncached.append(timer(lambda: ours(**step_inputs)))
+
+            for run in (cached_step, uncached_step) if cached_first else (uncached_step, cached_step):
+                run()
         ours.disable_teacache()
-        return times
+        return uncached, cached
 
     # Every repeat of the cached loop skips the same steps (the inputs are fixed), so each step's time is
-    # taken as its median over the repeats: a burst of load from elsewhere then spoils one step of one
-    # repeat instead of a whole loop. The paired estimate (median of the per-repeat ratios) is kept beside.
-    uncached_runs, cached_runs = _alternate([lambda: loop(False), lambda: loop(True)], max(5, repeats))
+    # taken as its median over the repeats: a burst of load then spoils one step of one repeat instead of a
+    # whole loop. The paired estimate (median of the per-repeat ratios) is kept beside it.
+    runs = [lockstep(cached_first=repeat % 2 == 1) for repeat in range(max(6, repeats))]
+    uncached_runs, cached_runs = [run[0] for run in runs], [run[1] for run in runs]
     computed = ours.teacache_stats().positive.num_computed
     ideal = steps / computed
     uncached_total, cached_total = _sum_of_step_medians(uncached_runs), _sum_of_step_medians(cached_runs)
@@ -594,7 +606,7 @@ def main() -> None:
     print(
         f"machine: {machine}; size: {size}; {args.repeats} repeats, medians (min: ratio of the fastest repeats; "
         f"noise: (max - min) / median of the forward repeats); loop of {args.steps} steps, real/ideal from the "
-        "sum of each step's median time (paired: median of the per-repeat ratios)"
+        "sum of each step's median time, both loops in lockstep (paired: median of the per-repeat ratios)"
     )
     print(
         f"aten: our model on PyTorch's linear kernel, as diffusers runs; "

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,16 @@ class DistanceRecorder:
         if self._wrapped:
             raise RuntimeError("this DistanceRecorder is already recording")
         model = self.model
+        if "forward_blocks" in vars(model):
+            raise RuntimeError(
+                f"this {type(model).__name__} is already being recorded (or has its forward_blocks replaced): "
+                "one DistanceRecorder per model at a time"
+            )
         enable, step_context, branch_context = model.enable_teacache, model.teacache_step, model.teacache_branch
         indicator, blocks = model.teacache_indicator, model.forward_blocks
 
         def enable_teacache(params: TeaCacheParams, num_inference_steps: int) -> None:
-            if params.teacache_thresh != 0:
+            if isinstance(params, TeaCacheParams) and params.teacache_thresh != 0:
                 raise ValueError(
                     f"a recording run must skip nothing: got teacache_thresh={params.teacache_thresh}; "
                     "run the sampler with calibration_params(indicator)"
@@ -210,15 +216,23 @@ class PolynomialFit:
 
 def fit_polynomial(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, degree: int = 4) -> PolynomialFit:
     """Fit `numpy.polyfit(x, y, degree)` and report R^2 (1 - residual / total sum of squares) and the x range."""
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+    if isinstance(degree, bool) or not isinstance(degree, Integral) or degree < 0:
         raise ValueError(f"degree must be an integer >= 0, got {degree!r}")
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    degree = int(degree)
+    try:
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"x and y must be sequences of real numbers: {error}") from None
     if x.ndim != 1 or x.shape != y.shape:
         raise ValueError(f"x and y must be 1-D of equal length, got shapes {x.shape} and {y.shape}")
     if len(x) <= degree:
         raise ValueError(f"a degree-{degree} fit needs more than {degree} points, got {len(x)}")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("x and y must be finite")
+        bad = int((~np.isfinite(x) | ~np.isfinite(y)).sum())
+        raise ValueError(f"x and y must be finite: {bad} of {len(x)} points are not")
+    if len(np.unique(x)) <= degree:
+        # Fewer distinct x than coefficients leave the fit undetermined: polyfit would return one of many.
+        raise ValueError(f"a degree-{degree} fit needs more than {degree} distinct x values, got {len(np.unique(x))}")
     coefficients = np.polyfit(x, y, degree)
     residual = float(np.sum((y - np.polyval(coefficients, x)) ** 2))
     total = float(np.sum((y - y.mean()) ** 2))

@@ -110,6 +110,8 @@ class TeaCacheParams:
         _require_bool("use_ret_steps", self.use_ret_steps)
         if self.indicator is not None and (not isinstance(self.indicator, str) or not self.indicator):
             raise ValueError(f"indicator must be None or a non-empty string, got {self.indicator!r}")
+        if self.indicator is not None:
+            object.__setattr__(self, "indicator", str(self.indicator))  # numpy strings compare and print as str
         order = _require_int("residual_order", self.residual_order, 0)
         if order not in RESIDUAL_ORDERS:
             raise ValueError(f"residual_order must be one of {list(RESIDUAL_ORDERS)}, got {order}")

@@ -123,6 +123,25 @@ def test_fit_rejects_bad_input():
         fit_polynomial([0.1, 0.2], [1.0])
     with pytest.raises(ValueError, match="degree must be"):
         fit_polynomial([0.1, 0.2], [1.0, 2.0], degree=-1)
+    with pytest.raises(ValueError, match="more than 2 distinct x values, got 1"):
+        fit_polynomial([0.1] * 6, [1, 2, 3, 4, 5, 6], degree=2)
+    with pytest.raises(ValueError, match="1 of 3 points are not"):
+        fit_polynomial([0.1, float("nan"), 0.3], [1, 2, 3], degree=1)
+    with pytest.raises(ValueError, match="sequences of real numbers"):
+        fit_polynomial(["a", "b", "c"], [1, 2, 3], degree=1)
+    assert fit_polynomial([0.1, 0.2, 0.3], [1, 2, 3], degree=np.int64(1)).degree == 1
+
+
+def test_recorder_refuses_a_second_recorder_and_bad_params():
+    from tests.test_teacache_core import TinyModel
+
+    model = TinyModel()
+    with DistanceRecorder(model):
+        with pytest.raises(RuntimeError, match="one DistanceRecorder per model"), DistanceRecorder(model):
+            pass
+        with pytest.raises(TypeError, match="params must be a TeaCacheParams"):
+            model.enable_teacache({"teacache_thresh": 0.0}, 4)
+    assert not {"enable_teacache", "forward_blocks"} & set(vars(model))
 
 
 # ---- zoo config writer -----------------------------------------------------------------------------

@@ -231,6 +231,7 @@ def test_threshold_zero_is_bit_identical_to_uncached_flux():
     model, _ = build_pair(config, seed=7)
     plain, _ = denoise(model, config, 6)
     cached, _ = denoise(model, config, 6, TeaCacheParams(teacache_thresh=0.0), negative_prompt=False)
+    model.disable_teacache()  # the next plain loop runs uncached
     assert torch.equal(plain, cached)
     plain_cfg, _ = denoise(model, config, 6, None, negative_prompt=True)
     cached_cfg, _ = denoise(model, config, 6, TeaCacheParams(teacache_thresh=0.0), negative_prompt=True)

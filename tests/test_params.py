@@ -1,7 +1,9 @@
 """TeaCacheParams and SamplingParams: defaults, normalisation and every rejected value."""
 
+import copy
 import dataclasses
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -36,6 +38,16 @@ def test_polynomial_is_highest_degree_first_like_numpy():
         assert math.isclose(evaluate_polynomial(coefficients, x), float(np.poly1d(coefficients)(x)), rel_tol=1e-12)
 
 
+def test_teacache_normalises_numpy_values_and_survives_copies():
+    params = TeaCacheParams(teacache_thresh=np.float32(0.25), start_skipping=np.int64(2), indicator=np.str_("temb"))
+    assert type(params.teacache_thresh) is float and type(params.start_skipping) is int
+    assert type(params.indicator) is str and repr(params.indicator) == "'temb'"
+    assert pickle.loads(pickle.dumps(params)) == params == copy.deepcopy(params)
+    assert params == TeaCacheParams(teacache_thresh=0.25, start_skipping=2, indicator="temb")
+    with pytest.raises(ValueError, match=r"teacache_thresh must be >= 0\.0"):
+        dataclasses.replace(params, teacache_thresh=-1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -67,6 +79,10 @@ def test_polynomial_is_highest_degree_first_like_numpy():
         ({"residual_order": True}, "residual_order"),
         ({"max_consecutive_skips": 0}, "max_consecutive_skips"),
         ({"max_consecutive_skips": 2.5}, "max_consecutive_skips"),
+        ({"max_consecutive_skips": -1}, "max_consecutive_skips"),
+        ({"max_consecutive_skips": True}, "max_consecutive_skips"),
+        ({"coefficients": [[1.0, 2.0]]}, r"coefficients\[0\]"),
+        ({"coefficients": [None]}, r"coefficients\[0\]"),
     ],
 )
 def test_teacache_invalid_values_name_the_field(kwargs, field):

@@ -5,9 +5,11 @@ the indicator at block entry and the block stack, and call `run_blocks` between 
 Its indicator is the timestep broadcast over the tokens, so every distance is known by hand.
 """
 
+import contextlib
 import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -455,6 +457,176 @@ def test_step_context_misuse_is_reported():
         model.enable_teacache(TeaCacheParams(), 4)
 
 
+@pytest.mark.parametrize(
+    ("step_index", "error", "match"),
+    [
+        (1.0, TypeError, r"step_index must be an int >= 0, got 1.0 \(float\)"),
+        (True, TypeError, r"step_index must be an int >= 0, got True \(bool\)"),
+        (torch.tensor(1), TypeError, r"step_index must be an int >= 0, got tensor\(1\) \(Tensor\)"),
+        (-1, ValueError, "step_index must be an int >= 0, got -1"),
+        (4, ValueError, r"step_index 4 is out of range: this generation has 4 steps \(0..3\)"),
+    ],
+)
+def test_bad_step_index_is_refused(step_index, error, match):
+    model = TinyModel()
+    model.enable_teacache(TeaCacheParams(), 4)
+    with pytest.raises(error, match=match), model.teacache_step(step_index):
+        pass
+
+
+def test_numpy_integers_are_accepted_as_step_and_step_count():
+    model = TinyModel()
+    model.enable_teacache(TeaCacheParams(), np.int64(4))
+    with torch.no_grad(), model.teacache_step(np.int64(0)):
+        model(make_input(0), torch.tensor([1.0]))
+    assert model.teacache_stats().positive.computed_steps == (0,)
+    assert type(model.teacache_stats().positive.computed_steps[0]) is int
+
+
+def test_each_branch_steps_must_increase_within_a_generation():
+    model = TinyModel()
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.15), 8)
+    for step in (0, 2):
+        with torch.no_grad(), model.teacache_step(step):
+            model(make_input(0), torch.tensor([TIMESTEPS[step]]))
+    for step in (2, 1):  # repeated, backwards
+        refused = pytest.raises(ValueError, match=f"step_index {step} is not after 2, the last step of the positive")
+        with refused, model.teacache_step(step):
+            pass
+    with pytest.raises(ValueError, match="call enable_teacache"), model.teacache_step(0, batched_cfg=True):
+        pass
+    with torch.no_grad(), model.teacache_step(0, is_cfg_negative=True):  # the other branch has its own order
+        model(make_input(0), torch.tensor([1.0]))
+    with model.teacache_step(3):  # a context without a call records nothing
+        pass
+    with torch.no_grad(), model.teacache_step(3):
+        model(make_input(0), torch.tensor([TIMESTEPS[3]]))
+    generate(model, TeaCacheParams(teacache_thresh=0.15), [make_input(0)] * 8)  # a new generation restarts at 0
+    assert model.teacache_stats().positive.computed_steps == (0, 3, 6, 7)
+
+
+class FailingBlocks(TinyModel):
+    """Its block stack raises at the steps listed in `fail_at`."""
+
+    def __init__(self, fail_at: set[int]) -> None:
+        super().__init__()
+        self.fail_at, self.step = fail_at, None
+
+    def forward_blocks(self, hidden_states, t):
+        if self.step in self.fail_at:
+            raise RuntimeError("out of memory")
+        return super().forward_blocks(hidden_states, t)
+
+
+def test_a_call_that_raises_leaves_no_stale_cache():
+    # Step 2 brings a new batch size and fails inside the blocks, after the decision: step 3, of that batch
+    # size too, must compute rather than add step 0's batch-1 residual to a batch of 2.
+    model = FailingBlocks(fail_at={2})
+    model.enable_teacache(TeaCacheParams(teacache_thresh=10.0), 8)
+    xs = [make_input(0)] * 2 + [make_input(0, batch=2)] * 6
+    for step in range(4):
+        model.step = step
+        context = model.teacache_step(step)
+        if step == 2:
+            with pytest.raises(RuntimeError, match="out of memory"), torch.no_grad(), context:
+                model(xs[step], torch.tensor([TIMESTEPS[step]] * 2))
+            continue
+        with torch.no_grad(), context:
+            out = model(xs[step], torch.tensor([TIMESTEPS[step]] * len(xs[step])))
+    stats = model.teacache_stats().positive
+    assert stats.computed_steps == (0, 3) and stats.skipped_steps == (1,)
+    assert out.shape == (2, 5, WIDTH) and model.previous_residual.shape == (2, 5, WIDTH)
+
+
+def test_a_step_that_raised_can_be_run_again_and_the_generation_goes_on():
+    model = FailingBlocks(fail_at=set())
+    xs = [make_input(0)] * len(TIMESTEPS)
+    expected = generate(model, TeaCacheParams(teacache_thresh=0.15), xs)
+    expected_stats = model.teacache_stats()
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.15), len(TIMESTEPS))
+    outputs = []
+    for step, t in enumerate(TIMESTEPS):
+        model.step = step
+        if step == 3:  # the caller's own code fails after the call: the step is not recorded
+            with pytest.raises(KeyError), torch.no_grad(), model.teacache_step(step):
+                model(xs[step], torch.tensor([t]))
+                raise KeyError("scheduler")
+        with torch.no_grad(), model.teacache_step(step):
+            outputs.append(model(xs[step], torch.tensor([t])))
+    assert model.teacache_stats() == expected_stats  # step 3 computes on its second run, as it did alone
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
+
+
+class SplittingModel(FailingBlocks):
+    """Splits a batched-CFG call per branch itself, as Z-Image does."""
+
+    def forward(self, x, t):
+        if not self.claim_batched_cfg_call():
+            return super().forward(x, t)
+        halves = []
+        for negative, (x_half, t_half) in enumerate(zip(x.chunk(2), t.chunk(2), strict=True)):
+            self.step = (self.step_index, bool(negative))
+            with self.teacache_branch(bool(negative)):
+                halves.append(super().forward(x_half, t_half))
+        return torch.cat(halves)
+
+
+def test_a_split_batched_call_that_fails_in_its_second_half_forgets_both_halves():
+    model = SplittingModel(fail_at={(1, True)})
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.0), 4)
+    for step in range(2):
+        model.step_index = step
+        failure = pytest.raises(RuntimeError) if step == 1 else contextlib.nullcontext()
+        with failure, torch.no_grad(), model.teacache_step(step, batched_cfg=True):
+            model(make_input(step, batch=2), torch.tensor([TIMESTEPS[step]] * 2))
+    stats = model.teacache_stats()
+    assert stats.positive.computed_steps == (0,) and stats.negative.computed_steps == (0,)
+    model.fail_at = set()
+    with torch.no_grad(), model.teacache_step(1, batched_cfg=True):  # run again: both halves accepted
+        model(make_input(1, batch=2), torch.tensor([TIMESTEPS[1]] * 2))
+    assert model.teacache_stats().negative.computed_steps == (0, 1)
+
+
+def test_skipped_steps_do_not_reach_into_an_earlier_steps_graph():
+    model = TinyModel()
+    model.enable_teacache(TeaCacheParams(teacache_thresh=10.0), 4)
+    losses = []
+    for step in range(3):
+        with model.teacache_step(step):
+            losses.append(model(make_input(step), torch.tensor([TIMESTEPS[step]])).sum())
+    assert model.teacache_stats().positive.skipped_steps == (1, 2)
+    for loss in reversed(losses):  # each backward frees only its own step's graph
+        loss.backward()
+    assert not model.previous_residual.requires_grad
+
+
+def test_process_group_must_be_a_process_group():
+    model = TinyModel()
+    with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None, got 'world'"):
+        model.set_teacache_process_group("world")
+    model.set_teacache_process_group(None)
+
+
+def test_a_changed_plain_block_input_forces_a_compute():
+    class WithLayout(TinyModel):
+        def forward_blocks(self, hidden_states, t, layout):
+            return super().forward_blocks(hidden_states, t)
+
+        def teacache_indicator(self, hidden_states, t, layout):
+            return super().teacache_indicator(hidden_states, t)
+
+        def forward(self, x, t, layout):
+            rows = Deferred(lambda: layout, (layout,))
+            return self.head(self.run_blocks(self.embed(x), t=t, layout=rows))
+
+    model = WithLayout()
+    model.enable_teacache(TeaCacheParams(teacache_thresh=10.0), 5)
+    for step, layout in enumerate([(1, 5), (1, 5), (5, 1), (5, 1), (5, 1)]):
+        with torch.no_grad(), model.teacache_step(step):
+            model(make_input(0), torch.tensor([1.0 - step / 10]), layout)
+    assert model.teacache_stats().positive.computed_steps == (0, 2, 4)
+
+
 def test_batched_cfg_call_is_refused_while_caching():
     model = TinyModel()
     model.enable_teacache(TeaCacheParams(), 4)
@@ -499,6 +671,45 @@ def test_switch_off_warning_points_at_the_callers_line():
         with torch.no_grad(), model.teacache_step(0, is_cfg_negative=True):
             model(make_input(0), torch.tensor([1.0]))
     assert [w.filename for w in caught] == [__file__]
+
+
+# ---- the same guarantees on native models ------------------------------------------------------------
+
+
+def test_wan_expert_pair_enables_both_experts_or_neither():
+    from teacache_models.models.wan import WanExpertPair, WanTransformer3DModel
+    from tests.tiny_configs import WAN_TINY
+
+    high, low = WanTransformer3DModel(**WAN_TINY), WanTransformer3DModel(**WAN_TINY)
+    high.teacache_default_coefficients = (1.0, 0.0)  # the low-noise expert has none
+    pair = WanExpertPair(high, low, boundary_ratio=0.9)
+    with pytest.raises(ValueError, match="no default TeaCache coefficients"):
+        pair.enable_teacache(TeaCacheParams(), 4)
+    assert not high.teacache_enabled and not low.teacache_enabled
+    pair.enable_teacache(TeaCacheParams(coefficients=[1.0, 0.0]), 4)
+    assert high.teacache_enabled and low.teacache_enabled
+
+
+def test_qwen_image_layout_of_as_many_tokens_forces_a_compute():
+    from teacache_models.models import QwenImageTransformer2DModel
+
+    config = dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+    )
+    model = QwenImageTransformer2DModel(**config).eval()
+    latents, text = torch.randn(1, 16, 16), torch.randn(1, 3, 16)
+    model.enable_teacache(TeaCacheParams(teacache_thresh=1e9, coefficients=[1.0, 0.0], end_skipping=0), 4)
+    for step, shape in enumerate([(1, 4, 4), (1, 4, 4), (1, 2, 8), (1, 2, 8)]):  # 16 tokens each
+        with torch.no_grad(), model.teacache_step(step):
+            model(latents, text, timestep=torch.tensor([1.0 - step / 10]), img_shapes=[[shape]])
+    assert model.teacache_stats().positive.computed_steps == (0, 2)
 
 
 def test_importing_the_package_leaves_the_compiler_unloaded():

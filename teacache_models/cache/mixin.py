@@ -23,7 +23,8 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..params import TeaCacheParams, evaluate_polynomial
-from .state import BranchState, BranchStats, TeaCacheSession, TeaCacheStats
+from .state import BranchState, BranchStats, TeaCacheSession, TeaCacheStats, branch_name
 
 __all__ = ["Deferred", "TeaCacheMixin", "relative_l1_distance"]
 
@@ -94,13 +95,13 @@ _INTERNAL_PATHS = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__fi
 class Deferred:
     """A block-stack input computed only when the block stack runs: a skipped step never needs it.
 
-    `compute()` returns the value `forward_blocks` receives; `sources`, the tensors it is computed
-    from, stand for it in the check that the block-stack inputs kept their shape, dtype and device.
-    The indicator must not read a deferred input.
+    `compute()` returns the value `forward_blocks` receives; `sources`, the tensors (and plain values,
+    such as a layout) it is computed from, stand for it in the check that the block-stack inputs kept
+    their shape, dtype and device. The indicator must not read a deferred input.
     """
 
     compute: Callable[[], Any]
-    sources: tuple[torch.Tensor | None, ...] = ()
+    sources: tuple[Any, ...] = ()
 
 
 def _materialize(block_inputs: dict[str, Any]) -> dict[str, Any]:
@@ -111,14 +112,24 @@ def _tensor_signature(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), tensor.dtype, tensor.device
 
 
+def _value_signature(value: Any) -> Any:
+    """A tensor's shape, dtype and device; a plain value (a layout, a length) itself; containers item by item."""
+    if isinstance(value, torch.Tensor):
+        return _tensor_signature(value)
+    if isinstance(value, Deferred):
+        return _value_signature(value.sources)
+    if isinstance(value, list | tuple):
+        return tuple(_value_signature(v) for v in value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return type(value).__name__
+
+
 def _inputs_signature(hidden_states: torch.Tensor, indicator: torch.Tensor, block_inputs: dict[str, Any]) -> tuple:
-    """Shapes, dtypes and devices of everything the block stack reads: a change means the cache is stale."""
+    """Shapes, dtypes and devices of everything the block stack reads, and its plain values (layouts, lengths):
+    a change means the cache is stale."""
     parts = [_tensor_signature(hidden_states), _tensor_signature(indicator)]
-    for name, value in sorted(block_inputs.items()):
-        if isinstance(value, Deferred):
-            value = value.sources
-        items = value if isinstance(value, list | tuple) else (value,)
-        parts.append((name, tuple(_tensor_signature(v) if isinstance(v, torch.Tensor) else None for v in items)))
+    parts.extend((name, _value_signature(value)) for name, value in sorted(block_inputs.items()))
     return tuple(parts)
 
 
@@ -128,6 +139,18 @@ class _StepContext:
     is_cfg_negative: bool
     batched_cfg: bool = False
     used: bool = False
+    # The branches whose state the call has changed (both for a batched call split per branch): what a
+    # failed call must undo.
+    planned: list[bool] = field(default_factory=list)
+
+
+def _require_index(name: str, value: Any, minimum: int) -> int:
+    """`value` as an int (numpy integers included), or the error that names `name` and what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
 
 
 class TeaCacheMixin:
@@ -187,13 +210,7 @@ class TeaCacheMixin:
         """Start a generation of `num_inference_steps` steps with TeaCache on; all state is reset."""
         if not isinstance(params, TeaCacheParams):
             raise TypeError(f"params must be a TeaCacheParams, got {type(params).__name__}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise TypeError(
-                f"num_inference_steps must be an int >= 1, got {num_inference_steps!r} "
-                f"({type(num_inference_steps).__name__})"
-            )
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        num_inference_steps = _require_index("num_inference_steps", num_inference_steps, 1)
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("enable_teacache() cannot be called inside a teacache_step() context")
         _prepare_for_compile()
@@ -220,6 +237,11 @@ class TeaCacheMixin:
         Every rank then computes the distance of the whole indicator, so all ranks skip the same steps.
         None (the default) decides from the local tensor alone.
         """
+        group_type = getattr(dist, "ProcessGroup", None)
+        if group is not None and (group_type is None or not isinstance(group, group_type)):
+            raise TypeError(
+                f"group must be a torch.distributed.ProcessGroup or None, got {group!r} ({type(group).__name__})"
+            )
         self.__dict__["_teacache_group"] = group
 
     @property
@@ -250,9 +272,12 @@ class TeaCacheMixin:
         `batched_cfg=True` declares a call whose batch holds both branches (positive half first). Such a
         call cannot share one branch's cache: unless the model splits it per branch itself, it is refused
         while TeaCache is on.
+
+        Within one generation each branch's step indices must increase. A step whose context exits with an
+        exception is not recorded, and the branch's next step computes (its cached state may be half
+        updated), so the same step index can be run again.
         """
-        if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:
-            raise ValueError(f"step_index must be an int >= 0, got {step_index!r}")
+        step_index = _require_index("step_index", step_index, 0)
         if not isinstance(is_cfg_negative, bool):
             raise ValueError(f"is_cfg_negative must be True or False, got {is_cfg_negative!r}")
         if not isinstance(batched_cfg, bool):
@@ -260,19 +285,38 @@ class TeaCacheMixin:
         if batched_cfg and is_cfg_negative:
             raise ValueError("batched_cfg=True covers both branches; leave is_cfg_negative=False")
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
-        if session is not None and not session.closed and step_index >= session.num_inference_steps:
+        if self.__dict__.get("_teacache_context") is not None:
+            raise RuntimeError("teacache_step() contexts cannot be nested")
+        if session is not None and not session.closed:
+            self._check_step_order(session, step_index, (False, True) if batched_cfg else (is_cfg_negative,))
+        _prepare_for_compile()
+        context = _StepContext(step_index, is_cfg_negative, batched_cfg)
+        self.__dict__["_teacache_context"] = context
+        try:
+            yield
+        except BaseException:
+            if session is not None:
+                for negative in set(context.planned):
+                    session.branches[negative].forget_step(step_index)
+            raise
+        finally:
+            self.__dict__["_teacache_context"] = None
+
+    @staticmethod
+    def _check_step_order(session: TeaCacheSession, step_index: int, branches: tuple[bool, ...]) -> None:
+        if step_index >= session.num_inference_steps:
             raise ValueError(
                 f"step_index {step_index} is out of range: this generation has "
                 f"{session.num_inference_steps} steps (0..{session.num_inference_steps - 1})"
             )
-        if self.__dict__.get("_teacache_context") is not None:
-            raise RuntimeError("teacache_step() contexts cannot be nested")
-        _prepare_for_compile()
-        self.__dict__["_teacache_context"] = _StepContext(step_index, is_cfg_negative, batched_cfg)
-        try:
-            yield
-        finally:
-            self.__dict__["_teacache_context"] = None
+        for negative in branches:
+            last = session.branches[negative].last_step
+            if last is not None and step_index <= last:
+                raise ValueError(
+                    f"step_index {step_index} is not after {last}, the last step of the {branch_name(negative)} "
+                    "CFG branch: within one generation each branch's step indices must increase; call "
+                    "enable_teacache() to start a new generation"
+                )
 
     def claim_batched_cfg_call(self) -> bool:
         """For a model that splits a batched-CFG call itself: True when the current call must be split.
@@ -295,7 +339,7 @@ class TeaCacheMixin:
         outer: _StepContext | None = self.__dict__.get("_teacache_context")
         if outer is None or not outer.batched_cfg or not outer.used:
             raise RuntimeError("teacache_branch() is only for splitting a call claimed by claim_batched_cfg_call()")
-        self.__dict__["_teacache_context"] = _StepContext(outer.step_index, is_cfg_negative)
+        self.__dict__["_teacache_context"] = _StepContext(outer.step_index, is_cfg_negative, planned=outer.planned)
         try:
             yield
         finally:
@@ -385,6 +429,7 @@ class TeaCacheMixin:
                 "call the positive and the negative branch separately (is_cfg_negative=False / True)"
             )
         state = session.branches[context.is_cfg_negative]
+        context.planned.append(context.is_cfg_negative)
         if session.active and context.is_cfg_negative and not self.supports_cfg_separation:
             self._switch_off(
                 session,
@@ -407,7 +452,9 @@ class TeaCacheMixin:
         context: _StepContext = self.__dict__["_teacache_context"]
         session: TeaCacheSession = self.__dict__["_teacache_session"]
         state = session.branches[context.is_cfg_negative]
-        state.record_residual(output - hidden_states, context.step_index, session.params.residual_order)
+        # Detached: a later skipped step must not reach back into this step's autograd graph.
+        residual = (output - hidden_states).detach()
+        state.record_residual(residual, context.step_index, session.params.residual_order)
         state.computed_steps.append(context.step_index)
 
     def _should_skip(

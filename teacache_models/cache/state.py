@@ -58,6 +58,26 @@ class BranchState:
         self.previous_residual_step = step_index
         self.consecutive_skips = 0
 
+    @property
+    def last_step(self) -> int | None:
+        """The latest step index this branch recorded (computed or skipped), None before its first."""
+        steps = self.computed_steps[-1:] + self.skipped_steps[-1:]
+        return max(steps) if steps else None
+
+    def forget_step(self, step_index: int) -> None:
+        """Undo a step whose call raised: drop it from the record and make the branch's next step compute.
+
+        The failure may have come between the decision and the residual it would have cached, so the
+        indicator and residual kept so far no longer belong together.
+        """
+        for steps in (self.computed_steps, self.skipped_steps):
+            if steps and steps[-1] == step_index:
+                steps.pop()
+        self.release_tensors()
+        self.previous_residual_step = self.older_residual_step = None
+        self.accumulated_rel_l1_distance = 0.0
+        self.consecutive_skips = 0
+
     def release_tensors(self) -> None:
         self.previous_modulated_input = None
         self.previous_residual = None

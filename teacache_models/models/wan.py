@@ -917,6 +917,10 @@ class WanExpertPair(nn.Module):
 
     def enable_teacache(self, params: TeaCacheParams, num_inference_steps: int) -> None:
         """Start a generation on both experts (each with its own coefficients when params has none)."""
+        if isinstance(params, TeaCacheParams):
+            # Both experts must accept params before either starts: a refusal leaves neither changed.
+            for expert in self.experts.values():
+                expert.teacache_schedule(params)
         for expert in self.experts.values():
             expert.enable_teacache(params, num_inference_steps)
 

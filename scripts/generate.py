@@ -56,6 +56,13 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
 
+def _path(text: str) -> Path:
+    """An argparse type: a non-empty path (an empty one would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a file path, got an empty string")
+    return Path(text)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default only where it has one and its help does not already say it."""
 
@@ -83,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="zoo name (see --list-models), a local diffusers-layout folder, or a Hub id")
     source.add_argument(
         "--config",
-        type=Path,
-        help="a zoo YAML: its sampling defaults and TeaCache presets; its weights unless --model names a folder",
+        type=_path,
+        help="a zoo YAML: its sampling defaults and TeaCache presets; its weights unless --model is given",
     )
     source.add_argument("--list-models", action="store_true", help="list the zoo models and exit")
     prompt = parser.add_argument_group("prompt")
@@ -96,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         '--prompt "a handwritten digit "{0..9} gives ten',
     )
     prompt.add_argument("--negative-prompt", help="negative prompt of the CFG branch (default: the model's)")
-    prompt.add_argument("--image", type=Path, help="input image for image-to-video models (required for I2V)")
+    prompt.add_argument("--image", type=_path, help="input image for image-to-video models (required for I2V)")
     sampling = parser.add_argument_group("sampling (default: the zoo entry's values)")
     sampling.add_argument("--height", type=int, help="output height in pixels")
     sampling.add_argument("--width", type=int, help="output width in pixels")
@@ -150,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    run.add_argument("--output", type=Path, help="output file (.png or .mp4; default: outputs/<model>-<seed>.<ext>)")
+    run.add_argument("--output", type=_path, help="output file (.png or .mp4; default: outputs/<model>-<seed>.<ext>)")
     run.add_argument(
         "--threads", type=int, help="CPU threads of torch (default: torch's; 1 is fastest for the tiny demo models)"
     )
@@ -186,8 +193,8 @@ def start_parallel(args: argparse.Namespace) -> Any:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.sp_degree < 1:
         raise CliError(f"--sp-degree must be at least 1, got {args.sp_degree}")
-    if args.dist_timeout <= 0:
-        raise CliError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        raise CliError(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}")
     if world_size == 1 and not args.cfg_parallel and args.sp_degree == 1:
         return None
     if world_size == 1:
@@ -227,19 +234,44 @@ def parse_coefficients(text: str) -> tuple[float, ...]:
 
 def resolve_entry(args: argparse.Namespace) -> tuple[str, ZooEntry | None]:
     """(what to load, the zoo entry supplying defaults)."""
-    entry = load_zoo_entry(args.config) if args.config is not None else None
+    entry = None
+    if args.config is not None:
+        try:
+            entry = load_zoo_entry(args.config)
+        except ValueError as error:
+            raise CliError(f"--config: {error}") from None
     if args.model is None:
         if entry is None:
             raise CliError("give --model NAME|PATH or --config FILE (see --list-models)")
-        return entry.name, entry
+        return str(entry.path), entry  # the config's own weights (its manifest), not those of a zoo name
+    if not args.model.strip():
+        raise CliError("--model is empty: give a zoo name (see --list-models), a local folder or a Hub id")
     model_path = Path(args.model).expanduser()
     if model_path.is_dir():
+        check_family(str(model_path), entry, _folder_family(model_path))
         return str(model_path), entry
-    if entry is None and args.model in list_zoo():
-        entry = load_zoo_entry(args.model)
+    if args.model in list_zoo():
+        own = load_zoo_entry(args.model)
+        check_family(args.model, entry, own.family)
+        entry = entry or own
     elif entry is None and "/" not in args.model:
         load_zoo_entry(args.model)  # raises: unknown model, with the close names
     return args.model, entry
+
+
+def _folder_family(folder: Path) -> str | None:
+    """The family of a pipeline folder's `model_index.json`, None when it has none (the loader says why)."""
+    from teacache_models.pipelines.loading import pipeline_class_for, read_model_index
+
+    if not (folder / "model_index.json").is_file():
+        return None
+    return pipeline_class_for(read_model_index(folder), str(folder)).family
+
+
+def check_family(model: str, entry: ZooEntry | None, family: str | None) -> None:
+    """--config and --model must name the same family: checked before any weights are loaded."""
+    if entry is not None and family is not None and family != entry.family:
+        raise CliError(f"--config {entry.name} is a {entry.family} model, but --model {model!r} is a {family} model")
 
 
 _TEACACHE_FLAGS = {
@@ -254,11 +286,15 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
     choice = args.teacache
     flags = {
         "teacache_thresh": args.teacache_thresh,
-        "coefficients": parse_coefficients(args.teacache_coefficients) if args.teacache_coefficients else None,
+        "coefficients": (
+            parse_coefficients(args.teacache_coefficients) if args.teacache_coefficients is not None else None
+        ),
         "residual_order": args.teacache_residual_order,
         "max_consecutive_skips": args.teacache_max_consecutive_skips,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
+    if choice is not None and not choice.strip():
+        raise CliError("--teacache is empty: give off, slow, fast or another preset of the zoo entry")
     if choice == "off":
         if overrides:
             given = ", ".join(_TEACACHE_FLAGS[k] for k in overrides)
@@ -306,6 +342,23 @@ def sampling_params(args: argparse.Namespace, entry: ZooEntry | None) -> Samplin
     return dataclasses.replace(base, **overrides)
 
 
+# The sampling flags a model may not read with some settings, by the SamplingParams field (and argument) they set.
+_SAMPLING_FLAGS = {
+    "guidance_scale": "--guidance-scale",
+    "true_cfg_scale": "--true-cfg-scale",
+    "negative_prompt": "--negative-prompt",
+}
+
+
+def check_flags_take_effect(args: argparse.Namespace, pipe: Any, params: SamplingParams, name: str) -> None:
+    """A flag given explicitly that this model would ignore with these settings is an error, not a no-op."""
+    ignored = pipe.ignored_settings(params)
+    for field_name, flag in _SAMPLING_FLAGS.items():
+        value = getattr(args, field_name)
+        if value is not None and field_name in ignored:
+            raise CliError(f"{flag} {value!r} has no effect on {name}: {ignored[field_name]}")
+
+
 def default_device() -> str:
     import torch
 
@@ -329,8 +382,13 @@ def check_output(path: Path, is_video: bool) -> None:
 
 def write_atomically(path: Path, write: Any, suffix: str) -> None:
     """Write through a temporary file in the same folder, renamed at the end: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
+    except OSError as error:
+        raise CliError(
+            f"--output: cannot write {str(path)!r} in {str(path.parent)!r}: {error.strerror or error}"
+        ) from None
     os.close(handle)
     try:
         write(Path(temporary))
@@ -446,6 +504,13 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--repeats times the runs of --compare: give --compare too")
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be at least 1, got {args.threads}")
+    if args.device is not None:
+        from teacache_models.pipelines.loading import resolve_device
+
+        try:
+            args.device = str(resolve_device(args.device))
+        except ValueError as error:
+            raise CliError(f"--device: {error}") from None
     model, entry = resolve_entry(args)
     params = sampling_params(args, entry)
     if args.compare and params.teacache_params is None:
@@ -521,6 +586,7 @@ def generate_and_write(
     name = name_of(model, entry)
     output = args.output or REPO / "outputs" / f"{name}-{seed_label}{'.mp4' if is_video else '.png'}"
     check_output(output, is_video)
+    check_flags_take_effect(args, pipe, params, name)
     pipe.check_params(params)
     prompts = list(args.prompt) * args.num_images  # row-major: a row per image index, a column per prompt
 

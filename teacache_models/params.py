@@ -141,7 +141,8 @@ class SamplingParams:
         guidance_scale_2: the CFG scale of Wan2.2's low-noise expert; None reuses `guidance_scale`.
         flow_shift: the flow-matching sigma shift; None keeps the scheduler's own setting.
         fps: frames per second of a saved video; None: the family's default.
-        cfg_truncation: Z-Image: CFG stops once the normalised time (1 - sigma) exceeds it; None: never.
+        cfg_truncation: Z-Image: CFG stops once the normalised time (1 - sigma) exceeds it, in [0, 1]; None:
+            never.
         cfg_normalization: Z-Image: cap the guided prediction's norm at this multiple of the positive
             one's; None: no cap.
     """
@@ -186,6 +187,9 @@ class SamplingParams:
         for name in ("true_cfg_scale", "guidance_scale_2", "cfg_truncation"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _require_finite(name, getattr(self, name), minimum=0.0))
+        if self.cfg_truncation is not None and self.cfg_truncation > 1:
+            # A normalised time never exceeds 1: a larger value would silently never truncate.
+            raise ValueError(f"cfg_truncation must be None or in [0, 1] (a normalised time), got {self.cfg_truncation}")
         for name in ("flow_shift", "cfg_normalization"):
             value = getattr(self, name)
             if value is not None and _require_finite(name, value, minimum=0.0) <= 0:

@@ -16,10 +16,20 @@ import yaml
 
 from .params import SamplingParams, TeaCacheParams
 
-__all__ = ["TASKS", "ZOO_DIR", "TeaCachePreset", "ZooEntry", "list_zoo", "load_zoo_entry"]
+__all__ = ["TASKS", "ZOO_DIR", "TeaCachePreset", "ZooEntry", "check_sampling_overrides", "list_zoo", "load_zoo_entry"]
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = ("flux", "wan", "hunyuan_video", "qwen_image", "z_image")
+# The transformer class of each family (teacache_models.models), which its pipeline loads.
+FAMILY_TRANSFORMERS = {
+    "flux": "FluxTransformer2DModel",
+    "wan": "WanTransformer3DModel",
+    "hunyuan_video": "HunyuanVideoTransformer3DModel",
+    "qwen_image": "QwenImageTransformer2DModel",
+    "z_image": "ZImageTransformer2DModel",
+}
+# Names that select no preset: `sampling_params` and the CLI read them as "cache off" and "the default preset".
+_RESERVED_PRESET_NAMES = ("off", "default")
 # t2i text-to-image, t2v text-to-video, i2v image-to-video (an image is required), ti2v text-and-image-to-video
 # (the image is optional).
 TASKS = ("t2i", "t2v", "i2v", "ti2v")
@@ -58,6 +68,7 @@ class ZooEntry:
 
     def sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
         """The model's sampling defaults with TeaCache preset `teacache` ("off", "default" or a name)."""
+        check_sampling_overrides(overrides)
         preset = self.default_preset if teacache == "default" else teacache
         if preset == "off":
             cache = None
@@ -69,6 +80,19 @@ class ZooEntry:
                 )
             cache = self.presets[preset].params
         return dataclasses.replace(self.sampling, teacache_params=cache, **overrides)
+
+
+def check_sampling_overrides(overrides: dict[str, Any]) -> None:
+    """Keyword overrides of sampling defaults must name `SamplingParams` fields other than the cache, which
+    the `teacache` argument chooses."""
+    if "teacache_params" in overrides:
+        raise TypeError(
+            "teacache_params is chosen by teacache= ('off', 'default' or a preset name); for other TeaCache "
+            "settings, dataclasses.replace the returned SamplingParams"
+        )
+    unknown = sorted(set(overrides) - _SAMPLING_KEYS)
+    if unknown:
+        raise TypeError(f"unknown sampling settings {unknown}; SamplingParams fields: {sorted(_SAMPLING_KEYS)}")
 
 
 def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = frozenset()) -> dict:
@@ -85,21 +109,38 @@ def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = f
 
 def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     """Read and validate a zoo entry, given its name (a file under `configs/`) or a YAML path."""
+    if not isinstance(name_or_path, str | Path) or not str(name_or_path):
+        raise ValueError(f"a zoo entry is named by a zoo name or a .yaml path, got {name_or_path!r}")
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
+        if path.exists():
+            raise ValueError(f"model-zoo config {str(path)!r} is not a YAML file (.yaml or .yml)")
         path = ZOO_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             close = difflib.get_close_matches(str(name_or_path), list_zoo(), n=3, cutoff=0.5)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
             raise ValueError(f"unknown model {str(name_or_path)!r}{hint} Known models: {list_zoo()}")
     if not path.is_file():
         raise ValueError(f"model-zoo config {str(path)!r} does not exist")
-    with path.open() as handle:
-        data = yaml.safe_load(handle)
     where = str(path)
+    try:
+        with path.open() as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where} is not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where} is not a text file: {error}") from None
     data = _check_keys(where, data, _TOP_KEYS, _TOP_KEYS - {"description", "task"})
     if data["family"] not in FAMILIES:
         raise ValueError(f"{where}: family {data['family']!r} is not one of {list(FAMILIES)}")
+    for key in ("name", "manifest", "transformer"):
+        if not isinstance(data[key], str) or not data[key]:
+            raise ValueError(f"{where}: {key} must be a non-empty string, got {data[key]!r}")
+    if data["transformer"] != FAMILY_TRANSFORMERS[data["family"]]:
+        raise ValueError(
+            f"{where}: transformer {data['transformer']!r} is not the {data['family']} transformer "
+            f"{FAMILY_TRANSFORMERS[data['family']]!r}"
+        )
     task = data.get("task", "t2i")
     if task not in TASKS:
         raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
@@ -108,6 +149,11 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     presets_data = _check_keys(f"{where}: teacache.presets", teacache["presets"] or {}, set(teacache["presets"] or {}))
     presets = {}
     for preset_name, preset in presets_data.items():
+        if not isinstance(preset_name, str) or preset_name in _RESERVED_PRESET_NAMES:
+            raise ValueError(
+                f"{where}: teacache.presets: a preset name must be a string other than "
+                f"{list(_RESERVED_PRESET_NAMES)}, got {preset_name!r}"
+            )
         preset = dict(_check_keys(f"{where}: teacache.presets.{preset_name}", preset, _PRESET_KEYS, {"source"}))
         source = preset.pop("source")
         try:
@@ -115,7 +161,9 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         except ValueError as error:
             raise ValueError(f"{where}: teacache.presets.{preset_name}: {error}") from None
     # "off": TeaCache stays off unless asked for (a model without a measured or published threshold).
-    if teacache["default"] != "off" and teacache["default"] not in presets:
+    if not isinstance(teacache["default"], str) or (
+        teacache["default"] != "off" and teacache["default"] not in presets
+    ):
         raise ValueError(f"{where}: teacache.default {teacache['default']!r} is not 'off' or one of {sorted(presets)}")
     default_params = presets[teacache["default"]].params if teacache["default"] != "off" else None
     try:

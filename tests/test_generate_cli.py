@@ -156,6 +156,20 @@ def test_list_models_and_help(cli, capsys):
         (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
         (["--prompt", ""], "--prompt is required"),
         (["--image", "missing.png"], "only for image-to-video"),
+        (["--teacache-coefficients", ""], "--teacache-coefficients is empty"),
+        (["--teacache", ""], "--teacache is empty: give off, slow, fast"),
+        (["--device", "gpu"], "--device: device must be 'cpu', 'cuda', 'cuda:N' .* got 'gpu'"),
+        (["--device", ""], "--device: device must be .* got ''"),
+        (["--device", "meta"], "--device: device 'meta' holds no data"),
+        (["--device", "cuda:99"], "--device: device 'cuda:99' is not available on this machine: "),
+        (["--dist-timeout", "nan"], "--dist-timeout must be a finite number of seconds > 0, got nan"),
+        (["--model", " "], "--model is empty"),
+        (["--negative-prompt", "blurry"], "--negative-prompt 'blurry' has no effect on flux1-dev: no negative branch"),
+        (["--true-cfg-scale", "4"], "--true-cfg-scale 4.0 has no effect on flux1-dev: it needs a negative prompt"),
+        (
+            ["--config", str(ZOO / "wan2.1-t2v-1.3b.yaml")],
+            "--config wan2.1-t2v-1.3b is a wan model, but --model .* flux",
+        ),
     ],
 )
 def test_bad_flags_fail_cleanly(cli, folder, tmp_path, capsys, change, message):
@@ -171,8 +185,74 @@ def test_bad_flags_fail_cleanly(cli, folder, tmp_path, capsys, change, message):
     assert not output.exists() and not output.with_suffix(".json").exists()
 
 
-def test_image_to_video_errors(cli, folder, tmp_path, capsys):
-    i2v = str(CONFIG.parent / "wan2.1-i2v-14b-480p.yaml")
+@pytest.mark.parametrize("flag", ["--output", "--config", "--image"])
+def test_empty_paths_are_argparse_errors(cli, folder, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base_args(folder, tmp_path / "x.png"), flag, ""])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected a file path, got an empty string" in capsys.readouterr().err
+
+
+def test_flags_a_model_would_ignore_fail(cli, tmp_path, capsys):
+    from tests.test_pipeline_fixtures import save_flux
+
+    schnell = save_flux(tmp_path / "schnell", guidance_embeds=False)
+    args = base_args(schnell, tmp_path / "x.png")
+    args[args.index("--config") + 1] = str(ZOO / "flux1-schnell.yaml")
+    assert cli.main([*args, "--guidance-scale", "3.5"]) == 1
+    assert "--guidance-scale 3.5 has no effect on flux1-schnell: this transformer has no guidance embedding" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\n  bad: [\n", "is not valid YAML"),
+        ("just text\n", "must be a mapping, got str"),
+        (None, "is not a YAML file"),
+    ],
+    ids=["broken", "not-a-mapping", "a-folder"],
+)
+def test_broken_config_fails_cleanly(cli, folder, tmp_path, capsys, text, message):
+    config = tmp_path / "config.yaml"
+    if text is None:
+        config = tmp_path
+    else:
+        config.write_text(text)
+    args = base_args(folder, tmp_path / "x.png")
+    args[args.index("--config") + 1] = str(config)
+    assert cli.main(args) == 1
+    assert re.search(f"error: --config: .*{message}", capsys.readouterr().err)
+
+
+def test_config_alone_loads_its_own_weights(cli, tmp_path, capsys):
+    # A renamed copy of a zoo config: its manifest, not a zoo name, says which weights to load.
+    config = tmp_path / "my-digits.yaml"
+    config.write_text((ZOO / "flux-digits.yaml").read_text().replace("name: flux-digits", "name: my-digits"))
+    output = tmp_path / "digit.png"
+    args = ["--config", str(config), "--prompt", "a handwritten digit 3", "--steps", "2", "--seed", "0"]
+    assert cli.main([*args, "--no-progress", "--output", str(output)]) == 0
+    assert json.loads(output.with_suffix(".json").read_text())["zoo_entry"] == "my-digits"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(config.read_text().replace("manifest: flux-digits", "manifest: no-such-weights"))
+    assert cli.main(["--config", str(broken), "--prompt", "a digit", "--no-progress"]) == 1
+    assert "'no-such-weights' is not a manifest entry" in capsys.readouterr().err
+
+
+def test_write_failure_names_the_output(cli, folder, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
+    output = tmp_path / "x.png"
+    assert cli.main(base_args(folder, output)) == 1
+    assert f"--output: cannot write {str(output)!r} in {str(tmp_path)!r}: Permission denied" in capsys.readouterr().err
+
+
+def test_image_to_video_errors(cli, wan_folders, tmp_path, capsys):
+    i2v, folder = str(CONFIG.parent / "wan2.1-i2v-14b-480p.yaml"), wan_folders["i2v"]
     assert cli.main(["--config", i2v, "--model", str(folder), "--prompt", "a fox"]) == 1
     assert "--image FILE is required" in capsys.readouterr().err
     garbage = tmp_path / "bad.png"

@@ -124,6 +124,7 @@ def test_sampling_carries_teacache_params():
         ({"negative_prompt": 3}, "negative_prompt"),
         ({"teacache_params": {"teacache_thresh": 0.1}}, "teacache_params"),
         ({"teacache_params": 0.1}, "teacache_params"),
+        ({"cfg_truncation": 1.5}, r"cfg_truncation must be None or in \[0, 1\]"),
     ],
 )
 def test_sampling_invalid_values_name_the_field(kwargs, field):

@@ -254,6 +254,61 @@ def test_bad_inputs_are_rejected(flux_folder, z_image_folder, tmp_path):
         type(z_pipe)(pipe.transformer, z_pipe.scheduler, z_pipe.vae, **z_pipe.text_components)
 
 
+def test_bad_api_arguments_are_rejected_before_any_work(flux_folder, tmp_path):
+    pipe = load_pipeline(flux_folder)
+    params = SamplingParams(height=16, width=16, num_inference_steps=2, teacache_params=None)
+    with pytest.raises(TypeError, match="progress must be None or a callable"):
+        pipe(PROMPT, params, progress=3)
+    with pytest.raises(TypeError, match=r"unknown sampling settings \['steps'\]"):
+        pipe.default_sampling_params(steps=3)
+    with pytest.raises(TypeError, match="teacache_params is chosen by teacache="):
+        pipe.default_sampling_params(teacache_params=SKIP_ALL)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text("{oops")
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "model_index.json").write_text("[1, 2]")
+    for kwargs, error, message in [
+        (dict(name_or_path=flux_folder, device="gpu"), ValueError, "device must be 'cpu', 'cuda', 'cuda:N'"),
+        (dict(name_or_path=flux_folder, device="meta"), ValueError, "device 'meta' holds no data"),
+        (dict(name_or_path=flux_folder, device="cuda:99"), ValueError, "device 'cuda:99'"),
+        (dict(name_or_path=flux_folder, torch_dtype="int8"), ValueError, r"torch_dtype must be None, one of \["),
+        (dict(name_or_path=None), TypeError, "name_or_path must be a zoo name"),
+        (dict(name_or_path=""), ValueError, "name_or_path is empty"),
+        (dict(name_or_path=flux_folder, zoo_entry="flux1-dev"), TypeError, "zoo_entry must be a ZooEntry"),
+        (dict(name_or_path=tmp_path / "broken"), ValueError, r"model_index\.json is not valid JSON"),
+        (dict(name_or_path=tmp_path / "listed"), ValueError, r"model_index\.json must hold a JSON object, got list"),
+    ]:
+        with pytest.raises(error, match=message):
+            load_pipeline(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(true_cfg_scale=4.0), r"true_cfg_scale=4\.0 has no effect: it needs a negative prompt"),
+        (dict(negative_prompt=NEGATIVE), "negative_prompt='blurry bad quality' has no effect: no negative branch runs"),
+        (dict(true_cfg_scale=1.0, negative_prompt=NEGATIVE), "negative_prompt=.* has no effect"),
+    ],
+    ids=["scale-without-negative", "negative-without-scale", "negative-with-scale-1"],
+)
+def test_flux_true_cfg_settings_go_together(flux_folder, settings, message):
+    pipe = load_pipeline(flux_folder)
+    with pytest.raises(ValueError, match=message):
+        pipe(PROMPT, SamplingParams(height=16, width=16, num_inference_steps=2, teacache_params=None, **settings))
+
+
+def test_ignored_settings_per_family(flux_folder, qwen_folder, z_image_folder):
+    base = dict(height=16, width=16, teacache_params=None)
+    qwen = load_pipeline(qwen_folder)
+    assert set(qwen.ignored_settings(SamplingParams(guidance_scale=4.0, **base))) == {"guidance_scale"}
+    assert qwen.ignored_settings(SamplingParams(guidance_scale=4.0, negative_prompt=" ", **base)) == {}
+    z_image = load_pipeline(z_image_folder)
+    turbo = SamplingParams(guidance_scale=0.0, negative_prompt="x", cfg_truncation=0.5, **base)
+    assert set(z_image.ignored_settings(turbo)) == {"negative_prompt", "cfg_truncation"}
+    flux = load_pipeline(flux_folder)
+    assert flux.ignored_settings(SamplingParams(true_cfg_scale=2.0, negative_prompt="x", **base)) == {}
+
+
 def test_zoo_defaults_and_presets_reach_the_pipeline(z_image_folder):
     from teacache_models.zoo import load_zoo_entry
 

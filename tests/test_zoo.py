@@ -98,3 +98,68 @@ def test_bad_task_and_bad_extras_are_rejected(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ValueError, match="sampling: fps must be an integer >= 1"):
         load_zoo_entry(path)
+
+
+def _edited_config(tmp_path, edit):
+    data = yaml.safe_load((ZOO_DIR / "flux-digits.yaml").read_text())
+    edit(data)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda d: d.update(transformer="WanTransformer3DModel"),
+            "transformer 'WanTransformer3DModel' is not the flux",
+        ),
+        (lambda d: d.update(name=[1, 2]), r"name must be a non-empty string, got \[1, 2\]"),
+        (lambda d: d.update(manifest=""), "manifest must be a non-empty string"),
+        (
+            lambda d: d["teacache"]["presets"].update(off={"source": "x"}),
+            "teacache.presets: a preset name must be a string other than",
+        ),
+        (
+            lambda d: d["teacache"]["presets"].update({3: {"source": "x"}}),
+            "teacache.presets: a preset name must be a string",
+        ),
+        (lambda d: d["teacache"].update(default=["slow"]), r"teacache.default \['slow'\] is not 'off' or one of"),
+    ],
+    ids=["transformer", "name", "manifest", "preset-off", "preset-int", "default-list"],
+)
+def test_invalid_entries_name_the_file_and_the_key(tmp_path, edit, message):
+    path = _edited_config(tmp_path, edit)
+    with pytest.raises(ValueError, match=f"edited.yaml: {message}"):
+        load_zoo_entry(path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: (p / "broken.yaml").write_text("name: x\n  bad: [\n") and p / "broken.yaml", "is not valid YAML"),
+        (lambda p: (p / "config.txt").write_text("name: x\n") and p / "config.txt", r"is not a YAML file \(.yaml"),
+        (lambda p: p, r"is not a YAML file \(.yaml"),
+        (lambda p: p / "missing.yaml", "does not exist"),
+        (lambda p: "", "a zoo entry is named by a zoo name or a .yaml path, got ''"),
+        (lambda p: None, "a zoo entry is named by a zoo name or a .yaml path, got None"),
+        (lambda p: "no-such-model-xyz", r"unknown model 'no-such-model-xyz'\. Known models"),
+    ],
+    ids=["broken-yaml", "not-yaml", "folder", "missing", "empty", "none", "unknown"],
+)
+def test_unreadable_configs_are_value_errors(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        load_zoo_entry(make(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"steps": 3}, r"unknown sampling settings \['steps'\]; SamplingParams fields: \["),
+        ({"teacache_params": None}, "teacache_params is chosen by teacache="),
+    ],
+)
+def test_sampling_overrides_must_be_fields(overrides, message):
+    with pytest.raises(TypeError, match=message):
+        load_zoo_entry("flux-digits").sampling_params("off", **overrides)

@@ -25,6 +25,7 @@ from ..cache import TeaCacheStats
 from ..cache.state import BranchStats
 from ..layers.linear import set_linear_kernel
 from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams
+from ..zoo import check_sampling_overrides
 
 if TYPE_CHECKING:
     from ..distributed import ParallelState
@@ -92,6 +93,7 @@ class Pipeline:
     - `sampling_extras`: the optional `SamplingParams` fields the family reads; any other set field is
       an error, so a setting is never silently ignored.
     - `default_negative_prompt`: the negative prompt used when `SamplingParams.negative_prompt` is None.
+    - `cfg_rule`: when the negative branch runs, in words (for the errors about settings it would ignore).
     """
 
     family: ClassVar[str]
@@ -100,6 +102,7 @@ class Pipeline:
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
     sampling_extras: ClassVar[frozenset[str]] = frozenset()
     default_negative_prompt: ClassVar[str | None] = None
+    cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1"
     is_video: ClassVar[bool] = False
     # Text encoding reads at most this many tokens (the diffusers pipeline's default).
     max_sequence_length: int = 512
@@ -161,6 +164,7 @@ class Pipeline:
     def default_sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
         """The zoo entry's sampling defaults (generic `SamplingParams` ones without an entry), TeaCache off
         when the model has no preset."""
+        check_sampling_overrides(overrides)
         if self.zoo_entry is not None:
             return self.zoo_entry.sampling_params(teacache, **overrides)
         if teacache not in ("off", "default"):
@@ -294,6 +298,14 @@ class Pipeline:
         if not self.is_video and params.num_frames != 1:
             raise ValueError(f"num_frames must be 1 for an image model, got {params.num_frames}")
 
+    def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
+        """The set `SamplingParams` fields this generation would not read, each with the reason: a negative
+        prompt while no negative branch runs, and the family's own cases."""
+        ignored = {}
+        if params.negative_prompt is not None and not self.uses_cfg(params):
+            ignored["negative_prompt"] = f"no negative branch runs ({self.cfg_rule})"
+        return ignored
+
     @staticmethod
     def _prompts(prompt: str | Sequence[str]) -> list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list | tuple) else None
@@ -316,6 +328,8 @@ class Pipeline:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams or None, got {type(params).__name__}")
         prompts = self._prompts(prompt)
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be None or a callable (steps done, total), got {type(progress).__name__}")
         self.check_params(params)
         self.check_inputs(params, **inputs)
         seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, _MAX_SEED)

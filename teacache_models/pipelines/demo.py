@@ -119,6 +119,7 @@ class DigitPipeline(Pipeline):
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"flow_shift"})
     default_negative_prompt: ClassVar[str] = ""
+    cfg_rule: ClassVar[str] = "CFG runs when guidance_scale is not 1"
 
     def __init__(
         self,
@@ -145,7 +146,9 @@ class DigitPipeline(Pipeline):
         """Load `transformer/` and `text_encoder/` of a demo folder with the checked loader of the weights
         package (every key and shape verified before any tensor is read)."""
         from ..weights import load_transformer
+        from .loading import resolve_device
 
+        device = resolve_device(device)
         transformer = load_transformer(path, cls.transformer_class, "transformer", torch_dtype, device)
         text_encoder = load_transformer(path, DigitTextEncoder, "text_encoder", torch_dtype, device)
         return cls(transformer, zoo_entry=zoo_entry, text_encoder=text_encoder)

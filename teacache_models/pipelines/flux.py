@@ -2,7 +2,7 @@
 
 Guidance rule (as diffusers' FluxPipeline): FLUX.1-dev embeds `guidance_scale` in the transformer (one
 call per step). True CFG runs only when `true_cfg_scale > 1` and a negative prompt is given:
-`pred = neg + true_cfg_scale * (pos - neg)`.
+`pred = neg + true_cfg_scale * (pos - neg)`; either setting alone would do nothing, so it is an error.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..models import FluxTransformer2DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline, to_unit_range
 
-__all__ = ["FluxTextToImagePipeline", "flow_match_mu"]
+__all__ = ["FluxTextToImagePipeline", "check_true_cfg", "flow_match_mu", "unpaired_true_cfg"]
 
 
 def flow_match_mu(image_seq_len: int, scheduler_config: Any) -> float:
@@ -28,6 +28,22 @@ def flow_match_mu(image_seq_len: int, scheduler_config: Any) -> float:
     max_shift = scheduler_config.get("max_shift", 1.15)
     slope = (max_shift - base_shift) / (max_len - base_len)
     return image_seq_len * slope + (base_shift - slope * base_len)
+
+
+def unpaired_true_cfg(params: SamplingParams, rule: str) -> dict[str, str]:
+    """A true CFG scale > 1 without a negative prompt does nothing (Flux, HunyuanVideo)."""
+    if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and params.negative_prompt is None:
+        return {"true_cfg_scale": f"it needs a negative prompt ({rule})"}
+    return {}
+
+
+def check_true_cfg(pipeline: Pipeline, params: SamplingParams) -> None:
+    """True CFG's two settings go together: either alone would be silently ignored."""
+    ignored = pipeline.ignored_settings(params)
+    for name in ("true_cfg_scale", "negative_prompt"):
+        if name in ignored:
+            value = getattr(params, name)
+            raise ValueError(f"{name}={value!r} has no effect: {ignored[name]}")
 
 
 def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
@@ -52,6 +68,7 @@ class FluxTextToImagePipeline(Pipeline):
     transformer_class: ClassVar[type] = FluxTransformer2DModel
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"true_cfg_scale"})
+    cfg_rule: ClassVar[str] = "true CFG runs when true_cfg_scale > 1 and a negative prompt is given"
 
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -67,6 +84,19 @@ class FluxTextToImagePipeline(Pipeline):
 
     def uses_cfg(self, params: SamplingParams) -> bool:
         return (params.true_cfg_scale or 1.0) > 1 and params.negative_prompt is not None
+
+    def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
+        ignored = super().ignored_settings(params) | unpaired_true_cfg(params, self.cfg_rule)
+        if not self.transformer.config.guidance_embeds:
+            ignored["guidance_scale"] = (
+                "this transformer has no guidance embedding (as FLUX.1-schnell); its CFG is true_cfg_scale with "
+                "a negative prompt"
+            )
+        return ignored
+
+    def check_params(self, params: SamplingParams) -> None:
+        super().check_params(params)
+        check_true_cfg(self, params)
 
     def prepare_latents(self, batch: int, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
         factor = self.vae_scale_factor()

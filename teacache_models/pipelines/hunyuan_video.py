@@ -2,7 +2,8 @@
 
 Guidance rule (as diffusers' HunyuanVideoPipeline): the released transformer is guidance-distilled, so
 `guidance_scale` is embedded (times 1000) and one call per step suffices. True CFG runs only when
-`true_cfg_scale > 1` and a negative prompt is given: `pred = neg + true_cfg_scale * (pos - neg)`.
+`true_cfg_scale > 1` and a negative prompt is given: `pred = neg + true_cfg_scale * (pos - neg)`; either
+setting alone would do nothing, so it is an error.
 Sigmas run linearly from 1 towards 0 (`num_inference_steps` of them), shifted by the scheduler.
 """
 
@@ -16,6 +17,7 @@ import torch
 from ..models import HunyuanVideoTransformer3DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
+from .flux import check_true_cfg, unpaired_true_cfg
 from .wan import video_frames_to_unit_range
 
 __all__ = ["HunyuanVideoTextToVideoPipeline"]
@@ -30,6 +32,7 @@ class HunyuanVideoTextToVideoPipeline(Pipeline):
     transformer_class: ClassVar[type] = HunyuanVideoTransformer3DModel
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"true_cfg_scale", "flow_shift", "fps"})
+    cfg_rule: ClassVar[str] = "true CFG runs when true_cfg_scale > 1 and a negative prompt is given"
     is_video: ClassVar[bool] = True
     # The Llama prompt length after the template is cropped (the reference's default).
     max_sequence_length: int = 256
@@ -45,6 +48,7 @@ class HunyuanVideoTextToVideoPipeline(Pipeline):
 
     def check_params(self, params: SamplingParams) -> None:
         super().check_params(params)
+        check_true_cfg(self, params)
         factor = self.temporal_scale_factor()
         # The causal VAE decodes F latent frames into (F - 1) * factor + 1 frames: other counts cannot come back.
         if params.num_frames % factor != 1:
@@ -69,6 +73,9 @@ class HunyuanVideoTextToVideoPipeline(Pipeline):
 
     def uses_cfg(self, params: SamplingParams) -> bool:
         return (params.true_cfg_scale or 1.0) > 1 and params.negative_prompt is not None
+
+    def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
+        return super().ignored_settings(params) | unpaired_true_cfg(params, self.cfg_rule)
 
     def prepare_latents(self, batch: int, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
         spatial = self.vae_scale_factor()

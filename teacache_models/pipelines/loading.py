@@ -18,7 +18,7 @@ import torch
 
 from ..zoo import ZooEntry, list_zoo, load_zoo_entry
 
-__all__ = ["load_components", "load_pipeline", "pipeline_class_for", "read_model_index"]
+__all__ = ["load_components", "load_pipeline", "pipeline_class_for", "read_model_index", "resolve_device"]
 
 _TRANSFORMER_KEYS = ("transformer", "transformer_2")
 
@@ -51,8 +51,14 @@ def read_model_index(path: Path) -> dict[str, Any]:
             f"{str(path)!r} is not a pipeline folder: it has no model_index.json (the diffusers layout: "
             "model_index.json plus one subfolder per component)"
         )
-    with index_path.open() as handle:
-        return json.load(handle)
+    try:
+        with index_path.open() as handle:
+            model_index = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{index_path} is not valid JSON: {error}") from None
+    if not isinstance(model_index, dict):
+        raise ValueError(f"{index_path} must hold a JSON object, got {type(model_index).__name__}")
+    return model_index
 
 
 def pipeline_class_for(model_index: dict[str, Any], where: str) -> type:
@@ -65,12 +71,38 @@ def pipeline_class_for(model_index: dict[str, Any], where: str) -> type:
 
 
 def _to_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    from ..weights import TORCH_DTYPES
+
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in TORCH_DTYPES:
+        return TORCH_DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in TORCH_DTYPES.values():
         return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"torch_dtype must be a torch.dtype or its name (float32, bfloat16...), got {dtype!r}")
-    return resolved
+    raise ValueError(f"torch_dtype must be None, one of {list(TORCH_DTYPES)} or the torch dtype, got {dtype!r}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device` this machine has, or a ValueError naming what is allowed."""
+    allowed = "'cpu', 'cuda', 'cuda:N' or another torch device this machine has"
+    if isinstance(device, str) and device.strip():
+        try:
+            device = torch.device(device.strip())
+        except RuntimeError:
+            raise ValueError(f"device must be {allowed}, got {device!r}") from None
+    if not isinstance(device, torch.device):
+        raise ValueError(f"device must be {allowed}, got {device!r}")
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no data: weights cannot be loaded onto it; use 'cpu' or 'cuda'")
+    if device.type == "cpu":
+        return device
+    try:  # an empty tensor asks the backend itself: built in, a device present, the index in range
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        text = str(error).strip() or type(error).__name__
+        reason = text.splitlines()[0].split(". ")[0][:200]  # torch's first sentence says which backend failed
+        raise ValueError(f"device {str(device)!r} is not available on this machine: {reason}") from None
+    return device
 
 
 def _load_transformer(folder: Path, model_class: type, dtype: torch.dtype | None, device: torch.device) -> Any:
@@ -89,7 +121,7 @@ def load_components(
     path = Path(path)
     model_index = read_model_index(path)
     dtype = _to_dtype(torch_dtype)
-    device = torch.device(device)
+    device = resolve_device(device)
     wanted = {"transformer", "scheduler", "vae", *pipeline_class.text_component_names}
     wanted |= set(getattr(pipeline_class, "extra_component_names", ()))
     components: dict[str, Any] = {}
@@ -121,7 +153,16 @@ def load_components(
 
 
 def _resolve_path(name_or_path: str | Path) -> tuple[Path, ZooEntry | None]:
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(
+            f"name_or_path must be a zoo name, a zoo YAML, a local folder or a Hub id (str or Path), got "
+            f"{type(name_or_path).__name__}"
+        )
     text = str(name_or_path)
+    if not text.strip():
+        raise ValueError(
+            f"name_or_path is empty: give a zoo name ({', '.join(list_zoo())}), a zoo YAML, a local folder or a Hub id"
+        )
     path = Path(text).expanduser()
     if path.suffix in (".yaml", ".yml"):
         entry = load_zoo_entry(path)
@@ -163,6 +204,12 @@ def load_pipeline(
     `zoo_entry` supplies the sampling defaults and TeaCache presets for a folder (a zoo name brings its
     own).
     """
+    if zoo_entry is not None and not isinstance(zoo_entry, ZooEntry):
+        raise TypeError(
+            f"zoo_entry must be a ZooEntry (teacache_models.zoo.load_zoo_entry) or None, got {type(zoo_entry).__name__}"
+        )
+    _to_dtype(torch_dtype)
+    device = resolve_device(device)
     path, entry = _resolve_path(name_or_path)
     entry = zoo_entry or entry
     model_index = read_model_index(path)

@@ -30,6 +30,7 @@ class QwenImageTextToImagePipeline(Pipeline):
     diffusers_class_name: ClassVar[str] = "QwenImagePipeline"
     transformer_class: ClassVar[type] = QwenImageTransformer2DModel
     default_negative_prompt: ClassVar[str | None] = " "
+    cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1 and a negative prompt is given"
 
     def vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)
@@ -45,6 +46,12 @@ class QwenImageTextToImagePipeline(Pipeline):
 
     def uses_cfg(self, params: SamplingParams) -> bool:
         return params.guidance_scale > 1 and params.negative_prompt is not None
+
+    def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
+        ignored = super().ignored_settings(params)
+        if params.guidance_scale > 1 and params.negative_prompt is None:
+            ignored["guidance_scale"] = f"it is the CFG scale and needs a negative prompt ({self.cfg_rule})"
+        return ignored
 
     def prepare_latents(self, batch: int, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
         factor = self.vae_scale_factor()

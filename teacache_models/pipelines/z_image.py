@@ -30,6 +30,7 @@ class ZImageTextToImagePipeline(Pipeline):
     transformer_class: ClassVar[type] = ZImageTransformer2DModel
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"flow_shift", "cfg_truncation", "cfg_normalization"})
     default_negative_prompt: ClassVar[str | None] = ""
+    cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 0"
     patch_size: ClassVar[int] = 2
 
     def vae_scale_factor(self) -> int:
@@ -50,6 +51,14 @@ class ZImageTextToImagePipeline(Pipeline):
 
     def uses_cfg(self, params: SamplingParams) -> bool:
         return params.guidance_scale > 0
+
+    def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
+        ignored = super().ignored_settings(params)
+        if not self.uses_cfg(params):
+            for name in ("cfg_truncation", "cfg_normalization"):
+                if getattr(params, name) is not None:
+                    ignored[name] = f"it shapes CFG, which is off ({self.cfg_rule})"
+        return ignored
 
     def prepare_latents(self, batch: int, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
         factor = self.vae_scale_factor()

@@ -17,9 +17,11 @@ __all__ = ["OPTIONAL_SAMPLING_FIELDS", "SamplingParams", "TeaCacheParams"]
 _MAX_SEED = 2**64 - 1
 
 
-def _require_int(name: str, value: Any, minimum: int) -> int:
+def require_int(name: str, value: Any, minimum: int, wrong_type: type[Exception] = ValueError) -> int:
+    """`value` as an int (numpy integers included), or the error that names `name` and what is allowed;
+    `wrong_type` is raised for a value that is no integer at all."""
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+        raise wrong_type(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return int(value)
@@ -105,19 +107,19 @@ class TeaCacheParams:
         thresh = _require_finite("teacache_thresh", self.teacache_thresh, minimum=0.0)
         object.__setattr__(self, "teacache_thresh", thresh)
         object.__setattr__(self, "coefficients", _coefficient_tuple(self.coefficients))
-        object.__setattr__(self, "start_skipping", _require_int("start_skipping", self.start_skipping, 0))
-        object.__setattr__(self, "end_skipping", _require_int("end_skipping", self.end_skipping, 0))
+        object.__setattr__(self, "start_skipping", require_int("start_skipping", self.start_skipping, 0))
+        object.__setattr__(self, "end_skipping", require_int("end_skipping", self.end_skipping, 0))
         _require_bool("use_ret_steps", self.use_ret_steps)
         if self.indicator is not None and (not isinstance(self.indicator, str) or not self.indicator):
             raise ValueError(f"indicator must be None or a non-empty string, got {self.indicator!r}")
         if self.indicator is not None:
             object.__setattr__(self, "indicator", str(self.indicator))  # numpy strings compare and print as str
-        order = _require_int("residual_order", self.residual_order, 0)
+        order = require_int("residual_order", self.residual_order, 0)
         if order not in RESIDUAL_ORDERS:
             raise ValueError(f"residual_order must be one of {list(RESIDUAL_ORDERS)}, got {order}")
         object.__setattr__(self, "residual_order", order)
         if self.max_consecutive_skips is not None:
-            limit = _require_int("max_consecutive_skips", self.max_consecutive_skips, 1)
+            limit = require_int("max_consecutive_skips", self.max_consecutive_skips, 1)
             object.__setattr__(self, "max_consecutive_skips", limit)
 
 
@@ -163,17 +165,17 @@ class SamplingParams:
     cfg_normalization: float | None = None
 
     def __post_init__(self) -> None:
-        steps = _require_int("num_inference_steps", self.num_inference_steps, 1)
+        steps = require_int("num_inference_steps", self.num_inference_steps, 1)
         object.__setattr__(self, "num_inference_steps", steps)
         scale = _require_finite("guidance_scale", self.guidance_scale, minimum=0.0)
         object.__setattr__(self, "guidance_scale", scale)
         if self.seed is not None:
-            seed = _require_int("seed", self.seed, 0)
+            seed = require_int("seed", self.seed, 0)
             if seed > _MAX_SEED:
                 raise ValueError(f"seed must be at most 2**64 - 1, got {seed}")
             object.__setattr__(self, "seed", seed)
         for name in ("height", "width", "num_frames"):
-            object.__setattr__(self, name, _require_int(name, getattr(self, name), 1))
+            object.__setattr__(self, name, require_int(name, getattr(self, name), 1))
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(
                 f"negative_prompt must be a string or None, got {self.negative_prompt!r} "
@@ -197,7 +199,7 @@ class SamplingParams:
             if value is not None:
                 object.__setattr__(self, name, float(value))
         if self.fps is not None:
-            object.__setattr__(self, "fps", _require_int("fps", self.fps, 1))
+            object.__setattr__(self, "fps", require_int("fps", self.fps, 1))
 
     def extras(self) -> dict[str, Any]:
         """The optional family-specific fields that are set (not None)."""

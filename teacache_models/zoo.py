@@ -15,19 +15,12 @@ from typing import Any
 import yaml
 
 from .params import SamplingParams, TeaCacheParams
+from .weights.manifest import FAMILY_TRANSFORMERS
 
 __all__ = ["TASKS", "ZOO_DIR", "TeaCachePreset", "ZooEntry", "check_sampling_overrides", "list_zoo", "load_zoo_entry"]
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = ("flux", "wan", "hunyuan_video", "qwen_image", "z_image")
-# The transformer class of each family (teacache_models.models), which its pipeline loads.
-FAMILY_TRANSFORMERS = {
-    "flux": "FluxTransformer2DModel",
-    "wan": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-    "qwen_image": "QwenImageTransformer2DModel",
-    "z_image": "ZImageTransformer2DModel",
-}
 # Names that select no preset: `sampling_params` and the CLI read them as "cache off" and "the default preset".
 _RESERVED_PRESET_NAMES = ("off", "default")
 # t2i text-to-image, t2v text-to-video, i2v image-to-video (an image is required), ti2v text-and-image-to-video

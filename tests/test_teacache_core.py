@@ -460,10 +460,10 @@ def test_step_context_misuse_is_reported():
 @pytest.mark.parametrize(
     ("step_index", "error", "match"),
     [
-        (1.0, TypeError, r"step_index must be an int >= 0, got 1.0 \(float\)"),
-        (True, TypeError, r"step_index must be an int >= 0, got True \(bool\)"),
-        (torch.tensor(1), TypeError, r"step_index must be an int >= 0, got tensor\(1\) \(Tensor\)"),
-        (-1, ValueError, "step_index must be an int >= 0, got -1"),
+        (1.0, TypeError, r"step_index must be an integer >= 0, got 1.0 \(float\)"),
+        (True, TypeError, r"step_index must be an integer >= 0, got True \(bool\)"),
+        (torch.tensor(1), TypeError, r"step_index must be an integer >= 0, got tensor\(1\) \(Tensor\)"),
+        (-1, ValueError, "step_index must be an integer >= 0, got -1"),
         (4, ValueError, r"step_index 4 is out of range: this generation has 4 steps \(0..3\)"),
     ],
 )

@@ -24,14 +24,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from numbers import Integral
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from ..params import TeaCacheParams, evaluate_polynomial
+from ..params import TeaCacheParams, evaluate_polynomial, require_int
 from .state import BranchState, BranchStats, TeaCacheSession, TeaCacheStats, branch_name
 
 __all__ = ["Deferred", "TeaCacheMixin", "relative_l1_distance"]
@@ -144,15 +143,6 @@ class _StepContext:
     planned: list[bool] = field(default_factory=list)
 
 
-def _require_index(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int (numpy integers included), or the error that names `name` and what is allowed."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
 class TeaCacheMixin:
     """Adds TeaCache to an `nn.Module` whose forward runs `self.run_blocks(...)` between embeddings and head.
 
@@ -210,7 +200,7 @@ class TeaCacheMixin:
         """Start a generation of `num_inference_steps` steps with TeaCache on; all state is reset."""
         if not isinstance(params, TeaCacheParams):
             raise TypeError(f"params must be a TeaCacheParams, got {type(params).__name__}")
-        num_inference_steps = _require_index("num_inference_steps", num_inference_steps, 1)
+        num_inference_steps = require_int("num_inference_steps", num_inference_steps, 1, wrong_type=TypeError)
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("enable_teacache() cannot be called inside a teacache_step() context")
         _prepare_for_compile()
@@ -277,7 +267,7 @@ class TeaCacheMixin:
         exception is not recorded, and the branch's next step computes (its cached state may be half
         updated), so the same step index can be run again.
         """
-        step_index = _require_index("step_index", step_index, 0)
+        step_index = require_int("step_index", step_index, 0, wrong_type=TypeError)
         if not isinstance(is_cfg_negative, bool):
             raise ValueError(f"is_cfg_negative must be True or False, got {is_cfg_negative!r}")
         if not isinstance(batched_cfg, bool):

@@ -715,6 +715,8 @@ def _check_text_mask(mask: Any, text: torch.Tensor) -> torch.Tensor:
             f"encoder_attention_mask must have shape {shape} (batch, text tokens of encoder_hidden_states), "
             f"got {tuple(mask.shape)}"
         )
+    if torch.compiler.is_compiling():
+        return mask  # reading values would break the graph at every call; eager calls check them
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("encoder_attention_mask must hold only 0 and 1 (or be boolean)")
     if not bool(mask.bool().any(dim=1).all()):

@@ -346,6 +346,16 @@ def three_steps_skipping_one(model, inputs, params):
     return outputs, residual
 
 
+def with_blocks_replaced_by(model: ZImageTransformer2DModel, residual: torch.Tensor, inputs: dict) -> list:
+    """The model's prediction with its TeaCache block stack replaced by adding `residual`."""
+    model.forward_blocks = lambda hidden_states, **_: hidden_states + residual
+    try:
+        with torch.no_grad():
+            return model(**inputs, return_dict=False)[0]
+    finally:
+        del model.forward_blocks
+
+
 def test_skipped_step_reruns_the_refiners_and_reuses_the_main_layers_residual():
     model, _ = build_pair(TINY, seed=9)
     inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 36])
@@ -353,12 +363,7 @@ def test_skipped_step_reruns_the_refiners_and_reuses_the_main_layers_residual():
     assert residual.shape[:2] == (2, 32 + 64)  # the unified padded stream (B, L, D)
 
     # Step 1 must be the full model with the refiners at t = 0.1 and the main layers replaced by the residual.
-    model.forward_blocks = lambda hidden_states, **_: hidden_states + residual
-    try:
-        with torch.no_grad():
-            expected = model(**{**inputs, "t": torch.tensor([0.1, 0.1])}, return_dict=False)[0]
-    finally:
-        del model.forward_blocks
+    expected = with_blocks_replaced_by(model, residual, {**inputs, "t": torch.tensor([0.1, 0.1])})
     assert all(torch.equal(a, e) for a, e in zip(outputs[1], expected, strict=True))
     with torch.no_grad():
         uncached = model(**{**inputs, "t": torch.tensor([0.1, 0.1])}, return_dict=False)[0]
@@ -391,12 +396,7 @@ def test_refiner_indicator_skips_the_refiners_too():
     assert residual.shape[:2] == (2, 32)  # the padded image tokens (B, Li, D), before the refiners
 
     # Step 1 must be the embedded image tokens plus the residual, through the final layer.
-    model.forward_blocks = lambda hidden_states, **_: hidden_states + residual
-    try:
-        with torch.no_grad():
-            expected = model(**{**inputs, "t": torch.tensor([0.1, 0.1])}, return_dict=False)[0]
-    finally:
-        del model.forward_blocks
+    expected = with_blocks_replaced_by(model, residual, {**inputs, "t": torch.tensor([0.1, 0.1])})
     assert all(torch.equal(a, e) for a, e in zip(outputs[1], expected, strict=True))
 
 

@@ -139,7 +139,11 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
     sampling = _check_keys(f"{where}: sampling", data["sampling"], _SAMPLING_KEYS)
     teacache = _check_keys(f"{where}: teacache", data["teacache"], {"default", "presets"}, {"default", "presets"})
-    presets_data = _check_keys(f"{where}: teacache.presets", teacache["presets"] or {}, set(teacache["presets"] or {}))
+    presets_data = teacache["presets"] or {}
+    if not isinstance(presets_data, dict):
+        raise ValueError(
+            f"{where}: teacache.presets must be a mapping of preset names, got {type(presets_data).__name__}"
+        )
     presets = {}
     for preset_name, preset in presets_data.items():
         if not isinstance(preset_name, str) or preset_name in _RESERVED_PRESET_NAMES:

@@ -126,8 +126,12 @@ def _edited_config(tmp_path, edit):
             "teacache.presets: a preset name must be a string",
         ),
         (lambda d: d["teacache"].update(default=["slow"]), r"teacache.default \['slow'\] is not 'off' or one of"),
+        (
+            lambda d: d["teacache"].update(presets=[{"slow": {"source": "x"}}]),
+            "teacache.presets must be a mapping of preset names, got list",
+        ),
     ],
-    ids=["transformer", "name", "manifest", "preset-off", "preset-int", "default-list"],
+    ids=["transformer", "name", "manifest", "preset-off", "preset-int", "default-list", "presets-list"],
 )
 def test_invalid_entries_name_the_file_and_the_key(tmp_path, edit, message):
     path = _edited_config(tmp_path, edit)

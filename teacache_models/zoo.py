@@ -100,6 +100,16 @@ def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = f
     return data
 
 
+def _check_indicator(where: str, params: TeaCacheParams, transformer: str) -> None:
+    """A preset's indicator must be one the entry's transformer computes (checked when the file is read, not
+    when a generation starts)."""
+    from . import models
+
+    supported = getattr(models, transformer).supported_teacache_indicators
+    if params.indicator is not None and params.indicator not in supported:
+        raise ValueError(f"{where}: indicator {params.indicator!r} is not one of {transformer}'s {list(supported)}")
+
+
 def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     """Read and validate a zoo entry, given its name (a file under `configs/`) or a YAML path."""
     if not isinstance(name_or_path, str | Path) or not str(name_or_path):
@@ -157,6 +167,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
             presets[preset_name] = TeaCachePreset(TeaCacheParams(**preset), str(source))
         except ValueError as error:
             raise ValueError(f"{where}: teacache.presets.{preset_name}: {error}") from None
+        _check_indicator(f"{where}: teacache.presets.{preset_name}", presets[preset_name].params, data["transformer"])
     # "off": TeaCache stays off unless asked for (a model without a measured or published threshold).
     if not isinstance(teacache["default"], str) or (
         teacache["default"] != "off" and teacache["default"] not in presets

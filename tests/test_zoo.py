@@ -130,8 +130,12 @@ def _edited_config(tmp_path, edit):
             lambda d: d["teacache"].update(presets=[{"slow": {"source": "x"}}]),
             "teacache.presets must be a mapping of preset names, got list",
         ),
+        (
+            lambda d: d["teacache"]["presets"]["slow"].update(indicator="temb"),
+            r"teacache.presets.slow: indicator 'temb' is not one of FluxTransformer2DModel's \['modulated_input'\]",
+        ),
     ],
-    ids=["transformer", "name", "manifest", "preset-off", "preset-int", "default-list", "presets-list"],
+    ids=["transformer", "name", "manifest", "preset-off", "preset-int", "default-list", "presets-list", "indicator"],
 )
 def test_invalid_entries_name_the_file_and_the_key(tmp_path, edit, message):
     path = _edited_config(tmp_path, edit)

@@ -31,3 +31,19 @@ def test_seeded_construction_equals_diffusers(name, config):
     assert list(ours) == list(reference)
     different = [key for key in reference if not torch.equal(ours[key], reference[key])]
     assert not different, f"{len(different)} tensors differ, first {different[:3]}"
+
+
+def _public(config) -> dict:
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
+@pytest.mark.parametrize(("name", "config"), [*CASES, *((name, None) for name in FAMILIES)])
+def test_recorded_config_equals_diffusers(name, config):
+    """`model.config` holds what diffusers records, value for value (defaults included, lists stay lists)."""
+    arguments = FAMILIES[name][config] if config is not None else {}
+    with torch.device("meta"):
+        reference = getattr(diffusers, name)(**arguments)
+        ours = getattr(models, name)(**arguments)
+    assert _public(ours.config) == _public(reference.config)
+    for key, value in _public(reference.config).items():
+        assert type(ours.config[key]) is type(value), key

@@ -415,8 +415,9 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         siglip_feat_dim: int | None = None,
         rope_theta: float = 256.0,
         t_scale: float = 1000.0,
-        axes_dims: tuple[int, ...] = (32, 48, 48),
-        axes_lens: tuple[int, ...] = (1024, 512, 512),
+        # Lists, as diffusers' defaults (never mutated): the recorded config then equals its own.
+        axes_dims: Sequence[int] = [32, 48, 48],
+        axes_lens: Sequence[int] = [1024, 512, 512],
     ) -> None:
         super().__init__()
         _check_architecture(locals())

@@ -45,9 +45,10 @@ def image():
     return Image.fromarray(pixels)
 
 
-def reference(folder, class_name):
-    """The diffusers pipeline of `folder`. Wan transformers are loaded here: diffusers' own loading of a model
-    with fp32-kept modules needs `accelerate`, which the tests do not require."""
+def reference(folder, class_name, torch_dtype=None):
+    """The diffusers pipeline of `folder`, in `torch_dtype` (None: as stored). Wan transformers are loaded here:
+    diffusers' own loading of a model with fp32-kept modules needs `accelerate`, which the tests do not require;
+    in another dtype they keep those modules in float32 as that loading does."""
     import diffusers
     from safetensors.torch import load_file
 
@@ -59,8 +60,12 @@ def reference(folder, class_name):
                 model_class = diffusers.WanTransformer3DModel
                 model = model_class.from_config(model_class.load_config(subfolder))
                 model.load_state_dict(load_file(next(subfolder.glob("*.safetensors"))))
+                for key, parameter in model.named_parameters():
+                    if torch_dtype is not None and not any(m in key.split(".") for m in model._keep_in_fp32_modules):
+                        parameter.data = parameter.data.to(torch_dtype)
                 preloaded[name] = model.eval()
-    pipe = getattr(diffusers, class_name).from_pretrained(folder, **preloaded)
+    dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    pipe = getattr(diffusers, class_name).from_pretrained(folder, **dtype, **preloaded)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -185,6 +190,26 @@ def test_wan_batch_of_two_prompts(wan_folders):
     ).frames
     assert_parity(result.frames, expected, tol=1e-5)
     assert result.to_uint8().shape == (2, 5, 32, 48, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_wan_half_precision_matches_diffusers(wan_folders, dtype):
+    # Wan keeps its first parameter (scale_shift_table) in float32: the inputs must still be cast to the
+    # half-precision weights, and the latents un-normalised with the reciprocal std rounded in the VAE's dtype.
+    pipe = load_pipeline(wan_folders["t2v"], torch_dtype=dtype)
+    assert pipe.dtype == dtype and pipe.transformer.scale_shift_table.dtype == torch.float32
+    result = pipe(PROMPT, wan_params(guidance_scale=4.0, num_inference_steps=2))
+    expected = reference(wan_folders["t2v"], "WanPipeline", dtype)(
+        prompt=PROMPT,
+        num_inference_steps=2,
+        height=32,
+        width=48,
+        num_frames=5,
+        guidance_scale=4.0,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="pt",
+    ).frames
+    assert torch.equal(result.frames, expected.float())
 
 
 @pytest.mark.parametrize(
@@ -323,3 +348,31 @@ def test_bad_video_inputs_are_rejected(wan_folders, hunyuan_folder, image):
         hunyuan(PROMPT, wan_params(), image=image)
     assert (t2v.takes_image(), i2v.takes_image(), hunyuan.takes_image()) == ("no", "required", "no")
     assert load_pipeline(wan_folders["ti2v"]).takes_image() == "optional"
+
+
+def test_wan_pil_image_of_any_mode_is_read_as_rgb(wan_folders, image):
+    # Grayscale, palette and RGBA images have 1, 1 and 4 channels, which neither the VAE nor CLIP reads.
+    pipe = load_pipeline(wan_folders["i2v"])
+    params = wan_params(guidance_scale=1.0, num_inference_steps=1, num_frames=1)
+    for mode in ("L", "P", "RGBA"):
+        converted = image.convert(mode)
+        result = pipe(PROMPT, params, image=converted).frames
+        assert torch.equal(result, pipe(PROMPT, params, image=converted.convert("RGB")).frames), mode
+
+
+def test_wan_bad_images_are_rejected_before_the_vae(wan_folders):
+    from PIL import Image
+
+    pipe = load_pipeline(wan_folders["i2v-a14b"])
+    cases = [
+        (torch.full((3, 8, 8), 255, dtype=torch.uint8), TypeError, r"dtype torch\.uint8; for 8-bit pixels pass"),
+        (torch.zeros(3, 8, 8, dtype=torch.bool), TypeError, r"must be floating point with values in \[0, 1\]"),
+        (torch.zeros(1, 3, 0, 8), ValueError, r"at least one pixel, got a tensor of shape \(1, 3, 0, 8\)"),
+        (Image.new("RGB", (0, 8)), ValueError, r"at least one pixel, got a PIL image of size \(0, 8\)"),
+        (torch.full((3, 8, 8), float("nan")), ValueError, r"must be finite and in \[0, 1\], got min nan"),
+        (torch.full((3, 8, 8), -0.5), ValueError, r"max -0\.5; for a \[-1, 1\] tensor pass \(image \+ 1\) / 2"),
+        (torch.full((3, 8, 8), 2.0), ValueError, r"in \[0, 1\], got min 2, max 2$"),
+    ]
+    for bad, error, match in cases:
+        with pytest.raises(error, match=match):
+            pipe(PROMPT, wan_params(), image=bad)

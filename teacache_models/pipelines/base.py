@@ -159,6 +159,16 @@ class Pipeline:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype, which its inputs are cast to.
+
+        Modules in `_keep_in_fp32_modules` stay float32 in a half-precision model (Wan's first parameter,
+        `scale_shift_table`, is one), so they do not count: the first other floating weight decides, as
+        diffusers' `ModelMixin.dtype` does.
+        """
+        keep_fp32 = getattr(self.transformer, "_keep_in_fp32_modules", None) or ()
+        for name, parameter in self.transformer.named_parameters():
+            if parameter.is_floating_point() and not any(module in name.split(".") for module in keep_fp32):
+                return parameter.dtype
         return next(self.transformer.parameters()).dtype
 
     def default_sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:

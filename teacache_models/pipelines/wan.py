@@ -28,20 +28,46 @@ __all__ = ["WanImageToVideoPipeline", "WanTextToVideoPipeline", "check_image", "
 
 
 def check_image(image: Any) -> None:
-    """An input image: a PIL image, or a (3, H, W) / (1, 3, H, W) tensor in [0, 1]."""
+    """An input image: a PIL image of any mode (it is converted to RGB), or a (3, H, W) / (1, 3, H, W)
+    floating-point tensor with values in [0, 1]; at least one pixel either way."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"image must have at least one pixel, got a PIL image of size {image.size}")
         return
-    if isinstance(image, torch.Tensor) and (
+    if not isinstance(image, torch.Tensor) or not (
         (image.ndim == 3 and image.shape[0] == 3) or (image.ndim == 4 and image.shape[:2] == (1, 3))
     ):
-        return
-    shape = tuple(image.shape) if isinstance(image, torch.Tensor) else None
-    raise TypeError(
-        f"image must be a PIL image or a (3, H, W) / (1, 3, H, W) tensor in [0, 1], got {type(image).__name__}"
-        + (f" of shape {shape}" if shape is not None else "")
-    )
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else None
+        raise TypeError(
+            f"image must be a PIL image or a (3, H, W) / (1, 3, H, W) tensor in [0, 1], got {type(image).__name__}"
+            + (f" of shape {shape}" if shape is not None else "")
+        )
+    if not image.is_floating_point():
+        # Integer pixels (0-255) would be read as [0, 1] values and overflow when scaled to [-1, 1].
+        hint = "; for 8-bit pixels pass image.float() / 255" if image.dtype == torch.uint8 else ""
+        raise TypeError(f"an image tensor must be floating point with values in [0, 1], got dtype {image.dtype}{hint}")
+    if image.shape[-2] < 1 or image.shape[-1] < 1:
+        raise ValueError(f"image must have at least one pixel, got a tensor of shape {tuple(image.shape)}")
+    low, high = image.min().item(), image.max().item()
+    # A [-1, 1] tensor would be taken as already normalised by the VAE preprocessing but not by the CLIP
+    # image processor, and NaN spreads to every frame: both are refused rather than half-handled.
+    if not (low >= 0.0 and high <= 1.0):
+        raise ValueError(
+            f"image tensor values must be finite and in [0, 1], got min {low:g}, max {high:g}"
+            + ("; for a [-1, 1] tensor pass (image + 1) / 2" if low >= -1.0 and high <= 1.0 else "")
+        )
+
+
+def _as_rgb(image: Any) -> Any:
+    """A PIL image in RGB mode (grayscale, palette and RGBA images have other channel counts, which the VAE and
+    the image encoder cannot read); tensors as they are."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image) and image.mode != "RGB":
+        return image.convert("RGB")
+    return image
 
 
 def video_frames_to_unit_range(video: torch.Tensor) -> torch.Tensor:
@@ -213,6 +239,7 @@ class WanTextToVideoPipeline(Pipeline):
         )
         if image is None:
             return latents
+        image = _as_rgb(image)
         if self.transformer.config.image_dim is not None:  # Wan2.1 I2V: CLIP image tokens
             tokens = self.text_helper().encode_image(image, self.device)  # (1, Li, image_dim)
             self._image_tokens = tokens.repeat(batch, 1, 1).to(self._text_dtype())
@@ -253,7 +280,9 @@ class WanTextToVideoPipeline(Pipeline):
         config = self.vae.config
         shape = (1, config.z_dim, 1, 1, 1)
         mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        inverse_std = (1.0 / torch.tensor(config.latents_std)).view(shape).to(latents.device, latents.dtype)
+        # The reciprocal is taken after the cast, in the latents' dtype, as the reference does: in float16 the
+        # other order rounds differently and shifts every decoded frame.
+        inverse_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
         return mean, inverse_std
 
     def make_timesteps(self, scheduler: Any, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -15,7 +15,7 @@ from teacache_models.layers.linear import (
     resolve_linear_kernel,
     set_linear_kernel,
 )
-from teacache_models.models.wan import WanExpertPair, WanTransformer3DModel
+from teacache_models.models import WanExpertPair, WanTransformer3DModel
 from tests.tiny_configs import WAN_TINY
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")

@@ -677,7 +677,7 @@ def test_switch_off_warning_points_at_the_callers_line():
 
 
 def test_wan_expert_pair_enables_both_experts_or_neither():
-    from teacache_models.models.wan import WanExpertPair, WanTransformer3DModel
+    from teacache_models.models import WanExpertPair, WanTransformer3DModel
     from tests.tiny_configs import WAN_TINY
 
     high, low = WanTransformer3DModel(**WAN_TINY), WanTransformer3DModel(**WAN_TINY)

@@ -11,10 +11,10 @@ from teacache_models import TeaCacheParams
 from teacache_models.models.base import Transformer2DModelOutput
 from teacache_models.models.wan import (
     WAN_TEACACHE_PRESETS,
-    WanExpertPair,
     WanTransformer3DModel,
     wan_teacache_preset,
 )
+from teacache_models.models.wan_experts import WanExpertPair
 from tests.tiny_configs import WAN_I2V, WAN_TINY
 from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
 

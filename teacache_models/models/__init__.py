@@ -4,7 +4,8 @@ from .base import ConfiguredModel, ModelConfig, Transformer2DModelOutput
 from .flux import FluxTransformer2DModel
 from .hunyuan_video import HunyuanVideoTransformer3DModel
 from .qwen_image import QwenImageTransformer2DModel
-from .wan import WanExpertPair, WanTransformer3DModel
+from .wan import WanTransformer3DModel
+from .wan_experts import WanExpertPair
 from .z_image import ZImageTransformer2DModel
 
 __all__ = [

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..models.wan import WAN_TEACACHE_PRESETS, WanExpertPair, WanTransformer3DModel, wan_teacache_preset
+from ..models.wan import WAN_TEACACHE_PRESETS, WanTransformer3DModel, wan_teacache_preset
+from ..models.wan_experts import WanExpertPair
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline, to_unit_range
 

@@ -194,10 +194,11 @@ class SamplingParams:
             raise ValueError(f"cfg_truncation must be None or in [0, 1] (a normalised time), got {self.cfg_truncation}")
         for name in ("flow_shift", "cfg_normalization"):
             value = getattr(self, name)
-            if value is not None and _require_finite(name, value, minimum=0.0) <= 0:
+            if value is None:
+                continue
+            if _require_finite(name, value) <= 0:
                 raise ValueError(f"{name} must be None or a number > 0, got {value}")
-            if value is not None:
-                object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, float(value))
         if self.fps is not None:
             object.__setattr__(self, "fps", require_int("fps", self.fps, 1))
 

@@ -144,7 +144,8 @@ def test_optional_family_fields():
     assert SamplingParams().extras() == {}
     for kwargs, message in [
         (dict(flow_shift=0), "flow_shift must be None or a number > 0"),
-        (dict(cfg_normalization=-1.0), "cfg_normalization must be >= 0.0"),
+        (dict(flow_shift=-1), "flow_shift must be None or a number > 0, got -1"),
+        (dict(cfg_normalization=-1.0), "cfg_normalization must be None or a number > 0"),
         (dict(fps=2.5), "fps must be an integer"),
         (dict(true_cfg_scale=float("nan")), "true_cfg_scale must be a finite real number"),
         (dict(guidance_scale_2="3"), "guidance_scale_2 must be a finite real number"),

@@ -152,6 +152,23 @@ def test_z_image_matches_diffusers(z_image_folder, settings):
         assert negative_steps == (0, 1, 2, 3)
 
 
+def test_z_image_cfg_truncation_at_a_timestep_on_the_threshold(z_image_folder):
+    # flow_shift 1 and 5 steps put the timesteps at 1000, 800, ..., 200. The third step's normalised time
+    # is 0.4 in float64 but 0.40000001 in float32, the reference's precision: cfg_truncation=0.4 drops CFG
+    # there.
+    ours = load_pipeline(z_image_folder)
+    settings = dict(guidance_scale=1.0, negative_prompt=NEGATIVE, cfg_truncation=0.4)
+    params = SamplingParams(
+        num_inference_steps=5, seed=6, height=16, width=16, flow_shift=1.0, teacache_params=None, **settings
+    )
+    result = ours(PROMPT, params)
+    pipe = reference(z_image_folder, "ZImagePipeline")
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=1.0)
+    expected = run_reference(pipe, 6, prompt=PROMPT, num_inference_steps=5, height=16, width=16, **settings)
+    assert_parity(result.images, expected, tol=1e-5)
+    assert result.teacache_stats.negative.computed_steps == (0, 1)
+
+
 # ---- TeaCache through the loop ---------------------------------------------------------------------
 
 
@@ -280,6 +297,59 @@ def test_bad_api_arguments_are_rejected_before_any_work(flux_folder, tmp_path):
     ]:
         with pytest.raises(error, match=message):
             load_pipeline(**kwargs)
+
+
+def test_qwen_image_terminal_shift_scheduler_needs_two_steps(qwen_folder):
+    # Qwen-Image's released scheduler stretches its schedule to end at shift_terminal=0.02; with one step
+    # the stretch divides 0 by 0 and the reference returns a NaN image.
+    ours = load_pipeline(qwen_folder)
+    ours.scheduler = type(ours.scheduler).from_config(ours.scheduler.config, shift_terminal=0.02)
+    params = SamplingParams(
+        num_inference_steps=1, guidance_scale=1.0, seed=8, height=16, width=16, teacache_params=None
+    )
+    with pytest.raises(ValueError, match=r"num_inference_steps must be >= 2 with this scheduler \(its shift_terminal"):
+        ours(PROMPT, params)
+    result = ours(PROMPT, dataclasses.replace(params, num_inference_steps=2))
+    pipe = reference(qwen_folder, "QwenImagePipeline")
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift_terminal=0.02)
+    expected = run_reference(pipe, 8, prompt=PROMPT, true_cfg_scale=1.0, num_inference_steps=2, height=16, width=16)
+    assert_parity(result.images, expected, tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (0, r"max_sequence_length must be an integer >= 1, got 0"),
+        ("64", r"max_sequence_length must be an integer >= 1, got '64' \(str\)"),
+        (513, r"max_sequence_length must be at most 512 for FluxTextToImagePipeline, got 513"),
+    ],
+    ids=["zero", "string", "above-t5-length"],
+)
+def test_flux_max_sequence_length_is_checked_before_the_text_encoder(flux_folder, value, message):
+    pipe = load_pipeline(flux_folder)
+    pipe.max_sequence_length = value
+    with pytest.raises(ValueError, match=message):
+        pipe(PROMPT, SamplingParams(height=16, width=16, num_inference_steps=1, teacache_params=None))
+
+
+def test_qwen_image_max_sequence_length_limit(qwen_folder):
+    pipe = load_pipeline(qwen_folder)
+    pipe.max_sequence_length = 1025
+    with pytest.raises(ValueError, match="max_sequence_length must be at most 1024 for QwenImage"):
+        pipe(PROMPT, SamplingParams(height=16, width=16, num_inference_steps=1, teacache_params=None))
+
+
+def test_z_image_flow_shift_on_a_dynamic_shifting_scheduler_is_refused(z_image_folder):
+    pipe = load_pipeline(z_image_folder)
+    # A scheduler that shifts by resolution never reads `shift`: the override would do nothing.
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, use_dynamic_shifting=True)
+    params = SamplingParams(
+        height=16, width=16, num_inference_steps=1, guidance_scale=0.0, flow_shift=2.0, teacache_params=None
+    )
+    assert set(pipe.ignored_settings(params)) == {"flow_shift"}
+    with pytest.raises(ValueError, match=r"flow_shift=2\.0 has no effect: .*use_dynamic_shifting=True"):
+        pipe(PROMPT, params)
+    assert pipe(PROMPT, dataclasses.replace(params, flow_shift=None)).images.shape == (1, 3, 16, 16)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import torch
 from ..cache import TeaCacheStats
 from ..cache.state import BranchStats
 from ..layers.linear import set_linear_kernel
-from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams
+from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams, require_int
 from ..zoo import check_sampling_overrides
 
 if TYPE_CHECKING:
@@ -106,6 +106,8 @@ class Pipeline:
     is_video: ClassVar[bool] = False
     # Text encoding reads at most this many tokens (the diffusers pipeline's default).
     max_sequence_length: int = 512
+    # The largest `max_sequence_length` the family's reference pipeline accepts; None: no cap.
+    max_sequence_length_limit: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -307,6 +309,20 @@ class Pipeline:
                 )
         if not self.is_video and params.num_frames != 1:
             raise ValueError(f"num_frames must be 1 for an image model, got {params.num_frames}")
+        # A flow-matching schedule stretched to end at `shift_terminal` (Qwen-Image's) divides 0 by 0 when its
+        # only sigma is 1: one step would denoise with a NaN sigma and return a NaN image.
+        terminal = (getattr(self.scheduler, "config", None) or {}).get("shift_terminal")
+        if terminal and params.num_inference_steps < 2:
+            raise ValueError(
+                f"num_inference_steps must be >= 2 with this scheduler (its shift_terminal={terminal} stretches "
+                f"the schedule to end there, which one step cannot), got {params.num_inference_steps}"
+            )
+        # A settable attribute, not a SamplingParams field: checked here so that a bad value fails before the
+        # text encoder, not inside it.
+        length = require_int("max_sequence_length", self.max_sequence_length, 1)
+        limit = self.max_sequence_length_limit
+        if limit is not None and length > limit:
+            raise ValueError(f"max_sequence_length must be at most {limit} for {type(self).__name__}, got {length}")
 
     def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
         """The set `SamplingParams` fields this generation would not read, each with the reason: a negative

@@ -58,7 +58,18 @@ class ZImageTextToImagePipeline(Pipeline):
             for name in ("cfg_truncation", "cfg_normalization"):
                 if getattr(params, name) is not None:
                     ignored[name] = f"it shapes CFG, which is off ({self.cfg_rule})"
+        if params.flow_shift is not None and self.scheduler.config.get("use_dynamic_shifting", False):
+            ignored["flow_shift"] = (
+                "this scheduler derives its shift from the image size (use_dynamic_shifting=True in its config)"
+            )
         return ignored
+
+    def check_params(self, params: SamplingParams) -> None:
+        super().check_params(params)
+        # A dynamic-shifting scheduler never reads its `shift`, so the override would silently do nothing.
+        reason = self.ignored_settings(params).get("flow_shift")
+        if reason is not None:
+            raise ValueError(f"flow_shift={params.flow_shift!r} has no effect: {reason}; leave it None")
 
     def prepare_latents(self, batch: int, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
         factor = self.vae_scale_factor()
@@ -74,7 +85,13 @@ class ZImageTextToImagePipeline(Pipeline):
         return scheduler.timesteps
 
     def cfg_at_step(self, step: int, t: torch.Tensor, params: SamplingParams) -> bool:
-        return params.cfg_truncation is None or (1000 - t.float().item()) / 1000 <= params.cfg_truncation
+        if params.cfg_truncation is None:
+            return True
+        # The normalised time is computed in float32, as the reference does: in float64 a timestep that
+        # lands on the threshold (t = 600 for 0.4) gives exactly 0.4 and keeps CFG, while its float32
+        # value 0.40000001 lies above it and drops CFG.
+        normalised = ((1000 - t.float()) / 1000).item()
+        return normalised <= params.cfg_truncation
 
     def predict(
         self, transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, condition: Conditioning

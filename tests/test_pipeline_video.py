@@ -113,6 +113,20 @@ def run_both(folder, class_name, params, image=None, **reference_kwargs):
     return result
 
 
+def wan_reference_frames(folder, prompt, params, torch_dtype=None):
+    """diffusers' WanPipeline run on `params`' settings and seed (no negative prompt)."""
+    return reference(folder, "WanPipeline", torch_dtype)(
+        prompt=prompt,
+        num_inference_steps=params.num_inference_steps,
+        height=params.height,
+        width=params.width,
+        num_frames=params.num_frames,
+        guidance_scale=params.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(params.seed),
+        output_type="pt",
+    ).frames
+
+
 def wan_params(**settings):
     defaults = dict(num_inference_steps=3, seed=7, height=32, width=48, num_frames=5, teacache_params=None)
     return SamplingParams(**{**defaults, **settings})
@@ -178,16 +192,7 @@ def test_wan_batch_of_two_prompts(wan_folders):
     params = wan_params(guidance_scale=3.0, num_inference_steps=2)
     prompts = [PROMPT, "a blue bird at night"]
     result = pipe(prompts, params)
-    expected = reference(wan_folders["t2v"], "WanPipeline")(
-        prompt=prompts,
-        num_inference_steps=2,
-        height=32,
-        width=48,
-        num_frames=5,
-        guidance_scale=3.0,
-        generator=torch.Generator("cpu").manual_seed(7),
-        output_type="pt",
-    ).frames
+    expected = wan_reference_frames(wan_folders["t2v"], prompts, params)
     assert_parity(result.frames, expected, tol=1e-5)
     assert result.to_uint8().shape == (2, 5, 32, 48, 3)
 
@@ -198,17 +203,9 @@ def test_wan_half_precision_matches_diffusers(wan_folders, dtype):
     # half-precision weights, and the latents un-normalised with the reciprocal std rounded in the VAE's dtype.
     pipe = load_pipeline(wan_folders["t2v"], torch_dtype=dtype)
     assert pipe.dtype == dtype and pipe.transformer.scale_shift_table.dtype == torch.float32
-    result = pipe(PROMPT, wan_params(guidance_scale=4.0, num_inference_steps=2))
-    expected = reference(wan_folders["t2v"], "WanPipeline", dtype)(
-        prompt=PROMPT,
-        num_inference_steps=2,
-        height=32,
-        width=48,
-        num_frames=5,
-        guidance_scale=4.0,
-        generator=torch.Generator("cpu").manual_seed(7),
-        output_type="pt",
-    ).frames
+    params = wan_params(guidance_scale=4.0, num_inference_steps=2)
+    result = pipe(PROMPT, params)
+    expected = wan_reference_frames(wan_folders["t2v"], PROMPT, params, dtype)
     assert torch.equal(result.frames, expected.float())
 
 

@@ -251,6 +251,17 @@ def test_strict_loading_names_missing_unexpected_and_mismatched_keys(tmp_path, c
     assert count_reads == []
 
 
+def test_integer_tensors_for_float_weights_are_refused(tmp_path, count_reads):
+    save_reference("flux", tmp_path, max_shard_size="10GB")
+    path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["proj_out.weight"] = state["proj_out.weight"].to(torch.int8)
+    save_file(state, path)
+    with pytest.raises(CheckpointError, match=r"integer or boolean tensors for float weights .*: proj_out.weight"):
+        load_transformer(tmp_path, FluxTransformer2DModel)
+    assert count_reads == []
+
+
 def test_config_overrides_are_checked_against_the_weights(tmp_path):
     save_reference("flux", tmp_path)
     with pytest.raises(CheckpointError, match=r"missing keys: .*single_transformer_blocks.1"):
@@ -264,6 +275,8 @@ def test_config_overrides_are_checked_against_the_weights(tmp_path):
         (dict(torch_dtype=torch.int8), ValueError, "torch_dtype must be one of"),
         (dict(model_class=torch.nn.Linear), TypeError, "model_class must be a native model class"),
         (dict(config=[1]), TypeError, "config must be a mapping"),
+        (dict(device="gpu0"), ValueError, r"device must be 'cpu', 'cuda', 'cuda:N'"),
+        (dict(device="meta"), ValueError, "device 'meta' holds no data"),
     ],
 )
 def test_bad_arguments(kwargs, error, match, tmp_path):
@@ -289,3 +302,15 @@ def test_missing_paths_configs_and_pickles(tmp_path):
     (folder / "diffusion_pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"no \*.safetensors weights .*pickle checkpoints are not loaded"):
         load_transformer(tmp_path, FluxTransformer2DModel)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_refused_before_any_download(monkeypatch):
+    from teacache_models.weights import download
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("resolve_weights was reached")
+
+    monkeypatch.setattr(download, "resolve_weights", no_download)
+    with pytest.raises(ValueError, match="device 'cuda' is not available on this machine"):
+        FluxTransformer2DModel.from_pretrained("flux1-dev", device="cuda")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..weights.loading import resolve_device
 from ..zoo import ZooEntry, list_zoo, load_zoo_entry
 
 __all__ = ["load_components", "load_pipeline", "pipeline_class_for", "read_model_index", "resolve_device"]
@@ -80,29 +81,6 @@ def _to_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype) and dtype in TORCH_DTYPES.values():
         return dtype
     raise ValueError(f"torch_dtype must be None, one of {list(TORCH_DTYPES)} or the torch dtype, got {dtype!r}")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`device` as a `torch.device` this machine has, or a ValueError naming what is allowed."""
-    allowed = "'cpu', 'cuda', 'cuda:N' or another torch device this machine has"
-    if isinstance(device, str) and device.strip():
-        try:
-            device = torch.device(device.strip())
-        except RuntimeError:
-            raise ValueError(f"device must be {allowed}, got {device!r}") from None
-    if not isinstance(device, torch.device):
-        raise ValueError(f"device must be {allowed}, got {device!r}")
-    if device.type == "meta":
-        raise ValueError("device 'meta' holds no data: weights cannot be loaded onto it; use 'cpu' or 'cuda'")
-    if device.type == "cpu":
-        return device
-    try:  # an empty tensor asks the backend itself: built in, a device present, the index in range
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        text = str(error).strip() or type(error).__name__
-        reason = text.splitlines()[0].split(". ")[0][:200]  # torch's first sentence says which backend failed
-        raise ValueError(f"device {str(device)!r} is not available on this machine: {reason}") from None
-    return device
 
 
 def _load_transformer(folder: Path, model_class: type, dtype: torch.dtype | None, device: torch.device) -> Any:

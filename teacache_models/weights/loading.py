@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint, format_keys, open_checkpoint, read_tensor
 from .conversion import KeyMapping, OriginalFormat, detect_original_format
 from .errors import CheckpointError
 
-__all__ = ["TORCH_DTYPES", "from_pretrained", "load_transformer", "locate_weights"]
+__all__ = ["TORCH_DTYPES", "from_pretrained", "load_transformer", "locate_weights", "resolve_device"]
 
 M = TypeVar("M", bound=ConfiguredModel)
 
@@ -60,7 +60,7 @@ def load_transformer(
     if not (isinstance(model_class, type) and issubclass(model_class, ConfiguredModel)):
         raise TypeError(f"model_class must be a native model class (a ConfiguredModel), got {model_class!r}")
     dtype = _resolve_dtype(torch_dtype)
-    device = torch.device(device)
+    device = resolve_device(device)
     if config is not None and not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping of constructor arguments or None, got {type(config).__name__}")
     source = locate_weights(Path(path).expanduser(), subfolder)
@@ -95,6 +95,9 @@ def from_pretrained(
     from .download import resolve_weights
     from .manifest import load_manifest
 
+    # Checked before any download: a wrong device or dtype should not cost a multi-GB fetch first.
+    _resolve_dtype(torch_dtype)
+    resolve_device(device)
     if isinstance(path_or_name, str | Path) and Path(path_or_name).expanduser().exists():
         return load_transformer(path_or_name, model_class, subfolder, torch_dtype, device, config)
     entry = load_manifest(download_kwargs.get("manifest")).get(str(path_or_name))
@@ -130,6 +133,29 @@ def locate_weights(path: Path, subfolder: str | None) -> Path:
         return path
     where = f"no {subfolder}/ folder and " if subfolder else ""
     raise CheckpointError(f"{path} has {where}no config.json or *.safetensors of its own")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device` this machine has, or a ValueError naming what is allowed."""
+    allowed = "'cpu', 'cuda', 'cuda:N' or another torch device this machine has"
+    if isinstance(device, str) and device.strip():
+        try:
+            device = torch.device(device.strip())
+        except RuntimeError:
+            raise ValueError(f"device must be {allowed}, got {device!r}") from None
+    if not isinstance(device, torch.device):
+        raise ValueError(f"device must be {allowed}, got {device!r}")
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no data: weights cannot be loaded onto it; use 'cpu' or 'cuda'")
+    if device.type == "cpu":
+        return device
+    try:  # an empty tensor asks the backend itself: built in, a device present, the index in range
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        text = str(error).strip() or type(error).__name__
+        reason = text.splitlines()[0].split(". ")[0][:200]  # torch's first sentence says which backend failed
+        raise ValueError(f"device {str(device)!r} is not available on this machine: {reason}") from None
+    return device
 
 
 def _resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype:
@@ -194,18 +220,28 @@ def _mappings(original: OriginalFormat | None, shapes: dict, config: Mapping[str
 
 def _check_keys(model: torch.nn.Module, mappings: list[KeyMapping], checkpoint: Checkpoint) -> list[KeyMapping]:
     """Compare the checkpoint with the model by key and shape; return the mappings to load."""
-    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {key: tuple(tensor.shape) for key, tensor in state.items()}
     found = {m.target: m.shape(checkpoint.tensors[m.source].shape) for m in mappings}
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
     unexpected = [k for k in found if k not in expected and not any(p.search(k) for p in ignored)]
     missing = [k for k in expected if k not in found]
     mismatched = [f"{k} {found[k]} (model {expected[k]})" for k in found if k in expected and found[k] != expected[k]]
+    # Float weights stored as integers or booleans (quantized checkpoints) cannot be cast back to floats.
+    not_float = [
+        f"{m.target} ({checkpoint.tensors[m.source].dtype})"
+        for m in mappings
+        if m.target in expected
+        and state[m.target].is_floating_point()
+        and not checkpoint.tensors[m.source].dtype.is_floating_point
+    ]
     problems = [
         f"{label}: {format_keys(keys)}"
         for label, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("shape mismatches", mismatched),
+            ("integer or boolean tensors for float weights (quantized checkpoints are not supported)", not_float),
         )
         if keys
     ]

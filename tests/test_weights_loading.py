@@ -127,6 +127,9 @@ def test_wan_bfloat16_keeps_fp32_modules_as_diffusers_does(tmp_path):
     model = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert {k: v.dtype for k, v in model.state_dict().items()} == expected
     assert torch.float32 in expected.values() and torch.bfloat16 in expected.values()
+    # The model's dtype is the one it computes in, not that of its first (float32) parameter.
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.dtype == reference.dtype == torch.bfloat16
     inputs = test_wan.make_inputs(test_wan.I2V, 1, (1, 2, 2))
     inputs = {k: v.to(torch.bfloat16) if k != "timestep" else v for k, v in inputs.items()}
     assert_parity(predict(model, inputs), predict(reference, inputs), tol=0.0)

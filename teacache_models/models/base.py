@@ -13,13 +13,36 @@ import torch
 
 from ..layers.linear import linear_kernel_of, set_linear_kernel
 
-__all__ = ["ConfiguredModel", "ModelConfig", "Transformer2DModelOutput", "register_config"]
+__all__ = [
+    "ConfiguredModel",
+    "ModelConfig",
+    "Transformer2DModelOutput",
+    "compute_dtype",
+    "kept_in_float32",
+    "register_config",
+]
 
 # Keys diffusers writes into every config.json that are not constructor arguments.
 _CONFIG_METADATA_PREFIX = "_"
 
 F = TypeVar("F", bound=Callable[..., None])
 M = TypeVar("M", bound=torch.nn.Module)
+
+
+def kept_in_float32(model: torch.nn.Module, key: str) -> bool:
+    """Whether the parameter `key` belongs to a module the model's class keeps in float32 whatever the
+    model's dtype (`_keep_in_fp32_modules`): diffusers' rule, a listed name as a part of the dotted key."""
+    modules = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return any(name in key.split(".") for name in modules)
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model computes in, as diffusers' `ModelMixin.dtype`: that of its first floating-point
+    parameter outside the modules kept in float32 (Wan's scale-shift tables stay float32 in a bfloat16
+    model)."""
+    floating = [(key, p.dtype) for key, p in model.named_parameters() if p.is_floating_point()]
+    computed = (dtype for key, dtype in floating if not kept_in_float32(model, key))
+    return next(computed, floating[0][1] if floating else torch.float32)
 
 
 class ModelConfig(Mapping[str, Any]):
@@ -128,8 +151,8 @@ class ConfiguredModel(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the first floating-point parameter, as diffusers' `ModelMixin.dtype`."""
-        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+        """The dtype the model computes in (see `compute_dtype`), as diffusers' `ModelMixin.dtype`."""
+        return compute_dtype(self)
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,7 @@ import torch
 from ..cache import TeaCacheStats
 from ..cache.state import BranchStats
 from ..layers.linear import set_linear_kernel
+from ..models.base import compute_dtype
 from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams, require_int
 from ..zoo import check_sampling_overrides
 
@@ -161,17 +162,8 @@ class Pipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The transformer's compute dtype, which its inputs are cast to.
-
-        Modules in `_keep_in_fp32_modules` stay float32 in a half-precision model (Wan's first parameter,
-        `scale_shift_table`, is one), so they do not count: the first other floating weight decides, as
-        diffusers' `ModelMixin.dtype` does.
-        """
-        keep_fp32 = getattr(self.transformer, "_keep_in_fp32_modules", None) or ()
-        for name, parameter in self.transformer.named_parameters():
-            if parameter.is_floating_point() and not any(module in name.split(".") for module in keep_fp32):
-                return parameter.dtype
-        return next(self.transformer.parameters()).dtype
+        """The transformer's compute dtype, which its inputs are cast to (modules kept in float32 aside)."""
+        return compute_dtype(self.transformer)
 
     def default_sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
         """The zoo entry's sampling defaults (generic `SamplingParams` ones without an entry), TeaCache off

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..models.base import ConfiguredModel
+from ..models.base import ConfiguredModel, kept_in_float32
 from .checkpoint import Checkpoint, format_keys, open_checkpoint, read_tensor
 from .conversion import KeyMapping, OriginalFormat, detect_original_format
 from .errors import CheckpointError
@@ -264,7 +264,6 @@ def _load(
     dtype: torch.dtype,
     device: torch.device,
 ) -> None:
-    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
     by_file: dict[Path, dict[str, list[KeyMapping]]] = defaultdict(lambda: defaultdict(list))
     for mapping in mappings:
         by_file[checkpoint.tensors[mapping.source].file][mapping.source].append(mapping)
@@ -276,9 +275,7 @@ def _load(
                 for mapping in sources[source]:
                     value = mapping.apply(tensor)
                     if value.is_floating_point():
-                        # diffusers' rule: a module name anywhere in the dotted key keeps it in float32.
-                        fp32 = any(name in mapping.target.split(".") for name in keep_fp32)
-                        value = value.to(torch.float32 if fp32 else dtype)
+                        value = value.to(torch.float32 if kept_in_float32(model, mapping.target) else dtype)
                     shard[mapping.target] = value.to(device)
                 del tensor
         model.load_state_dict(shard, strict=False, assign=True)

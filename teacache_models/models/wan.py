@@ -211,8 +211,12 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     """
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D / 2) each
     cos, sin = cos[..., 0::2], sin[..., 1::2]
-    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    # Written into the strided halves of one output (the rounding to x's dtype happens on assignment):
+    # cheaper than stacking the two halves and flattening them.
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
 
 
 class WanImageEmbedding(nn.Module):

@@ -84,6 +84,23 @@ class DecoderInputs:
         vae.decode = spy
 
 
+def reference_settings(params):
+    """The keyword arguments of a diffusers video pipeline for `params`: its settings, and its seed as a
+    generator."""
+    settings = dict(
+        num_inference_steps=params.num_inference_steps,
+        height=params.height,
+        width=params.width,
+        num_frames=params.num_frames,
+        guidance_scale=params.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(params.seed),
+        output_type="pt",
+    )
+    if params.negative_prompt is not None:
+        settings["negative_prompt"] = params.negative_prompt
+    return settings
+
+
 def run_both(folder, class_name, params, image=None, **reference_kwargs):
     ours = load_pipeline(folder)
     ours_decoded = DecoderInputs(ours.vae)
@@ -91,40 +108,15 @@ def run_both(folder, class_name, params, image=None, **reference_kwargs):
     result = ours(PROMPT, params, **inputs)
     pipe = reference(folder, class_name)
     theirs_decoded = DecoderInputs(pipe.vae)
-    settings = dict(
-        prompt=PROMPT,
-        num_inference_steps=params.num_inference_steps,
-        height=params.height,
-        width=params.width,
-        num_frames=params.num_frames,
-        guidance_scale=params.guidance_scale,
-    )
-    if params.negative_prompt is not None:
-        settings["negative_prompt"] = params.negative_prompt
-    expected = pipe(
-        generator=torch.Generator("cpu").manual_seed(params.seed),
-        output_type="pt",
-        **inputs,
-        **settings,
-        **reference_kwargs,
-    ).frames
+    expected = pipe(prompt=PROMPT, **inputs, **reference_settings(params), **reference_kwargs).frames
     assert_parity(ours_decoded.seen[0], theirs_decoded.seen[0], tol=1e-5)
     assert_parity(result.frames, expected, tol=1e-5)
     return result
 
 
 def wan_reference_frames(folder, prompt, params, torch_dtype=None):
-    """diffusers' WanPipeline run on `params`' settings and seed (no negative prompt)."""
-    return reference(folder, "WanPipeline", torch_dtype)(
-        prompt=prompt,
-        num_inference_steps=params.num_inference_steps,
-        height=params.height,
-        width=params.width,
-        num_frames=params.num_frames,
-        guidance_scale=params.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(params.seed),
-        output_type="pt",
-    ).frames
+    """diffusers' WanPipeline run on `params`' settings and seed."""
+    return reference(folder, "WanPipeline", torch_dtype)(prompt=prompt, **reference_settings(params)).frames
 
 
 def wan_params(**settings):

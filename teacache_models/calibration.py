@@ -6,17 +6,16 @@ to the change of what the blocks produce (y). Calibration observes both during g
 nothing and fits `numpy.polyfit(x, y, degree)`, per model.
 
 Recording works on any model with the `TeaCacheMixin` seam and any sampler that declares its steps with
-`model.teacache_step(...)`: `DistanceRecorder` wraps the instance's `teacache_indicator` and
-`forward_blocks` while the sampler runs with `calibration_params(indicator)`, a threshold of 0 (bit-identical
-to an uncached run) that makes the model compute the chosen indicator at every step.
+`model.teacache_step(...)`: `DistanceRecorder` watches each step through the model's step observer
+(`add_teacache_observer`) while the sampler runs with `calibration_params(indicator)`, a threshold of 0
+(bit-identical to an uncached run) that makes the model compute the chosen indicator at every step.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from .cache.mixin import TeaCacheMixin, relative_l1_distance
+from .cache.state import StepObservation
 from .params import TeaCacheParams
 
 __all__ = [
@@ -76,25 +76,24 @@ class DistanceRecorder:
             sample(demo, prompts, seeds, teacache=calibration_params("temb"))
         records = recorder.records
 
-    The wrappers live on the instance only while the context is open. Each `enable_teacache` call starts a
-    new generation; a branch's first step, or a step that does not follow the branch's previous one, gives
-    no record.
+    It watches the model through a step observer (`add_teacache_observer`) while the context is open;
+    nothing on the model is replaced. Each `enable_teacache` call starts a new generation; a branch's
+    first step, or a step that does not follow the branch's previous one, gives no record.
     """
 
     def __init__(self, model: TeaCacheMixin, target: str = "output") -> None:
-        if not isinstance(model, TeaCacheMixin):
+        if not callable(getattr(model, "add_teacache_observer", None)):
             raise TypeError(f"model must be a TeaCacheMixin model, got {type(model).__name__}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
         self.model = model
         self.target = target
         self.records: list[DistanceRecord] = []
-        self._generation = -1
-        self._step: tuple[int, bool] | None = None
-        self._indicator: torch.Tensor | None = None
-        # Per branch: (step, indicator, target tensor) of the branch's latest computed step.
-        self._previous: dict[bool, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        self._wrapped: list[str] = []
+        # The model's generation counter -> this recorder's generation index, in order of appearance.
+        self._generations: dict[int, int] = {}
+        # Per branch: (generation, step, indicator, target tensor) of the branch's latest step.
+        self._previous: dict[bool, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self._handle: Any = None
 
     def points(self, is_cfg_negative: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of all records, or of one branch's."""
@@ -102,89 +101,36 @@ class DistanceRecorder:
         return np.array([r.x for r in chosen]), np.array([r.y for r in chosen])
 
     def __enter__(self) -> DistanceRecorder:
-        if self._wrapped:
+        if self._handle is not None:
             raise RuntimeError("this DistanceRecorder is already recording")
-        model = self.model
-        if "forward_blocks" in vars(model):
-            raise RuntimeError(
-                f"this {type(model).__name__} is already being recorded (or has its forward_blocks replaced): "
-                "one DistanceRecorder per model at a time"
-            )
-        enable, step_context, branch_context = model.enable_teacache, model.teacache_step, model.teacache_branch
-        indicator, blocks = model.teacache_indicator, model.forward_blocks
-
-        def enable_teacache(params: TeaCacheParams, num_inference_steps: int) -> None:
-            if isinstance(params, TeaCacheParams) and params.teacache_thresh != 0:
-                raise ValueError(
-                    f"a recording run must skip nothing: got teacache_thresh={params.teacache_thresh}; "
-                    "run the sampler with calibration_params(indicator)"
-                )
-            enable(params, num_inference_steps)
-            self._generation += 1
-            self._previous.clear()
-
-        @contextmanager
-        def teacache_step(step_index: int, is_cfg_negative: bool = False, batched_cfg: bool = False) -> Iterator[None]:
-            with step_context(step_index, is_cfg_negative, batched_cfg):
-                self._step = (step_index, is_cfg_negative)
-                try:
-                    yield
-                finally:
-                    self._step = None
-
-        @contextmanager
-        def teacache_branch(is_cfg_negative: bool) -> Iterator[None]:
-            outer = self._step
-            with branch_context(is_cfg_negative):
-                self._step = None if outer is None else (outer[0], is_cfg_negative)
-                try:
-                    yield
-                finally:
-                    self._step = outer
-
-        def teacache_indicator(hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
-            value = indicator(hidden_states, **block_inputs)
-            self._indicator = value.detach()
-            return value
-
-        def forward_blocks(hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
-            output = blocks(hidden_states, **block_inputs)
-            if self._step is not None:
-                if self._indicator is None:
-                    raise RuntimeError(
-                        "the block stack ran without its indicator: run the sampler with "
-                        "teacache=calibration_params(indicator) while recording"
-                    )
-                target = output if self.target == "output" else output - hidden_states
-                self._record(*self._step, self._indicator, target.detach())
-            self._indicator = None
-            return output
-
-        for name, wrapper in (
-            ("enable_teacache", enable_teacache),
-            ("teacache_step", teacache_step),
-            ("teacache_branch", teacache_branch),
-            ("teacache_indicator", teacache_indicator),
-            ("forward_blocks", forward_blocks),
-        ):
-            object.__setattr__(model, name, wrapper)
-            self._wrapped.append(name)
+        self._handle = self.model.add_teacache_observer(self._observe)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for name in self._wrapped:
-            object.__delattr__(self.model, name)
-        self._wrapped.clear()
+        self._handle.remove()
+        self._handle = None
         self._previous.clear()
-        self._step = self._indicator = None
 
-    def _record(self, step: int, is_cfg_negative: bool, indicator: torch.Tensor, target: torch.Tensor) -> None:
-        previous = self._previous.get(is_cfg_negative)
-        if previous is not None and previous[0] == step - 1:
-            x = relative_l1_distance(indicator, previous[1]).item()
-            y = relative_l1_distance(target, previous[2]).item()
-            self.records.append(DistanceRecord(self._generation, is_cfg_negative, step, x, y))
-        self._previous[is_cfg_negative] = (step, indicator, target)
+    def _observe(self, step: StepObservation) -> None:
+        params = step.teacache_params
+        if params is not None and params.teacache_thresh != 0:
+            raise ValueError(
+                f"a recording run must skip nothing: got teacache_thresh={params.teacache_thresh}; "
+                "run the sampler with calibration_params(indicator)"
+            )
+        if step.indicator is None:
+            raise RuntimeError(
+                "the block stack ran without its indicator: run the sampler with "
+                "teacache=calibration_params(indicator) while recording"
+            )
+        generation = self._generations.setdefault(step.generation, len(self._generations))
+        target = step.output if self.target == "output" else step.output - step.hidden_states
+        previous = self._previous.get(step.is_cfg_negative)
+        if previous is not None and previous[:2] == (generation, step.step_index - 1):
+            x = relative_l1_distance(step.indicator, previous[2]).item()
+            y = relative_l1_distance(target, previous[3]).item()
+            self.records.append(DistanceRecord(generation, step.is_cfg_negative, step.step_index, x, y))
+        self._previous[step.is_cfg_negative] = (generation, step.step_index, step.indicator, target)
 
 
 @dataclass(frozen=True)

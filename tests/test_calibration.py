@@ -61,8 +61,9 @@ def test_recorder_counts_every_step_pair_per_branch_and_leaves_output_unchanged(
         assert sorted({r.generation for r in records}) == [0, 1]
         assert [r.step for r in records] == [1, 2, 3] * 2
         assert all(r.x > 0 and r.y > 0 for r in records)
-    # The wrappers are gone afterwards.
-    assert "forward_blocks" not in vars(model) and "teacache_step" not in vars(model)
+    # Nothing on the model was replaced, and the observer is gone afterwards.
+    assert not {"forward_blocks", "teacache_step", "teacache_indicator", "enable_teacache"} & set(vars(model))
+    assert not model.__dict__.get("_teacache_observers")
 
 
 def test_recorder_measures_the_indicator_and_the_block_stack(wan_pipe):
@@ -136,12 +137,28 @@ def test_recorder_refuses_a_second_recorder_and_bad_params():
     from tests.test_teacache_core import TinyModel
 
     model = TinyModel()
-    with DistanceRecorder(model):
-        with pytest.raises(RuntimeError, match="one DistanceRecorder per model"), DistanceRecorder(model):
+    recorder = DistanceRecorder(model)
+    with recorder:
+        with pytest.raises(RuntimeError, match="already recording"), recorder:
             pass
         with pytest.raises(TypeError, match="params must be a TeaCacheParams"):
             model.enable_teacache({"teacache_thresh": 0.0}, 4)
     assert not {"enable_teacache", "forward_blocks"} & set(vars(model))
+
+
+def test_two_recorders_watch_one_model_at_once():
+    from tests.test_teacache_core import TinyModel
+
+    model = TinyModel()
+    x = torch.randn(1, 3, 8)
+    with DistanceRecorder(model) as first, DistanceRecorder(model, target="residual") as second:
+        model.enable_teacache(calibration_params(), 4)
+        for step in range(4):
+            with torch.no_grad(), model.teacache_step(step):
+                model(x, torch.tensor([1.0 - 0.2 * step]))
+    assert [r.step for r in first.records] == [r.step for r in second.records] == [1, 2, 3]
+    assert [r.x for r in first.records] == [r.x for r in second.records]
+    assert not model.__dict__.get("_teacache_observers")
 
 
 # ---- zoo config writer -----------------------------------------------------------------------------

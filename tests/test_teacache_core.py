@@ -719,3 +719,56 @@ def test_importing_the_package_leaves_the_compiler_unloaded():
     code = "import sys, teacache_models.models, teacache_models.pipelines; print('torch._dynamo' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "False"
+
+
+# ---- step observer ---------------------------------------------------------------------------------
+
+
+def test_step_observer_sees_every_step_of_every_branch_and_changes_nothing():
+    model = TinyModel()
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    params = TeaCacheParams(teacache_thresh=0.15)
+    plain = generate(model, params, xs)
+    seen = []
+    with model.add_teacache_observer(seen.append):
+        observed = generate(model, params, xs)
+        with torch.no_grad():
+            model(xs[0], torch.tensor([1.0]))  # outside a step context: not a step, not observed
+    assert all(torch.equal(a, b) for a, b in zip(plain, observed, strict=True))
+    stats = model.teacache_stats()
+    assert [s.step_index for s in seen] == list(range(len(TIMESTEPS)))
+    assert tuple(s.step_index for s in seen if s.skipped) == stats.positive.skipped_steps
+    assert {s.generation for s in seen} == {1} and not any(s.is_cfg_negative for s in seen)
+    for step, (s, x, t) in enumerate(zip(seen, xs, TIMESTEPS, strict=True)):
+        assert s.indicator_name == "modulated_input" and s.teacache_params is params
+        hidden = model.embed(x).detach()
+        assert torch.equal(s.hidden_states, hidden)
+        assert torch.equal(s.indicator, torch.full_like(hidden, t))
+        if s.skipped:
+            computed = next(c for c in reversed(seen[:step]) if not c.skipped)
+            assert torch.equal(s.output, hidden + (computed.output - computed.hidden_states))
+        else:
+            assert torch.equal(s.output, model.forward_blocks(hidden, torch.tensor([t])))
+        if step in (0, len(TIMESTEPS) - 1):  # forced: no distance is computed
+            assert s.distance is None and s.accumulated_rel_l1_distance == 0
+        else:
+            assert s.distance == pytest.approx(abs(t - TIMESTEPS[step - 1]) / TIMESTEPS[step - 1], rel=1e-6)
+    # Removed: no more observations.
+    generate(model, params, xs)
+    assert len(seen) == len(TIMESTEPS)
+
+
+def test_step_observer_without_a_decision_and_per_branch():
+    model = TinyModel()
+    seen = []
+    handle = model.add_teacache_observer(seen.append)
+    x = make_input(0)
+    with torch.no_grad(), model.teacache_step(0):
+        model(x, torch.tensor([1.0]))  # TeaCache never enabled: a step without a decision
+    assert seen[-1].indicator is None and seen[-1].teacache_params is None and not seen[-1].skipped
+    generate(model, TeaCacheParams(teacache_thresh=0.5), [x] * 3, [1.0, 0.9, 0.8], negative=True)
+    assert [(s.step_index, s.is_cfg_negative) for s in seen[1:]] == [(0, True), (1, True), (2, True)]
+    handle.remove()
+    handle.remove()  # a second remove is harmless
+    with pytest.raises(TypeError, match="observer must be callable"):
+        model.add_teacache_observer("not a function")

@@ -1,6 +1,15 @@
 """TeaCache: skip a diffusion transformer's block stack when its input has barely moved."""
 
-from .mixin import Deferred, TeaCacheMixin, relative_l1_distance
-from .state import BranchStats, TeaCacheStats
+from .mixin import Deferred, ObserverHandle, StepObserver, TeaCacheMixin, relative_l1_distance
+from .state import BranchStats, StepObservation, TeaCacheStats
 
-__all__ = ["BranchStats", "Deferred", "TeaCacheMixin", "TeaCacheStats", "relative_l1_distance"]
+__all__ = [
+    "BranchStats",
+    "Deferred",
+    "ObserverHandle",
+    "StepObservation",
+    "StepObserver",
+    "TeaCacheMixin",
+    "TeaCacheStats",
+    "relative_l1_distance",
+]

@@ -31,9 +31,11 @@ import torch
 import torch.distributed as dist
 
 from ..params import TeaCacheParams, evaluate_polynomial, require_int
-from .state import BranchState, BranchStats, TeaCacheSession, TeaCacheStats, branch_name
+from .state import BranchState, BranchStats, StepObservation, TeaCacheSession, TeaCacheStats, branch_name
 
-__all__ = ["Deferred", "TeaCacheMixin", "relative_l1_distance"]
+__all__ = ["Deferred", "ObserverHandle", "StepObserver", "TeaCacheMixin", "relative_l1_distance"]
+
+StepObserver = Callable[[StepObservation], None]
 
 
 def relative_l1_distance(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ _OUTSIDE_GRAPHS: dict[str, Callable[..., Any]] = {}
 
 def _prepare_for_compile() -> None:
     if not _OUTSIDE_GRAPHS and "torch._dynamo" in sys.modules:
-        for name in ("_teacache_plan", "_teacache_record", "_claim_batched_cfg_call"):
+        for name in ("_teacache_plan", "_teacache_record", "_teacache_notify", "_claim_batched_cfg_call"):
             _OUTSIDE_GRAPHS[name] = torch.compiler.disable(getattr(TeaCacheMixin, name))
 
 
@@ -141,6 +143,25 @@ class _StepContext:
     # The branches whose state the call has changed (both for a batched call split per branch): what a
     # failed call must undo.
     planned: list[bool] = field(default_factory=list)
+    # What the decision saw, for the step observers: the indicator and its relative L1 distance.
+    indicator: torch.Tensor | None = None
+    distance: float | None = None
+
+
+class ObserverHandle:
+    """Returned by `add_teacache_observer`; `remove()` detaches the observer (also as a context manager)."""
+
+    def __init__(self, observers: dict[int, StepObserver], key: int) -> None:
+        self._observers, self._key = observers, key
+
+    def remove(self) -> None:
+        self._observers.pop(self._key, None)
+
+    def __enter__(self) -> ObserverHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
 
 
 class TeaCacheMixin:
@@ -205,6 +226,7 @@ class TeaCacheMixin:
             raise RuntimeError("enable_teacache() cannot be called inside a teacache_step() context")
         _prepare_for_compile()
         coefficients, first_forced, last_forced = self.teacache_schedule(params)
+        self.__dict__["_teacache_generation"] = self.__dict__.get("_teacache_generation", -1) + 1
         self.__dict__["_teacache_session"] = TeaCacheSession(
             params=params,
             coefficients=coefficients,
@@ -233,6 +255,20 @@ class TeaCacheMixin:
                 f"group must be a torch.distributed.ProcessGroup or None, got {group!r} ({type(group).__name__})"
             )
         self.__dict__["_teacache_group"] = group
+
+    def add_teacache_observer(self, observer: StepObserver) -> ObserverHandle:
+        """Call `observer(StepObservation)` after every step the model runs inside a `teacache_step()`
+        context: the indicator, the block-stack input and output, the decision, the step and the branch.
+
+        Observers watch; they must not change the tensors they receive. Returns a handle whose `remove()`
+        detaches the observer.
+        """
+        if not callable(observer):
+            raise TypeError(f"observer must be callable, got {type(observer).__name__}")
+        observers: dict[int, StepObserver] = self.__dict__.setdefault("_teacache_observers", {})
+        key = max(observers, default=-1) + 1
+        observers[key] = observer
+        return ObserverHandle(observers, key)
 
     @property
     def teacache_enabled(self) -> bool:
@@ -395,23 +431,31 @@ class TeaCacheMixin:
     # ---- the cached block stack -----------------------------------------------------------------
 
     def run_blocks(self, hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
-        """Run the block stack, or reuse this branch's cached residual when TeaCache decides to skip."""
-        action, residual = _helper("_teacache_plan")(self, hidden_states, block_inputs)
+        """Run the block stack, or reuse this branch's cached residual when TeaCache decides to skip.
+
+        Inside a `teacache_step()` context the step observers then see the step (`add_teacache_observer`).
+        """
+        action, residual, observed = _helper("_teacache_plan")(self, hidden_states, block_inputs)
         if action == "skip":
-            return hidden_states + residual
-        output = self.forward_blocks(hidden_states, **_materialize(block_inputs))
-        if action == "compute":
-            _helper("_teacache_record")(self, output, hidden_states)
+            output = hidden_states + residual
+        else:
+            output = self.forward_blocks(hidden_states, **_materialize(block_inputs))
+            if action == "compute":
+                _helper("_teacache_record")(self, output, hidden_states)
+        if observed:
+            _helper("_teacache_notify")(self, action == "skip", hidden_states, output)
         return output
 
     def _teacache_plan(
         self, hidden_states: torch.Tensor, block_inputs: dict[str, Any]
-    ) -> tuple[str, torch.Tensor | None]:
-        """("run", None): plain call; ("compute", None): run and cache; ("skip", residual): reuse the residual."""
+    ) -> tuple[str, torch.Tensor | None, bool]:
+        """(action, residual, observed): "run" (a plain call, or TeaCache off), "compute" (run and cache) or
+        "skip" (reuse the residual), and whether step observers watch this call."""
         context: _StepContext | None = self.__dict__.get("_teacache_context")
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        observed = context is not None and bool(self.__dict__.get("_teacache_observers"))
         if context is None or session is None or session.closed:
-            return "run", None
+            return "run", None, observed
         self._claim(context)
         if context.batched_cfg and session.active:
             raise ValueError(
@@ -428,15 +472,38 @@ class TeaCacheMixin:
             )
         if not session.active:
             state.computed_steps.append(context.step_index)
-            return "run", None
+            return "run", None, observed
 
         indicator = self.teacache_indicator(hidden_states, **block_inputs)
+        context.indicator = indicator.detach()
         signature = _inputs_signature(hidden_states, indicator, block_inputs)
-        if self._should_skip(session, state, context.step_index, signature, indicator):
+        if self._should_skip(session, state, context, signature, indicator):
             state.skipped_steps.append(context.step_index)
             state.consecutive_skips += 1
-            return "skip", state.skip_residual(context.step_index, session.params.residual_order)
-        return "compute", None
+            return "skip", state.skip_residual(context.step_index, session.params.residual_order), observed
+        return "compute", None, observed
+
+    def _teacache_notify(self, skipped: bool, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+        context: _StepContext = self.__dict__["_teacache_context"]
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        active = session is not None and session.active and not session.closed
+        state = session.branches[context.is_cfg_negative] if active else None
+        observation = StepObservation(
+            generation=self.__dict__.get("_teacache_generation", -1),
+            step_index=context.step_index,
+            is_cfg_negative=context.is_cfg_negative,
+            indicator_name=self.teacache_indicator_name,
+            indicator=context.indicator,
+            hidden_states=hidden_states.detach(),
+            output=output.detach(),
+            skipped=skipped,
+            distance=context.distance,
+            accumulated_rel_l1_distance=None if state is None else state.accumulated_rel_l1_distance,
+            teacache_params=session.params if active else None,
+        )
+        context.indicator = context.distance = None
+        for observer in list(self.__dict__.get("_teacache_observers", {}).values()):
+            observer(observation)
 
     def _teacache_record(self, output: torch.Tensor, hidden_states: torch.Tensor) -> None:
         context: _StepContext = self.__dict__["_teacache_context"]
@@ -451,10 +518,11 @@ class TeaCacheMixin:
         self,
         session: TeaCacheSession,
         state: BranchState,
-        step_index: int,
+        context: _StepContext,
         signature: tuple,
         indicator: torch.Tensor,
     ) -> bool:
+        step_index = context.step_index
         previous = state.previous_modulated_input
         forced = (
             step_index < session.first_forced_steps
@@ -471,6 +539,7 @@ class TeaCacheMixin:
             distance = relative_l1_distance(indicator, previous).item()
         state.previous_modulated_input = indicator.detach()
         state.input_signature = signature
+        context.distance = None if forced else distance
         if forced:
             state.accumulated_rel_l1_distance = 0.0
             return False

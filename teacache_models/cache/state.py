@@ -9,7 +9,7 @@ import torch
 
 from ..params import TeaCacheParams
 
-__all__ = ["BranchState", "BranchStats", "TeaCacheSession", "TeaCacheStats", "branch_name"]
+__all__ = ["BranchState", "BranchStats", "StepObservation", "TeaCacheSession", "TeaCacheStats", "branch_name"]
 
 
 def branch_name(is_cfg_negative: bool) -> str:
@@ -83,6 +83,36 @@ class BranchState:
         self.previous_residual = None
         self.older_residual = None
         self.input_signature = None
+
+
+@dataclass(frozen=True)
+class StepObservation:
+    """What a step observer (`TeaCacheMixin.add_teacache_observer`) sees of one step of one CFG branch.
+
+    Attributes:
+        generation: counts the model's `enable_teacache` calls (-1 before the first).
+        step_index, is_cfg_negative: the step and branch declared by `teacache_step()`.
+        indicator_name: the indicator of the running generation (the model's default when TeaCache is off).
+        indicator: the indicator the decision read, None when TeaCache made no decision (off, or switched off).
+        hidden_states, output: the block stack's input and output (on a skipped step: the input plus the
+            cached residual).
+        skipped: TeaCache reused the residual instead of running the blocks.
+        distance: the indicator's relative L1 change from the branch's previous step, None on a forced step.
+        accumulated_rel_l1_distance: the branch's accumulator after the decision, None without a decision.
+        teacache_params: the running generation's parameters, None when TeaCache is off.
+    """
+
+    generation: int
+    step_index: int
+    is_cfg_negative: bool
+    indicator_name: str
+    indicator: torch.Tensor | None
+    hidden_states: torch.Tensor
+    output: torch.Tensor
+    skipped: bool
+    distance: float | None
+    accumulated_rel_l1_distance: float | None
+    teacache_params: TeaCacheParams | None
 
 
 @dataclass

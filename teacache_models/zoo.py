@@ -20,7 +20,7 @@ from .weights.manifest import FAMILY_TRANSFORMERS
 __all__ = ["TASKS", "ZOO_DIR", "TeaCachePreset", "ZooEntry", "check_sampling_overrides", "list_zoo", "load_zoo_entry"]
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
-FAMILIES = ("flux", "wan", "hunyuan_video", "qwen_image", "z_image")
+FAMILIES = ("flux", "wan", "hunyuan_video", "hunyuan_video15", "qwen_image", "z_image")
 # Names that select no preset: `sampling_params` and the CLI read them as "cache off" and "the default preset".
 _RESERVED_PRESET_NAMES = ("off", "default")
 # t2i text-to-image, t2v text-to-video, i2v image-to-video (an image is required), ti2v text-and-image-to-video

@@ -1,4 +1,4 @@
-"""Wan and HunyuanVideo on several CPU ranks (Gloo): sequence-parallel, CFG-parallel and both at once.
+"""Wan, HunyuanVideo and HunyuanVideo-1.5 on several CPU ranks (Gloo): sequence-parallel, CFG-parallel and both at once.
 
 Every rank builds the same random model and computes the single-process result itself, then the
 parallel one, and compares: outputs in float32 to a tight tolerance, TeaCache skip schedules exactly.
@@ -11,7 +11,7 @@ import torch
 
 from teacache_models import TeaCacheParams
 from teacache_models.distributed import ParallelState
-from teacache_models.models import HunyuanVideoTransformer3DModel
+from teacache_models.models import HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel
 from teacache_models.models.wan import WanTransformer3DModel
 from tests import tiny_configs
 from tests.test_distributed_primitives import spawn_ranks
@@ -22,6 +22,7 @@ NUM_STEPS = 6
 LINEAR = (1.0, 0.0)  # rescaled distance = raw distance
 
 WAN_TINY, WAN_I2V, HV_TINY = tiny_configs.WAN_TINY, tiny_configs.WAN_I2V, tiny_configs.HUNYUAN_VIDEO_TINY
+HV15_TINY = tiny_configs.HUNYUAN_VIDEO15_TINY
 HV_TOKEN_REPLACE = dict(HV_TINY, num_layers=2, num_single_layers=2, image_condition_type="token_replace")
 
 
@@ -72,6 +73,10 @@ def hunyuan(config: dict, seed: int) -> HunyuanVideoTransformer3DModel:
     return randomize_(HunyuanVideoTransformer3DModel(**config), seed).eval()
 
 
+def hunyuan15(config: dict, seed: int) -> HunyuanVideo15Transformer3DModel:
+    return randomize_(HunyuanVideo15Transformer3DModel(**config), seed).eval()
+
+
 def _forward(model, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0]
@@ -95,6 +100,18 @@ def _sequence_parallel_forwards(state: ParallelState) -> int:
             hunyuan(HV_TOKEN_REPLACE, 4),
             hv_inputs(HV_TOKEN_REPLACE, 1, (3, 3, 3), (4,), 6),
         ),
+        # HunyuanVideo-1.5 T2V: 45 image tokens (odd), padded text and glyph masks, masked image tokens.
+        (
+            hunyuan15(HV15_TINY, 5),
+            tiny_configs.hunyuan_video15_inputs(HV15_TINY, 2, (3, 3, 5), (3, 7), 9, (0, 4), 6, 4, False),
+        ),
+        # HunyuanVideo-1.5 I2V, step-distilled (MeanFlow timestep_r).
+        (
+            hunyuan15(dict(HV15_TINY, use_meanflow=True), 6),
+            tiny_configs.hunyuan_video15_inputs(
+                dict(HV15_TINY, use_meanflow=True), 1, (3, 1, 3), (5,), 5, (2,), 3, 2, True
+            ),
+        ),
     ]
     for model, inputs in cases:
         expected = _forward(model, inputs)
@@ -107,7 +124,7 @@ def _sequence_parallel_forwards(state: ParallelState) -> int:
 
 
 def test_sequence_parallel_forward_equals_one_process(tmp_path):
-    assert spawn_ranks(_sequence_parallel_forwards, tmp_path) == [5, 5]
+    assert spawn_ranks(_sequence_parallel_forwards, tmp_path) == [7, 7]
 
 
 # ---- denoising loops with TeaCache -------------------------------------------------------------------
@@ -124,6 +141,13 @@ class Family:
             positive, negative = wan_inputs(self.config, 1, grid, seed=5), wan_inputs(self.config, 1, grid, seed=6)
             # Wan's published indicator (temb) is the same on every rank; the modulated input is per token.
             self.params = TeaCacheParams(teacache_thresh=0.9, coefficients=LINEAR, indicator="modulated_input")
+        elif name == "hunyuan_video15":
+            # Latent channels only (no condition channels), so the prediction updates all of them.
+            self.config = dict(HV15_TINY, in_channels=HV15_TINY["out_channels"])
+            case = (1, (3, 3, 3), (4,), 6, (2,), 3, 2, True)
+            positive = tiny_configs.hunyuan_video15_inputs(self.config, *case, seed=5)
+            negative = tiny_configs.hunyuan_video15_inputs(self.config, *case, seed=6)
+            self.params = TeaCacheParams(teacache_thresh=0.7, coefficients=LINEAR)
         else:
             self.config = HV_TINY
             positive = hv_inputs(self.config, 1, (3, 3, 3), (4,), 6, seed=5)
@@ -136,7 +160,8 @@ class Family:
         self.conditions = {False: positive, True: negative}
 
     def model(self) -> torch.nn.Module:
-        return wan(self.config, 7) if self.name == "wan" else hunyuan(self.config, 7)
+        build = {"wan": wan, "hunyuan": hunyuan, "hunyuan_video15": hunyuan15}[self.name]
+        return build(self.config, 7)
 
     def denoise(self, model, branches: tuple[bool, ...], cfg=None) -> torch.Tensor:
         """Euler steps with CFG scale 4; `cfg` (a CFGParallel) computes this rank's branch only."""
@@ -194,7 +219,7 @@ def _check_loops(state: ParallelState, families: tuple[str, ...]) -> dict:
 
 
 def _wan_and_hunyuan_loops(state: ParallelState) -> dict:
-    return _check_loops(state, ("wan", "hunyuan"))
+    return _check_loops(state, ("wan", "hunyuan", "hunyuan_video15"))
 
 
 def _combined_loops(state: ParallelState) -> dict:

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from teacache_models import models
-from tests import test_flux, test_hunyuan_video, test_qwen_image, test_wan, test_z_image
+from tests import test_flux, test_hunyuan_video, test_hunyuan_video15, test_qwen_image, test_wan, test_z_image
 
 FAMILIES = {
     "FluxTransformer2DModel": test_flux.CONFIGS,
     "WanTransformer3DModel": test_wan.CONFIGS,
     "HunyuanVideoTransformer3DModel": test_hunyuan_video.CONFIGS,
+    "HunyuanVideo15Transformer3DModel": test_hunyuan_video15.CONFIGS,
     "QwenImageTransformer2DModel": test_qwen_image.CONFIGS,
     "ZImageTransformer2DModel": test_z_image.CONFIGS,
 }

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel as ReferenceFlux
+from diffusers import HunyuanVideo15Transformer3DModel as ReferenceHunyuanVideo15
 from diffusers import HunyuanVideoTransformer3DModel as ReferenceHunyuanVideo
 from diffusers import QwenImageTransformer2DModel as ReferenceQwenImage
 from diffusers import WanTransformer3DModel as ReferenceWan
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from teacache_models.models import (
     FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     WanTransformer3DModel,
@@ -21,7 +23,7 @@ from teacache_models.models import (
 )
 from teacache_models.weights import CheckpointError, load_transformer
 from teacache_models.weights import loading as loading_module
-from tests import test_flux, test_hunyuan_video, test_qwen_image, test_wan, test_z_image
+from tests import test_flux, test_hunyuan_video, test_hunyuan_video15, test_qwen_image, test_wan, test_z_image
 from tests.utils import assert_parity, randomize_
 
 # family -> (ours, diffusers class, tiny config, inputs)
@@ -39,6 +41,12 @@ FAMILIES = {
         ReferenceHunyuanVideo,
         test_hunyuan_video.TINY,
         lambda c: test_hunyuan_video.make_inputs(c, 2, (1, 2, 3), (3, 5), 5),
+    ),
+    "hunyuan_video15": (
+        HunyuanVideo15Transformer3DModel,
+        ReferenceHunyuanVideo15,
+        test_hunyuan_video15.TINY,
+        lambda c: test_hunyuan_video15.make_inputs(c, *test_hunyuan_video15.CASES["batch2-i2v-glyph-padding"]),
     ),
     "qwen_image": (
         QwenImageTransformer2DModel,

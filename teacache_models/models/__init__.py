@@ -3,6 +3,7 @@
 from .base import ConfiguredModel, ModelConfig, Transformer2DModelOutput
 from .flux import FluxTransformer2DModel
 from .hunyuan_video import HunyuanVideoTransformer3DModel
+from .hunyuan_video15 import HunyuanVideo15Transformer3DModel
 from .qwen_image import QwenImageTransformer2DModel
 from .wan import WanTransformer3DModel
 from .wan_experts import WanExpertPair
@@ -11,6 +12,7 @@ from .z_image import ZImageTransformer2DModel
 __all__ = [
     "ConfiguredModel",
     "FluxTransformer2DModel",
+    "HunyuanVideo15Transformer3DModel",
     "HunyuanVideoTransformer3DModel",
     "ModelConfig",
     "QwenImageTransformer2DModel",

@@ -348,8 +348,12 @@ class HunyuanVideoIndividualTokenRefinerBlock(nn.Module):
 
 
 class HunyuanVideoIndividualTokenRefiner(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, num_layers: int) -> None:
+    """`attend_first_token`: every query may also attend to token 0, so that padded queries have one key
+    and their (discarded) softmax stays finite (HunyuanVideo); HunyuanVideo-1.5 does without."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_layers: int, attend_first_token: bool = True) -> None:
         super().__init__()
+        self.attend_first_token = attend_first_token
         self.refiner_blocks = nn.ModuleList(
             [HunyuanVideoIndividualTokenRefinerBlock(num_heads, head_dim) for _ in range(num_layers)]
         )
@@ -358,10 +362,9 @@ class HunyuanVideoIndividualTokenRefiner(nn.Module):
         """Text (B, Lt, D), conditioning (B, D), boolean text mask (B, Lt) or None -> text (B, Lt, D)."""
         square = None
         if mask is not None:
-            # Valid tokens attend to valid tokens; every query may also attend to token 0, so that padded
-            # queries have one key and their (discarded) softmax stays finite.
-            square = mask[:, None, None, :] & mask[:, None, :, None]  # (B, 1, Lt, Lt)
-            square[:, :, :, 0] = True
+            square = mask[:, None, None, :] & mask[:, None, :, None]  # (B, 1, Lt, Lt): valid attends valid
+            if self.attend_first_token:
+                square[:, :, :, 0] = True
         for block in self.refiner_blocks:
             x = block(x, temb, square)
         return x
@@ -370,12 +373,14 @@ class HunyuanVideoIndividualTokenRefiner(nn.Module):
 class HunyuanVideoTokenRefiner(nn.Module):
     """Text encoder states -> refined text tokens, conditioned on the timestep and their masked mean."""
 
-    def __init__(self, in_channels: int, num_heads: int, head_dim: int, num_layers: int) -> None:
+    def __init__(
+        self, in_channels: int, num_heads: int, head_dim: int, num_layers: int, attend_first_token: bool = True
+    ) -> None:
         super().__init__()
         dim = num_heads * head_dim
         self.time_text_embed = HunyuanVideoConditionEmbedding(dim, in_channels)
         self.proj_in = nn.Linear(in_channels, dim)
-        self.token_refiner = HunyuanVideoIndividualTokenRefiner(num_heads, head_dim, num_layers)
+        self.token_refiner = HunyuanVideoIndividualTokenRefiner(num_heads, head_dim, num_layers, attend_first_token)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text (B, Lt, text_embed_dim), timestep (B,) or (1,), 0/1 mask (B, Lt) or None -> text (B, Lt, D)."""
@@ -454,7 +459,7 @@ class HunyuanVideoSingleTransformerBlock(nn.Module):
         return mod.gated_add(tokens, self.proj_out(torch.cat([attn, mlp], dim=2)))
 
 
-def _joint_attention_mask(text_mask: torch.Tensor, image_len: int) -> torch.Tensor:
+def joint_attention_mask(text_mask: torch.Tensor, image_len: int) -> torch.Tensor:
     """Boolean key mask (B, 1, 1, Li + Lt) for the image+text attention.
 
     As in the reference, only the number of valid text tokens counts: the first that many text tokens
@@ -466,7 +471,14 @@ def _joint_attention_mask(text_mask: torch.Tensor, image_len: int) -> torch.Tens
     return (positions[None, :] < valid[:, None])[:, None, None, :]
 
 
-def _as_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """Frame-major patch tokens (B, F' * H' * W', p_t * p * p * C) -> video (B, C, F' * p_t, H' * p, W' * p)."""
+    video = tokens.reshape(tokens.shape[0], *grid, -1, *patch)
+    video = video.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', p_t, H', p, W', p)
+    return video.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def timestep_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
     """A number or a (), (1,) or (B,) tensor -> (1,) or (B,) tensor (a single value broadcasts)."""
     if not isinstance(value, torch.Tensor):
         if isinstance(value, bool) or not isinstance(value, Real):
@@ -579,11 +591,11 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         p, p_t = self.config.patch_size, self.config.patch_size_t
         grid = (frames // p_t, height // p, width // p)
         device = hidden_states.device
-        timestep = _as_vector("timestep", timestep, batch, device)
+        timestep = timestep_vector("timestep", timestep, batch, device)
         if self.config.guidance_embeds:
             if guidance is None:
                 raise ValueError("guidance is required: this model has guidance_embeds=True (the distilled release)")
-            guidance = _as_vector("guidance", guidance, batch, device)
+            guidance = timestep_vector("guidance", guidance, batch, device)
         else:
             guidance = None
 
@@ -599,7 +611,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
             sp.begin(image_len)
             hidden_states = sp.shard(hidden_states)  # (B, Li / N, D)
             image_len, first_frame_tokens = sp.padded_length, sp.local_count(first_frame_tokens)
-        attention_mask = _joint_attention_mask(text_mask, image_len)  # (B, 1, 1, Li + Lt)
+        attention_mask = joint_attention_mask(text_mask, image_len)  # (B, 1, 1, Li + Lt)
 
         def rope() -> tuple[torch.Tensor, torch.Tensor]:
             cos, sin = self.rope(grid, device)
@@ -620,9 +632,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         output = self.proj_out(self.norm_out(hidden_states, temb))  # (B, Li, p_t * p * p * C)
         if sp is not None:
             output = sp.gather(output)  # every rank's shard: (B, Li, p_t * p * p * C)
-        output = output.reshape(batch, *grid, -1, p_t, p, p)
-        output = output.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', p_t, H', p, W', p)
-        output = output.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
+        output = unpatchify(output, grid, (p_t, p, p))  # (B, C, F, H, W)
         return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
 
     # ---- TeaCache seam ----------------------------------------------------------------------------
@@ -696,7 +706,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         if encoder_hidden_states.shape[1] == 0:
             raise ValueError("encoder_hidden_states must hold at least one text token, got 0")
         check_dtype("encoder_hidden_states", encoder_hidden_states, self.context_embedder.proj_in.weight.dtype)
-        text_mask = _check_text_mask(encoder_attention_mask, encoder_hidden_states)
+        text_mask = check_text_mask(encoder_attention_mask, encoder_hidden_states)
 
         check_tensor("pooled_projections", pooled_projections, ((1, batch), config.pooled_projection_dim))
         check_dtype("pooled_projections", pooled_projections, self.time_text_embed.text_embedder.linear_1.weight.dtype)
@@ -704,7 +714,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         return text_mask
 
 
-def _check_text_mask(mask: Any, text: torch.Tensor) -> torch.Tensor:
+def check_text_mask(mask: Any, text: torch.Tensor) -> torch.Tensor:
     shape = tuple(text.shape[:2])
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=text.device)

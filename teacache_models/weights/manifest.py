@@ -27,6 +27,7 @@ FAMILY_TRANSFORMERS = {
     "flux": "FluxTransformer2DModel",
     "wan": "WanTransformer3DModel",
     "hunyuan_video": "HunyuanVideoTransformer3DModel",
+    "hunyuan_video15": "HunyuanVideo15Transformer3DModel",
     "qwen_image": "QwenImageTransformer2DModel",
     "z_image": "ZImageTransformer2DModel",
 }

@@ -609,8 +609,13 @@ def generate_and_write(
     if args.compare:
         uncached_files = write_outputs(uncached, uncached_path(output), len(args.prompt), args.grid, fps)
         pixels, reference = (r.frames if r.is_video else r.images for r in (result, uncached))
+        stats = result.teacache_stats
+        calls = stats.num_computed + stats.num_skipped
         comparison = {
             "speedup": seconds["uncached"]["denoising"] / seconds["TeaCache"]["denoising"],
+            "paired_speedups": seconds.pop("paired_speedups"),
+            # What the computed steps allow if a skipped step cost nothing.
+            "ideal_speedup": calls / stats.num_computed if stats.num_computed else None,
             "speedup_total": seconds["uncached"]["total"] / seconds["TeaCache"]["total"],
             "repeats": args.repeats,
             "median_seconds": seconds,
@@ -631,7 +636,12 @@ def generate_and_write(
     write_atomically(output.with_suffix(".json"), lambda p: p.write_text(text + "\n"), ".json")
     print(f"{', '.join(str(f) for f in files)}: {result.summary()}")
     if comparison is not None:
-        median = f" (medians of {args.repeats} runs)" if args.repeats > 1 else ""
+        paired, ideal = comparison["paired_speedups"], comparison["ideal_speedup"]
+        median = f" (medians of {args.repeats} runs, speedup {min(paired):.2f}-{max(paired):.2f}x by run)"
+        median = median if args.repeats > 1 else ""
+        if ideal is not None:
+            noise = "; measured above it: timing noise" if comparison["speedup"] > ideal else ""
+            median += f"; ideal {ideal:.2f}x from the computed steps{noise}"
         print(
             f"speedup {comparison['speedup']:.2f}x with TeaCache: denoising {seconds['uncached']['denoising']:.2f} s "
             f"uncached, {seconds['TeaCache']['denoising']:.2f} s cached{median}; total "
@@ -657,6 +667,10 @@ def compare(
         label: {stage: statistics.median(r.timings[stage] for r in results) for stage in ("denoising", "total")}
         for label, results in runs.items()
     }
+    # Each repeat's uncached run against the cached run beside it: the spread of the speedup.
+    seconds["paired_speedups"] = [
+        u.timings["denoising"] / c.timings["denoising"] for u, c in zip(runs["uncached"], runs["TeaCache"], strict=True)
+    ]
     return runs["TeaCache"][-1], runs["uncached"][-1], seconds
 
 

@@ -70,6 +70,10 @@ def read_grid(path: Path, rows: int, columns: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(cells)).float().div(127.5).sub(1).unsqueeze(1)
 
 
+def entry_steps(name: str) -> int:
+    return load_zoo_entry(name).sampling.num_inference_steps
+
+
 @pytest.mark.parametrize("name", ["flux-digits", "wan-digits"])
 def test_readme_command_writes_a_recognisable_grid_and_prints_the_speedup(name, cli, digit_reader, tmp_path, capsys):
     output = tmp_path / "demo" / f"{name}.png"
@@ -90,6 +94,9 @@ def test_readme_command_writes_a_recognisable_grid_and_prints_the_speedup(name, 
     comparison = record["comparison"]
     assert comparison["speedup"] == pytest.approx(float(match.group(1)), abs=0.01) and comparison["speedup"] > 0
     assert comparison["psnr_db"] > 30
+    computed = int(counts.group(1)) + int(counts.group(3))
+    assert comparison["ideal_speedup"] == pytest.approx(2 * entry_steps(name) / computed)
+    assert len(comparison["paired_speedups"]) == comparison["repeats"]
     assert record["zoo_entry"] == name and record["prompt"] == PROMPTS and record["grid"] is True
     entry = load_zoo_entry(name)
     assert (

@@ -59,7 +59,11 @@ def test_png_sidecar_and_summary(cli, folder, tmp_path, capsys):
     assert record["sampling_params"]["seed"] == 3 and record["sampling_params"]["num_inference_steps"] == 5
     assert record["sampling_params"]["teacache_params"]["teacache_thresh"] == 1e6
     assert record["sampling_params"]["teacache_params"]["coefficients"] == [1.0, 0.0]
-    assert record["teacache_stats"]["branches"]["positive"] == {"computed_steps": [0, 4], "skipped_steps": [1, 2, 3]}
+    assert record["teacache_stats"]["branches"]["positive"] == {
+        "computed_steps": [0, 4],
+        "skipped_steps": [1, 2, 3],
+        "limit_forced_steps": [],
+    }
     assert set(record["timings_s"]) == {"text_encoding", "denoising", "decoding", "total"}
     assert record["zoo_entry"] == "flux1-dev" and record["dtype"] == "float32"
     out = capsys.readouterr().out.strip().splitlines()[-1]
@@ -98,8 +102,13 @@ def test_residual_order_and_skip_limit_flags(cli, folder, tmp_path):
     record = json.loads(output.with_suffix(".json").read_text())
     params = record["sampling_params"]["teacache_params"]
     assert params["residual_order"] == 1 and params["max_consecutive_skips"] == 2
-    # Two skips in a row at most: step 3 computes although the threshold is never reached.
-    assert record["teacache_stats"]["branches"]["positive"] == {"computed_steps": [0, 3, 4], "skipped_steps": [1, 2]}
+    # Two skips in a row at most: step 3 computes although the threshold is never reached, and is recorded as
+    # the limit's doing (step 4, the last, always computes).
+    assert record["teacache_stats"]["branches"]["positive"] == {
+        "computed_steps": [0, 3, 4],
+        "skipped_steps": [1, 2],
+        "limit_forced_steps": [3],
+    }
 
 
 def test_teacache_off_matches_the_python_api(cli, folder, tmp_path):
@@ -316,7 +325,7 @@ def test_wan_mp4_sidecar_and_summary(cli, wan_folders, tmp_path, capsys):
     assert record["sampling_params"]["num_frames"] == 5 and record["sampling_params"]["fps"] == 16
     branches = record["teacache_stats"]["branches"]
     for branch in ("positive", "negative"):  # Wan's zoo default runs CFG 5.0: both branches cached apart
-        assert branches[branch] == {"computed_steps": [0, 2], "skipped_steps": [1]}
+        assert branches[branch] == {"computed_steps": [0, 2], "skipped_steps": [1], "limit_forced_steps": []}
     assert "negative: 2 computed, 1 skipped" in capsys.readouterr().out
     assert not list(output.parent.glob(".partial-*"))
 

@@ -203,8 +203,13 @@ def test_max_consecutive_skips_forces_a_compute():
     stats = model.teacache_stats()
     assert stats.positive.computed_steps == (0, 2, 4, 6, 7)
     assert stats.positive.skipped_steps == (1, 3, 5)
+    # Step 2 computes by the limit alone (the threshold, from the same state, skips it without the limit).
+    assert stats.positive.limit_forced_steps == (2,)
+    assert "positive: 5 computed (1 by max_consecutive_skips), 3 skipped" in stats.summary()
     generate(model, TeaCacheParams(teacache_thresh=0.15, max_consecutive_skips=2), xs)
-    assert model.teacache_stats().positive.computed_steps == (0, 3, 6, 7)
+    stats = model.teacache_stats()
+    # The threshold computes after two skips anyway: the limit decides nothing.
+    assert stats.positive.computed_steps == (0, 3, 6, 7) and stats.positive.limit_forced_steps == ()
 
 
 class TinyModelWithDeferredInput(TinyModel):

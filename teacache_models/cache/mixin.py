@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..params import TeaCacheParams, evaluate_polynomial, require_int
-from .state import BranchState, BranchStats, StepObservation, TeaCacheSession, TeaCacheStats, branch_name
+from .state import BranchState, StepObservation, TeaCacheSession, TeaCacheStats, branch_name
 
 __all__ = ["Deferred", "ObserverHandle", "StepObserver", "TeaCacheMixin", "relative_l1_distance"]
 
@@ -387,8 +387,8 @@ class TeaCacheMixin:
             enabled=session.active,
             teacache_thresh=session.params.teacache_thresh,
             num_inference_steps=session.num_inference_steps,
-            positive=BranchStats(tuple(positive.computed_steps), tuple(positive.skipped_steps)),
-            negative=BranchStats(tuple(negative.computed_steps), tuple(negative.skipped_steps)),
+            positive=positive.stats(),
+            negative=negative.stats(),
             disabled_reason=session.disabled_reason,
         )
 
@@ -530,8 +530,8 @@ class TeaCacheMixin:
             or previous is None
             or state.previous_residual is None
             or signature != state.input_signature
-            or state.consecutive_skips >= (session.params.max_consecutive_skips or session.num_inference_steps)
         )
+        at_limit = state.consecutive_skips >= (session.params.max_consecutive_skips or session.num_inference_steps)
         group = self.__dict__.get("_teacache_group")
         if group is not None:
             forced, distance = _group_distance(indicator, previous, forced, group)
@@ -547,7 +547,11 @@ class TeaCacheMixin:
         thresh = session.params.teacache_thresh
         # A threshold of 0 never skips, whatever sign the rescaled distance has, so that 0 is exact.
         if thresh > 0 and state.accumulated_rel_l1_distance < thresh:
-            return True
+            if not at_limit:
+                return True
+            # The skip limit, not the threshold, makes this step compute: recorded apart, so that a schedule
+            # the limit alone sets (a fixed interval) is never mistaken for TeaCache's decision.
+            state.limit_forced_steps.append(step_index)
         state.accumulated_rel_l1_distance = 0.0
         return False
 

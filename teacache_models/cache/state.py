@@ -35,6 +35,11 @@ class BranchState:
     input_signature: tuple | None = None
     computed_steps: list[int] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
+    # Computed steps that the threshold would have skipped: `max_consecutive_skips` made them compute.
+    limit_forced_steps: list[int] = field(default_factory=list)
+
+    def stats(self) -> BranchStats:
+        return BranchStats(tuple(self.computed_steps), tuple(self.skipped_steps), tuple(self.limit_forced_steps))
 
     def skip_residual(self, step_index: int, order: int) -> torch.Tensor:
         """What a skipped step adds to the block-stack input (see `TeaCacheParams.residual_order`)."""
@@ -70,7 +75,7 @@ class BranchState:
         The failure may have come between the decision and the residual it would have cached, so the
         indicator and residual kept so far no longer belong together.
         """
-        for steps in (self.computed_steps, self.skipped_steps):
+        for steps in (self.computed_steps, self.skipped_steps, self.limit_forced_steps):
             if steps and steps[-1] == step_index:
                 steps.pop()
         self.release_tensors()
@@ -136,10 +141,15 @@ class TeaCacheSession:
 
 @dataclass(frozen=True)
 class BranchStats:
-    """Which step indices of one CFG branch ran the block stack and which reused the cached residual."""
+    """Which step indices of one CFG branch ran the block stack and which reused the cached residual.
+
+    `limit_forced_steps`, a subset of `computed_steps`, are those that computed only because
+    `max_consecutive_skips` steps had been skipped in a row: the threshold did not decide them.
+    """
 
     computed_steps: tuple[int, ...] = ()
     skipped_steps: tuple[int, ...] = ()
+    limit_forced_steps: tuple[int, ...] = ()
 
     @property
     def num_computed(self) -> int:
@@ -184,6 +194,7 @@ class TeaCacheStats:
                 name: {
                     "computed_steps": list(stats.computed_steps),
                     "skipped_steps": list(stats.skipped_steps),
+                    "limit_forced_steps": list(stats.limit_forced_steps),
                 }
                 for name, stats in (("positive", self.positive), ("negative", self.negative))
             },
@@ -194,7 +205,9 @@ class TeaCacheStats:
         parts = []
         for name, stats in (("positive", self.positive), ("negative", self.negative)):
             if stats.num_computed or stats.num_skipped:
-                parts.append(f"{name}: {stats.num_computed} computed, {stats.num_skipped} skipped")
+                forced = stats.limit_forced_steps
+                by_limit = f" ({len(forced)} by max_consecutive_skips)" if forced else ""
+                parts.append(f"{name}: {stats.num_computed} computed{by_limit}, {stats.num_skipped} skipped")
         text = "; ".join(parts) if parts else "no cached steps recorded"
         if self.disabled_reason:
             text += f" (TeaCache disabled: {self.disabled_reason})"

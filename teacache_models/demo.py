@@ -37,6 +37,7 @@ __all__ = [
     "DemoModel",
     "DigitTextEncoder",
     "digit_prompt",
+    "encode_png",
     "fit_digit_classifier",
     "images_to_tensor",
     "load_demo_model",
@@ -203,6 +204,11 @@ def make_grid(images: np.ndarray, columns: int, scale: int = 1, padding: int = 2
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
     """Write a uint8 grey (H, W) or RGB (H, W, 3) image as PNG with zlib alone (no imaging library)."""
+    Path(path).write_bytes(encode_png(image))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 grey (H, W) or RGB (H, W, 3) image as the bytes of a PNG file (zlib alone)."""
     image = np.ascontiguousarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise ValueError(f"image must be uint8 of shape (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
@@ -215,8 +221,7 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
     # Every scanline starts with filter type 0 (none).
     raw = b"".join(b"\x00" + row.tobytes() for row in image.reshape(height, -1))
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
 def load_digits(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +255,7 @@ def test_write_failure_names_the_output(cli, folder, tmp_path, capsys, monkeypat
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     output = tmp_path / "x.png"
     assert cli.main(base_args(folder, output)) == 1
     assert f"--output: cannot write {str(output)!r} in {str(tmp_path)!r}: Permission denied" in capsys.readouterr().err

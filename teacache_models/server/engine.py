@@ -1,0 +1,386 @@
+"""The server's engine: a bounded queue of generation jobs and one worker thread that runs them in turn.
+
+One pipeline serves every request. Its transformer holds TeaCache's state, and `Pipeline.__call__` resets
+that state when a generation starts (`enable_teacache`) and frees it when it ends, so running the jobs one
+at a time gives every request its own cache: no two generations are ever in flight on one model.
+
+A job stops at the next step boundary (the pipeline's step callback raises) when it is cancelled, when
+its client went away, when it passed its deadline, or when the server shuts down; an error inside one
+job fails that job only. Under torchrun, rank 0 runs this engine and sends every job, and every
+step's go-on-or-stop decision, to the other ranks (`follow`), which compute the same generation with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..params import SamplingParams
+
+__all__ = ["Engine", "Job", "JobStoppedError", "QueueFullError", "follow"]
+
+log = logging.getLogger("teacache_models.server")
+
+QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "queued", "in_progress", "completed", "failed", "cancelled"
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+# Why a job was stopped -> (final status, the reason recorded on the job).
+STOP_REASONS = {
+    "cancelled": (CANCELLED, "cancelled by the client"),
+    "disconnected": (CANCELLED, "the client disconnected"),
+    "shutdown": (CANCELLED, "the server is shutting down"),
+    "timeout": (FAILED, "the request did not finish within the server's --request-timeout"),
+}
+# Finished video jobs kept for GET /v1/videos; the oldest beyond this are forgotten (their files stay).
+MAX_FINISHED_JOBS = 1000
+
+
+class JobStoppedError(Exception):
+    """Raised from the step callback to stop a generation at a step boundary."""
+
+
+class QueueFullError(Exception):
+    """The queue holds --max-queue waiting jobs; `retry_after_s` estimates when a slot frees."""
+
+    def __init__(self, max_queue: int, retry_after_s: float) -> None:
+        super().__init__(f"the queue is full ({max_queue} jobs waiting); retry after {retry_after_s:.2f} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation: what to run, and its state as the worker advances it.
+
+    `finish` (run on the worker thread) turns the pipeline's result into what the job keeps (PNG bytes,
+    an MP4 file); `on_done` callbacks run once the job is finished, on the worker or the cancelling thread.
+    """
+
+    kind: str
+    prompts: list[str]
+    params: SamplingParams
+    inputs: dict[str, Any] = field(default_factory=dict)
+    finish: Callable[[Job, Any], Any] | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: float = field(default_factory=time.time)
+    deadline: float | None = None  # time.monotonic() by which the job must be finished
+    status: str = QUEUED
+    step: int = 0
+    num_steps: int = 0
+    error: str | None = None
+    error_code: str | None = None
+    result: Any = None
+    output: Any = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    queue_wait_s: float | None = None
+    stop_reason: str | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+    _callbacks: list[Callable[[Job], None]] = field(default_factory=list)
+    _queued_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.num_steps = self.params.num_inference_steps
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def on_done(self, callback: Callable[[Job], None]) -> None:
+        """Call `callback(job)` once the job is finished (at once if it already is)."""
+        self._callbacks.append(callback)
+        if self.done.is_set():
+            callback(self)
+
+    def _set_done(self) -> None:
+        self.completed_at = time.time()
+        self.done.set()
+        for callback in list(self._callbacks):
+            try:
+                callback(self)
+            except Exception:  # a waiter's callback must not break the worker
+                log.exception("a job's completion callback failed")
+
+
+class Engine:
+    """Runs jobs one at a time on a worker thread; at most `max_queue` jobs wait behind the running one.
+
+    Args:
+        pipe: the loaded pipeline (every job runs `pipe(prompts, params, progress=..., **inputs)`).
+        max_queue: jobs that may wait; a submission beyond that raises `QueueFullError`.
+        request_timeout_s: a job's whole life, waiting and running, from submission; None: no limit.
+        parallel: this rank's `ParallelState` under torchrun (rank 0), None alone.
+        observer: called with each finished job (the metrics).
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        max_queue: int,
+        request_timeout_s: float | None = None,
+        parallel: Any = None,
+        observer: Callable[[Job], None] | None = None,
+        heartbeat_s: float = 30.0,
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.pipe = pipe
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.parallel = parallel
+        self.observer = observer
+        self.heartbeat_s = heartbeat_s
+        self._queue: collections.deque[Job] = collections.deque()
+        self._jobs: dict[str, Job] = {}  # video jobs by id, for GET /v1/videos
+        self._running: Job | None = None
+        self._lock = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Seconds per finished job (exponential average), for Retry-After.
+        self._service_s = 1.0
+        self.max_depth_seen = 0
+
+    # ---- state ------------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        """The kept (video) jobs, newest first."""
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda job: job.created_at, reverse=True)
+
+    def forget(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def estimated_wait_s(self) -> float:
+        """When a queue slot is expected to free: the running job's remaining time, about one job."""
+        return self._service_s
+
+    # ---- submission and cancellation --------------------------------------------------------------
+
+    def submit(self, job: Job, keep: bool = False) -> Job:
+        """Queue `job` (`keep`: list it under GET /v1/videos); `QueueFullError` when --max-queue jobs wait."""
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("the server is shutting down and takes no new work")
+            self._expire_locked()
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(self.max_queue, self.estimated_wait_s())
+            if self.request_timeout_s is not None:
+                job.deadline = time.monotonic() + self.request_timeout_s
+            job._queued_at = time.monotonic()
+            self._queue.append(job)
+            self.max_depth_seen = max(self.max_depth_seen, len(self._queue))
+            if keep:
+                self._jobs[job.id] = job
+                self._trim_locked()
+            self._lock.notify_all()
+        return job
+
+    def cancel(self, job: Job, reason: str = "cancelled") -> bool:
+        """Stop `job`: a queued one at once (its slot frees), a running one at its next step boundary.
+        False when it had already finished."""
+        with self._lock:
+            if job.finished:
+                return False
+            job.stop_reason = job.stop_reason or reason
+            if job.status == QUEUED:
+                self._queue.remove(job)
+                self._finish_stopped_locked(job)
+            return True
+
+    def _finish_stopped_locked(self, job: Job) -> None:
+        status, message = STOP_REASONS[job.stop_reason]
+        job.status = status
+        job.error = message if status == FAILED else None
+        job.error_code = job.stop_reason
+        self._lock.notify_all()
+        self._after(job)
+
+    def _expire_locked(self) -> None:
+        """Queued jobs past their deadline fail now and free their slots."""
+        now = time.monotonic()
+        for job in [j for j in self._queue if j.deadline is not None and now > j.deadline]:
+            job.stop_reason = "timeout"
+            self._queue.remove(job)
+            self._finish_stopped_locked(job)
+
+    def _trim_locked(self) -> None:
+        finished = [j for j in self._jobs.values() if j.finished]
+        for job in sorted(finished, key=lambda j: j.created_at)[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self._jobs[job.id]
+
+    def _after(self, job: Job) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(job)
+            except Exception:
+                log.exception("the job observer failed")
+        job._set_done()
+
+    # ---- the worker -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="teacache-engine", daemon=True)
+        self._thread.start()
+
+    def drain(self) -> None:
+        """Take no new work and cancel every queued job; the running one goes on."""
+        with self._lock:
+            self._accepting = False
+            for job in list(self._queue):
+                job.stop_reason = "shutdown"
+                self._queue.remove(job)
+                self._finish_stopped_locked(job)
+
+    def stop(self, grace_s: float) -> bool:
+        """Drain, let the running job finish within `grace_s`, else stop it at its next step; end the
+        worker. True when the worker ended in time."""
+        self.drain()
+        deadline = time.monotonic() + max(0.0, grace_s)
+        running = self._running
+        if running is not None:
+            running.done.wait(max(0.0, deadline - time.monotonic()))
+            if not running.done.is_set():
+                self.cancel(running, "shutdown")
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            # A step in flight must end before the cancellation is seen; a few more seconds for it.
+            self._thread.join(max(5.0, deadline - time.monotonic()))
+            return not self._thread.is_alive()
+        return True
+
+    def _next(self) -> Job | None:
+        with self._lock:
+            while True:
+                self._expire_locked()
+                if self._queue:
+                    job = self._queue.popleft()
+                    self._running = job
+                    job.status = IN_PROGRESS
+                    job.started_at = time.time()
+                    job.queue_wait_s = time.monotonic() - job._queued_at
+                    return job
+                if self._stopping:
+                    return None
+                if not self._lock.wait(self.heartbeat_s) and self.parallel is not None:
+                    # Idle: tell the other ranks so that their wait for the next job does not time out.
+                    self._lock.release()
+                    try:
+                        self.parallel.broadcast_object(("idle",))
+                    finally:
+                        self._lock.acquire()
+
+    def _work(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                if self.parallel is not None:
+                    self.parallel.broadcast_object(("stop",))
+                return
+            started = time.monotonic()
+            self._run(job)
+            elapsed = time.monotonic() - started
+            self._service_s = 0.8 * self._service_s + 0.2 * elapsed
+            with self._lock:
+                self._running = None
+                self._after(job)
+
+    def _progress(self, job: Job) -> Callable[[int, int], None]:
+        def progress(done: int, total: int) -> None:
+            job.step, job.num_steps = done, total
+            if job.stop_reason is None and job.deadline is not None and time.monotonic() > job.deadline:
+                job.stop_reason = "timeout"
+            with self._lock:
+                self._expire_locked()
+            stop = job.stop_reason is not None and done < total
+            if self.parallel is not None:
+                self.parallel.broadcast_object(stop)  # every rank stops at the same step
+            if stop:
+                raise JobStoppedError(job.stop_reason)
+
+        return progress
+
+    def _run(self, job: Job) -> None:
+        """Run one job to its end state; any error fails this job only."""
+        try:
+            if job.stop_reason is not None:
+                raise JobStoppedError(job.stop_reason)
+            if self.parallel is not None:
+                self.parallel.broadcast_object(("job", job.prompts, job.params, job.inputs))
+            job.result = self.pipe(job.prompts, job.params, progress=self._progress(job), **job.inputs)
+            if job.finish is not None:
+                job.output = job.finish(job, job.result)
+            job.status = COMPLETED
+        except JobStoppedError:
+            status, message = STOP_REASONS[job.stop_reason]
+            log.info("job %s stopped at step %d of %d: %s", job.id, job.step, job.num_steps, message)
+            job.status, job.error_code = status, job.stop_reason
+            job.error = message if status == FAILED else None
+        except (ValueError, TypeError) as error:  # input only the generation itself could find wrong
+            job.status, job.error, job.error_code = FAILED, str(error), "invalid_request"
+        except Exception as error:
+            job.status, job.error_code = FAILED, "server_error"
+            job.error = _describe(error)
+            log.exception("job %s failed", job.id)
+
+
+def _describe(error: BaseException) -> str:
+    """One line naming an unexpected error, without a traceback (the server log has it)."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory on the device: try a smaller size, fewer frames or n"
+    text = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"the generation failed: {type(error).__name__}{': ' + text if text else ''}"
+
+
+def follow(pipe: Any, parallel: Any) -> None:
+    """The loop of a rank other than 0: compute every job rank 0 sends, stopping where it stops, until it
+    says stop."""
+    while True:
+        message = parallel.broadcast_object(None)
+        if message[0] == "stop":
+            return
+        if message[0] != "job":
+            continue
+        _, prompts, params, inputs = message
+
+        def progress(done: int, total: int) -> None:
+            if parallel.broadcast_object(None):
+                raise JobStoppedError("rank 0 stopped the job")
+
+        try:
+            pipe(prompts, params, progress=progress, **inputs)
+        except JobStoppedError:
+            pass
+        except (ValueError, TypeError):  # rank 0 meets the same error and reports it
+            pass
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """Retry-After in whole seconds (HTTP) and in milliseconds (read first by the openai client)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, round(seconds * 1000)))}

@@ -1,0 +1,377 @@
+"""The HTTP server against real server processes on 127.0.0.1 with the shipped demo model.
+
+Each server is `scripts/serve.py` in its own process on a free port; clients are the official `openai`
+client and plain HTTP. Outputs are compared with the CLI's and the pipeline's for the same settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.utils import REPO, load_script
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+PROMPT = "a handwritten digit 3"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_script("load_test_server")
+
+
+@pytest.fixture(scope="module")
+def server(tool, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with tool.ServerProcess(["--model", "flux-digits", "--threads", "1"], log=log) as process:
+        yield process
+
+
+def png_pixels(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def assert_clean_error(reply, status: int, param: str | None = None, words: tuple[str, ...] = ()) -> dict:
+    assert reply.status == status, reply.body
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in reply.body.decode() and 'File "' not in reply.body.decode()
+    if param is not None:
+        assert error["param"] == param, error
+    for word in words:
+        assert word in error["message"], error
+    return error
+
+
+# ---- images -----------------------------------------------------------------------------------------
+
+
+def test_openai_client_images_equal_the_cli(server, tmp_path):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    response = client.images.generate(
+        model="flux-digits",
+        prompt=PROMPT,
+        n=2,
+        size="16x16",
+        response_format="b64_json",
+        extra_body={"seed": 7, "num_inference_steps": 8, "teacache": "fast"},
+    )
+    served = [png_pixels(image.b64_json) for image in response.data]
+
+    cli = load_script("generate")
+    output = tmp_path / "cli.png"
+    args = ["--model", "flux-digits", "--prompt", PROMPT, "--num-images", "2", "--seed", "7", "--steps", "8"]
+    assert cli.main([*args, "--teacache", "fast", "--threads", "1", "--no-progress", "--output", str(output)]) == 0
+    from PIL import Image
+
+    for index, pixels in enumerate(served):
+        expected = np.asarray(Image.open(tmp_path / f"cli-{index}.png").convert("RGB"))
+        assert pixels.shape == (16, 16, 3)
+        np.testing.assert_array_equal(pixels, expected)
+    sidecar = json.loads((tmp_path / "cli.json").read_text())
+    extra = response.model_extra
+    assert extra["seed"] == 7
+    assert response.data[0].model_extra["teacache"] == sidecar["teacache_stats"]
+    skipped = sidecar["teacache_stats"]["branches"]["positive"]["skipped_steps"]
+    assert skipped, "the fast preset skips steps at 8 steps: the comparison covers cached steps"
+    assert set(extra["timings"]) >= {"queue_wait", "text_encoding", "denoising", "decoding", "total"}
+
+
+def test_concurrent_requests_keep_their_own_cache(server, tool):
+    """Requests with different caches in flight together each get what they would get alone."""
+    from teacache_models.pipelines import load_pipeline
+
+    pipe = load_pipeline("flux-digits")
+    pipe.set_linear_kernel("onednn")  # the server's --linear-kernel auto on a float32 CPU
+    settings = [("off", 1), ("slow", 2), ("fast", 3), ({"teacache_thresh": 0.9, "max_consecutive_skips": 4}, 4)]
+    replies = {}
+
+    def send(index: int, teacache, seed: int) -> None:
+        body = {"prompt": PROMPT, "seed": seed, "num_inference_steps": 10, "teacache": teacache, "size": "16x16"}
+        replies[index] = tool.request(server.url, "POST", "/v1/images/generations", body)
+
+    threads = [threading.Thread(target=send, args=(i, t, s)) for i, (t, s) in enumerate(settings * 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, (teacache, seed) in enumerate(settings * 2):
+        reply = replies[index]
+        assert reply.status == 200, reply.body
+        if isinstance(teacache, dict):
+            params = pipe.default_sampling_params("slow", seed=seed, num_inference_steps=10)
+            import dataclasses
+
+            params = dataclasses.replace(
+                params, teacache_params=dataclasses.replace(params.teacache_params, **teacache)
+            )
+        else:
+            params = pipe.default_sampling_params(teacache, seed=seed, num_inference_steps=10)
+        expected = pipe([PROMPT], params)
+        np.testing.assert_array_equal(png_pixels(reply.json()["data"][0]["b64_json"]), expected.to_uint8()[0].numpy())
+        assert reply.json()["data"][0]["teacache"] == expected.teacache_stats.as_dict()
+    off = replies[0].json()["data"][0]["teacache"]["branches"]
+    assert off["positive"]["skipped_steps"] == [] and len(off["positive"]["computed_steps"]) == 10
+
+
+BAD_REQUESTS = [
+    # (body or raw bytes, status, param, words in the message)
+    (b"{not json", 400, None, ("not valid JSON",)),
+    (b"", 400, None, ("empty",)),
+    ({"prompt": PROMPT, "colour": "red"}, 422, "colour", ("unknown field 'colour'",)),
+    ({"prompt": PROMPT, "n": "2"}, 422, "n", ("valid integer",)),
+    ({"prompt": PROMPT, "n": 11}, 422, "n", ("less than or equal to 10",)),
+    ({"prompt": PROMPT, "num_inference_steps": 0}, 422, "num_inference_steps", ("greater than or equal to 1",)),
+    ({"prompt": PROMPT, "num_inference_steps": 5000}, 422, "num_inference_steps", ("less than or equal to 1000",)),
+    ({"n": 1}, 422, "prompt", ("prompt is required",)),
+    ({"prompt": ""}, 422, "prompt", ("at least 1 character",)),
+    ({"prompt": PROMPT, "size": "15x16"}, 400, "size", ("multiple of 2",)),
+    ({"prompt": PROMPT, "size": "big"}, 400, "size", ("WIDTHxHEIGHT",)),
+    ({"prompt": PROMPT, "size": "99999x16"}, 400, "size", ("at most",)),
+    ({"prompt": PROMPT, "seed": -1}, 422, "seed", ("greater than or equal to 0",)),
+    ({"prompt": PROMPT, "guidance_scale": 0.5}, 400, None, ("guidance_scale must be >= 1",)),
+    ({"prompt": PROMPT, "model": "dall-e-3"}, 404, "model", ("'dall-e-3' is not served", "flux-digits")),
+    ({"prompt": PROMPT, "teacache": "turbo"}, 400, "teacache", ("'turbo'", "['fast', 'slow']")),
+    ({"prompt": PROMPT, "teacache": {"thresh": 1}}, 400, "teacache", ("unknown fields ['thresh']", "teacache_thresh")),
+    ({"prompt": PROMPT, "teacache": {"residual_order": 2}}, 400, "teacache", ("residual_order must be one of",)),
+    ({"prompt": PROMPT, "teacache": 3}, 400, "teacache", ("'off', a preset name",)),
+    ({"prompt": PROMPT, "response_format": "url"}, 400, "response_format", ("'url' is not supported", "b64_json")),
+    ({"prompt": PROMPT, "guidance_scale": 1, "negative_prompt": "x"}, 400, "negative_prompt", ("no effect",)),
+    ([1, 2], 422, None, ()),
+]
+
+
+@pytest.mark.parametrize("body, status, param, words", BAD_REQUESTS)
+def test_bad_input_is_a_clear_error(server, tool, body, status, param, words):
+    raw = body if isinstance(body, bytes) else None
+    reply = tool.request(server.url, "POST", "/v1/images/generations", None if raw is not None else body, raw=raw)
+    assert_clean_error(reply, status, param, words)
+
+
+def test_endpoints_that_do_not_fit_the_model_refuse(server, tool):
+    reply = tool.request(
+        server.url,
+        "POST",
+        "/v1/images/edits",
+        raw=b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--b--\r\n',
+        content_type="multipart/form-data; boundary=b",
+    )
+    assert_clean_error(reply, 400, "image", ("text-to-image", "/v1/images/generations"))
+    reply = tool.request(server.url, "POST", "/v1/videos", {"prompt": PROMPT})
+    assert_clean_error(reply, 400, "model", ("makes images", "/v1/images/generations"))
+    assert_clean_error(tool.request(server.url, "GET", "/v1/nothing"), 404, None, ("no route",))
+    assert_clean_error(tool.request(server.url, "GET", "/v1/videos/abc"), 404, "video_id", ("no video job",))
+
+
+def test_models_health_and_metrics(server, tool):
+    models = tool.request(server.url, "GET", "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["flux-digits"]
+    assert models["data"][0]["teacache_presets"] == ["fast", "slow"]
+    assert models["data"][0]["default_teacache"]["teacache_thresh"] == 0.45
+    health = tool.request(server.url, "GET", "/health")
+    assert health.status == 200 and health.json()["status"] == "ok"
+    body = {"prompt": PROMPT, "seed": 1, "num_inference_steps": 6, "teacache": "fast"}
+    before = {
+        o: tool.metric(server.url, "teacache_steps_total", branch="positive", outcome=o)
+        for o in ("computed", "skipped")
+    }
+    answer = tool.request(server.url, "POST", "/v1/images/generations", body).json()
+    branch = answer["data"][0]["teacache"]["branches"]["positive"]
+    assert tool.metric(server.url, "teacache_steps_total", branch="positive", outcome="computed") == before[
+        "computed"
+    ] + len(branch["computed_steps"])
+    assert tool.metric(server.url, "teacache_steps_total", branch="positive", outcome="skipped") == before[
+        "skipped"
+    ] + len(branch["skipped_steps"])
+    text = tool.request(server.url, "GET", "/metrics").body.decode()
+    assert 'teacache_http_requests_total{method="POST",route="/v1/images/generations",status="200"}' in text
+    assert (
+        'teacache_http_request_duration_seconds_bucket{le="0.5",method="POST",route="/v1/images/generations"}' in text
+    )
+    assert "teacache_queue_depth 0.0" in text
+
+
+# ---- back-pressure, timeouts, disconnects -----------------------------------------------------------
+
+LONG = {"prompt": PROMPT, "num_inference_steps": 1000, "seed": 0}  # about 20 s on one core: always stopped early
+
+
+@pytest.fixture(scope="module")
+def small_server(tool, tmp_path_factory):
+    log = tmp_path_factory.mktemp("small") / "server.log"
+    args = ["--model", "flux-digits", "--threads", "1", "--max-queue", "2", "--request-timeout", "3"]
+    with tool.ServerProcess(args, log=log) as process:
+        yield process
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def idle(tool, url: str) -> bool:
+    health = tool.request(url, "GET", "/health").json()
+    return health["queue_depth"] == 0 and health["running"] is None
+
+
+def test_full_queue_answers_429_and_timeouts_free_their_slots(small_server, tool):
+    url = small_server.url
+    replies = []
+
+    def send(body):
+        replies.append(tool.request(url, "POST", "/v1/images/generations", body))
+
+    threads = [threading.Thread(target=send, args=(dict(LONG, seed=i),)) for i in range(3)]
+    threads[0].start()
+    wait_until(lambda: tool.request(url, "GET", "/health").json()["running"] is not None)
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: tool.request(url, "GET", "/health").json()["queue_depth"] == 2)
+    full = tool.request(url, "POST", "/v1/images/generations", {"prompt": PROMPT, "num_inference_steps": 1})
+    assert_clean_error(full, 429, None, ("queue is full",))
+    assert int(full.headers["retry-after"]) >= 1 and float(full.headers["retry-after-ms"]) > 0
+    for thread in threads:
+        thread.join(30)
+    # The running one stopped at its deadline; the two waiting ones expired in the queue.
+    for reply in replies:
+        assert_clean_error(reply, 504, None, ("--request-timeout",))
+    assert idle(tool, url)
+    ok = tool.request(url, "POST", "/v1/images/generations", {"prompt": PROMPT, "num_inference_steps": 2})
+    assert ok.status == 200
+    assert tool.metric(url, "teacache_jobs_total", kind="image", status="failed") == 3
+
+
+def test_a_client_that_disconnects_stops_its_work(small_server, tool):
+    url = small_server.url
+    cancelled = tool.metric(url, "teacache_jobs_total", kind="image", status="cancelled")
+    body = json.dumps(dict(LONG, seed=5)).encode()
+    with socket.create_connection(("127.0.0.1", small_server.port)) as connection:
+        connection.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_until(lambda: tool.request(url, "GET", "/health").json()["running"] is not None)
+    started = time.monotonic()
+    wait_until(lambda: idle(tool, url), timeout=2.5)  # well before its 3 s deadline
+    assert time.monotonic() - started < 2.5
+    assert tool.metric(url, "teacache_jobs_total", kind="image", status="cancelled") == cancelled + 1
+
+
+# ---- the load test ----------------------------------------------------------------------------------
+
+
+def test_bounded_load(tool, tmp_path):
+    """300 requests at concurrency 16 against a queue of 8: all answered with the right image, none lost."""
+    pytest.importorskip("psutil")
+    args = ["--model", "flux-digits", "--threads", "1", "--max-queue", "8"]
+    with tool.ServerProcess(args, log=tmp_path / "server.log") as process:
+
+        def body(index: int) -> dict:
+            return tool.image_body(index, steps=1, seeds=10)
+
+        check = tool.reference_check(process.url, body, 10)
+        report = tool.run_load(process.url, 300, 16, body, check, process.rss_bytes, time_limit_s=120)
+        assert tool.metric(process.url, "teacache_jobs_total", kind="image", status="completed") == 310
+    figures = report.figures()
+    assert report.errors == [] and figures["answered_200"] == 300 and len(report.latencies_s) == 300
+    assert 0 < figures["max_queue_depth_seen"] <= 8
+    assert report.retried_429 > 0, "16 clients against a queue of 8 must meet back-pressure"
+    # Memory flat: after the first tenth of the requests the server grows by less than 20 MB.
+    assert figures["rss_mb"]["end"] - figures["rss_mb"]["after_first_tenth"] < 20, figures["rss_mb"]
+
+
+# ---- shutdown ----------------------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_the_running_request_cancels_the_queue_and_exits_0(tool, tmp_path):
+    args = ["--model", "flux-digits", "--threads", "1", "--shutdown-grace", "20"]
+    process = tool.ServerProcess(args, log=tmp_path / "server.log")
+    url = process.url
+    replies = {}
+
+    def send(name, steps):
+        body = {"prompt": PROMPT, "num_inference_steps": steps, "seed": 0}
+        try:
+            replies[name] = tool.request(url, "POST", "/v1/images/generations", body)
+        except OSError as error:
+            replies[name] = error
+
+    running = threading.Thread(target=send, args=("running", 60))
+    running.start()
+    wait_until(lambda: tool.request(url, "GET", "/health").json()["running"] is not None)
+    queued = threading.Thread(target=send, args=("queued", 5))
+    queued.start()
+    wait_until(lambda: tool.request(url, "GET", "/health").json()["queue_depth"] == 1)
+    process.terminate()
+    assert process.process.wait(30) == 0
+    running.join()
+    queued.join()
+    assert replies["running"].status == 200 and replies["running"].json()["data"][0]["b64_json"]
+    assert_clean_error(replies["queued"], 503, None, ("shutdown",))
+
+
+def test_sigterm_stops_a_job_past_the_grace_period(tool, tmp_path):
+    args = ["--model", "flux-digits", "--threads", "1", "--shutdown-grace", "1"]
+    process = tool.ServerProcess(args, log=tmp_path / "server.log")
+    url = process.url
+    thread = threading.Thread(target=lambda: _ignore_errors(tool, url, LONG))
+    thread.start()
+    wait_until(lambda: tool.request(url, "GET", "/health").json()["running"] is not None)
+    started = time.monotonic()
+    process.terminate()
+    assert process.process.wait(30) == 0
+    assert time.monotonic() - started < 10  # the 1000-step job (about 20 s) was stopped
+    thread.join()
+    log = (tmp_path / "server.log").read_text()
+    assert "stopped at step" in log and "the server is shutting down" in log
+
+
+def _ignore_errors(tool, url, body):
+    with contextlib.suppress(OSError):  # the server may close the connection while it stops the job
+        tool.request(url, "POST", "/v1/images/generations", body)
+
+
+# ---- packaging ---------------------------------------------------------------------------------------
+
+
+def test_console_script_and_extra_are_declared():
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    scripts = config["options.entry_points"]["console_scripts"]
+    assert "teacache-serve = teacache_models.server.main:main" in scripts
+    from teacache_models.server.main import main
+
+    assert callable(main)
+    server_extra = config["options.extras_require"]["server"].split()
+    test_extra = config["options.extras_require"]["test"].split()
+    for requirement in server_extra:
+        assert requirement in test_extra
+
+
+def test_the_core_package_does_not_import_the_server():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, teacache_models, teacache_models.pipelines, teacache_models.cli; print('fastapi' in sys.modules)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert output.stdout.strip() == "False"

@@ -91,15 +91,18 @@ def free_port() -> int:
 class ServerProcess:
     """`scripts/serve.py` with `args` on 127.0.0.1 and a free port, started and ready (GET /health)."""
 
-    def __init__(self, args: list[str], ready_timeout: float = 120.0, log: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], ready_timeout: float = 120.0, log: Path | None = None, launcher: list[str] | None = None
+    ) -> None:
+        """`launcher` runs the script instead of this Python (e.g. torchrun and its flags)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = log
         output = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - kept while it runs
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "serve.py"), *args, "--host", "127.0.0.1", "--port",
-             str(self.port)],
+            [*(launcher or [sys.executable]), str(REPO / "scripts" / "serve.py"), *args, "--host", "127.0.0.1",
+             "--port", str(self.port)],
             env=env, stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + ready_timeout

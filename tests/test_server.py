@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import socket
+import sys
 import threading
 import time
 
@@ -182,7 +183,11 @@ def test_models_health_and_metrics(server, tool):
     models = tool.request(server.url, "GET", "/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["flux-digits"]
     assert models["data"][0]["teacache_presets"] == ["fast", "slow"]
-    assert models["data"][0]["default_teacache"]["teacache_thresh"] == 0.45
+    from teacache_models.zoo import load_zoo_entry
+
+    entry = load_zoo_entry("flux-digits")
+    default = entry.presets[entry.default_preset].params
+    assert models["data"][0]["default_teacache"]["teacache_thresh"] == default.teacache_thresh
     health = tool.request(server.url, "GET", "/health")
     assert health.status == 200 and health.json()["status"] == "ok"
     body = {"prompt": PROMPT, "seed": 1, "num_inference_steps": 6, "teacache": "fast"}
@@ -258,17 +263,22 @@ def test_full_queue_answers_429_and_timeouts_free_their_slots(small_server, tool
     assert tool.metric(url, "teacache_jobs_total", kind="image", status="failed") == 3
 
 
+def send_and_disconnect(tool, server, body: dict) -> None:
+    """Send an image request and close the connection once its job runs."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        wait_until(lambda: tool.request(server.url, "GET", "/health").json()["running"] is not None)
+
+
 def test_a_client_that_disconnects_stops_its_work(small_server, tool):
     url = small_server.url
     cancelled = tool.metric(url, "teacache_jobs_total", kind="image", status="cancelled")
-    body = json.dumps(dict(LONG, seed=5)).encode()
-    with socket.create_connection(("127.0.0.1", small_server.port)) as connection:
-        connection.sendall(
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        wait_until(lambda: tool.request(url, "GET", "/health").json()["running"] is not None)
+    send_and_disconnect(tool, small_server, dict(LONG, seed=5))
     started = time.monotonic()
     wait_until(lambda: idle(tool, url), timeout=2.5)  # well before its 3 s deadline
     assert time.monotonic() - started < 2.5
@@ -368,10 +378,116 @@ def test_console_script_and_extra_are_declared():
 
 def test_the_core_package_does_not_import_the_server():
     import subprocess
-    import sys
 
     code = (
         "import sys, teacache_models, teacache_models.pipelines, teacache_models.cli; print('fastapi' in sys.modules)"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert output.stdout.strip() == "False"
+
+
+# ---- videos: jobs on a tiny random-weight Wan text-to-video folder ------------------------------------
+
+WAN_CONFIG = REPO / "configs" / "wan2.1-t2v-1.3b.yaml"
+VIDEO = {"prompt": "a red fox", "size": "48x32", "num_frames": 5, "num_inference_steps": 3, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("ftfy")
+    from tests.test_pipeline_fixtures import save_wan
+
+    return save_wan(tmp_path_factory.mktemp("wan-t2v"), "t2v")
+
+
+@pytest.fixture(scope="module")
+def video_server(tool, wan_folder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("video-server")
+    args = ["--model", str(wan_folder), "--config", str(WAN_CONFIG), "--threads", "1", "--output-dir", str(folder)]
+    with tool.ServerProcess(args, log=folder / "server.log") as process:
+        yield process
+
+
+def wait_for_status(tool, url: str, video_id: str, statuses: tuple[str, ...], timeout: float = 60) -> dict:
+    found = {}
+
+    def reached() -> bool:
+        found.update(tool.request(url, "GET", f"/v1/videos/{video_id}").json())
+        return found["status"] in statuses
+
+    wait_until(reached, timeout)
+    return found
+
+
+def test_video_job_end_to_end_with_the_openai_client(video_server, tool, wan_folder, tmp_path):
+    openai = pytest.importorskip("openai")
+    imageio = pytest.importorskip("imageio.v2")
+    client = openai.OpenAI(base_url=f"{video_server.url}/v1", api_key="unused", max_retries=0)
+    extra = {key: VIDEO[key] for key in ("num_frames", "num_inference_steps", "seed")}
+    extra["teacache"] = {"teacache_thresh": 1e6, "coefficients": [1.0, 0.0]}
+    job = client.videos.create(prompt=VIDEO["prompt"], size=VIDEO["size"], extra_body=extra)
+    assert job.status in ("queued", "in_progress", "completed")
+    done = wait_for_status(tool, video_server.url, job.id, ("completed", "failed"))
+    assert done["status"] == "completed", done
+    assert done["step"] == done["num_steps"] == 3 and done["progress"] == 100
+    branches = done["teacache_stats"]["branches"]
+    for branch in ("positive", "negative"):  # Wan's zoo default runs CFG: both branches cached apart
+        assert (branches[branch]["computed_steps"], branches[branch]["skipped_steps"]) == ([0, 2], [1])
+    video = tmp_path / "fox.mp4"
+    video.write_bytes(client.videos.download_content(job.id).read())
+    with imageio.get_reader(video, format="FFMPEG") as reader:
+        frames = np.stack(list(reader.iter_data()))
+    assert frames.shape == (5, 32, 48, 3)
+
+    import dataclasses
+
+    from teacache_models.pipelines import load_pipeline
+    from teacache_models.zoo import load_zoo_entry
+
+    pipe = load_pipeline(wan_folder, zoo_entry=load_zoo_entry(WAN_CONFIG))
+    pipe.set_linear_kernel("onednn")
+    params = pipe.default_sampling_params("slow", height=32, width=48, num_frames=5, num_inference_steps=3, seed=1)
+    cache = dataclasses.replace(params.teacache_params, teacache_thresh=1e6, coefficients=(1.0, 0.0))
+    expected = pipe("a red fox", dataclasses.replace(params, teacache_params=cache)).to_uint8()[0].numpy()
+    # H.264 is lossy: the decoded video stays close to the frames written, not equal.
+    assert np.abs(frames.astype(float) - expected.astype(float)).mean() < 4
+    listed = tool.request(video_server.url, "GET", "/v1/videos").json()
+    assert job.id in [item["id"] for item in listed["data"]]
+
+
+def test_video_jobs_cancel_queued_and_running(video_server, tool):
+    url = video_server.url
+    running = tool.request(url, "POST", "/v1/videos", dict(VIDEO, num_inference_steps=1000)).json()
+    waiting = tool.request(url, "POST", "/v1/videos", dict(VIDEO, num_inference_steps=1000)).json()
+    wait_until(lambda: tool.request(url, "GET", f"/v1/videos/{running['id']}").json()["step"] >= 1, 60)
+    # A queued job is cancelled at once.
+    reply = tool.request(url, "DELETE", f"/v1/videos/{waiting['id']}").json()
+    assert reply["status"] == "cancelled" and reply["step"] == 0
+    assert_clean_error(tool.request(url, "GET", f"/v1/videos/{waiting['id']}/content"), 409, None, ("cancelled",))
+    # A running one stops at its next step boundary.
+    assert tool.request(url, "DELETE", f"/v1/videos/{running['id']}").json()["cancel_requested"] is True
+    stopped = wait_for_status(tool, url, running["id"], ("cancelled",), timeout=30)
+    assert 1 <= stopped["step"] < 1000 and stopped["error"] is None
+    assert idle(tool, url)
+    # A finished job is deleted with its file.
+    finished = tool.request(url, "POST", "/v1/videos", VIDEO).json()
+    wait_for_status(tool, url, finished["id"], ("completed",))
+    assert tool.request(url, "DELETE", f"/v1/videos/{finished['id']}").json()["deleted"] is True
+    assert tool.request(url, "GET", f"/v1/videos/{finished['id']}").status == 404
+
+
+def test_video_bad_input(video_server, tool):
+    url = video_server.url
+    form = (
+        b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na fox\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="input_reference"; filename="x.png"\r\n'
+        b"Content-Type: image/png\r\n\r\nthis is no image\r\n--b--\r\n"
+    )
+    reply = tool.request(url, "POST", "/v1/videos", raw=form, content_type="multipart/form-data; boundary=b")
+    assert_clean_error(reply, 400, "input_reference", ("not an image",))
+    bad_frames = tool.request(url, "POST", "/v1/videos", dict(VIDEO, num_frames=6))
+    assert_clean_error(bad_frames, 400, "num_frames", ("4k+1",))
+    assert_clean_error(tool.request(url, "POST", "/v1/images/generations", {"prompt": "x"}), 400, "model")
+    assert_clean_error(tool.request(url, "GET", "/v1/videos?limit=0"), 400, "limit")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,17 @@ def create_app(
     output_dir: Path | str = "outputs/videos",
     shutdown_grace_s: float = 30.0,
     parallel: Any = None,
+    heartbeat_s: float = 30.0,
 ) -> FastAPI:
     """The FastAPI application serving `served`; its engine starts and stops with the application."""
     metrics = Metrics()
     engine = Engine(
-        served.pipe, max_queue, request_timeout_s=request_timeout_s, parallel=parallel, observer=metrics.observe_job
+        served.pipe,
+        max_queue,
+        request_timeout_s=request_timeout_s,
+        parallel=parallel,
+        observer=metrics.observe_job,
+        heartbeat_s=heartbeat_s,
     )
     metrics.watch(engine)
     output_dir = Path(output_dir)
@@ -422,6 +429,19 @@ async def _form_request(request: Request) -> tuple[dict[str, Any], dict[str, lis
             files.setdefault(key, []).append(await value.read())
         elif key in _FORM_FILE_FIELDS:
             raise ApiError(400, f"{key} must be a file part (an image), got a text field", key)
+        elif (match := _NESTED_FIELD.match(key)) is not None:
+            # The openai client's form encoding of an object: teacache[field]=value, teacache[list][]=value.
+            name, field, is_list = match.groups()
+            nested = fields.setdefault(name, {})
+            if not isinstance(nested, dict):
+                raise ApiError(422, f"{name} is given both as a value and as an object", name)
+            item = _form_value(value)
+            if is_list:
+                nested.setdefault(field, []).append(item)
+            elif field in nested:
+                raise ApiError(422, f"field {key!r} is given twice", name)
+            else:
+                nested[field] = item
         elif key in fields:
             raise ApiError(422, f"field {key!r} is given twice", key)
         else:
@@ -432,3 +452,16 @@ async def _form_request(request: Request) -> tuple[dict[str, Any], dict[str, lis
         except json.JSONDecodeError as error:
             raise ApiError(400, f"teacache is not a valid JSON object: {error}", "teacache") from None
     return fields, files
+
+
+_NESTED_FIELD = re.compile(r"^(teacache)\[(\w+)\](\[\])?$")
+
+
+def _form_value(text: str) -> Any:
+    """A form field inside an object: a JSON number, true, false or null as such, anything else as text."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

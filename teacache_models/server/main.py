@@ -106,6 +106,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         pipe = load_configured_pipeline(args, model, entry, state)
         if state is not None and not state.is_main:
+            # torchrun signals every rank; rank 0 shuts down gracefully and then tells the others to stop.
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
             with state.guard():
                 follow(pipe, state)
             return 0
@@ -132,6 +134,8 @@ def _run_http(
         output_dir=args.output_dir,
         shutdown_grace_s=args.shutdown_grace,
         parallel=state,
+        # Idle ranks wait in a collective for the next job: rank 0 wakes them well within --dist-timeout.
+        heartbeat_s=min(30.0, args.dist_timeout / 4),
     )
     config = uvicorn.Config(
         app,

@@ -14,13 +14,12 @@ from typing import Any
 
 import yaml
 
+from .families import FAMILIES, transformer_class
 from .params import SamplingParams, TeaCacheParams
-from .weights.manifest import FAMILY_TRANSFORMERS
 
 __all__ = ["TASKS", "ZOO_DIR", "TeaCachePreset", "ZooEntry", "check_sampling_overrides", "list_zoo", "load_zoo_entry"]
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
-FAMILIES = ("flux", "wan", "hunyuan_video", "hunyuan_video15", "qwen_image", "z_image")
 # Names that select no preset: `sampling_params` and the CLI read them as "cache off" and "the default preset".
 _RESERVED_PRESET_NAMES = ("off", "default")
 # t2i text-to-image, t2v text-to-video, i2v image-to-video (an image is required), ti2v text-and-image-to-video
@@ -100,14 +99,15 @@ def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = f
     return data
 
 
-def _check_indicator(where: str, params: TeaCacheParams, transformer: str) -> None:
+def _check_indicator(where: str, params: TeaCacheParams, family: str) -> None:
     """A preset's indicator must be one the entry's transformer computes (checked when the file is read, not
     when a generation starts)."""
-    from . import models
-
-    supported = getattr(models, transformer).supported_teacache_indicators
+    model_class = transformer_class(family)
+    supported = model_class.supported_teacache_indicators
     if params.indicator is not None and params.indicator not in supported:
-        raise ValueError(f"{where}: indicator {params.indicator!r} is not one of {transformer}'s {list(supported)}")
+        raise ValueError(
+            f"{where}: indicator {params.indicator!r} is not one of {model_class.__name__}'s {list(supported)}"
+        )
 
 
 def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
@@ -139,10 +139,10 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     for key in ("name", "manifest", "transformer"):
         if not isinstance(data[key], str) or not data[key]:
             raise ValueError(f"{where}: {key} must be a non-empty string, got {data[key]!r}")
-    if data["transformer"] != FAMILY_TRANSFORMERS[data["family"]]:
+    if data["transformer"] != FAMILIES[data["family"]].transformer:
         raise ValueError(
             f"{where}: transformer {data['transformer']!r} is not the {data['family']} transformer "
-            f"{FAMILY_TRANSFORMERS[data['family']]!r}"
+            f"{FAMILIES[data['family']].transformer!r}"
         )
     task = data.get("task", "t2i")
     if task not in TASKS:
@@ -167,7 +167,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
             presets[preset_name] = TeaCachePreset(TeaCacheParams(**preset), str(source))
         except ValueError as error:
             raise ValueError(f"{where}: teacache.presets.{preset_name}: {error}") from None
-        _check_indicator(f"{where}: teacache.presets.{preset_name}", presets[preset_name].params, data["transformer"])
+        _check_indicator(f"{where}: teacache.presets.{preset_name}", presets[preset_name].params, data["family"])
     # "off": TeaCache stays off unless asked for (a model without a measured or published threshold).
     if not isinstance(teacache["default"], str) or (
         teacache["default"] != "off" and teacache["default"] not in presets

@@ -16,33 +16,13 @@ from typing import Any
 
 import torch
 
+from ..families import pipeline_classes
 from ..weights.loading import resolve_device
 from ..zoo import ZooEntry, list_zoo, load_zoo_entry
 
 __all__ = ["load_components", "load_pipeline", "pipeline_class_for", "read_model_index", "resolve_device"]
 
 _TRANSFORMER_KEYS = ("transformer", "transformer_2")
-
-
-def _registry() -> dict[str, type]:
-    from .demo import FluxDigitsPipeline, WanDigitsPipeline
-    from .flux import FluxTextToImagePipeline
-    from .hunyuan_video import HunyuanVideoTextToVideoPipeline
-    from .qwen_image import QwenImageTextToImagePipeline
-    from .wan import WanImageToVideoPipeline, WanTextToVideoPipeline
-    from .z_image import ZImageTextToImagePipeline
-
-    classes = (
-        FluxTextToImagePipeline,
-        QwenImageTextToImagePipeline,
-        ZImageTextToImagePipeline,
-        WanTextToVideoPipeline,
-        WanImageToVideoPipeline,
-        HunyuanVideoTextToVideoPipeline,
-        FluxDigitsPipeline,
-        WanDigitsPipeline,
-    )
-    return {cls.diffusers_class_name: cls for cls in classes}
 
 
 def read_model_index(path: Path) -> dict[str, Any]:
@@ -65,7 +45,7 @@ def read_model_index(path: Path) -> dict[str, Any]:
 def pipeline_class_for(model_index: dict[str, Any], where: str) -> type:
     """Our pipeline class for the diffusers pipeline class named in `model_index.json`."""
     name = model_index.get("_class_name")
-    registry = _registry()
+    registry = pipeline_classes()
     if name not in registry:
         raise ValueError(f"{where}: pipeline class {name!r} is not supported; supported: {sorted(registry)}")
     return registry[name]

@@ -13,11 +13,10 @@ from .conversion import FLUX_ORIGINAL, ORIGINAL_FORMATS, WAN_ORIGINAL, convert_s
 from .download import DownloadPlan, plan_download, resolve_weights
 from .errors import CheckpointError, ManifestError, WeightsUnavailableError
 from .loading import TORCH_DTYPES, from_pretrained, load_transformer
-from .manifest import FAMILY_TRANSFORMERS, MANIFEST_PATH, ManifestEntry, load_manifest
+from .manifest import MANIFEST_PATH, ManifestEntry, load_manifest
 from .saving import save_pretrained
 
 __all__ = [
-    "FAMILY_TRANSFORMERS",
     "FLUX_ORIGINAL",
     "MANIFEST_PATH",
     "ORIGINAL_FORMATS",

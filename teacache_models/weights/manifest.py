@@ -16,21 +16,13 @@ from typing import Any
 
 import yaml
 
+from ..families import FAMILIES
 from .errors import ManifestError
 
-__all__ = ["FAMILY_TRANSFORMERS", "MANIFEST_PATH", "ManifestEntry", "load_manifest"]
+__all__ = ["MANIFEST_PATH", "ManifestEntry", "load_manifest"]
 
 MANIFEST_PATH = Path(__file__).resolve().parent.parent.parent / "weights_manifest.yaml"
 
-# The native class of each family's transformers (the names of `teacache_models.models`).
-FAMILY_TRANSFORMERS = {
-    "flux": "FluxTransformer2DModel",
-    "wan": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-    "hunyuan_video15": "HunyuanVideo15Transformer3DModel",
-    "qwen_image": "QwenImageTransformer2DModel",
-    "z_image": "ZImageTransformer2DModel",
-}
 TRANSFORMER_DTYPES = ("float32", "bfloat16", "float16")
 
 _REQUIRED = {"family", "components", "transformer_dtype", "transformer_parameters"}
@@ -46,7 +38,7 @@ class ManifestEntry:
 
     Attributes:
         name: the entry's key, e.g. "flux1-dev".
-        family: a key of `FAMILY_TRANSFORMERS`.
+        family: a family of the registry (`teacache_models.families`).
         components: subfolders to fetch (diffusers pipeline components).
         transformers: the components holding native transformers (Wan2.2 A14B: two experts).
         transformer_dtype: the dtype the transformers run in ("bfloat16", ...).
@@ -74,7 +66,7 @@ class ManifestEntry:
 
     @property
     def transformer_class(self) -> str:
-        return FAMILY_TRANSFORMERS[self.family]
+        return FAMILIES[self.family].transformer
 
     def allow_patterns(self, components: tuple[str, ...] | list[str] | None = None) -> list[str]:
         """snapshot_download patterns for `components` (default: all of them) plus `model_index.json`."""
@@ -115,8 +107,8 @@ def _entry(path: Path, name: str, data: Any) -> ManifestEntry:
         raise fail(f"missing keys {missing}")
     if ("repo" in data) == ("local_path" in data):
         raise fail("needs exactly one of repo (a Hub repository) and local_path (a folder shipped here)")
-    if data["family"] not in FAMILY_TRANSFORMERS:
-        raise fail(f"family {data['family']!r} is not one of {list(FAMILY_TRANSFORMERS)}")
+    if data["family"] not in FAMILIES:
+        raise fail(f"family {data['family']!r} is not one of {list(FAMILIES)}")
     components = _names(fail, "components", data["components"])
     transformers = _names(fail, "transformers", data.get("transformers", ["transformer"]))
     if not set(transformers) <= set(components):

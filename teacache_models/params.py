@@ -80,7 +80,8 @@ class TeaCacheParams:
     Args:
         teacache_thresh: the accumulated rescaled distance below which a step is skipped. 0 never skips
             (output is bit-identical to the uncached model); higher is faster and less faithful.
-        coefficients: the rescaling polynomial, highest degree first. None uses the model's preset.
+        coefficients: the rescaling polynomial, highest degree first. None uses the fit the model was
+            given for the chosen indicator (`set_teacache_fits`; a pipeline hands over its zoo entry's).
         start_skipping: number of first denoising steps that always compute.
         end_skipping: number of last denoising steps that always compute.
         use_ret_steps: use the model's alternative indicator, where the model offers one (Wan).

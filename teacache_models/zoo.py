@@ -17,7 +17,16 @@ import yaml
 from .families import FAMILIES, transformer_class
 from .params import SamplingParams, TeaCacheParams
 
-__all__ = ["TASKS", "ZOO_DIR", "TeaCachePreset", "ZooEntry", "check_sampling_overrides", "list_zoo", "load_zoo_entry"]
+__all__ = [
+    "TASKS",
+    "ZOO_DIR",
+    "TeaCacheFit",
+    "TeaCachePreset",
+    "ZooEntry",
+    "check_sampling_overrides",
+    "list_zoo",
+    "load_zoo_entry",
+]
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Names that select no preset: `sampling_params` and the CLI read them as "cache off" and "the default preset".
@@ -29,6 +38,17 @@ TASKS = ("t2i", "t2v", "i2v", "ti2v")
 _TOP_KEYS = {"name", "description", "manifest", "family", "task", "transformer", "sampling", "teacache"}
 _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"teacache_params"}
 _PRESET_KEYS = {f.name for f in dataclasses.fields(TeaCacheParams)} | {"source"}
+_FIT_KEYS = {"coefficients", "source", "borrowed_from"}
+
+
+@dataclass(frozen=True)
+class TeaCacheFit:
+    """A checkpoint's rescaling polynomial for one indicator (highest degree first) and where it comes from."""
+
+    coefficients: tuple[float, ...]
+    source: str
+    # The zoo name of the checkpoint whose fit this one reuses (no fit of its own), None for its own.
+    borrowed_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,12 @@ class ZooEntry:
     default_preset: str
     task: str = "t2i"
     path: Path | None = None
+    # Per indicator: the checkpoint's fit (from `teacache.fits`, or the coefficients its presets carry).
+    fits: dict[str, TeaCacheFit] = dataclasses.field(default_factory=dict)
+
+    def teacache_fits(self) -> dict[str, tuple[float, ...]]:
+        """{indicator: coefficients}, what a loader hands the transformer (`set_teacache_fits`)."""
+        return {name: fit.coefficients for name, fit in self.fits.items()}
 
     @property
     def is_video(self) -> bool:
@@ -99,15 +125,50 @@ def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = f
     return data
 
 
-def _check_indicator(where: str, params: TeaCacheParams, family: str) -> None:
-    """A preset's indicator must be one the entry's transformer computes (checked when the file is read, not
-    when a generation starts)."""
-    model_class = transformer_class(family)
-    supported = model_class.supported_teacache_indicators
-    if params.indicator is not None and params.indicator not in supported:
+def _read_fits(where: str, data: Any, family: str) -> dict[str, TeaCacheFit]:
+    """`teacache.fits`: {indicator: {coefficients, source}}, each indicator one the family's transformer offers."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: teacache.fits must be a mapping of indicator names, got {type(data).__name__}")
+    supported = transformer_class(family).supported_teacache_indicators
+    fits = {}
+    for name, fit in data.items():
+        fit = _check_keys(f"{where}: teacache.fits.{name}", fit, _FIT_KEYS, {"coefficients", "source"})
+        if name not in supported:
+            raise ValueError(f"{where}: teacache.fits: indicator {name!r} is not one of {list(supported)}")
+        try:
+            coefficients = TeaCacheParams(coefficients=fit["coefficients"]).coefficients
+        except ValueError as error:
+            raise ValueError(f"{where}: teacache.fits.{name}: {error}") from None
+        lender = fit.get("borrowed_from")
+        if lender is not None and (not isinstance(lender, str) or lender not in list_zoo()):
+            raise ValueError(f"{where}: teacache.fits.{name}: borrowed_from {lender!r} is not a zoo entry")
+        fits[name] = TeaCacheFit(coefficients, str(fit["source"]), lender)
+    return fits
+
+
+def _read_preset(where: str, preset: dict, family: str, fits: dict[str, TeaCacheFit]) -> TeaCachePreset:
+    """A preset: its indicator must be one the transformer computes (checked when the file is read, not when a
+    generation starts); without coefficients it takes the entry's fit for that indicator, and coefficients it
+    does carry become the fit of an indicator that has none (two different ones for one indicator are an error)."""
+    source = preset.pop("source")
+    try:
+        params = TeaCacheParams(**preset)
+        indicator = transformer_class(family).teacache_indicator_for(params).name
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    fit = fits.get(indicator)
+    if params.coefficients is None and fit is not None:
+        params = dataclasses.replace(params, coefficients=fit.coefficients)
+    elif params.coefficients is not None and fit is None:
+        fits[indicator] = TeaCacheFit(params.coefficients, str(source))
+    elif params.coefficients is not None and params.coefficients != fit.coefficients:
         raise ValueError(
-            f"{where}: indicator {params.indicator!r} is not one of {model_class.__name__}'s {list(supported)}"
+            f"{where}: coefficients {list(params.coefficients)} differ from the entry's fit for indicator "
+            f"{indicator!r} {list(fit.coefficients)}: one checkpoint has one fit per indicator"
         )
+    return TeaCachePreset(params, str(source))
 
 
 def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
@@ -148,7 +209,10 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     if task not in TASKS:
         raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
     sampling = _check_keys(f"{where}: sampling", data["sampling"], _SAMPLING_KEYS)
-    teacache = _check_keys(f"{where}: teacache", data["teacache"], {"default", "presets"}, {"default", "presets"})
+    teacache = _check_keys(
+        f"{where}: teacache", data["teacache"], {"default", "presets", "fits"}, {"default", "presets"}
+    )
+    fits = _read_fits(where, teacache.get("fits"), data["family"])
     presets_data = teacache["presets"] or {}
     if not isinstance(presets_data, dict):
         raise ValueError(
@@ -161,13 +225,9 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
                 f"{where}: teacache.presets: a preset name must be a string other than "
                 f"{list(_RESERVED_PRESET_NAMES)}, got {preset_name!r}"
             )
-        preset = dict(_check_keys(f"{where}: teacache.presets.{preset_name}", preset, _PRESET_KEYS, {"source"}))
-        source = preset.pop("source")
-        try:
-            presets[preset_name] = TeaCachePreset(TeaCacheParams(**preset), str(source))
-        except ValueError as error:
-            raise ValueError(f"{where}: teacache.presets.{preset_name}: {error}") from None
-        _check_indicator(f"{where}: teacache.presets.{preset_name}", presets[preset_name].params, data["family"])
+        preset_where = f"{where}: teacache.presets.{preset_name}"
+        preset = dict(_check_keys(preset_where, preset, _PRESET_KEYS, {"source"}))
+        presets[preset_name] = _read_preset(preset_where, preset, data["family"], fits)
     # "off": TeaCache stays off unless asked for (a model without a measured or published threshold).
     if not isinstance(teacache["default"], str) or (
         teacache["default"] != "off" and teacache["default"] not in presets
@@ -189,6 +249,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         default_preset=teacache["default"],
         task=task,
         path=path,
+        fits=fits,
     )
 
 

@@ -7,9 +7,11 @@ from diffusers import FluxTransformer2DModel as ReferenceFlux
 from teacache_models import TeaCacheParams
 from teacache_models.cache import relative_l1_distance
 from teacache_models.models import FluxTransformer2DModel
-from teacache_models.models.flux import FLUX_TEACACHE_COEFFICIENTS
 from teacache_models.params import evaluate_polynomial
-from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
+
+# The fit of the released checkpoint, from its zoo entry.
+FIT = zoo_fit("flux1-dev")
 
 TINY = dict(
     in_channels=4,
@@ -49,6 +51,7 @@ def build_pair(config: dict, seed: int = 0) -> tuple[FluxTransformer2DModel, Ref
     reference = randomize_(ReferenceFlux(**config), seed).eval()
     ours = FluxTransformer2DModel(**config).eval()
     load_both_ways(ours, reference)
+    ours.set_teacache_fits({"modulated_input": FIT})  # what its zoo entry hands over
     return ours, reference
 
 
@@ -266,7 +269,7 @@ def test_flux_decisions_follow_the_rule_on_block0_modulated_input(coefficients, 
             indicator = model.transformer_blocks[0].norm1(hidden, temb)[0]
         if 0 < step < num_steps - 1:
             distance = relative_l1_distance(indicator, previous).item()
-            accumulated += evaluate_polynomial(coefficients or FLUX_TEACACHE_COEFFICIENTS, distance)
+            accumulated += evaluate_polynomial(coefficients or FIT, distance)
             if accumulated < thresh:
                 skipped.append(step)
             else:

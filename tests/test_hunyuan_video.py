@@ -7,14 +7,13 @@ import torch
 from diffusers import HunyuanVideoTransformer3DModel as ReferenceHunyuanVideo
 
 from teacache_models.cache.mixin import relative_l1_distance
-from teacache_models.models.hunyuan_video import (
-    HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS,
-    HUNYUAN_VIDEO_TEACACHE_THRESHOLDS,
-    HunyuanVideoTransformer3DModel,
-)
+from teacache_models.models.hunyuan_video import HunyuanVideoTransformer3DModel
 from teacache_models.params import TeaCacheParams, evaluate_polynomial
 from tests.tiny_configs import HUNYUAN_VIDEO_TINY
-from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
+
+# The fit of the released checkpoint, from its zoo entry.
+FIT = zoo_fit("hunyuanvideo")
 
 TINY = HUNYUAN_VIDEO_TINY
 
@@ -58,6 +57,7 @@ def build_pair(config: dict, seed: int = 0) -> tuple[HunyuanVideoTransformer3DMo
     reference = randomize_(ReferenceHunyuanVideo(**config), seed).eval()
     ours = HunyuanVideoTransformer3DModel(**config).eval()
     load_both_ways(ours, reference)
+    ours.set_teacache_fits({"modulated_input": FIT})  # what its zoo entry hands over
     return ours, reference
 
 
@@ -196,12 +196,6 @@ def test_released_config_builds_on_meta_with_the_published_size():
     assert round(count / 1e9, 1) == 12.8
 
 
-def test_published_teacache_presets():
-    assert HunyuanVideoTransformer3DModel.teacache_default_coefficients == HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS
-    assert HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS[0] == pytest.approx(733.226126)
-    assert dict(HUNYUAN_VIDEO_TEACACHE_THRESHOLDS) == {"slow": 0.1, "fast": 0.15}
-
-
 # ---- TeaCache on HunyuanVideo ------------------------------------------------------------------------
 
 
@@ -293,7 +287,7 @@ def test_decisions_follow_the_rule_on_block0_modulated_input(coefficients, thres
             indicator = model.transformer_blocks[0].norm1(model.x_embedder(latents), temb)[0]
         if 0 < step < num_steps - 1:
             distance = relative_l1_distance(indicator, previous).item()
-            accumulated += evaluate_polynomial(coefficients or HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS, distance)
+            accumulated += evaluate_polynomial(coefficients or FIT, distance)
             if accumulated < thresh:
                 skipped.append(step)
             else:

@@ -178,7 +178,10 @@ def test_threshold_zero_is_identical_to_teacache_off(flux_folder):
         num_inference_steps=4, guidance_scale=3.5, seed=1, height=16, width=16, teacache_params=None
     )
     off = pipe(PROMPT, params)
-    zero = pipe(PROMPT, dataclasses.replace(params, teacache_params=TeaCacheParams(teacache_thresh=0.0)))
+    zero = pipe(
+        PROMPT,
+        dataclasses.replace(params, teacache_params=TeaCacheParams(teacache_thresh=0.0, coefficients=[1.0, 0.0])),
+    )
     assert torch.equal(off.images, zero.images)
     assert zero.teacache_stats.positive.skipped_steps == ()
     assert zero.teacache_stats.enabled

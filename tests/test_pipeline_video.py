@@ -258,16 +258,12 @@ def test_wan22_experts_keep_their_own_cache(wan_folders):
 
 
 def test_wan_zoo_presets_reach_both_experts(wan_folders):
-    from teacache_models.models.wan import WAN_TEACACHE_PRESETS
-
     entry = load_zoo_entry("wan2.2-t2v-a14b")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(UserWarning, match="no TeaCache coefficients have been fitted for wan2.2-t2v-a14b: using th"):
         pipe = load_pipeline(wan_folders["t2v-a14b"], zoo_entry=entry)
-    borrowed = WAN_TEACACHE_PRESETS["wan2.1-t2v-14b"]
+    borrowed = load_zoo_entry("wan2.1-t2v-14b").teacache_fits()
     for model in (pipe.transformer, pipe.transformer_2):
-        assert model.teacache_default_coefficients == borrowed.coefficients
-        assert model.teacache_ret_steps_coefficients == borrowed.ret_steps_coefficients
+        assert model.teacache_fits == borrowed and set(borrowed) == {"temb", "timestep_proj"}
     small = dict(num_inference_steps=4, seed=7, height=32, width=48, num_frames=5)
     params = pipe.default_sampling_params("fast", **small)
     assert params.guidance_scale_2 == 3.0 and params.teacache_params.teacache_thresh == 0.2
@@ -275,7 +271,7 @@ def test_wan_zoo_presets_reach_both_experts(wan_folders):
     assert set(result.expert_stats) == {"transformer", "transformer_2"} and result.teacache_stats.enabled
     # Without a zoo entry a Wan model has no preset: the cache asks for coefficients instead of guessing.
     bare = load_pipeline(wan_folders["t2v"])
-    with pytest.raises(ValueError, match="no default TeaCache coefficients set"):
+    with pytest.raises(ValueError, match="no TeaCache coefficients for indicator 'temb': pass"):
         bare(PROMPT, wan_params(teacache_params=TeaCacheParams(0.1)))
     preset = load_pipeline(wan_folders["t2v"], zoo_entry=load_zoo_entry("wan2.1-t2v-1.3b"))
     ret_steps = preset.default_sampling_params("ret-fast", **{**small, "num_inference_steps": 7})

@@ -8,13 +8,9 @@ from diffusers import QwenImageTransformer2DModel as ReferenceQwenImage
 
 from teacache_models import TeaCacheParams
 from teacache_models.cache import relative_l1_distance
-from teacache_models.models.qwen_image import (
-    QWEN_IMAGE_TEACACHE_COEFFICIENTS,
-    QWEN_IMAGE_TEACACHE_PRESET,
-    QwenImageTransformer2DModel,
-)
+from teacache_models.models.qwen_image import QwenImageTransformer2DModel
 from teacache_models.params import evaluate_polynomial
-from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
 
 # The tiny config of models.md.
 TINY = dict(
@@ -27,6 +23,9 @@ TINY = dict(
     joint_attention_dim=16,
     axes_dims_rope=(8, 4, 4),
 )
+
+# The fit of the released checkpoint, from its zoo entry.
+FIT = zoo_fit("qwen-image")
 
 CONFIGS = {
     "tiny": TINY,
@@ -64,6 +63,7 @@ def build_pair(config: dict, seed: int = 0) -> tuple[QwenImageTransformer2DModel
     reference = randomize_(ReferenceQwenImage(**config), seed).eval()
     ours = QwenImageTransformer2DModel(**config).eval()
     load_both_ways(ours, reference)
+    ours.set_teacache_fits({"modulated_input": FIT})  # what its zoo entry hands over
     return ours, reference
 
 
@@ -227,15 +227,6 @@ def test_released_config_builds_on_meta_with_the_published_size():
     assert round(count / 1e9, 1) == 20.4
 
 
-def test_preset_is_the_community_set_and_marked_unofficial():
-    assert QWEN_IMAGE_TEACACHE_PRESET["official_fit"] is False
-    assert QWEN_IMAGE_TEACACHE_PRESET["coefficients"] == QWEN_IMAGE_TEACACHE_COEFFICIENTS
-    assert QWEN_IMAGE_TEACACHE_COEFFICIENTS == (-450.0, 280.0, -45.0, 3.2, -0.02)
-    assert QwenImageTransformer2DModel.teacache_default_coefficients == QWEN_IMAGE_TEACACHE_COEFFICIENTS
-    assert 0.2 in QWEN_IMAGE_TEACACHE_PRESET["thresholds"]
-    assert QwenImageTransformer2DModel.supports_cfg_separation
-
-
 # ---- TeaCache -----------------------------------------------------------------------------------------
 
 
@@ -336,9 +327,7 @@ def test_decisions_follow_the_rule_on_the_indicator():
             shift, scale = block.img_mod(temb).chunk(6, dim=-1)[:2]
             indicator = block.img_norm1(hidden) * (1 + scale[:, None]) + shift[:, None]
         if 0 < index < len(steps) - 1:
-            accumulated += evaluate_polynomial(
-                QWEN_IMAGE_TEACACHE_COEFFICIENTS, relative_l1_distance(indicator, previous).item()
-            )
+            accumulated += evaluate_polynomial(FIT, relative_l1_distance(indicator, previous).item())
             if accumulated < thresh:
                 skipped.append(index)
             else:
@@ -369,7 +358,7 @@ def test_skipped_step_reuses_the_residual_through_the_head():
 
 def test_batched_cfg_is_refused_while_teacache_is_on():
     model = QwenImageTransformer2DModel(**TINY).eval()
-    model.enable_teacache(TeaCacheParams(teacache_thresh=0.2), 2)
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.2, coefficients=FIT), 2)
     inputs = make_inputs(TINY, 2, [[(1, 2, 2)]] * 2, 3)
     with pytest.raises(ValueError, match="batches both CFG branches"), model.teacache_step(0, batched_cfg=True):
         model(**inputs)

@@ -22,10 +22,9 @@ WIDTH = 8
 
 
 class TinyModel(nn.Module, TeaCacheMixin):
-    teacache_default_coefficients = (1.0, 0.0)  # rescaled distance = raw distance
-
     def __init__(self) -> None:
         super().__init__()
+        self.set_teacache_fits({"modulated_input": (1.0, 0.0)})  # rescaled distance = raw distance
         generator = torch.Generator().manual_seed(0)
         self.embed = nn.Linear(WIDTH, WIDTH)
         self.blocks = nn.ModuleList([nn.Linear(WIDTH, WIDTH) for _ in range(2)])
@@ -434,13 +433,19 @@ def test_enable_rejects_bad_arguments(call, error, match):
         call(TinyModel())
 
 
-def test_model_without_preset_needs_coefficients():
-    class NoPreset(TinyModel):
-        teacache_default_coefficients = None
-
-    with pytest.raises(ValueError, match="coefficients"):
-        NoPreset().enable_teacache(TeaCacheParams(), 4)
-    NoPreset().enable_teacache(TeaCacheParams(coefficients=[1.0]), 4)
+def test_model_without_a_fit_needs_coefficients():
+    model = TinyModel()
+    model.set_teacache_fits({})
+    assert model.teacache_fits == {}
+    with pytest.raises(ValueError, match="no TeaCache coefficients for indicator 'modulated_input': pass"):
+        model.enable_teacache(TeaCacheParams(), 4)
+    model.enable_teacache(TeaCacheParams(coefficients=[1.0]), 4)
+    with pytest.raises(ValueError, match="fits names indicator 'temb', which TinyModel does not offer"):
+        model.set_teacache_fits({"temb": (1.0,)})
+    with pytest.raises(TypeError, match="fits must be a mapping"):
+        model.set_teacache_fits([(1.0,)])
+    with pytest.raises(ValueError, match="coefficients must be"):
+        model.set_teacache_fits({"modulated_input": ()})
 
 
 def test_step_context_misuse_is_reported():
@@ -686,9 +691,9 @@ def test_wan_expert_pair_enables_both_experts_or_neither():
     from tests.tiny_configs import WAN_TINY
 
     high, low = WanTransformer3DModel(**WAN_TINY), WanTransformer3DModel(**WAN_TINY)
-    high.teacache_default_coefficients = (1.0, 0.0)  # the low-noise expert has none
+    high.set_teacache_fits({"temb": (1.0, 0.0)})  # the low-noise expert has none
     pair = WanExpertPair(high, low, boundary_ratio=0.9)
-    with pytest.raises(ValueError, match="no default TeaCache coefficients"):
+    with pytest.raises(ValueError, match="no TeaCache coefficients for indicator 'temb'"):
         pair.enable_teacache(TeaCacheParams(), 4)
     assert not high.teacache_enabled and not low.teacache_enabled
     pair.enable_teacache(TeaCacheParams(coefficients=[1.0, 0.0]), 4)

@@ -1,7 +1,6 @@
 """Native Wan 2.1 / 2.2 against diffusers' WanTransformer3DModel, TeaCache on Wan, and the Wan2.2 expert pair."""
 
 import inspect
-import warnings
 
 import pytest
 import torch
@@ -9,12 +8,9 @@ from diffusers import WanTransformer3DModel as ReferenceWan
 
 from teacache_models import TeaCacheParams
 from teacache_models.models.base import Transformer2DModelOutput
-from teacache_models.models.wan import (
-    WAN_TEACACHE_PRESETS,
-    WanTransformer3DModel,
-    wan_teacache_preset,
-)
+from teacache_models.models.wan import WanTransformer3DModel
 from teacache_models.models.wan_experts import WanExpertPair
+from teacache_models.zoo import load_zoo_entry
 from tests.tiny_configs import WAN_I2V, WAN_TINY
 from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
 
@@ -462,11 +458,15 @@ def test_indicators_are_the_tensors_diffusers_computes(monkeypatch):
 
 def test_ret_steps_mode_uses_the_timestep_projection_and_its_coefficients():
     model = build(TINY)
-    preset = WAN_TEACACHE_PRESETS["wan2.1-t2v-1.3b"]
-    model.teacache_default_coefficients = preset.coefficients
-    model.teacache_ret_steps_coefficients = preset.ret_steps_coefficients
-    assert model.teacache_schedule(TeaCacheParams()) == (preset.coefficients, 1, 1)
-    assert model.teacache_schedule(TeaCacheParams(use_ret_steps=True)) == (preset.ret_steps_coefficients, 5, 0)
+    fits = load_zoo_entry("wan2.1-t2v-1.3b").teacache_fits()
+    model.set_teacache_fits(fits)
+    assert model.teacache_schedule(TeaCacheParams()) == (fits["temb"], 1, 1)
+    assert model.teacache_schedule(TeaCacheParams(use_ret_steps=True)) == (fits["timestep_proj"], 5, 0)
+    assert model.teacache_schedule(TeaCacheParams(use_ret_steps=True, end_skipping=2, start_skipping=7)) == (
+        fits["timestep_proj"],
+        7,
+        2,
+    )
     model.enable_teacache(TeaCacheParams(use_ret_steps=True), NUM_STEPS)
     assert model.teacache_indicator_name == "timestep_proj"
     run(model, TeaCacheParams(teacache_thresh=0.0, use_ret_steps=True), branches=(False,))
@@ -483,50 +483,19 @@ def test_ret_steps_mode_uses_the_timestep_projection_and_its_coefficients():
         (TeaCacheParams(use_ret_steps=True, indicator="temb"), "use_ret_steps=True uses the 'timestep_proj'"),
         (TeaCacheParams(use_ret_steps=True, indicator="modulated_input"), "indicator='modulated_input' was given"),
         (TeaCacheParams(indicator="img_mod"), "indicator 'img_mod' is not offered"),
-        (TeaCacheParams(), "no default TeaCache coefficients set"),
-        (TeaCacheParams(use_ret_steps=True), "no ret_steps TeaCache coefficients set"),
-        (TeaCacheParams(indicator="modulated_input"), "'modulated_input' has no preset coefficients"),
-        (TeaCacheParams(indicator="timestep_proj"), "'timestep_proj' has no preset coefficients"),
+        (TeaCacheParams(), r"no TeaCache coefficients for indicator 'temb': pass"),
+        (TeaCacheParams(use_ret_steps=True), r"no TeaCache coefficients for indicator 'timestep_proj': pass"),
+        (TeaCacheParams(indicator="modulated_input"), r"'modulated_input' \(its fits are for \['temb'\]\)"),
+        (TeaCacheParams(indicator="timestep_proj"), r"'timestep_proj' \(its fits are for \['temb'\]\)"),
     ],
 )
 def test_inconsistent_teacache_options_are_rejected(params, match):
     model = build(TINY)
-    assert WanTransformer3DModel.teacache_default_coefficients is None
-    if "no preset" in match:
-        model.teacache_default_coefficients = WAN_TEACACHE_PRESETS["wan2.1-t2v-14b"].coefficients
+    assert model.teacache_fits == {}
+    if "its fits" in match:
+        model.set_teacache_fits({"temb": load_zoo_entry("wan2.1-t2v-14b").fits["temb"].coefficients})
     with pytest.raises(ValueError, match=match):
         model.enable_teacache(params, NUM_STEPS)
-
-
-def test_presets_cover_every_checkpoint_and_say_when_borrowed():
-    assert set(WAN_TEACACHE_PRESETS) == {
-        "wan2.1-t2v-1.3b",
-        "wan2.1-t2v-14b",
-        "wan2.1-i2v-14b-480p",
-        "wan2.1-i2v-14b-720p",
-        "wan2.2-t2v-a14b",
-        "wan2.2-i2v-a14b",
-        "wan2.2-ti2v-5b",
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert wan_teacache_preset("wan2.1-t2v-14b")[0] == -5784.54975374
-        assert wan_teacache_preset("wan2.1-i2v-14b-720p", use_ret_steps=True)[0] == 8.10705460e03
-        assert wan_teacache_preset("wan2.1-t2v-1.3b")[-1] == 1.37887774e-01
-    assert WAN_TEACACHE_PRESETS["wan2.1-i2v-14b-480p"].thresholds == (0.13, 0.19, 0.26)
-    for name, lender in (
-        ("wan2.2-t2v-a14b", "wan2.1-t2v-14b"),
-        ("wan2.2-i2v-a14b", "wan2.1-i2v-14b-480p"),
-        ("wan2.2-ti2v-5b", "wan2.1-t2v-1.3b"),
-    ):
-        assert WAN_TEACACHE_PRESETS[name].borrowed_from == lender
-        for ret in (False, True):
-            with pytest.warns(UserWarning, match=f"no TeaCache coefficients have been fitted for {name}"):
-                coefficients = wan_teacache_preset(name, use_ret_steps=ret)
-            source = WAN_TEACACHE_PRESETS[lender]
-            assert coefficients == (source.ret_steps_coefficients if ret else source.coefficients)
-    with pytest.raises(ValueError, match=r"unknown Wan checkpoint 'wan2\.1-t2v-7b'"):
-        wan_teacache_preset("wan2.1-t2v-7b")
 
 
 # ---- Wan2.2 A14B: the expert pair --------------------------------------------------------------------

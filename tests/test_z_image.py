@@ -5,9 +5,12 @@ import torch
 from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel as ReferenceZImage
 
 from teacache_models.cache import relative_l1_distance
-from teacache_models.models.z_image import Z_IMAGE_TEACACHE_COEFFICIENTS, ZImageTransformer2DModel
+from teacache_models.models.z_image import ZImageTransformer2DModel
 from teacache_models.params import TeaCacheParams, evaluate_polynomial
-from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_
+from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
+
+# The fit of the released checkpoint, from its zoo entry.
+FIT = zoo_fit("z-image-turbo")
 
 TINY = dict(
     in_channels=4,
@@ -74,6 +77,7 @@ def build_pair(config: dict, seed: int = 0) -> tuple[ZImageTransformer2DModel, R
     reference = randomize_(ReferenceZImage(**config), seed).eval()
     ours = ZImageTransformer2DModel(**config).eval()
     load_both_ways(ours, reference)
+    ours.set_teacache_fits({"modulated_input": FIT})  # what its zoo entry hands over
     return ours, reference
 
 
@@ -323,7 +327,7 @@ def test_decisions_follow_the_rule_on_the_first_blocks_scaled_input(coefficients
         model.disable_teacache()
         if 0 < step < num_steps - 1:
             distance = relative_l1_distance(indicator_value, previous).item()
-            accumulated += evaluate_polynomial(coefficients or Z_IMAGE_TEACACHE_COEFFICIENTS, distance)
+            accumulated += evaluate_polynomial(coefficients or FIT, distance)
             if accumulated < thresh:
                 skipped.append(step)
             else:
@@ -402,7 +406,7 @@ def test_refiner_indicator_skips_the_refiners_too():
 
 def test_refiner_indicator_needs_its_own_coefficients():
     model, _ = build_pair(TINY)
-    with pytest.raises(ValueError, match=r"no preset coefficients.*fitted for it"):
+    with pytest.raises(ValueError, match=r"'refiner_modulated_input' \(its fits are for \['modulated_input'\]\): pass"):
         model.enable_teacache(TeaCacheParams(teacache_thresh=0.1, indicator="refiner_modulated_input"), 4)
     with pytest.raises(ValueError, match=r"choose one of \['modulated_input', 'refiner_modulated_input'\]"):
         model.enable_teacache(TeaCacheParams(teacache_thresh=0.1, indicator="temb"), 4)

@@ -44,11 +44,50 @@ def test_models_without_a_measured_or_published_threshold_ship_no_guess():
 
 
 def test_flux_presets_use_the_published_fit():
-    from teacache_models.models.flux import FLUX_TEACACHE_COEFFICIENTS
-
     entry = load_zoo_entry("flux1-dev")
     assert entry.sampling.num_inference_steps == 28 and entry.sampling.guidance_scale == 3.5
-    assert entry.presets["slow"].params.coefficients == FLUX_TEACACHE_COEFFICIENTS
+    # TeaCache4FLUX's published polynomial (see docs/teacache-fits.md).
+    published = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+    assert entry.presets["slow"].params.coefficients == published == entry.fits["modulated_input"].coefficients
+
+
+WAN_LENDERS = {"wan2.2-t2v-a14b": "wan2.1-t2v-14b", "wan2.2-i2v-a14b": "wan2.1-i2v-14b-480p"}
+WAN_LENDERS["wan2.2-ti2v-5b"] = "wan2.1-t2v-1.3b"
+
+
+def test_every_wan_checkpoint_has_both_published_fits_and_says_when_borrowed():
+    for name in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", *WAN_LENDERS):
+        entry = load_zoo_entry(name)
+        assert set(entry.fits) == {"temb", "timestep_proj"}
+        lender = WAN_LENDERS.get(name)
+        assert all(fit.borrowed_from == lender for fit in entry.fits.values())
+        if lender is not None:
+            assert entry.teacache_fits() == load_zoo_entry(lender).teacache_fits()
+            assert all(p.params.coefficients == entry.fits["temb"].coefficients for p in entry.presets.values())
+    # Published values (TeaCache4Wan2.1).
+    assert load_zoo_entry("wan2.1-t2v-14b").fits["temb"].coefficients[0] == -5784.54975374
+    assert load_zoo_entry("wan2.1-i2v-14b-720p").fits["timestep_proj"].coefficients[0] == 8.10705460e03
+    assert load_zoo_entry("wan2.1-t2v-1.3b").fits["temb"].coefficients[-1] == 1.37887774e-01
+    thresholds = {p.params.teacache_thresh for p in load_zoo_entry("wan2.1-i2v-14b-480p").presets.values()}
+    assert {0.13, 0.26} <= thresholds
+
+
+def test_fits_are_one_per_indicator(tmp_path):
+    data = yaml.safe_load((ZOO_DIR / "wan2.1-t2v-1.3b.yaml").read_text())
+    data["teacache"]["presets"]["fast"]["coefficients"] = [1.0, 0.0]
+    path = tmp_path / "two-fits.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ValueError, match=r"presets\.fast: coefficients \[1\.0, 0\.0\] differ from the entry's fit"):
+        load_zoo_entry(path)
+    data["teacache"]["presets"]["fast"].pop("coefficients")  # a preset without them takes the entry's fit
+    data["teacache"]["fits"] = {"img_mod": {"coefficients": [1.0], "source": "x"}}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ValueError, match=r"teacache\.fits: indicator 'img_mod' is not one of"):
+        load_zoo_entry(path)
+    data["teacache"]["fits"] = {"temb": {"coefficients": [1.0], "source": "x", "borrowed_from": "wan9"}}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ValueError, match="borrowed_from 'wan9' is not a zoo entry"):
+        load_zoo_entry(path)
 
 
 def test_unknown_model_and_unknown_keys_are_rejected(tmp_path):
@@ -132,7 +171,8 @@ def _edited_config(tmp_path, edit):
         ),
         (
             lambda d: d["teacache"]["presets"]["slow"].update(indicator="temb"),
-            r"teacache.presets.slow: indicator 'temb' is not one of FluxTransformer2DModel's \['modulated_input'\]",
+            r"teacache.presets.slow: indicator 'temb' is not offered by FluxTransformer2DModel; "
+            r"choose one of \['modulated_input'\]",
         ),
     ],
     ids=["transformer", "name", "manifest", "preset-off", "preset-int", "default-list", "presets-list", "indicator"],

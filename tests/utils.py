@@ -90,3 +90,10 @@ def check_linear_kernels(
     ours.set_linear_kernel("aten")
     assert ours.linear_kernel == "aten"
     assert torch.equal(run(ours), expected)
+
+
+def zoo_fit(entry: str, indicator: str = "modulated_input") -> tuple[float, ...]:
+    """The rescaling polynomial the model-zoo entry `entry` holds for `indicator`."""
+    from teacache_models.zoo import load_zoo_entry
+
+    return load_zoo_entry(entry).fits[indicator].coefficients

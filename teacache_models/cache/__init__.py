@@ -1,6 +1,6 @@
 """TeaCache: skip a diffusion transformer's block stack when its input has barely moved."""
 
-from .mixin import Deferred, ObserverHandle, StepObserver, TeaCacheMixin, relative_l1_distance
+from .mixin import Deferred, ObserverHandle, StepObserver, TeaCacheIndicator, TeaCacheMixin, relative_l1_distance
 from .state import BranchStats, StepObservation, TeaCacheStats
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "ObserverHandle",
     "StepObservation",
     "StepObserver",
+    "TeaCacheIndicator",
     "TeaCacheMixin",
     "TeaCacheStats",
     "relative_l1_distance",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ import torch.distributed as dist
 from ..params import TeaCacheParams, evaluate_polynomial, require_int
 from .state import BranchState, StepObservation, TeaCacheSession, TeaCacheStats, branch_name
 
-__all__ = ["Deferred", "ObserverHandle", "StepObserver", "TeaCacheMixin", "relative_l1_distance"]
+__all__ = ["Deferred", "ObserverHandle", "StepObserver", "TeaCacheIndicator", "TeaCacheMixin", "relative_l1_distance"]
 
 StepObserver = Callable[[StepObservation], None]
 
@@ -164,24 +164,53 @@ class ObserverHandle:
         self.remove()
 
 
+@dataclass(frozen=True)
+class TeaCacheIndicator:
+    """An indicator a model offers, and how the steps of a schedule on it are forced.
+
+    Attributes:
+        name: the value of `TeaCacheParams.indicator` that picks it.
+        ret_steps: it is the indicator `use_ret_steps=True` selects (at most one per model); the two
+            fields below shape the forced steps of that mode (picked by name alone, it is forced as any).
+        first_forced_steps: at least this many first steps always compute, whatever `start_skipping` says
+            (Wan's ret-steps mode: 5).
+        free_last_steps: an `end_skipping` up to this many forces no last step (Wan's ret-steps mode leaves
+            the last step free: 1).
+    """
+
+    name: str
+    ret_steps: bool = False
+    first_forced_steps: int = 0
+    free_last_steps: int = 0
+
+
 class TeaCacheMixin:
     """Adds TeaCache to an `nn.Module` whose forward runs `self.run_blocks(...)` between embeddings and head.
 
-    Class attributes describe what a model can do:
+    What a model can do is class data:
 
+    - `teacache_indicators`: the indicators `TeaCacheParams.indicator` may name, each a
+      `TeaCacheIndicator` saying how its forced steps work; the first is the default (what `indicator=None`
+      means). `supported_teacache_indicators` (their names) and `supports_ret_steps` derive from it.
     - `supports_cfg_separation`: the model keeps separate state per CFG branch. When False, a
       negative-branch step switches TeaCache off for the rest of the generation (with one warning).
-    - `supports_ret_steps`: the model offers the alternative indicator of `use_ret_steps=True`.
-    - `supported_teacache_indicators`: names `TeaCacheParams.indicator` may take; the first is the
-      default (what `indicator=None` means).
-    - `teacache_default_coefficients`: the preset rescaling polynomial used when
-      `TeaCacheParams.coefficients` is None (an instance may override it, e.g. per checkpoint).
+
+    The rescaling polynomials are no part of a model: a checkpoint's fits live in its zoo entry, and the
+    loader hands them to the instance with `set_teacache_fits` (per indicator). `TeaCacheParams.coefficients`
+    None means the instance's fit for the chosen indicator.
     """
 
     supports_cfg_separation: ClassVar[bool] = True
-    supports_ret_steps: ClassVar[bool] = False
+    teacache_indicators: ClassVar[tuple[TeaCacheIndicator, ...]] = (TeaCacheIndicator("modulated_input"),)
     supported_teacache_indicators: ClassVar[tuple[str, ...]] = ("modulated_input",)
-    teacache_default_coefficients: tuple[float, ...] | None = None
+    supports_ret_steps: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        indicators = cls.teacache_indicators
+        assert indicators and sum(i.ret_steps for i in indicators) <= 1, f"{cls.__name__}.teacache_indicators"
+        cls.supported_teacache_indicators = tuple(i.name for i in indicators)
+        cls.supports_ret_steps = any(i.ret_steps for i in indicators)
 
     # ---- the two pieces a model provides -------------------------------------------------------
 
@@ -193,27 +222,75 @@ class TeaCacheMixin:
         """The block stack: returns the stream the output head reads, same shape as `hidden_states`."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward_blocks()")
 
-    # ---- what a model may override --------------------------------------------------------------
+    # ---- the fits and the schedule ----------------------------------------------------------------
 
-    def teacache_schedule(self, params: TeaCacheParams) -> tuple[tuple[float, ...], int, int]:
-        """Resolve `params` for this model: (coefficients, first forced steps, last forced steps)."""
-        if params.use_ret_steps and not self.supports_ret_steps:
+    def set_teacache_fits(self, fits: Mapping[str, Sequence[float]]) -> None:
+        """Give this instance its checkpoint's rescaling polynomials, {indicator name: coefficients} (highest
+        degree first): what `TeaCacheParams(coefficients=None)` uses. Replaces any earlier fits."""
+        if not isinstance(fits, Mapping):
+            raise TypeError(f"fits must be a mapping of indicator name to coefficients, got {type(fits).__name__}")
+        checked = {}
+        for name, coefficients in fits.items():
+            if name not in self.supported_teacache_indicators:
+                raise ValueError(
+                    f"fits names indicator {name!r}, which {type(self).__name__} does not offer; "
+                    f"choose among {list(self.supported_teacache_indicators)}"
+                )
+            checked[name] = TeaCacheParams(coefficients=coefficients).coefficients
+        self.__dict__["_teacache_fits"] = checked
+
+    @property
+    def teacache_fits(self) -> dict[str, tuple[float, ...]]:
+        """The instance's rescaling polynomials per indicator (empty unless a loader or the user set them)."""
+        return dict(self.__dict__.get("_teacache_fits", {}))
+
+    @classmethod
+    def teacache_indicator_for(cls, params: TeaCacheParams | None) -> TeaCacheIndicator:
+        """The indicator `params` chooses (the default one for None), checked against what the model offers."""
+        by_name = {i.name: i for i in cls.teacache_indicators}
+        if params is None:
+            return cls.teacache_indicators[0]
+        if params.indicator is not None and params.indicator not in by_name:
             raise ValueError(
-                f"use_ret_steps=True is not available for {type(self).__name__}: it has no alternative "
+                f"indicator {params.indicator!r} is not offered by {cls.__name__}; choose one of {list(by_name)}"
+            )
+        if not params.use_ret_steps:
+            return by_name[params.indicator] if params.indicator else cls.teacache_indicators[0]
+        ret_steps = next((i for i in cls.teacache_indicators if i.ret_steps), None)
+        if ret_steps is None:
+            raise ValueError(
+                f"use_ret_steps=True is not available for {cls.__name__}: it has no alternative "
                 "indicator; use use_ret_steps=False"
             )
-        if params.indicator is not None and params.indicator not in self.supported_teacache_indicators:
+        if params.indicator not in (None, ret_steps.name):
             raise ValueError(
-                f"indicator {params.indicator!r} is not offered by {type(self).__name__}; "
-                f"choose one of {list(self.supported_teacache_indicators)}"
+                f"use_ret_steps=True uses the {ret_steps.name!r} indicator, but indicator={params.indicator!r} "
+                f"was given; leave indicator=None (or {ret_steps.name!r}) with use_ret_steps=True, or set "
+                "use_ret_steps=False"
             )
-        coefficients = params.coefficients or self.teacache_default_coefficients
+        return ret_steps
+
+    def teacache_schedule(self, params: TeaCacheParams) -> tuple[tuple[float, ...], int, int]:
+        """Resolve `params` for this model: (coefficients, first forced steps, last forced steps).
+
+        The coefficients are `params.coefficients`, else the instance's fit for the chosen indicator; in the
+        ret-steps mode the indicator's `first_forced_steps` and `free_last_steps` bound the forced windows.
+        """
+        indicator = self.teacache_indicator_for(params)
+        coefficients = params.coefficients or self.teacache_fits.get(indicator.name)
         if coefficients is None:
+            fitted = sorted(self.teacache_fits)
             raise ValueError(
-                f"{type(self).__name__} has no preset TeaCache coefficients; pass "
-                "TeaCacheParams(coefficients=[...]) (highest degree first)"
+                f"{type(self).__name__} has no TeaCache coefficients for indicator {indicator.name!r}"
+                + (f" (its fits are for {fitted})" if fitted else "")
+                + ": pass TeaCacheParams(coefficients=[...]) (highest degree first), or load the model "
+                "through a zoo entry with a fit for that indicator"
             )
-        return tuple(coefficients), params.start_skipping, params.end_skipping
+        if not params.use_ret_steps:
+            return tuple(coefficients), params.start_skipping, params.end_skipping
+        first_forced = max(indicator.first_forced_steps, params.start_skipping)
+        last_forced = params.end_skipping if params.end_skipping > indicator.free_last_steps else 0
+        return tuple(coefficients), first_forced, last_forced
 
     # ---- public surface -------------------------------------------------------------------------
 
@@ -278,10 +355,7 @@ class TeaCacheMixin:
     @property
     def teacache_indicator_name(self) -> str:
         """The indicator of the running generation (the model's default when TeaCache is off)."""
-        params = self.teacache_params
-        if params is None or params.indicator is None:
-            return self.supported_teacache_indicators[0]
-        return params.indicator
+        return self.teacache_indicator_for(self.teacache_params).name
 
     @property
     def teacache_params(self) -> TeaCacheParams | None:

@@ -42,10 +42,7 @@ from .checks import (
     controlnet_residuals,
 )
 
-__all__ = ["FLUX_TEACACHE_COEFFICIENTS", "FluxTransformer2DModel"]
-
-# The published TeaCache fit for FLUX.1-dev, highest degree first.
-FLUX_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+__all__ = ["FluxTransformer2DModel"]
 
 _TIMESTEP_FEATURES = 256
 
@@ -256,8 +253,6 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         guidance_embeds: the model embeds a guidance scale (FLUX.1-dev) or not (schnell).
         axes_dims_rope: RoPE channels per position-id axis.
     """
-
-    teacache_default_coefficients = FLUX_TEACACHE_COEFFICIENTS
 
     @register_config
     def __init__(

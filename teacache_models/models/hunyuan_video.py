@@ -14,7 +14,6 @@ the first latent frame's tokens their own modulation, computed from timestep 0.
 
 from __future__ import annotations
 
-import types
 from numbers import Real
 from typing import Any, NamedTuple
 
@@ -47,16 +46,7 @@ from .checks import (
     check_tokens,
 )
 
-__all__ = [
-    "HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS",
-    "HUNYUAN_VIDEO_TEACACHE_THRESHOLDS",
-    "HunyuanVideoTransformer3DModel",
-]
-
-# The published TeaCache fit for HunyuanVideo, highest degree first.
-HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
-# Published thresholds: 0.1 -> 1.6x, 0.15 -> 2.1x (540p, ~18 min -> 11 / 8 min).
-HUNYUAN_VIDEO_TEACACHE_THRESHOLDS = types.MappingProxyType({"slow": 0.1, "fast": 0.15})
+__all__ = ["HunyuanVideoTransformer3DModel"]
 
 _TIMESTEP_FEATURES = 256
 _EPS = 1e-6
@@ -512,8 +502,6 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         rope_axes_dim: RoPE channels of the frame, row and column axes; must sum to `attention_head_dim`.
         image_condition_type: None (T2V), "latent_concat" or "token_replace" (I2V).
     """
-
-    teacache_default_coefficients = HUNYUAN_VIDEO_TEACACHE_COEFFICIENTS
 
     @register_config
     def __init__(

@@ -43,18 +43,7 @@ from .checks import (
     controlnet_residuals,
 )
 
-__all__ = ["QWEN_IMAGE_TEACACHE_COEFFICIENTS", "QWEN_IMAGE_TEACACHE_PRESET", "QwenImageTransformer2DModel"]
-
-# A community set for Qwen-Image, NOT an official TeaCache fit (the TeaCache authors published none for
-# this model); highest degree first. Recalibrate before relying on it for quality-critical work.
-QWEN_IMAGE_TEACACHE_COEFFICIENTS = (-4.5e02, 2.8e02, -4.5e01, 3.2e00, -2.0e-02)
-
-QWEN_IMAGE_TEACACHE_PRESET: dict[str, Any] = {
-    "coefficients": QWEN_IMAGE_TEACACHE_COEFFICIENTS,
-    "official_fit": False,
-    # threshold -> what was reported for it (by another engine, not measured here)
-    "thresholds": {0.2: "~1.9x speedup reported on an H200"},
-}
+__all__ = ["QwenImageTransformer2DModel"]
 
 _TIMESTEP_FEATURES = 256
 _ROPE_THETA = 10000
@@ -385,12 +374,10 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         use_additional_t_cond: add a learned embedding of `additional_t_cond` (0 or 1) to the timestep's.
         use_layer3d_rope: layered RoPE: the last image of each sample is the condition image.
 
-    TeaCache: the indicator is block 0's `img_norm1` output modulated by its `img_mod` shift and scale;
-    the default coefficients are the community set `QWEN_IMAGE_TEACACHE_COEFFICIENTS` (not an official
-    fit). CFG branches keep separate state, so TeaCache stays on under true CFG.
+    TeaCache: the indicator is block 0's `img_norm1` output modulated by its `img_mod` shift and scale
+    (the zoo entry `qwen-image` holds a community fit for it, not an official one). CFG branches keep
+    separate state, so TeaCache stays on under true CFG.
     """
-
-    teacache_default_coefficients = QWEN_IMAGE_TEACACHE_COEFFICIENTS
 
     @register_config
     def __init__(

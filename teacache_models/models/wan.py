@@ -13,29 +13,26 @@ modulation is computed in float32 before returning to the model's dtype.
 TeaCache indicators: the timestep embedding `temb` (the published Wan choice; its schedule is the same
 for every prompt and both CFG branches), the timestep projection `timestep_proj` (what
 `use_ret_steps=True` uses) and block 0's modulated input (adapts per prompt; for calibration). The
-published coefficients per checkpoint are in `WAN_TEACACHE_PRESETS`. Wan2.2 A14B's two experts are
+published fits per checkpoint are in the model zoo (`configs/wan*.yaml`). Wan2.2 A14B's two experts are
 routed by `WanExpertPair` (`wan_experts`), which keeps the cache state of each expert apart.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass
 from numbers import Real
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..cache.mixin import Deferred, TeaCacheMixin
+from ..cache.mixin import Deferred, TeaCacheIndicator, TeaCacheMixin
 from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
 from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
 from ..layers.normalization import FP32LayerNorm
 from ..layers.rope import rope_cos_sin
-from ..params import TeaCacheParams
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import (
     check_architecture,
@@ -47,109 +44,12 @@ from .checks import (
     is_int,
 )
 
-__all__ = [
-    "WAN_TEACACHE_PRESETS",
-    "WanTeaCachePreset",
-    "WanTransformer3DModel",
-    "wan_teacache_preset",
-]
+__all__ = ["WanTransformer3DModel"]
 
 # The UMT5 context length: diffusers' I2V attention takes the last 512 context tokens as text.
 _TEXT_CONTEXT_LEN = 512
-# The published ret-steps mode always computes this many first steps.
-_RET_STEPS = 5
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, L, 1, head_dim) each
-
-
-# ---- TeaCache presets ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WanTeaCachePreset:
-    """The TeaCache fit of one released checkpoint.
-
-    Args:
-        coefficients: rescaling polynomial for the `temb` indicator (default mode), highest degree first.
-        ret_steps_coefficients: the same for the `timestep_proj` indicator (`use_ret_steps=True`).
-        thresholds: published thresholds of the default mode.
-        ret_steps_thresholds: published thresholds of the ret-steps mode.
-        borrowed_from: the zoo name whose fit this checkpoint reuses, None for its own fit.
-    """
-
-    coefficients: tuple[float, ...]
-    ret_steps_coefficients: tuple[float, ...]
-    thresholds: tuple[float, ...]
-    ret_steps_thresholds: tuple[float, ...]
-    borrowed_from: str | None = None
-
-
-_WAN21_PRESETS = {
-    "wan2.1-t2v-1.3b": WanTeaCachePreset(
-        coefficients=(2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01),
-        ret_steps_coefficients=(-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
-        thresholds=(0.05, 0.07, 0.08),
-        ret_steps_thresholds=(0.05, 0.10),
-    ),
-    "wan2.1-t2v-14b": WanTeaCachePreset(
-        coefficients=(-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
-        ret_steps_coefficients=(-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
-        thresholds=(0.14, 0.15, 0.20),
-        ret_steps_thresholds=(0.10, 0.20),
-    ),
-    "wan2.1-i2v-14b-480p": WanTeaCachePreset(
-        coefficients=(-3.02331670e02, 2.23948934e02, -5.25463970e01, 5.87348440e00, -2.01973289e-01),
-        ret_steps_coefficients=(2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01),
-        thresholds=(0.13, 0.19, 0.26),
-        ret_steps_thresholds=(0.20, 0.30),
-    ),
-    "wan2.1-i2v-14b-720p": WanTeaCachePreset(
-        coefficients=(-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
-        ret_steps_coefficients=(8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02),
-        thresholds=(0.18, 0.20, 0.30),
-        ret_steps_thresholds=(0.20, 0.30),
-    ),
-}
-
-
-def _borrow(lender: str) -> WanTeaCachePreset:
-    source = _WAN21_PRESETS[lender]
-    return WanTeaCachePreset(
-        source.coefficients, source.ret_steps_coefficients, source.thresholds, source.ret_steps_thresholds, lender
-    )
-
-
-# No fit has been published for Wan2.2. Each A14B expert has the Wan2.1 14B architecture, so it borrows
-# the 14B fit of its task (I2V from the 480P fit: Wan2.2 I2V runs at 480P and 720P and has no CLIP
-# branch, so neither I2V fit is a match). TI2V-5B is a new dense architecture (48 channels, per-token
-# timesteps); it borrows the other dense T2V model's fit, Wan2.1 T2V 1.3B. Calibrate before relying on
-# any of them.
-WAN_TEACACHE_PRESETS: dict[str, WanTeaCachePreset] = {
-    **_WAN21_PRESETS,
-    "wan2.2-t2v-a14b": _borrow("wan2.1-t2v-14b"),
-    "wan2.2-i2v-a14b": _borrow("wan2.1-i2v-14b-480p"),
-    "wan2.2-ti2v-5b": _borrow("wan2.1-t2v-1.3b"),
-}
-
-
-def wan_teacache_preset(name: str, use_ret_steps: bool = False) -> tuple[float, ...]:
-    """The TeaCache coefficients of the zoo checkpoint `name` for the default or the ret-steps indicator.
-
-    Warns (UserWarning) when the checkpoint has no fit of its own and borrows another model's.
-    """
-    if name not in WAN_TEACACHE_PRESETS:
-        raise ValueError(f"unknown Wan checkpoint {name!r}; known: {sorted(WAN_TEACACHE_PRESETS)}")
-    if not isinstance(use_ret_steps, bool):
-        raise ValueError(f"use_ret_steps must be True or False, got {use_ret_steps!r}")
-    preset = WAN_TEACACHE_PRESETS[name]
-    if preset.borrowed_from is not None:
-        warnings.warn(
-            f"no TeaCache coefficients have been fitted for {name}: using those of {preset.borrowed_from}, "
-            "which may skip too many or too few steps; calibrate this model to replace them",
-            UserWarning,
-            stacklevel=2,
-        )
-    return preset.ret_steps_coefficients if use_ret_steps else preset.coefficients
 
 
 # ---- embeddings ------------------------------------------------------------------------------------
@@ -440,11 +340,12 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
     # Some original checkpoints carry a query norm for the image branch that no computation uses.
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = ["norm_added_q"]
 
-    supports_ret_steps = True
-    supported_teacache_indicators = ("temb", "timestep_proj", "modulated_input")
-    # Chosen per checkpoint by the model-zoo config (see `WAN_TEACACHE_PRESETS`), set on the instance.
-    teacache_default_coefficients = None
-    teacache_ret_steps_coefficients: tuple[float, ...] | None = None
+    teacache_indicators = (
+        TeaCacheIndicator("temb"),
+        # The published ret-steps mode always computes the first 5 steps and leaves the last one free.
+        TeaCacheIndicator("timestep_proj", ret_steps=True, first_forced_steps=5, free_last_steps=1),
+        TeaCacheIndicator("modulated_input"),
+    )
 
     @register_config
     def __init__(
@@ -591,66 +492,6 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         return context[:, image_len:], context[:, :image_len]
 
     # ---- TeaCache seam ----------------------------------------------------------------------------
-
-    @property
-    def teacache_indicator_name(self) -> str:
-        """The indicator of the running generation: ret-steps mode defaults to `timestep_proj`."""
-        params = self.teacache_params
-        if params is None:
-            return self.supported_teacache_indicators[0]
-        if params.indicator is not None:
-            return params.indicator
-        return "timestep_proj" if params.use_ret_steps else "temb"
-
-    def teacache_schedule(self, params: TeaCacheParams) -> tuple[tuple[float, ...], int, int]:
-        """Coefficients and forced steps of the default and the ret-steps mode.
-
-        Default mode: indicator `temb`, coefficients `teacache_default_coefficients`, the first
-        `start_skipping` and last `end_skipping` steps always computed.
-
-        Ret-steps mode (`use_ret_steps=True`): indicator `timestep_proj`, coefficients
-        `teacache_ret_steps_coefficients`, the first max(5, start_skipping) steps always computed. The
-        published schedule leaves the last step free, so `end_skipping` forces last steps only when it
-        asks for more than the default single step: end_skipping <= 1 forces none.
-
-        The preset coefficients are fits for their mode's indicator: another indicator needs explicit
-        `coefficients`.
-        """
-        indicators = self.supported_teacache_indicators
-        if params.indicator is not None and params.indicator not in indicators:
-            raise ValueError(
-                f"indicator {params.indicator!r} is not offered by {type(self).__name__}; "
-                f"choose one of {list(indicators)}"
-            )
-        if params.use_ret_steps and params.indicator not in (None, "timestep_proj"):
-            raise ValueError(
-                f"use_ret_steps=True uses the 'timestep_proj' indicator, but indicator={params.indicator!r} was "
-                "given; leave indicator=None (or 'timestep_proj') with use_ret_steps=True, or set use_ret_steps=False"
-            )
-        if params.use_ret_steps:
-            mode_indicator, preset, preset_name = "timestep_proj", self.teacache_ret_steps_coefficients, "ret_steps"
-            first_forced = max(_RET_STEPS, params.start_skipping)
-            last_forced = params.end_skipping if params.end_skipping > 1 else 0
-        else:
-            mode_indicator, preset, preset_name = "temb", self.teacache_default_coefficients, "default"
-            first_forced, last_forced = params.start_skipping, params.end_skipping
-        coefficients = params.coefficients
-        if coefficients is None:
-            indicator = params.indicator or mode_indicator
-            if indicator != mode_indicator:
-                raise ValueError(
-                    f"indicator {indicator!r} has no preset coefficients (the presets are fits for "
-                    f"{mode_indicator!r}); "
-                    "pass TeaCacheParams(coefficients=[...]) fitted for it"
-                )
-            if preset is None:
-                raise ValueError(
-                    f"{type(self).__name__} has no {preset_name} TeaCache coefficients set: pass "
-                    "TeaCacheParams(coefficients=[...]) or set the model's teacache_default_coefficients / "
-                    "teacache_ret_steps_coefficients from wan_teacache_preset(name, use_ret_steps)"
-                )
-            coefficients = preset
-        return tuple(coefficients), first_forced, last_forced
 
     def teacache_indicator(
         self, hidden_states: torch.Tensor, temb: torch.Tensor, timestep_proj: torch.Tensor, **_: Any

@@ -30,9 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from ..cache import TeaCacheMixin
+from ..cache import TeaCacheIndicator, TeaCacheMixin
 from ..layers import RMSNorm, apply_rotary_complex, attention, linear_activation, timestep_sinusoids
-from ..params import TeaCacheParams
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import check_architecture, check_attention_kwargs, check_rope_axes, is_int
 from .z_image_inputs import (
@@ -49,10 +48,7 @@ from .z_image_inputs import (
     unpatchify,
 )
 
-__all__ = ["Z_IMAGE_TEACACHE_COEFFICIENTS", "ZImageTransformer2DModel"]
-
-# A calibrated TeaCache fit for Z-Image(-Turbo) published by another engine, highest degree first.
-Z_IMAGE_TEACACHE_COEFFICIENTS = (-7.54613422e01, -9.23596156e01, 5.75318402e01, -3.76790311e00, 2.27176809e-01)
+__all__ = ["ZImageTransformer2DModel"]
 
 # The timestep conditioning is at most 256 wide, whatever the model width.
 _ADALN_EMBED_DIM = 256
@@ -262,8 +258,7 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         axes_lens: number of positions per axis the RoPE tables cover.
     """
 
-    teacache_default_coefficients = Z_IMAGE_TEACACHE_COEFFICIENTS
-    supported_teacache_indicators = ("modulated_input", _REFINER_INDICATOR)
+    teacache_indicators = (TeaCacheIndicator("modulated_input"), TeaCacheIndicator(_REFINER_INDICATOR))
 
     @register_config
     def __init__(
@@ -547,17 +542,6 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         return samples
 
     # ---- TeaCache seam ----------------------------------------------------------------------------
-
-    def teacache_schedule(self, params: TeaCacheParams) -> tuple[tuple[float, ...], int, int]:
-        """As the mixin's, but the published coefficients are a fit for `modulated_input` only."""
-        schedule = super().teacache_schedule(params)
-        if params.indicator == _REFINER_INDICATOR and params.coefficients is None:
-            raise ValueError(
-                f"indicator {_REFINER_INDICATOR!r} has no preset coefficients (the published set is a fit for "
-                "'modulated_input'); pass TeaCacheParams(coefficients=[...]) fitted for it "
-                "(scripts/calibrate.py --indicator refiner_modulated_input)"
-            )
-        return schedule
 
     def teacache_indicator(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -136,6 +137,7 @@ class Pipeline:
         self.scheduler = scheduler
         self.vae = vae
         self.zoo_entry = zoo_entry
+        self._install_teacache_fits({"transformer": transformer})
         self.text_components = dict(text_components)
         self._text_helper: Any = None
         self.parallel: ParallelState | None = None
@@ -263,6 +265,24 @@ class Pipeline:
     def transformer_for_step(self, t: torch.Tensor) -> torch.nn.Module:
         """The transformer computing timestep `t` (one, except for two-expert models)."""
         return self.transformer
+
+    def _install_teacache_fits(self, models: dict[str, torch.nn.Module]) -> None:
+        """The zoo entry's fits go to the transformers (`set_teacache_fits`): what `TeaCacheParams` without
+        coefficients uses. A fit borrowed from another checkpoint is announced once, with a UserWarning."""
+        entry = self.zoo_entry
+        if entry is None:
+            return
+        borrowed = sorted({fit.borrowed_from for fit in entry.fits.values() if fit.borrowed_from})
+        if borrowed:
+            warnings.warn(
+                f"no TeaCache coefficients have been fitted for {entry.name}: using those of "
+                f"{', '.join(borrowed)}, which may skip too many or too few steps; calibrate this model to "
+                "replace them",
+                UserWarning,
+                stacklevel=4,
+            )
+        for model in models.values():
+            model.set_teacache_fits(entry.teacache_fits())
 
     def teacache_models(self) -> dict[str, torch.nn.Module]:
         """Every transformer whose cache a generation switches on, by component name."""

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..models.wan import WAN_TEACACHE_PRESETS, WanTransformer3DModel, wan_teacache_preset
+from ..models.wan import WanTransformer3DModel
 from ..models.wan_experts import WanExpertPair
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline, to_unit_range
@@ -116,7 +116,8 @@ class WanTextToVideoPipeline(Pipeline):
             self.experts = WanExpertPair(transformer, transformer_2, boundary_ratio, num_train_timesteps)
         self.transformer_2 = transformer_2
         self.expand_timesteps = expand_timesteps
-        self._install_teacache_presets()
+        if transformer_2 is not None:
+            self._install_teacache_fits({"transformer_2": transformer_2})
 
     @classmethod
     def from_pretrained(
@@ -136,22 +137,6 @@ class WanTextToVideoPipeline(Pipeline):
             boundary_ratio=model_index.get("boundary_ratio"),
             expand_timesteps=bool(model_index.get("expand_timesteps", False)),
         )
-
-    def _install_teacache_presets(self) -> None:
-        """The Wan transformer has no coefficients of its own: each checkpoint has its fit, taken from the zoo
-        entry's presets (or the published table for its name) for the default and the ret-steps mode."""
-        entry = self.zoo_entry
-        if entry is None:
-            return
-        presets = [p.params for p in entry.presets.values() if p.params.coefficients is not None]
-        default = next((p.coefficients for p in presets if not p.use_ret_steps and p.indicator in (None, "temb")), None)
-        ret_steps = next((p.coefficients for p in presets if p.use_ret_steps), None)
-        if entry.name in WAN_TEACACHE_PRESETS:
-            default = default or wan_teacache_preset(entry.name)
-            ret_steps = ret_steps or wan_teacache_preset(entry.name, use_ret_steps=True)
-        for model in self.teacache_models().values():
-            model.teacache_default_coefficients = default
-            model.teacache_ret_steps_coefficients = ret_steps
 
     # ---- sizes ----------------------------------------------------------------------------------
 

@@ -125,8 +125,8 @@ def test_released_config_builds_on_meta_with_the_published_size():
 
 def test_no_preset_coefficients():
     model = HunyuanVideo15Transformer3DModel(**TINY)
-    assert model.teacache_default_coefficients is None
-    with pytest.raises(ValueError, match="no preset TeaCache coefficients"):
+    assert model.teacache_fits == {}
+    with pytest.raises(ValueError, match="no TeaCache coefficients for indicator 'modulated_input'"):
         model.enable_teacache(TeaCacheParams(teacache_thresh=0.1), 10)
 
 

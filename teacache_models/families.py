@@ -39,7 +39,11 @@ FAMILIES: dict[str, Family] = {
             ("wan:WanTextToVideoPipeline", "wan:WanImageToVideoPipeline", "demo:WanDigitsPipeline"),
         ),
         Family("hunyuan_video", "HunyuanVideoTransformer3DModel", ("hunyuan_video:HunyuanVideoTextToVideoPipeline",)),
-        Family("hunyuan_video15", "HunyuanVideo15Transformer3DModel"),
+        Family(
+            "hunyuan_video15",
+            "HunyuanVideo15Transformer3DModel",
+            ("hunyuan_video15:HunyuanVideo15TextToVideoPipeline", "hunyuan_video15:HunyuanVideo15ImageToVideoPipeline"),
+        ),
         Family("qwen_image", "QwenImageTransformer2DModel", ("qwen_image:QwenImageTextToImagePipeline",)),
         Family("z_image", "ZImageTransformer2DModel", ("z_image:ZImageTextToImagePipeline",)),
     )

@@ -84,6 +84,8 @@ def test_bit_identical_with_other_mask_forms_and_one_timestep():
         {"encoder_attention_mask_2": torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 1]])},
         {"timestep": torch.tensor([500.0]), "timestep_r": torch.tensor([450.0])},
         {"timestep_r": None},
+        # No valid text token in a row (an empty prompt after the template crop): the stream is zeroed.
+        {"encoder_attention_mask": torch.tensor([[0] * 6, [1, 1, 0, 0, 0, 0]])},
     ]
     for change in changes:
         actual, expected = outputs(ours, reference, {**inputs, **change})
@@ -229,7 +231,8 @@ def bad_inputs():
         "glyph mask values": ({"encoder_attention_mask_2": torch.full((2, 5), 0.5)}, ValueError, "only 0 and 1"),
         "image width": ({"image_embeds": torch.randn(2, 2, 11)}, ValueError, r"image_embeds must have shape"),
         "image dtype": ({"image_embeds": torch.randn(2, 2, 12, dtype=torch.float64)}, TypeError, "image_embeds"),
-        "empty text row": ({"encoder_attention_mask": torch.tensor([[1] + [0] * 5, [0] * 6])}, ValueError, "at least"),
+        "text mask values": ({"encoder_attention_mask": torch.full((2, 6), 2)}, ValueError, "only 0 and 1"),
+        "text mask shape": ({"encoder_attention_mask": torch.ones(2, 1, 6)}, ValueError, "encoder_attention_mask"),
         "timestep_r without meanflow": ({"timestep_r": torch.ones(2)}, ValueError, "use_meanflow"),
         "attention kwargs": ({"attention_kwargs": {"ip_adapter_masks": None}}, ValueError, "attention_kwargs"),
     }

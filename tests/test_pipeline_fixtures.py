@@ -8,11 +8,12 @@ the diffusers pipeline of the family and saves it with `save_pretrained`, so a f
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
 
-from tests.tiny_configs import HUNYUAN_VIDEO_TINY
+from tests.tiny_configs import HUNYUAN_VIDEO15_TINY, HUNYUAN_VIDEO_TINY
 from tests.utils import randomize_
 
 PROMPT_WORDS = (
@@ -463,6 +464,131 @@ def save_hunyuan_video(folder: Path, seed: int = 0) -> Path:
         text_encoder_2=clip.eval(),
         tokenizer_2=build_tokenizer(77, bos=True),
     )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _template_prefix_length(tokenizer) -> int:
+    """Tokens of the HunyuanVideo-1.5 chat template before the prompt's first token."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+
+    system = inspect.signature(_hunyuan_video15_class()._get_mllm_prompt_embeds).parameters["system_message"].default
+    ids = tokenizer.apply_chat_template(format_text_input(["fox"], system)[0], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    return ids.index(tokenizer.convert_tokens_to_ids("fox"))
+
+
+def _hunyuan_video15_class():
+    from diffusers import HunyuanVideo15Pipeline
+
+    return HunyuanVideo15Pipeline
+
+
+# The number of template tokens diffusers' HunyuanVideo-1.5 pipeline crops (`prompt_template_encode_start_idx`).
+HUNYUAN_VIDEO15_CROP = 108
+
+
+def build_qwen_chat_tokenizer():
+    """The word-level tokenizer with a chat template whose system turn is padded with "." tokens so that the
+    HunyuanVideo-1.5 template is exactly the 108 tokens the reference crops, as with the real Qwen tokenizer:
+    the prompt's own tokens reach the transformer."""
+    tokenizer = build_tokenizer(2048)
+    filler = HUNYUAN_VIDEO15_CROP - _template_prefix_length(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(
+        "{{ message['content'] }}",
+        "{{ message['content'] }}{% if message['role'] == 'system' %}" + " ." * filler + "{% endif %}",
+    )
+    assert _template_prefix_length(tokenizer) == HUNYUAN_VIDEO15_CROP
+    return tokenizer
+
+
+# HunyuanVideo-1.5 variants: (task, target size, scheduler shift, guidance scale, MeanFlow), as the diffusers
+# conversion of each release sets them, except the target sizes: 48 and 64 pixels stand for 480p's 640 and
+# 720p's 960, so that the reference's resolution buckets stay tiny.
+HUNYUAN_VIDEO15_KINDS = {
+    "t2v-480p": ("t2v", 48, 5.0, 6.0, False),
+    "t2v-720p": ("t2v", 64, 9.0, 6.0, False),
+    "i2v-480p": ("i2v", 48, 5.0, 6.0, False),
+    "i2v-720p": ("i2v", 64, 7.0, 6.0, False),
+    "i2v-480p-step-distilled": ("i2v", 48, 7.0, 1.0, True),
+}
+
+
+def save_hunyuan_video15(folder: Path, kind: str = "t2v-480p", seed: int = 0) -> Path:
+    """A tiny HunyuanVideo-1.5 folder of one released variant (`HUNYUAN_VIDEO15_KINDS`): Qwen2.5-VL text model
+    with the chat-template tokenizer, ByT5 glyph encoder, 16x / 4x causal VAE, CFG guider; I2V adds SigLIP."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        HunyuanVideo15ImageToVideoPipeline,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    task, target_size, shift, guidance_scale, meanflow = HUNYUAN_VIDEO15_KINDS[kind]
+    torch.manual_seed(seed)
+    config = dict(HUNYUAN_VIDEO15_TINY, task_type=task, target_size=target_size, use_meanflow=meanflow)
+    transformer = randomize_(HunyuanVideo15Transformer3DModel(**config), seed).eval()
+    tokenizer = build_qwen_chat_tokenizer()
+    text_encoder = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            vocab_size=vocab_size(),
+            hidden_size=HUNYUAN_VIDEO15_TINY["text_embed_dim"],
+            intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        )
+    ).eval()
+    byt5 = ByT5Tokenizer()
+    glyph_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(byt5),
+            d_model=HUNYUAN_VIDEO15_TINY["text_embed_2_dim"],
+            d_kv=4,
+            d_ff=16,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+        )
+    ).eval()
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=HUNYUAN_VIDEO15_TINY["out_channels"],
+        block_out_channels=(8, 8, 8, 8, 8),
+        layers_per_block=1,
+        spatial_compression_ratio=16,
+        temporal_compression_ratio=4,
+    )
+    randomize_(vae, seed, std=0.1)
+    common = dict(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae.eval(),
+        scheduler=flow_scheduler(shift=shift),
+        text_encoder_2=glyph_encoder,
+        tokenizer_2=byt5,
+        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
+    )
+    if task == "t2v":
+        pipe = HunyuanVideo15Pipeline(**common)
+    else:
+        from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+        image_encoder = SiglipVisionModel(
+            SiglipVisionConfig(
+                hidden_size=HUNYUAN_VIDEO15_TINY["image_embed_dim"],
+                intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            )
+        ).eval()
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+        pipe = HunyuanVideo15ImageToVideoPipeline(**common, image_encoder=image_encoder, feature_extractor=processor)
     pipe.save_pretrained(folder)
     return folder
 

@@ -44,7 +44,6 @@ from .hunyuan_video import (
     HunyuanVideoTokenRefiner,
     HunyuanVideoTransformerBlock,
     Rope,
-    check_text_mask,
     joint_attention_mask,
     timestep_vector,
     unpatchify,
@@ -210,7 +209,8 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
             hidden_states: (B, in_channels, F, H, W) latents; F, H, W divisible by the patch sizes.
             timestep: (B,) timesteps in [0, 1000] (or one value for the whole batch).
             encoder_hidden_states: (B, Lt, text_embed_dim) Qwen2.5-VL states.
-            encoder_attention_mask: (B, Lt) 0/1 or boolean mask of its valid tokens (one at least per row).
+            encoder_attention_mask: (B, Lt) 0/1 or boolean mask of its valid tokens; an all-0 row gives no
+                text tokens (the reference zeroes them, as it does any padding).
             timestep_r: (B,) the next timestep; only for `use_meanflow` models (None: not embedded).
             encoder_hidden_states_2: (B, L2, text_embed_2_dim) ByT5 glyph-text states (required).
             encoder_attention_mask_2: (B, L2) their mask; a row may be all 0 (a prompt without quoted text).
@@ -371,23 +371,21 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
         check_attention_kwargs("attention_kwargs", attention_kwargs)
         image_valid = not bool((image == 0).all())
         return {
-            "text": check_text_mask(text_mask, text).bool(),
-            "glyph": _check_glyph_mask(glyph_mask, glyph),
+            "text": _check_mask("encoder_attention_mask", text_mask, text),
+            "glyph": _check_mask("encoder_attention_mask_2", glyph_mask, glyph),
             "image": torch.full(image.shape[:2], image_valid, dtype=torch.bool, device=image.device),
         }
 
 
-def _check_glyph_mask(mask: Any, glyph: torch.Tensor) -> torch.Tensor:
-    shape = tuple(glyph.shape[:2])
+def _check_mask(name: str, mask: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """A 0/1 or boolean (B, L) mask of `tokens`; a row may be all 0 (the reference then zeroes the stream)."""
+    shape = tuple(tokens.shape[:2])
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"encoder_attention_mask_2 must be a tensor of shape {shape}, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a tensor of shape {shape}, got {type(mask).__name__}")
     if tuple(mask.shape) != shape:
-        raise ValueError(
-            f"encoder_attention_mask_2 must have shape {shape} (batch, tokens of encoder_hidden_states_2), "
-            f"got {tuple(mask.shape)}"
-        )
+        raise ValueError(f"{name} must have shape {shape} (batch, tokens of its states), got {tuple(mask.shape)}")
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("encoder_attention_mask_2 must hold only 0 and 1 (or be boolean)")
+        raise ValueError(f"{name} must hold only 0 and 1 (or be boolean)")
     return mask.bool()
 
 

@@ -1,0 +1,163 @@
+"""HunyuanVideo-1.5 pipelines (T2V and I2V, 480p and 720p, the step-distilled I2V): bit-identical to diffusers'
+HunyuanVideo15Pipeline / HunyuanVideo15ImageToVideoPipeline with TeaCache off, and TeaCache through the loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from teacache_models import SamplingParams, TeaCacheParams
+from teacache_models.pipelines import load_pipeline
+from teacache_models.pipelines.hunyuan_video15 import (
+    HunyuanVideo15ImageToVideoPipeline,
+    HunyuanVideo15TextToVideoPipeline,
+)
+from tests.test_pipeline_fixtures import HUNYUAN_VIDEO15_KINDS, save_hunyuan_video15
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+# Quoted words are the glyph text: the ByT5 stream carries them.
+PROMPT = 'a red fox holds a sign saying "hello" in the snow'
+NEGATIVE = "blurry bad quality"
+SKIP_ALL = TeaCacheParams(teacache_thresh=1e6, coefficients=(1.0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {kind: save_hunyuan_video15(tmp_path_factory.mktemp(kind), kind) for kind in HUNYUAN_VIDEO15_KINDS}
+
+
+@pytest.fixture(scope="module")
+def image():
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def reference(folder, class_name):
+    """diffusers' pipeline of `folder`. Its `from_pretrained` leaves the transformer's weights in the memory-mapped
+    file at addresses that are not 64-byte aligned, where the CPU matrix kernels round some sums differently
+    (by one ulp); copied to fresh memory, as ours are, the weights give diffusers' transformer our results
+    exactly."""
+    import diffusers
+
+    pipe = getattr(diffusers, class_name).from_pretrained(folder)
+    with torch.no_grad():
+        for parameter in pipe.transformer.parameters():
+            parameter.data = parameter.data.clone()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class DecoderInputs:
+    """Records the latents a pipeline hands its VAE decoder."""
+
+    def __init__(self, vae):
+        self.seen = []
+        original = vae.decode
+
+        def spy(latents, *args, **kwargs):
+            self.seen.append(latents.clone())
+            return original(latents, *args, **kwargs)
+
+        vae.decode = spy
+
+
+def small_params(**changes) -> SamplingParams:
+    settings = dict(num_inference_steps=3, height=32, width=48, num_frames=5, seed=4, teacache_params=None)
+    return SamplingParams(**{**settings, **changes})
+
+
+def run_both(folder, params: SamplingParams, image=None):
+    ours = load_pipeline(folder)
+    is_i2v = isinstance(ours, HunyuanVideo15ImageToVideoPipeline)
+    assert isinstance(ours, HunyuanVideo15TextToVideoPipeline) and is_i2v == (image is not None)
+    ours_seen = DecoderInputs(ours.vae)
+    result = ours(PROMPT, params, **({} if image is None else {"image": image}))
+    pipe = reference(folder, "HunyuanVideo15ImageToVideoPipeline" if is_i2v else "HunyuanVideo15Pipeline")
+    assert pipe.guider.guidance_scale == params.guidance_scale
+    theirs_seen = DecoderInputs(pipe.vae)
+    settings = dict(
+        prompt=PROMPT,
+        num_frames=params.num_frames,
+        num_inference_steps=params.num_inference_steps,
+        generator=torch.Generator("cpu").manual_seed(params.seed),
+        output_type="pt",
+    )
+    if params.negative_prompt is not None:
+        settings["negative_prompt"] = params.negative_prompt
+    # The I2V reference chooses its size from the image; the T2V one takes it.
+    settings.update(image=image) if is_i2v else settings.update(height=params.height, width=params.width)
+    expected = pipe(**settings).frames
+    assert torch.equal(ours_seen.seen[0], theirs_seen.seen[0])
+    assert torch.equal(result.frames, expected)
+    return result
+
+
+@pytest.mark.parametrize("kind", ["t2v-480p", "t2v-720p"])
+def test_text_to_video_equals_diffusers(folders, kind):
+    params = small_params(guidance_scale=6.0, negative_prompt=NEGATIVE)
+    result = run_both(folders[kind], params)
+    assert result.frames.shape == (1, 5, 3, 32, 48)
+    assert result.teacache_stats.negative.computed_steps == (0, 1, 2)
+
+
+@pytest.mark.parametrize("kind", ["i2v-480p", "i2v-720p", "i2v-480p-step-distilled"])
+def test_image_to_video_equals_diffusers(folders, image, kind):
+    pipe = load_pipeline(folders[kind])
+    height, width = pipe.bucket_size(image.height, image.width)
+    guidance = HUNYUAN_VIDEO15_KINDS[kind][3]
+    result = run_both(folders[kind], small_params(height=height, width=width, guidance_scale=guidance), image)
+    assert result.frames.shape[-2:] == (height, width)
+    # The step-distilled model is also guidance-distilled: one call per step.
+    assert result.teacache_stats.negative.computed_steps == (() if guidance == 1.0 else (0, 1, 2))
+
+
+def test_the_buckets_follow_the_target_size(folders):
+    small, large = load_pipeline(folders["i2v-480p"]), load_pipeline(folders["i2v-720p"])
+    assert small.bucket_size(40, 56) != large.bucket_size(40, 56)
+    # Without a zoo entry the defaults are the reference's: 16:9 bucket, 121 frames, the guider's scale.
+    defaults = load_pipeline(folders["t2v-720p"]).default_sampling_params()
+    assert (defaults.num_frames, defaults.guidance_scale, defaults.teacache_params) == (121, 6.0, None)
+    assert defaults.width > defaults.height
+    assert load_pipeline(folders["i2v-480p-step-distilled"]).default_sampling_params().guidance_scale == 1.0
+
+
+def test_teacache_skips_and_keeps_cfg_branches_apart(folders, image):
+    pipe = load_pipeline(folders["i2v-480p"])
+    height, width = pipe.bucket_size(image.height, image.width)
+    params = small_params(num_inference_steps=5, guidance_scale=6.0, height=height, width=width)
+    cached = pipe(PROMPT, dataclasses.replace(params, teacache_params=SKIP_ALL), image=image)
+    for branch in (cached.teacache_stats.positive, cached.teacache_stats.negative):
+        assert branch.computed_steps == (0, 4) and branch.skipped_steps == (1, 2, 3)
+    uncached = pipe(PROMPT, params, image=image)
+    assert not torch.equal(cached.frames, uncached.frames) and torch.isfinite(cached.frames).all()
+    zero = TeaCacheParams(0.0, coefficients=(1.0, 0.0))
+    zero = pipe(PROMPT, dataclasses.replace(params, teacache_params=zero), image=image)
+    assert torch.equal(zero.frames, uncached.frames)
+    assert not pipe.transformer.teacache_enabled
+    # No preset: the cache asks for coefficients rather than guessing.
+    with pytest.raises(ValueError, match="no preset TeaCache coefficients"):
+        pipe(PROMPT, dataclasses.replace(params, teacache_params=TeaCacheParams(0.1)), image=image)
+
+
+def test_bad_inputs_are_rejected(folders, image):
+    t2v, i2v = load_pipeline(folders["t2v-480p"]), load_pipeline(folders["i2v-480p"])
+    with pytest.raises(ValueError, match=r"4k\+1 for HunyuanVideo-1.5"):
+        t2v(PROMPT, small_params(num_frames=4))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        t2v(PROMPT, small_params(height=40))
+    with pytest.raises(TypeError, match="takes no inputs"):
+        t2v(PROMPT, small_params(), image=image)
+    with pytest.raises(ValueError, match="image-to-video: pass image="):
+        i2v(PROMPT, small_params())
+    with pytest.raises(TypeError, match="PIL image"):
+        i2v(PROMPT, small_params(), image=torch.rand(3, 32, 48))
+    with pytest.raises(ValueError, match="does not use sampling settings"):
+        t2v(PROMPT, small_params(true_cfg_scale=2.0))
+    assert (t2v.takes_image(), i2v.takes_image()) == ("no", "required")

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", choices=TARGETS, default="output", help="y: block-stack output or residual")
     parser.add_argument("--degree", type=int, default=4, help="polynomial degree")
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line (default: the ten digit prompts)")
+    parser.add_argument("--image", type=Path, help="the first frame of every run, for image-to-video models")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per prompt")
     parser.add_argument("--seed-offset", type=int, default=1000, help="first seed (keep apart from benchmark seeds)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the zoo entry's)")
@@ -65,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="save the fit and every recorded point here")
     parser.add_argument("--write-config", type=Path, help="zoo YAML whose presets using this indicator get the fit")
     return parser
+
+
+def _image_input(pipe, path: Path | None) -> dict:
+    """{"image": the image} for an image-to-video pipeline (which requires one), {} for the others."""
+    takes = pipe.takes_image()
+    if path is None:
+        if takes == "required":
+            raise SystemExit("this is an image-to-video model: give the first frame with --image FILE")
+        return {}
+    if takes == "no":
+        raise SystemExit("--image is only for image-to-video models; this model takes no image")
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return {"image": image.convert("RGB")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if indicator not in model.supported_teacache_indicators:
         raise SystemExit(f"--indicator {indicator!r} is not one of {list(model.supported_teacache_indicators)}")
 
+    inputs = _image_input(pipe, args.image)
     if args.prompts_file:
         prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     else:
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for prompt in prompts:
             for seed in seeds:
                 sampling = pipe.default_sampling_params(teacache="off", seed=seed, **overrides)
-                pipe(prompt, dataclasses.replace(sampling, teacache_params=params))
+                pipe(prompt, dataclasses.replace(sampling, teacache_params=params), **inputs)
 
     started = time.perf_counter()
     records = record_runs(model, run, indicator, args.target)

@@ -4,6 +4,7 @@ HunyuanVideo15Pipeline / HunyuanVideo15ImageToVideoPipeline with TeaCache off, a
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -161,3 +162,72 @@ def test_bad_inputs_are_rejected(folders, image):
     with pytest.raises(ValueError, match="does not use sampling settings"):
         t2v(PROMPT, small_params(true_cfg_scale=2.0))
     assert (t2v.takes_image(), i2v.takes_image()) == ("no", "required")
+
+
+# ---- zoo, CLI and calibration ---------------------------------------------------------------------
+
+
+def test_zoo_defaults_reach_the_pipeline(folders, image):
+    from teacache_models.zoo import load_zoo_entry
+
+    entry = load_zoo_entry("hunyuanvideo1.5-480p-i2v-step-distilled")
+    pipe = load_pipeline(folders["i2v-480p-step-distilled"], zoo_entry=entry)
+    params = pipe.default_sampling_params(height=32, width=48, num_frames=5, seed=0)
+    assert (params.num_inference_steps, params.guidance_scale, params.flow_shift) == (8, 1.0, 7.0)
+    assert params.teacache_params is None and entry.default_preset == "off" and not entry.presets
+    result = pipe(PROMPT, params, image=image)
+    assert result.teacache_stats.positive.computed_steps == tuple(range(8))
+    assert result.teacache_stats.negative.computed_steps == ()
+    for name in ("480p-t2v", "720p-t2v", "480p-i2v", "720p-i2v"):
+        sampling = load_zoo_entry(f"hunyuanvideo1.5-{name}").sampling
+        assert (sampling.num_frames, sampling.guidance_scale, sampling.fps) == (121, 6.0, 24)
+        assert (sampling.height, sampling.width) == ((480, 848) if name.startswith("480") else (720, 1280))
+
+
+def test_cli_writes_an_mp4(folders, image, tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    from tests.test_generate_cli import load_cli, read_video
+
+    picture = tmp_path / "first.png"
+    image.save(picture)
+    output = tmp_path / "fox.mp4"
+    height, width = load_pipeline(folders["i2v-720p"]).bucket_size(image.height, image.width)
+    args = [
+        "--model", str(folders["i2v-720p"]), "--config", "hunyuanvideo1.5-720p-i2v", "--prompt", PROMPT,
+        "--image", str(picture), "--height", str(height), "--width", str(width), "--num-frames", "5",
+        "--steps", "2", "--seed", "1", "--no-progress", "--output", str(output),
+    ]  # fmt: skip
+    assert load_cli().main(args) == 0
+    frames, fps = read_video(output)
+    assert frames.shape == (5, height, width, 3) and fps == 24
+
+
+def test_calibrate_script_fits_an_image_to_video_model(folders, image, tmp_path):
+    from teacache_models.zoo import load_zoo_entry
+    from tests.utils import load_script
+
+    picture = tmp_path / "first.png"
+    image.save(picture)
+    height, width = load_pipeline(folders["i2v-480p"]).bucket_size(image.height, image.width)
+    config = tmp_path / "hv15-tiny.yaml"
+    config.write_text(
+        "name: hv15-tiny\nmanifest: hunyuanvideo1.5-480p-i2v\nfamily: hunyuan_video15\ntask: i2v\n"
+        "transformer: HunyuanVideo15Transformer3DModel\n"
+        f"sampling: {{num_inference_steps: 5, guidance_scale: 6.0, height: {height}, width: {width}, num_frames: 5}}\n"
+        "teacache:\n  default: calibrated\n  presets:\n    calibrated:\n      teacache_thresh: 0.1\n"
+        "      coefficients: [1.0, 0.0]\n      source: to be calibrated\n"
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\na blue bird on a house\n")
+    args = ["--model", str(folders["i2v-480p"]), "--config", str(config), "--prompts-file", str(prompts)]
+    args += ["--seeds", "1", "--degree", "2", "--json", str(tmp_path / "fit.json"), "--write-config", str(config)]
+    calibrate = load_script("calibrate")
+    with pytest.raises(SystemExit, match="--image FILE"):
+        calibrate.main(args)
+    assert calibrate.main([*args, "--image", str(picture)]) == 0
+    record = json.loads((tmp_path / "fit.json").read_text())
+    # 2 prompts x 1 seed x 4 step pairs, per CFG branch; the default indicator, block 0's modulated input.
+    assert record["fit"]["num_points"] == 16 and len(record["points"]["negative"]) == 8
+    assert record["indicator"] == "modulated_input"
+    preset = load_zoo_entry(config).presets["calibrated"]
+    assert preset.params.coefficients == pytest.approx(record["fit"]["coefficients"])

@@ -8,6 +8,7 @@ import yaml
 
 from teacache_models.models import (
     FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     WanTransformer3DModel,
@@ -32,6 +33,11 @@ RELEASED = {  # zoo name -> (class, released transformer config, as in models.md
         dict(num_attention_heads=24, num_layers=30, ffn_dim=14336, in_channels=48, out_channels=48),
     ),
     "hunyuanvideo": (HunyuanVideoTransformer3DModel, dict()),
+    "hunyuanvideo1.5-480p-t2v": (HunyuanVideo15Transformer3DModel, dict(task_type="t2v")),
+    "hunyuanvideo1.5-720p-t2v": (HunyuanVideo15Transformer3DModel, dict(task_type="t2v", target_size=960)),
+    "hunyuanvideo1.5-480p-i2v": (HunyuanVideo15Transformer3DModel, dict()),
+    "hunyuanvideo1.5-720p-i2v": (HunyuanVideo15Transformer3DModel, dict(target_size=960)),
+    "hunyuanvideo1.5-480p-i2v-step-distilled": (HunyuanVideo15Transformer3DModel, dict(use_meanflow=True)),
     "qwen-image": (QwenImageTransformer2DModel, dict()),
     "z-image-turbo": (ZImageTransformer2DModel, dict()),
 }

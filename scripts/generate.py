@@ -17,8 +17,8 @@ and the TeaCache statistics; one summary line (steps computed and skipped per CF
 printed. Nothing is written when the run fails: errors exit non-zero.
 
 Under torchrun, --cfg-parallel computes the two CFG branches on two ranks and --sp-degree N splits the
-token sequence over N ranks (Wan, HunyuanVideo); the world size must be 2 x N with CFG, else N. Every rank
-generates the same result; only rank 0 writes files and prints.
+token sequence over N ranks (Wan, HunyuanVideo, HunyuanVideo-1.5); the world size must be 2 x N with CFG,
+else N. Every rank generates the same result; only rank 0 writes files and prints.
 """
 
 from __future__ import annotations

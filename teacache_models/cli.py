@@ -120,7 +120,7 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
         "--sp-degree",
         type=int,
         default=1,
-        help="ranks splitting the token sequence (Ulysses sequence parallelism; Wan and HunyuanVideo)",
+        help="ranks splitting the token sequence (Ulysses sequence parallelism; Wan, HunyuanVideo, HunyuanVideo-1.5)",
     )
     parallel.add_argument(
         "--dist-timeout",

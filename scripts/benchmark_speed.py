@@ -1,6 +1,6 @@
 """Speed of the native transformers against diffusers, and how close TeaCache gets to its ideal.
 
-For each family (Flux, Wan, HunyuanVideo, Qwen-Image, Z-Image), in one process, on identical random
+For each family (Flux, Wan, HunyuanVideo, HunyuanVideo-1.5, Qwen-Image, Z-Image), in one process, on identical random
 weights and inputs, alternating the implementations and taking medians over repeats:
 
 1. forward time, ours / diffusers (target <= 0.9, never above 1.0), with our linear layers on PyTorch's
@@ -43,6 +43,7 @@ from teacache_models import TeaCacheParams
 from teacache_models.layers.linear import resolve_linear_kernel
 from teacache_models.models import (
     FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     ZImageTransformer2DModel,
@@ -198,6 +199,46 @@ def hunyuan_video_case(size: str) -> Case:
     return Case("hunyuan_video", HunyuanVideoTransformer3DModel, Reference, config, inputs)
 
 
+def hunyuan_video15_case(size: str) -> Case:
+    from diffusers import HunyuanVideo15Transformer3DModel as Reference
+
+    heads, head_dim, layers, latent, text, glyph, image = {
+        "medium": (4, 64, 4, (4, 16, 16), 64, 16, 16),
+        "large": (16, 128, 4, (9, 30, 53), 1000, 256, 729),  # 848x480, 33 frames; the release's stream lengths
+    }[size]
+    config = dict(
+        in_channels=65,
+        out_channels=32,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        num_layers=layers,
+        text_embed_dim=3584 if size == "large" else 256,
+        text_embed_2_dim=1472 if size == "large" else 64,
+        image_embed_dim=1152 if size == "large" else 64,
+        rope_axes_dim=(head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
+    )
+    g = torch.Generator().manual_seed(1)
+    clean, noise = _randn(1, 32, *latent, generator=g), _randn(1, 32, *latent, generator=g)
+    condition = torch.zeros(1, 33, *latent)  # text-to-video: no condition frame, zero mask
+    prompt = _randn(1, text, config["text_embed_dim"], generator=g)
+    glyphs = _randn(1, glyph, config["text_embed_2_dim"], generator=g)
+    mask = (torch.arange(text) < 3 * text // 4).long()[None]  # a padded prompt
+    glyph_mask = (torch.arange(glyph) < glyph // 4).long()[None]  # a short quoted text
+
+    def inputs(sigma: float) -> dict:
+        return dict(
+            hidden_states=torch.cat([_noisy(clean, noise, sigma), condition], dim=1),
+            timestep=torch.tensor([1000 * sigma]),
+            encoder_hidden_states=prompt,
+            encoder_attention_mask=mask,
+            encoder_hidden_states_2=glyphs,
+            encoder_attention_mask_2=glyph_mask,
+            image_embeds=torch.zeros(1, image, config["image_embed_dim"]),
+        )
+
+    return Case("hunyuan_video15", HunyuanVideo15Transformer3DModel, Reference, config, inputs)
+
+
 def qwen_image_case(size: str) -> Case:
     from diffusers import QwenImageTransformer2DModel as Reference
 
@@ -267,6 +308,7 @@ CASES = {
     "flux": flux_case,
     "wan": wan_case,
     "hunyuan_video": hunyuan_video_case,
+    "hunyuan_video15": hunyuan_video15_case,
     "qwen_image": qwen_image_case,
     "z_image": z_image_case,
 }

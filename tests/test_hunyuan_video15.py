@@ -10,7 +10,7 @@ from teacache_models.models import HunyuanVideo15Transformer3DModel
 from teacache_models.params import TeaCacheParams
 from tests.tiny_configs import HUNYUAN_VIDEO15_TINY
 from tests.tiny_configs import hunyuan_video15_inputs as make_inputs
-from tests.utils import load_both_ways, randomize_
+from tests.utils import check_linear_kernels, load_both_ways, randomize_
 
 TINY = HUNYUAN_VIDEO15_TINY
 
@@ -262,3 +262,22 @@ def test_bad_input_gives_a_clear_error(case):
 def test_bad_architecture_is_rejected(change, match):
     with pytest.raises(ValueError, match=match):
         HunyuanVideo15Transformer3DModel(**{**TINY, **change})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny", "patch2-layer-norm-qk-deeper"])
+def test_onednn_linear_kernel_matches_diffusers(name):
+    config = CONFIGS[name]
+    ours, reference = build_pair(config, seed=11)
+    inputs = make_inputs(config, *CASES["batch2-odd-t2v-padding"])
+    check_linear_kernels(ours, reference, lambda model: model(**inputs, return_dict=False)[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 0.5}])
+def test_a_lora_scale_alone_is_accepted_and_has_no_effect(kwargs):
+    config = CONFIGS["tiny"]
+    ours, reference = build_pair(config, seed=6)
+    inputs = make_inputs(config, *CASES["one-frame-i2v-no-padding"])
+    expected = reference(**inputs, attention_kwargs=dict(kwargs), return_dict=False)[0]
+    assert torch.equal(ours(**inputs, attention_kwargs=dict(kwargs), return_dict=False)[0], expected)

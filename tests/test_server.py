@@ -11,10 +11,12 @@ import configparser
 import contextlib
 import io
 import json
+import shutil
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -406,7 +408,8 @@ def wan_folder(tmp_path_factory):
 def video_server(tool, wan_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("video-server")
     args = ["--model", str(wan_folder), "--config", str(WAN_CONFIG), "--threads", "1", "--output-dir", str(folder)]
-    with tool.ServerProcess(args, log=folder / "server.log") as process:
+    with tool.ServerProcess(args, log=folder.parent / "video-server.log") as process:
+        process.output_dir = folder
         yield process
 
 
@@ -478,6 +481,25 @@ def test_video_jobs_cancel_queued_and_running(video_server, tool):
     assert tool.request(url, "GET", f"/v1/videos/{finished['id']}").status == 404
 
 
+def test_a_failing_job_fails_alone(video_server, tool):
+    """A fault inside one job (its MP4 cannot be written) fails that job only; the next one completes."""
+    url = video_server.url
+    output_dir = video_server.output_dir
+    output_dir.rename(output_dir.with_name("moved"))
+    output_dir.write_text("a file where the folder was")
+    try:
+        failed = tool.request(url, "POST", "/v1/videos", VIDEO).json()
+        failed = wait_for_status(tool, url, failed["id"], ("completed", "failed"))
+    finally:
+        output_dir.unlink()
+        output_dir.with_name("moved").rename(output_dir)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert "cannot write" in failed["error"]["message"] and "Traceback" not in failed["error"]["message"]
+    assert_clean_error(tool.request(url, "GET", f"/v1/videos/{failed['id']}/content"), 409, None, ("failed",))
+    after = tool.request(url, "POST", "/v1/videos", VIDEO).json()
+    assert wait_for_status(tool, url, after["id"], ("completed", "failed"))["status"] == "completed"
+
+
 def test_video_bad_input(video_server, tool):
     url = video_server.url
     form = (
@@ -491,3 +513,39 @@ def test_video_bad_input(video_server, tool):
     assert_clean_error(bad_frames, 400, "num_frames", ("4k+1",))
     assert_clean_error(tool.request(url, "POST", "/v1/images/generations", {"prompt": "x"}), 400, "model")
     assert_clean_error(tool.request(url, "GET", "/v1/videos?limit=0"), 400, "limit")
+
+
+# ---- several processes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_under_torchrun_rank_0_serves_and_the_other_rank_follows(tool, tmp_path):
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+    args = ["--model", "flux-digits", "--threads", "1", "--cfg-parallel", "--dist-timeout", "60"]
+    process = tool.ServerProcess(args, log=tmp_path / "server.log", launcher=launcher)
+    body = {"prompt": PROMPT, "seed": 3, "num_inference_steps": 6, "teacache": "fast", "n": 2}
+    reply = tool.request(process.url, "POST", "/v1/images/generations", body)
+    assert reply.status == 200, reply.body
+    from teacache_models.pipelines import load_pipeline
+
+    pipe = load_pipeline("flux-digits")
+    pipe.set_linear_kernel("onednn")
+    expected = pipe([PROMPT] * 2, pipe.default_sampling_params("fast", seed=3, num_inference_steps=6))
+    for item, pixels in zip(reply.json()["data"], expected.to_uint8().numpy(), strict=True):
+        np.testing.assert_array_equal(png_pixels(item["b64_json"]), pixels)
+    # Both branches' records, from the two ranks.
+    assert reply.json()["data"][0]["teacache"] == expected.teacache_stats.as_dict()
+    # A stopped job stops on both ranks, which then serve the next one.
+    send_and_disconnect(tool, process, LONG)
+    wait_until(lambda: idle(tool, process.url))
+    assert tool.request(process.url, "POST", "/v1/images/generations", body).json()["data"] == reply.json()["data"]
+    # torchrun, when signalled itself, forwards the signal and exits 1 by its own design: signal rank 0, which
+    # drains, tells the other rank to stop, and both exit 0 (so torchrun too).
+    import psutil
+
+    ranks = psutil.Process(process.pid).children()
+    rank_0 = next(p for p in ranks if p.environ().get("RANK") == "0")
+    rank_0.terminate()
+    assert process.process.wait(60) == 0
+    log = (tmp_path / "server.log").read_text()
+    assert "Finished server process" in log and "Traceback" not in log

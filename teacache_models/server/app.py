@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import json
 import logging
 import re
 import time
@@ -345,8 +347,6 @@ def _teacache_settings(params: Any) -> dict[str, Any] | None:
 def _teacache_settings_of(cache: Any) -> dict[str, Any] | None:
     if cache is None:
         return None
-    import dataclasses
-
     settings = dataclasses.asdict(cache)
     if settings["coefficients"] is not None:
         settings["coefficients"] = list(settings["coefficients"])
@@ -412,8 +412,6 @@ async def _json_request(request: Request, model: type[BaseModel]) -> Any:
 
 async def _form_request(request: Request) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
     """A multipart form: its text fields (a JSON object in `teacache` decoded) and its files by field."""
-    import json
-
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(400, "send multipart/form-data (the image as a file part)")
     try:
@@ -459,8 +457,6 @@ _NESTED_FIELD = re.compile(r"^(teacache)\[(\w+)\](\[\])?$")
 
 def _form_value(text: str) -> Any:
     """A form field inside an object: a JSON number, true, false or null as such, anything else as text."""
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError:

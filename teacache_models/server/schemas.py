@@ -212,8 +212,11 @@ def sampling_params(request: _Fields, served: Served) -> SamplingParams:
         params = dataclasses.replace(base, **given, teacache_params=_teacache(request.teacache, served))
     except ValueError as error:
         raise ApiError(400, str(error), _param_of(str(error))) from None
+    # A field given explicitly that this model would not read with these settings is refused, not dropped.
     ignored = served.pipe.ignored_settings(params)
-    for name in sorted(set(given) & set(ignored)):
+    refused = sorted(set(given) & set(ignored))
+    if refused:
+        name = refused[0]
         raise ApiError(400, f"{name} {given[name]!r} has no effect on {served.name}: {ignored[name]}", name)
     try:
         served.pipe.check_params(params)

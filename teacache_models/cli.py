@@ -64,9 +64,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # ---- flags ------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def add_model_arguments(parser: argparse.ArgumentParser, list_hint: str = "--list-models") -> argparse._ArgumentGroup:
+    """--model and --config; `list_hint` says where the zoo names are listed."""
     source = parser.add_argument_group("model")
-    source.add_argument("--model", help="zoo name (see --list-models), a local diffusers-layout folder, or a Hub id")
+    source.add_argument("--model", help=f"zoo name (see {list_hint}), a local diffusers-layout folder, or a Hub id")
     source.add_argument(
         "--config",
         type=path_argument,

@@ -148,7 +148,7 @@ BAD_REQUESTS = [
     ({"prompt": PROMPT, "size": "99999x16"}, 400, "size", ("at most",)),
     ({"prompt": PROMPT, "seed": -1}, 422, "seed", ("greater than or equal to 0",)),
     ({"prompt": PROMPT, "guidance_scale": 0.5}, 400, None, ("guidance_scale must be >= 1",)),
-    ({"prompt": PROMPT, "model": "dall-e-3"}, 404, "model", ("'dall-e-3' is not served", "flux-digits")),
+    ({"prompt": PROMPT, "model": "dall-e-3"}, 400, "model", ("'dall-e-3' is not served", "flux-digits")),
     ({"prompt": PROMPT, "teacache": "turbo"}, 400, "teacache", ("'turbo'", "['fast', 'slow']")),
     ({"prompt": PROMPT, "teacache": {"thresh": 1}}, 400, "teacache", ("unknown fields ['thresh']", "teacache_thresh")),
     ({"prompt": PROMPT, "teacache": {"residual_order": 2}}, 400, "teacache", ("residual_order must be one of",)),
@@ -376,6 +376,25 @@ def test_console_script_and_extra_are_declared():
     test_extra = config["options.extras_require"]["test"].split()
     for requirement in server_extra:
         assert requirement in test_extra
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-queue", "0"], "--max-queue must be at least 1"),
+        (["--request-timeout", "-1"], "--request-timeout must be a finite number of seconds >= 0"),
+        (["--port", "70000"], "--port must be in [1, 65535]"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--teacache", "turbo"], "flux-digits offers 'off' or ['fast', 'slow']"),
+        (["--cfg-parallel"], "launch with torchrun --nproc-per-node 2 scripts/serve.py"),
+    ],
+)
+def test_bad_server_flags_are_one_line_errors(flags, message, capsys):
+    from teacache_models.server.main import main
+
+    assert main(["--model", "flux-digits", *flags]) == 1
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
 
 
 def test_the_core_package_does_not_import_the_server():

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Offline demo: teacache-serve --model flux-digits",
         formatter_class=HelpFormatter,
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, list_hint="python scripts/generate.py --list-models")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on")
     http.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if not 0 <= args.port <= 65535:
-        raise CliError(f"--port must be in [0, 65535], got {args.port}")
+    if not 1 <= args.port <= 65535:
+        raise CliError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_queue < 1:
         raise CliError(f"--max-queue must be at least 1, got {args.max_queue}")
     for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-grace", args.shutdown_grace)):

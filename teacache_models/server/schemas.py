@@ -186,7 +186,7 @@ def sampling_params(request: _Fields, served: Served) -> SamplingParams:
     check them; ApiError (400) naming the field otherwise."""
     if request.model is not None and request.model != served.name:
         raise ApiError(
-            404,
+            400,
             f"model {request.model!r} is not served here; this server serves {served.name!r}",
             "model",
             code="model_not_found",

@@ -38,7 +38,7 @@ from .checks import (
     check_tensor,
     check_tokens,
 )
-from .hunyuan_video import (
+from .hunyuan_video_blocks import (
     HunyuanVideoPatchEmbed,
     HunyuanVideoRotaryPosEmbed,
     HunyuanVideoTokenRefiner,

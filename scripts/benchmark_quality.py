@@ -50,7 +50,7 @@ from teacache_models.demo import digit_prompt, load_demo_model  # noqa: E402
 from teacache_models.metrics import psnr, ssim  # noqa: E402
 from teacache_models.params import RESIDUAL_ORDERS, TeaCacheParams  # noqa: E402
 from teacache_models.pipelines.demo import flow_sigmas  # noqa: E402
-from teacache_models.pipelines.flux import pack_2x2, unpack_2x2  # noqa: E402
+from teacache_models.pipelines.shared import pack_2x2, unpack_2x2  # noqa: E402
 from teacache_models.zoo import load_zoo_entry  # noqa: E402
 
 # An image equal to its reference has infinite PSNR; averages cap each image at this value.

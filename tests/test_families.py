@@ -31,3 +31,18 @@ def test_zoo_and_manifest_entries_belong_to_registered_families():
 def test_an_unknown_family_is_a_clear_error():
     with pytest.raises(ValueError, match=r"family 'flux3' is not one of \['flux', 'wan'"):
         family("flux3")
+
+
+def test_no_family_pipeline_imports_another_family_file():
+    """Shared pipeline helpers live in pipelines/shared.py; a family's file imports only shared modules."""
+    import ast
+    from pathlib import Path
+
+    import teacache_models.pipelines as pipelines
+
+    folder = Path(pipelines.__file__).parent
+    family_modules = {path.split(":")[0] for entry in FAMILIES.values() for path in entry.pipelines}
+    for module in family_modules:
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert not imported & (family_modules - {module}), f"pipelines/{module}.py imports {imported}"

@@ -560,8 +560,3 @@ def merge_stats(all_stats: Sequence[TeaCacheStats]) -> TeaCacheStats:
         negative=join("negative"),
         disabled_reason="; ".join(reasons) or None,
     )
-
-
-def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """VAE output in [-1, 1] -> [0, 1], clamped (diffusers' `postprocess(output_type="pt")`)."""
-    return (pixels / 2 + 0.5).clamp(0, 1)

@@ -24,7 +24,7 @@ from ..demo import DigitTextEncoder
 from ..models import FluxTransformer2DModel, WanTransformer3DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .flux import flux_image_ids, pack_2x2, unpack_2x2
+from .shared import flux_image_ids, pack_2x2, unpack_2x2
 
 __all__ = ["DigitPipeline", "FlowMatchEuler", "FluxDigitsPipeline", "WanDigitsPipeline", "flow_sigmas", "predict_flow"]
 

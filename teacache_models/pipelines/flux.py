@@ -14,50 +14,18 @@ import torch
 
 from ..models import FluxTransformer2DModel
 from ..params import SamplingParams
-from .base import Conditioning, Pipeline, to_unit_range
+from .base import Conditioning, Pipeline
+from .shared import (
+    check_true_cfg,
+    flow_match_mu,
+    flux_image_ids,
+    pack_2x2,
+    to_unit_range,
+    unpack_2x2,
+    unpaired_true_cfg,
+)
 
-__all__ = ["FluxTextToImagePipeline", "check_true_cfg", "flow_match_mu", "unpaired_true_cfg"]
-
-
-def flow_match_mu(image_seq_len: int, scheduler_config: Any) -> float:
-    """The resolution-dependent shift `mu`: linear in the token count between the scheduler's base and
-    max sequence lengths (FLUX.1's schedule, shared by Qwen-Image and Z-Image)."""
-    base_len = scheduler_config.get("base_image_seq_len", 256)
-    max_len = scheduler_config.get("max_image_seq_len", 4096)
-    base_shift = scheduler_config.get("base_shift", 0.5)
-    max_shift = scheduler_config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + (base_shift - slope * base_len)
-
-
-def unpaired_true_cfg(params: SamplingParams, rule: str) -> dict[str, str]:
-    """A true CFG scale > 1 without a negative prompt does nothing (Flux, HunyuanVideo)."""
-    if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and params.negative_prompt is None:
-        return {"true_cfg_scale": f"it needs a negative prompt ({rule})"}
-    return {}
-
-
-def check_true_cfg(pipeline: Pipeline, params: SamplingParams) -> None:
-    """True CFG's two settings go together: either alone would be silently ignored."""
-    ignored = pipeline.ignored_settings(params)
-    for name in ("true_cfg_scale", "negative_prompt"):
-        if name in ignored:
-            value = getattr(params, name)
-            raise ValueError(f"{name}={value!r} has no effect: {ignored[name]}")
-
-
-def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, C * 4): 2x2 latent patches as tokens."""
-    batch, channels, height, width = latents.shape
-    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
-
-
-def unpack_2x2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, H/2 * W/2, C * 4) -> (B, C, H, W), the inverse of `pack_2x2` (H, W in latent cells)."""
-    batch, _, features = tokens.shape
-    patches = tokens.view(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(batch, features // 4, height, width)
+__all__ = ["FluxTextToImagePipeline"]
 
 
 class FluxTextToImagePipeline(Pipeline):
@@ -146,11 +114,3 @@ class FluxTextToImagePipeline(Pipeline):
         latents = unpack_2x2(latents, params.height // factor, params.width // factor)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         return to_unit_range(self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0])
-
-
-def flux_image_ids(height: int, width: int) -> torch.Tensor:
-    """(H * W, 3) position ids of the packed tokens: (0, row, column)."""
-    ids = torch.zeros(height, width, 3)
-    ids[..., 1] = torch.arange(height)[:, None]
-    ids[..., 2] = torch.arange(width)[None, :]
-    return ids.reshape(height * width, 3)

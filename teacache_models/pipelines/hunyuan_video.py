@@ -17,8 +17,7 @@ import torch
 from ..models import HunyuanVideoTransformer3DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .flux import check_true_cfg, unpaired_true_cfg
-from .wan import video_frames_to_unit_range
+from .shared import check_true_cfg, unpaired_true_cfg, video_frames_to_unit_range
 
 __all__ = ["HunyuanVideoTextToVideoPipeline"]
 

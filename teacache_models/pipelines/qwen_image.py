@@ -16,8 +16,8 @@ import torch
 
 from ..models import QwenImageTransformer2DModel
 from ..params import SamplingParams
-from .base import Conditioning, Pipeline, to_unit_range
-from .flux import flow_match_mu, pack_2x2, unpack_2x2
+from .base import Conditioning, Pipeline
+from .shared import flow_match_mu, pack_2x2, to_unit_range, unpack_2x2
 
 __all__ = ["QwenImageTextToImagePipeline"]
 

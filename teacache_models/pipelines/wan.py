@@ -23,7 +23,8 @@ import torch
 from ..models.wan import WanTransformer3DModel
 from ..models.wan_experts import WanExpertPair
 from ..params import SamplingParams
-from .base import Conditioning, Pipeline, to_unit_range
+from .base import Conditioning, Pipeline
+from .shared import video_frames_to_unit_range
 
 __all__ = ["WanImageToVideoPipeline", "WanTextToVideoPipeline", "check_image", "video_frames_to_unit_range"]
 
@@ -69,11 +70,6 @@ def _as_rgb(image: Any) -> Any:
     if isinstance(image, Image.Image) and image.mode != "RGB":
         return image.convert("RGB")
     return image
-
-
-def video_frames_to_unit_range(video: torch.Tensor) -> torch.Tensor:
-    """VAE output (B, 3, F, H, W) in [-1, 1] -> frames (B, F, 3, H, W) in [0, 1]."""
-    return to_unit_range(video).permute(0, 2, 1, 3, 4)
 
 
 class WanTextToVideoPipeline(Pipeline):

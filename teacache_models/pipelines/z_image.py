@@ -16,8 +16,8 @@ import torch
 
 from ..models import ZImageTransformer2DModel
 from ..params import SamplingParams
-from .base import Conditioning, Pipeline, to_unit_range
-from .flux import flow_match_mu
+from .base import Conditioning, Pipeline
+from .shared import flow_match_mu, to_unit_range
 
 __all__ = ["ZImageTextToImagePipeline"]
 

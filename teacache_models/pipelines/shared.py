@@ -1,0 +1,83 @@
+"""Helpers the family pipelines share: latent packing, the flow-matching shift, true-CFG checks and the
+VAE output range. A family pipeline imports these from here, never from another family's file."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..params import SamplingParams
+
+if TYPE_CHECKING:
+    from .base import Pipeline
+
+__all__ = [
+    "check_true_cfg",
+    "flow_match_mu",
+    "flux_image_ids",
+    "pack_2x2",
+    "to_unit_range",
+    "unpack_2x2",
+    "unpaired_true_cfg",
+    "video_frames_to_unit_range",
+]
+
+
+def flow_match_mu(image_seq_len: int, scheduler_config: Any) -> float:
+    """The resolution-dependent shift `mu`: linear in the token count between the scheduler's base and
+    max sequence lengths (FLUX.1's schedule, shared by Qwen-Image and Z-Image)."""
+    base_len = scheduler_config.get("base_image_seq_len", 256)
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    max_shift = scheduler_config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + (base_shift - slope * base_len)
+
+
+def unpaired_true_cfg(params: SamplingParams, rule: str) -> dict[str, str]:
+    """A true CFG scale > 1 without a negative prompt does nothing (Flux, HunyuanVideo)."""
+    if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and params.negative_prompt is None:
+        return {"true_cfg_scale": f"it needs a negative prompt ({rule})"}
+    return {}
+
+
+def check_true_cfg(pipeline: Pipeline, params: SamplingParams) -> None:
+    """True CFG's two settings go together: either alone would be silently ignored."""
+    ignored = pipeline.ignored_settings(params)
+    for name in ("true_cfg_scale", "negative_prompt"):
+        if name in ignored:
+            value = getattr(params, name)
+            raise ValueError(f"{name}={value!r} has no effect: {ignored[name]}")
+
+
+def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C * 4): 2x2 latent patches as tokens."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_2x2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H/2 * W/2, C * 4) -> (B, C, H, W), the inverse of `pack_2x2` (H, W in latent cells)."""
+    batch, _, features = tokens.shape
+    patches = tokens.view(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, features // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int) -> torch.Tensor:
+    """(H * W, 3) position ids of the packed tokens: (0, row, column)."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1] -> [0, 1], clamped (diffusers' `postprocess(output_type="pt")`)."""
+    return (pixels / 2 + 0.5).clamp(0, 1)
+
+
+def video_frames_to_unit_range(video: torch.Tensor) -> torch.Tensor:
+    """VAE output (B, 3, F, H, W) in [-1, 1] -> frames (B, F, 3, H, W) in [0, 1]."""
+    return to_unit_range(video).permute(0, 2, 1, 3, 4)

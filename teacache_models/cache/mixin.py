@@ -164,6 +164,17 @@ class ObserverHandle:
         self.remove()
 
 
+def _branch_property(name: str, is_cfg_negative: bool, default: Any) -> property:
+    """A read-only view of one CFG branch's state field (`default` while no generation has started)."""
+
+    def read(self: TeaCacheMixin) -> Any:
+        state = self._branch_state(is_cfg_negative)
+        return default if state is None else getattr(state, name)
+
+    read.__doc__ = f"The {branch_name(is_cfg_negative)} branch's {name} ({default} before a generation)."
+    return property(read)
+
+
 @dataclass(frozen=True)
 class TeaCacheIndicator:
     """An indicator a model offers, and how the steps of a schedule on it are forced.
@@ -472,35 +483,12 @@ class TeaCacheMixin:
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         return None if session is None else session.branches[is_cfg_negative]
 
-    @property
-    def previous_residual(self) -> torch.Tensor | None:
-        state = self._branch_state(False)
-        return None if state is None else state.previous_residual
-
-    @property
-    def previous_residual_negative(self) -> torch.Tensor | None:
-        state = self._branch_state(True)
-        return None if state is None else state.previous_residual
-
-    @property
-    def previous_modulated_input(self) -> torch.Tensor | None:
-        state = self._branch_state(False)
-        return None if state is None else state.previous_modulated_input
-
-    @property
-    def previous_modulated_input_negative(self) -> torch.Tensor | None:
-        state = self._branch_state(True)
-        return None if state is None else state.previous_modulated_input
-
-    @property
-    def accumulated_rel_l1_distance(self) -> float:
-        state = self._branch_state(False)
-        return 0.0 if state is None else state.accumulated_rel_l1_distance
-
-    @property
-    def accumulated_rel_l1_distance_negative(self) -> float:
-        state = self._branch_state(True)
-        return 0.0 if state is None else state.accumulated_rel_l1_distance
+    previous_residual = _branch_property("previous_residual", False, None)
+    previous_residual_negative = _branch_property("previous_residual", True, None)
+    previous_modulated_input = _branch_property("previous_modulated_input", False, None)
+    previous_modulated_input_negative = _branch_property("previous_modulated_input", True, None)
+    accumulated_rel_l1_distance = _branch_property("accumulated_rel_l1_distance", False, 0.0)
+    accumulated_rel_l1_distance_negative = _branch_property("accumulated_rel_l1_distance", True, 0.0)
 
     # ---- the cached block stack -----------------------------------------------------------------
 

@@ -13,18 +13,20 @@ import torch
 from torch import nn
 
 from ..distributed.sequence import SequenceParallel
-from ..layers.attention import attention
-from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
-from ..layers.feedforward import FeedForward
-from ..layers.linear import linear_activation
-from ..layers.normalization import (
+from ..layers import (
     AdaLayerNormZero,
     AdaLayerNormZeroSingle,
+    FeedForward,
     FP32LayerNorm,
+    MLPEmbedder,
     RMSNorm,
+    apply_rotary_interleaved,
+    attention,
+    linear_activation,
     modulate,
+    rope_cos_sin,
+    timestep_sinusoids,
 )
-from ..layers.rope import apply_rotary_interleaved, rope_cos_sin
 
 __all__ = [
     "QK_NORMS",

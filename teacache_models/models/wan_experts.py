@@ -16,7 +16,6 @@ from torch import nn
 
 from ..cache.state import TeaCacheStats
 from ..params import TeaCacheParams
-from .base import Transformer2DModelOutput
 from .wan import WanTransformer3DModel
 
 __all__ = ["WanExpertPair"]
@@ -96,24 +95,9 @@ class WanExpertPair(nn.Module):
             "call each expert's samples separately"
         )
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_hidden_states_image: torch.Tensor | None = None,
-        return_dict: bool = True,
-        attention_kwargs: dict[str, Any] | None = None,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Run the expert of `timestep`; arguments as `WanTransformer3DModel.forward`."""
-        return self.expert_for(timestep)(
-            hidden_states,
-            timestep,
-            encoder_hidden_states,
-            encoder_hidden_states_image=encoder_hidden_states_image,
-            return_dict=return_dict,
-            attention_kwargs=attention_kwargs,
-        )
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run the expert of `timestep`; arguments and result as `WanTransformer3DModel.forward`."""
+        return self.expert_for(timestep)(hidden_states, timestep, *args, **kwargs)
 
     def enable_teacache(self, params: TeaCacheParams, num_inference_steps: int) -> None:
         """Start a generation on both experts (each with its own coefficients when params has none)."""

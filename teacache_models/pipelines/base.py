@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -156,7 +157,12 @@ class Pipeline:
         from .loading import load_components
 
         components = load_components(path, cls, torch_dtype=torch_dtype, device=device)
-        return cls(**components, zoo_entry=zoo_entry)
+        return cls(**components, **cls.folder_settings(Path(path)), zoo_entry=zoo_entry)
+
+    @classmethod
+    def folder_settings(cls, path: Path) -> dict[str, Any]:
+        """Constructor arguments a family reads from the folder besides its components (none by default)."""
+        return {}
 
     @property
     def device(self) -> torch.device:

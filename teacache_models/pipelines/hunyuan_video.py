@@ -17,7 +17,7 @@ import torch
 from ..models import HunyuanVideoTransformer3DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .shared import check_true_cfg, unpaired_true_cfg, video_frames_to_unit_range
+from .shared import check_frame_count, check_true_cfg, unpaired_true_cfg, video_frames_to_unit_range
 
 __all__ = ["HunyuanVideoTextToVideoPipeline"]
 
@@ -48,14 +48,7 @@ class HunyuanVideoTextToVideoPipeline(Pipeline):
     def check_params(self, params: SamplingParams) -> None:
         super().check_params(params)
         check_true_cfg(self, params)
-        factor = self.temporal_scale_factor()
-        # The causal VAE decodes F latent frames into (F - 1) * factor + 1 frames: other counts cannot come back.
-        if params.num_frames % factor != 1:
-            lower = max(1, (params.num_frames - 1) // factor * factor + 1)
-            raise ValueError(
-                f"num_frames must be of the form {factor}k+1 for HunyuanVideo (its VAE compresses {factor} frames "
-                f"into one after the first), got {params.num_frames}; try {lower} or {lower + factor}"
-            )
+        check_frame_count(params.num_frames, self.temporal_scale_factor(), "HunyuanVideo")
 
     def encode_prompt(self, prompts: list[str], params: SamplingParams) -> Conditioning:
         embeds, pooled, mask = self.text_helper().encode_prompt(

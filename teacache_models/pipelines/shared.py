@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .base import Pipeline
 
 __all__ = [
+    "check_frame_count",
     "check_true_cfg",
     "flow_match_mu",
     "flux_image_ids",
@@ -81,3 +82,14 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
 def video_frames_to_unit_range(video: torch.Tensor) -> torch.Tensor:
     """VAE output (B, 3, F, H, W) in [-1, 1] -> frames (B, F, 3, H, W) in [0, 1]."""
     return to_unit_range(video).permute(0, 2, 1, 3, 4)
+
+
+def check_frame_count(num_frames: int, factor: int, family: str) -> None:
+    """A causal video VAE decodes F latent frames into (F - 1) * factor + 1 frames: other counts cannot
+    come back, so they are refused with the two nearest that can."""
+    if num_frames % factor != 1:
+        lower = max(1, (num_frames - 1) // factor * factor + 1)
+        raise ValueError(
+            f"num_frames must be of the form {factor}k+1 for {family} (its VAE compresses {factor} frames into "
+            f"one latent frame after the first), got {num_frames}; try {lower} or {lower + factor}"
+        )

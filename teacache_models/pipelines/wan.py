@@ -24,7 +24,7 @@ from ..models.wan import WanTransformer3DModel
 from ..models.wan_experts import WanExpertPair
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .shared import video_frames_to_unit_range
+from .shared import check_frame_count, video_frames_to_unit_range
 
 __all__ = ["WanImageToVideoPipeline", "WanTextToVideoPipeline", "check_image", "video_frames_to_unit_range"]
 
@@ -116,23 +116,15 @@ class WanTextToVideoPipeline(Pipeline):
             self._install_teacache_fits({"transformer_2": transformer_2})
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: Any,
-        torch_dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-        zoo_entry: Any = None,
-    ) -> Pipeline:
-        from .loading import load_components, read_model_index
+    def folder_settings(cls, path: Path) -> dict[str, Any]:
+        """Wan2.2 A14B's expert boundary and TI2V's per-token timesteps, from `model_index.json`."""
+        from .loading import read_model_index
 
-        components = load_components(path, cls, torch_dtype=torch_dtype, device=device)
-        model_index = read_model_index(Path(path))
-        return cls(
-            **components,
-            zoo_entry=zoo_entry,
-            boundary_ratio=model_index.get("boundary_ratio"),
-            expand_timesteps=bool(model_index.get("expand_timesteps", False)),
-        )
+        model_index = read_model_index(path)
+        return {
+            "boundary_ratio": model_index.get("boundary_ratio"),
+            "expand_timesteps": bool(model_index.get("expand_timesteps", False)),
+        }
 
     # ---- sizes ----------------------------------------------------------------------------------
 
@@ -147,13 +139,7 @@ class WanTextToVideoPipeline(Pipeline):
 
     def check_params(self, params: SamplingParams) -> None:
         super().check_params(params)
-        factor = self.temporal_scale_factor()
-        if params.num_frames % factor != 1:
-            lower = max(1, (params.num_frames - 1) // factor * factor + 1)
-            raise ValueError(
-                f"num_frames must be of the form {factor}k+1 for Wan (the VAE compresses {factor} frames into one "
-                f"latent frame after the first), got {params.num_frames}; try {lower} or {lower + factor}"
-            )
+        check_frame_count(params.num_frames, self.temporal_scale_factor(), "Wan")
         if params.guidance_scale_2 is not None and self.experts is None:
             raise ValueError(
                 "guidance_scale_2 is the CFG scale of Wan2.2's low-noise expert; this model has one transformer"

@@ -244,12 +244,7 @@ class Pipeline:
         return True
 
     def guide(
-        self,
-        positive: torch.Tensor,
-        negative: torch.Tensor | None,
-        step: int,
-        t: torch.Tensor,
-        params: SamplingParams,
+        self, positive: torch.Tensor, negative: torch.Tensor | None, step: int, t: torch.Tensor, params: SamplingParams
     ) -> torch.Tensor:
         """The family's guidance rule; `negative` is None when CFG is off at this step.
 

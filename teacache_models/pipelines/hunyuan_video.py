@@ -17,12 +17,18 @@ import torch
 from ..models import HunyuanVideoTransformer3DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .shared import check_frame_count, check_true_cfg, unpaired_true_cfg, video_frames_to_unit_range
+from .shared import (
+    HunyuanVideoVAESizes,
+    check_frame_count,
+    check_true_cfg,
+    unpaired_true_cfg,
+    video_frames_to_unit_range,
+)
 
 __all__ = ["HunyuanVideoTextToVideoPipeline"]
 
 
-class HunyuanVideoTextToVideoPipeline(Pipeline):
+class HunyuanVideoTextToVideoPipeline(HunyuanVideoVAESizes, Pipeline):
     """HunyuanVideo: Llava-Llama-3 text states (prompt template, masked) + CLIP-L pooled embedding, causal
     3D VAE (4x temporal, 8x spatial)."""
 
@@ -35,15 +41,6 @@ class HunyuanVideoTextToVideoPipeline(Pipeline):
     is_video: ClassVar[bool] = True
     # The Llama prompt length after the template is cropped (the reference's default).
     max_sequence_length: int = 256
-
-    def vae_scale_factor(self) -> int:
-        return self.vae.config.spatial_compression_ratio
-
-    def temporal_scale_factor(self) -> int:
-        return self.vae.config.temporal_compression_ratio
-
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor() * self.transformer.config.patch_size
 
     def check_params(self, params: SamplingParams) -> None:
         super().check_params(params)

@@ -26,7 +26,7 @@ import torch
 from ..models import HunyuanVideo15Transformer3DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .wan import video_frames_to_unit_range
+from .shared import HunyuanVideoVAESizes, check_frame_count, image_input, video_frames_to_unit_range
 
 __all__ = ["HunyuanVideo15ImageToVideoPipeline", "HunyuanVideo15TextToVideoPipeline"]
 
@@ -37,7 +37,7 @@ _DEFAULT_ASPECT = (16, 9)
 _DEFAULT_FRAMES = 121
 
 
-class HunyuanVideo15TextToVideoPipeline(Pipeline):
+class HunyuanVideo15TextToVideoPipeline(HunyuanVideoVAESizes, Pipeline):
     """HunyuanVideo-1.5 T2V: Qwen2.5-VL + ByT5 text encoders, causal 3D VAE (4x temporal, 16x spatial)."""
 
     family: ClassVar[str] = "hunyuan_video15"
@@ -99,15 +99,6 @@ class HunyuanVideo15TextToVideoPipeline(Pipeline):
 
     # ---- sizes and settings ------------------------------------------------------------------------
 
-    def vae_scale_factor(self) -> int:
-        return self.vae.config.spatial_compression_ratio
-
-    def temporal_scale_factor(self) -> int:
-        return self.vae.config.temporal_compression_ratio
-
-    def size_multiple(self) -> int:
-        return self.vae_scale_factor() * self.transformer.config.patch_size
-
     def bucket_size(self, height: int, width: int) -> tuple[int, int]:
         """The reference's resolution for an (height, width) aspect ratio: the closest bucket of the
         checkpoint's `target_size` (what diffusers generates at; image-to-video uses the image's size)."""
@@ -127,14 +118,7 @@ class HunyuanVideo15TextToVideoPipeline(Pipeline):
 
     def check_params(self, params: SamplingParams) -> None:
         super().check_params(params)
-        factor = self.temporal_scale_factor()
-        # The causal VAE decodes F latent frames into (F - 1) * factor + 1 frames: other counts cannot come back.
-        if params.num_frames % factor != 1:
-            lower = max(1, (params.num_frames - 1) // factor * factor + 1)
-            raise ValueError(
-                f"num_frames must be of the form {factor}k+1 for HunyuanVideo-1.5 (its VAE compresses {factor} "
-                f"frames into one after the first), got {params.num_frames}; try {lower} or {lower + factor}"
-            )
+        check_frame_count(params.num_frames, self.temporal_scale_factor(), "HunyuanVideo-1.5")
 
     def uses_cfg(self, params: SamplingParams) -> bool:
         return not math.isclose(params.guidance_scale, 1.0)
@@ -232,12 +216,7 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15TextToVideoPipeline):
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
         from PIL import Image
 
-        unknown = sorted(set(inputs) - {"image"})
-        if unknown:
-            raise TypeError(f"{type(self).__name__} takes only image=..., got {unknown}")
-        image = inputs.get("image")
-        if image is None:
-            raise ValueError(f"{type(self).__name__} is image-to-video: pass image=<first frame>")
+        image = image_input(self, inputs)
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image (the reference's image processors read PIL), got {image!r}")
         if image.width < 1 or image.height < 1:

@@ -85,12 +85,7 @@ class QwenImageTextToImagePipeline(Pipeline):
         )[0]
 
     def guide(
-        self,
-        positive: torch.Tensor,
-        negative: torch.Tensor | None,
-        step: int,
-        t: torch.Tensor,
-        params: SamplingParams,
+        self, positive: torch.Tensor, negative: torch.Tensor | None, step: int, t: torch.Tensor, params: SamplingParams
     ) -> torch.Tensor:
         combined = super().guide(positive, negative, step, t, params)
         if negative is None:

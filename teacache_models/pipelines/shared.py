@@ -13,10 +13,12 @@ if TYPE_CHECKING:
     from .base import Pipeline
 
 __all__ = [
+    "HunyuanVideoVAESizes",
     "check_frame_count",
     "check_true_cfg",
     "flow_match_mu",
     "flux_image_ids",
+    "image_input",
     "pack_2x2",
     "to_unit_range",
     "unpack_2x2",
@@ -93,3 +95,28 @@ def check_frame_count(num_frames: int, factor: int, family: str) -> None:
             f"num_frames must be of the form {factor}k+1 for {family} (its VAE compresses {factor} frames into "
             f"one latent frame after the first), got {num_frames}; try {lower} or {lower + factor}"
         )
+
+
+def image_input(pipeline: Pipeline, inputs: dict[str, Any]) -> Any:
+    """The `image=` of a call, None when not given: any other keyword is refused, and an image-to-video
+    pipeline (`takes_image() == "required"`) refuses a call without one."""
+    unknown = sorted(set(inputs) - {"image"})
+    if unknown:
+        raise TypeError(f"{type(pipeline).__name__} takes only image=..., got {unknown}")
+    image = inputs.get("image")
+    if image is None and pipeline.takes_image() == "required":
+        raise ValueError(f"{type(pipeline).__name__} is image-to-video: pass image=<first frame>")
+    return image
+
+
+class HunyuanVideoVAESizes:
+    """Latent sizes of a pipeline on HunyuanVideo's causal video VAE (HunyuanVideo and HunyuanVideo-1.5)."""
+
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.spatial_compression_ratio
+
+    def temporal_scale_factor(self) -> int:
+        return self.vae.config.temporal_compression_ratio
+
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor() * self.transformer.config.patch_size

@@ -24,7 +24,7 @@ from ..models.wan import WanTransformer3DModel
 from ..models.wan_experts import WanExpertPair
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .shared import check_frame_count, video_frames_to_unit_range
+from .shared import check_frame_count, image_input, video_frames_to_unit_range
 
 __all__ = ["WanImageToVideoPipeline", "WanTextToVideoPipeline", "check_image", "video_frames_to_unit_range"]
 
@@ -146,13 +146,8 @@ class WanTextToVideoPipeline(Pipeline):
             )
 
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
-        unknown = sorted(set(inputs) - {"image"})
-        if unknown:
-            raise TypeError(f"{type(self).__name__} takes only image=..., got {unknown}")
-        image = inputs.get("image")
+        image = image_input(self, inputs)
         if image is None:
-            if self.takes_image() == "required":
-                raise ValueError(f"{type(self).__name__} is image-to-video: pass image=<first frame>")
             return
         if self.takes_image() == "no":
             raise ValueError(

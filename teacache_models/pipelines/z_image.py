@@ -103,12 +103,7 @@ class ZImageTextToImagePipeline(Pipeline):
         return torch.stack([o.float() for o in outputs]).squeeze(2)  # (B, C, H, W)
 
     def guide(
-        self,
-        positive: torch.Tensor,
-        negative: torch.Tensor | None,
-        step: int,
-        t: torch.Tensor,
-        params: SamplingParams,
+        self, positive: torch.Tensor, negative: torch.Tensor | None, step: int, t: torch.Tensor, params: SamplingParams
     ) -> torch.Tensor:
         if negative is None:
             return -positive

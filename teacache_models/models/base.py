@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -16,6 +17,7 @@ from ..layers.linear import linear_kernel_of, set_linear_kernel
 __all__ = [
     "ConfiguredModel",
     "ModelConfig",
+    "ModelOutput",
     "Transformer2DModelOutput",
     "compute_dtype",
     "kept_in_float32",
@@ -45,50 +47,75 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(computed, floating[0][1] if floating else torch.float32)
 
 
-class ModelConfig(Mapping[str, Any]):
-    """A model's constructor arguments, read-only, readable as `config["x"]` or `config.x`."""
+class ModelConfig(dict):
+    """A model's constructor arguments, read-only, readable as `config["x"]` or `config.x`.
 
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        object.__setattr__(self, "_values", dict(values))
-
-    def __getitem__(self, key: str) -> Any:
-        return self._values[key]
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
+    A `dict` (as diffusers' `FrozenDict`), so diffusers' `from_config` accepts it; `_class_name` names the
+    model's class, as in a diffusers `config.json`.
+    """
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
+        if name.startswith("__"):
             raise AttributeError(name)
         try:
-            return self._values[name]
+            return self[name]
         except KeyError:
             raise AttributeError(f"config has no field {name!r}") from None
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("a model config is read-only")
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a model config is read-only; build a new model with from_config(dict(config, ...))")
+
+    __setattr__ = __delattr__ = __setitem__ = __delitem__ = _read_only
+    clear = pop = popitem = setdefault = update = __ior__ = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        # copy, deepcopy and pickle rebuild it from a plain dict instead of filling it key by key.
+        return type(self), (dict(self),)
 
     def __repr__(self) -> str:
-        return f"ModelConfig({self._values!r})"
+        return f"ModelConfig({dict.__repr__(self)})"
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self._values)
+        return dict(self)
 
 
-@dataclass
-class Transformer2DModelOutput:
+class ModelOutput(OrderedDict):
+    """diffusers' output behaviour (`BaseOutput`): each field by attribute (`out.sample`), key
+    (`out["sample"]`) and index (`out[0]`); `keys()`, `values()`, `items()` and `to_tuple()` hold the
+    fields that are not None. Subclasses are dataclasses."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                OrderedDict.__setitem__(self, field.name, value)
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if isinstance(key, str):
+            return OrderedDict.__getitem__(self, key)
+        return self.to_tuple()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        OrderedDict.__setitem__(self, key, value)
+        object.__setattr__(self, key, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self and value is not None:
+            OrderedDict.__setitem__(self, name, value)
+        object.__setattr__(self, name, value)
+
+    def __reduce__(self) -> tuple:
+        return type(self), tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(self.values())
+
+
+@dataclasses.dataclass(eq=False)
+class Transformer2DModelOutput(ModelOutput):
     """The `return_dict=True` result: `sample` is the model's prediction."""
 
     sample: torch.Tensor
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return (self.sample,)[index]
-
-    def to_tuple(self) -> tuple[torch.Tensor]:
-        return (self.sample,)
 
 
 def register_config(init: F) -> F:
@@ -105,7 +132,7 @@ def register_config(init: F) -> F:
         init(self, *args, **kwargs)
         values = dict(bound.arguments)
         values.pop("self")
-        self.config = ModelConfig(values)
+        self.config = ModelConfig({"_class_name": type(self).__name__, **values})
 
     return wrapper  # type: ignore[return-value]
 
@@ -115,39 +142,72 @@ class ConfiguredModel(torch.nn.Module):
 
     config: ModelConfig
 
+    # diffusers' class-level data (a model class overrides what differs): modules kept in float32 in a half-
+    # precision model, blocks a device map must not split, modules layerwise casting leaves alone, and the
+    # blocks compiled once and reused (`compile_repeated_blocks`).
+    _keep_in_fp32_modules: ClassVar[list[str] | None] = None
+    _no_split_modules: ClassVar[list[str] | None] = None
+    _skip_layerwise_casting_patterns: ClassVar[list[str] | None] = None
+    _repeated_blocks: ClassVar[list[str]] = []
+
     @classmethod
-    def from_config(cls: type[M], config: Mapping[str, Any]) -> M:
-        """Build the model from a `config.json` mapping; unknown keys are an error, not silently dropped."""
-        return _build_from_config(cls, config)
+    def from_config(cls: type[M], config: Mapping[str, Any], **overrides: Any) -> M:
+        """Build the model from a `config.json` mapping (or another model's `config`), `overrides` replacing
+        its values; unknown keys are an error, not silently dropped."""
+        return _build_from_config(cls, {**config, **overrides} if overrides else config)
 
     @classmethod
     def from_pretrained(
         cls: type[M],
-        path_or_name: str | Path,
+        pretrained_model_name_or_path: str | Path,
         subfolder: str | None = "transformer",
         torch_dtype: torch.dtype | str | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         **kwargs: Any,
     ) -> M:
         """Load real weights: a local diffusers folder (or original-release checkpoint) directly, a
         `weights_manifest.yaml` name or Hub id after fetching `subfolder` (see `teacache_models.weights`).
 
-        `kwargs`: `config` (constructor overrides) and the download options of `resolve_weights`
-        (cache_dir, token, revision, local_files_only, manifest).
+        The options of diffusers' `ModelMixin.from_pretrained` keep their meaning: `torch_dtype` (or its
+        alias `dtype`), `variant` (e.g. "fp16": the `diffusion_pytorch_model.fp16.safetensors` files),
+        `subfolder` (None: the folder itself; the default "transformer" falls back to the folder itself
+        when it has no such subfolder), `revision`, `cache_dir`, `local_files_only`, `token`, `device_map`
+        (None, "cpu" or one device: every weight goes there) and `low_cpu_mem_usage` (loading is always
+        low-memory: True and False give the same model). Also `device` (as a one-device `device_map`),
+        `config` (constructor overrides) and `manifest` (another weights manifest). Any other keyword is a
+        TypeError naming it.
         """
         # Imported here: the models do not depend on the weights package (nor on huggingface_hub).
         from ..weights.loading import from_pretrained
 
-        return from_pretrained(cls, path_or_name, subfolder, torch_dtype, device, **kwargs)
+        return from_pretrained(cls, pretrained_model_name_or_path, subfolder, torch_dtype, device, **kwargs)
 
     def save_pretrained(
-        self, save_directory: str | Path, max_shard_size: int | str = "10GB", safe_serialization: bool = True
+        self,
+        save_directory: str | Path,
+        max_shard_size: int | str = "10GB",
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        is_main_process: bool = True,
     ) -> Path:
         """Write `config.json` and safetensors (sharded above `max_shard_size`, with an index) in the diffusers
-        layout, which diffusers' class and `from_pretrained` both load. Returns the folder."""
+        layout, which diffusers' class and `from_pretrained` both load; `variant` ("fp16") names the files
+        `diffusion_pytorch_model.fp16.safetensors` as diffusers does. Only safetensors is written
+        (`safe_serialization=False` is refused). A process with `is_main_process=False` writes nothing.
+        Returns the folder."""
         from ..weights.saving import save_pretrained
 
-        return save_pretrained(self, save_directory, max_shard_size, safe_serialization)
+        return save_pretrained(self, save_directory, max_shard_size, safe_serialization, variant, is_main_process)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameters, as diffusers counts them: `only_trainable` counts those requiring a
+        gradient, `exclude_embeddings` leaves out the weights of `nn.Embedding` layers."""
+        embeddings = set()
+        if exclude_embeddings:
+            embeddings = {id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding)}
+        return sum(
+            p.numel() for p in self.parameters() if id(p) not in embeddings and (p.requires_grad or not only_trainable)
+        )
 
     @property
     def dtype(self) -> torch.dtype:

@@ -10,7 +10,7 @@ goes through the final AdaLN and projection. TeaCache skips both block stacks; i
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -253,6 +253,10 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         guidance_embeds: the model embeds a guidance scale (FLUX.1-dev) or not (schnell).
         axes_dims_rope: RoPE channels per position-id axis.
     """
+
+    _no_split_modules: ClassVar[list[str]] = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "norm"]
+    _repeated_blocks: ClassVar[list[str]] = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
 
     @register_config
     def __init__(

@@ -14,7 +14,7 @@ the first latent frame's tokens their own modulation, computed from timestep 0.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -75,6 +75,22 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         rope_axes_dim: RoPE channels of the frame, row and column axes; must sum to `attention_head_dim`.
         image_condition_type: None (T2V), "latent_concat" or "token_replace" (I2V).
     """
+
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["x_embedder", "context_embedder", "norm"]
+    _no_split_modules: ClassVar[list[str]] = [
+        "HunyuanVideoTransformerBlock",
+        "HunyuanVideoSingleTransformerBlock",
+        "HunyuanVideoTokenReplaceTransformerBlock",
+        "HunyuanVideoTokenReplaceSingleTransformerBlock",
+        "HunyuanVideoPatchEmbed",
+        "HunyuanVideoTokenRefiner",
+    ]
+    _repeated_blocks: ClassVar[list[str]] = [
+        "HunyuanVideoTransformerBlock",
+        "HunyuanVideoSingleTransformerBlock",
+        "HunyuanVideoPatchEmbed",
+        "HunyuanVideoTokenRefiner",
+    ]
 
     @register_config
     def __init__(

@@ -21,7 +21,7 @@ import math
 import operator
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -378,6 +378,10 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     (the zoo entry `qwen-image` holds a community fit for it, not an official one). CFG branches keep
     separate state, so TeaCache stays on under true CFG.
     """
+
+    _no_split_modules: ClassVar[list[str]] = ["QwenImageTransformerBlock"]
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "norm"]
+    _repeated_blocks: ClassVar[list[str]] = ["QwenImageTransformerBlock"]
 
     @register_config
     def __init__(

@@ -329,6 +329,9 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         pos_embed_seq_len: length of the image-token position table (first-last-frame checkpoints).
     """
 
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["patch_embedding", "condition_embedder", "norm"]
+    _no_split_modules: ClassVar[list[str]] = ["WanTransformerBlock"]
+    _repeated_blocks: ClassVar[list[str]] = ["WanTransformerBlock"]
     _keep_in_fp32_modules: ClassVar[list[str]] = [
         "rope",
         "time_embedder",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from numbers import Real
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -258,6 +258,9 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         axes_lens: number of positions per axis the RoPE tables cover.
     """
 
+    _no_split_modules: ClassVar[list[str]] = ["ZImageTransformerBlock"]
+    _repeated_blocks: ClassVar[list[str]] = ["ZImageTransformerBlock"]
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["t_embedder", "cap_embedder"]
     teacache_indicators = (TeaCacheIndicator("modulated_input"), TeaCacheIndicator(_REFINER_INDICATOR))
 
     @register_config

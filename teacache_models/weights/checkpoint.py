@@ -28,6 +28,7 @@ __all__ = [
     "open_checkpoint",
     "read_safetensors_header",
     "read_tensor",
+    "variant_name",
     "verify_sha256",
 ]
 
@@ -155,21 +156,36 @@ def read_tensor(info: TensorInfo, handle: BinaryIO) -> torch.Tensor:
     return tensor
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
+def variant_name(name: str, variant: str | None) -> str:
+    """diffusers' file name of a variant: the variant goes before the last suffix
+    (`diffusion_pytorch_model.fp16.safetensors`, `diffusion_pytorch_model.safetensors.index.fp16.json`)."""
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def open_checkpoint(path: Path, variant: str | None = None) -> Checkpoint:
     """Find a checkpoint's weights in a folder (single or sharded safetensors) or take one file, and check them.
 
     Args:
         path: a folder holding `config.json` and `*.safetensors` (or a `*.safetensors.index.json` with its
             shards), or one `.safetensors` file (original-release checkpoints); a `config.json` beside a
             single file is read too.
+        variant: read the files of this variant (diffusers' names, see `variant_name`) in a folder; a
+            CheckpointError naming the files looked for when it has none.
     """
     path = Path(path)
     if path.is_file():
         if not path.name.endswith(".safetensors"):
             raise CheckpointError(f"{path} is not a .safetensors file; only safetensors checkpoints are supported")
+        if variant is not None:
+            raise CheckpointError(f"variant={variant!r} selects files in a folder; {path} is one file")
         return Checkpoint(path, _read_config(path.parent), read_safetensors_header(path))
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist")
+    if variant is not None:
+        return Checkpoint(path, _read_config(path), _variant_tensors(path, variant))
     index = _pick(path, INDEX_SUFFIX)
     if index is not None:
         tensors = _read_index(index)
@@ -181,6 +197,20 @@ def open_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path} holds no *.safetensors weights{hint}")
         tensors = read_safetensors_header(single)
     return Checkpoint(path, _read_config(path), tensors)
+
+
+def _variant_tensors(folder: Path, variant: str) -> dict[str, TensorInfo]:
+    index = folder / variant_name(WEIGHTS_NAME + ".index.json", variant)
+    single = folder / variant_name(WEIGHTS_NAME, variant)
+    if index.is_file():
+        return _read_index(index)
+    if single.is_file():
+        return read_safetensors_header(single)
+    found = sorted(p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".json")))
+    raise CheckpointError(
+        f"{folder} has no {variant!r} variant of its weights: neither {single.name} nor {index.name} "
+        f"(found {found}); pass variant=None for the default files"
+    )
 
 
 def _pick(folder: Path, suffix: str) -> Path | None:

@@ -39,6 +39,7 @@ def load_transformer(
     torch_dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     config: Mapping[str, Any] | None = None,
+    variant: str | None = None,
 ) -> M:
     """Load a native transformer from a local checkpoint.
 
@@ -53,6 +54,8 @@ def load_transformer(
         device: where the weights go; each tensor is moved there as it is read.
         config: constructor arguments overriding those of `config.json` (or those read off an original
             checkpoint's shapes, e.g. Flux's `axes_dims_rope`).
+        variant: read the files of this variant (`diffusion_pytorch_model.<variant>.safetensors`, or its
+            shards and `diffusion_pytorch_model.safetensors.index.<variant>.json`); an error when missing.
 
     Returns:
         The model in eval mode.
@@ -64,7 +67,7 @@ def load_transformer(
     if config is not None and not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping of constructor arguments or None, got {type(config).__name__}")
     source = locate_weights(Path(path).expanduser(), subfolder)
-    checkpoint = open_checkpoint(source)
+    checkpoint = open_checkpoint(source, variant)
     shapes = {key: info.shape for key, info in checkpoint.tensors.items()}
     original = detect_original_format(model_class, shapes)
     if original is not None:
@@ -82,25 +85,44 @@ def from_pretrained(
     path_or_name: str | Path,
     subfolder: str | None = "transformer",
     torch_dtype: torch.dtype | str | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    device_map: Any = None,
+    low_cpu_mem_usage: bool = True,
+    use_safetensors: bool | None = None,
     config: Mapping[str, Any] | None = None,
-    **download_kwargs: Any,
+    manifest: str | Path | None = None,
 ) -> M:
     """`ModelClass.from_pretrained`: a local path loads directly; a manifest name or Hub id is fetched first.
 
-    `download_kwargs` go to `resolve_weights` (cache_dir, token, revision, local_files_only, manifest);
-    only `subfolder` is fetched. A manifest entry must be of `model_class`'s family, and the loaded
-    parameter count must match the manifest's.
+    The keywords are diffusers' (see `ConfiguredModel.from_pretrained`); only `subfolder` is fetched. A
+    manifest entry must be of `model_class`'s family, and the loaded parameter count must match the
+    manifest's.
     """
     from .download import resolve_weights
     from .manifest import load_manifest
 
     # Checked before any download: a wrong device or dtype should not cost a multi-GB fetch first.
+    torch_dtype = _one_dtype(torch_dtype, dtype)
     _resolve_dtype(torch_dtype)
-    resolve_device(device)
+    device = resolve_device(_one_device(device, device_map))
+    if not isinstance(low_cpu_mem_usage, bool):
+        raise TypeError(f"low_cpu_mem_usage must be True or False, got {low_cpu_mem_usage!r}")
+    if use_safetensors is False:
+        raise ValueError(
+            "use_safetensors=False asks for pickle weights, which are never loaded (unsafe): leave it None or True"
+        )
+    if variant is not None and (not isinstance(variant, str) or not variant or "/" in variant):
+        raise ValueError(f"variant must be a name such as 'fp16' or None, got {variant!r}")
     if isinstance(path_or_name, str | Path) and Path(path_or_name).expanduser().exists():
-        return load_transformer(path_or_name, model_class, subfolder, torch_dtype, device, config)
-    entry = load_manifest(download_kwargs.get("manifest")).get(str(path_or_name))
+        return load_transformer(path_or_name, model_class, subfolder, torch_dtype, device, config, variant)
+    entry = load_manifest(manifest).get(str(path_or_name))
     if entry is not None:
         if entry.transformer_class != model_class.__name__:
             raise ValueError(
@@ -109,8 +131,16 @@ def from_pretrained(
             )
         if subfolder not in entry.transformers:
             raise ValueError(f"{entry.name} has transformers in {list(entry.transformers)}, not in {subfolder!r}")
-    folder = resolve_weights(path_or_name, components=[subfolder or ""], **download_kwargs)
-    model = load_transformer(folder, model_class, subfolder, torch_dtype, device, config)
+    folder = resolve_weights(
+        path_or_name,
+        cache_dir=cache_dir,
+        token=token,
+        revision=revision,
+        local_files_only=local_files_only,
+        components=[subfolder or ""],
+        manifest=manifest,
+    )
+    model = load_transformer(folder, model_class, subfolder, torch_dtype, device, config, variant)
     if entry is not None:
         count = sum(p.numel() for p in model.parameters())
         if abs(count - entry.transformer_parameters) > _PARAMETER_COUNT_TOLERANCE * entry.transformer_parameters:
@@ -119,6 +149,43 @@ def from_pretrained(
                 f"{entry.transformer_parameters:,.0f}: the repository or the manifest changed"
             )
     return model
+
+
+def _one_dtype(torch_dtype: torch.dtype | str | None, dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """`dtype` is diffusers' alias of `torch_dtype`: either may be given, or both when they agree."""
+    if dtype is None or torch_dtype is None:
+        return torch_dtype if dtype is None else dtype
+    if _resolve_dtype(torch_dtype) != _resolve_dtype(dtype):
+        raise ValueError(f"torch_dtype={torch_dtype!r} and its alias dtype={dtype!r} disagree: pass one of them")
+    return torch_dtype
+
+
+def _one_device(device: torch.device | str | None, device_map: Any) -> torch.device | str:
+    """The one device the weights go to, from `device` or diffusers' `device_map`.
+
+    A device map spreads a model over several devices (accelerate's dispatch hooks); here the whole model
+    goes to one device, so only the maps that name one are accepted: None, "cpu", a device ("cuda:0",
+    an index, a `torch.device`) or `{"": device}`.
+    """
+    if isinstance(device_map, Mapping) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = torch.device("cuda", device_map) if device_map >= 0 else device_map
+    if device_map is not None and not isinstance(device_map, str | torch.device):
+        raise ValueError(
+            f"device_map must be None, 'cpu', one device ('cuda:0', 0, a torch.device) or {{'': device}}, got "
+            f"{device_map!r}: a model is loaded whole onto one device"
+        )
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"device_map={device_map!r} spreads a model over several devices, which these models do not do: "
+            "pass None, 'cpu' or one device such as 'cuda:0'"
+        )
+    if device_map is None:
+        return "cpu" if device is None else device
+    if device is not None and resolve_device(device) != resolve_device(device_map):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree: pass one of them")
+    return device_map
 
 
 def locate_weights(path: Path, subfolder: str | None) -> Path:

@@ -12,12 +12,13 @@ import torch
 from teacache_models import models
 from teacache_models.models.base import ModelConfig
 from teacache_models.weights import CheckpointError
-from tests import test_flux, test_hunyuan_video, test_qwen_image, test_wan, test_z_image
+from tests import test_flux, test_hunyuan_video, test_hunyuan_video15, test_qwen_image, test_wan, test_z_image
 
 TINY = {
     "FluxTransformer2DModel": test_flux.TINY,
     "WanTransformer3DModel": test_wan.TINY,
     "HunyuanVideoTransformer3DModel": test_hunyuan_video.TINY,
+    "HunyuanVideo15Transformer3DModel": test_hunyuan_video15.TINY,
     "QwenImageTransformer2DModel": test_qwen_image.TINY,
     "ZImageTransformer2DModel": test_z_image.TINY,
 }

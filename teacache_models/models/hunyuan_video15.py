@@ -19,7 +19,7 @@ indicator is block 0's modulated image input, as for HunyuanVideo.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -145,6 +145,18 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
         task_type: "t2v" or "i2v" (recorded for the pipelines; the computation is the same).
         use_meanflow: the step-distilled variant, which also embeds the next timestep `timestep_r`.
     """
+
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["x_embedder", "context_embedder", "norm"]
+    _no_split_modules: ClassVar[list[str]] = [
+        "HunyuanVideo15TransformerBlock",
+        "HunyuanVideo15PatchEmbed",
+        "HunyuanVideo15TokenRefiner",
+    ]
+    _repeated_blocks: ClassVar[list[str]] = [
+        "HunyuanVideo15TransformerBlock",
+        "HunyuanVideo15PatchEmbed",
+        "HunyuanVideo15TokenRefiner",
+    ]
 
     @register_config
     def __init__(

@@ -568,3 +568,36 @@ def test_under_torchrun_rank_0_serves_and_the_other_rank_follows(tool, tmp_path)
     assert process.process.wait(60) == 0
     log = (tmp_path / "server.log").read_text()
     assert "Finished server process" in log and "Traceback" not in log
+
+
+# ---- the engine alone: faults injected through the pipeline it calls -----------------------------------
+
+
+class FaultyPipe:
+    """A stand-in for a pipeline that fails as a device would: out of memory on a chosen prompt."""
+
+    def __call__(self, prompts, params, progress=None, **inputs):
+        import torch
+
+        if prompts[0] == "too big":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        for step in range(params.num_inference_steps):
+            progress(step + 1, params.num_inference_steps)
+        return prompts
+
+
+def test_engine_out_of_memory_fails_one_job_and_the_next_runs():
+    from teacache_models.params import SamplingParams
+    from teacache_models.server.engine import Engine, Job
+
+    engine = Engine(FaultyPipe(), max_queue=4)
+    engine.start()
+    try:
+        failing = engine.submit(Job("image", ["too big"], SamplingParams(num_inference_steps=3)))
+        after = engine.submit(Job("image", ["fine"], SamplingParams(num_inference_steps=3)))
+        assert after.done.wait(10)
+    finally:
+        assert engine.stop(5)
+    assert failing.status == "failed" and failing.error_code == "server_error"
+    assert failing.error.startswith("out of memory on the device") and "Traceback" not in failing.error
+    assert after.status == "completed" and after.result == ["fine"] and after.step == 3

@@ -1,20 +1,28 @@
 #!/usr/bin/env python
-"""Speed against quality: our TeaCache against diffusers' FirstBlockCache, MagCache and TaylorSeer.
+"""Compute against quality: TeaCache against diffusers' FirstBlockCache, MagCache and TaylorSeer.
 
 Example:
-    python scripts/benchmark_quality.py --model demo_models/wan-digits \
-        --teacache-calibration docs/results/calibration-wan-digits-temb.json \
-        --output docs/results/benchmark-wan-digits.json --plot docs/results/benchmark-wan-digits.png
+    python scripts/benchmark_quality.py --model demo_models/flux-digits --config flux-digits \
+        --output docs/results/benchmark-flux-digits.json --plot docs/results/benchmark-flux-digits.png
 
-One demo model (a pixel-space folder of `demo_models/`), one prompt/seed set (`--pairs`, digit prompts
-with consecutive seeds) and one sampler loop (flow-matching Euler with classifier-free guidance, each CFG
-branch its own call) drive two implementations holding the same weights: our native transformer, with
-TeaCache swept over thresholds, and diffusers' class of the same name, with its cache hooks swept through
-`transformer.enable_cache(config)` and `cache_context("cond" / "uncond")` around each branch. Every point
-reports the wall-clock speedup against its implementation's uncached run (median over `--rounds`, the
-points of a round interleaved), the fraction of block-stack calls skipped, and the PSNR and SSIM of the
-final images against its implementation's uncached images (mean over the set; SSIM is our own
-`teacache_models.metrics.ssim`, Gaussian window 11 / 1.5, K1 0.01, K2 0.03).
+One demo model (a pixel-space folder of `demo_models/`), one prompt/seed set (`--pairs`, digit prompts with
+consecutive seeds) and one sampler loop (flow-matching Euler with classifier-free guidance, each CFG branch
+its own call) drive two implementations holding the same weights: our native transformer with TeaCache, and
+diffusers' class of the same name with its cache hooks (`transformer.enable_cache(config)`,
+`cache_context("cond" / "uncond")` around each branch).
+
+Methods are ranked by compute: the fraction of the transformer blocks' work that actually ran, counted (a
+hook on each block's last linear layer records whether the block ran; each block weighs its FLOPs in an
+uncached call, from `torch.utils.flop_counter`). Wall-clock speedup stands beside it: the median over
+`--rounds` interleaved rounds (every method once per round, the order reversed every other round) of the
+method's time against its implementation's uncached time in the same round, with the range over rounds. A
+point measured faster than its ideal (1 / the work fraction of its timed runs) is flagged as noise.
+
+Each method is swept over its own knobs, with grids of comparable size: TeaCache over the threshold (each
+variant its own curve), FirstBlockCache over its threshold, MagCache over threshold x `retention_ratio` x
+`max_skip_steps`, TaylorSeer over interval x order x warm-up steps. A method's frontier is the best of its
+own sweep (lowest work at each PSNR); the summary gives the work each frontier needs for a mean PSNR of at
+least 30 and 35 dB against its implementation's uncached images.
 
 MagCache is calibrated as its documentation says: one run per calibration prompt with
 `MagCacheConfig(calibrate=True)`, whose printed ratios are averaged over runs and CFG branches. The
@@ -56,15 +64,20 @@ from teacache_models.zoo import load_zoo_entry  # noqa: E402
 # An image equal to its reference has infinite PSNR; averages cap each image at this value.
 PSNR_CAP_DB = 100.0
 DATA_RANGE = 2.0  # pixels in [-1, 1]
-QUALITY_GOAL_DB = 30.0
+QUALITY_GOALS_DB = (30.0, 35.0)
 
-DEFAULT_TEACACHE_THRESHOLDS = (0.1, 0.2, 0.3, 0.5, 0.7)
-DEFAULT_FBC_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
-DEFAULT_MAGCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4, 0.8)
-DEFAULT_TAYLORSEER_INTERVALS = (2, 3, 4, 5)
+DEFAULT_TEACACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
+DEFAULT_FBC_THRESHOLDS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+DEFAULT_MAGCACHE_THRESHOLDS = (0.1, 0.25, 0.5)
+DEFAULT_MAGCACHE_RETENTION = (0.1, 0.2)
+DEFAULT_MAGCACHE_MAX_SKIPS = (2, 4)
+DEFAULT_TAYLORSEER_INTERVALS = (2, 4, 6)
+DEFAULT_TAYLORSEER_ORDERS = (1, 2)
+DEFAULT_TAYLORSEER_WARMUP = (1, 3)
 # TaylorSeer predicts whole blocks: diffusers' default hooks only the attention modules, which leaves the
 # feed-forward layers running at every step, so no step would skip the block stack.
 TAYLORSEER_BLOCKS = [r"blocks\.\d+", r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"]
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
 
 # ---- the shared sampler ----------------------------------------------------------------------------
@@ -154,53 +167,88 @@ def generate(model: nn.Module, work: Workload, index: int, branch: BranchContext
     return x.clamp(-1, 1)
 
 
-# ---- methods ---------------------------------------------------------------------------------------
+# ---- counting the block work that ran --------------------------------------------------------------
 
 
-def _last_block(model: nn.Module) -> nn.Module:
-    for name in ("single_transformer_blocks", "blocks", "transformer_blocks"):
-        blocks = getattr(model, name, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return blocks[-1]
-    raise ValueError(f"{type(model).__name__} has no block list")
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every block in the model's block lists, in the order they run."""
+    found = []
+    for list_name in BLOCK_LISTS:
+        blocks = getattr(model, list_name, None)
+        if isinstance(blocks, nn.ModuleList):
+            found += [(f"{list_name}.{i}", block) for i, block in enumerate(blocks)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no block list among {list(BLOCK_LISTS)}")
+    return found
+
+
+def block_flops(model: nn.Module, work: Workload) -> dict[str, float]:
+    """Each block's FLOPs in one uncached call of `model`: the weights of the work fraction."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        predict(model, work, work.noise[0], work.sigmas[:1], work.text[0])
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__
+    flops = {name: float(sum(counts.get(f"{prefix}.{name}", {}).values())) for name, _ in transformer_blocks(model)}
+    if not all(flops.values()):
+        raise RuntimeError(f"the FLOP counter saw no work in blocks {[n for n, f in flops.items() if not f]}")
+    return flops
 
 
 @contextlib.contextmanager
-def count_block_stack_runs(model: nn.Module) -> Iterator[list[int]]:
-    """Count the forward calls that reach inside the last block (a skipped or predicted block stack does not).
+def count_block_work(model: nn.Module, flops: dict[str, float]) -> Iterator[list[float]]:
+    """Sum the FLOPs of the blocks that ran while the context is open, into `[total]`.
 
-    The first child of the last block (its first norm, in Flux and Wan alike) runs once per real call.
+    A block ran when its last linear layer ran: a cache hook that skips or predicts a block never reaches it,
+    and TeaCache's indicator, which reads the first norm of block 0, does not either.
     """
-    counter = [0]
-    first_child = next(_last_block(model).children())
-    handle = first_child.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    total = [0.0]
+    handles = []
+    for name, block in transformer_blocks(model):
+        last_linear = [m for m in block.modules() if isinstance(m, nn.Linear)][-1]
+
+        def count(*_: Any, weight: float = flops[name]) -> None:
+            total[0] += weight
+
+        handles.append(last_linear.register_forward_hook(count))
     try:
-        yield counter
+        yield total
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+# ---- methods ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class Method:
-    """One sweep point: which implementation, which cache and setting."""
+    """One sweep point: which implementation, which cache and which setting of its knobs."""
 
-    name: str  # the curve
-    setting: str
-    value: float | None
+    name: str  # the curve: one method (one TeaCache variant)
+    knobs: dict[str, Any]
     implementation: str  # "native" or "diffusers"
     teacache: TeaCacheParams | None = None
     cache_config: Any = None
     seconds: list[float] = field(default_factory=list)
+    timed_work: list[float] = field(default_factory=list)
     images: torch.Tensor | None = None
-    skipped_fraction: float | None = None
+    work_fraction: float | None = None
+
+    @property
+    def setting(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.knobs.items()) or self.implementation
 
     @property
     def is_baseline(self) -> bool:
         return self.teacache is None and self.cache_config is None
 
 
-def run_method(method: Method, model: nn.Module, work: Workload) -> tuple[torch.Tensor, float, float]:
-    """Generate the whole set with `method`: (images (N, 1, F, H, W), seconds, skipped fraction)."""
+def run_method(
+    method: Method, model: nn.Module, work: Workload, indices: range, flops: dict[str, float]
+) -> tuple[torch.Tensor, float, float]:
+    """Generate pairs `indices` with `method`: (images (N, 1, F, H, W), seconds, fraction of block work run)."""
     images = []
     if method.implementation == "native":
 
@@ -231,9 +279,9 @@ def run_method(method: Method, model: nn.Module, work: Workload) -> tuple[torch.
         if method.cache_config is not None:
             model.enable_cache(method.cache_config)
     try:
-        with count_block_stack_runs(model) as runs:
+        with count_block_work(model, flops) as ran:
             started = time.perf_counter()
-            for index in range(len(work.noise)):
+            for index in indices:
                 before()
                 images.append(generate(model, work, index, branch))
                 after()
@@ -241,8 +289,8 @@ def run_method(method: Method, model: nn.Module, work: Workload) -> tuple[torch.
     finally:
         if method.implementation == "diffusers" and method.cache_config is not None:
             model.disable_cache()
-    total_calls = len(work.noise) * work.num_steps * 2
-    return torch.cat(images), seconds, 1 - runs[0] / total_calls
+    full = len(indices) * work.num_steps * 2 * sum(flops.values())
+    return torch.cat(images), seconds, ran[0] / full
 
 
 def calibrate_magcache(model: nn.Module, work: Workload) -> list[float]:
@@ -270,21 +318,31 @@ def calibrate_magcache(model: nn.Module, work: Workload) -> list[float]:
     return np.mean(np.array(runs), axis=0).round(5).tolist()
 
 
+def teacache_label(indicator: str, order: int, limit: int | None, several_indicators: bool) -> str:
+    """A TeaCache curve's name: as published, or with its options named (a skip limit is not TeaCache's own
+    decision, and says so)."""
+    options = [indicator] if several_indicators else []
+    if order:
+        options.append("extrapolated residual")
+    if limit:
+        options.append(f"at most {limit} skipped in a row")
+    return "TeaCache" + (f" ({', '.join(options)})" if options else "")
+
+
 def build_methods(
     args: argparse.Namespace, teacache_curves: list[tuple[str, tuple[float, ...]]], mag_ratios: list[float], steps: int
 ) -> list[Method]:
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     curves: list[list[Method]] = []
+    several = len(teacache_curves) > 1
     for (indicator, coefficients), (order, limit) in itertools.product(teacache_curves, args.teacache_variants):
-        options = [indicator, f"residual order {order}" * bool(order), f"max {limit} skips in a row" * bool(limit)]
-        label = f"TeaCache ({', '.join(o for o in options if o)})"
+        label = teacache_label(indicator, order, limit, several)
         curves.append(
             [
                 Method(
                     label,
-                    f"thresh={t}",
-                    t,
+                    {"thresh": t},
                     "native",
                     teacache=TeaCacheParams(
                         teacache_thresh=t,
@@ -301,47 +359,51 @@ def build_methods(
         curves.append(
             [
                 Method(
-                    "FirstBlockCache", f"threshold={t}", t, "diffusers", cache_config=FirstBlockCacheConfig(threshold=t)
+                    "FirstBlockCache", {"threshold": t}, "diffusers", cache_config=FirstBlockCacheConfig(threshold=t)
                 )
                 for t in args.fbc_thresholds
             ]
         )
     if "magcache" in args.peers:
+        grid = itertools.product(args.magcache_thresholds, args.magcache_retention, args.magcache_max_skips)
         curves.append(
             [
                 Method(
                     "MagCache",
-                    f"threshold={t}",
-                    t,
+                    {"threshold": t, "retention_ratio": r, "max_skip_steps": k},
                     "diffusers",
-                    cache_config=MagCacheConfig(threshold=t, num_inference_steps=steps, mag_ratios=mag_ratios),
+                    cache_config=MagCacheConfig(
+                        threshold=t,
+                        retention_ratio=r,
+                        max_skip_steps=k,
+                        num_inference_steps=steps,
+                        mag_ratios=mag_ratios,
+                    ),
                 )
-                for t in args.magcache_thresholds
+                for t, r, k in grid
             ]
         )
     if "taylorseer" in args.peers:
+        grid = itertools.product(args.taylorseer_intervals, args.taylorseer_orders, args.taylorseer_warmup)
         curves.append(
             [
                 Method(
                     "TaylorSeer",
-                    f"cache_interval={n}",
-                    n,
+                    {"cache_interval": n, "max_order": o, "disable_cache_before_step": w},
                     "diffusers",
                     cache_config=TaylorSeerCacheConfig(
                         cache_interval=n,
-                        max_order=1,
+                        max_order=o,
+                        disable_cache_before_step=w,
                         taylor_factors_dtype=torch.float32,
                         cache_identifiers=TAYLORSEER_BLOCKS,
                     ),
                 )
-                for n in args.taylorseer_intervals
+                for n, o, w in grid
             ]
         )
     # Interleave the curves, so that a slow stretch of the shared machine hits every method alike.
-    methods = [
-        Method("uncached", "native", None, "native"),
-        Method("uncached (diffusers)", "diffusers", None, "diffusers"),
-    ]
+    methods = [Method("uncached", {}, "native"), Method("uncached (diffusers)", {}, "diffusers")]
     for index in range(max(len(c) for c in curves) if curves else 0):
         methods += [c[index] for c in curves if index < len(c)]
     return methods
@@ -360,102 +422,78 @@ def quality(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _interpolate(curve: list[dict], key: str, at: float) -> float | None:
-    """Our PSNR at `key` = `at` on a curve, linear between its points; None outside its range."""
-    points = sorted((p[key], p["psnr_mean"]) for p in curve)
-    xs = [x for x, _ in points]
-    if not xs or at < xs[0] or at > xs[-1]:
-        return None
-    return float(np.interp(at, xs, [y for _, y in points]))
-
-
-def _best_at_least(points: list[dict], key: str, at: float) -> float | None:
-    """The best PSNR among `points` whose `key` is at least `at`: what some setting reaches at that
-    speed or faster (no interpolation); None if no point is that fast."""
-    return max((p["psnr_mean"] for p in points if p[key] >= at), default=None)
-
-
-def _compare(peer_points: dict[str, list[dict]], ours: Callable[[str, float], float | None]) -> list[dict]:
-    """One row per peer point that skipped something (one that skipped nothing is the uncached model)."""
-    rows = []
-    for peer, curve in peer_points.items():
-        for point in curve:
-            if point["skipped_fraction"] == 0:
-                continue
-            row = {"peer": peer, "setting": point["setting"], "peer_psnr": point["psnr_mean"]}
-            for key in ("speedup", "skipped_fraction"):
-                our_psnr = ours(key, point[key])
-                row[f"at_{key}"] = point[key]
-                row[f"our_psnr_at_{key}"] = our_psnr
-                row[f"we_win_at_{key}"] = None if our_psnr is None else our_psnr >= point["psnr_mean"]
-            rows.append(row)
-    return rows
-
-
-ANY_SETTING = "TeaCache (best of the settings swept)"
-
-
-def _beats_at_goal(ours: float | None, best: dict, peers: list[str]) -> dict[str, bool | None]:
-    """Per peer: whether our best speedup at PSNR >= 30 dB is at least the peer's (None: the peer has none)."""
+def timing(method: Method, baseline: Method) -> dict[str, Any]:
+    """Speedup per round against the baseline's time in the same round: median and range, and the ideal."""
+    ratios = [b / s for b, s in zip(baseline.seconds, method.seconds, strict=True)]
+    timed_work = statistics.mean(method.timed_work)
+    ideal = 1 / timed_work if timed_work > 0 else float("inf")
+    median = statistics.median(ratios)
     return {
-        peer: None if best[peer]["speedup"] is None else (ours is not None and ours >= best[peer]["speedup"])
-        for peer in peers
+        "speedup": median,
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
+        "seconds": method.seconds,
+        "ideal_speedup": ideal,
+        # Faster than skipping the work allows: the shared machine's noise, not a result.
+        "above_ideal": median > ideal * 1.0001,
     }
 
 
+def frontier(curve: list[dict]) -> list[dict]:
+    """The points of one method that no other point of it beats: less or equal work at higher PSNR."""
+    best: list[dict] = []
+    for point in sorted(curve, key=lambda p: (p["work_fraction"], -p["psnr_mean"])):
+        if not best or point["psnr_mean"] > best[-1]["psnr_mean"]:
+            best.append(point)
+    return best
+
+
+def least_work_at(curve: list[dict], goal_db: float) -> dict | None:
+    """The point of the frontier with the least work at a mean PSNR of at least `goal_db`; None if none."""
+    good = [p for p in frontier(curve) if p["psnr_mean"] >= goal_db]
+    return min(good, key=lambda p: p["work_fraction"]) if good else None
+
+
 def summarise(points: list[dict]) -> dict[str, Any]:
+    """Per method: its frontier and the work (and speedup) it needs at each quality goal."""
     curves: dict[str, list[dict]] = {}
     for point in points:
-        if point["method"].startswith("uncached"):
-            continue
-        curves.setdefault(point["method"], []).append(point)
-    best = {}
+        if not point["method"].startswith("uncached"):
+            curves.setdefault(point["method"], []).append(point)
+    summary = {}
     for name, curve in curves.items():
-        good = [p for p in curve if p["psnr_mean"] >= QUALITY_GOAL_DB]
-        best[name] = {
-            "speedup": max((p["speedup"] for p in good), default=None),
-            "skipped_fraction": max((p["skipped_fraction"] for p in good), default=None),
+        summary[name] = {
+            "points": len(curve),
+            "frontier": [p["setting"] for p in frontier(curve)],
+            **{f"at_{goal:g}db": _goal_row(least_work_at(curve, goal)) for goal in QUALITY_GOALS_DB},
         }
-    ours = [name for name in curves if name.startswith("TeaCache")]
-    peers = [name for name in curves if not name.startswith("TeaCache")]
-    peer_curves = {peer: curves[peer] for peer in peers}
-    comparisons = {}
-    for mine in ours:
-        comparisons[mine] = {
-            "best_speedup_at_30db_vs_peers": _beats_at_goal(best[mine]["speedup"], best, peers),
-            # Our PSNR interpolated linearly along this curve.
-            "equal_speedup_rows": _compare(peer_curves, lambda key, at, mine=mine: _interpolate(curves[mine], key, at)),
-        }
-    if len(ours) > 1:
-        # Every TeaCache setting swept, as one offer: at each peer point, the best of ours at least as fast.
-        everything = [p for name in ours for p in curves[name]]
-        good = [p for p in everything if p["psnr_mean"] >= QUALITY_GOAL_DB]
-        best[ANY_SETTING] = {
-            "speedup": max((p["speedup"] for p in good), default=None),
-            "skipped_fraction": max((p["skipped_fraction"] for p in good), default=None),
-        }
-        comparisons[ANY_SETTING] = {
-            "best_speedup_at_30db_vs_peers": _beats_at_goal(best[ANY_SETTING]["speedup"], best, peers),
-            "equal_speedup_rows": _compare(peer_curves, lambda key, at: _best_at_least(everything, key, at)),
-        }
-    return {"best_at_30db": best, "comparisons": comparisons}
+    return summary
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    """Per TeaCache curve: best speedup at >= 30 dB, and the peer points it matches at equal speed."""
-    print(f"best speedup at PSNR >= {QUALITY_GOAL_DB:g} dB:")
-    for name, best in summary["best_at_30db"].items():
-        speedup = "none" if best["speedup"] is None else f"{best['speedup']:.2f}x"
-        print(f"  {name}: {speedup}")
-    for name, comparison in summary["comparisons"].items():
-        rows = comparison["equal_speedup_rows"]
-        for key in ("speedup", "skipped_fraction"):
-            judged = [r for r in rows if r[f"we_win_at_{key}"] is not None]
-            lost = [f"{r['peer']} {r['setting']}" for r in judged if not r[f"we_win_at_{key}"]]
-            print(
-                f"{name}, at equal {key}: PSNR >= the peer's at {len(judged) - len(lost)}/{len(judged)} peer points"
-                + (f"; below at {', '.join(lost)}" if lost else "")
+def _goal_row(point: dict | None) -> dict | None:
+    keys = ("setting", "work_fraction", "psnr_mean", "speedup", "speedup_min", "speedup_max", "ideal_speedup")
+    return None if point is None else {k: point[k] for k in (*keys, "above_ideal")}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A Markdown table: per method, the least work at each quality goal, with the speedup beside it."""
+    goals = [f"at_{goal:g}db" for goal in QUALITY_GOALS_DB]
+    head = " | ".join(f"work at >= {goal:g} dB (speedup, range; setting)" for goal in QUALITY_GOALS_DB)
+    lines = [f"| method | points | {head} |", "|---|---|" + "---|" * len(goals)]
+    for name, row in summary.items():
+        cells = []
+        for goal in goals:
+            point = row[goal]
+            if point is None:
+                cells.append("not reached")
+                continue
+            noise = ", above its ideal: noise" if point["above_ideal"] else ""
+            cells.append(
+                f"{point['work_fraction']:.3f} ({point['speedup']:.2f}x, {point['speedup_min']:.2f}-"
+                f"{point['speedup_max']:.2f}x{noise}; {point['setting']})"
             )
+        lines.append(f"| {name} | {row['points']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -471,22 +509,32 @@ def plot(points: list[dict], path: Path, title: str) -> None:
             curves.setdefault(point["method"], []).append(point)
     for name, curve in curves.items():
         style = "-o" if name.startswith("TeaCache") else "--s"
-        for ax, key in zip(axes, ("speedup", "skipped_fraction"), strict=True):
-            # Joined in sweep order (setting increasing): noisy timings then show as a zig-zag, not a reordering.
-            ax.plot([p[key] for p in curve], [p["psnr_mean"] for p in curve], style, label=name, markersize=4)
-    for ax, label in zip(
-        axes, ("wall-clock speedup vs uncached (median)", "fraction of block-stack calls skipped"), strict=True
-    ):
-        ax.axhline(QUALITY_GOAL_DB, color="grey", linewidth=0.8, linestyle=":")
-        # Points that skipped nothing equal their reference (capped PSNR): kept above the frame.
-        finite = [p["psnr_mean"] for p in points if p["psnr_mean"] < PSNR_CAP_DB]
+        (line,) = axes[0].plot(
+            [p["work_fraction"] for p in frontier(curve)], [p["psnr_mean"] for p in frontier(curve)], style, label=name
+        )
+        axes[0].plot([p["work_fraction"] for p in curve], [p["psnr_mean"] for p in curve], ".", color=line.get_color())
+        best = frontier(curve)
+        axes[1].errorbar(
+            [p["speedup"] for p in best],
+            [p["psnr_mean"] for p in best],
+            xerr=[[p["speedup"] - p["speedup_min"] for p in best], [p["speedup_max"] - p["speedup"] for p in best]],
+            fmt=style[-1],
+            color=line.get_color(),
+            markersize=4,
+            capsize=2,
+        )
+    labels = ("fraction of block work run (counted)", "wall-clock speedup (median, range over rounds)")
+    finite = [p["psnr_mean"] for p in points if p["psnr_mean"] < PSNR_CAP_DB]
+    for ax, label in zip(axes, labels, strict=True):
+        for goal in QUALITY_GOALS_DB:
+            ax.axhline(goal, color="grey", linewidth=0.8, linestyle=":")
         if finite:
-            ax.set_ylim(min(finite) - 2, max(finite) + 3)
+            ax.set_ylim(max(min(finite) - 2, 10), max(finite) + 3)
         ax.set_xlabel(label)
         ax.set_ylabel("PSNR vs uncached (dB, mean)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(title + " (left: every point, lines join each method's frontier)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -514,40 +562,51 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, type=Path, help="a demo folder (demo_models/flux-digits, ...)")
-    parser.add_argument("--config", help="zoo entry whose default preset gives the TeaCache coefficients")
+    parser.add_argument("--config", help="zoo entry whose default preset gives the TeaCache indicator and coefficients")
     parser.add_argument(
         "--teacache-calibration",
         type=Path,
         action="append",
         default=[],
-        help="a scripts/calibrate.py JSON: one TeaCache curve with its indicator and coefficients (repeatable)",
+        help="a scripts/calibrate.py JSON: TeaCache curves with its indicator and coefficients (repeatable)",
     )
-    parser.add_argument("--pairs", type=int, default=50, help="prompt/seed pairs (digit prompts 0..9 in turn)")
+    parser.add_argument("--pairs", type=int, default=20, help="prompt/seed pairs for quality (digits 0..9 in turn)")
+    parser.add_argument("--timing-pairs", type=int, default=5, help="the first N pairs, timed in every round")
     parser.add_argument("--seed-offset", type=int, default=0)
     parser.add_argument("--calibration-pairs", type=int, default=10, help="MagCache calibration runs (other seeds)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--shift", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=2, help="timing rounds; the median counts")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median counts")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--teacache-thresholds", type=float, nargs="+", default=list(DEFAULT_TEACACHE_THRESHOLDS))
     parser.add_argument(
         "--teacache-variants",
         type=_variant,
         nargs="+",
-        default=[(0, None)],
+        default=[(0, None), (1, None)],
         metavar="ORDER[:MAX_SKIPS]",
         help="one TeaCache curve per variant: residual order (0: reuse the residual, as published; 1: extrapolate "
-        "it), optionally with a limit on skipped steps in a row, e.g. 0 1 1:2 (default: 0)",
+        "it), optionally with a limit on skipped steps in a row (named in the curve), e.g. 0 1 1:2",
     )
     parser.add_argument("--fbc-thresholds", type=float, nargs="+", default=list(DEFAULT_FBC_THRESHOLDS))
     parser.add_argument("--magcache-thresholds", type=float, nargs="+", default=list(DEFAULT_MAGCACHE_THRESHOLDS))
+    parser.add_argument("--magcache-retention", type=float, nargs="+", default=list(DEFAULT_MAGCACHE_RETENTION))
+    parser.add_argument("--magcache-max-skips", type=int, nargs="+", default=list(DEFAULT_MAGCACHE_MAX_SKIPS))
     parser.add_argument("--taylorseer-intervals", type=int, nargs="+", default=list(DEFAULT_TAYLORSEER_INTERVALS))
+    parser.add_argument("--taylorseer-orders", type=int, nargs="+", default=list(DEFAULT_TAYLORSEER_ORDERS))
+    parser.add_argument(
+        "--taylorseer-warmup",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_TAYLORSEER_WARMUP),
+        help="TaylorSeer's disable_cache_before_step values",
+    )
     parser.add_argument(
         "--peers", nargs="*", default=["fbc", "magcache", "taylorseer"], choices=["fbc", "magcache", "taylorseer"]
     )
     parser.add_argument("--output", type=Path, required=True, help="JSON report")
-    parser.add_argument("--plot", type=Path, help="PNG: PSNR against speedup and against skipped fraction")
+    parser.add_argument("--plot", type=Path, help="PNG: PSNR against work fraction and against speedup")
     return parser
 
 
@@ -567,6 +626,8 @@ def teacache_curves(args: argparse.Namespace, native: nn.Module) -> list[tuple[s
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not 1 <= args.timing_pairs <= args.pairs:
+        raise SystemExit(f"--timing-pairs must be in 1..--pairs ({args.pairs}), got {args.timing_pairs}")
     torch.set_num_threads(args.threads)
     import diffusers
 
@@ -579,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pairs = [(digit_prompt(i % 10), args.seed_offset + i) for i in range(args.pairs)]
     work = make_workload(demo, pairs, args.steps, args.guidance_scale, args.shift)
+    flops = block_flops(native, work)
     calibration = [(digit_prompt(i % 10), 1000 + args.seed_offset + i) for i in range(args.calibration_pairs)]
     mag_ratios = []
     if "magcache" in args.peers:
@@ -586,38 +648,41 @@ def main(argv: list[str] | None = None) -> int:
         mag_ratios = calibrate_magcache(reference, calibration_work)
     methods = build_methods(args, teacache_curves(args, native), mag_ratios, args.steps)
 
-    for method in methods[:2]:  # warm-up, untimed: first calls allocate and fill caches
-        run_method(method, models[method.implementation], work)
+    # Quality and counted work: every pair once, untimed.
+    for method in methods:
+        model = models[method.implementation]
+        method.images, _, method.work_fraction = run_method(method, model, work, range(args.pairs), flops)
+    for baseline in methods[:2]:
+        if not np.isclose(baseline.work_fraction, 1.0):
+            raise RuntimeError(f"{baseline.name}: counted {baseline.work_fraction} of the block work, not all of it")
+    # Timing: the first pairs, every method once per round, the order reversed every other round.
+    timed = range(args.timing_pairs)
     for round_index in range(args.rounds):
         for method in methods if round_index % 2 == 0 else methods[::-1]:
-            images, seconds, skipped = run_method(method, models[method.implementation], work)
+            _, seconds, ran = run_method(method, models[method.implementation], work, timed, flops)
             method.seconds.append(seconds)
-            if method.images is None:
-                method.images, method.skipped_fraction = images, skipped
+            method.timed_work.append(ran)
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
 
     baselines = {m.implementation: m for m in methods if m.is_baseline}
     points = []
     for method in methods:
         base = baselines[method.implementation]
-        median = statistics.median(method.seconds)
-        point = {
-            "method": method.name,
-            "implementation": method.implementation,
-            "setting": method.setting,
-            "value": method.value,
-            "seconds_median": median,
-            "seconds": method.seconds,
-            "timing_spread": (max(method.seconds) - min(method.seconds)) / median,
-            "speedup": statistics.median(base.seconds) / median,
-            "skipped_fraction": method.skipped_fraction,
-            **quality(method.images, base.images),
-        }
-        points.append(point)
-    native_vs_diffusers = quality(baselines["diffusers"].images, baselines["native"].images)
+        points.append(
+            {
+                "method": method.name,
+                "implementation": method.implementation,
+                "setting": method.setting,
+                "knobs": method.knobs,
+                "work_fraction": method.work_fraction,
+                **timing(method, base),
+                **quality(method.images, base.images),
+            }
+        )
     report = {
         "model": str(args.model),
         "pairs": args.pairs,
+        "timing_pairs": args.timing_pairs,
         "prompts": sorted(set(work.prompts)),
         "seeds": [work.seeds[0], work.seeds[-1]],
         "steps": args.steps,
@@ -625,33 +690,36 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "threads": args.threads,
         "machine": platform.platform(),
+        "processor": platform.processor(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "psnr_cap_db": PSNR_CAP_DB,
         "ssim": "teacache_models.metrics.ssim: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, valid positions",
+        "block_flops": flops,
         "magcache_ratios": mag_ratios,
-        "uncached_native_vs_diffusers": native_vs_diffusers,
+        "uncached_native_vs_diffusers": quality(baselines["diffusers"].images, baselines["native"].images),
         "points": points,
         "summary": summarise(points),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1) + "\n")
     width = max(len(p["method"]) for p in points)
-    header = f"{'speedup':>8s} {'skipped':>8s} {'PSNR':>7s} {'SSIM':>6s} {'spread':>7s}"
-    print(f"{'method':{width}s} {'setting':16s} {header}")
+    setting = max(len(p["setting"]) for p in points)
+    print(
+        f"{'method':{width}s} {'setting':{setting}s} {'work':>6s} {'PSNR':>6s} {'speedup (range)':>20s} {'ideal':>6s}"
+    )
     for p in points:
+        spread = f"{p['speedup']:.2f}x ({p['speedup_min']:.2f}-{p['speedup_max']:.2f})"
+        flag = "  above ideal: noise" if p["above_ideal"] else ""
         print(
-            f"{p['method']:{width}s} {p['setting']:16s} {p['speedup']:8.2f} {p['skipped_fraction']:8.3f} "
-            f"{p['psnr_mean']:7.2f} {p['ssim_mean']:6.4f} {p['timing_spread']:7.1%}"
+            f"{p['method']:{width}s} {p['setting']:{setting}s} {p['work_fraction']:6.3f} {p['psnr_mean']:6.2f} "
+            f"{spread:>20s} {p['ideal_speedup']:5.2f}x{flag}"
         )
-    print_summary(report["summary"])
+    print(format_summary(report["summary"]))
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(
-            points,
-            args.plot,
-            f"{args.model.name}: {args.pairs} prompt/seed pairs, {args.steps} steps, CFG {args.guidance_scale}",
-        )
+        title = f"{args.model.name}: {args.pairs} prompt/seed pairs, {args.steps} steps, CFG {args.guidance_scale:g}"
+        plot(points, args.plot, title)
     return 0
 
 

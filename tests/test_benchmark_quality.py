@@ -1,4 +1,4 @@
-"""scripts/benchmark_quality.py on a tiny sweep: every method runs, the JSON is complete and consistent."""
+"""scripts/benchmark_quality.py: work counted per block, timing beside it, frontiers per method."""
 
 from __future__ import annotations
 
@@ -12,46 +12,86 @@ from tests.utils import REPO, load_script
 pytest.importorskip("diffusers")
 
 
-@pytest.mark.parametrize("model", ["wan-digits", "flux-digits"])
-def test_benchmark_tiny_sweep_writes_valid_json(tmp_path, model):
+@pytest.fixture(scope="module")
+def script():
+    return load_script("benchmark_quality")
+
+
+def test_tiny_sweep_counts_the_block_work_each_method_ran(tmp_path, script):
     output = tmp_path / "bench.json"
-    args = ["--model", str(REPO / "demo_models" / model), "--config", model, "--output", str(output)]
-    args += ["--pairs", "2", "--steps", "6", "--rounds", "1", "--calibration-pairs", "1"]
-    args += ["--teacache-thresholds", "60", "300", "--fbc-thresholds", "0.1", "0.5"]
-    args += ["--magcache-thresholds", "0.1", "0.5", "--taylorseer-intervals", "2", "3"]
-    args += ["--teacache-variants", "0", "1:1"]
-    script = load_script("benchmark_quality")
+    args = ["--model", str(REPO / "demo_models" / "wan-digits"), "--config", "wan-digits", "--output", str(output)]
+    args += ["--pairs", "2", "--timing-pairs", "1", "--steps", "6", "--rounds", "2", "--calibration-pairs", "1"]
+    args += ["--teacache-thresholds", "60", "300", "--teacache-variants", "0", "1:1"]
+    args += ["--fbc-thresholds", "0.1", "0.5", "--magcache-thresholds", "0.1", "--magcache-retention", "0.2"]
+    args += ["--magcache-max-skips", "2", "4", "--taylorseer-intervals", "2", "3", "--taylorseer-orders", "1"]
+    args += ["--taylorseer-warmup", "3"]
     assert script.main(args) == 0
     report = json.loads(output.read_text())
     points = report["points"]
-    methods = [p["method"] for p in points]
-    assert methods[:2] == ["uncached", "uncached (diffusers)"]
-    teacache = next(m for m in methods if m.startswith("TeaCache"))
-    for name in (teacache, "FirstBlockCache", "MagCache", "TaylorSeer"):
-        assert methods.count(name) == 2
+    curves = {}
     for point in points:
-        assert 0 <= point["skipped_fraction"] <= 1 and point["speedup"] > 0
-        assert len(point["seconds"]) == 1 and -1 <= point["ssim_mean"] <= 1
-    # Baselines against themselves; the two implementations agree with each other.
-    assert all(p["psnr_mean"] == report["psnr_cap_db"] for p in points[:2])
+        curves.setdefault(point["method"], []).append(point)
+    limited = "TeaCache (extrapolated residual, at most 1 skipped in a row)"
+    assert list(curves) == [
+        "uncached",
+        "uncached (diffusers)",
+        "TeaCache",
+        limited,
+        "FirstBlockCache",
+        "MagCache",
+        "TaylorSeer",
+    ]
+    assert all(len(curve) == 2 for name, curve in curves.items() if not name.startswith("uncached"))
+    assert [p["knobs"] for p in curves["MagCache"]] == [
+        {"threshold": 0.1, "retention_ratio": 0.2, "max_skip_steps": k} for k in (2, 4)
+    ]
+    for point in points:
+        assert 0 < point["work_fraction"] <= 1 and len(point["seconds"]) == 2
+        assert point["speedup_min"] <= point["speedup"] <= point["speedup_max"]
+        assert point["above_ideal"] == (point["speedup"] > point["ideal_speedup"] * 1.0001)
+    # The uncached runs ran every block; the two implementations agree.
+    assert [p["work_fraction"] for p in points[:2]] == [1.0, 1.0]
     assert report["uncached_native_vs_diffusers"]["psnr_mean"] > 60
-    # TaylorSeer computes its 3 warm-up steps, then every `interval`-th step from step 4 on: with interval 2
-    # it predicts steps 3 and 5 of 6, with interval 3 steps 3 and 5 too (step 4 computes, step 7 would).
-    taylor = [p for p in points if p["method"] == "TaylorSeer"]
-    assert [math.isclose(p["skipped_fraction"], 2 / 6) for p in taylor] == [True, True]
-    # 300 skips at least as much as 60 (6 steps: large distances, far outside the fit; first and last compute).
-    ours = [p for p in points if p["method"] == teacache]
-    assert ours[1]["skipped_fraction"] >= ours[0]["skipped_fraction"] > 0
-    assert len(report["magcache_ratios"]) == 6
-    # The second variant: extrapolated residual, at most one skipped step in a row.
-    limited = [p for p in points if p["method"].endswith("residual order 1, max 1 skips in a row)")]
-    # Steps 1 and 3 of 0..5 at most: 2 and 4 must compute, 0 and 5 always do.
-    assert limited[0]["skipped_fraction"] <= 2 / 6 + 1e-9 and math.isclose(limited[1]["skipped_fraction"], 2 / 6)
-    curves = {teacache, limited[0]["method"], script.ANY_SETTING}
-    assert set(report["summary"]["best_at_30db"]) == curves | {"FirstBlockCache", "MagCache", "TaylorSeer"}
-    # The best of all settings, at a peer point: the best PSNR among our points at least as fast.
-    rows = report["summary"]["comparisons"][script.ANY_SETTING]["equal_speedup_rows"]
-    ours_all = [p for p in points if p["method"] in curves]
-    for row in rows:
-        faster = [p["psnr_mean"] for p in ours_all if p["skipped_fraction"] >= row["at_skipped_fraction"]]
-        assert row["our_psnr_at_skipped_fraction"] == (max(faster) if faster else None)
+    # Wan-digits' 4 blocks weigh the same. TaylorSeer computes its 3 warm-up steps, then predicts every block at
+    # steps 3 and 5 of 6 (interval 2: 4 computes, 3 and 5 predict; interval 3: 4 computes, 5 predicts, 6 would).
+    assert len(set(report["block_flops"].values())) == 1
+    assert [p["work_fraction"] for p in curves["TaylorSeer"]] == pytest.approx([4 / 6, 4 / 6])
+    # At these thresholds the distance never reaches them: the limit of one skip in a row alone sets the schedule
+    # (0, 2, 4, 5 computed: first and last always), and the block stack is skipped whole.
+    assert [p["work_fraction"] for p in curves[limited]] == pytest.approx([4 / 6, 4 / 6])
+    # FirstBlockCache runs the first of the 4 blocks at every call.
+    assert all(p["work_fraction"] >= 1 / 4 for p in curves["FirstBlockCache"])
+    summary = report["summary"]
+    assert set(summary) == set(curves) - {"uncached", "uncached (diffusers)"}
+    for name, row in summary.items():
+        for goal in (30, 35):
+            good = [p for p in curves[name] if p["psnr_mean"] >= goal]
+            best = row[f"at_{goal}db"]
+            assert (best is None) == (not good)
+            if best is not None:
+                assert math.isclose(best["work_fraction"], min(p["work_fraction"] for p in good))
+                assert best["setting"] in row["frontier"]
+
+
+def point(work: float, db: float, setting: str = "") -> dict:
+    return {"work_fraction": work, "psnr_mean": db, "setting": setting or f"{work}/{db}"}
+
+
+def test_frontier_and_least_work_at_a_goal(script):
+    curve = [point(0.5, 40), point(0.3, 31), point(0.4, 30.5), point(0.6, 38), point(0.2, 25), point(0.3, 33)]
+    # Dominated: (0.4, 30.5) by (0.3, 33); (0.6, 38) by (0.5, 40); (0.3, 31) by (0.3, 33).
+    assert [(p["work_fraction"], p["psnr_mean"]) for p in script.frontier(curve)] == [(0.2, 25), (0.3, 33), (0.5, 40)]
+    assert script.least_work_at(curve, 30)["work_fraction"] == 0.3
+    assert script.least_work_at(curve, 35)["work_fraction"] == 0.5
+    assert script.least_work_at(curve, 45) is None
+
+
+def test_timing_flags_a_point_faster_than_its_ideal(script):
+    baseline = script.Method("uncached", {}, "native", seconds=[2.0, 2.2, 1.8])
+    method = script.Method("TeaCache", {"thresh": 1}, "native", seconds=[0.8, 1.0, 0.6], timed_work=[0.5] * 3)
+    timing = script.timing(method, baseline)
+    assert timing["speedup"] == pytest.approx(2.5) and timing["ideal_speedup"] == pytest.approx(2.0)
+    assert timing["speedup_min"] == pytest.approx(2.2) and timing["speedup_max"] == pytest.approx(3.0)
+    assert timing["above_ideal"]
+    method.seconds = [1.25, 1.2, 1.0]
+    assert not script.timing(method, baseline)["above_ideal"]

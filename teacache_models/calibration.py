@@ -275,7 +275,8 @@ def write_coefficients(
     default_indicator: str,
     use_ret_steps: bool | None = None,
 ) -> list[str]:
-    """Set the coefficients (and `source`) of every preset of a zoo config that uses `indicator`.
+    """Set the coefficients, their `calibrated_range` (the indicator distances fitted on) and `source` of every
+    preset of a zoo config that uses `indicator`.
 
     Edits the YAML text in place so comments and every other key stay as they are. A preset without an
     `indicator` key uses `default_indicator` (the model's default). `use_ret_steps` True or False limits the
@@ -325,6 +326,8 @@ def write_coefficients(
         _set_key(lines, header + 1, end, child_indent, "source", _yaml_string(source))
         end = _block_end(lines, header, header_indent)
         _set_key(lines, header + 1, end, child_indent, "coefficients", coefficients)
+        end = _block_end(lines, header, header_indent)
+        _set_key(lines, header + 1, end, child_indent, "calibrated_range", f"[{fit.x_min:.6g}, {fit.x_max:.6g}]")
     path.write_text("".join(lines))
     entry = load_zoo_entry(path)
     for name in chosen:

@@ -297,6 +297,8 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
     if preset not in entry.presets:
         raise CliError(f"--teacache {preset!r}: {entry.name} offers 'off' or {sorted(entry.presets)}")
     params = entry.presets[preset].params
+    if "coefficients" in overrides:
+        overrides["calibrated_range"] = None  # the preset's range belongs to the preset's coefficients
     return _teacache_or_error(functools.partial(dataclasses.replace, params), overrides)
 
 

@@ -61,6 +61,16 @@ def _coefficient_tuple(value: Any) -> tuple[float, ...] | None:
     return tuple(_require_finite(f"coefficients[{i}]", c) for i, c in enumerate(items))
 
 
+def _range_pair(name: str, value: Any) -> tuple[float, float]:
+    allowed = "None or two finite numbers (low, high) with low <= high"
+    if isinstance(value, str | bytes | Mapping | Set) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    low, high = (_require_finite(f"{name}[{i}]", v) for i, v in enumerate(value))
+    if low > high:
+        raise ValueError(f"{name} must be {allowed}, got ({low}, {high})")
+    return low, high
+
+
 # 0: reuse the last residual; 1: extrapolate it linearly from the last two computed steps.
 RESIDUAL_ORDERS = (0, 1)
 
@@ -93,6 +103,9 @@ class TeaCacheParams:
             follows the residual's drift between computes; until a branch has computed twice, order 0.
         max_consecutive_skips: at most this many skipped steps in a row per branch, then one computes
             whatever the accumulated distance; None (as published) sets no limit.
+        calibrated_range: (min, max) of the indicator distances the coefficients were fitted on
+            (`scripts/calibrate.py` records it); `teacache_stats()` lists the steps whose distance fell
+            outside it. None: unknown.
     """
 
     teacache_thresh: float = 0.1
@@ -103,6 +116,7 @@ class TeaCacheParams:
     indicator: str | None = None
     residual_order: int = 0
     max_consecutive_skips: int | None = None
+    calibrated_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         thresh = _require_finite("teacache_thresh", self.teacache_thresh, minimum=0.0)
@@ -122,6 +136,8 @@ class TeaCacheParams:
         if self.max_consecutive_skips is not None:
             limit = require_int("max_consecutive_skips", self.max_consecutive_skips, 1)
             object.__setattr__(self, "max_consecutive_skips", limit)
+        if self.calibrated_range is not None:
+            object.__setattr__(self, "calibrated_range", _range_pair("calibrated_range", self.calibrated_range))
 
 
 @dataclass(frozen=True)

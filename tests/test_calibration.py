@@ -158,6 +158,7 @@ def test_two_recorders_watch_one_model_at_once():
                 model(x, torch.tensor([1.0 - 0.2 * step]))
     assert [r.step for r in first.records] == [r.step for r in second.records] == [1, 2, 3]
     assert [r.x for r in first.records] == [r.x for r in second.records]
+    model.disable_teacache()  # detaches the generation's own observer, its coefficient fit monitor
     assert not model.__dict__.get("_teacache_observers")
 
 
@@ -174,6 +175,7 @@ def test_write_coefficients_updates_only_the_presets_of_that_indicator(tmp_path)
     entry, original = load_zoo_entry(path), load_zoo_entry(ZOO_DIR / "wan2.1-t2v-1.3b.yaml")
     for name in ("slow", "fast"):
         assert entry.presets[name].params.coefficients == FIT.coefficients
+        assert entry.presets[name].params.calibrated_range == (0.01, 0.2)  # the fit's x range
         assert entry.presets[name].params.teacache_thresh == original.presets[name].params.teacache_thresh
         assert entry.presets[name].source.startswith("coefficients: scripts/calibrate.py fit on 321 points")
         assert entry.presets[name].source.endswith(original.presets[name].source)
@@ -183,9 +185,11 @@ def test_write_coefficients_updates_only_the_presets_of_that_indicator(tmp_path)
         original.sampling, teacache_params=None
     )
     after = path.read_text()
-    # Comments and every line outside the two presets' coefficients and sources are kept.
+    # Comments and every line outside the two presets' coefficients and sources are kept; each preset gains
+    # one line, its calibrated range.
     changed = [line for line in before.splitlines() if line not in after.splitlines()]
     assert len(changed) == 4 and all("coefficients:" in line or "source:" in line for line in changed)
+    assert len(after.splitlines()) == len(before.splitlines()) + 2
     assert [line for line in after.splitlines() if line.lstrip().startswith("#")] == [
         line for line in before.splitlines() if line.lstrip().startswith("#")
     ]

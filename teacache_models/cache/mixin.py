@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..params import TeaCacheParams, evaluate_polynomial, require_int
+from .monitor import FitMonitor
 from .state import BranchState, StepObservation, TeaCacheSession, TeaCacheStats, branch_name
 
 __all__ = ["Deferred", "ObserverHandle", "StepObserver", "TeaCacheIndicator", "TeaCacheMixin", "relative_l1_distance"]
@@ -315,13 +316,23 @@ class TeaCacheMixin:
         _prepare_for_compile()
         coefficients, first_forced, last_forced = self.teacache_schedule(params)
         self.__dict__["_teacache_generation"] = self.__dict__.get("_teacache_generation", -1) + 1
+        self._detach_monitor()
+        monitor = FitMonitor(coefficients, params.calibrated_range, num_inference_steps, type(self).__name__)
         self.__dict__["_teacache_session"] = TeaCacheSession(
             params=params,
             coefficients=coefficients,
             num_inference_steps=num_inference_steps,
             first_forced_steps=first_forced,
             last_forced_steps=last_forced,
+            monitor=monitor,
+            monitor_handle=self.add_teacache_observer(monitor),
         )
+
+    def _detach_monitor(self) -> None:
+        session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
+        if session is not None and session.monitor_handle is not None:
+            session.monitor_handle.remove()
+            session.monitor_handle = None
 
     def disable_teacache(self) -> None:
         """Switch TeaCache off and free its tensors; `teacache_stats()` keeps describing the generation."""
@@ -330,6 +341,7 @@ class TeaCacheMixin:
             session.active = False
             session.closed = True
             session.release_tensors()
+            self._detach_monitor()
 
     def set_teacache_process_group(self, group: dist.ProcessGroup | None) -> None:
         """Share the skip decision with the ranks of `group`, which each hold a shard of the sequence.
@@ -472,8 +484,8 @@ class TeaCacheMixin:
             enabled=session.active,
             teacache_thresh=session.params.teacache_thresh,
             num_inference_steps=session.num_inference_steps,
-            positive=positive.stats(),
-            negative=negative.stats(),
+            positive=positive.stats(session.monitor.fit(False)),
+            negative=negative.stats(session.monitor.fit(True)),
             disabled_reason=session.disabled_reason,
         )
 

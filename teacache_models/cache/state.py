@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +10,15 @@ import torch
 
 from ..params import TeaCacheParams
 
-__all__ = ["BranchState", "BranchStats", "StepObservation", "TeaCacheSession", "TeaCacheStats", "branch_name"]
+__all__ = [
+    "BranchState",
+    "BranchStats",
+    "CoefficientFit",
+    "StepObservation",
+    "TeaCacheSession",
+    "TeaCacheStats",
+    "branch_name",
+]
 
 
 def branch_name(is_cfg_negative: bool) -> str:
@@ -38,8 +47,10 @@ class BranchState:
     # Computed steps that the threshold would have skipped: `max_consecutive_skips` made them compute.
     limit_forced_steps: list[int] = field(default_factory=list)
 
-    def stats(self) -> BranchStats:
-        return BranchStats(tuple(self.computed_steps), tuple(self.skipped_steps), tuple(self.limit_forced_steps))
+    def stats(self, coefficient_fit: CoefficientFit | None = None) -> BranchStats:
+        return BranchStats(
+            tuple(self.computed_steps), tuple(self.skipped_steps), tuple(self.limit_forced_steps), coefficient_fit
+        )
 
     def skip_residual(self, step_index: int, order: int) -> torch.Tensor:
         """What a skipped step adds to the block-stack input (see `TeaCacheParams.residual_order`)."""
@@ -133,10 +144,80 @@ class TeaCacheSession:
     closed: bool = False
     disabled_reason: str | None = None
     branches: dict[bool, BranchState] = field(default_factory=lambda: {False: BranchState(), True: BranchState()})
+    # The generation's FitMonitor (`monitor.py`) and the handle of its step observer.
+    monitor: Any = None
+    monitor_handle: Any = None
 
     def release_tensors(self) -> None:
         for state in self.branches.values():
             state.release_tensors()
+        if self.monitor is not None:
+            self.monitor.release_tensors()
+
+
+# A fit is judged from this many (predicted, actual) pairs of a branch at least.
+MIN_POINTS = 3
+# Actual / predicted change, as a geometric mean, outside [1 / FACTOR, FACTOR]: the coefficients do not fit.
+# On the demo models their own fits read 0.75-1.0 (at thresholds 0 to their fast presets), FLUX.1-dev's
+# and Wan2.1-1.3B's published coefficients 0.44-0.65.
+MISFIT_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class CoefficientFit:
+    """The coefficients against one branch's block stack during one generation.
+
+    Attributes:
+        points: computed steps with a prediction (a branch's first step and forced steps have none).
+        mean_ratio: geometric mean of actual / predicted change over the points with a positive prediction;
+            None without one. 1 is a perfect fit between consecutive steps; over a gap of several skipped
+            steps the change stays below the sum of per-step changes the polynomial predicts, so a right fit
+            reads 0.75-1.0 at the demo presets' thresholds.
+        r_squared: 1 - SS_res / SS_tot of the actual changes against the predicted ones; None under 2 points.
+        steps_with_distance: steps whose indicator distance was computed (skipped steps included).
+        nonpositive_predictions: those of them where the polynomial predicted no change or a negative one.
+        indicator_range: the smallest and largest indicator distance seen; None when none was computed.
+        calibrated_range: the distances the coefficients were fitted on (`TeaCacheParams.calibrated_range`).
+        outside_range_steps: the steps whose distance fell outside `calibrated_range`.
+    """
+
+    points: int = 0
+    mean_ratio: float | None = None
+    r_squared: float | None = None
+    steps_with_distance: int = 0
+    nonpositive_predictions: int = 0
+    indicator_range: tuple[float, float] | None = None
+    calibrated_range: tuple[float, float] | None = None
+    outside_range_steps: tuple[int, ...] = ()
+
+    @property
+    def misfit(self) -> bool:
+        """True when the coefficients clearly do not describe this block stack."""
+        if self.steps_with_distance >= MIN_POINTS and self.nonpositive_predictions * 2 > self.steps_with_distance:
+            return True  # the indicator moves, and the polynomial says the output does not
+        if self.points < MIN_POINTS or self.mean_ratio is None:
+            return False
+        return abs(math.log(self.mean_ratio)) > math.log(MISFIT_FACTOR)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "points": self.points,
+            "mean_ratio": self.mean_ratio,
+            "r_squared": self.r_squared,
+            "steps_with_distance": self.steps_with_distance,
+            "nonpositive_predictions": self.nonpositive_predictions,
+            "indicator_range": list(self.indicator_range) if self.indicator_range else None,
+            "calibrated_range": list(self.calibrated_range) if self.calibrated_range else None,
+            "outside_range_steps": list(self.outside_range_steps),
+            "misfit": self.misfit,
+        }
+
+    def describe(self) -> str:
+        ratio = "n/a" if self.mean_ratio is None else f"{self.mean_ratio:.2f}"
+        text = f"{self.points} points, actual/predicted change {ratio}"
+        if self.nonpositive_predictions:
+            text += f", change predicted <= 0 at {self.nonpositive_predictions} of {self.steps_with_distance} steps"
+        return text
 
 
 @dataclass(frozen=True)
@@ -145,11 +226,13 @@ class BranchStats:
 
     `limit_forced_steps`, a subset of `computed_steps`, are those that computed only because
     `max_consecutive_skips` steps had been skipped in a row: the threshold did not decide them.
+    `coefficient_fit` says how well the coefficients predicted this branch's block-stack output.
     """
 
     computed_steps: tuple[int, ...] = ()
     skipped_steps: tuple[int, ...] = ()
     limit_forced_steps: tuple[int, ...] = ()
+    coefficient_fit: CoefficientFit | None = None
 
     @property
     def num_computed(self) -> int:
@@ -195,6 +278,7 @@ class TeaCacheStats:
                     "computed_steps": list(stats.computed_steps),
                     "skipped_steps": list(stats.skipped_steps),
                     "limit_forced_steps": list(stats.limit_forced_steps),
+                    "coefficient_fit": stats.coefficient_fit.as_dict() if stats.coefficient_fit else None,
                 }
                 for name, stats in (("positive", self.positive), ("negative", self.negative))
             },
@@ -208,7 +292,20 @@ class TeaCacheStats:
                 forced = stats.limit_forced_steps
                 by_limit = f" ({len(forced)} by max_consecutive_skips)" if forced else ""
                 parts.append(f"{name}: {stats.num_computed} computed{by_limit}, {stats.num_skipped} skipped")
+                parts[-1] += _fit_note(stats.coefficient_fit)
         text = "; ".join(parts) if parts else "no cached steps recorded"
         if self.disabled_reason:
             text += f" (TeaCache disabled: {self.disabled_reason})"
         return text
+
+
+def _fit_note(fit: CoefficientFit | None) -> str:
+    """What the summary line adds about the coefficients: only what needs attention."""
+    if fit is None:
+        return ""
+    notes = []
+    if fit.misfit:
+        notes.append(f"coefficients do not fit: {fit.describe()}")
+    if fit.outside_range_steps:
+        notes.append(f"indicator outside the calibrated range at {len(fit.outside_range_steps)} steps")
+    return f" ({'; '.join(notes)})" if notes else ""

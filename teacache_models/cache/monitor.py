@@ -1,0 +1,124 @@
+"""How well a generation's coefficients fit the model: a step observer every TeaCache generation carries.
+
+At each computed step of a branch, the rescaling polynomial has predicted the change of the block-stack
+output since the branch's last computed step: the accumulator, the sum of `poly(distance)` over the steps
+in between. The block stack has just run, so the actual relative L1 change of its output is known too. The
+monitor keeps these (predicted, actual) pairs per branch and the indicator distances it saw; at the
+generation's last step it judges the fit and warns once when the coefficients clearly do not describe the
+model (another checkpoint's fit, a LoRA or a fine-tune), naming `scripts/calibrate.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..params import evaluate_polynomial
+from .state import CoefficientFit, StepObservation, branch_name
+
+__all__ = ["FitMonitor"]
+
+
+@dataclass
+class _BranchRecord:
+    last_output: torch.Tensor | None = None
+    predicted: float = 0.0
+    # (predicted, actual) change since the branch's last computed step, per computed step with a prediction.
+    pairs: list[tuple[float, float]] = field(default_factory=list)
+    nonpositive_predictions: int = 0
+    distances: list[float] = field(default_factory=list)
+    outside_range_steps: list[int] = field(default_factory=list)
+
+
+class FitMonitor:
+    """Watches one generation (one `enable_teacache` call) of a model through its step observer."""
+
+    def __init__(
+        self,
+        coefficients: tuple[float, ...],
+        calibrated_range: tuple[float, float] | None,
+        num_inference_steps: int,
+        model_name: str,
+    ) -> None:
+        self.coefficients = coefficients
+        self.calibrated_range = calibrated_range
+        self.num_inference_steps = num_inference_steps
+        self.model_name = model_name
+        self.warned = False
+        self._branches: dict[bool, _BranchRecord] = {False: _BranchRecord(), True: _BranchRecord()}
+        self._generation: int | None = None
+
+    def __call__(self, step: StepObservation) -> None:
+        if step.teacache_params is None:
+            return  # TeaCache is off or switched itself off: nothing predicted
+        if self._generation is None:
+            self._generation = step.generation
+        if step.generation != self._generation:
+            return  # a later generation carries its own monitor
+        record = self._branches[step.is_cfg_negative]
+        if step.distance is not None:
+            record.distances.append(step.distance)
+            low_high = self.calibrated_range
+            if low_high is not None and not low_high[0] <= step.distance <= low_high[1]:
+                record.outside_range_steps.append(step.step_index)
+            predicted = evaluate_polynomial(self.coefficients, step.distance)
+            record.nonpositive_predictions += predicted <= 0
+            record.predicted += predicted
+        if not step.skipped:
+            from .mixin import relative_l1_distance  # the mixin imports this module
+
+            previous = record.last_output
+            if previous is not None and step.distance is not None and previous.shape == step.output.shape:
+                actual = relative_l1_distance(step.output, previous).item()
+                record.pairs.append((record.predicted, actual))
+            record.last_output = step.output
+            record.predicted = 0.0
+        if step.step_index == self.num_inference_steps - 1:
+            record.last_output = None
+            self._warn_if_misfit()
+
+    def fit(self, is_cfg_negative: bool) -> CoefficientFit:
+        record = self._branches[is_cfg_negative]
+        ratios = [a / p for p, a in record.pairs if p > 0 and a > 0]
+        mean_ratio = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+        actual = [a for _, a in record.pairs]
+        r_squared = None
+        if len(actual) >= 2:
+            mean = sum(actual) / len(actual)
+            total = sum((a - mean) ** 2 for a in actual)
+            residual = sum((a - p) ** 2 for p, a in record.pairs)
+            r_squared = 1 - residual / total if total > 0 else None
+        return CoefficientFit(
+            points=len(record.pairs),
+            mean_ratio=mean_ratio,
+            r_squared=r_squared,
+            steps_with_distance=len(record.distances),
+            nonpositive_predictions=record.nonpositive_predictions,
+            indicator_range=(min(record.distances), max(record.distances)) if record.distances else None,
+            calibrated_range=self.calibrated_range,
+            outside_range_steps=tuple(record.outside_range_steps),
+        )
+
+    def release_tensors(self) -> None:
+        for record in self._branches.values():
+            record.last_output = None
+
+    def _warn_if_misfit(self) -> None:
+        if self.warned:
+            return
+        bad = {branch_name(negative): self.fit(negative) for negative in (False, True)}
+        bad = {name: fit for name, fit in bad.items() if fit.misfit}
+        if not bad:
+            return
+        self.warned = True
+        details = "; ".join(f"{name}: {fit.describe()}" for name, fit in bad.items())
+        warnings.warn(
+            f"TeaCache's coefficients do not fit {self.model_name} in this generation ({details}): the "
+            "threshold does not mean what it was chosen for. Fit coefficients for this checkpoint with "
+            "scripts/calibrate.py",
+            RuntimeWarning,
+            stacklevel=2,
+        )

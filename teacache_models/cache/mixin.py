@@ -317,7 +317,13 @@ class TeaCacheMixin:
         coefficients, first_forced, last_forced = self.teacache_schedule(params)
         self.__dict__["_teacache_generation"] = self.__dict__.get("_teacache_generation", -1) + 1
         self._detach_monitor()
-        monitor = FitMonitor(coefficients, params.calibrated_range, num_inference_steps, type(self).__name__)
+        monitor = FitMonitor(
+            coefficients,
+            params.calibrated_range,
+            num_inference_steps,
+            type(self).__name__,
+            lambda: self.__dict__.get("_teacache_group"),
+        )
         self.__dict__["_teacache_session"] = TeaCacheSession(
             params=params,
             coefficients=coefficients,

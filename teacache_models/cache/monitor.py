@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,8 +44,12 @@ class FitMonitor:
         calibrated_range: tuple[float, float] | None,
         num_inference_steps: int,
         model_name: str,
+        process_group: Callable[[], Any] = lambda: None,
     ) -> None:
         self.coefficients = coefficients
+        # Under sequence parallelism each rank holds a shard of the output: the change is measured over the
+        # whole tensor, as the indicator's distance is, so every rank reads the same fit.
+        self.process_group = process_group
         self.calibrated_range = calibrated_range
         self.num_inference_steps = num_inference_steps
         self.model_name = model_name
@@ -68,11 +74,15 @@ class FitMonitor:
             record.nonpositive_predictions += predicted <= 0
             record.predicted += predicted
         if not step.skipped:
-            from .mixin import relative_l1_distance  # the mixin imports this module
+            from .mixin import _group_distance, relative_l1_distance  # the mixin imports this module
 
             previous = record.last_output
             if previous is not None and step.distance is not None and previous.shape == step.output.shape:
-                actual = relative_l1_distance(step.output, previous).item()
+                group = self.process_group()
+                if group is None:
+                    actual = relative_l1_distance(step.output, previous).item()
+                else:
+                    actual = _group_distance(step.output, previous, False, group)[1]
                 record.pairs.append((record.predicted, actual))
             record.last_output = step.output
             record.predicted = 0.0

@@ -28,8 +28,10 @@ __all__ = ["FitMonitor"]
 class _BranchRecord:
     last_output: torch.Tensor | None = None
     predicted: float = 0.0
-    # (predicted, actual) change since the branch's last computed step, per computed step with a prediction.
-    pairs: list[tuple[float, float]] = field(default_factory=list)
+    last_step: int = 0
+    # (predicted, actual) change since the branch's last computed step, and the steps between them, per
+    # computed step with a prediction.
+    pairs: list[tuple[float, float, int]] = field(default_factory=list)
     nonpositive_predictions: int = 0
     distances: list[float] = field(default_factory=list)
     outside_range_steps: list[int] = field(default_factory=list)
@@ -83,8 +85,9 @@ class FitMonitor:
                     actual = relative_l1_distance(step.output, previous).item()
                 else:
                     actual = _group_distance(step.output, previous, False, group)[1]
-                record.pairs.append((record.predicted, actual))
+                record.pairs.append((record.predicted, actual, step.step_index - record.last_step))
             record.last_output = step.output
+            record.last_step = step.step_index
             record.predicted = 0.0
         if step.step_index == self.num_inference_steps - 1:
             record.last_output = None
@@ -92,18 +95,23 @@ class FitMonitor:
 
     def fit(self, is_cfg_negative: bool) -> CoefficientFit:
         record = self._branches[is_cfg_negative]
-        ratios = [a / p for p, a in record.pairs if p > 0 and a > 0]
-        mean_ratio = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
-        actual = [a for _, a in record.pairs]
+        # Between consecutive computed steps the prediction is the calibrated quantity itself. Over a gap it
+        # is a sum of per-step changes, which the change over the whole gap stays below: there, only a change
+        # larger than predicted tells of a misfit.
+        mean_ratio = _geometric_mean_ratio([(p, a) for p, a, gap in record.pairs if gap == 1])
+        ratio_all = _geometric_mean_ratio([(p, a) for p, a, _ in record.pairs])
+        actual = [a for _, a, _ in record.pairs]
         r_squared = None
         if len(actual) >= 2:
             mean = sum(actual) / len(actual)
             total = sum((a - mean) ** 2 for a in actual)
-            residual = sum((a - p) ** 2 for p, a in record.pairs)
+            residual = sum((a - p) ** 2 for p, a, _ in record.pairs)
             r_squared = 1 - residual / total if total > 0 else None
         return CoefficientFit(
             points=len(record.pairs),
+            consecutive_points=sum(gap == 1 for *_, gap in record.pairs),
             mean_ratio=mean_ratio,
+            mean_ratio_all=ratio_all,
             r_squared=r_squared,
             steps_with_distance=len(record.distances),
             nonpositive_predictions=record.nonpositive_predictions,
@@ -132,3 +140,8 @@ class FitMonitor:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def _geometric_mean_ratio(pairs: list[tuple[float, float]]) -> float | None:
+    ratios = [actual / predicted for predicted, actual in pairs if predicted > 0 and actual > 0]
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None

@@ -158,8 +158,8 @@ class TeaCacheSession:
 # A fit is judged from this many (predicted, actual) pairs of a branch at least.
 MIN_POINTS = 3
 # Actual / predicted change, as a geometric mean, outside [1 / FACTOR, FACTOR]: the coefficients do not fit.
-# On the demo models their own fits read 0.75-1.0 (at thresholds 0 to their fast presets), FLUX.1-dev's
-# and Wan2.1-1.3B's published coefficients 0.44-0.65.
+# On the demo models their own fits read 0.96-1.0 between consecutive computed steps, FLUX.1-dev's and
+# Wan2.1-1.3B's published coefficients 0.5-0.65.
 MISFIT_FACTOR = 1.5
 
 
@@ -169,10 +169,11 @@ class CoefficientFit:
 
     Attributes:
         points: computed steps with a prediction (a branch's first step and forced steps have none).
-        mean_ratio: geometric mean of actual / predicted change over the points with a positive prediction;
-            None without one. 1 is a perfect fit between consecutive steps; over a gap of several skipped
-            steps the change stays below the sum of per-step changes the polynomial predicts, so a right fit
-            reads 0.75-1.0 at the demo presets' thresholds.
+        consecutive_points: those that directly follow a computed step.
+        mean_ratio: geometric mean of actual / predicted change over the consecutive points (the quantity
+            the coefficients were fitted to); 1 is a perfect fit. None without such a point.
+        mean_ratio_all: the same over all points. After a gap of skipped steps the actual change stays below
+            the sum of per-step changes the polynomial predicts, so this reads below 1 for a right fit.
         r_squared: 1 - SS_res / SS_tot of the actual changes against the predicted ones; None under 2 points.
         steps_with_distance: steps whose indicator distance was computed (skipped steps included).
         nonpositive_predictions: those of them where the polynomial predicted no change or a negative one.
@@ -182,7 +183,9 @@ class CoefficientFit:
     """
 
     points: int = 0
+    consecutive_points: int = 0
     mean_ratio: float | None = None
+    mean_ratio_all: float | None = None
     r_squared: float | None = None
     steps_with_distance: int = 0
     nonpositive_predictions: int = 0
@@ -195,14 +198,18 @@ class CoefficientFit:
         """True when the coefficients clearly do not describe this block stack."""
         if self.steps_with_distance >= MIN_POINTS and self.nonpositive_predictions * 2 > self.steps_with_distance:
             return True  # the indicator moves, and the polynomial says the output does not
-        if self.points < MIN_POINTS or self.mean_ratio is None:
-            return False
-        return abs(math.log(self.mean_ratio)) > math.log(MISFIT_FACTOR)
+        judged = self.consecutive_points >= MIN_POINTS and self.mean_ratio is not None
+        if judged and abs(math.log(self.mean_ratio)) > math.log(MISFIT_FACTOR):
+            return True
+        # Over gaps a right fit over-predicts; a change larger than predicted is a misfit there too.
+        return self.points >= MIN_POINTS and self.mean_ratio_all is not None and self.mean_ratio_all > MISFIT_FACTOR
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "points": self.points,
+            "consecutive_points": self.consecutive_points,
             "mean_ratio": self.mean_ratio,
+            "mean_ratio_all": self.mean_ratio_all,
             "r_squared": self.r_squared,
             "steps_with_distance": self.steps_with_distance,
             "nonpositive_predictions": self.nonpositive_predictions,
@@ -214,7 +221,7 @@ class CoefficientFit:
 
     def describe(self) -> str:
         ratio = "n/a" if self.mean_ratio is None else f"{self.mean_ratio:.2f}"
-        text = f"{self.points} points, actual/predicted change {ratio}"
+        text = f"{self.consecutive_points} consecutive computed steps, actual/predicted change {ratio}"
         if self.nonpositive_predictions:
             text += f", change predicted <= 0 at {self.nonpositive_predictions} of {self.steps_with_distance} steps"
         return text

@@ -8,7 +8,7 @@ from teacache_models import TeaCacheParams
 from teacache_models.cache import relative_l1_distance
 from teacache_models.models import FluxTransformer2DModel
 from teacache_models.params import evaluate_polynomial
-from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
+from tests.utils import assert_identical, assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
 
 # The fit of the released checkpoint, from its zoo entry.
 FIT = zoo_fit("flux1-dev")
@@ -86,7 +86,7 @@ def test_parity_with_diffusers(name, batch, height, width, text_len):
     inputs = make_inputs(config, batch, height, width, text_len)
     expected = reference(**inputs, return_dict=False)[0]
     actual = ours(**inputs, return_dict=False)[0]
-    assert_parity(actual, expected)
+    assert_identical(actual, expected)
 
 
 @torch.no_grad()
@@ -96,9 +96,12 @@ def test_parity_with_random_position_ids_and_broadcast_timestep():
     inputs = make_inputs(config, 2, 3, 3, 4)
     inputs["img_ids"] = torch.randn(9, 3) * 7
     inputs["txt_ids"] = torch.randn(4, 3)
+    assert_identical(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    # A timestep and guidance of shape (1,) for a batch of 2: the embeddings' matrix products run on other
+    # shapes than diffusers', so the output equals its to float32 rounding, not bit for bit.
     inputs["timestep"] = torch.tensor([0.37])
     inputs["guidance"] = torch.tensor([4.0])
-    assert_parity(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    assert_parity(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0], tol=1e-5)
 
 
 @torch.no_grad()
@@ -120,7 +123,7 @@ def test_parity_with_controlnet_residuals(form):
         inputs["controlnet_single_block_samples"] = [torch.randn(12, 1, generator=generator)]
     for repeat in (False, True):
         expected = reference(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0]
-        assert_parity(ours(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0], expected)
+        assert_identical(ours(**inputs, controlnet_blocks_repeat=repeat, return_dict=False)[0], expected)
 
 
 @torch.no_grad()
@@ -129,7 +132,7 @@ def test_controlnet_residuals_of_an_empty_block_stack_are_ignored():
     ours, reference = build_pair(config, seed=4)
     inputs = make_inputs(config, 1, 2, 2, 3)
     inputs["controlnet_block_samples"] = []  # diffusers never reads it without dual-stream blocks
-    assert_parity(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    assert_identical(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
 
 
 @torch.no_grad()
@@ -141,7 +144,7 @@ def test_a_lora_scale_alone_is_accepted_and_has_no_effect(kwargs):
     expected = reference(**inputs, joint_attention_kwargs=dict(kwargs), return_dict=False)[0]
     actual = ours(**inputs, joint_attention_kwargs=dict(kwargs), return_dict=False)[0]
     assert torch.equal(actual, ours(**inputs, return_dict=False)[0])
-    assert_parity(actual, expected)
+    assert_identical(actual, expected)
 
 
 @torch.no_grad()
@@ -154,7 +157,7 @@ def test_deprecated_batched_ids_are_accepted_with_a_warning():
     with pytest.warns(FutureWarning) as caught:
         actual = ours(**inputs, return_dict=False)[0]
     assert sorted(str(w.message).split()[3] for w in caught) == ["img_ids", "txt_ids"]
-    assert_parity(actual, reference(**inputs, return_dict=False)[0])
+    assert_identical(actual, reference(**inputs, return_dict=False)[0])
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from teacache_models.cache.mixin import relative_l1_distance
 from teacache_models.models.hunyuan_video import HunyuanVideoTransformer3DModel
 from teacache_models.params import TeaCacheParams, evaluate_polynomial
 from tests.tiny_configs import HUNYUAN_VIDEO_TINY
-from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
+from tests.utils import assert_identical, assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
 
 # The fit of the released checkpoint, from its zoo entry.
 FIT = zoo_fit("hunyuanvideo")
@@ -99,7 +99,7 @@ def test_parity_with_diffusers(name, case):
     inputs = make_inputs(config, *CASES[case])
     actual, expected = outputs(ours, reference, inputs)
     assert actual.shape == inputs["hidden_states"][:, : config["out_channels"]].shape
-    assert_parity(actual, expected)
+    assert_identical(actual, expected)
 
 
 def test_parity_with_other_mask_forms_and_broadcast_timestep():
@@ -115,9 +115,9 @@ def test_parity_with_other_mask_forms_and_broadcast_timestep():
         "holes": torch.tensor([[1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]]),
     }
     for mask in masks.values():
-        assert_parity(*outputs(ours, reference, {**inputs, "encoder_attention_mask": mask}))
+        assert_identical(*outputs(ours, reference, {**inputs, "encoder_attention_mask": mask}))
     shared = {**inputs, "timestep": torch.tensor([500]), "guidance": torch.tensor([4000.0])}
-    assert_parity(*outputs(ours, reference, shared))
+    assert_identical(*outputs(ours, reference, shared))
 
 
 def test_no_mask_means_every_text_token_is_valid():
@@ -148,7 +148,7 @@ def test_guidance_is_ignored_without_guidance_embedding_as_in_diffusers():
         without = ours(**{**inputs, "guidance": None}, return_dict=False)[0]
     actual, expected = outputs(ours, reference, inputs)
     assert torch.equal(actual, without)
-    assert_parity(actual, expected)
+    assert_identical(actual, expected)
 
 
 def test_bfloat16_matches_diffusers():
@@ -473,4 +473,4 @@ def test_a_lora_scale_alone_is_accepted_and_has_no_effect(kwargs):
     expected = reference(**inputs, attention_kwargs=dict(kwargs), return_dict=False)[0]
     actual = ours(**inputs, attention_kwargs=dict(kwargs), return_dict=False)[0]
     assert torch.equal(actual, ours(**inputs, return_dict=False)[0])
-    assert_parity(actual, expected)
+    assert_identical(actual, expected)

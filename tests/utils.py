@@ -50,6 +50,17 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-
     assert error <= tol, f"max abs difference is {error:.3g} of the output scale (tolerance {tol:g})"
 
 
+def assert_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-identical outputs, as the project claims for float32 on PyTorch's kernels: equality, no tolerance."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    assert torch.isfinite(expected).all(), "the reference output is not finite"
+    if not torch.equal(actual, expected):
+        raise AssertionError(
+            f"not bit-identical: max difference {max_rel_error(actual, expected):.3g} of the output scale"
+        )
+
+
 def load_both_ways(ours: torch.nn.Module, reference: torch.nn.Module) -> None:
     """Check that the two state dicts have the same keys and shapes by loading strictly in both directions."""
     ours.load_state_dict(reference.state_dict(), strict=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,21 @@ class ZooEntry:
     def teacache_fits(self) -> dict[str, tuple[float, ...]]:
         """{indicator: coefficients}, what a loader hands the transformer (`set_teacache_fits`)."""
         return {name: fit.coefficients for name, fit in self.fits.items()}
+
+    def install_teacache_fits(self, models: Iterable[Any], stacklevel: int = 2) -> None:
+        """Hand the fits to `models` (`set_teacache_fits`); a fit borrowed from another checkpoint is
+        announced once, with a UserWarning at `stacklevel` as seen from the caller."""
+        borrowed = sorted({fit.borrowed_from for fit in self.fits.values() if fit.borrowed_from})
+        if borrowed:
+            warnings.warn(
+                f"no TeaCache coefficients have been fitted for {self.name}: using those of "
+                f"{', '.join(borrowed)}, which may skip too many or too few steps; calibrate this model to "
+                "replace them",
+                UserWarning,
+                stacklevel=stacklevel + 1,
+            )
+        for model in models:
+            model.set_teacache_fits(self.teacache_fits())
 
     @property
     def is_video(self) -> bool:

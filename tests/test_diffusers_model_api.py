@@ -185,3 +185,38 @@ def test_save_pretrained_refuses_pickles_and_skips_other_processes(tmp_path):
         model.save_pretrained(tmp_path / "a", safe_serialization=False)
     model.save_pretrained(tmp_path / "b", is_main_process=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_folder_of_variants_only_is_an_oserror_naming_them(tmp_path):
+    model = _build("FluxTransformer2DModel")
+    model.save_pretrained(tmp_path, variant="fp16")
+    with pytest.raises(OSError, match="only the variants \\['fp16'\\]"):
+        type(model).from_pretrained(tmp_path)
+    assert type(model).from_pretrained(tmp_path, variant="fp16").config["num_layers"] == model.config["num_layers"]
+
+
+def test_config_fields_read_as_attributes_warn_and_unknown_names_raise():
+    model = _build("FluxTransformer2DModel")
+    model.register_to_config(test_attribute=5)
+    assert model.config["test_attribute"] == 5
+    with pytest.warns(FutureWarning, match="model.config.num_layers"):
+        assert model.num_layers == model.config["num_layers"]
+    with pytest.raises(AttributeError, match=r"^'FluxTransformer2DModel' object has no attribute 'does_not_exist'$"):
+        _ = model.does_not_exist
+
+
+def test_kept_float32_modules_warn_on_a_cast_and_may_be_one_name(tmp_path, caplog, monkeypatch):
+    model = _build("WanTransformer3DModel")
+    with caplog.at_level("WARNING"):
+        model.to(torch.float16)
+    assert "should be kept in float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _build("FluxTransformer2DModel").to(torch.float16)
+    assert caplog.text == ""
+    model = _build("WanTransformer3DModel")
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(type(model), "_keep_in_fp32_modules", "scale_shift_table")
+    loaded = type(model).from_pretrained(tmp_path, torch_dtype=torch.float16)
+    for key, parameter in loaded.named_parameters():
+        assert parameter.dtype == (torch.float32 if "scale_shift_table" in key.split(".") else torch.float16), key

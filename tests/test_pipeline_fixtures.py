@@ -137,7 +137,6 @@ def save_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) -> Path
 
 def save_qwen_image(folder: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
@@ -152,7 +151,30 @@ def save_qwen_image(folder: Path, seed: int = 0) -> Path:
         axes_dims_rope=(8, 4, 4),
     )
     randomize_(transformer, seed)
-    vocab = vocab_size()
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3],
+        latents_std=[1.5, 0.8, 1.0, 2.0],
+    )
+    pipe = QwenImagePipeline(
+        scheduler=flow_scheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9),
+        vae=vae,
+        text_encoder=qwen_vl_text_encoder(vocab_size()),
+        tokenizer=build_tokenizer(1024),
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def qwen_vl_text_encoder(vocab: int, video_token_id: int | None = None):
+    """A tiny Qwen2.5-VL (text and vision towers) whose last three tokens are vision start, end and image."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     config = Qwen2_5_VLConfig(
         text_config={
             "hidden_size": 16,
@@ -171,26 +193,38 @@ def save_qwen_image(folder: Path, seed: int = 0) -> Path:
         vision_end_token_id=vocab - 2,
         vision_token_id=vocab - 1,
         image_token_id=vocab - 1,
-        video_token_id=vocab - 1,
+        video_token_id=vocab - 1 if video_token_id is None else video_token_id,
     )
-    vae = AutoencoderKLQwenImage(
-        base_dim=24,
-        z_dim=4,
-        dim_mult=[1, 2, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],
-        latents_mean=[0.1, -0.2, 0.0, 0.3],
-        latents_std=[1.5, 0.8, 1.0, 2.0],
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen_image_edit_pipeline(folder: Path, class_name: str, seed: int = 0):
+    """diffusers' QwenImageEditPipeline or QwenImageEditPlusPipeline on the tiny Qwen-Image folder's
+    transformer, VAE and scheduler, with a Qwen2.5-VL that reads images and its processor."""
+    import diffusers
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class TinyProcessor(Qwen2VLProcessor):
+        # Its video processor class needs torchvision, which the tests do not install; no video is read.
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None
+
+    base = diffusers.QwenImagePipeline.from_pretrained(folder)
+    tokenizer = build_tokenizer(1024)
+    vision_tokens = ["<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": vision_tokens})
+    torch.manual_seed(seed)
+    pipe = getattr(diffusers, class_name)(
+        scheduler=base.scheduler,
+        vae=base.vae,
+        text_encoder=qwen_vl_text_encoder(len(tokenizer), video_token_id=len(tokenizer) - 4),
+        tokenizer=tokenizer,
+        processor=TinyProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer),
+        transformer=base.transformer,
     )
-    pipe = QwenImagePipeline(
-        scheduler=flow_scheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9),
-        vae=vae,
-        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
-        tokenizer=build_tokenizer(1024),
-        transformer=transformer.eval(),
-    )
-    pipe.save_pretrained(folder)
-    return folder
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def save_z_image(folder: Path, seed: int = 0) -> Path:

@@ -11,10 +11,10 @@ A model provides two pieces:
 Its `forward` then calls `self.run_blocks(hidden_states, **block_inputs)` where it would run the
 blocks. The mixin decides, per step and per CFG branch, whether to run them or to add the residual
 cached at the branch's last computed step. Which step and branch a call computes is told by the
-caller through `with model.teacache_step(step_index, is_cfg_negative): ...`; a call outside that
-context runs the blocks and touches no state. A block input that only the blocks read (rotary
-tables, projected text) can be passed as `Deferred(compute, sources)`: it is computed when the blocks
-run, never on a skipped step.
+caller through `with model.teacache_step(step_index, is_cfg_negative): ...` (or diffusers'
+`cache_context`, see `context`); a call outside that context runs the blocks and touches no state.
+A block input that only the blocks read (rotary tables, projected text) can be passed as
+`Deferred(compute, sources)`: it is computed when the blocks run, never on a skipped step.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..params import TeaCacheParams, evaluate_polynomial, require_int
+from .context import CacheContextMixin
 from .monitor import FitMonitor
 from .state import BranchState, StepObservation, TeaCacheSession, TeaCacheStats, branch_name
 
@@ -196,7 +197,7 @@ class TeaCacheIndicator:
     free_last_steps: int = 0
 
 
-class TeaCacheMixin:
+class TeaCacheMixin(CacheContextMixin):
     """Adds TeaCache to an `nn.Module` whose forward runs `self.run_blocks(...)` between embeddings and head.
 
     What a model can do is class data:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +29,8 @@ __all__ = [
 # Keys diffusers writes into every config.json that are not constructor arguments.
 _CONFIG_METADATA_PREFIX = "_"
 
+_LOGGER = logging.getLogger(__name__)
+
 F = TypeVar("F", bound=Callable[..., None])
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -35,6 +39,8 @@ def kept_in_float32(model: torch.nn.Module, key: str) -> bool:
     """Whether the parameter `key` belongs to a module the model's class keeps in float32 whatever the
     model's dtype (`_keep_in_fp32_modules`): diffusers' rule, a listed name as a part of the dotted key."""
     modules = getattr(model, "_keep_in_fp32_modules", None) or ()
+    if isinstance(modules, str):  # diffusers also accepts one name as a bare string
+        modules = (modules,)
     return any(name in key.split(".") for name in modules)
 
 
@@ -149,6 +155,41 @@ class ConfiguredModel(torch.nn.Module):
     _no_split_modules: ClassVar[list[str] | None] = None
     _skip_layerwise_casting_patterns: ClassVar[list[str] | None] = None
     _repeated_blocks: ClassVar[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        """Submodules, parameters and buffers as in `nn.Module`; a config field, as diffusers still allows,
+        with a FutureWarning pointing at `model.config`."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        config = self.__dict__.get("config")
+        if config is not None and name in config and not name.startswith("_"):
+            warnings.warn(
+                f"reading the config field {name!r} as an attribute of {type(self).__name__} is deprecated, as "
+                f"in diffusers: read model.config.{name}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return config[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def to(self, *args: Any, **kwargs: Any) -> ConfiguredModel:
+        """`nn.Module.to`; casting a model that keeps modules in float32 to another float dtype casts them too,
+        so it warns as diffusers does (load with `torch_dtype` to keep them in float32)."""
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        keep = self._keep_in_fp32_modules
+        if keep and dtype is not None and dtype.is_floating_point and dtype != torch.float32:
+            _LOGGER.warning(
+                f"There are modules in {type(self).__name__} that should be kept in float32: {keep}. Casting "
+                "directly with `to()` can lead to inconsistent results; set `torch_dtype` in `from_pretrained()` "
+                "instead to keep these modules in float32."
+            )
+        return super().to(*args, **kwargs)
+
+    def register_to_config(self, **fields: Any) -> None:
+        """Add or replace fields of `config` (diffusers' `register_to_config`); the config stays read-only."""
+        self.config = ModelConfig({**self.config, **fields})
 
     @classmethod
     def from_config(cls: type[M], config: Mapping[str, Any], **overrides: Any) -> M:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,20 +269,8 @@ class Pipeline:
     def _install_teacache_fits(self, models: dict[str, torch.nn.Module]) -> None:
         """The zoo entry's fits go to the transformers (`set_teacache_fits`): what `TeaCacheParams` without
         coefficients uses. A fit borrowed from another checkpoint is announced once, with a UserWarning."""
-        entry = self.zoo_entry
-        if entry is None:
-            return
-        borrowed = sorted({fit.borrowed_from for fit in entry.fits.values() if fit.borrowed_from})
-        if borrowed:
-            warnings.warn(
-                f"no TeaCache coefficients have been fitted for {entry.name}: using those of "
-                f"{', '.join(borrowed)}, which may skip too many or too few steps; calibrate this model to "
-                "replace them",
-                UserWarning,
-                stacklevel=4,
-            )
-        for model in models.values():
-            model.set_teacache_fits(entry.teacache_fits())
+        if self.zoo_entry is not None:
+            self.zoo_entry.install_teacache_fits(models.values(), stacklevel=4)
 
     def teacache_models(self) -> dict[str, torch.nn.Module]:
         """Every transformer whose cache a generation switches on, by component name."""

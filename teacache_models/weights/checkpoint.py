@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import BinaryIO
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingWeightsError
 
 __all__ = [
     "Checkpoint",
@@ -36,6 +37,11 @@ CONFIG_NAME = "config.json"
 # diffusers' names; preferred when a folder also holds other variants (e.g. `.fp16.safetensors`).
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
+# A variant's files: diffusion_pytorch_model.<variant>.safetensors, its shards <...>.<variant>-0000i-of-0000n and
+# its index diffusion_pytorch_model.safetensors.index.<variant>.json.
+_VARIANT_FILE = re.compile(
+    r"diffusion_pytorch_model(?:\.safetensors\.index\.([\w]+)\.json|\.([\w]+)(?:-\d{5}-of-\d{5})?\.safetensors)"
+)
 
 _DTYPES = {
     "F64": torch.float64,
@@ -186,6 +192,7 @@ def open_checkpoint(path: Path, variant: str | None = None) -> Checkpoint:
         raise CheckpointError(f"{path} does not exist")
     if variant is not None:
         return Checkpoint(path, _read_config(path), _variant_tensors(path, variant))
+    _refuse_variants_only(path)
     index = _pick(path, INDEX_SUFFIX)
     if index is not None:
         tensors = _read_index(index)
@@ -197,6 +204,21 @@ def open_checkpoint(path: Path, variant: str | None = None) -> Checkpoint:
             raise CheckpointError(f"{path} holds no *.safetensors weights{hint}")
         tensors = read_safetensors_header(single)
     return Checkpoint(path, _read_config(path), tensors)
+
+
+def _refuse_variants_only(folder: Path) -> None:
+    """A folder whose weights are all variants (`diffusion_pytorch_model.fp16.safetensors`) holds no default
+    weights: diffusers' loader refuses it with this message (an OSError), and so does this one."""
+    names = [p.name for p in folder.iterdir() if p.is_file() and p.name.endswith((".safetensors", ".json"))]
+    default = [n for n in names if n == WEIGHTS_NAME or n == WEIGHTS_NAME + ".index.json"]
+    other = [n for n in names if n.endswith(".safetensors") and not _VARIANT_FILE.fullmatch(n) and n not in default]
+    variants = sorted({m.group(1) or m.group(2) for n in names if (m := _VARIANT_FILE.fullmatch(n))})
+    if variants and not default and not other:
+        raise MissingWeightsError(
+            f"Error no file named {WEIGHTS_NAME} found in directory {folder}: it holds only the variants "
+            f"{variants} of the weights; pass variant={variants[0]!r} (Error no file named "
+            "diffusion_pytorch_model.bin found in directory either: pickle weights are never read)"
+        )
 
 
 def _variant_tensors(folder: Path, variant: str) -> dict[str, TensorInfo]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ManifestError", "WeightsUnavailableError"]
+__all__ = ["CheckpointError", "ManifestError", "MissingWeightsError", "WeightsUnavailableError"]
 
 
 class ManifestError(ValueError):
@@ -18,3 +18,7 @@ class CheckpointError(ValueError):
 
 class WeightsUnavailableError(OSError):
     """The weights are neither on disk nor downloadable now (offline, gated, unknown repository)."""
+
+
+class MissingWeightsError(CheckpointError, OSError):
+    """A folder has no weights of the kind asked for (e.g. only variant files): an OSError, as diffusers raises."""

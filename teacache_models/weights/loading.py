@@ -23,7 +23,14 @@ from .checkpoint import Checkpoint, format_keys, open_checkpoint, read_tensor
 from .conversion import KeyMapping, OriginalFormat, detect_original_format
 from .errors import CheckpointError
 
-__all__ = ["TORCH_DTYPES", "from_pretrained", "load_transformer", "locate_weights", "resolve_device"]
+__all__ = [
+    "TORCH_DTYPES",
+    "from_pretrained",
+    "load_transformer",
+    "locate_weights",
+    "parameters_on_meta",
+    "resolve_device",
+]
 
 M = TypeVar("M", bound=ConfiguredModel)
 
@@ -249,7 +256,7 @@ def _diffusers_config(checkpoint: Checkpoint, model_class: type) -> dict[str, An
 
 
 @contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Create parameters on the meta device and leave buffers where they are built.
 
     Parameters are all in the checkpoint, so allocating and initialising them would only cost time and
@@ -273,7 +280,7 @@ def _parameters_on_meta() -> Iterator[None]:
 
 def _build_on_meta(model_class: type[M], arguments: dict[str, Any], source: Path) -> M:
     try:
-        with _parameters_on_meta():
+        with parameters_on_meta():
             return model_class.from_config(arguments)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"the config of {source} does not build a {model_class.__name__}: {error}") from None

@@ -1,0 +1,166 @@
+"""Run diffusers' own model tests for the five transformer classes against this package's native classes.
+
+    python scripts/run_diffusers_model_tests.py /path/to/diffusers [--family flux ...] [-- -k name ...]
+
+The path is a checkout of the diffusers repository (its `tests/` folder is read, nothing is copied
+here). Each test module keeps its code; only the name of the class under test, which the module
+imported from diffusers, is rebound to the native class before each test runs. Test classes for
+machinery diffusers' models have and these do not (attention processors and backends, hooks: caches,
+group offloading and layerwise casting, LoRA adapters through diffusers' PEFT mixin, quantization
+backends, single-file loading, context and tensor parallelism, IP adapters) are left out with their
+reason; the rest run, and the script prints passed / skipped / failed per test class and the failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+# Test module of each family in tests/models/transformers, and the class names it tests.
+MODULES = {
+    "flux": ("test_models_transformer_flux.py", "FluxTransformer2DModel"),
+    "wan": ("test_models_transformer_wan.py", "WanTransformer3DModel"),
+    "hunyuan_video": ("test_models_transformer_hunyuan_video.py", "HunyuanVideoTransformer3DModel"),
+    "qwen_image": ("test_models_transformer_qwenimage.py", "QwenImageTransformer2DModel"),
+    "z_image": ("test_models_transformer_z_image.py", "ZImageTransformer2DModel"),
+}
+# Test-class name endings of machinery out of scope, and why.
+OUT_OF_SCOPE = {
+    "AttentionBackend": "attention backends: the native models call scaled_dot_product_attention directly",
+    "Attention": "attention processors: the native models have no processor objects to swap",
+    "ContextParallelAttnBackends": "context parallelism through diffusers' hooks (this package has its own)",
+    "ContextParallel": "context parallelism through diffusers' hooks (this package has its own)",
+    "TensorParallel": "tensor parallelism through diffusers' plans",
+    "TensorParallelNeuron": "tensor parallelism through diffusers' plans",
+    "FBCCache": "diffusers' cache hooks (FirstBlockCache); TeaCache is built in instead",
+    "FasterCache": "diffusers' cache hooks (FasterCache)",
+    "MagCache": "diffusers' cache hooks (MagCache)",
+    "TaylorSeerCache": "diffusers' cache hooks (TaylorSeer)",
+    "PABCache": "diffusers' cache hooks (Pyramid Attention Broadcast)",
+    "Memory": "diffusers' hooks: group offloading and layerwise casting",
+    "LoRA": "LoRA through diffusers' PEFT adapter mixin",
+    "LoRAHotSwap": "LoRA hot-swapping through diffusers' PEFT adapter mixin",
+    "IPAdapter": "IP adapters replace attention processors",
+    "BitsAndBytes": "quantization backends (bitsandbytes, GPU)",
+    "BitsAndBytesCompile": "quantization backends (bitsandbytes, GPU)",
+    "GGUF": "quantization backends (GGUF)",
+    "GGUFCompile": "quantization backends (GGUF)",
+    "Quanto": "quantization backends (optimum-quanto)",
+    "QuantoCompile": "quantization backends (optimum-quanto)",
+    "TorchAo": "quantization backends (torchao)",
+    "TorchAoCompile": "quantization backends (torchao)",
+    "ModelOpt": "quantization backends (NVIDIA ModelOpt)",
+    "ModelOptCompile": "quantization backends (NVIDIA ModelOpt)",
+    "SDNQ": "quantization backends (SDNQ)",
+    "SDNQCompile": "quantization backends (SDNQ)",
+    "SingleFile": "single-file checkpoints from the Hub",
+}
+
+
+# Tests, by a part of their name, of machinery out of scope within test classes that otherwise run.
+OUT_OF_SCOPE_TESTS = {
+    "gradient_checkpointing": "gradient checkpointing (diffusers' enable_gradient_checkpointing): training "
+    "machinery; the models are for inference, and their gradients are tested without it",
+    "layerwise_casting": "diffusers' hooks: layerwise casting",
+    "test_layered_model_with_mask": "asserts diffusers' internal RoPE module class (the native model computes its "
+    "layered RoPE without a module)",
+}
+
+
+def out_of_scope_reason(class_name: str, test_name: str = "") -> str | None:
+    """Why a test is left out (its class first, then its name), None when it runs."""
+    for suffix in sorted(OUT_OF_SCOPE, key=len, reverse=True):
+        if class_name.endswith(suffix):
+            return OUT_OF_SCOPE[suffix]
+    return next((reason for part, reason in OUT_OF_SCOPE_TESTS.items() if part in test_name), None)
+
+
+class NativeClasses:
+    """A pytest plugin: rebinds the class under test to the native class, leaves out-of-scope classes out,
+    and counts outcomes per test class."""
+
+    def __init__(self) -> None:
+        from teacache_models import models
+
+        self.native = {name: getattr(models, name) for _, name in MODULES.values()}
+        self.outcomes: dict[str, Counter] = defaultdict(Counter)
+        self.left_out: dict[str, str] = {}
+        self.failures: list[tuple[str, str]] = []
+        self.skip_reasons: Counter = Counter()
+
+    def pytest_collection_modifyitems(self, config, items) -> None:
+        kept, dropped = [], []
+        for item in items:
+            reason = out_of_scope_reason(item.cls.__name__, item.name) if item.cls is not None else None
+            if reason is None:
+                kept.append(item)
+            else:
+                dropped.append(item)
+                whole_class = out_of_scope_reason(item.cls.__name__) is not None
+                self.left_out[item.cls.__name__ if whole_class else f"{item.cls.__name__}.{item.name}"] = reason
+        items[:] = kept
+        config.hook.pytest_deselected(items=dropped)
+
+    def pytest_runtest_setup(self, item) -> None:
+        for name, native in self.native.items():
+            if hasattr(item.module, name):
+                setattr(item.module, name, native)
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            group = report.nodeid.split("::")[1] if "::" in report.nodeid else report.nodeid
+            self.outcomes[group][report.outcome] += 1
+            if report.outcome == "failed":
+                self.failures.append((report.nodeid, report.longreprtext.strip().splitlines()[-1][:300]))
+            if report.outcome == "skipped" and isinstance(report.longrepr, tuple):
+                self.skip_reasons[report.longrepr[2].removeprefix("Skipped: ")[:160]] += 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("diffusers", type=Path, help="a checkout of the diffusers repository")
+    parser.add_argument("--family", action="append", choices=sorted(MODULES), help="run only these (repeatable)")
+    args, pytest_args = parser.parse_known_args()  # the rest (after --) goes to pytest
+    folder = args.diffusers / "tests" / "models" / "transformers"
+    if not folder.is_dir():
+        parser.error(f"{args.diffusers} has no tests/models/transformers: pass a diffusers checkout")
+    files = [str(folder / MODULES[f][0]) for f in (args.family or MODULES)]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        parser.error(f"missing test modules {missing}")
+
+    import pytest
+
+    plugin = NativeClasses()
+    extra = [a for a in pytest_args if a != "--"]
+    code = pytest.main(
+        ["-q", "-p", "no:cacheprovider", "--rootdir", str(args.diffusers), *files, *extra], plugins=[plugin]
+    )
+    print("\nper test class (passed / skipped / failed):")
+    totals: Counter = Counter()
+    for group, counts in sorted(plugin.outcomes.items()):
+        totals.update(counts)
+        print(f"  {group}: {counts['passed']} / {counts['skipped']} / {counts['failed']}")
+    print(f"total: {totals['passed']} passed, {totals['skipped']} skipped, {totals['failed']} failed")
+    print("skipped by the tests themselves, by reason:")
+    for reason, count in plugin.skip_reasons.most_common():
+        print(f"  {count}: {reason}")
+    print("left out:")
+    for reason, classes in sorted(_group(plugin.left_out).items()):
+        print(f"  {reason}: {', '.join(sorted(classes))}")
+    for nodeid, line in plugin.failures:
+        print(f"FAILED {nodeid}: {line}")
+    return int(code)
+
+
+def _group(left_out: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for name, reason in left_out.items():
+        grouped[reason].append(name)
+    return grouped
+
+
+if __name__ == "__main__":
+    sys.exit(main())

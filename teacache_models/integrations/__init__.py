@@ -1,0 +1,1 @@
+"""Bridges to other libraries' pipelines (diffusers: `teacache_models.integrations.diffusers`)."""

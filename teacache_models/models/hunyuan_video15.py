@@ -297,9 +297,9 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
         text = self.context_embedder(text, timestep, text_mask)  # (B, Lt, D)
         glyph = self.context_embedder_2(glyph)  # (B, L2, D)
         image = self.image_embedder(image)  # (B, Lv, D)
-        if not bool(image_mask.any()):
-            # Text-to-video: the image tokens carry only their type embedding (and are masked out).
-            image = image * 0.0
+        # Text-to-video: the image tokens carry only their type embedding (and are masked out). Chosen on the
+        # device, without reading the flag back: no sync, and no graph break under torch.compile.
+        image = torch.where(image_mask.any(), image, image * 0.0)
         typed = [x + self.cond_type_embed.weight[kind] for x, kind in ((text, _TEXT), (glyph, _GLYPH), (image, _IMAGE))]
         # Image padding (text-to-video) keeps its values; glyph and text padding are zeroed, as in the reference.
         return join_condition_streams(
@@ -381,11 +381,12 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
             check_tokens(name, value, batch, width, min_length=1)
             check_dtype(name, value, weight.dtype)
         check_attention_kwargs("attention_kwargs", attention_kwargs)
-        image_valid = not bool((image == 0).all())
+        # All zeros in the whole batch means text-to-video, as in the reference (a (1, 1) flag, not read back).
+        image_valid = (image != 0).any().reshape(1, 1)
         return {
             "text": _check_mask("encoder_attention_mask", text_mask, text),
             "glyph": _check_mask("encoder_attention_mask_2", glyph_mask, glyph),
-            "image": torch.full(image.shape[:2], image_valid, dtype=torch.bool, device=image.device),
+            "image": image_valid.expand(image.shape[:2]),
         }
 
 
@@ -396,6 +397,8 @@ def _check_mask(name: str, mask: Any, tokens: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} must be a tensor of shape {shape}, got {type(mask).__name__}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (batch, tokens of its states), got {tuple(mask.shape)}")
+    if torch.compiler.is_compiling():
+        return mask.bool()  # reading values would break the graph at every call; eager calls check them
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1 (or be boolean)")
     return mask.bool()

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from teacache_models import TeaCacheParams
-from teacache_models.models import FluxTransformer2DModel
+from teacache_models.models import FluxTransformer2DModel, HunyuanVideo15Transformer3DModel
 from teacache_models.models.wan import WanTransformer3DModel
-from tests.tiny_configs import WAN_TINY
+from tests.tiny_configs import HUNYUAN_VIDEO15_TINY, WAN_TINY, hunyuan_video15_inputs
 from tests.utils import assert_parity, randomize_
 
 FLUX = dict(
@@ -29,9 +29,10 @@ FLUX = dict(
     axes_dims_rope=(4, 4, 8),
 )
 WAN = WAN_TINY
+HV15_THRESHOLD = 1.0
 # Rescaled distance = raw distance. With these random weights one step moves the indicator by about 0.5-0.8
 # (Flux) or 0.7-1.4 (Wan): the thresholds let every other step or so skip.
-THRESHOLDS = {"flux": 1.0, "wan": 1.5}
+THRESHOLDS = {"flux": 1.0, "wan": 1.5, "hunyuan_video15": HV15_THRESHOLD}
 
 
 class CountingBackend:
@@ -85,6 +86,17 @@ def wan_case() -> tuple[torch.nn.Module, Callable[[float], dict]]:
     return model, inputs
 
 
+def hunyuan_video15_case() -> tuple[torch.nn.Module, Callable[[float], dict]]:
+    model = randomize_(HunyuanVideo15Transformer3DModel(**HUNYUAN_VIDEO15_TINY), seed=0).eval()
+    # Image-to-video, padded text and glyph masks.
+    fixed = hunyuan_video15_inputs(HUNYUAN_VIDEO15_TINY, 1, (2, 3, 3), (4,), 6, (2,), 3, 2, True)
+
+    def inputs(sigma: float) -> dict:
+        return dict(fixed, timestep=torch.tensor([1000 * sigma]), return_dict=False)
+
+    return model, inputs
+
+
 def run_loop(
     model: torch.nn.Module,
     call: torch.nn.Module,
@@ -93,7 +105,8 @@ def run_loop(
     on_step: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
     sigmas = torch.linspace(1.0, 0.05, steps).tolist()
-    thresh = THRESHOLDS["wan" if isinstance(model, WanTransformer3DModel) else "flux"]
+    families = {WanTransformer3DModel: "wan", HunyuanVideo15Transformer3DModel: "hunyuan_video15"}
+    thresh = THRESHOLDS[families.get(type(model), "flux")]
     model.enable_teacache(TeaCacheParams(teacache_thresh=thresh, coefficients=[1.0, 0.0]), steps)
     outputs = []
     with torch.no_grad():
@@ -105,7 +118,7 @@ def run_loop(
     return outputs
 
 
-@pytest.mark.parametrize("case", [flux_case, wan_case], ids=["flux", "wan"])
+@pytest.mark.parametrize("case", [flux_case, wan_case, hunyuan_video15_case], ids=["flux", "wan", "hunyuan_video15"])
 def test_compiled_model_matches_eager_and_compiles_a_bounded_number_of_graphs(case):
     torch._dynamo.reset()
     model, inputs = case()

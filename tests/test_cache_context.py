@@ -3,6 +3,7 @@ shared tensors in any dtype, coefficients from the zoo or the family, and its re
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import diffusers
@@ -154,3 +155,18 @@ def test_apply_and_remove_refuse_what_they_cannot_do():
     assert pipe.transformer.step_source.params.teacache_thresh == 0.5
     remove_teacache(pipe)
     assert type(pipe.transformer) is diffusers.WanTransformer3DModel
+
+
+def test_a_failed_call_is_forgotten_and_the_step_runs_again():
+    pipe = apply_teacache(_pipe(_tiny_wan()), PARAMS)
+    pipe.scheduler.set_timesteps(4)
+    inputs = test_wan.make_inputs(test_wan.TINY, 1, (1, 4, 4))
+    broken = dict(inputs, hidden_states=inputs["hidden_states"].double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is silenced or warned on the way
+        with pytest.raises(TypeError, match="dtype"), torch.no_grad():
+            pipe.transformer(**broken)
+        with torch.no_grad():
+            pipe.transformer(**inputs)
+    stats = pipe.transformer.teacache_stats()
+    assert stats.num_inference_steps == 4 and stats.positive.computed_steps == (0,)

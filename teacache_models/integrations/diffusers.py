@@ -22,7 +22,6 @@ denoising loop unchanged, and each call is declared to TeaCache from what the pi
 from __future__ import annotations
 
 import re
-import sys
 import weakref
 from contextlib import ExitStack
 from typing import Any
@@ -110,7 +109,7 @@ class PipelineTeaCache:
         self.originals: dict[str, torch.nn.Module] = {}
         self._generation: tuple[Any, Any] | None = None  # (scheduler, its timesteps tensor)
         self._calls_at_step: dict[int, tuple[int, int]] = {}  # id(model) -> (step, calls so far)
-        self._open: dict[int, ExitStack] = {}
+        self._open: dict[int, tuple[ExitStack, tuple[int, int] | None]] = {}  # id(model) -> (context, count before)
         self._handles: list[Any] = []
 
     @property
@@ -175,6 +174,7 @@ class PipelineTeaCache:
         step = self.step_index(model)
         batched = self._holds_both_branches(args, kwargs)
         negative = False
+        counted = self._calls_at_step.get(id(model))
         if not batched:
             last, calls = self._calls_at_step.get(id(model), (None, 0))
             calls = calls + 1 if last == step else 1
@@ -187,12 +187,29 @@ class PipelineTeaCache:
             negative = calls == 2
         stack = ExitStack()
         stack.enter_context(model.teacache_step(step, is_cfg_negative=negative, batched_cfg=batched))
-        self._open[id(model)] = stack
+        self._open[id(model)] = (stack, counted)
 
     def _after_call(self, model: Any, args: tuple, kwargs: dict, result: Any) -> None:
-        stack = self._open.pop(id(model), None)
-        if stack is not None:
-            stack.__exit__(*sys.exc_info())  # the forward's exception, if it raised one
+        opened = self._open.pop(id(model), None)
+        if opened is None:
+            return
+        stack, counted = opened
+        if result is not None:
+            stack.close()
+            return
+        # A failed call does not count: the same branch's call at this step comes again.
+        if counted is None:
+            self._calls_at_step.pop(id(model), None)
+        else:
+            self._calls_at_step[id(model)] = counted
+        # No result: the forward raised (torch still calls this hook). The step context forgets the step and
+        # re-raises what it is given, which stays here: the forward's own exception propagates.
+        failed = RuntimeError("the transformer call raised")
+        try:
+            stack.__exit__(RuntimeError, failed, None)
+        except RuntimeError as raised:
+            if raised is not failed:
+                raise
 
     def _holds_both_branches(self, args: tuple, kwargs: dict) -> bool:
         """A call whose batch is two equal halves while the pipeline runs CFG (ZImagePipeline's layout)."""

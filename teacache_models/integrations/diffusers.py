@@ -173,20 +173,20 @@ class PipelineTeaCache:
             return
         step = self.step_index(model)
         batched = self._holds_both_branches(args, kwargs)
-        negative = False
         counted = self._calls_at_step.get(id(model))
+        calls = 0
         if not batched:
-            last, calls = self._calls_at_step.get(id(model), (None, 0))
+            last, calls = counted or (None, 0)
             calls = calls + 1 if last == step else 1
             if calls > 2:
                 raise RuntimeError(
                     f"a third transformer call at step {step}: TeaCache keeps two CFG branches; open "
                     "cache_context('cond') / cache_context('uncond') around each call"
                 )
-            self._calls_at_step[id(model)] = (step, calls)
-            negative = calls == 2
         stack = ExitStack()
-        stack.enter_context(model.teacache_step(step, is_cfg_negative=negative, batched_cfg=batched))
+        stack.enter_context(model.teacache_step(step, is_cfg_negative=calls == 2, batched_cfg=batched))
+        if not batched:  # counted once the step is declared
+            self._calls_at_step[id(model)] = (step, calls)
         self._open[id(model)] = (stack, counted)
 
     def _after_call(self, model: Any, args: tuple, kwargs: dict, result: Any) -> None:

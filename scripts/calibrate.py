@@ -12,7 +12,14 @@ x, the relative L1 change of the indicator, and y, that of the block-stack outpu
 the TeaCache paper fits) or of its residual (`--target residual`). It fits `numpy.polyfit(x, y, degree)`,
 prints the number of points, R^2 and the x range, and optionally saves a scatter-and-fit PNG, a JSON record
 and the coefficients into the presets of a zoo config that use this indicator (comments and other keys
-are kept; the preset's `source` says where the coefficients come from).
+are kept; the preset's `source` says where the coefficients come from, `calibrated_range` the x range).
+
+It then sweeps the threshold (`--table-thresholds`) with the new coefficients and the settings of a preset
+that uses this indicator, on the first `--table-pairs` prompt/seed pairs, and records per threshold the mean
+fraction of block-stack calls computed and the mean PSNR against the uncached outputs of the recording runs
+(threshold 0 computes every step, bit-identical to uncached). With `--write-config` the table goes into
+`teacache.threshold_table`, from which `--teacache-target-speedup` (scripts/generate.py) and
+`ZooEntry.teacache_for_speedup` pick a threshold. `--table-thresholds` with no value skips the sweep.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
@@ -36,6 +45,7 @@ from teacache_models.calibration import (  # noqa: E402
     plot_fit,
     record_runs,
     write_coefficients,
+    write_threshold_table,
 )
 from teacache_models.demo import digit_prompt  # noqa: E402
 from teacache_models.params import TeaCacheParams  # noqa: E402
@@ -65,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, help="save the scatter-and-fit PNG here")
     parser.add_argument("--json", type=Path, help="save the fit and every recorded point here")
     parser.add_argument("--write-config", type=Path, help="zoo YAML whose presets using this indicator get the fit")
+    parser.add_argument(
+        "--table-thresholds",
+        type=float,
+        nargs="*",
+        default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0],
+        help="thresholds of the threshold table (none: no table)",
+    )
+    parser.add_argument("--table-pairs", type=int, default=10, help="prompt/seed pairs the table is measured on")
+    parser.add_argument(
+        "--table-preset", help="preset whose settings the table sweeps (default: the entry's default preset)"
+    )
     return parser
 
 
@@ -109,11 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     seeds = range(args.seed_offset, args.seed_offset + args.seeds)
     overrides = {} if args.steps is None else {"num_inference_steps": args.steps}
 
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    uncached: dict[tuple[str, int], torch.Tensor] = {}
+
+    def generate(prompt: str, seed: int, params: TeaCacheParams) -> Any:
+        sampling = pipe.default_sampling_params(teacache="off", seed=seed, **overrides)
+        return pipe(prompt, dataclasses.replace(sampling, teacache_params=params), **inputs)
+
     def run(params: TeaCacheParams) -> None:
-        for prompt in prompts:
-            for seed in seeds:
-                sampling = pipe.default_sampling_params(teacache="off", seed=seed, **overrides)
-                pipe(prompt, dataclasses.replace(sampling, teacache_params=params), **inputs)
+        for prompt, seed in pairs:
+            uncached[prompt, seed] = pixels(generate(prompt, seed, params))
 
     started = time.perf_counter()
     records = record_runs(model, run, indicator, args.target)
@@ -149,10 +175,67 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.json.write_text(json.dumps(record) + "\n")
         print(f"json: {args.json}")
+    updated = []
     if args.write_config:
         updated = write_coefficients(args.write_config, indicator, fit, model.supported_teacache_indicators[0])
         print(f"{args.write_config}: coefficients of presets {updated} updated")
+    if args.table_thresholds:
+        preset, base = table_settings(args, entry, indicator, updated, fit)
+        rows = []
+        for thresh in args.table_thresholds:
+            params = dataclasses.replace(base, teacache_thresh=thresh)
+            fractions, quality = [], []
+            for prompt, seed in pairs[: args.table_pairs]:
+                result = generate(prompt, seed, params)
+                stats = model.teacache_stats()
+                fractions.append(stats.num_computed / (stats.num_computed + stats.num_skipped))
+                quality.append(psnr_db(pixels(result), uncached[prompt, seed]))
+            rows.append((thresh, sum(fractions) / len(fractions), sum(quality) / len(quality)))
+            print(f"threshold {thresh:g}: {rows[-1][1]:.1%} of the calls computed, {rows[-1][2]:.2f} dB")
+        if args.json:
+            record["threshold_table"] = {"preset": preset, "rows": rows}
+            args.json.write_text(json.dumps(record) + "\n")
+        if args.write_config and preset is not None:
+            source = (
+                f"scripts/calibrate.py: {min(args.table_pairs, len(pairs))} prompt/seed pairs, mean computed "
+                f"fraction and PSNR against uncached, preset {preset} with the new coefficients"
+            )
+            write_threshold_table(args.write_config, preset, rows, source)
+            print(f"{args.write_config}: threshold table of preset {preset!r} written")
     return 0
+
+
+def pixels(result: Any) -> torch.Tensor:
+    return (result.frames if result.is_video else result.images).float()
+
+
+def psnr_db(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR of pixels in [0, 1] over the whole tensor, capped at 100 dB for identical outputs."""
+    mse = (actual - reference).pow(2).mean().item()
+    return 100.0 if mse == 0 else min(100.0, -10 * math.log10(mse))
+
+
+def table_settings(
+    args: argparse.Namespace, entry: Any, indicator: str, updated: list[str], fit: Any
+) -> tuple[str | None, TeaCacheParams]:
+    """(preset name, its settings with the new coefficients) for the threshold table: --table-preset, else
+    the entry's default preset if it uses this indicator, else a preset just updated; (None, plain settings
+    with this indicator) without such a preset."""
+    if args.write_config:
+        entry = load_zoo_entry(args.write_config)
+    candidates = [args.table_preset] if args.table_preset else []
+    if entry is not None:
+        candidates += [entry.default_preset, *updated]
+    for preset in candidates:
+        if entry is not None and preset in entry.presets:
+            params = entry.presets[preset].params
+            if (params.indicator or indicator) == indicator:
+                return preset, dataclasses.replace(
+                    params, coefficients=fit.coefficients, calibrated_range=(fit.x_min, fit.x_max)
+                )
+        if preset == args.table_preset:
+            raise SystemExit(f"--table-preset {preset!r} is not a preset of the entry using indicator {indicator!r}")
+    return None, TeaCacheParams(indicator=indicator, coefficients=fit.coefficients)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ __all__ = [
     "plot_fit",
     "record_runs",
     "write_coefficients",
+    "write_threshold_table",
 ]
 
 # What y measures: the block stack's output, or its residual (output - input), which TeaCache caches.
@@ -348,3 +349,26 @@ def record_runs(
     with DistanceRecorder(model, target) as recorder:
         run(calibration_params(indicator))
     return recorder.records
+
+
+def write_threshold_table(
+    config_path: str | Path, preset: str, rows: Sequence[tuple[float, float, float]], source: str
+) -> None:
+    """Set `teacache.threshold_table` of a zoo config: the rows [threshold, mean computed fraction, mean PSNR dB]
+    measured with preset `preset`'s settings. One flow-style line, so the rest of the file stays as it is."""
+    from .zoo import load_zoo_entry
+
+    path = Path(config_path)
+    lines = path.read_text().splitlines(keepends=True)
+    teacache = _find_key(lines, "teacache", 0, len(lines), 0)
+    if teacache is None:
+        raise ValueError(f"{path}: expected a block-style 'teacache:' mapping")
+    end = _block_end(lines, teacache, 0)
+    child_indent = next(_indent(line) for line in lines[teacache + 1 : end] if _is_content(line))
+    cells = ", ".join(f"[{t:.6g}, {f:.4f}, {p:.2f}]" for t, f, p in rows)
+    value = f"{{preset: {preset}, source: {_yaml_string(source)}, rows: [{cells}]}}"
+    _set_key(lines, teacache + 1, end, child_indent, "threshold_table", value)
+    path.write_text("".join(lines))
+    table = load_zoo_entry(path).threshold_table
+    if table is None or len(table.rows) != len(rows):
+        raise RuntimeError(f"{path}: the threshold table did not read back")

@@ -81,6 +81,12 @@ def add_teacache_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--teacache", default=None, help="off, slow or fast (or another preset of the zoo entry)")
     cache.add_argument("--teacache-thresh", type=float, help="override the preset's threshold (0 never skips)")
     cache.add_argument(
+        "--teacache-target-speedup",
+        type=float,
+        help="pick the threshold from the zoo entry's threshold table (scripts/calibrate.py writes it): the "
+        "lowest measured threshold whose computed steps give at least this speedup (steps / computed steps)",
+    )
+    cache.add_argument(
         "--teacache-residual-order",
         type=int,
         help="what a skipped step adds: 0 the last residual (as published), 1 its linear extrapolation",
@@ -277,6 +283,8 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
     overrides = {k: v for k, v in flags.items() if v is not None}
     if choice is not None and not choice.strip():
         raise CliError("--teacache is empty: give off, slow, fast or another preset of the zoo entry")
+    if args.teacache_target_speedup is not None:
+        return _teacache_for_speedup(args.teacache_target_speedup, choice, overrides, entry)
     if choice == "off":
         if overrides:
             given = ", ".join(TEACACHE_FLAGS[k] for k in overrides)
@@ -300,6 +308,21 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
     if "coefficients" in overrides:
         overrides["calibrated_range"] = None  # the preset's range belongs to the preset's coefficients
     return _teacache_or_error(functools.partial(dataclasses.replace, params), overrides)
+
+
+def _teacache_for_speedup(
+    target: float, choice: str | None, overrides: dict[str, Any], entry: ZooEntry | None
+) -> TeaCacheParams:
+    """--teacache-target-speedup: the settings the threshold table measured, at the threshold it picks."""
+    if choice is not None or overrides:
+        given = ", ".join([f"--teacache {choice}"] * (choice is not None) + [TEACACHE_FLAGS[k] for k in overrides])
+        raise CliError(f"--teacache-target-speedup picks the threshold of the table's preset itself; drop {given}")
+    if entry is None:
+        raise CliError("--teacache-target-speedup needs a zoo entry with a threshold table: pass --config FILE")
+    try:
+        return entry.teacache_for_speedup(target)
+    except ValueError as error:
+        raise CliError(f"--teacache-target-speedup: {error}") from None
 
 
 def _teacache_or_error(build: Any, values: dict[str, Any]) -> TeaCacheParams:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ __all__ = [
     "ZOO_DIR",
     "TeaCacheFit",
     "TeaCachePreset",
+    "ThresholdRow",
+    "ThresholdTable",
     "ZooEntry",
     "check_sampling_overrides",
     "list_zoo",
@@ -62,6 +65,45 @@ class TeaCachePreset:
 
 
 @dataclass(frozen=True)
+class ThresholdRow:
+    """One threshold of a preset, measured: the mean fraction of block-stack calls computed, and the mean PSNR
+    against the uncached output."""
+
+    teacache_thresh: float
+    computed_fraction: float
+    psnr_db: float
+
+    @property
+    def speedup(self) -> float:
+        """The speedup the computed steps allow (steps / computed steps); wall clock adds the skipped steps'
+        small cost."""
+        return 1.0 / self.computed_fraction
+
+
+@dataclass(frozen=True)
+class ThresholdTable:
+    """Thresholds of one preset's settings (coefficients, indicator, options) against what they computed.
+
+    Written by `scripts/calibrate.py --write-config`; read to pick a threshold from a target speedup.
+    """
+
+    preset: str
+    rows: tuple[ThresholdRow, ...]
+    source: str
+
+    def row_for_speedup(self, target_speedup: float) -> ThresholdRow:
+        """The lowest threshold (the most faithful) whose computed steps give at least `target_speedup`."""
+        reaching = [row for row in self.rows if row.speedup >= target_speedup]
+        if not reaching:
+            best = max(self.rows, key=lambda row: row.speedup)
+            raise ValueError(
+                f"target speedup {target_speedup:g} is beyond the threshold table: its fastest row, threshold "
+                f"{best.teacache_thresh:g}, computes {best.computed_fraction:.0%} of the steps ({best.speedup:.2f}x)"
+            )
+        return min(reaching, key=lambda row: row.teacache_thresh)
+
+
+@dataclass(frozen=True)
 class ZooEntry:
     """One released model: its weights (manifest name), architecture family and default sampling."""
 
@@ -77,6 +119,7 @@ class ZooEntry:
     path: Path | None = None
     # Per indicator: the checkpoint's fit (from `teacache.fits`, or the coefficients its presets carry).
     fits: dict[str, TeaCacheFit] = dataclasses.field(default_factory=dict)
+    threshold_table: ThresholdTable | None = None
 
     def teacache_fits(self) -> dict[str, tuple[float, ...]]:
         """{indicator: coefficients}, what a loader hands the transformer (`set_teacache_fits`)."""
@@ -101,9 +144,37 @@ class ZooEntry:
     def is_video(self) -> bool:
         return self.task != "t2i"
 
-    def sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
-        """The model's sampling defaults with TeaCache preset `teacache` ("off", "default" or a name)."""
+    def teacache_for_speedup(self, target_speedup: float) -> TeaCacheParams:
+        """The settings of the threshold table's preset, with the lowest measured threshold whose computed
+        steps give at least `target_speedup` (steps / computed steps)."""
+        if isinstance(target_speedup, bool) or not isinstance(target_speedup, int | float):
+            raise TypeError(f"target_speedup must be a number, got {target_speedup!r}")
+        if not math.isfinite(target_speedup) or target_speedup < 1:
+            raise ValueError(f"target_speedup must be a finite number >= 1, got {target_speedup}")
+        table = self.threshold_table
+        if table is None:
+            raise ValueError(
+                f"{self.name} has no TeaCache threshold table, so no threshold can be picked from a target "
+                f"speedup: measure one with scripts/calibrate.py --model {self.name} --write-config "
+                f"<its yaml>, or give a threshold"
+            )
+        row = table.row_for_speedup(target_speedup)
+        return dataclasses.replace(self.presets[table.preset].params, teacache_thresh=row.teacache_thresh)
+
+    def sampling_params(
+        self, teacache: str = "default", target_speedup: float | None = None, **overrides: Any
+    ) -> SamplingParams:
+        """The model's sampling defaults with TeaCache preset `teacache` ("off", "default" or a name), or with
+        the threshold picked from `target_speedup` (`teacache_for_speedup`)."""
         check_sampling_overrides(overrides)
+        if target_speedup is not None:
+            if teacache != "default":
+                raise ValueError(
+                    f"target_speedup picks the threshold itself: leave teacache='default', got {teacache!r}"
+                )
+            return dataclasses.replace(
+                self.sampling, teacache_params=self.teacache_for_speedup(target_speedup), **overrides
+            )
         preset = self.default_preset if teacache == "default" else teacache
         if preset == "off":
             cache = None
@@ -227,7 +298,10 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
     sampling = _check_keys(f"{where}: sampling", data["sampling"], _SAMPLING_KEYS)
     teacache = _check_keys(
-        f"{where}: teacache", data["teacache"], {"default", "presets", "fits"}, {"default", "presets"}
+        f"{where}: teacache",
+        data["teacache"],
+        {"default", "presets", "fits", "threshold_table"},
+        {"default", "presets"},
     )
     fits = _read_fits(where, teacache.get("fits"), data["family"])
     presets_data = teacache["presets"] or {}
@@ -251,6 +325,8 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     ):
         raise ValueError(f"{where}: teacache.default {teacache['default']!r} is not 'off' or one of {sorted(presets)}")
     default_params = presets[teacache["default"]].params if teacache["default"] != "off" else None
+    table = teacache.get("threshold_table")
+    table = None if table is None else _read_threshold_table(f"{where}: teacache.threshold_table", table, presets)
     try:
         sampling_params = SamplingParams(**sampling, teacache_params=default_params)
     except ValueError as error:
@@ -267,6 +343,31 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         task=task,
         path=path,
         fits=fits,
+        threshold_table=table,
+    )
+
+
+def _read_threshold_table(where: str, data: Any, presets: dict[str, TeaCachePreset]) -> ThresholdTable:
+    data = _check_keys(where, data, {"preset", "rows", "source"}, {"preset", "rows", "source"})
+    if data["preset"] not in presets:
+        raise ValueError(f"{where}: preset {data['preset']!r} is not one of {sorted(presets)}")
+    rows = data["rows"]
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{where}: rows must be a non-empty list of [threshold, computed fraction, PSNR dB]")
+    parsed = []
+    for index, row in enumerate(rows):
+        valid = (
+            isinstance(row, list)
+            and len(row) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in row)
+        )
+        if not valid or row[0] < 0 or not 0 < row[1] <= 1:
+            raise ValueError(
+                f"{where}: rows[{index}] must be [threshold >= 0, computed fraction in (0, 1], PSNR dB], got {row!r}"
+            )
+        parsed.append(ThresholdRow(float(row[0]), float(row[1]), float(row[2])))
+    return ThresholdTable(
+        str(data["preset"]), tuple(sorted(parsed, key=lambda r: r.teacache_thresh)), str(data["source"])
     )
 
 

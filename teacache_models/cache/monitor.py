@@ -60,8 +60,8 @@ class FitMonitor:
         self._generation: int | None = None
 
     def __call__(self, step: StepObservation) -> None:
-        if step.teacache_params is None:
-            return  # TeaCache is off or switched itself off: nothing predicted
+        if step.teacache_params is None or not any(self.coefficients):
+            return  # TeaCache is off or switched itself off, or a recording run's zero polynomial: nothing predicted
         if self._generation is None:
             self._generation = step.generation
         if step.generation != self._generation:

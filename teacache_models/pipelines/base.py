@@ -172,12 +172,16 @@ class Pipeline:
         """The transformer's compute dtype, which its inputs are cast to (modules kept in float32 aside)."""
         return compute_dtype(self.transformer)
 
-    def default_sampling_params(self, teacache: str = "default", **overrides: Any) -> SamplingParams:
+    def default_sampling_params(
+        self, teacache: str = "default", target_speedup: float | None = None, **overrides: Any
+    ) -> SamplingParams:
         """The zoo entry's sampling defaults (generic `SamplingParams` ones without an entry), TeaCache off
-        when the model has no preset."""
+        when the model has no preset; `target_speedup` picks the threshold from the entry's threshold table."""
         check_sampling_overrides(overrides)
         if self.zoo_entry is not None:
-            return self.zoo_entry.sampling_params(teacache, **overrides)
+            return self.zoo_entry.sampling_params(teacache, target_speedup=target_speedup, **overrides)
+        if target_speedup is not None:
+            raise ValueError("this pipeline has no zoo entry, so no threshold table to meet target_speedup from")
         if teacache not in ("off", "default"):
             raise ValueError(f"this pipeline has no zoo entry, so no TeaCache preset {teacache!r}; use 'off'")
         return SamplingParams(teacache_params=None, **overrides)

@@ -237,6 +237,11 @@ class TeaCacheMixin(CacheContextMixin):
 
     # ---- the fits and the schedule ----------------------------------------------------------------
 
+    def teacache_weights_key(self) -> Any:
+        """What the block stack's output depends on besides its inputs, e.g. the LoRA adapters and their
+        weights: when it changes, the cached residuals are stale and every branch's next step computes."""
+        return None
+
     def set_teacache_fits(self, fits: Mapping[str, Sequence[float]]) -> None:
         """Give this instance its checkpoint's rescaling polynomials, {indicator name: coefficients} (highest
         degree first): what `TeaCacheParams(coefficients=None)` uses. Replaces any earlier fits."""
@@ -557,7 +562,7 @@ class TeaCacheMixin(CacheContextMixin):
 
         indicator = self.teacache_indicator(hidden_states, **block_inputs)
         context.indicator = indicator.detach()
-        signature = _inputs_signature(hidden_states, indicator, block_inputs)
+        signature = (_inputs_signature(hidden_states, indicator, block_inputs), self.teacache_weights_key())
         if self._should_skip(session, state, context, signature, indicator):
             state.skipped_steps.append(context.step_index)
             state.consecutive_skips += 1

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ..layers.linear import linear_kernel_of, set_linear_kernel
+from ..lora import LoraMixin
 
 __all__ = [
     "ConfiguredModel",
@@ -143,8 +144,9 @@ def register_config(init: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class ConfiguredModel(torch.nn.Module):
-    """Base of the native transformers: a constructor recorded with `register_config`, and `from_config`."""
+class ConfiguredModel(LoraMixin, torch.nn.Module):
+    """Base of the native transformers: a constructor recorded with `register_config`, `from_config`, and LoRA
+    adapters (`LoraMixin`: `load_lora_adapter`, `set_adapters`, `fuse_lora` ...)."""
 
     config: ModelConfig
 

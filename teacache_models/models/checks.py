@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..lora import check_lora_scale
+
 __all__ = [
     "check_architecture",
     "check_attention_kwargs",
@@ -114,8 +116,9 @@ def check_tensor(name: str, value: Any, shape: tuple[int | str | tuple[int, ...]
 
 
 def check_attention_kwargs(name: str, value: Any) -> None:
-    """None or a dict holding at most a LoRA `scale`: diffusers pops that before the attention runs, and
-    without LoRA layers it has no effect. Other keys feed attention-processor hooks these models lack."""
+    """None or a dict holding at most a LoRA `scale`, a finite number: diffusers pops that before the attention
+    runs, and it multiplies the loaded adapters' weights for the call (see `lora_scale_from`). Other keys feed
+    attention-processor hooks these models lack."""
     if value is None:
         return
     if not isinstance(value, Mapping):
@@ -123,8 +126,10 @@ def check_attention_kwargs(name: str, value: Any) -> None:
     if set(value) - {"scale"}:
         raise ValueError(
             f"{name} {sorted(value)} are not supported: this model has no IP-adapter or attention-processor "
-            "hooks; pass None (a LoRA 'scale' alone is accepted and has no effect)"
+            "hooks; pass None (a LoRA 'scale' alone is accepted: it weights the loaded adapters)"
         )
+    if "scale" in value:
+        check_lora_scale(f"{name}['scale']", value["scale"])
 
 
 def check_dtype(name: str, value: torch.Tensor, expected: torch.dtype) -> None:

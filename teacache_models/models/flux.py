@@ -31,6 +31,7 @@ from ..layers import (
     rope_cos_sin,
     timestep_sinusoids,
 )
+from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import (
     check_architecture,
@@ -294,6 +295,7 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
 
+    @lora_scale_from("joint_attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -318,7 +320,7 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             timestep: (B,) sigmas in [0, 1] (scaled by 1000 inside), or a scalar.
             img_ids: (L_img, n_axes) image position ids; txt_ids: (L_txt, n_axes) text position ids.
             guidance: (B,) embedded guidance scale, required exactly when `guidance_embeds`.
-            joint_attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
+            joint_attention_kwargs: None, or only a LoRA `scale`, which multiplies the adapters' weights for this call.
             controlnet_block_samples, controlnet_single_block_samples: residuals added to the image
                 stream after the dual- / single-stream blocks: lists (or stacked tensors) of tensors that
                 broadcast to (B, L_img, D); ignored when that block stack is empty, as in diffusers.

@@ -22,6 +22,7 @@ from torch import nn
 from ..cache.mixin import Deferred, TeaCacheMixin
 from ..distributed.sequence import SequenceParallelMixin
 from ..layers.normalization import AdaLayerNormContinuous
+from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import (
     check_architecture,
@@ -132,6 +133,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         self.norm_out = AdaLayerNormContinuous(inner_dim, inner_dim, elementwise_affine=False, eps=_EPS)
         self.proj_out = nn.Linear(inner_dim, patch_size_t * patch_size * patch_size * self.out_channels)
 
+    @lora_scale_from("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -155,7 +157,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
             pooled_projections: (B, pooled_projection_dim) pooled text embedding.
             guidance: (B,) embedded guidance scale times 1000; required when `guidance_embeds`, ignored
                 otherwise (the reference pipeline always passes it).
-            attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
+            attention_kwargs: None, or only a LoRA `scale`, which multiplies the adapters' weights for this call.
             return_dict: return a `Transformer2DModelOutput` instead of a tuple.
 
         Returns:

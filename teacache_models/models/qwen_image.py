@@ -33,6 +33,7 @@ from ..layers.feedforward import FeedForward
 from ..layers.normalization import AdaLayerNormContinuous, RMSNorm
 from ..layers.precision import clip_fp16
 from ..layers.rope import apply_rotary_complex
+from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import (
     check_architecture,
@@ -417,6 +418,7 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
 
+    @lora_scale_from("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -441,7 +443,7 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 of `hidden_states` (e.g. `[[(1, 32, 48)]] * B`; edit models add reference images). RoPE uses
                 the first sample's layout for the whole batch, as the reference does.
             guidance: must be None (the model has no guidance embedder).
-            attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
+            attention_kwargs: None, or only a LoRA `scale`, which multiplies the adapters' weights for this call.
             controlnet_block_samples: residuals added to the image stream after the blocks: a list (or a
                 stacked tensor) of tensors that broadcast to (B, L_img, D); ignored when num_layers is 0.
             additional_t_cond: (B,) long, 0 or 1; required exactly when `use_additional_t_cond`.

@@ -33,6 +33,7 @@ from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
 from ..layers.normalization import FP32LayerNorm
 from ..layers.rope import rope_cos_sin
+from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import (
     check_architecture,
@@ -397,6 +398,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         self.proj_out = nn.Linear(inner_dim, self.out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
 
+    @lora_scale_from("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -416,7 +418,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
             encoder_hidden_states_image: (B, Li, image_dim) CLIP image tokens, for `image_dim` models
                 only ((2B, Li, image_dim) with `pos_embed_seq_len`: first and last frame per sample).
             return_dict: return a `Transformer2DModelOutput` instead of a tuple.
-            attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
+            attention_kwargs: None, or only a LoRA `scale`, which multiplies the adapters' weights for this call.
 
         Returns:
             (B, out_channels, F, H, W) prediction, in a tuple or output object.

@@ -32,6 +32,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..cache import TeaCacheIndicator, TeaCacheMixin
 from ..layers import RMSNorm, apply_rotary_complex, attention, linear_activation, timestep_sinusoids
+from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import check_architecture, check_attention_kwargs, check_rope_axes, is_int
 from .z_image_inputs import (
@@ -317,6 +318,7 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         self.layers = blocks(n_layers, modulation=True)
         self.rope_embedder = ZImageRopeEmbedder(rope_theta, tuple(axes_dims), tuple(axes_lens))
 
+    @lora_scale_from("joint_attention_kwargs")
     def forward(
         self,
         x: list[torch.Tensor],
@@ -347,7 +349,7 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             image_noise_mask: Omni mode only: per sample, a flag per image: 1 for the noisy target, 0 for clean
                 conditions (their tokens are modulated with t = 1).
             patch_size, f_patch_size: a configured (spatial, temporal) patch size pair.
-            joint_attention_kwargs: only `scale` (for LoRA layers, which this model has none of).
+            joint_attention_kwargs: None, or only a LoRA `scale`, which multiplies the adapters' weights for this call.
 
         Returns:
             A list of B predictions (in_channels, F, H, W) (in the Omni mode, of each sample's last image), in a

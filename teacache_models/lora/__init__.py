@@ -1,0 +1,7 @@
+"""LoRA adapters on the native transformers (`LoraMixin`, inherited by every model) and the file layouts read."""
+
+from .adapters import LoraMixin, check_lora_scale, lora_scale_from
+from .files import read_lora
+from .formats import formats_for, to_peft_layout
+
+__all__ = ["LoraMixin", "check_lora_scale", "formats_for", "lora_scale_from", "read_lora", "to_peft_layout"]

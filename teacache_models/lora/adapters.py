@@ -1,0 +1,479 @@
+"""`LoraMixin`: LoRA adapters on a native transformer, with diffusers' `PeftAdapterMixin` API and meaning.
+
+PEFT does the work, as in diffusers: `inject_adapter_in_model` wraps each adapted `nn.Linear` (or
+convolution) in a `peft.tuners.lora` layer holding one `lora_A` / `lora_B` pair per adapter, and the
+layer adds `scale * lora_B(lora_A(x))` to the base layer's output. What this module adds:
+
+- Everything a file holds is checked against the model before anything is injected: a key naming no
+  module of the model, a module that is not a linear layer, a rank or shape that does not fit are all
+  listed in one ValueError, and the model is left untouched ("nothing half-applied").
+- `fuse_lora` keeps the weights it overwrites, so `unfuse_lora` restores them bit for bit (PEFT subtracts
+  the delta again, which is exact only up to float rounding).
+- Every change of the adapters or of their weights moves `lora_state_key`, which TeaCache compares
+  before it reuses a residual: the next step of every CFG branch then computes.
+- A scale that is not a finite number is refused wherever one is given.
+
+PEFT is imported when an adapter is loaded; a model without adapters never imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .files import read_lora
+from .formats import PEFT_KEY, to_peft_layout
+
+__all__ = ["LoraMixin", "check_lora_scale", "lora_scale_from"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PEFT_INSTALL = "LoRA adapters need PEFT: pip install peft (or the package's 'lora' extra)"
+
+
+def check_lora_scale(name: str, value: Any) -> float:
+    """`value` as a float: a real, finite number (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a finite number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _tuner_layer_class() -> type:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        raise ImportError(_PEFT_INSTALL) from None
+    return BaseTunerLayer
+
+
+def lora_scale_from(kwargs_name: str) -> Callable[[F], F]:
+    """Decorate a model's `forward` so that a `scale` in its `kwargs_name` dict (diffusers' `attention_kwargs`
+    or `joint_attention_kwargs`) multiplies every active adapter's weight for that call, as diffusers'
+    `apply_lora_scale` does. The weights are restored exactly afterwards, also when the call fails."""
+
+    def decorator(forward: F) -> F:
+        signature = inspect.signature(forward)
+
+        @functools.wraps(forward)
+        def wrapper(self: LoraMixin, *args: Any, **kwargs: Any) -> Any:
+            if not self.__dict__.get("peft_config"):
+                return forward(self, *args, **kwargs)
+            value = signature.bind(self, *args, **kwargs).arguments.get(kwargs_name)
+            scale = value.get("scale", 1.0) if isinstance(value, Mapping) else 1.0
+            scale = check_lora_scale(f"{kwargs_name}['scale']", scale)
+            with self._scaled_for_call(scale):
+                return forward(self, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+class LoraMixin:
+    """LoRA adapters for an `nn.Module`, under the names and with the meaning of diffusers' `PeftAdapterMixin`.
+
+    `peft_config` maps each loaded adapter's name to its `peft.LoraConfig` (absent while none is loaded).
+    """
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    def load_lora_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: str | Path | Mapping[str, torch.Tensor],
+        prefix: str | None = "transformer",
+        *,
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        network_alphas: Mapping[str, float] | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        low_cpu_mem_usage: bool = True,
+    ) -> str:
+        """Load a LoRA as a new adapter, active beside the others with weight 1. Returns its name.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: a state dict, a `.safetensors` file, a folder holding one,
+                or a Hub id. Pickle files are refused. The PEFT layout `save_lora_weights` writes and the
+                community layouts of the model's family (see `teacache_models.lora.formats`) are read.
+            prefix: only keys starting with `prefix + "."` are read, without it; None reads every key (a
+                file written by `save_lora_adapter`, whose keys carry no prefix).
+            adapter_name: a new name (default: `default_<n>`, n the number of adapters loaded).
+            weight_name, subfolder: which file of a folder or repository.
+            metadata: the adapter's `LoraConfig` fields; default: those stored in the file, else derived from
+                the tensors (rank from `lora_B`, alpha from `<module>.alpha` keys, else equal to the rank).
+            network_alphas: alpha per module (`<prefix>.<module>.alpha` keys), as diffusers' argument.
+            cache_dir, token, revision, local_files_only: Hub download options.
+            low_cpu_mem_usage: build the adapter's layers empty and assign the file's tensors (cast to each
+                layer's dtype and device) instead of initialising them first.
+
+        Raises ValueError (the model is then unchanged) for a name in use, a file of another architecture
+        (every unmatched key is named), a rank or shape that does not fit, an unknown layout (the layouts
+        tried are named); FileNotFoundError for a missing file; ImportError without PEFT.
+        """
+        base_tuner = _tuner_layer_class()
+        if adapter_name is not None and not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be a string or None, got {type(adapter_name).__name__}")
+        if prefix is not None and not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string or None, got {type(prefix).__name__}")
+        loaded = self.__dict__.get("peft_config") or {}
+        if adapter_name in loaded:
+            raise ValueError(
+                f"adapter name {adapter_name!r} is already in use (loaded: {list(loaded)}); choose another name "
+                "or delete_adapters() it first"
+            )
+        lora = read_lora(
+            pretrained_model_name_or_path_or_dict, weight_name, subfolder, cache_dir, token, revision, local_files_only
+        )
+        state_dict, layout = to_peft_layout(self, lora.state_dict)
+        state_dict = self._without_prefix(state_dict, prefix, lora.source)
+        if metadata is None and lora.metadata is not None:
+            metadata = _without_prefix_keys(lora.metadata, prefix)
+        alphas = {k.removesuffix(".alpha"): float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
+        if network_alphas:
+            alphas.update({_strip(k, prefix).removesuffix(".alpha"): float(v) for k, v in network_alphas.items()})
+        weights = {k: v for k, v in state_dict.items() if not k.endswith(".alpha")}
+        targets = self._checked_targets(weights, base_tuner, lora.source, layout)
+        weights = {k: v.to(*targets[PEFT_KEY.fullmatch(k)["module"]]) for k, v in weights.items()}
+        adapter_name = adapter_name or f"default_{len(loaded)}"
+        config = _lora_config(weights, alphas, metadata)
+        self._inject(config, adapter_name, weights, low_cpu_mem_usage, base_tuner)
+        self._lora_changed()
+        return adapter_name
+
+    def _without_prefix(self, state_dict: dict[str, torch.Tensor], prefix: str | None, source: str) -> dict:
+        if prefix is None:
+            return state_dict
+        kept = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+        if not kept:
+            heads = sorted({k.split(".")[0] for k in state_dict})
+            raise ValueError(
+                f"{source}: no LoRA key starts with {prefix + '.'!r} (the keys start with {heads}); pass "
+                "prefix=None for a file whose keys carry no prefix (as save_lora_adapter writes)"
+            )
+        others = sorted({k.split(".")[0] for k in state_dict if not k.startswith(f"{prefix}.")})
+        if others:
+            warnings.warn(
+                f"{source}: keys under {others} are for other components and were not loaded into "
+                f"{type(self).__name__}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return kept
+
+    def _checked_targets(
+        self, weights: dict[str, torch.Tensor], base_tuner: type, source: str, layout: str
+    ) -> dict[str, tuple[torch.device, torch.dtype]]:
+        """Check every LoRA tensor against the module it adapts; all problems in one ValueError. Returns the
+        device and dtype of each adapted module's weight."""
+        modules = dict(self.named_modules())
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in weights.items():
+            match = PEFT_KEY.fullmatch(key)
+            parts.setdefault(match["module"], {})[match["part"]] = tensor
+        unmatched, wrong_kind, problems = [], [], []
+        for name, found in parts.items():
+            module = modules.get(name)
+            if module is None:
+                unmatched.append(name)
+                continue
+            base = module.get_base_layer() if isinstance(module, base_tuner) else module
+            if not isinstance(base, _ADAPTABLE):
+                wrong_kind.append(f"{name} ({type(base).__name__})")
+                continue
+            problems.extend(_shape_problems(name, base, found))
+        if unmatched:
+            problems.insert(
+                0,
+                f"{len(unmatched)} of its {len(parts)} adapted modules are not in {type(self).__name__} (a LoRA for "
+                f"another family or size?): {_listed(sorted(unmatched))}",
+            )
+        if wrong_kind:
+            problems.append(f"modules that are not linear or convolution layers: {_listed(wrong_kind)}")
+        if problems:
+            raise ValueError(
+                f"{source} ({layout} layout) does not fit this model; nothing was loaded: " + "; ".join(problems)
+            )
+        return {name: (modules[name].weight.device, modules[name].weight.dtype) for name in parts}
+
+    def _inject(
+        self,
+        config: Any,
+        adapter_name: str,
+        weights: dict[str, torch.Tensor],
+        low_cpu_mem_usage: bool,
+        base_tuner: type,
+    ) -> None:
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        from ..layers.linear import linear_kernel_of, set_linear_kernel
+
+        kernel = linear_kernel_of(self)
+        if "peft_config" not in self.__dict__:
+            self.__dict__["_lora_base_requires_grad"] = {n: p.requires_grad for n, p in self.named_parameters()}
+        try:
+            with warnings.catch_warnings():
+                # PEFT warns that a second adapter joins the first: that is what loading several means here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+                inject_adapter_in_model(
+                    config, self, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=weights
+                )
+            result = set_peft_model_state_dict(self, weights, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            missing = [k for k in result.missing_keys if ".lora_" in k and f".{adapter_name}." in k]
+            if result.unexpected_keys or missing:
+                raise RuntimeError(f"PEFT left keys unloaded: {result.unexpected_keys or missing}")
+        except BaseException:
+            for module in self.modules():
+                if isinstance(module, base_tuner) and adapter_name in module.lora_A:
+                    module.delete_adapter(adapter_name)
+            (self.__dict__.get("peft_config") or {}).pop(adapter_name, None)
+            if not self.__dict__.get("peft_config"):
+                self.unload_lora()
+            raise
+        if kernel is not None:
+            set_linear_kernel(self, kernel)  # the adapter's own linear layers run on the model's kernel
+
+    # ---- choosing and weighting adapters ---------------------------------------------------------
+
+    def set_adapters(
+        self, adapter_names: str | Sequence[str], weights: float | Sequence[float | None] | None = None
+    ) -> None:
+        """Make `adapter_names` the active adapters, each scaled by its weight (None: 1.0); the others stay
+        loaded but inactive. `weights` is one number for all, or one per name."""
+        names = self._checked_names(adapter_names)
+        if weights is None or not isinstance(weights, list | tuple):
+            weights = [weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"got {len(weights)} weights for {len(names)} adapters {names}: give one per adapter")
+        values = [
+            1.0 if w is None else check_lora_scale(f"the weight of adapter {n!r}", w)
+            for n, w in zip(names, weights, strict=True)
+        ]
+        for module in self._tuner_layers():
+            module.set_adapter(names)
+            for name, value in zip(names, values, strict=True):
+                module.set_scale(name, value)
+        self._lora_changed()
+
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters."""
+        self._checked_names([])
+        layer = next(self._tuner_layers(), None)
+        return list(layer.active_adapters) if layer is not None else []
+
+    def disable_lora(self) -> None:
+        """Run the base model only; the adapters stay loaded (`enable_lora` brings them back)."""
+        self._enable(False)
+
+    def enable_lora(self) -> None:
+        """Run the active adapters again after `disable_lora`."""
+        self._enable(True)
+
+    def _enable(self, enabled: bool) -> None:
+        self._checked_names([])
+        for module in self._tuner_layers():
+            module.enable_adapters(enabled)
+        self._lora_changed()
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        """Remove the named adapters and their layers; once none is left, the model is as before loading."""
+        names = self._checked_names(adapter_names)
+        fused = sorted({a for m in self._tuner_layers() for a in m.merged_adapters} & set(names))
+        if fused:
+            raise ValueError(f"adapters {fused} are fused into the weights: call unfuse_lora() before deleting them")
+        for module in self._tuner_layers():
+            for name in names:
+                if name in module.lora_A:
+                    module.delete_adapter(name)
+        for name in names:
+            self.peft_config.pop(name)
+        if not self.peft_config:
+            self.unload_lora()
+        self._lora_changed()
+
+    # ---- fusing ----------------------------------------------------------------------------------
+
+    def fuse_lora(
+        self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> None:
+        """Add the active adapters (or `adapter_names`) into the base weights, after multiplying their weights by
+        `lora_scale` (which, as in diffusers, stays applied to them afterwards). The weights replaced are kept
+        so that `unfuse_lora` restores them exactly. `safe_fusing` checks the result for NaNs first."""
+        scale = check_lora_scale("lora_scale", lora_scale)
+        names = self._checked_names(adapter_names) if adapter_names is not None else None
+        saved: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = self.__dict__.setdefault("_lora_unfused", {})
+        try:
+            for name, module in self.named_modules():
+                if not isinstance(module, _tuner_layer_class()):
+                    continue
+                base = module.get_base_layer()
+                if name not in saved:
+                    bias = base.bias.detach().clone() if getattr(base, "bias", None) is not None else None
+                    saved[name] = (base.weight.detach().clone(), bias)
+                module.scale_layer(scale)
+                module.merge(safe_merge=bool(safe_fusing), adapter_names=names)
+        except BaseException:
+            self.unfuse_lora()
+            raise
+        finally:
+            self._lora_changed()
+
+    def unfuse_lora(self) -> None:
+        """Take the fused adapters out of the base weights again: the weights are those before `fuse_lora`, bit
+        for bit, and the adapters run unfused."""
+        saved: dict = self.__dict__.pop("_lora_unfused", {})
+        modules = dict(self.named_modules())
+        with torch.no_grad():
+            for name, (weight, bias) in saved.items():
+                module = modules[name]
+                base = module.get_base_layer()
+                base.weight.data.copy_(weight)
+                if bias is not None:
+                    base.bias.data.copy_(bias)
+                module.merged_adapters.clear()
+        self._lora_changed()
+
+    # ---- removing everything ---------------------------------------------------------------------
+
+    def unload_lora(self) -> None:
+        """Remove every adapter: the model's modules, parameters and `requires_grad` flags are those before the
+        first `load_lora_adapter`. Fused adapters stay in the weights (diffusers' "fuse, then unload")."""
+        if "peft_config" not in self.__dict__:
+            return
+        base_tuner = _tuner_layer_class()
+        for name, module in list(self.named_modules()):
+            if isinstance(module, base_tuner):
+                parent_name, _, child = name.rpartition(".")
+                parent = self.get_submodule(parent_name) if parent_name else self
+                setattr(parent, child, module.get_base_layer())
+        del self.__dict__["peft_config"]
+        self.__dict__.pop("_lora_unfused", None)
+        flags = self.__dict__.pop("_lora_base_requires_grad", {})
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+        self._lora_changed()
+
+    # ---- the key TeaCache compares ---------------------------------------------------------------
+
+    def lora_state_key(self) -> tuple[int, float]:
+        """Changes whenever the adapters or their weights change (also for one call's `scale`)."""
+        return self.__dict__.get("_lora_version", 0), self.__dict__.get("_lora_call_scale", 1.0)
+
+    def teacache_weights_key(self) -> tuple[int, float]:
+        return self.lora_state_key()
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _lora_changed(self) -> None:
+        self.__dict__["_lora_version"] = self.__dict__.get("_lora_version", 0) + 1
+
+    def _tuner_layers(self) -> Iterator[Any]:
+        if "peft_config" not in self.__dict__:
+            return iter(())
+        base_tuner = _tuner_layer_class()
+        return (m for m in self.modules() if isinstance(m, base_tuner))
+
+    def _checked_names(self, adapter_names: str | Sequence[str]) -> list[str]:
+        loaded = list(self.__dict__.get("peft_config") or {})
+        if not loaded:
+            raise ValueError(f"{type(self).__name__} has no LoRA adapter loaded: call load_lora_adapter() first")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in loaded]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; loaded adapters: {loaded}")
+        return names
+
+    @contextmanager
+    def _scaled_for_call(self, scale: float) -> Iterator[None]:
+        if scale == 1.0:
+            yield
+            return
+        layers = list(self._tuner_layers())
+        kept = [dict(m.scaling) for m in layers]
+        for module in layers:
+            module.scale_layer(scale)
+        self.__dict__["_lora_call_scale"] = scale
+        try:
+            yield
+        finally:
+            for module, scaling in zip(layers, kept, strict=True):
+                module.scaling.clear()
+                module.scaling.update(scaling)
+            self.__dict__["_lora_call_scale"] = 1.0
+
+
+def _strip(key: str, prefix: str | None) -> str:
+    return key.removeprefix(f"{prefix}.") if prefix else key
+
+
+def _without_prefix_keys(metadata: Mapping[str, Any], prefix: str | None) -> dict[str, Any]:
+    """The adapter config stored in a file: a pipeline's file stores it under `transformer.<field>`."""
+    if prefix and any(k.startswith(f"{prefix}.") for k in metadata):
+        return {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    return dict(metadata)
+
+
+def _shape_problems(name: str, base: nn.Module, parts: dict[str, torch.Tensor]) -> list[str]:
+    down, up, bias = parts.get("lora_A.weight"), parts.get("lora_B.weight"), parts.get("lora_B.bias")
+    if down is None or up is None:
+        return [f"{name} has {'lora_B' if down is None else 'lora_A'} without its pair"]
+    out_features, in_features = base.weight.shape[0], base.weight.shape[1]
+    kernel = tuple(base.weight.shape[2:])
+    problems = []
+    if down.ndim != base.weight.ndim or down.shape[1] != in_features or tuple(down.shape[2:]) != kernel:
+        needed = ", ".join(map(str, ("rank", in_features, *kernel)))
+        problems.append(f"{name}.lora_A has shape {tuple(down.shape)}, the layer needs ({needed})")
+    if up.ndim != base.weight.ndim or up.shape[0] != out_features:
+        problems.append(f"{name}.lora_B has shape {tuple(up.shape)}, the layer needs ({out_features}, rank, ...)")
+    elif up.shape[1] != down.shape[0]:
+        problems.append(f"{name}: lora_A has rank {down.shape[0]} but lora_B rank {up.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        problems.append(f"{name}.lora_B.bias has shape {tuple(bias.shape)}, the layer needs ({out_features},)")
+    if not all(t.is_floating_point() for t in parts.values()):
+        problems.append(f"{name} has non-floating-point LoRA tensors")
+    return problems
+
+
+def _listed(names: list[str], limit: int = 20) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _lora_config(weights: dict[str, torch.Tensor], alphas: dict[str, float], metadata: Mapping[str, Any] | None):
+    """The `LoraConfig` of an adapter: `metadata` where given, else its rank per module (from `lora_B`) and
+    alpha per module (`alphas`, else equal to the rank: a scale of 1, the diffusers / PEFT convention)."""
+    from peft import LoraConfig
+
+    if metadata is not None:
+        try:
+            return LoraConfig(**dict(metadata))
+        except TypeError as error:
+            raise ValueError(f"the LoRA's stored config is not a PEFT LoraConfig: {error}") from None
+    ranks = {PEFT_KEY.fullmatch(k)["module"]: v.shape[1] for k, v in weights.items() if k.endswith("lora_B.weight")}
+    alpha_of = {m: alphas.get(m, float(r)) for m, r in ranks.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alpha_of.values()), key=list(alpha_of.values()).count)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        # Anchored patterns: a module's name must not also match another module ending with it.
+        rank_pattern={f"^{re.escape(m)}$": r for m, r in ranks.items() if r != rank},
+        alpha_pattern={f"^{re.escape(m)}$": a for m, a in alpha_of.items() if a != alpha},
+        # A pattern matching the adapted names exactly: a list would also match every module ending with one.
+        target_modules="|".join(f"(?:{re.escape(m)})" for m in sorted(ranks)),
+        lora_bias=any(k.endswith("lora_B.bias") for k in weights),
+    )

@@ -1,0 +1,328 @@
+"""LoRA adapters on every family: the same file loaded into diffusers' class (PEFT) and into ours predicts the
+same, unfused and fused, at several weights and with two adapters; fusing is undone exactly; unloading leaves
+nothing behind; and every bad input is refused before anything is applied."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from teacache_models.layers.linear import onednn_available
+from tests.test_weights_loading import FAMILIES, predict
+from tests.utils import assert_parity, randomize_
+
+pytest.importorskip("peft")
+
+PARITY_FAMILIES = ["flux", "wan-t2v", "wan-i2v", "hunyuan_video", "qwen_image", "z_image"]
+
+
+def make_lora(model: nn.Module, seed: int, rank: int = 4, prefix: str = "transformer.", every: int = 1) -> dict:
+    """A random LoRA in the PEFT layout on every `every`-th linear layer of `model`; every third gets rank 2,
+    so that the adapter mixes ranks."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for index, (name, module) in enumerate(linears[::every]):
+        r = 2 if index % 3 == 0 else rank
+        state_dict[f"{prefix}{name}.lora_A.weight"] = torch.randn(r, module.in_features, generator=generator) * 0.3
+        state_dict[f"{prefix}{name}.lora_B.weight"] = torch.randn(module.out_features, r, generator=generator) * 0.3
+    return state_dict
+
+
+def flat(output) -> torch.Tensor:
+    """Z-Image predicts one tensor per sample: compare them joined."""
+    return torch.cat([t.flatten() for t in output]) if isinstance(output, list) else output
+
+
+def build(family: str, seed: int = 0):
+    ours_class, reference_class, config, make_inputs = FAMILIES[family]
+    reference = randomize_(reference_class(**config), seed).eval()
+    ours = ours_class(**config).eval()
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference, make_inputs(config)
+
+
+def run(model, inputs) -> torch.Tensor:
+    return flat(predict(model, inputs))
+
+
+def lora_files(ours, tmp_path, count: int = 2) -> list:
+    paths = []
+    for index in range(count):
+        path = tmp_path / f"lora{index}.safetensors"
+        save_file(make_lora(ours, seed=10 + index, every=1 + index), str(path))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("family", PARITY_FAMILIES)
+def test_lora_matches_diffusers_unfused_fused_weights_and_two_adapters(family, tmp_path):
+    ours, reference, inputs = build(family)
+    base = run(ours, inputs)
+    first, second = lora_files(ours, tmp_path)
+    for model in (ours, reference):
+        model.load_lora_adapter(str(first), adapter_name="first")
+        model.load_lora_adapter(str(second), adapter_name="second")
+    assert sorted(ours.peft_config) == ["first", "second"]
+
+    def both(tolerance: float = 1e-5) -> torch.Tensor:
+        actual, expected = run(ours, inputs), run(reference, inputs)
+        assert_parity(actual, expected, tolerance)
+        return actual
+
+    mixed = both()
+    assert not torch.equal(mixed, base), "the adapters must change the prediction"
+    for weight in (0.0, 0.5, 1.0):
+        for model in (ours, reference):
+            model.set_adapters("first", weight)
+        single = both()
+        if weight == 0.0:
+            assert torch.equal(single, base), "weight 0 is the base model exactly"
+    for model in (ours, reference):
+        model.set_adapters(["first", "second"], [0.5, 0.7])
+    unfused = both()
+    assert ours.active_adapters() == ["first", "second"]
+
+    for model in (ours, reference):
+        model.fuse_lora(lora_scale=0.5)
+    both()  # fused weights round once more than the unfused sum: equal to float32 rounding
+    for model in (ours, reference):
+        model.unfuse_lora()
+    # As in diffusers, fusing with lora_scale keeps the weights scaled. Diffusers subtracts the fused delta
+    # again (exact to rounding); ours restores the base weights bit for bit.
+    scaled = both()
+    assert not torch.equal(scaled, unfused)
+    ours.disable_lora()
+    assert torch.equal(run(ours, inputs), base)
+    ours.enable_lora()
+    assert torch.equal(run(ours, inputs), scaled)
+    ours.set_adapters(["first", "second"], [0.5, 0.7])
+    assert torch.equal(run(ours, inputs), unfused)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan-t2v"])
+def test_unfuse_restores_base_weights_bit_for_bit(family, tmp_path):
+    ours, _, inputs = build(family)
+    weights = {k: v.clone() for k, v in ours.state_dict().items()}
+    base = run(ours, inputs)
+    (path,) = lora_files(ours, tmp_path, count=1)
+    ours.load_lora_adapter(path, adapter_name="style")
+    unfused = run(ours, inputs)
+    ours.fuse_lora()
+    fused = run(ours, inputs)
+    assert_parity(fused, unfused, 1e-5)
+    ours.unfuse_lora()
+    assert torch.equal(run(ours, inputs), unfused)
+    ours.unload_lora()
+    assert torch.equal(run(ours, inputs), base)
+    assert {k: torch.equal(v, weights[k]) for k, v in ours.state_dict().items()} == dict.fromkeys(weights, True)
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])
+def test_unload_leaves_no_module_parameter_or_memory_behind(family, tmp_path):
+    ours, _, inputs = build(family)
+    modules = [(n, type(m)) for n, m in ours.named_modules()]
+    parameters = {n: (p.data_ptr(), p.requires_grad) for n, p in ours.named_parameters()}
+    base = run(ours, inputs)
+    for path in lora_files(ours, tmp_path):
+        ours.load_lora_adapter(path)
+    assert len(list(ours.named_modules())) > len(modules)
+    ours.fuse_lora()
+    ours.unfuse_lora()
+    ours.unload_lora()
+    assert [(n, type(m)) for n, m in ours.named_modules()] == modules
+    assert {n: (p.data_ptr(), p.requires_grad) for n, p in ours.named_parameters()} == parameters
+    assert not any(k.startswith(("peft_config", "_lora_unfused", "_lora_base")) for k in vars(ours))
+    assert torch.equal(run(ours, inputs), base)
+    # Deleting the last adapter is an unload too.
+    (path,) = lora_files(ours, tmp_path, count=1)
+    name = ours.load_lora_adapter(path)
+    ours.delete_adapters(name)
+    assert [(n, type(m)) for n, m in ours.named_modules()] == modules
+
+
+def test_adapter_saved_by_diffusers_loads_with_its_config(tmp_path):
+    """A file diffusers' save_lora_adapter writes (alpha != rank in its stored config, no prefix) loads as it is."""
+    from peft import LoraConfig
+
+    ours, reference, inputs = build("flux")
+    config = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_v", "proj_out"], init_lora_weights=False)
+    reference.add_adapter(config, adapter_name="trained")
+    reference.save_lora_adapter(tmp_path, adapter_name="trained")
+    ours.load_lora_adapter(tmp_path, prefix=None, adapter_name="trained")
+    assert ours.peft_config["trained"].lora_alpha == 2
+    assert_parity(run(ours, inputs), run(reference, inputs), 1e-6)
+
+
+def test_attention_kwargs_scale_weights_the_adapters_for_one_call(tmp_path):
+    ours, reference, inputs = build("flux")
+    (path,) = lora_files(ours, tmp_path, count=1)
+    for model in (ours, reference):
+        model.load_lora_adapter(path)
+    plain = run(ours, inputs)
+    scaled_inputs = dict(inputs, joint_attention_kwargs={"scale": 0.3})
+    assert_parity(run(ours, scaled_inputs), run(reference, scaled_inputs), 1e-6)
+    assert torch.equal(run(ours, inputs), plain), "the call's scale does not outlive the call"
+    with pytest.raises(ValueError, match="finite number"):
+        run(ours, dict(inputs, joint_attention_kwargs={"scale": math.nan}))
+    assert torch.equal(run(ours, inputs), plain)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+def test_lora_on_the_onednn_kernel(tmp_path):
+    ours, reference, inputs = build("wan-t2v")
+    ours.set_linear_kernel("onednn")
+    (path,) = lora_files(ours, tmp_path, count=1)
+    for model in (ours, reference):
+        model.load_lora_adapter(path)
+    assert ours.linear_kernel == "onednn", "the adapter's layers run on the model's kernel"
+    assert_parity(run(ours, inputs), run(reference, inputs), 1e-5)
+    for model in (ours, reference):
+        model.fuse_lora()
+    assert_parity(run(ours, inputs), run(reference, inputs), 1e-5)
+    ours.unfuse_lora()
+    ours.unload_lora()
+    assert ours.linear_kernel == "onednn"
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def assert_untouched(model, modules) -> None:
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert "peft_config" not in vars(model)
+
+
+def test_lora_of_another_family_names_every_unmatched_module_and_applies_nothing(tmp_path):
+    flux, _, _ = build("flux")
+    wan, _, _ = build("wan-t2v")
+    modules = [(n, type(m)) for n, m in wan.named_modules()]
+    path = tmp_path / "flux.safetensors"
+    save_file(make_lora(flux, 0), str(path))
+    with pytest.raises(ValueError, match="not in WanTransformer3DModel") as error:
+        wan.load_lora_adapter(path)
+    assert "transformer_blocks.0.attn.to_q" in str(error.value) and "nothing was loaded" in str(error.value)
+    assert_untouched(wan, modules)
+    # Partly matching (Wan's blocks also have attn1.to_q ...): still nothing applied.
+    mixed = {**make_lora(wan, 0), **make_lora(flux, 1)}
+    with pytest.raises(ValueError, match="not in WanTransformer3DModel"):
+        wan.load_lora_adapter(mixed)
+    assert_untouched(wan, modules)
+
+
+def test_rank_and_shape_mismatches_are_named(tmp_path):
+    ours, _, _ = build("flux")
+    modules = [(n, type(m)) for n, m in ours.named_modules()]
+    state_dict = make_lora(ours, 0)
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    bad_rank = dict(state_dict, **{f"{key}.lora_B.weight": torch.randn(32, 3)})
+    with pytest.raises(ValueError, match=r"transformer_blocks.0.attn.to_q: lora_A has rank 4 but lora_B rank 3"):
+        ours.load_lora_adapter(bad_rank)
+    bigger = dict(state_dict, **{f"{key}.lora_A.weight": torch.randn(2, 64)})
+    with pytest.raises(ValueError, match=r"to_q.lora_A has shape \(2, 64\), the layer needs \(rank, 32\)"):
+        ours.load_lora_adapter(bigger)
+    lonely = {k: v for k, v in state_dict.items() if k != f"{key}.lora_B.weight"}
+    with pytest.raises(ValueError, match="to_q has lora_A without its pair"):
+        ours.load_lora_adapter(lonely)
+    assert_untouched(ours, modules)
+
+
+def test_unknown_format_names_the_formats_tried(tmp_path):
+    ours, _, _ = build("flux")
+    with pytest.raises(ValueError, match="unknown LoRA format for FluxTransformer2DModel") as error:
+        ours.load_lora_adapter({"model.layer.weight_up": torch.ones(2, 2)})
+    for name in ("diffusers / PEFT", "Kohya", "XLabs", "BFL"):
+        assert name in str(error.value)
+
+
+def test_missing_file_pickle_and_not_safetensors_are_refused(tmp_path):
+    ours, _, _ = build("flux")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ours.load_lora_adapter(tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ours.load_lora_adapter(str(tmp_path / "absent.safetensors"))
+    pickle = tmp_path / "lora.bin"
+    torch.save(make_lora(ours, 0), pickle)
+    with pytest.raises(ValueError, match="pickle files are refused"):
+        ours.load_lora_adapter(pickle)
+    with pytest.raises(ValueError, match="only pickle files"):
+        ours.load_lora_adapter(tmp_path)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        ours.load_lora_adapter(garbage)
+    with pytest.raises(TypeError, match="a path, a Hub id or a state dict"):
+        ours.load_lora_adapter(42)
+    assert "peft_config" not in vars(ours)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "0.5", None, True])
+def test_scale_must_be_a_finite_number(bad, tmp_path):
+    ours, _, inputs = build("flux")
+    (path,) = lora_files(ours, tmp_path, count=1)
+    ours.load_lora_adapter(path, adapter_name="a")
+    error = (ValueError, TypeError)
+    if bad is not None:  # None is "weight 1" for set_adapters, as in diffusers
+        with pytest.raises(error, match="finite number"):
+            ours.set_adapters("a", bad)
+    with pytest.raises(error, match="finite number"):
+        ours.fuse_lora(lora_scale=bad)
+    with pytest.raises(error, match="finite number"):
+        run(ours, dict(inputs, joint_attention_kwargs={"scale": bad}))
+    ours.set_adapters("a", 1.0)
+
+
+def test_adapter_names_and_operations_without_adapters(tmp_path):
+    ours, _, _ = build("flux")
+    with pytest.raises(ValueError, match="no LoRA adapter loaded"):
+        ours.set_adapters("a")
+    (path,) = lora_files(ours, tmp_path, count=1)
+    ours.load_lora_adapter(path, adapter_name="a")
+    with pytest.raises(ValueError, match="already in use"):
+        ours.load_lora_adapter(path, adapter_name="a")
+    with pytest.raises(ValueError, match=r"no adapter named \['b'\]; loaded adapters: \['a'\]"):
+        ours.set_adapters(["a", "b"])
+    with pytest.raises(ValueError, match="2 weights for 1 adapters"):
+        ours.set_adapters(["a"], [1.0, 2.0])
+    ours.fuse_lora()
+    with pytest.raises(ValueError, match="unfuse_lora"):
+        ours.delete_adapters("a")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'adapter_nam'"):
+        ours.load_lora_adapter(path, adapter_nam="b")
+    with pytest.raises(ValueError, match=r"no LoRA key starts with 'transformer\.'"):
+        ours.load_lora_adapter(make_lora(ours, 0, prefix="unet."))
+
+
+# ---- TeaCache ---------------------------------------------------------------------------------------
+
+
+def test_teacache_computes_again_when_the_adapters_or_their_weights_change(tmp_path):
+    from teacache_models import TeaCacheParams
+
+    ours, _, inputs = build("flux")
+    (path,) = lora_files(ours, tmp_path, count=1)
+    ours.load_lora_adapter(path, adapter_name="a")
+    # A threshold no step reaches: every step after the first is skipped unless something forces it.
+    ours.enable_teacache(TeaCacheParams(teacache_thresh=1e9, coefficients=(1.0, 0.0)), num_inference_steps=8)
+    changes = {
+        2: lambda: ours.set_adapters("a", 0.5),
+        3: lambda: None,
+        4: ours.disable_lora,
+        5: ours.enable_lora,
+        6: lambda: None,
+    }
+    for step in range(7):
+        changes.get(step, lambda: None)()
+        call_inputs = dict(inputs, timestep=inputs["timestep"] * (1 - step / 10))
+        if step == 6:
+            call_inputs["joint_attention_kwargs"] = {"scale": 0.5}  # a call's own scale is a change too
+        with torch.no_grad(), ours.teacache_step(step):
+            cached = flat(ours(**call_inputs, return_dict=False)[0])
+        if step in (2, 4, 5, 6):
+            assert torch.equal(cached, run(ours, call_inputs)), f"step {step} must compute"
+    stats = ours.teacache_stats().positive
+    assert stats.computed_steps == (0, 2, 4, 5, 6) and stats.skipped_steps == (1, 3)

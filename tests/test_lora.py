@@ -326,3 +326,61 @@ def test_teacache_computes_again_when_the_adapters_or_their_weights_change(tmp_p
             assert torch.equal(cached, run(ours, call_inputs)), f"step {step} must compute"
     stats = ours.teacache_stats().positive
     assert stats.computed_steps == (0, 2, 4, 5, 6) and stats.skipped_steps == (1, 3)
+
+
+# ---- community layouts ----------------------------------------------------------------------------------
+
+COMMUNITY = {
+    "flux-kohya": ("flux", "flux_kohya", "FluxLoraLoaderMixin"),
+    "flux-xlabs": ("flux", "flux_xlabs", "FluxLoraLoaderMixin"),
+    "wan-original": ("wan-t2v", "wan_original", "WanLoraLoaderMixin"),
+    "wan-musubi": ("wan-t2v", "wan_musubi", "WanLoraLoaderMixin"),
+    "hunyuan_video-original": ("hunyuan_video", "hunyuan_video_original", "HunyuanVideoLoraLoaderMixin"),
+    "qwen_image-community": ("qwen_image", "qwen_image_community", "QwenImageLoraLoaderMixin"),
+    "z_image-community": ("z_image", "z_image_community", "ZImageLoraLoaderMixin"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMUNITY))
+def test_community_layouts_load_as_diffusers_pipelines_load_them(case, tmp_path):
+    """The file a community trainer writes, loaded into our model, predicts what diffusers' pipeline loader
+    (its family's `lora_state_dict`, then `load_lora_adapter`) makes of it; the caller's tensors are untouched."""
+    from diffusers.loaders import lora_pipeline
+
+    from tests import lora_community
+
+    family, writer, loader = COMMUNITY[case]
+    ours, reference, inputs = build(family)
+    base = run(ours, inputs)
+    state_dict = getattr(lora_community, writer)(ours)
+    kept = {k: v.clone() for k, v in state_dict.items()}
+    path = tmp_path / "community.safetensors"
+    save_file(state_dict, str(path))
+    # diffusers' converters may scale their input in place: give them their own copy.
+    converted = getattr(lora_pipeline, loader).lora_state_dict({k: v.clone() for k, v in state_dict.items()})
+    alphas = converted[1] if isinstance(converted, tuple) else None
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    reference.load_lora_adapter(converted, network_alphas=alphas or None, prefix="transformer")
+    ours.load_lora_adapter(state_dict, adapter_name="from_dict")
+    assert {k: torch.equal(v, kept[k]) for k, v in state_dict.items()} == dict.fromkeys(kept, True)
+    expected = run(reference, inputs)
+    assert not torch.equal(expected, base)
+    assert_parity(run(ours, inputs), expected, 1e-6)
+    ours.unload_lora()
+    ours.load_lora_adapter(path)  # the same from the file
+    assert_parity(run(ours, inputs), expected, 1e-6)
+
+
+def test_refused_layouts_say_why():
+    ours, _, _ = build("flux")
+    with pytest.raises(ValueError, match="Control LoRAs widen x_embedder"):
+        ours.load_lora_adapter({"lora_unet_x.query_norm.scale": torch.ones(4)})
+    with pytest.raises(ValueError, match="LoKr adapters"):
+        ours.load_lora_adapter({"transformer.x.lokr_w1": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match="DoRA"):
+        ours.load_lora_adapter(
+            {"transformer.x.lora_A.weight": torch.ones(2, 2), "transformer.x.dora_scale": torch.ones(2)}
+        )
+    # A layout recognised whose converter does not fit: the layout is named.
+    with pytest.raises(ValueError, match="looks like the Kohya / ComfyUI"):
+        ours.load_lora_adapter({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(4, 32)})

@@ -37,10 +37,12 @@ class LoraFormat:
     refusal: str = ""
 
     def convert(self, state_dict: StateDict) -> StateDict:
+        """The PEFT layout of `state_dict`, whose tensors are left as they were (some of diffusers' converters
+        scale their input in place, so they get copies)."""
         if self.converter is None:
             raise ValueError(f"LoRA format {self.name!r} is not supported: {self.refusal}")
         module = importlib.import_module("diffusers.loaders.lora_conversion_utils")
-        return getattr(module, self.converter)(dict(state_dict))
+        return getattr(module, self.converter)({k: v.clone() for k, v in state_dict.items()})
 
 
 def is_peft_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -154,10 +156,12 @@ def to_peft_layout(model: object, state_dict: StateDict) -> tuple[StateDict, str
             from diffusers.utils import convert_unet_state_dict_to_peft
 
             converted = convert_unet_state_dict_to_peft(dict(state_dict))
+        elif candidate.converter is None:
+            candidate.convert(state_dict)  # raises: the layout is refused, with the reason
         else:
             try:
                 converted = candidate.convert(state_dict)
-            except (KeyError, AssertionError, IndexError, RuntimeError) as error:
+            except (KeyError, AssertionError, IndexError, RuntimeError, ValueError) as error:
                 raise ValueError(
                     f"the LoRA looks like the {candidate.name} layout, but diffusers' converter for it failed "
                     f"({type(error).__name__}: {error}); is it for {type(model).__name__}?"

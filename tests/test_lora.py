@@ -17,7 +17,7 @@ from tests.utils import assert_parity, randomize_
 
 pytest.importorskip("peft")
 
-PARITY_FAMILIES = ["flux", "wan-t2v", "wan-i2v", "hunyuan_video", "qwen_image", "z_image"]
+PARITY_FAMILIES = ["flux", "wan-t2v", "wan-i2v", "hunyuan_video", "hunyuan_video15", "qwen_image", "z_image"]
 
 
 def make_lora(model: nn.Module, seed: int, rank: int = 4, prefix: str = "transformer.", every: int = 1) -> dict:

@@ -28,6 +28,7 @@ from ..cache.mixin import Deferred, TeaCacheMixin
 from ..distributed.sequence import SequenceParallelMixin
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.normalization import AdaLayerNormContinuous
+from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import (
     check_architecture,
@@ -202,6 +203,7 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
         self.norm_out = AdaLayerNormContinuous(inner_dim, inner_dim, elementwise_affine=False, eps=_EPS)
         self.proj_out = nn.Linear(inner_dim, patch_size_t * patch_size * patch_size * self.out_channels)
 
+    @lora_scale_from("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -228,7 +230,7 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
             encoder_attention_mask_2: (B, L2) their mask; a row may be all 0 (a prompt without quoted text).
             image_embeds: (B, Lv, image_embed_dim) SigLIP tokens of the conditioning image (required);
                 all zeros (in the whole batch) means text-to-video: the image tokens are then masked out.
-            attention_kwargs: None, or only a LoRA `scale` (no effect: this model has no LoRA layers).
+            attention_kwargs: None, or only a LoRA `scale`, which multiplies the adapters' weights for this call.
             return_dict: return a `Transformer2DModelOutput` instead of a tuple.
 
         Returns:

@@ -232,6 +232,7 @@ def sidecar(
         "device": args.device,
         "dtype": args.dtype,
         "linear_kernel": args.linear_kernel,
+        "loras": [dataclasses.asdict(spec) for spec in (*(entry.loras if entry is not None else ()), *args.lora)],
         "teacache": args.teacache or ("off" if params.teacache_params is None else "default"),
         "sampling_params": settings,
         "outputs": [str(f) for f in files],

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .layers.linear import LINEAR_KERNELS, resolve_linear_kernel
+from .lora.spec import LoraSpec, parse_lora_argument
 from .params import TeaCacheParams
 from .zoo import ZooEntry, list_zoo, load_zoo_entry
 
@@ -73,7 +74,24 @@ def add_model_arguments(parser: argparse.ArgumentParser, list_hint: str = "--lis
         type=path_argument,
         help="a zoo YAML: its sampling defaults and TeaCache presets; its weights unless --model is given",
     )
+    source.add_argument(
+        "--lora",
+        action="append",
+        type=lora_argument,
+        default=[],
+        metavar="PATH_OR_HUB_ID[:SCALE]",
+        help="load a LoRA (.safetensors file, a folder holding one, or a Hub id) into the transformer, active at "
+        "SCALE (default 1); repeatable, added to those the zoo entry lists",
+    )
     return source
+
+
+def lora_argument(text: str) -> LoraSpec:
+    """An argparse type: `PATH_OR_HUB_ID[:SCALE]` with a finite scale."""
+    try:
+        return parse_lora_argument(text)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_teacache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +244,7 @@ def default_device() -> str:
 
 def load_configured_pipeline(args: argparse.Namespace, model: str, entry: ZooEntry | None, state: Any) -> Any:
     """Load the pipeline on --device in --dtype (their defaults filled in on `args`), set --linear-kernel
-    (resolved on `args`), join the ranks of `state` and set --threads."""
+    (resolved on `args`), load the --lora files, join the ranks of `state` and set --threads."""
     args.device = args.device or default_device()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     from .pipelines import load_pipeline
@@ -237,6 +255,10 @@ def load_configured_pipeline(args: argparse.Namespace, model: str, entry: ZooEnt
     except ValueError as error:
         raise CliError(f"--linear-kernel: {error}") from None
     pipe.set_linear_kernel(args.linear_kernel)
+    try:
+        pipe.load_loras(args.lora)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        raise CliError(f"--lora: {error}") from None
     if state is not None:
         try:
             pipe.enable_parallel(state)

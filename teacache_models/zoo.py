@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .families import FAMILIES, transformer_class
+from .lora.spec import LoraSpec
 from .params import SamplingParams, TeaCacheParams
 
 __all__ = [
@@ -40,7 +41,8 @@ _RESERVED_PRESET_NAMES = ("off", "default")
 # (the image is optional).
 TASKS = ("t2i", "t2v", "i2v", "ti2v")
 
-_TOP_KEYS = {"name", "description", "manifest", "family", "task", "transformer", "sampling", "teacache"}
+_TOP_KEYS = {"name", "description", "manifest", "family", "task", "transformer", "sampling", "teacache", "loras"}
+_LORA_KEYS = {"source", "scale", "weight_name", "adapter_name"}
 _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"teacache_params"}
 _PRESET_KEYS = {f.name for f in dataclasses.fields(TeaCacheParams)} | {"source"}
 _FIT_KEYS = {"coefficients", "source", "borrowed_from"}
@@ -120,6 +122,8 @@ class ZooEntry:
     # Per indicator: the checkpoint's fit (from `teacache.fits`, or the coefficients its presets carry).
     fits: dict[str, TeaCacheFit] = dataclasses.field(default_factory=dict)
     threshold_table: ThresholdTable | None = None
+    # LoRAs loaded with the model, each active at its scale (a path relative to the YAML, or a Hub id).
+    loras: tuple[LoraSpec, ...] = ()
 
     def teacache_fits(self) -> dict[str, tuple[float, ...]]:
         """{indicator: coefficients}, what a loader hands the transformer (`set_teacache_fits`)."""
@@ -282,7 +286,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         raise ValueError(f"{where} is not valid YAML: {error}") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{where} is not a text file: {error}") from None
-    data = _check_keys(where, data, _TOP_KEYS, _TOP_KEYS - {"description", "task"})
+    data = _check_keys(where, data, _TOP_KEYS, _TOP_KEYS - {"description", "task", "loras"})
     if data["family"] not in FAMILIES:
         raise ValueError(f"{where}: family {data['family']!r} is not one of {list(FAMILIES)}")
     for key in ("name", "manifest", "transformer"):
@@ -344,6 +348,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         path=path,
         fits=fits,
         threshold_table=table,
+        loras=_loras(where, data.get("loras"), path.parent),
     )
 
 
@@ -369,6 +374,25 @@ def _read_threshold_table(where: str, data: Any, presets: dict[str, TeaCachePres
     return ThresholdTable(
         str(data["preset"]), tuple(sorted(parsed, key=lambda r: r.teacache_thresh)), str(data["source"])
     )
+
+
+def _loras(where: str, data: Any, folder: Path) -> tuple[LoraSpec, ...]:
+    """The entry's `loras`: a list of {source, scale, weight_name, adapter_name}; a relative source is
+    resolved against the YAML's folder when it exists there (otherwise it is a Hub id)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ValueError(f"{where}: loras must be a list of {{source, scale}} mappings, got {type(data).__name__}")
+    specs = []
+    for index, item in enumerate(data):
+        item = _check_keys(f"{where}: loras[{index}]", item, _LORA_KEYS, {"source"})
+        source = str(item["source"])
+        local = folder / source
+        try:
+            specs.append(LoraSpec(**dict(item, source=str(local) if local.exists() else source)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: loras[{index}]: {error}") from None
+    return tuple(specs)
 
 
 def list_zoo() -> list[str]:

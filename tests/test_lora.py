@@ -158,6 +158,23 @@ def test_adapter_saved_by_diffusers_loads_with_its_config(tmp_path):
     assert_parity(run(ours, inputs), run(reference, inputs), 1e-6)
 
 
+def test_our_saved_adapter_loads_into_diffusers_and_back(tmp_path):
+    ours, reference, inputs = build("qwen_image")
+    (path,) = lora_files(ours, tmp_path, count=1)
+    ours.load_lora_adapter(path, adapter_name="style")
+    ours.set_adapters("style", 0.5)  # a weight is not part of the adapter: the file holds it at 1
+    ours.set_adapters("style", 1.0)
+    written = ours.save_lora_adapter(tmp_path / "saved", adapter_name="style")
+    assert written.name == "pytorch_lora_weights.safetensors"
+    reference.load_lora_adapter(str(written.parent), prefix=None, adapter_name="style", weight_name=written.name)
+    assert_parity(run(reference, inputs), run(ours, inputs), 1e-6)
+    again, _, _ = build("qwen_image")
+    again.load_lora_adapter(written, prefix=None)
+    assert torch.equal(run(again, inputs), run(ours, inputs))
+    with pytest.raises(ValueError, match="no adapter named"):
+        ours.save_lora_adapter(tmp_path / "other", adapter_name="absent")
+
+
 def test_attention_kwargs_scale_weights_the_adapters_for_one_call(tmp_path):
     ours, reference, inputs = build("flux")
     (path,) = lora_files(ours, tmp_path, count=1)

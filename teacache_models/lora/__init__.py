@@ -3,5 +3,15 @@
 from .adapters import LoraMixin, check_lora_scale, lora_scale_from
 from .files import read_lora
 from .formats import formats_for, to_peft_layout
+from .spec import LoraSpec, parse_lora_argument
 
-__all__ = ["LoraMixin", "check_lora_scale", "formats_for", "lora_scale_from", "read_lora", "to_peft_layout"]
+__all__ = [
+    "LoraMixin",
+    "LoraSpec",
+    "check_lora_scale",
+    "formats_for",
+    "lora_scale_from",
+    "parse_lora_argument",
+    "read_lora",
+    "to_peft_layout",
+]

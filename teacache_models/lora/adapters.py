@@ -248,6 +248,30 @@ class LoraMixin:
         if kernel is not None:
             set_linear_kernel(self, kernel)  # the adapter's own linear layers run on the model's kernel
 
+    def save_lora_adapter(
+        self, save_directory: str | Path, adapter_name: str = "default", weight_name: str | None = None
+    ) -> Path:
+        """Write one adapter as diffusers' `save_lora_adapter` does: safetensors keys in the PEFT layout without
+        a prefix (load them with `prefix=None`) and the adapter's `LoraConfig` in the file's metadata. Returns
+        the file written (`pytorch_lora_weights.safetensors` unless `weight_name` is given)."""
+        import json
+
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        from .files import DEFAULT_WEIGHT_NAME, METADATA_KEY
+
+        (name,) = self._checked_names([adapter_name])
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"save_directory {str(folder)!r} is a file; give a folder")
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in self.peft_config[name].to_dict().items()}
+        tensors = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self, adapter_name=name).items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (weight_name or DEFAULT_WEIGHT_NAME)
+        save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)})
+        return path
+
     # ---- choosing and weighting adapters ---------------------------------------------------------
 
     def set_adapters(

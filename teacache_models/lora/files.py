@@ -35,7 +35,7 @@ class LoraFile:
 
 
 def read_lora(
-    source: str | Path | Mapping[str, torch.Tensor],
+    source: str | Path | Mapping[str, torch.Tensor] | LoraFile,
     weight_name: str | None = None,
     subfolder: str | None = None,
     cache_dir: str | Path | None = None,
@@ -43,13 +43,15 @@ def read_lora(
     revision: str | None = None,
     local_files_only: bool | None = None,
 ) -> LoraFile:
-    """Read a LoRA: a mapping of tensors as it is, else a local `.safetensors` file, a folder holding one (the
-    `weight_name` file, `pytorch_lora_weights.safetensors`, or its only `.safetensors`), or a Hub repository
-    id (`owner/name`) fetched through huggingface_hub with the download options.
+    """Read a LoRA: a `LoraFile` or a mapping of tensors as it is, else a local `.safetensors` file, a folder
+    holding one (the `weight_name` file, `pytorch_lora_weights.safetensors`, or its only `.safetensors`), or a
+    Hub repository id (`owner/name`) fetched through huggingface_hub with the download options.
 
     Raises FileNotFoundError for a path that does not exist, ValueError for a pickle file, a file that is
     not safetensors or a folder with no (or several) candidates, TypeError for another kind of source.
     """
+    if isinstance(source, LoraFile):
+        return source
     if isinstance(source, Mapping):
         return LoraFile(_checked_tensors(dict(source), "the state dict"), None, "a state dict")
     if not isinstance(source, str | Path):

@@ -28,6 +28,7 @@ from ..layers.linear import set_linear_kernel
 from ..models.base import compute_dtype
 from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams, require_int
 from ..zoo import check_sampling_overrides
+from .lora import PipelineLoraMixin
 
 if TYPE_CHECKING:
     from ..distributed import ParallelState
@@ -82,7 +83,7 @@ class PipelineResult:
         return f"{self.teacache_stats.summary()}; wall time {self.timings['total']:.2f} s (seed {self.seed})"
 
 
-class Pipeline:
+class Pipeline(PipelineLoraMixin):
     """Base class of the family pipelines. Components are passed directly (diffusers-style) or loaded
     with `from_pretrained` / `teacache_models.pipelines.load_pipeline`.
 

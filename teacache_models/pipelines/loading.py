@@ -160,7 +160,7 @@ def load_pipeline(
     or a Hub id, with all components loaded on `device` in `torch_dtype` (None: as stored).
 
     `zoo_entry` supplies the sampling defaults and TeaCache presets for a folder (a zoo name brings its
-    own).
+    own); the LoRAs the entry lists are loaded and active at their scales.
     """
     if zoo_entry is not None and not isinstance(zoo_entry, ZooEntry):
         raise TypeError(
@@ -177,4 +177,7 @@ def load_pipeline(
             f"zoo entry {entry.name!r} is a {entry.family} model, but {str(path)!r} holds a "
             f"{model_index.get('_class_name')} ({pipeline_class.family})"
         )
-    return pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, device=device, zoo_entry=entry)
+    pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, device=device, zoo_entry=entry)
+    if entry is not None and entry.loras:
+        pipe.load_loras(entry.loras)
+    return pipe

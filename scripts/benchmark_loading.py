@@ -6,7 +6,11 @@ reports the rise of resident memory during the load (peak RSS minus the RSS just
 interpreter and torch themselves are not the loader's) over the checkpoint's bytes, plus the raw peak.
 The peak is the kernel's high-water mark (VmHWM), reset just before loading.
 
-    python scripts/benchmark_loading.py [--dtype bfloat16] [--output outputs/benchmark_loading.json]
+Then, in the same process, it loads a LoRA (rank `--lora-rank` on every linear layer of the blocks, in the
+checkpoint's dtype, in the layout `save_lora_weights` writes) with `load_lora_adapter` and reports the rise of
+resident memory it causes, held and at peak, over the adapter's own bytes (target: the adapter's size).
+
+    python scripts/benchmark_loading.py [--dtype bfloat16] [--lora-rank 16] [--output outputs/benchmark_loading.json]
 """
 
 from __future__ import annotations
@@ -53,6 +57,24 @@ def write_checkpoint(folder: Path, dtype: torch.dtype, shard_size: str) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def write_lora(path: Path, dtype: torch.dtype, rank: int) -> int:
+    """A random LoRA on every linear layer of the blocks; returns its tensor bytes."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**CONFIG)
+    generator = torch.Generator().manual_seed(1)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "transformer_blocks" in name:
+            a = torch.randn(rank, module.in_features, generator=generator) * 0.01
+            b = torch.randn(module.out_features, rank, generator=generator) * 0.01
+            state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = a, b
+    state = {k: v.to(dtype) for k, v in state.items()}
+    save_file(state, str(path))
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -60,8 +82,8 @@ def _status(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def child(folder: Path, dtype: str) -> None:
-    """Runs in a fresh process: load once, print the memory figures as JSON."""
+def child(folder: Path, dtype: str, lora: Path | None) -> None:
+    """Runs in a fresh process: load once (then the LoRA), print the memory figures as JSON."""
     from teacache_models.weights import load_transformer
 
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -71,7 +93,16 @@ def child(folder: Path, dtype: str) -> None:
     seconds = time.perf_counter() - start
     peak, after = _status("VmHWM"), _status("VmRSS")
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(json.dumps(dict(rss_before=before, peak_rss=peak, rss_after=after, model_bytes=weights, seconds=seconds)))
+    figures = dict(rss_before=before, peak_rss=peak, rss_after=after, model_bytes=weights, seconds=seconds)
+    if lora is not None:
+        parameters = sum(p.numel() for p in model.parameters())
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status("VmRSS")
+        model.load_lora_adapter(lora)
+        peak, after = _status("VmHWM"), _status("VmRSS")
+        added = sum(p.numel() * p.element_size() for p in model.parameters()) - parameters * model.dtype.itemsize
+        figures["lora"] = dict(rss_before=before, peak_rss=peak, rss_after=after, parameter_bytes_added=added)
+    print(json.dumps(figures))
 
 
 def main() -> None:
@@ -79,10 +110,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--shard-size", default="100MB")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmark_loading.json"))
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA loaded after the model (0: none)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-lora", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.dtype)
+        child(args.child, args.dtype, args.child_lora)
         return
     if not Path("/proc/self/clear_refs").exists():
         sys.exit("this benchmark reads Linux's /proc/self/status and needs /proc/self/clear_refs")
@@ -91,6 +124,12 @@ def main() -> None:
         checkpoint_bytes = write_checkpoint(folder, getattr(torch, args.dtype), args.shard_size)
         shards = len(list(folder.glob("*.safetensors")))
         command = [sys.executable, __file__, "--child", str(folder), "--dtype", args.dtype]
+        lora_bytes = 0
+        if args.lora_rank > 0:
+            lora = Path(tmp) / "lora" / "pytorch_lora_weights.safetensors"
+            lora.parent.mkdir()
+            lora_bytes = write_lora(lora, getattr(torch, args.dtype), args.lora_rank)
+            command += ["--child-lora", str(lora)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     ratio = (result["peak_rss"] - result["rss_before"]) / checkpoint_bytes
     report = dict(
@@ -109,6 +148,22 @@ def main() -> None:
         f"{result['rss_before'] / mb:.0f} MB, peak {result['peak_rss'] / mb:.0f} MB, load {result['seconds']:.2f} s"
     )
     print(f"peak RSS rise / checkpoint bytes = {ratio:.3f} (target <= {TARGET}) {'OK' if ratio <= TARGET else 'OVER'}")
+    if "lora" in result:
+        figures = result["lora"]
+        held = (figures["rss_after"] - figures["rss_before"]) / lora_bytes
+        peak = (figures["peak_rss"] - figures["rss_before"]) / lora_bytes
+        report["lora"] = dict(
+            figures,
+            rank=args.lora_rank,
+            lora_bytes=lora_bytes,
+            rss_held_over_lora=held,
+            peak_rss_rise_over_lora=peak,
+            parameters_added_over_lora=figures["parameter_bytes_added"] / lora_bytes,
+        )
+        print(
+            f"LoRA rank {args.lora_rank}, {lora_bytes / mb:.1f} MB: parameters added "
+            f"{figures['parameter_bytes_added'] / mb:.1f} MB; RSS held {held:.2f}x the adapter, peak rise {peak:.2f}x"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.output}")

@@ -5,6 +5,7 @@ Examples:
     python scripts/calibrate.py --model demo_models/wan-digits --config wan-digits --indicator modulated_input \
         --plot docs/results/calibration-wan-digits-modulated_input.png --write-config configs/wan-digits.yaml
     python scripts/calibrate.py --model wan2.1-t2v-1.3b --prompts-file prompts.txt --device cuda --dtype bfloat16
+    python scripts/calibrate.py --model flux-digits --lora demo_loras/flux-digits-bold.safetensors --json fit.json
 
 The model runs uncached (TeaCache with threshold 0, which computes the chosen indicator at every step and
 skips nothing) over every prompt and seed. For each pair of consecutive steps of each CFG branch it records
@@ -47,6 +48,7 @@ from teacache_models.calibration import (  # noqa: E402
     write_coefficients,
     write_threshold_table,
 )
+from teacache_models.cli import lora_argument  # noqa: E402
 from teacache_models.demo import digit_prompt  # noqa: E402
 from teacache_models.params import TeaCacheParams  # noqa: E402
 from teacache_models.zoo import load_zoo_entry  # noqa: E402
@@ -61,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="zoo name, zoo YAML or local diffusers-layout folder")
     parser.add_argument("--config", help="zoo entry (name or YAML) for a folder: its sampling defaults")
     parser.add_argument("--component", help="which transformer to record when the pipeline has several (Wan2.2)")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=lora_argument,
+        default=[],
+        metavar="PATH_OR_HUB_ID[:SCALE]",
+        help="fit with this LoRA loaded and active at SCALE (repeatable; a zoo entry's loras are loaded too)",
+    )
     parser.add_argument("--indicator", help="indicator to calibrate (default: the model's default indicator)")
     parser.add_argument("--target", choices=TARGETS, default="output", help="y: block-stack output or residual")
     parser.add_argument("--degree", type=int, default=4, help="polynomial degree")
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     entry = load_zoo_entry(args.config) if args.config else None
     pipe = load_pipeline(args.model, torch_dtype=args.dtype, device=args.device, zoo_entry=entry)
+    pipe.load_loras(args.lora)
     models = pipe.teacache_models()
     if args.component is None and len(models) > 1:
         raise SystemExit(f"the pipeline has several transformers {sorted(models)}: choose one with --component")
@@ -162,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "model": args.model,
+            "loras": [dataclasses.asdict(spec) for spec in args.lora],
             "component": name,
             "indicator": indicator,
             "target": args.target,

@@ -84,6 +84,22 @@ def random_prompt(digit: int, rng: random.Random) -> str:
     return rng.choice(TEMPLATES).format(name)
 
 
+def flow_matching_loss(
+    transformer: torch.nn.Module, encoder: DigitTextEncoder, x0: torch.Tensor, labels: torch.Tensor, rng: random.Random
+) -> torch.Tensor:
+    """The rectified-flow loss on clean images `x0` (B, 1, 1, H, W) of digits `labels`, with random prompts."""
+    batch_size = x0.shape[0]
+    noise = torch.randn_like(x0)
+    # Logit-normal noise levels (as SD3 / Flux training), mixed with uniform ones so the ends are seen.
+    sigma = torch.sigmoid(torch.randn(batch_size))
+    uniform = torch.rand(batch_size) < 0.2
+    sigma = torch.where(uniform, torch.rand(batch_size), sigma)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    noisy = (1 - s) * x0 + s * noise
+    text, pooled = encoder.encode([random_prompt(int(d), rng) for d in labels])
+    return torch.nn.functional.mse_loss(predict_flow(transformer, noisy, sigma, text, pooled), noise - x0)
+
+
 def build(family: str) -> tuple[torch.nn.Module, DigitTextEncoder]:
     if family == "flux":
         transformer = FluxTransformer2DModel(**FLUX_CONFIG)
@@ -122,16 +138,7 @@ def train(family: str, steps: int, batch_size: int, seed: int) -> tuple[torch.nn
     running = 0.0
     for step in range(steps):
         index = torch.randint(0, images.shape[0], (batch_size,))
-        x0 = images[index]
-        noise = torch.randn_like(x0)
-        # Logit-normal noise levels (as SD3 / Flux training), mixed with uniform ones so the ends are seen.
-        sigma = torch.sigmoid(torch.randn(batch_size))
-        uniform = torch.rand(batch_size) < 0.2
-        sigma = torch.where(uniform, torch.rand(batch_size), sigma)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        noisy = (1 - s) * x0 + s * noise
-        text, pooled = encoder.encode([random_prompt(int(d), rng) for d in labels[index]])
-        loss = torch.nn.functional.mse_loss(predict_flow(transformer, noisy, sigma, text, pooled), noise - x0)
+        loss = flow_matching_loss(transformer, encoder, images[index], labels[index], rng)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -401,3 +401,21 @@ def test_refused_layouts_say_why():
     # A layout recognised whose converter does not fit: the layout is named.
     with pytest.raises(ValueError, match="looks like the Kohya / ComfyUI"):
         ours.load_lora_adapter({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(4, 32)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adapter_adds_exactly_its_own_tensors(dtype, tmp_path):
+    """Loading holds the adapter's tensors and nothing else (in the layer's dtype, on its device); the file's
+    tensors are not kept beside them."""
+    ours, _, _ = build("flux")
+    ours.to(dtype)
+    (path,) = lora_files(ours, tmp_path, count=1)
+    from safetensors.torch import load_file
+
+    numel = sum(t.numel() for t in load_file(path).values())
+    before = {id(p): p for p in ours.parameters()}
+    ours.load_lora_adapter(path)
+    added = [p for p in ours.parameters() if id(p) not in before]
+    assert sum(p.numel() for p in added) == numel
+    assert {p.dtype for p in added} == {dtype} and all(p.device.type == "cpu" for p in added)
+    assert len(list(ours.buffers())) == len(list(build("flux")[0].buffers()))

@@ -161,3 +161,20 @@ def test_wan_expert_pair_loads_each_expert(tmp_path):
     pipe.set_adapters(["high", "low"], [0.5, 0.25])
     assert next(m for m in pipe.transformer.modules() if hasattr(m, "scaling")).scaling == {"high": 0.5}
     assert next(m for m in pipe.transformer_2.modules() if hasattr(m, "scaling")).scaling == {"low": 0.25}
+
+
+def test_calibration_records_the_model_with_its_loras(lora_file, tmp_path, capsys):
+    from tests.utils import load_script
+
+    calibrate = load_script("calibrate")
+    args = ["--model", "flux-digits", "--seeds", "1", "--steps", "4", "--degree", "1"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit 2\n")
+    args += ["--prompts-file", str(prompts)]
+    assert calibrate.main([*args, "--json", str(tmp_path / "base.json")]) == 0
+    assert calibrate.main([*args, "--lora", f"{lora_file}:0.7", "--json", str(tmp_path / "lora.json")]) == 0
+    base, lora = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("base", "lora"))
+    assert lora["loras"] == [{"source": str(lora_file), "scale": 0.7, "weight_name": None, "adapter_name": None}]
+    assert lora["fit"]["num_points"] == base["fit"]["num_points"] == 6  # 3 step pairs x 2 branches
+    assert lora["points"] != base["points"], "the LoRA is active while the points are recorded"
+    assert "R^2" in capsys.readouterr().out

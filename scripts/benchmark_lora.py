@@ -57,39 +57,43 @@ def r_squared(coefficients, x: np.ndarray, y: np.ndarray) -> float:
     return float(1 - np.sum((y - predicted) ** 2) / np.sum((y - y.mean()) ** 2))
 
 
-def calibration_points(pipe, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def calibration_points(
+    pipe, prompts: list[str], seeds: list[int], indicator: str | None
+) -> tuple[np.ndarray, np.ndarray]:
     def run(params) -> None:
         for prompt in prompts:
             for seed in seeds:
                 sampling = pipe.default_sampling_params("off", seed=seed)
                 pipe([prompt], dataclasses.replace(sampling, teacache_params=params))
 
-    records = record_runs(pipe.transformer, run, None)
+    records = record_runs(pipe.transformer, run, indicator)
     return np.array([r.x for r in records]), np.array([r.y for r in records])
 
 
 def measure(model: str, prompts: list[str], seeds: list[int], calibration_seeds: list[int]) -> dict:
     pipe = load_pipeline(model)
     entry = pipe.zoo_entry
-    base_coefficients = entry.presets[entry.default_preset].params.coefficients
+    preset = entry.presets[entry.default_preset].params  # the fit and indicator of the base model's presets
+    base_coefficients = preset.coefficients
     result: dict = {"model": model, "lora": str(lora_path(model).relative_to(REPO)), "presets": {}}
+    result["indicator"] = preset.indicator
     for with_lora in (False, True):
         if with_lora:
             pipe.load_lora_weights(lora_path(model), adapter_name="bold")
         label = "lora" if with_lora else "base"
         uncached, _, _ = generate_all(pipe, prompts, seeds, "off")
         result.setdefault("mean_ink", {})[label] = float(uncached.mean())
-        for preset in entry.presets:
+        for name in entry.presets:
             started = time.perf_counter()
-            cached, computed, skipped = generate_all(pipe, prompts, seeds, preset)
+            cached, computed, skipped = generate_all(pipe, prompts, seeds, name)
             values = psnr(cached, uncached, data_range=1.0)
-            result["presets"].setdefault(preset, {})[label] = {
+            result["presets"].setdefault(name, {})[label] = {
                 "skipped_fraction": skipped / (computed + skipped),
                 "psnr_db_mean": float(values[torch.isfinite(values)].mean()) if torch.isfinite(values).any() else None,
                 "psnr_db_min": float(values.min()),
                 "wall_s": round(time.perf_counter() - started, 1),
             }
-        x, y = calibration_points(pipe, prompts, calibration_seeds)
+        x, y = calibration_points(pipe, prompts, calibration_seeds, preset.indicator)
         refit = fit_polynomial(x, y, len(base_coefficients) - 1)
         result.setdefault("coefficients", {})[label] = {
             "points": len(x),

@@ -389,7 +389,7 @@ def _loras(where: str, data: Any, folder: Path) -> tuple[LoraSpec, ...]:
         source = str(item["source"])
         local = folder / source
         try:
-            specs.append(LoraSpec(**dict(item, source=str(local) if local.exists() else source)))
+            specs.append(LoraSpec(**dict(item, source=str(local.resolve()) if local.exists() else source)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: loras[{index}]: {error}") from None
     return tuple(specs)

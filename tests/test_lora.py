@@ -419,3 +419,11 @@ def test_an_adapter_adds_exactly_its_own_tensors(dtype, tmp_path):
     assert sum(p.numel() for p in added) == numel
     assert {p.dtype for p in added} == {dtype} and all(p.device.type == "cpu" for p in added)
     assert len(list(ours.buffers())) == len(list(build("flux")[0].buffers()))
+
+
+def test_stored_config_must_agree_with_the_tensors(tmp_path):
+    ours, _, _ = build("flux")
+    state_dict = make_lora(ours, 0)
+    with pytest.raises(ValueError, match=r"states other ranks than its tensors: .*to_q \(config 8, tensors 4\)"):
+        ours.load_lora_adapter(state_dict, metadata={"r": 8, "lora_alpha": 8, "target_modules": ["to_q"]})
+    assert "peft_config" not in vars(ours)

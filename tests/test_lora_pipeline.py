@@ -121,7 +121,7 @@ def test_zoo_entry_lists_loras(lora_file, tmp_path):
     path = tmp_path / "flux-digits-style.yaml"
     path.write_text(yaml.safe_dump(data))
     entry = load_zoo_entry(path)
-    assert entry.loras == (LoraSpec(str(tmp_path / "style.safetensors"), 0.5, None, "style"),)
+    assert entry.loras == (LoraSpec(str((tmp_path / "style.safetensors").resolve()), 0.5, None, "style"),)
     pipe = load_pipeline("flux-digits", zoo_entry=entry)
     assert pipe.get_list_adapters() == {"transformer": ["style"]}
     reference = load_pipeline("flux-digits")
@@ -178,3 +178,42 @@ def test_calibration_records_the_model_with_its_loras(lora_file, tmp_path, capsy
     assert lora["fit"]["num_points"] == base["fit"]["num_points"] == 6  # 3 step pairs x 2 branches
     assert lora["points"] != base["points"], "the LoRA is active while the points are recorded"
     assert "R^2" in capsys.readouterr().out
+
+
+# ---- the shipped demo LoRAs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["flux-digits", "wan-digits"])
+def test_shipped_demo_lora_makes_bolder_digits_that_still_read_right(model):
+    import numpy as np
+
+    from teacache_models.demo import fit_digit_classifier
+
+    path = REPO / "demo_loras" / f"{model}-bold.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not shipped")
+    pipe = load_pipeline(model)
+    prompts = [f"a handwritten digit {d}" for d in range(10)]
+    base = pipe(prompts, pipe.default_sampling_params("off", seed=0)).images
+    pipe.load_lora_weights(path, adapter_name="bold")
+    bold = pipe(prompts, pipe.default_sampling_params("off", seed=0)).images
+    assert bold.mean() > base.mean() + 0.05, "thicker strokes: more ink"
+    read = fit_digit_classifier()
+    assert np.mean(read(bold[:, :1] * 2 - 1) == np.arange(10)) >= 0.8
+
+
+def test_benchmark_lora_script_reports_both_runs(tmp_path):
+    from tests.utils import load_script
+
+    if not (REPO / "demo_loras" / "flux-digits-bold.safetensors").is_file():
+        pytest.skip("the flux-digits LoRA is not shipped")
+    script = load_script("benchmark_lora")
+    args = ["--models", "flux-digits", "--digits", "1", "--seeds", "1", "--calibration-seeds", "1"]
+    assert script.main([*args, "--json", str(tmp_path / "lora.json")]) == 0
+    (result,) = json.loads((tmp_path / "lora.json").read_text())["results"]
+    assert set(result["presets"]) == set(load_zoo_entry("flux-digits").presets)
+    for row in result["presets"].values():
+        for label in ("base", "lora"):
+            assert 0 < row[label]["skipped_fraction"] < 1 and row[label]["psnr_db_mean"] > 20
+    assert result["mean_ink"]["lora"] > result["mean_ink"]["base"]
+    assert result["coefficients"]["lora"]["points"] == 2 * 19  # 19 step pairs x 2 CFG branches

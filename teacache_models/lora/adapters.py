@@ -377,7 +377,7 @@ class LoraMixin:
     def unload_lora(self) -> None:
         """Remove every adapter: the model's modules, parameters and `requires_grad` flags are those before the
         first `load_lora_adapter`. Fused adapters stay in the weights (diffusers' "fuse, then unload")."""
-        if "peft_config" not in self.__dict__:
+        if "peft_config" not in self.__dict__ and "_lora_base_requires_grad" not in self.__dict__:
             return
         base_tuner = _tuner_layer_class()
         for name, module in list(self.named_modules()):
@@ -385,7 +385,7 @@ class LoraMixin:
                 parent_name, _, child = name.rpartition(".")
                 parent = self.get_submodule(parent_name) if parent_name else self
                 setattr(parent, child, module.get_base_layer())
-        del self.__dict__["peft_config"]
+        self.__dict__.pop("peft_config", None)
         self.__dict__.pop("_lora_unfused", None)
         flags = self.__dict__.pop("_lora_base_requires_grad", {})
         for name, parameter in self.named_parameters():
@@ -482,12 +482,19 @@ def _lora_config(weights: dict[str, torch.Tensor], alphas: dict[str, float], met
     alpha per module (`alphas`, else equal to the rank: a scale of 1, the diffusers / PEFT convention)."""
     from peft import LoraConfig
 
+    ranks = {PEFT_KEY.fullmatch(k)["module"]: v.shape[1] for k, v in weights.items() if k.endswith("lora_B.weight")}
     if metadata is not None:
         try:
-            return LoraConfig(**dict(metadata))
+            config = LoraConfig(**dict(metadata))
         except TypeError as error:
             raise ValueError(f"the LoRA's stored config is not a PEFT LoraConfig: {error}") from None
-    ranks = {PEFT_KEY.fullmatch(k)["module"]: v.shape[1] for k, v in weights.items() if k.endswith("lora_B.weight")}
+        from peft.utils.other import get_pattern_key
+
+        stated = {m: config.rank_pattern.get(get_pattern_key(config.rank_pattern, m), config.r) for m in ranks}
+        wrong = [f"{m} (config {stated[m]}, tensors {r})" for m, r in ranks.items() if stated[m] != r]
+        if wrong:
+            raise ValueError(f"the LoRA's stored config states other ranks than its tensors: {_listed(wrong)}")
+        return config
     alpha_of = {m: alphas.get(m, float(r)) for m, r in ranks.items()}
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alpha_of.values()), key=list(alpha_of.values()).count)

@@ -8,7 +8,8 @@ The peak is the kernel's high-water mark (VmHWM), reset just before loading.
 
 Then, in the same process, it loads a LoRA (rank `--lora-rank` on every linear layer of the blocks, in the
 checkpoint's dtype, in the layout `save_lora_weights` writes) with `load_lora_adapter` and reports the rise of
-resident memory it causes, held and at peak, over the adapter's own bytes (target: the adapter's size).
+resident memory it causes, held and at peak, over the adapter's own bytes (target: the adapter's size). PEFT
+is imported before (its import, once per process, is reported apart).
 
     python scripts/benchmark_loading.py [--dtype bfloat16] [--lora-rank 16] [--output outputs/benchmark_loading.json]
 """
@@ -96,12 +97,19 @@ def child(folder: Path, dtype: str, lora: Path | None) -> None:
     figures = dict(rss_before=before, peak_rss=peak, rss_after=after, model_bytes=weights, seconds=seconds)
     if lora is not None:
         parameters = sum(p.numel() for p in model.parameters())
+        # Importing PEFT (and what it imports) is a one-time cost of the process, not of the adapter: measured apart.
+        before_import = _status("VmRSS")
+        import peft.tuners.lora  # noqa: F401
+
+        imported = _status("VmRSS") - before_import
         Path("/proc/self/clear_refs").write_text("5")
         before = _status("VmRSS")
         model.load_lora_adapter(lora)
         peak, after = _status("VmHWM"), _status("VmRSS")
         added = sum(p.numel() * p.element_size() for p in model.parameters()) - parameters * model.dtype.itemsize
-        figures["lora"] = dict(rss_before=before, peak_rss=peak, rss_after=after, parameter_bytes_added=added)
+        figures["lora"] = dict(
+            rss_before=before, peak_rss=peak, rss_after=after, parameter_bytes_added=added, peft_import_rss=imported
+        )
     print(json.dumps(figures))
 
 
@@ -162,7 +170,8 @@ def main() -> None:
         )
         print(
             f"LoRA rank {args.lora_rank}, {lora_bytes / mb:.1f} MB: parameters added "
-            f"{figures['parameter_bytes_added'] / mb:.1f} MB; RSS held {held:.2f}x the adapter, peak rise {peak:.2f}x"
+            f"{figures['parameter_bytes_added'] / mb:.1f} MB; RSS held {held:.2f}x the adapter, peak rise {peak:.2f}x "
+            f"(importing PEFT first: {figures['peft_import_rss'] / mb:.0f} MB, once per process)"
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))

@@ -42,12 +42,16 @@ def flux_xlabs(model: nn.Module) -> dict:
 
 
 def wan_original(model: nn.Module) -> dict:
-    """The original Wan names under diffusion_model. (as the distill LoRAs, lightx2v / CausVid, ship), alpha."""
+    """The original Wan names under diffusion_model., alpha, and the bias deltas (`diff_b`) that the distill
+    LoRAs (lightx2v, CausVid) carry beside their low-rank pairs."""
     w = Writer(model, 3)
     for block in (0, 1):
         w.pair(f"diffusion_model.blocks.{block}.self_attn.q", f"blocks.{block}.attn1.to_q", alpha=2)
         w.pair(f"diffusion_model.blocks.{block}.cross_attn.k", f"blocks.{block}.attn2.to_k", alpha=4)
         w.pair(f"diffusion_model.blocks.{block}.ffn.0", f"blocks.{block}.ffn.net.0.proj", alpha=8)
+        for key, module in (("self_attn.q", "attn1.to_q"), ("ffn.0", "ffn.net.0.proj")):
+            width = model.get_submodule(f"blocks.{block}.{module}").out_features
+            w.state_dict[f"diffusion_model.blocks.{block}.{key}.diff_b"] = torch.randn(width, generator=w.generator)
     return w.state_dict
 
 

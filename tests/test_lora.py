@@ -427,3 +427,12 @@ def test_stored_config_must_agree_with_the_tensors(tmp_path):
     with pytest.raises(ValueError, match=r"states other ranks than its tensors: .*to_q \(config 8, tensors 4\)"):
         ours.load_lora_adapter(state_dict, metadata={"r": 8, "lora_alpha": 8, "target_modules": ["to_q"]})
     assert "peft_config" not in vars(ours)
+
+
+def test_default_adapter_names_never_collide(tmp_path):
+    ours, _, _ = build("flux")
+    (path,) = lora_files(ours, tmp_path, count=1)
+    assert [ours.load_lora_adapter(path) for _ in range(2)] == ["default_0", "default_1"]
+    ours.delete_adapters("default_0")
+    assert ours.load_lora_adapter(path) == "default_2"
+    assert sorted(ours.peft_config) == ["default_1", "default_2"]

@@ -150,7 +150,11 @@ class LoraMixin:
         weights = {k: v for k, v in state_dict.items() if not k.endswith(".alpha")}
         targets = self._checked_targets(weights, base_tuner, lora.source, layout)
         weights = {k: v.to(*targets[PEFT_KEY.fullmatch(k)["module"]]) for k, v in weights.items()}
-        adapter_name = adapter_name or f"default_{len(loaded)}"
+        _fill_missing_biases(weights)
+        if adapter_name is None:
+            adapter_name = next(
+                f"default_{n}" for n in range(len(loaded), 2 * len(loaded) + 1) if f"default_{n}" not in loaded
+            )
         config = _lora_config(weights, alphas, metadata)
         self._inject(config, adapter_name, weights, low_cpu_mem_usage, base_tuner)
         self._lora_changed()
@@ -471,6 +475,18 @@ def _shape_problems(name: str, base: nn.Module, parts: dict[str, torch.Tensor]) 
     if not all(t.is_floating_point() for t in parts.values()):
         problems.append(f"{name} has non-floating-point LoRA tensors")
     return problems
+
+
+def _fill_missing_biases(weights: dict[str, torch.Tensor]) -> None:
+    """PEFT gives every layer of an adapter a `lora_B` bias when any has one (the distill LoRAs' `diff_b`): a
+    layer whose file has none gets zeros, the delta it means (diffusers leaves PEFT's zero initialisation)."""
+    if not any(k.endswith("lora_B.bias") for k in weights):
+        return
+    for key in [k for k in weights if k.endswith("lora_B.weight")]:
+        bias = key.removesuffix("weight") + "bias"
+        if bias not in weights:
+            out_features = weights[key].shape[0]
+            weights[bias] = torch.zeros(out_features, dtype=weights[key].dtype, device=weights[key].device)
 
 
 def _listed(names: list[str], limit: int = 20) -> str:

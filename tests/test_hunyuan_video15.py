@@ -10,7 +10,7 @@ from teacache_models.models import HunyuanVideo15Transformer3DModel
 from teacache_models.params import TeaCacheParams
 from tests.tiny_configs import HUNYUAN_VIDEO15_TINY
 from tests.tiny_configs import hunyuan_video15_inputs as make_inputs
-from tests.utils import check_linear_kernels, load_both_ways, randomize_
+from tests.utils import load_both_ways, randomize_
 
 TINY = HUNYUAN_VIDEO15_TINY
 
@@ -175,19 +175,6 @@ def denoise(model, config, num_steps, params=None, negative_prompt=False, seed=1
     return latents
 
 
-def test_threshold_zero_is_bit_identical_to_uncached():
-    config = CONFIGS["tiny"]
-    model, _ = build_pair(config, seed=8)
-    params = TeaCacheParams(teacache_thresh=0.0, coefficients=[1.0, 0.0])
-    for cfg in (False, True):
-        plain = denoise(model, config, 4, None, negative_prompt=cfg)
-        cached = denoise(model, config, 4, params, negative_prompt=cfg)
-        model.disable_teacache()
-        assert torch.equal(plain, cached)
-    stats = model.teacache_stats()
-    assert stats.positive.computed_steps == tuple(range(4)) == stats.negative.computed_steps
-
-
 def test_skipped_step_adds_the_image_residual_and_branches_keep_their_own_state():
     config = CONFIGS["tiny"]
     model, _ = build_pair(config, seed=10)
@@ -239,38 +226,15 @@ def bad_inputs():
     return config, good, cases
 
 
-@pytest.mark.parametrize("case", list(bad_inputs()[2]))
-def test_bad_input_gives_a_clear_error(case):
-    config, good, cases = bad_inputs()
-    change, error, match = cases[case]
-    model = HunyuanVideo15Transformer3DModel(**config)
-    with pytest.raises(error, match=match), torch.no_grad():
-        model(**{**good, **change})
-
-
-@pytest.mark.parametrize(
-    ("change", "match"),
-    [
-        ({"rope_axes_dim": (2, 4, 2)}, "must sum to attention_head_dim"),
-        ({"qk_norm": None}, "qk_norm"),
-        ({"task_type": "ti2v"}, "task_type"),
-        ({"use_meanflow": 1}, "use_meanflow"),
-        ({"image_embed_dim": 0}, "image_embed_dim"),
-        ({"num_layers": -1}, "num_layers"),
-    ],
-)
-def test_bad_architecture_is_rejected(change, match):
-    with pytest.raises(ValueError, match=match):
-        HunyuanVideo15Transformer3DModel(**{**TINY, **change})
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("name", ["tiny", "patch2-layer-norm-qk-deeper"])
-def test_onednn_linear_kernel_matches_diffusers(name):
-    config = CONFIGS[name]
-    ours, reference = build_pair(config, seed=11)
-    inputs = make_inputs(config, *CASES["batch2-odd-t2v-padding"])
-    check_linear_kernels(ours, reference, lambda model: model(**inputs, return_dict=False)[0])
+# Constructor changes to the default config, each refused with a ValueError matching its pattern.
+BAD_ARCHITECTURE = [
+    ({"rope_axes_dim": (2, 4, 2)}, "must sum to attention_head_dim"),
+    ({"qk_norm": None}, "qk_norm"),
+    ({"task_type": "ti2v"}, "task_type"),
+    ({"use_meanflow": 1}, "use_meanflow"),
+    ({"image_embed_dim": 0}, "image_embed_dim"),
+    ({"num_layers": -1}, "num_layers"),
+]
 
 
 @torch.no_grad()

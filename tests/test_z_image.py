@@ -7,7 +7,7 @@ from diffusers.models.transformers.transformer_z_image import ZImageTransformer2
 from teacache_models.cache import relative_l1_distance
 from teacache_models.models.z_image import ZImageTransformer2DModel
 from teacache_models.params import TeaCacheParams, evaluate_polynomial
-from tests.utils import assert_parity, check_linear_kernels, load_both_ways, randomize_, zoo_fit
+from tests.utils import assert_parity, load_both_ways, randomize_, zoo_fit
 
 # The fit of the released checkpoint, from its zoo entry.
 FIT = zoo_fit("z-image-turbo")
@@ -211,19 +211,6 @@ def test_bfloat16_matches_diffusers():
     assert_samples_equal(actual, reference(**inputs, return_dict=False)[0], tol=0.0)
 
 
-def test_return_types_and_config():
-    ours, _ = build_pair(TINY)
-    inputs = make_inputs(TINY, [(1, 2, 2)], [3])
-    with torch.no_grad():
-        as_tuple = ours(**inputs, return_dict=False)
-        as_output = ours(**inputs)
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and isinstance(as_tuple[0], list)
-    assert torch.equal(as_output.sample[0], as_tuple[0][0])
-    assert ours.config.dim == 16 and ours.config["axes_lens"] == (256, 32, 32)
-    rebuilt = ZImageTransformer2DModel.from_config({"_class_name": "ZImageTransformer2DModel", **ours.config})
-    assert rebuilt.config == ours.config
-
-
 def test_released_turbo_config_builds_on_meta_with_the_published_size():
     turbo = dict(
         all_patch_size=[2],
@@ -269,15 +256,6 @@ def denoise(model, num_steps, params=None, seed=1, sizes=((1, 4, 4),), caption_l
         latents = [x - (sigmas[step + 1] - sigmas[step]) * p for x, p in zip(latents, predictions, strict=True)]
         trajectory.append(latents)
     return trajectory, inputs["cap_feats"]
-
-
-def test_threshold_zero_is_bit_identical_to_uncached_z_image():
-    model, _ = build_pair(TINY, seed=7)
-    kwargs = dict(sizes=((1, 4, 4), (1, 2, 6)), caption_lengths=(5, 40))
-    plain, _ = denoise(model, 6, **kwargs)
-    cached, _ = denoise(model, 6, TeaCacheParams(teacache_thresh=0.0), **kwargs)
-    assert all(torch.equal(a, b) for a, b in zip(plain[-1], cached[-1], strict=True))
-    assert model.teacache_stats().positive.computed_steps == tuple(range(6))
 
 
 def indicator_by_hand(model, latents, t, cap_feats, blocks="layers"):
@@ -599,7 +577,7 @@ def bad_inputs():
         "attention kwargs type": ({"joint_attention_kwargs": [("scale", 1.0)]}, TypeError, "joint_attention_kwargs"),
         "controlnet type": ({"controlnet_block_samples": [torch.zeros(1)]}, TypeError, "controlnet_block_samples"),
     }
-    return good, cases
+    return TINY, good, cases
 
 
 def bad_omni_inputs():
@@ -649,15 +627,6 @@ def test_missing_omni_latent_needs_64_wide_patches():
         ZImageTransformer2DModel(**TINY)(**inputs)
 
 
-@pytest.mark.parametrize("case", list(bad_inputs()[1]))
-def test_bad_input_gives_a_clear_error(case):
-    good, cases = bad_inputs()
-    change, error, match = cases[case]
-    model = ZImageTransformer2DModel(**TINY)
-    with pytest.raises(error, match=match), torch.no_grad():
-        model(**{**good, **change})
-
-
 def test_lora_scale_is_accepted_and_ignored():
     model, _ = build_pair(TINY, seed=13)
     inputs = make_inputs(TINY, [(1, 2, 2)], [3])
@@ -667,38 +636,20 @@ def test_lora_scale_is_accepted_and_ignored():
     assert torch.equal(plain, scaled)
 
 
-@pytest.mark.parametrize(
-    ("change", "match"),
-    [
-        ({"axes_dims": (8, 4, 2)}, "must sum to the head width"),
-        ({"axes_dims": (7, 5, 4)}, "even"),
-        ({"axes_dims": (8, 8), "axes_lens": (256, 32)}, "3 entries"),
-        ({"all_patch_size": (2, 1)}, "same length"),
-        ({"all_patch_size": (0,)}, "all_patch_size"),
-        ({"n_heads": 0}, "n_heads"),
-        ({"dim": 16.0}, "dim"),
-        ({"n_layers": -1}, "n_layers"),
-        ({"siglip_feat_dim": 0}, "siglip_feat_dim"),
-        ({"norm_eps": 0.0}, "norm_eps"),
-        ({"qk_norm": "yes"}, "qk_norm"),
-    ],
-)
-def test_bad_architecture_is_rejected(change, match):
-    with pytest.raises(ValueError, match=match):
-        ZImageTransformer2DModel(**{**TINY, **change})
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_onednn_linear_kernel_matches_diffusers(name):
-    config = CONFIGS[name]
-    ours, reference = build_pair(config, seed=11)
-    inputs = make_inputs(config, *CASES["batch2-sizes-differ"])
-
-    def run(model):
-        return torch.cat([sample.flatten() for sample in model(**inputs, return_dict=False)[0]])
-
-    check_linear_kernels(ours, reference, run)
+# Constructor changes to the default config, each refused with a ValueError matching its pattern.
+BAD_ARCHITECTURE = [
+    ({"axes_dims": (8, 4, 2)}, "must sum to the head width"),
+    ({"axes_dims": (7, 5, 4)}, "even"),
+    ({"axes_dims": (8, 8), "axes_lens": (256, 32)}, "3 entries"),
+    ({"all_patch_size": (2, 1)}, "same length"),
+    ({"all_patch_size": (0,)}, "all_patch_size"),
+    ({"n_heads": 0}, "n_heads"),
+    ({"dim": 16.0}, "dim"),
+    ({"n_layers": -1}, "n_layers"),
+    ({"siglip_feat_dim": 0}, "siglip_feat_dim"),
+    ({"norm_eps": 0.0}, "norm_eps"),
+    ({"qk_norm": "yes"}, "qk_norm"),
+]
 
 
 def test_refiner_indicator_can_be_calibrated():

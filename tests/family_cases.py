@@ -1,0 +1,159 @@
+"""One entry per model family for the contract suite (`test_contract.py`).
+
+A family joins the contract by one `FamilyCase` in `CASES`: where its tests build a model next to
+diffusers' (its test module's `CONFIGS`, `build_pair`, `bad_inputs` and `BAD_ARCHITECTURE`), how one
+call on a fixed flow path looks, and its TeaCache indicator recomputed by hand from the model's own
+submodules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    """How the contract drives one family.
+
+    Attributes:
+        family: the key of `teacache_models.families.FAMILIES`.
+        module: the family's test module, with `CONFIGS` (name -> tiny config, the first the default),
+            `TINY` (the smallest config), `build_pair(config, seed)` (ours, diffusers' with the same random
+            weights), `bad_inputs()` (config, good call, {case: (change, error, match)}) and
+            `BAD_ARCHITECTURE` ([(constructor change to `TINY`, match)]).
+        path: `path(config, seed)` -> `call(sigma)`, the keyword arguments of one call at noise level
+            `sigma` on a fixed flow path (latents between data and noise, the timestep of `sigma`).
+        indicator: `indicator(model, call)` -> the default indicator of that call, by hand.
+        output: the prediction tensor of a `return_dict=False` result (Z-Image: one per sample, joined).
+    """
+
+    family: str
+    module: str
+    path: Callable[[dict, int], Callable[[float], dict]]
+    indicator: Callable[[Any, dict], torch.Tensor]
+    output: Callable[[tuple], torch.Tensor] = lambda result: result[0]
+
+    @property
+    def tests(self) -> ModuleType:
+        return importlib.import_module(f"tests.{self.module}")
+
+
+def _flow(latents: torch.Tensor, seed: int) -> Callable[[float], torch.Tensor]:
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 50))
+    return lambda sigma: (1 - sigma) * latents + sigma * noise
+
+
+def _tensor_path(inputs: dict, key: str, seed: int, timestep: Callable[[float], torch.Tensor]) -> Callable:
+    latents = _flow(inputs[key], seed)
+    return lambda sigma: {**inputs, key: latents(sigma), "timestep": timestep(sigma)}
+
+
+# ---- the families ---------------------------------------------------------------------------------
+
+
+def _flux_path(config: dict, seed: int) -> Callable[[float], dict]:
+    from tests.test_flux import make_inputs
+
+    return _tensor_path(make_inputs(config, 1, 4, 4, 5, seed), "hidden_states", seed, lambda s: torch.tensor([s]))
+
+
+def _flux_indicator(model: Any, call: dict) -> torch.Tensor:
+    hidden = model.x_embedder(call["hidden_states"])
+    guidance = call.get("guidance")
+    temb = model.time_text_embed(
+        call["timestep"] * 1000, None if guidance is None else guidance * 1000, call["pooled_projections"]
+    )
+    return model.transformer_blocks[0].norm1(hidden, temb)[0]
+
+
+def _wan_path(config: dict, seed: int) -> Callable[[float], dict]:
+    from tests.test_wan import make_inputs
+
+    inputs = make_inputs(config, 1, (2, 2, 2), seed=seed)
+    return _tensor_path(inputs, "hidden_states", seed, lambda s: torch.tensor([s * 1000]))
+
+
+def _wan_indicator(model: Any, call: dict) -> torch.Tensor:
+    # The default indicator `temb`, one per sample, as a length-1 token axis.
+    temb, _ = model.condition_embedder.embed_timestep(call["timestep"], call["encoder_hidden_states"].dtype)
+    return temb.unsqueeze(1)
+
+
+def _hunyuan_video_path(config: dict, seed: int) -> Callable[[float], dict]:
+    from tests.test_hunyuan_video import make_inputs
+
+    inputs = make_inputs(config, 1, (2, 2, 2), (3,), 5, seed=seed)
+    return _tensor_path(inputs, "hidden_states", seed, lambda s: torch.tensor([s * 1000]))
+
+
+def _hunyuan_video_indicator(model: Any, call: dict) -> torch.Tensor:
+    temb, _ = model.time_text_embed(call["timestep"], call["pooled_projections"], call["guidance"])
+    return model.transformer_blocks[0].norm1(model.x_embedder(call["hidden_states"]), temb)[0]
+
+
+def _hunyuan_video15_path(config: dict, seed: int) -> Callable[[float], dict]:
+    from tests.tiny_configs import hunyuan_video15_inputs
+
+    inputs = hunyuan_video15_inputs(config, 1, (1, 2, 2), (3,), 5, (2,), 3, 2, True, seed=seed)
+    return _tensor_path(inputs, "hidden_states", seed, lambda s: torch.tensor([s * 1000]))
+
+
+def _hunyuan_video15_indicator(model: Any, call: dict) -> torch.Tensor:
+    temb = model.time_embed(call["timestep"])
+    return model.transformer_blocks[0].norm1(model.x_embedder(call["hidden_states"]), temb)[0]
+
+
+def _qwen_image_path(config: dict, seed: int) -> Callable[[float], dict]:
+    from tests.test_qwen_image import make_inputs
+
+    inputs = make_inputs(config, 1, [[(1, 4, 4)]], 5, seed=seed)
+    return _tensor_path(inputs, "hidden_states", seed, lambda s: torch.tensor([s]))
+
+
+def _qwen_image_indicator(model: Any, call: dict) -> torch.Tensor:
+    hidden = model.img_in(call["hidden_states"])
+    temb = model.time_text_embed(call["timestep"], hidden.dtype)
+    block = model.transformer_blocks[0]
+    shift, scale = block.img_mod(temb).chunk(6, dim=-1)[:2]
+    return block.img_norm1(hidden) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _z_image_path(config: dict, seed: int) -> Callable[[float], dict]:
+    from tests.test_z_image import make_inputs
+
+    # Two samples of different sizes, as the model takes them: a list.
+    inputs = make_inputs(config, [(1, 4, 4), (1, 2, 6)], [5, 3], seed=seed)
+    latents = [_flow(x, seed + i) for i, x in enumerate(inputs["x"])]
+    # Z-Image's time runs the other way: t = 1 - sigma.
+    return lambda sigma: {**inputs, "x": [x(sigma) for x in latents], "t": torch.full((2,), 1 - sigma)}
+
+
+def _z_image_indicator(model: Any, call: dict) -> torch.Tensor:
+    from tests.test_z_image import indicator_by_hand
+
+    return indicator_by_hand(model, call["x"], call["t"], call["cap_feats"])
+
+
+CASES: dict[str, FamilyCase] = {
+    case.family: case
+    for case in (
+        FamilyCase("flux", "test_flux", _flux_path, _flux_indicator),
+        FamilyCase("wan", "test_wan", _wan_path, _wan_indicator),
+        FamilyCase("hunyuan_video", "test_hunyuan_video", _hunyuan_video_path, _hunyuan_video_indicator),
+        FamilyCase("hunyuan_video15", "test_hunyuan_video15", _hunyuan_video15_path, _hunyuan_video15_indicator),
+        FamilyCase("qwen_image", "test_qwen_image", _qwen_image_path, _qwen_image_indicator),
+        FamilyCase(
+            "z_image",
+            "test_z_image",
+            _z_image_path,
+            _z_image_indicator,
+            output=lambda result: torch.cat([sample.flatten() for sample in result[0]]),
+        ),
+    )
+}

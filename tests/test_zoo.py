@@ -1,5 +1,7 @@
 """Every model-zoo YAML loads, maps onto SamplingParams/TeaCacheParams, and names real pieces."""
 
+import re
+
 import pytest
 import yaml
 
@@ -211,3 +213,22 @@ def test_unreadable_configs_are_value_errors(tmp_path, make, message):
 def test_sampling_overrides_must_be_fields(overrides, message):
     with pytest.raises(TypeError, match=message):
         load_zoo_entry("flux-digits").sampling_params("off", **overrides)
+
+
+def test_the_fits_table_cites_exactly_the_zoo_fits():
+    """docs/teacache-fits.md lists every zoo entry's fit, and nothing else, with the zoo's numbers."""
+    rows = re.findall(
+        r"^\| `([^`]+)` \| `([^`]+)` \| ([^|]+) \| ([^|]*) \|",
+        (ZOO_DIR.parent / "docs" / "teacache-fits.md").read_text(),
+        re.M,
+    )
+    table = {
+        (name, indicator): (tuple(float(c) for c in coefficients.split(",")), lender.strip(" `") or None)
+        for name, indicator, coefficients, lender in rows
+    }
+    zoo = {
+        (name, indicator): (fit.coefficients, fit.borrowed_from)
+        for name in list_zoo()
+        for indicator, fit in load_zoo_entry(name).fits.items()
+    }
+    assert table == zoo and len(rows) == len(zoo)

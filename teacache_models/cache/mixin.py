@@ -330,15 +330,9 @@ class TeaCacheMixin(CacheContextMixin):
             type(self).__name__,
             lambda: self.__dict__.get("_teacache_group"),
         )
-        self.__dict__["_teacache_session"] = TeaCacheSession(
-            params=params,
-            coefficients=coefficients,
-            num_inference_steps=num_inference_steps,
-            first_forced_steps=first_forced,
-            last_forced_steps=last_forced,
-            monitor=monitor,
-            monitor_handle=self.add_teacache_observer(monitor),
-        )
+        session = TeaCacheSession(params, coefficients, num_inference_steps, first_forced, last_forced)
+        session.monitor, session.monitor_handle = monitor, self.add_teacache_observer(monitor)
+        self.__dict__["_teacache_session"] = session
 
     def _detach_monitor(self) -> None:
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")

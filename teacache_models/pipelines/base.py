@@ -243,6 +243,19 @@ class Pipeline(PipelineLoraMixin):
         """One transformer call (the caller has opened the step's `teacache_step` context)."""
         raise NotImplementedError
 
+    @staticmethod
+    def call_transformer(
+        transformer: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        condition: Conditioning,
+        **extra,
+    ) -> torch.Tensor:
+        """The prediction of one transformer call on the step's conditioning tensors (and `extra` keywords)."""
+        return transformer(
+            hidden_states=hidden_states, timestep=timestep, return_dict=False, **extra, **condition.tensors
+        )[0]
+
     def cfg_at_step(self, step: int, t: torch.Tensor, params: SamplingParams) -> bool:
         """Whether the negative branch runs at this step (Z-Image's CFG truncation turns it off late)."""
         return True

@@ -96,14 +96,9 @@ class FluxTextToImagePipeline(Pipeline):
     ) -> torch.Tensor:
         # The transformer takes sigma (t / 1000) and scales it back inside.
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        return transformer(
-            hidden_states=latents,
-            timestep=timestep,
-            guidance=self._guidance,
-            img_ids=self._image_ids,
-            return_dict=False,
-            **condition.tensors,
-        )[0]
+        return self.call_transformer(
+            transformer, latents, timestep, condition, guidance=self._guidance, img_ids=self._image_ids
+        )
 
     def cfg_scale(self, t: torch.Tensor, params: SamplingParams) -> float:
         # Embedded guidance is the model's own; a negative prompt adds true CFG with its own scale.

@@ -83,13 +83,8 @@ class HunyuanVideoTextToVideoPipeline(HunyuanVideoVAESizes, Pipeline):
     def predict(
         self, transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, condition: Conditioning
     ) -> torch.Tensor:
-        return transformer(
-            hidden_states=latents.to(self.dtype),
-            timestep=t.expand(latents.shape[0]).to(latents.dtype),
-            guidance=self._guidance,
-            return_dict=False,
-            **condition.tensors,
-        )[0]
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        return self.call_transformer(transformer, latents.to(self.dtype), timestep, condition, guidance=self._guidance)
 
     def cfg_scale(self, t: torch.Tensor, params: SamplingParams) -> float:
         # Embedded guidance is the model's own; a negative prompt adds true CFG with its own scale.

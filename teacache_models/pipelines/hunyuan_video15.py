@@ -178,14 +178,11 @@ class HunyuanVideo15TextToVideoPipeline(HunyuanVideoVAESizes, Pipeline):
         model_input = torch.cat([latents, self._condition], dim=1)  # (B, 2C + 1, F, H, W)
         batch, dtype = model_input.shape[0], model_input.dtype
         timestep_r = self.next_timestep(t)
-        return transformer(
-            hidden_states=model_input,
-            timestep=t.expand(batch).to(dtype),
-            timestep_r=None if timestep_r is None else timestep_r.expand(batch).to(dtype),
-            image_embeds=self._image_embeds,
-            return_dict=False,
-            **condition.tensors,
-        )[0]
+        timestep_r = None if timestep_r is None else timestep_r.expand(batch).to(dtype)
+        timestep = t.expand(batch).to(dtype)
+        return self.call_transformer(
+            transformer, model_input, timestep, condition, timestep_r=timestep_r, image_embeds=self._image_embeds
+        )
 
     def decode(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor

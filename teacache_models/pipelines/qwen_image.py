@@ -76,13 +76,7 @@ class QwenImageTextToImagePipeline(Pipeline):
         self, transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, condition: Conditioning
     ) -> torch.Tensor:
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        return transformer(
-            hidden_states=latents,
-            timestep=timestep,
-            img_shapes=self._img_shapes,
-            return_dict=False,
-            **condition.tensors,
-        )[0]
+        return self.call_transformer(transformer, latents, timestep, condition, img_shapes=self._img_shapes)
 
     def guide(
         self, positive: torch.Tensor, negative: torch.Tensor | None, step: int, t: torch.Tensor, params: SamplingParams

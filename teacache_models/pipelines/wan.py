@@ -286,13 +286,9 @@ class WanTextToVideoPipeline(Pipeline):
         else:
             timestep = t.expand(batch)
         model_input = self._model_input(latents).to(self.dtype)
-        return transformer(
-            hidden_states=model_input,
-            timestep=timestep,
-            encoder_hidden_states_image=self._image_tokens,
-            return_dict=False,
-            **condition.tensors,
-        )[0]
+        return self.call_transformer(
+            transformer, model_input, timestep, condition, encoder_hidden_states_image=self._image_tokens
+        )
 
     def cfg_scale(self, t: torch.Tensor, params: SamplingParams) -> float:
         if self.experts is not None and self.experts.expert_for(t) is self.transformer_2:

@@ -231,4 +231,4 @@ def test_the_fits_table_cites_exactly_the_zoo_fits():
         for name in list_zoo()
         for indicator, fit in load_zoo_entry(name).fits.items()
     }
-    assert table == zoo and len(rows) == len(zoo)
+    assert table == zoo and len(rows) == len(zoo), "regenerate the table: python scripts/fits_table.py"

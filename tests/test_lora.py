@@ -436,3 +436,29 @@ def test_default_adapter_names_never_collide(tmp_path):
     ours.delete_adapters("default_0")
     assert ours.load_lora_adapter(path) == "default_2"
     assert sorted(ours.peft_config) == ["default_1", "default_2"]
+
+
+def test_diffusers_pipeline_loads_a_lora_into_our_transformer(tmp_path):
+    """`pipe.load_lora_weights` of a diffusers pipeline whose transformer is ours (`apply_teacache`) goes through
+    diffusers' loader into our `load_lora_adapter`, and predicts what diffusers' own transformer does."""
+    from teacache_models import TeaCacheParams, apply_teacache
+    from tests.test_pipeline_fixtures import save_flux
+    from tests.test_pipeline_video import reference
+
+    folder = save_flux(tmp_path / "flux", guidance_embeds=True)
+    theirs, ours = reference(folder, "FluxPipeline"), reference(folder, "FluxPipeline")
+    apply_teacache(ours, TeaCacheParams(teacache_thresh=0.0))
+    assert type(ours.transformer).__module__.startswith("teacache_models")
+    path = tmp_path / "lora.safetensors"
+    save_file(make_lora(theirs.transformer, 0), str(path))
+    images = []
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(str(path), adapter_name="style")
+        # diffusers' pipeline-level set_adapters looks for its own model classes only: the model's method.
+        pipe.transformer.set_adapters("style", 0.5)
+        generator = torch.Generator("cpu").manual_seed(0)
+        images.append(pipe("a fox", num_inference_steps=2, generator=generator, output_type="pt").images)
+    assert ours.transformer.active_adapters() == ["style"]
+    assert_parity(images[1], images[0], 1e-5)
+    with pytest.raises(ValueError, match="hotswap=True is not supported"):
+        ours.transformer.load_lora_adapter(path, adapter_name="style", hotswap=True)

@@ -104,6 +104,8 @@ class LoraMixin:
         revision: str | None = None,
         local_files_only: bool | None = None,
         low_cpu_mem_usage: bool = True,
+        hotswap: bool = False,
+        _pipeline: Any = None,
     ) -> str:
         """Load a LoRA as a new adapter, active beside the others with weight 1. Returns its name.
 
@@ -121,12 +123,18 @@ class LoraMixin:
             cache_dir, token, revision, local_files_only: Hub download options.
             low_cpu_mem_usage: build the adapter's layers empty and assign the file's tensors (cast to each
                 layer's dtype and device) instead of initialising them first.
+            hotswap: diffusers' in-place replacement of an adapter's weights, not supported (True is an error).
+            _pipeline: what diffusers' pipeline loaders pass (for their offloading hooks, which these models
+                do not have): accepted and unused, so `pipe.load_lora_weights` of a diffusers pipeline whose
+                transformer is ours (`apply_teacache`) works.
 
         Raises ValueError (the model is then unchanged) for a name in use, a file of another architecture
         (every unmatched key is named), a rank or shape that does not fit, an unknown layout (the layouts
         tried are named); FileNotFoundError for a missing file; ImportError without PEFT.
         """
         base_tuner = _tuner_layer_class()
+        if hotswap:
+            raise ValueError("hotswap=True is not supported: delete_adapters() the adapter and load the new one")
         if adapter_name is not None and not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a string or None, got {type(adapter_name).__name__}")
         if prefix is not None and not isinstance(prefix, str):

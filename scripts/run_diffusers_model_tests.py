@@ -61,8 +61,6 @@ OUT_OF_SCOPE = {
 
 # Tests, by a part of their name, of machinery out of scope within test classes that otherwise run.
 OUT_OF_SCOPE_TESTS = {
-    "gradient_checkpointing": "gradient checkpointing (diffusers' enable_gradient_checkpointing): training "
-    "machinery; the models are for inference, and their gradients are tested without it",
     "layerwise_casting": "diffusers' hooks: layerwise casting",
     "test_layered_model_with_mask": "asserts diffusers' internal RoPE module class (the native model computes its "
     "layered RoPE without a module)",

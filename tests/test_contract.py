@@ -92,6 +92,43 @@ def test_return_types_and_config_round_trip(family):
         type(ours).from_config({**config, "num_blocks": 3})
 
 
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gradient_checkpointing_recomputes_every_block_with_the_same_gradients(family):
+    case, config, model, _ = default_pair(family, seed=3)
+    call = case.path(config, 1)(0.6)
+
+    def gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        output = case.output(model(**call, return_dict=False))
+        output.square().mean().backward()
+        return output.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_output, plain_grads = gradients()
+    calls = []
+
+    def counting_checkpoint(block, *inputs):
+        calls.append(block)
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(counting_checkpoint)
+    assert model.is_gradient_checkpointing
+    checkpointed_output, checkpointed_grads = gradients()
+    assert calls and all(isinstance(block, torch.nn.Module) for block in calls)
+    assert len(calls) == len({id(block) for block in calls})  # each block once per forward
+    torch.testing.assert_close(checkpointed_output, plain_output, rtol=0, atol=0)
+    assert checkpointed_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, msg=name)
+    with torch.no_grad():
+        calls.clear()
+        model(**call, return_dict=False)
+    assert not calls  # nothing to recompute without gradients
+    model.disable_gradient_checkpointing()
+    assert not model.is_gradient_checkpointing
+    with pytest.raises(TypeError, match="gradient_checkpointing_func must be callable"):
+        model.enable_gradient_checkpointing(3)
+
 # ---- TeaCache ------------------------------------------------------------------------------------------
 
 

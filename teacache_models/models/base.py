@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.utils.checkpoint
 
 from ..layers.linear import linear_kernel_of, set_linear_kernel
 from ..lora import LoraMixin
@@ -157,6 +158,10 @@ class ConfiguredModel(LoraMixin, torch.nn.Module):
     _no_split_modules: ClassVar[list[str] | None] = None
     _skip_layerwise_casting_patterns: ClassVar[list[str] | None] = None
     _repeated_blocks: ClassVar[list[str]] = []
+    # Gradient checkpointing (training, as diffusers' `enable_gradient_checkpointing`): every block of the
+    # stack is called through `call_block`, which recomputes its activations in the backward pass.
+    _supports_gradient_checkpointing: ClassVar[bool] = True
+    gradient_checkpointing: bool = False
 
     def __getattr__(self, name: str) -> Any:
         """Submodules, parameters and buffers as in `nn.Module`; a config field, as diffusers still allows,
@@ -188,6 +193,35 @@ class ConfiguredModel(LoraMixin, torch.nn.Module):
                 "instead to keep these modules in float32."
             )
         return super().to(*args, **kwargs)
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable[..., Any] | None = None) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (less memory when
+        training, same gradients). `gradient_checkpointing_func(block, *inputs)` runs one block; the default
+        is `torch.utils.checkpoint.checkpoint` without reentrancy, as in diffusers."""
+        if gradient_checkpointing_func is None:
+            gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        elif not callable(gradient_checkpointing_func):
+            raise TypeError(
+                "gradient_checkpointing_func must be callable as func(block, *inputs), got "
+                f"{type(gradient_checkpointing_func).__name__}"
+            )
+        self._gradient_checkpointing_func = gradient_checkpointing_func
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Keep block activations again (the default)."""
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether `enable_gradient_checkpointing` is in effect."""
+        return self.gradient_checkpointing
+
+    def call_block(self, block: torch.nn.Module, *inputs: Any) -> Any:
+        """Run one block of the stack: checkpointed when enabled and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, *inputs)
+        return block(*inputs)
 
     def register_to_config(self, **fields: Any) -> None:
         """Add or replace fields of `config` (diffusers' `register_to_config`); the config stays read-only."""

@@ -389,7 +389,9 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     ) -> torch.Tensor:
         """Dual-stream then single-stream blocks: image (B, Li, D) -> image (B, Li, D)."""
         for index, block in enumerate(self.transformer_blocks):
-            hidden_states, encoder_hidden_states = block(hidden_states, encoder_hidden_states, temb, rope)
+            hidden_states, encoder_hidden_states = self.call_block(
+                block, hidden_states, encoder_hidden_states, temb, rope
+            )
             if controlnet_block_samples:
                 if controlnet_blocks_repeat:
                     sample = controlnet_block_samples[index % len(controlnet_block_samples)]
@@ -402,7 +404,7 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         # The single-stream blocks keep text and image joined; splitting after each block would only copy.
         tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, Lt + Li, D)
         for index, block in enumerate(self.single_transformer_blocks):
-            tokens = block(tokens, temb, rope)
+            tokens = self.call_block(block, tokens, temb, rope)
             if controlnet_single_block_samples:
                 interval = int(np.ceil(len(self.single_transformer_blocks) / len(controlnet_single_block_samples)))
                 image = tokens[:, text_len:] + controlnet_single_block_samples[index // interval]

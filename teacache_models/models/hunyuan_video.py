@@ -241,14 +241,14 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
     ) -> torch.Tensor:
         """Dual-stream then single-stream blocks: image (B, Li, D) -> image (B, Li, D)."""
         for block in self.transformer_blocks:
-            hidden_states, encoder_hidden_states = block(
-                hidden_states, encoder_hidden_states, temb, attention_mask, rope, token_replace
+            hidden_states, encoder_hidden_states = self.call_block(
+                block, hidden_states, encoder_hidden_states, temb, attention_mask, rope, token_replace
             )
         image_len = hidden_states.shape[1]
         # The single-stream blocks keep image and text joined; splitting after each block would only copy.
         tokens = torch.cat([hidden_states, encoder_hidden_states], dim=1)  # (B, Li + Lt, D)
         for block in self.single_transformer_blocks:
-            tokens = block(tokens, image_len, temb, attention_mask, rope, token_replace)
+            tokens = self.call_block(block, tokens, image_len, temb, attention_mask, rope, token_replace)
         return tokens[:, :image_len]
 
     # ---- sequence parallelism ---------------------------------------------------------------------

@@ -329,8 +329,8 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
     ) -> torch.Tensor:
         """Dual-stream blocks: image (B, Li, D) and joined stream (B, Lc, D) -> image (B, Li, D)."""
         for block in self.transformer_blocks:
-            hidden_states, encoder_hidden_states = block(
-                hidden_states, encoder_hidden_states, temb, attention_mask, rope
+            hidden_states, encoder_hidden_states = self.call_block(
+                block, hidden_states, encoder_hidden_states, temb, attention_mask, rope
             )
         return hidden_states
 

@@ -537,8 +537,8 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         if controlnet_block_samples:
             interval = math.ceil(len(self.transformer_blocks) / len(controlnet_block_samples))
         for index, block in enumerate(self.transformer_blocks):
-            hidden_states, encoder_hidden_states = block(
-                hidden_states, encoder_hidden_states, temb, rope, attention_mask, condition_tokens
+            hidden_states, encoder_hidden_states = self.call_block(
+                block, hidden_states, encoder_hidden_states, temb, rope, attention_mask, condition_tokens
             )
             if controlnet_block_samples:
                 hidden_states = hidden_states + controlnet_block_samples[index // interval]

@@ -530,7 +530,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
     ) -> torch.Tensor:
         """The blocks: tokens (B, L, D) -> tokens (B, L, D)."""
         for block in self.blocks:
-            hidden_states = block(hidden_states, context, timestep_proj, rope, image_context)
+            hidden_states = self.call_block(block, hidden_states, context, timestep_proj, rope, image_context)
         return hidden_states
 
     # ---- sequence parallelism ---------------------------------------------------------------------

@@ -611,7 +611,9 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         adaln_clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for index, block in enumerate(self.layers):
-            hidden_states = block(hidden_states, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_clean)
+            hidden_states = self.call_block(
+                block, hidden_states, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_clean
+            )
             if controlnet_block_samples is not None and index in controlnet_block_samples:
                 hidden_states = hidden_states + controlnet_block_samples[index]
         return hidden_states

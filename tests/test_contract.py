@@ -92,7 +92,6 @@ def test_return_types_and_config_round_trip(family):
         type(ours).from_config({**config, "num_blocks": 3})
 
 
-
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_gradient_checkpointing_recomputes_every_block_with_the_same_gradients(family):
     case, config, model, _ = default_pair(family, seed=3)
@@ -128,6 +127,7 @@ def test_gradient_checkpointing_recomputes_every_block_with_the_same_gradients(f
     assert not model.is_gradient_checkpointing
     with pytest.raises(TypeError, match="gradient_checkpointing_func must be callable"):
         model.enable_gradient_checkpointing(3)
+
 
 # ---- TeaCache ------------------------------------------------------------------------------------------
 

@@ -250,6 +250,10 @@ def load_configured_pipeline(args: argparse.Namespace, model: str, entry: ZooEnt
     from .pipelines import load_pipeline
 
     pipe = load_pipeline(model, torch_dtype=args.dtype, device=args.device, zoo_entry=entry)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)  # before "auto" times the kernels: at the threads the run uses
     try:
         args.linear_kernel = resolve_linear_kernel(args.linear_kernel, args.device, args.dtype)
     except ValueError as error:
@@ -264,10 +268,6 @@ def load_configured_pipeline(args: argparse.Namespace, model: str, entry: ZooEnt
             pipe.enable_parallel(state)
         except ValueError as error:
             raise CliError(str(error)) from None
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     return pipe
 
 

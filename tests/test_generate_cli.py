@@ -128,7 +128,7 @@ def test_teacache_off_matches_the_python_api(cli, folder, tmp_path):
     from teacache_models.pipelines import load_pipeline
 
     pipe = load_pipeline(folder)
-    # The CLI's default kernel: oneDNN for float32 on CPU where available (equal to float32 rounding only).
+    # The CLI's default kernel: oneDNN for float32 on CPU where measured faster (equal to float32 rounding only).
     pipe.set_linear_kernel(resolve_linear_kernel("auto", "cpu", "float32"))
     result = pipe(
         "a red fox",

@@ -124,8 +124,35 @@ def test_missing_onednn_is_a_clear_error(monkeypatch):
     assert resolve_linear_kernel("auto", "cpu", torch.float32) == "aten"
 
 
+def test_auto_picks_onednn_only_where_the_timing_finds_it_faster(monkeypatch):
+    calls = []
+
+    def timed(aten: float, onednn: float):
+        def measure():
+            calls.append((aten, onednn))
+            return aten, onednn
+
+        return measure
+
+    monkeypatch.setattr(linear_module, "onednn_available", lambda: True)
+    for (aten, onednn), expected in [((1.0, 0.5), "onednn"), ((1.0, 0.97), "aten"), ((0.5, 1.0), "aten")]:
+        linear_module._timed_check.cache_clear()
+        monkeypatch.setattr(linear_module, "measure_linear_kernels", timed(aten, onednn))
+        assert resolve_linear_kernel("auto", "cpu", torch.float32) == expected
+        assert resolve_linear_kernel("auto", "cpu", "float32") == expected  # cached: timed once
+        assert calls.pop() == (aten, onednn) and not calls
+    linear_module._timed_check.cache_clear()
+
+
+def test_the_kernel_timing_runs_on_this_machine():
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    aten, onednn = linear_module.measure_linear_kernels()
+    assert aten > 0 and onednn > 0
+
+
 def test_auto_picks_onednn_only_for_float32_on_cpu():
-    fast = "onednn" if onednn_available() else "aten"
+    fast = "onednn" if linear_module.onednn_is_faster() else "aten"
     assert resolve_linear_kernel("auto", "cpu", torch.float32) == fast
     assert resolve_linear_kernel("auto", torch.device("cpu"), "float32") == fast
     assert resolve_linear_kernel("auto", "cpu", "bfloat16") == "aten"

@@ -1,11 +1,13 @@
 """A choice of matrix-multiply kernel for the linear layers of a model on CPU.
 
 PyTorch runs a float32 `nn.Linear` on CPU through its BLAS (MKL in the official wheels); oneDNN's
-inner-product kernel computes the same product, and on some processors (AMD EPYC among them) it is about
-twice as fast for transformer-sized matrices. The results agree to float32 rounding, not bit for bit (the
-sums are taken in another order), so the default stays "aten", PyTorch's own kernel, and "onednn" is
-chosen explicitly: `set_linear_kernel(model, "onednn")`, `model.set_linear_kernel("onednn")` or the
-CLI's `--linear-kernel`.
+inner-product kernel computes the same product, and on some machines it is up to twice as fast for
+transformer-sized matrices, on others no faster: which one is faster depends on the processor, the
+threads and the BLAS build. The results agree to float32 rounding, not bit for bit (the sums are taken in
+another order), so the default stays "aten", PyTorch's own kernel, and "onednn" is chosen explicitly:
+`set_linear_kernel(model, "onednn")`, `model.set_linear_kernel("onednn")` or the CLI's `--linear-kernel`.
+"auto" (`resolve_linear_kernel`) takes oneDNN only where `onednn_is_faster()`, a short timing of both
+kernels on this machine at the current thread count, measures it faster; the result is cached per process.
 
 The choice swaps the class of each plain `nn.Linear` for a subclass with the same parameters, so the
 `state_dict`, `isinstance` checks and every other use of the module are unchanged. oneDNN is used only
@@ -27,6 +29,7 @@ __all__ = [
     "linear_activation",
     "linear_kernel_of",
     "onednn_available",
+    "onednn_is_faster",
     "resolve_linear_kernel",
     "set_linear_kernel",
 ]
@@ -120,15 +123,60 @@ def linear_kernel_of(module: nn.Module) -> str | None:
     return "onednn" if kinds == {OneDNNLinear} else "aten"
 
 
+# The check's product: a transformer-sized projection, (tokens, width) @ (width, 2 x width), about 0.5 GFLOP.
+_CHECK_SHAPE = (128, 1024, 2048)
+_CHECK_REPEATS = 5
+# oneDNN must beat PyTorch's kernel by this factor: within it the two are a tie, and "aten" is bit-identical.
+_CHECK_MARGIN = 0.95
+
+
+def onednn_is_faster() -> bool:
+    """Whether oneDNN's float32 linear is faster than PyTorch's on this machine at the current thread count.
+
+    Times both kernels on one transformer-sized product, alternating, `_CHECK_REPEATS` times each after a
+    warm-up (about a tenth of a second), and compares the medians with a 5% margin. Cached per thread count.
+    """
+    return onednn_available() and _timed_check(torch.get_num_threads())
+
+
+@functools.cache
+def _timed_check(threads: int) -> bool:
+    aten, onednn = measure_linear_kernels()
+    return onednn < _CHECK_MARGIN * aten
+
+
+def measure_linear_kernels() -> tuple[float, float]:
+    """Median seconds of one float32 product on PyTorch's kernel and on oneDNN's, timed alternately."""
+    import statistics
+    import time
+
+    tokens, width, out = _CHECK_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=generator)
+    weight, bias = torch.randn(out, width, generator=generator), torch.randn(out, generator=generator)
+    kernels = {"aten": lambda: F.linear(x, weight, bias), "onednn": lambda: _onednn_linear(x, weight, bias)}
+    times: dict[str, list[float]] = {"aten": [], "onednn": []}
+    with torch.no_grad():
+        for run in kernels.values():  # warm-up: first calls allocate and pick their code paths
+            run()
+        for _ in range(_CHECK_REPEATS):
+            for name, run in kernels.items():
+                started = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - started)
+    return statistics.median(times["aten"]), statistics.median(times["onednn"])
+
+
 def resolve_linear_kernel(kernel: str, device: torch.device | str, dtype: torch.dtype | str) -> str:
-    """`kernel`, or for "auto": "onednn" for float32 on a CPU where this build has it, else "aten".
+    """`kernel`, or for "auto": "onednn" for float32 on a CPU where this build has it and a short timing
+    (`onednn_is_faster`, cached) measures it faster than PyTorch's kernel, else "aten".
 
     Raises ValueError for an unknown name, and for "onednn" asked for another device or dtype (where it
     would silently do nothing)."""
     on_cpu = torch.device(device).type == "cpu"
     is_float32 = dtype in (torch.float32, "float32")
     if kernel == "auto":
-        return "onednn" if on_cpu and is_float32 and onednn_available() else "aten"
+        return "onednn" if on_cpu and is_float32 and onednn_is_faster() else "aten"
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear kernel must be 'auto' or one of {list(LINEAR_KERNELS)}, got {kernel!r}")
     if kernel == "onednn" and not (on_cpu and is_float32):

@@ -106,6 +106,10 @@ class TeaCacheParams:
         calibrated_range: (min, max) of the indicator distances the coefficients were fitted on
             (`scripts/calibrate.py` records it); `teacache_stats()` lists the steps whose distance fell
             outside it. None: unknown.
+        per_sample: each row of a batch keeps its own TeaCache state (accumulator, previous indicator,
+            residual, per CFG branch) and decides alone; a step runs the block stack only on the rows that
+            must compute. False (the default) takes one decision for the whole batch, from the distance over
+            all of it. Per-row thresholds: give `enable_teacache` a sequence of TeaCacheParams, one per row.
     """
 
     teacache_thresh: float = 0.1
@@ -117,8 +121,10 @@ class TeaCacheParams:
     residual_order: int = 0
     max_consecutive_skips: int | None = None
     calibrated_range: tuple[float, float] | None = None
+    per_sample: bool = False
 
     def __post_init__(self) -> None:
+        _require_bool("per_sample", self.per_sample)
         thresh = _require_finite("teacache_thresh", self.teacache_thresh, minimum=0.0)
         object.__setattr__(self, "teacache_thresh", thresh)
         object.__setattr__(self, "coefficients", _coefficient_tuple(self.coefficients))

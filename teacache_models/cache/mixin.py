@@ -75,7 +75,14 @@ _OUTSIDE_GRAPHS: dict[str, Callable[..., Any]] = {}
 
 def _prepare_for_compile() -> None:
     if not _OUTSIDE_GRAPHS and "torch._dynamo" in sys.modules:
-        for name in ("_teacache_plan", "_teacache_record", "_teacache_notify", "_claim_batched_cfg_call"):
+        for name in (
+            "_teacache_plan",
+            "_teacache_record",
+            "_teacache_record_rows",
+            "_teacache_notify",
+            "_teacache_notify_rows",
+            "_claim_batched_cfg_call",
+        ):
             _OUTSIDE_GRAPHS[name] = torch.compiler.disable(getattr(TeaCacheMixin, name))
 
 
@@ -115,14 +122,17 @@ def _tensor_signature(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), tensor.dtype, tensor.device
 
 
-def _value_signature(value: Any) -> Any:
-    """A tensor's shape, dtype and device; a plain value (a layout, a length) itself; containers item by item."""
+def _value_signature(value: Any, per_row: bool = False) -> Any:
+    """A tensor's shape, dtype and device; a plain value (a layout, a length) itself; containers item by item.
+
+    `per_row`: the value carries the batch in dim 0 and the signature is one row's (the batch size left out).
+    """
     if isinstance(value, torch.Tensor):
-        return _tensor_signature(value)
+        return (tuple(value.shape[1:]), value.dtype, value.device) if per_row else _tensor_signature(value)
     if isinstance(value, Deferred):
-        return _value_signature(value.sources)
+        return _value_signature(value.sources, per_row)
     if isinstance(value, list | tuple):
-        return tuple(_value_signature(v) for v in value)
+        return tuple(_value_signature(v, per_row) for v in value)
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return type(value).__name__
@@ -134,6 +144,50 @@ def _inputs_signature(hidden_states: torch.Tensor, indicator: torch.Tensor, bloc
     parts = [_tensor_signature(hidden_states), _tensor_signature(indicator)]
     parts.extend((name, _value_signature(value)) for name, value in sorted(block_inputs.items()))
     return tuple(parts)
+
+
+def _row_signature(
+    hidden_states: torch.Tensor, indicator: torch.Tensor, block_inputs: dict[str, Any], row_inputs: frozenset[str]
+) -> tuple:
+    """`_inputs_signature` of one batch row: what a row's cache depends on, whatever the batch size."""
+    parts = [_value_signature(hidden_states, True), _value_signature(indicator, True)]
+    parts.extend((name, _value_signature(value, name in row_inputs)) for name, value in sorted(block_inputs.items()))
+    return tuple(parts)
+
+
+def _check_rows(name: str, value: Any, batch: int) -> None:
+    """Refuse a block input said to carry the batch in dim 0 whose tensors lead with another size (1 broadcasts)."""
+    if isinstance(value, Deferred):
+        value = value.sources
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_rows(name, item, batch)
+    elif isinstance(value, torch.Tensor) and (value.ndim == 0 or value.shape[0] not in (1, batch)):
+        raise ValueError(
+            f"per-sample TeaCache splits the block input {name!r} by batch row, but its shape {tuple(value.shape)} "
+            f"does not lead with the batch size {batch}; use per_sample=False for this call"
+        )
+
+
+def _take_rows(value: Any, index: torch.Tensor) -> Any:
+    """The rows `index` of a block input that carries the batch in dim 0 (tensors inside lists and tuples too)."""
+    if isinstance(value, torch.Tensor):
+        if value.shape[0] == 1:
+            return value  # broadcast over the batch: every row shares it
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, list | tuple):
+        return type(value)(_take_rows(v, index) for v in value)
+    return value  # None, or a plain value (a count) that every row shares
+
+
+@dataclass
+class _RowPlan:
+    """One per-sample step: the row sessions, which rows compute, and what the skipped rows add."""
+
+    rows: list[TeaCacheSession]
+    compute: list[int]
+    residuals: dict[int, torch.Tensor]
+    contexts: list[_StepContext]
 
 
 @dataclass
@@ -207,6 +261,10 @@ class TeaCacheMixin(CacheContextMixin):
       means). `supported_teacache_indicators` (their names) and `supports_ret_steps` derive from it.
     - `supports_cfg_separation`: the model keeps separate state per CFG branch. When False, a
       negative-branch step switches TeaCache off for the rest of the generation (with one warning).
+    - `teacache_row_inputs`: the block inputs that carry the batch in dim 0 (the others, such as rotary
+      tables, every row shares). Per-sample state (`TeaCacheParams.per_sample`) runs the block stack on a
+      subset of the rows, so it needs this; None means the inputs cannot be split by row and per-sample
+      state is refused.
 
     The rescaling polynomials are no part of a model: a checkpoint's fits live in its zoo entry, and the
     loader hands them to the instance with `set_teacache_fits` (per indicator). `TeaCacheParams.coefficients`
@@ -214,6 +272,7 @@ class TeaCacheMixin(CacheContextMixin):
     """
 
     supports_cfg_separation: ClassVar[bool] = True
+    teacache_row_inputs: ClassVar[frozenset[str] | None] = None
     teacache_indicators: ClassVar[tuple[TeaCacheIndicator, ...]] = (TeaCacheIndicator("modulated_input"),)
     supported_teacache_indicators: ClassVar[tuple[str, ...]] = ("modulated_input",)
     supports_ret_steps: ClassVar[bool] = False
@@ -312,17 +371,33 @@ class TeaCacheMixin(CacheContextMixin):
 
     # ---- public surface -------------------------------------------------------------------------
 
-    def enable_teacache(self, params: TeaCacheParams, num_inference_steps: int) -> None:
-        """Start a generation of `num_inference_steps` steps with TeaCache on; all state is reset."""
-        if not isinstance(params, TeaCacheParams):
+    def enable_teacache(self, params: TeaCacheParams | Sequence[TeaCacheParams], num_inference_steps: int) -> None:
+        """Start a generation of `num_inference_steps` steps with TeaCache on; all state is reset.
+
+        `params` with `per_sample=True` gives every batch row its own state (any batch size, fixed by the
+        first step). A sequence of TeaCacheParams, each with `per_sample=True`, gives one per row: each row
+        its own threshold and skip settings; every call of the generation then has that many rows. The rows
+        share the indicator (`indicator`, `use_ret_steps`), which the model computes once for the batch.
+        """
+        row_params = self._check_row_params(params)
+        if not row_params and not isinstance(params, TeaCacheParams):
             raise TypeError(f"params must be a TeaCacheParams, got {type(params).__name__}")
         num_inference_steps = require_int("num_inference_steps", num_inference_steps, 1, wrong_type=TypeError)
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("enable_teacache() cannot be called inside a teacache_step() context")
         _prepare_for_compile()
-        coefficients, first_forced, last_forced = self.teacache_schedule(params)
+        sessions = [self._new_session(p, num_inference_steps, watched=False) for p in row_params]
         self.__dict__["_teacache_generation"] = self.__dict__.get("_teacache_generation", -1) + 1
         self._detach_monitor()
+        session = self._new_session(row_params[0] if row_params else params, num_inference_steps, not row_params)
+        session.row_params = row_params
+        if len(row_params) > 1 or not isinstance(params, TeaCacheParams):
+            session.rows = sessions
+        self.__dict__["_teacache_session"] = session
+
+    def _new_session(self, params: TeaCacheParams, num_inference_steps: int, watched: bool) -> TeaCacheSession:
+        """A generation's state for `params`; `watched`: its fit monitor observes the model's steps."""
+        coefficients, first_forced, last_forced = self.teacache_schedule(params)
         monitor = FitMonitor(
             coefficients,
             params.calibrated_range,
@@ -330,9 +405,47 @@ class TeaCacheMixin(CacheContextMixin):
             type(self).__name__,
             lambda: self.__dict__.get("_teacache_group"),
         )
-        session = TeaCacheSession(params, coefficients, num_inference_steps, first_forced, last_forced)
-        session.monitor, session.monitor_handle = monitor, self.add_teacache_observer(monitor)
-        self.__dict__["_teacache_session"] = session
+        return TeaCacheSession(
+            params=params,
+            coefficients=coefficients,
+            num_inference_steps=num_inference_steps,
+            first_forced_steps=first_forced,
+            last_forced_steps=last_forced,
+            monitor=monitor,
+            monitor_handle=self.add_teacache_observer(monitor) if watched else None,
+        )
+
+    def _check_row_params(self, params: Any) -> tuple[TeaCacheParams, ...]:
+        """The per-row parameters `params` asks for: () for a batch-shared decision."""
+        if isinstance(params, TeaCacheParams):
+            rows = (params,) if params.per_sample else ()
+        elif isinstance(params, Sequence) and not isinstance(params, str | bytes):
+            rows = tuple(params)
+            if not rows:
+                raise ValueError("params is an empty sequence: give one TeaCacheParams per batch row")
+            for index, row in enumerate(rows):
+                if not isinstance(row, TeaCacheParams):
+                    raise TypeError(f"params[{index}] must be a TeaCacheParams, got {type(row).__name__}")
+                if not row.per_sample:
+                    raise ValueError(
+                        f"params[{index}] has per_sample=False: a sequence of TeaCacheParams gives each batch row "
+                        "its own state, so each must say per_sample=True"
+                    )
+                shared = (row.indicator, row.use_ret_steps)
+                if shared != (rows[0].indicator, rows[0].use_ret_steps):
+                    raise ValueError(
+                        f"params[{index}] asks for indicator={row.indicator!r}, use_ret_steps={row.use_ret_steps}, "
+                        f"params[0] for indicator={rows[0].indicator!r}, use_ret_steps={rows[0].use_ret_steps}: "
+                        "the rows of one batch share the indicator"
+                    )
+        else:
+            return ()
+        if rows and self.teacache_row_inputs is None:
+            raise ValueError(
+                f"{type(self).__name__} cannot keep per-sample TeaCache state: its block-stack inputs cannot be "
+                "split by batch row; use per_sample=False (one decision for the whole batch)"
+            )
+        return rows
 
     def _detach_monitor(self) -> None:
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
@@ -417,7 +530,8 @@ class TeaCacheMixin(CacheContextMixin):
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("teacache_step() contexts cannot be nested")
         if session is not None and not session.closed:
-            self._check_step_order(session, step_index, (False, True) if batched_cfg else (is_cfg_negative,))
+            for row in session.rows or [session]:
+                self._check_step_order(row, step_index, (False, True) if batched_cfg else (is_cfg_negative,))
         _prepare_for_compile()
         context = _StepContext(step_index, is_cfg_negative, batched_cfg)
         self.__dict__["_teacache_context"] = context
@@ -426,7 +540,8 @@ class TeaCacheMixin(CacheContextMixin):
         except BaseException:
             if session is not None:
                 for negative in set(context.planned):
-                    session.branches[negative].forget_step(step_index)
+                    for row in [session, *(session.rows or ())]:
+                        row.branches[negative].forget_step(step_index)
             raise
         finally:
             self.__dict__["_teacache_context"] = None
@@ -485,15 +600,10 @@ class TeaCacheMixin(CacheContextMixin):
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         if session is None:
             return TeaCacheStats()
-        positive, negative = session.branches[False], session.branches[True]
-        return TeaCacheStats(
-            enabled=session.active,
-            teacache_thresh=session.params.teacache_thresh,
-            num_inference_steps=session.num_inference_steps,
-            positive=positive.stats(session.monitor.fit(False)),
-            negative=negative.stats(session.monitor.fit(True)),
-            disabled_reason=session.disabled_reason,
-        )
+        if session.per_sample and session.active:
+            rows = tuple(_session_stats(row, True, None) for row in session.rows or ())
+            return TeaCacheStats(True, None, session.num_inference_steps, rows=rows)
+        return _session_stats(session, session.active, session.disabled_reason)
 
     # ---- branch state, under the attribute names of the TeaCache design -------------------------
 
@@ -516,6 +626,8 @@ class TeaCacheMixin(CacheContextMixin):
         Inside a `teacache_step()` context the step observers then see the step (`add_teacache_observer`).
         """
         action, residual, observed = _helper("_teacache_plan")(self, hidden_states, block_inputs)
+        if action == "rows":
+            return self._run_rows(hidden_states, block_inputs, residual)
         if action == "skip":
             output = hidden_states + residual
         else:
@@ -526,11 +638,10 @@ class TeaCacheMixin(CacheContextMixin):
             _helper("_teacache_notify")(self, action == "skip", hidden_states, output)
         return output
 
-    def _teacache_plan(
-        self, hidden_states: torch.Tensor, block_inputs: dict[str, Any]
-    ) -> tuple[str, torch.Tensor | None, bool]:
-        """(action, residual, observed): "run" (a plain call, or TeaCache off), "compute" (run and cache) or
-        "skip" (reuse the residual), and whether step observers watch this call."""
+    def _teacache_plan(self, hidden_states: torch.Tensor, block_inputs: dict[str, Any]) -> tuple[str, Any, bool]:
+        """(action, residual, observed): "run" (a plain call, or TeaCache off), "compute" (run and cache),
+        "skip" (reuse the residual) or "rows" (per-sample state: the residual slot holds the `_RowPlan`),
+        and whether step observers watch this call."""
         context: _StepContext | None = self.__dict__.get("_teacache_context")
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         observed = context is not None and bool(self.__dict__.get("_teacache_observers"))
@@ -553,6 +664,8 @@ class TeaCacheMixin(CacheContextMixin):
         if not session.active:
             state.computed_steps.append(context.step_index)
             return "run", None, observed
+        if session.per_sample:
+            return "rows", self._plan_rows(session, context, hidden_states, block_inputs), observed
 
         indicator = self.teacache_indicator(hidden_states, **block_inputs)
         context.indicator = indicator.detach()
@@ -562,6 +675,97 @@ class TeaCacheMixin(CacheContextMixin):
             state.consecutive_skips += 1
             return "skip", state.skip_residual(context.step_index, session.params.residual_order), observed
         return "compute", None, observed
+
+    def _plan_rows(
+        self, session: TeaCacheSession, context: _StepContext, hidden_states: torch.Tensor, block_inputs: dict
+    ) -> _RowPlan:
+        """Each row's own decision, from its own slice of the indicator and its own state."""
+        batch = hidden_states.shape[0]
+        if session.rows is None:
+            session.rows = [
+                self._new_session(session.params, session.num_inference_steps, watched=False) for _ in range(batch)
+            ]
+        if len(session.rows) != batch:
+            raise ValueError(
+                f"this generation keeps per-sample state for {len(session.rows)} batch rows, but the call's batch "
+                f"has {batch}; give enable_teacache() one TeaCacheParams per row of the batch"
+            )
+        for name in self.teacache_row_inputs & block_inputs.keys():
+            _check_rows(name, block_inputs[name], batch)
+        indicator = self.teacache_indicator(hidden_states, **block_inputs).detach()
+        signature = _row_signature(hidden_states, indicator, block_inputs, self.teacache_row_inputs)
+        plan = _RowPlan(session.rows, [], {}, [])
+        for index, row in enumerate(session.rows):
+            state = row.branches[context.is_cfg_negative]
+            row_context = _StepContext(context.step_index, context.is_cfg_negative)
+            row_context.indicator = indicator[index : index + 1].clone()
+            plan.contexts.append(row_context)
+            if self._should_skip(row, state, row_context, signature, row_context.indicator):
+                state.skipped_steps.append(context.step_index)
+                state.consecutive_skips += 1
+                plan.residuals[index] = state.skip_residual(context.step_index, row.params.residual_order)
+            else:
+                plan.compute.append(index)
+        return plan
+
+    def _run_rows(self, hidden_states: torch.Tensor, block_inputs: dict[str, Any], plan: _RowPlan) -> torch.Tensor:
+        """A per-sample step: the block stack on the computing rows only (gathered, then put back in place),
+        each skipped row its own input plus its cached residual; no block runs when every row skips."""
+        batch = hidden_states.shape[0]
+        computed = None
+        if len(plan.compute) == batch:
+            computed = self.forward_blocks(hidden_states, **_materialize(block_inputs))  # (B, L, D)
+        elif plan.compute:
+            index = torch.tensor(plan.compute, device=hidden_states.device)
+            inputs = {
+                name: _take_rows(value, index) if name in self.teacache_row_inputs else value
+                for name, value in _materialize(block_inputs).items()
+            }
+            computed = self.forward_blocks(hidden_states.index_select(0, index), **inputs)  # (rows, L, D)
+        if computed is not None:
+            _helper("_teacache_record_rows")(self, plan, hidden_states, computed)
+        if computed is not None and len(plan.compute) == batch:
+            output = computed
+        else:
+            parts: list[torch.Tensor] = [None] * batch
+            for position, index in enumerate(plan.compute):
+                parts[index] = computed[position : position + 1]
+            for index, residual in plan.residuals.items():
+                parts[index] = hidden_states[index : index + 1] + residual
+            output = torch.cat(parts)
+        _helper("_teacache_notify_rows")(self, plan, hidden_states, output)
+        return output
+
+    def _teacache_record_rows(self, plan: _RowPlan, hidden_states: torch.Tensor, computed: torch.Tensor) -> None:
+        for position, index in enumerate(plan.compute):
+            row, context = plan.rows[index], plan.contexts[index]
+            state = row.branches[context.is_cfg_negative]
+            residual = (computed[position : position + 1] - hidden_states[index : index + 1]).detach()
+            state.record_residual(residual, context.step_index, row.params.residual_order)
+            state.computed_steps.append(context.step_index)
+
+    def _teacache_notify_rows(self, plan: _RowPlan, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+        """Each row's own observation: to its fit monitor, and to the model's step observers."""
+        observers = list(self.__dict__.get("_teacache_observers", {}).values())
+        generation = self.__dict__.get("_teacache_generation", -1)
+        for index, (row, context) in enumerate(zip(plan.rows, plan.contexts, strict=True)):
+            state = row.branches[context.is_cfg_negative]
+            observation = StepObservation(
+                generation=generation,
+                step_index=context.step_index,
+                is_cfg_negative=context.is_cfg_negative,
+                indicator_name=self.teacache_indicator_name,
+                indicator=context.indicator,
+                hidden_states=hidden_states[index : index + 1].detach(),
+                output=output[index : index + 1].detach(),
+                skipped=index in plan.residuals,
+                distance=context.distance,
+                accumulated_rel_l1_distance=state.accumulated_rel_l1_distance,
+                teacache_params=row.params,
+                row=index,
+            )
+            for observer in [row.monitor, *observers]:
+                observer(observation)
 
     def _teacache_notify(self, skipped: bool, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
         context: _StepContext = self.__dict__["_teacache_context"]
@@ -640,3 +844,15 @@ class TeaCacheMixin(CacheContextMixin):
         session.disabled_reason = reason
         session.release_tensors()
         warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=_caller_stacklevel())
+
+
+def _session_stats(session: TeaCacheSession, enabled: bool, disabled_reason: str | None) -> TeaCacheStats:
+    positive, negative = session.branches[False], session.branches[True]
+    return TeaCacheStats(
+        enabled=enabled,
+        teacache_thresh=session.params.teacache_thresh,
+        num_inference_steps=session.num_inference_steps,
+        positive=positive.stats(session.monitor.fit(False)),
+        negative=negative.stats(session.monitor.fit(True)),
+        disabled_reason=disabled_reason,
+    )

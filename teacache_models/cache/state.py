@@ -116,6 +116,8 @@ class StepObservation:
         distance: the indicator's relative L1 change from the branch's previous step, None on a forced step.
         accumulated_rel_l1_distance: the branch's accumulator after the decision, None without a decision.
         teacache_params: the running generation's parameters, None when TeaCache is off.
+        row: under per-sample state (`TeaCacheParams.per_sample`), the batch row this observation is of (its
+            tensors are that row's, batch size 1, and `teacache_params` that row's); None for a whole batch.
     """
 
     generation: int
@@ -129,11 +131,16 @@ class StepObservation:
     distance: float | None
     accumulated_rel_l1_distance: float | None
     teacache_params: TeaCacheParams | None
+    row: int | None = None
 
 
 @dataclass
 class TeaCacheSession:
-    """One generation's cache: created by `enable_teacache`, read by `teacache_stats`."""
+    """One generation's cache: created by `enable_teacache`, read by `teacache_stats`.
+
+    Under per-sample state `rows` holds one session per batch row (each with its own params, branches and
+    fit monitor); `row_params` are what rows are made from (one per row, or one for any batch size).
+    """
 
     params: TeaCacheParams
     coefficients: tuple[float, ...]
@@ -147,12 +154,20 @@ class TeaCacheSession:
     # The generation's FitMonitor (`monitor.py`) and the handle of its step observer.
     monitor: Any = None
     monitor_handle: Any = None
+    rows: list[TeaCacheSession] | None = None
+    row_params: tuple[TeaCacheParams, ...] = ()
+
+    @property
+    def per_sample(self) -> bool:
+        return bool(self.row_params)
 
     def release_tensors(self) -> None:
         for state in self.branches.values():
             state.release_tensors()
         if self.monitor is not None:
             self.monitor.release_tensors()
+        for row in self.rows or ():
+            row.release_tensors()
 
 
 # A fit is judged from this many (predicted, actual) pairs of a branch at least.
@@ -266,17 +281,31 @@ class TeaCacheStats:
     positive: BranchStats = BranchStats()
     negative: BranchStats = BranchStats()
     disabled_reason: str | None = None
+    # Per-sample state (`TeaCacheParams.per_sample`): one record per batch row; `positive` and `negative`
+    # then stay empty, since no schedule belongs to the batch as a whole.
+    rows: tuple[TeaCacheStats, ...] = ()
 
     @property
     def num_computed(self) -> int:
+        if self.rows:
+            return sum(row.num_computed for row in self.rows)
         return self.positive.num_computed + self.negative.num_computed
 
     @property
     def num_skipped(self) -> int:
+        if self.rows:
+            return sum(row.num_skipped for row in self.rows)
         return self.positive.num_skipped + self.negative.num_skipped
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON: the numbers of a run's sidecar."""
+        if self.rows:
+            return {
+                "enabled": self.enabled,
+                "num_inference_steps": self.num_inference_steps,
+                "disabled_reason": self.disabled_reason,
+                "rows": [row.as_dict() for row in self.rows],
+            }
         return {
             "enabled": self.enabled,
             "teacache_thresh": self.teacache_thresh,
@@ -294,7 +323,9 @@ class TeaCacheStats:
         }
 
     def summary(self) -> str:
-        """One line: computed and skipped steps per branch."""
+        """One line: computed and skipped steps per branch (per row under per-sample state)."""
+        if self.rows:
+            return "; ".join(f"row {i}: {row.summary()}" for i, row in enumerate(self.rows))
         parts = []
         for name, stats in (("positive", self.positive), ("negative", self.negative)):
             if stats.num_computed or stats.num_skipped:

@@ -259,6 +259,11 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "norm"]
     _repeated_blocks: ClassVar[list[str]] = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
 
+    # Per-sample TeaCache gathers these by batch row; the rotary tables are shared.
+    teacache_row_inputs = frozenset(
+        {"encoder_hidden_states", "temb", "controlnet_block_samples", "controlnet_single_block_samples"}
+    )
+
     @register_config
     def __init__(
         self,

@@ -93,6 +93,9 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         "HunyuanVideoTokenRefiner",
     ]
 
+    # Per-sample TeaCache gathers these by batch row; the rotary tables are shared.
+    teacache_row_inputs = frozenset({"encoder_hidden_states", "temb", "attention_mask", "token_replace"})
+
     @register_config
     def __init__(
         self,

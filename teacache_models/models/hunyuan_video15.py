@@ -159,6 +159,9 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
         "HunyuanVideo15TokenRefiner",
     ]
 
+    # Per-sample TeaCache gathers these by batch row; the rotary tables are shared.
+    teacache_row_inputs = frozenset({"encoder_hidden_states", "temb", "attention_mask"})
+
     @register_config
     def __init__(
         self,

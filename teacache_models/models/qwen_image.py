@@ -384,6 +384,12 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "norm"]
     _repeated_blocks: ClassVar[list[str]] = ["QwenImageTransformerBlock"]
 
+    # Per-sample TeaCache gathers these by batch row; the rotary factors are shared. With condition tokens
+    # (`zero_cond_t`) `temb` holds two rows per sample, and per-sample state is refused.
+    teacache_row_inputs = frozenset(
+        {"encoder_hidden_states", "temb", "attention_mask", "condition_tokens", "controlnet_block_samples"}
+    )
+
     @register_config
     def __init__(
         self,

@@ -350,6 +350,8 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         TeaCacheIndicator("timestep_proj", ret_steps=True, first_forced_steps=5, free_last_steps=1),
         TeaCacheIndicator("modulated_input"),
     )
+    # Per-sample TeaCache gathers these by batch row; the rotary factors are shared.
+    teacache_row_inputs = frozenset({"context", "image_context", "temb", "timestep_proj"})
 
     @register_config
     def __init__(

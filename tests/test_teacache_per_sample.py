@@ -309,3 +309,28 @@ def test_qwen_image_condition_tokens_cannot_be_split_by_row():
     refusal = pytest.raises(ValueError, match=r"block input 'temb'.*per_sample=False")
     with torch.no_grad(), model.teacache_step(0), refusal:
         model(**inputs, return_dict=False)
+
+
+def test_rows_at_their_own_steps_match_their_solo_runs_and_bad_calls_are_refused():
+    model = RowModel()
+    x = torch.randn(2, 3, WIDTH, generator=torch.Generator().manual_seed(3))
+    rows = [model.new_teacache_row(TeaCacheParams(teacache_thresh=0.1, per_sample=True), 8) for _ in range(2)]
+    outputs = {0: [], 1: []}
+    for tick in range(10):  # row 1 joins two steps after row 0
+        steps = [s for s in (tick, tick - 2) if 0 <= s < 8]
+        live = [i for i, s in ((0, tick), (1, tick - 2)) if 0 <= s < 8]
+        t = torch.stack([ROW_TIMESTEPS[i, s] for i, s in zip(live, steps, strict=True)])
+        with torch.no_grad(), model.teacache_rows_step([rows[i] for i in live], steps):
+            out = model(x[live], t)
+        for position, i in enumerate(live):
+            outputs[i].append(out[position : position + 1])
+    for i in (0, 1):
+        solo, solo_stats = run_rows(
+            model, TeaCacheParams(teacache_thresh=0.1), ROW_TIMESTEPS[i : i + 1], x=x[i : i + 1]
+        )
+        assert model.teacache_row_stats(rows[i]).positive == solo_stats.positive
+        assert all(torch.equal(a, b) for a, b in zip(outputs[i], solo, strict=True))
+    with pytest.raises(ValueError, match="as long as each other"), model.teacache_rows_step(rows, [0]):
+        pass
+    with pytest.raises(ValueError, match="is not after 7"), model.teacache_rows_step(rows[:1], [7]):
+        pass

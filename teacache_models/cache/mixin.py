@@ -19,6 +19,7 @@ A block input that only the blocks read (rotary tables, projected text) can be p
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -202,6 +203,9 @@ class _StepContext:
     # What the decision saw, for the step observers: the indicator and its relative L1 distance.
     indicator: torch.Tensor | None = None
     distance: float | None = None
+    # A call of requests batched step by step (`teacache_rows_step`): each row's state and step index.
+    rows: list[TeaCacheSession] | None = None
+    row_steps: list[int] | None = None
 
 
 class ObserverHandle:
@@ -496,7 +500,12 @@ class TeaCacheMixin(CacheContextMixin):
 
     @property
     def teacache_indicator_name(self) -> str:
-        """The indicator of the running generation (the model's default when TeaCache is off)."""
+        """The indicator of the running generation (the model's default when TeaCache is off); inside a
+        `teacache_rows_step` call, that of its rows."""
+        context: _StepContext | None = self.__dict__.get("_teacache_context")
+        if context is not None and context.rows is not None:
+            cached = [row.params for row in context.rows if row.active]
+            return self.teacache_indicator_for(cached[0] if cached else None).name
         return self.teacache_indicator_for(self.teacache_params).name
 
     @property
@@ -561,6 +570,73 @@ class TeaCacheMixin(CacheContextMixin):
                     "CFG branch: within one generation each branch's step indices must increase; call "
                     "enable_teacache() to start a new generation"
                 )
+
+    def new_teacache_row(self, params: TeaCacheParams | None, num_inference_steps: int) -> TeaCacheSession:
+        """One request's own TeaCache state, for batching requests step by step (`teacache_rows_step`).
+
+        `params` None: the request runs without the cache (its rows always compute). The state lives as long
+        as the caller keeps it; `teacache_row_stats(row)` reads its record.
+        """
+        if params is not None and not isinstance(params, TeaCacheParams):
+            raise TypeError(f"params must be a TeaCacheParams or None, got {type(params).__name__}")
+        num_inference_steps = require_int("num_inference_steps", num_inference_steps, 1, wrong_type=TypeError)
+        self._check_row_params([dataclasses.replace(params or TeaCacheParams(teacache_thresh=0.0), per_sample=True)])
+        if params is None:
+            row = TeaCacheSession(TeaCacheParams(teacache_thresh=0.0), (), num_inference_steps, 0, 0, active=False)
+            row.monitor = FitMonitor((), None, num_inference_steps, type(self).__name__)
+            return row
+        return self._new_session(params, num_inference_steps, watched=False)
+
+    @staticmethod
+    def teacache_row_stats(row: TeaCacheSession) -> TeaCacheStats:
+        """The record of a request state made by `new_teacache_row`."""
+        return _session_stats(row, row.active, None)
+
+    @contextmanager
+    def teacache_rows_step(
+        self, rows: Sequence[TeaCacheSession], step_indices: Sequence[int], is_cfg_negative: bool = False
+    ) -> Iterator[None]:
+        """Declare a call whose batch row i belongs to the request state `rows[i]` at its step `step_indices[i]`.
+
+        Requests join and leave between calls: each row keeps its own step count, step index and TeaCache
+        state (per CFG branch), and decides alone, as under per-sample state. A call that raises is not
+        recorded: each row's next step computes.
+        """
+        rows, step_indices = (
+            list(rows),
+            [require_int("step_indices[i]", s, 0, wrong_type=TypeError) for s in step_indices],
+        )
+        if not rows or len(rows) != len(step_indices):
+            raise ValueError(
+                f"rows and step_indices must be non-empty and as long as each other, got {len(rows)} and "
+                f"{len(step_indices)}"
+            )
+        if not all(isinstance(row, TeaCacheSession) for row in rows) or len({id(r) for r in rows}) != len(rows):
+            raise TypeError("rows must be distinct request states made by new_teacache_row()")
+        if not isinstance(is_cfg_negative, bool):
+            raise ValueError(f"is_cfg_negative must be True or False, got {is_cfg_negative!r}")
+        if self.__dict__.get("_teacache_context") is not None:
+            raise RuntimeError("teacache_step() contexts cannot be nested")
+        for row, step in zip(rows, step_indices, strict=True):
+            self._check_step_order(row, step, (is_cfg_negative,))
+        indicators = {self.teacache_indicator_for(row.params).name for row in rows if row.active}
+        if len(indicators) > 1:
+            raise ValueError(
+                f"the rows of one call must share the TeaCache indicator (computed once for the batch), got "
+                f"{sorted(indicators)}"
+            )
+        _prepare_for_compile()
+        context = _StepContext(min(step_indices), is_cfg_negative, rows=rows, row_steps=step_indices)
+        self.__dict__["_teacache_context"] = context
+        try:
+            yield
+        except BaseException:
+            if context.planned:
+                for row, step in zip(rows, step_indices, strict=True):
+                    row.branches[is_cfg_negative].forget_step(step)
+            raise
+        finally:
+            self.__dict__["_teacache_context"] = None
 
     def claim_batched_cfg_call(self) -> bool:
         """For a model that splits a batched-CFG call itself: True when the current call must be split.
@@ -645,6 +721,10 @@ class TeaCacheMixin(CacheContextMixin):
         context: _StepContext | None = self.__dict__.get("_teacache_context")
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         observed = context is not None and bool(self.__dict__.get("_teacache_observers"))
+        if context is not None and context.rows is not None:
+            self._claim(context)
+            context.planned.append(context.is_cfg_negative)
+            return "rows", self._plan_rows(context.rows, context, hidden_states, block_inputs), observed
         if context is None or session is None or session.closed:
             return "run", None, observed
         self._claim(context)
@@ -665,7 +745,13 @@ class TeaCacheMixin(CacheContextMixin):
             state.computed_steps.append(context.step_index)
             return "run", None, observed
         if session.per_sample:
-            return "rows", self._plan_rows(session, context, hidden_states, block_inputs), observed
+            return (
+                "rows",
+                self._plan_rows(
+                    self._generation_rows(session, hidden_states.shape[0]), context, hidden_states, block_inputs
+                ),
+                observed,
+            )
 
         indicator = self.teacache_indicator(hidden_states, **block_inputs)
         context.indicator = indicator.detach()
@@ -676,11 +762,8 @@ class TeaCacheMixin(CacheContextMixin):
             return "skip", state.skip_residual(context.step_index, session.params.residual_order), observed
         return "compute", None, observed
 
-    def _plan_rows(
-        self, session: TeaCacheSession, context: _StepContext, hidden_states: torch.Tensor, block_inputs: dict
-    ) -> _RowPlan:
-        """Each row's own decision, from its own slice of the indicator and its own state."""
-        batch = hidden_states.shape[0]
+    def _generation_rows(self, session: TeaCacheSession, batch: int) -> list[TeaCacheSession]:
+        """The row states of a per-sample generation, made at its first call (one per row of its batch)."""
         if session.rows is None:
             session.rows = [
                 self._new_session(session.params, session.num_inference_steps, watched=False) for _ in range(batch)
@@ -690,20 +773,33 @@ class TeaCacheMixin(CacheContextMixin):
                 f"this generation keeps per-sample state for {len(session.rows)} batch rows, but the call's batch "
                 f"has {batch}; give enable_teacache() one TeaCacheParams per row of the batch"
             )
+        return session.rows
+
+    def _plan_rows(
+        self, rows: list[TeaCacheSession], context: _StepContext, hidden_states: torch.Tensor, block_inputs: dict
+    ) -> _RowPlan:
+        """Each row's own decision, from its own slice of the indicator and its own state."""
+        batch = hidden_states.shape[0]
+        if len(rows) != batch:
+            raise ValueError(f"the step declares {len(rows)} rows, but the call's batch has {batch} (they must match)")
         for name in self.teacache_row_inputs & block_inputs.keys():
             _check_rows(name, block_inputs[name], batch)
         indicator = self.teacache_indicator(hidden_states, **block_inputs).detach()
         signature = _row_signature(hidden_states, indicator, block_inputs, self.teacache_row_inputs)
-        plan = _RowPlan(session.rows, [], {}, [])
-        for index, row in enumerate(session.rows):
+        plan = _RowPlan(rows, [], {}, [])
+        for index, row in enumerate(rows):
             state = row.branches[context.is_cfg_negative]
-            row_context = _StepContext(context.step_index, context.is_cfg_negative)
+            step = context.step_index if context.row_steps is None else context.row_steps[index]
+            row_context = _StepContext(step, context.is_cfg_negative)
             row_context.indicator = indicator[index : index + 1].clone()
             plan.contexts.append(row_context)
-            if self._should_skip(row, state, row_context, signature, row_context.indicator):
-                state.skipped_steps.append(context.step_index)
+            if not row.active:
+                state.computed_steps.append(step)  # no decision: this request runs without the cache
+                plan.compute.append(index)
+            elif self._should_skip(row, state, row_context, signature, row_context.indicator):
+                state.skipped_steps.append(step)
                 state.consecutive_skips += 1
-                plan.residuals[index] = state.skip_residual(context.step_index, row.params.residual_order)
+                plan.residuals[index] = state.skip_residual(step, row.params.residual_order)
             else:
                 plan.compute.append(index)
         return plan
@@ -739,6 +835,8 @@ class TeaCacheMixin(CacheContextMixin):
     def _teacache_record_rows(self, plan: _RowPlan, hidden_states: torch.Tensor, computed: torch.Tensor) -> None:
         for position, index in enumerate(plan.compute):
             row, context = plan.rows[index], plan.contexts[index]
+            if not row.active:
+                continue
             state = row.branches[context.is_cfg_negative]
             residual = (computed[position : position + 1] - hidden_states[index : index + 1]).detach()
             state.record_residual(residual, context.step_index, row.params.residual_order)
@@ -761,7 +859,7 @@ class TeaCacheMixin(CacheContextMixin):
                 skipped=index in plan.residuals,
                 distance=context.distance,
                 accumulated_rel_l1_distance=state.accumulated_rel_l1_distance,
-                teacache_params=row.params,
+                teacache_params=row.params if row.active else None,
                 row=index,
             )
             for observer in [row.monitor, *observers]:

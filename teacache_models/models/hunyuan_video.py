@@ -207,7 +207,7 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
             ),  # (B, Lt, D)
             temb=temb,
             attention_mask=attention_mask,
-            rope=Deferred(rope, (latents,)),
+            rope=Deferred(rope, (tuple(latents.shape[1:]),)),  # per sample: a batch of any size shares it
             token_replace=None if replace_emb is None else (replace_emb, first_frame_tokens),
         )  # (B, Li, D)
 

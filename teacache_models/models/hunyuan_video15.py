@@ -284,7 +284,7 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
             ),  # (B, Lt + L2 + Lv, D)
             temb=temb,
             attention_mask=attention_mask,
-            rope=Deferred(rope, (latents,)),
+            rope=Deferred(rope, (tuple(latents.shape[1:]),)),  # per sample: a batch of any size shares it
         )  # (B, Li, D)
 
         output = self.proj_out(self.norm_out(hidden_states, temb))  # (B, Li, p_t * p * p * C)

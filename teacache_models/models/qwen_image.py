@@ -502,7 +502,7 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             hidden_states,
             encoder_hidden_states=Deferred(lambda: self.txt_in(self.txt_norm(text)), (text,)),  # (B, Lt, D)
             temb=temb,
-            rope=Deferred(rope, (text, layout)),  # a new layout of as many tokens needs new factors
+            rope=Deferred(rope, (text.shape[1], layout)),  # a new layout of as many tokens needs new factors
             attention_mask=attention_mask,
             condition_tokens=condition_tokens,
             controlnet_block_samples=controlnet_block_samples,

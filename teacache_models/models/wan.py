@@ -466,7 +466,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
             image_context=Deferred(lambda: context(1), sources),
             temb=temb,
             timestep_proj=timestep_proj,
-            rope=Deferred(rope, (latents,)),
+            rope=Deferred(rope, (tuple(latents.shape[1:]),)),  # per sample: a batch of any size shares it
         )  # (B, L, D)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)

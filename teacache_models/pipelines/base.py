@@ -97,6 +97,8 @@ class Pipeline(PipelineLoraMixin):
       an error, so a setting is never silently ignored.
     - `default_negative_prompt`: the negative prompt used when `SamplingParams.negative_prompt` is None.
     - `cfg_rule`: when the negative branch runs, in words (for the errors about settings it would ignore).
+    - `per_sample_timesteps`: `predict` takes one timestep per sample and one transformer runs every step,
+      so requests at different steps can share a batch (`teacache_models.server.batching`).
     """
 
     family: ClassVar[str]
@@ -107,6 +109,7 @@ class Pipeline(PipelineLoraMixin):
     default_negative_prompt: ClassVar[str | None] = None
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1"
     is_video: ClassVar[bool] = False
+    per_sample_timesteps: ClassVar[bool] = False
     # Text encoding reads at most this many tokens (the diffusers pipeline's default).
     max_sequence_length: int = 512
     # The largest `max_sequence_length` the family's reference pipeline accepts; None: no cap.

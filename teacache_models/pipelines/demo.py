@@ -120,6 +120,8 @@ class DigitPipeline(Pipeline):
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"flow_shift"})
     default_negative_prompt: ClassVar[str] = ""
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale is not 1"
+    # `predict_flow` takes a noise level per sample: requests at different steps can share a batch.
+    per_sample_timesteps: ClassVar[bool] = True
 
     def __init__(
         self,

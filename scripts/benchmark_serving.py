@@ -1,0 +1,212 @@
+"""Serving throughput: requests one at a time, as static batches, and batched step by step.
+
+A fixed arrival pattern of `--requests` requests (request i arrives `i * --arrival-interval` seconds after
+the start) with mixed prompts and TeaCache thresholds is served three ways on one pipeline, in one process:
+
+1. one at a time: each request alone (`pipe(prompt, params)`), in arrival order;
+2. static batches: the requests waiting when the previous batch ends, up to `--concurrency`, run together
+   to the end of the longest (per-sample TeaCache state, `ContinuousBatcher` without joining);
+3. continuous: a request joins the running batch at the next step boundary, a finished one leaves at once
+   (`ContinuousBatcher`, at most `--concurrency` rows).
+
+Reported per mode: throughput (images per minute over the whole run), latency p50 / p95 (arrival to
+result), the fraction of block-stack rows computed (rows a forward call ran through the blocks / rows it
+carried, both CFG branches), the speedup of the mode's throughput over one at a time, and the largest
+difference of any output from its run alone (the one-at-a-time output) with whether every TeaCache
+schedule equals its solo schedule. `--repeats` runs the whole comparison several times, modes
+interleaved, and prints every repeat's throughput, so the spread on a shared machine shows.
+
+    python scripts/benchmark_serving.py [--model flux-digits|wan-digits|flux-medium] [--requests 16]
+        [--concurrency 8] [--steps 20] [--arrival-interval 0.05] [--repeats 3] [--threads 2] [--json out.json]
+
+`flux-medium` is a randomly initialised Flux transformer of medium width (4 dual + 8 single blocks, 8
+heads x 64) on the Flux demo's text encoder and pixel space, 32x32: the forward costs what a medium model
+costs on this CPU; its outputs are noise, and its TeaCache uses the demo's coefficients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from teacache_models import SamplingParams
+from teacache_models.pipelines import load_pipeline
+from teacache_models.server.batching import ContinuousBatcher
+
+PROMPTS = ("a digit 3", "seven", "the digit 0", "a handwritten 5", "nine", "a digit 1", "two", "an 8")
+THRESHOLDS = (0.2, 0.36, 0.0, 0.3)
+
+
+def medium_flux_pipeline() -> object:
+    from teacache_models.models import FluxTransformer2DModel
+    from teacache_models.pipelines.demo import FluxDigitsPipeline
+
+    demo = load_pipeline("flux-digits")
+    config = demo.transformer.config
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        in_channels=config.in_channels,
+        num_layers=4,
+        num_single_layers=8,
+        attention_head_dim=64,
+        num_attention_heads=8,
+        joint_attention_dim=config.joint_attention_dim,
+        pooled_projection_dim=config.pooled_projection_dim,
+        guidance_embeds=config.guidance_embeds,
+        axes_dims_rope=(16, 24, 24),
+    ).eval()
+    transformer.set_teacache_fits(demo.transformer.teacache_fits)
+    return FluxDigitsPipeline(transformer, text_encoder=demo.text_encoder, zoo_entry=demo.zoo_entry)
+
+
+def make_requests(pipe: object, count: int, steps: int, size: int) -> list[tuple[str, SamplingParams]]:
+    base = pipe.default_sampling_params(height=size, width=size, num_inference_steps=steps)
+    requests = []
+    for i in range(count):
+        cache = dataclasses.replace(base.teacache_params, teacache_thresh=THRESHOLDS[i % len(THRESHOLDS)])
+        params = dataclasses.replace(base, teacache_params=cache, seed=i)
+        requests.append((PROMPTS[i % len(PROMPTS)], params))
+    return requests
+
+
+def one_at_a_time(pipe, requests, arrivals):
+    start = time.perf_counter()
+    results, latencies, computed, total = [], [], 0, 0
+    for (prompt, params), arrival in zip(requests, arrivals, strict=True):
+        while time.perf_counter() - start < arrival:
+            time.sleep(0.001)
+        result = pipe(prompt, params)
+        results.append(result)
+        latencies.append(time.perf_counter() - start - arrival)
+        stats = result.teacache_stats
+        computed += stats.num_computed
+        total += stats.num_computed + stats.num_skipped
+    return time.perf_counter() - start, results, latencies, computed / total
+
+
+def batched(pipe, requests, arrivals, concurrency, continuous):
+    batcher = ContinuousBatcher(pipe, max_batch=concurrency, join_running=continuous)
+    start = time.perf_counter()
+    submitted, order = 0, []
+    while submitted < len(requests) or not batcher.idle:
+        now = time.perf_counter() - start
+        while submitted < len(requests) and arrivals[submitted] <= now:
+            order.append(batcher.submit(*requests[submitted]))
+            order[-1].submitted_at = start + arrivals[submitted]
+            submitted += 1
+        if batcher.idle:
+            time.sleep(0.001)
+            continue
+        batcher.step()
+    elapsed = time.perf_counter() - start
+    latencies = [r.finished_at - r.submitted_at for r in order]
+    return elapsed, [r.result for r in order], latencies, batcher.rows_computed / batcher.rows_total
+
+
+def compare(results, solo):
+    worst = max(float((a.images - b.images).abs().max()) for a, b in zip(results, solo, strict=True))
+    same = all(a.teacache_stats.rows == () and _same(a, b) for a, b in zip(results, solo, strict=True))
+    return worst, same
+
+
+def _same(result, solo) -> bool:
+    mine, theirs = result.teacache_stats, solo.teacache_stats
+    return mine.positive == theirs.positive and mine.negative == theirs.negative
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["flux-digits", "wan-digits", "flux-medium"], default="flux-digits")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--arrival-interval", type=float, default=0.05, help="seconds between arrivals")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
+    args = parser.parse_args(argv)
+    for name in ("requests", "concurrency", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.arrival_interval < 0:
+        parser.error(f"--arrival-interval must be >= 0, got {args.arrival_interval}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    pipe = medium_flux_pipeline() if args.model == "flux-medium" else load_pipeline(args.model)
+    size = 32 if args.model == "flux-medium" else 16
+    requests = make_requests(pipe, args.requests, args.steps, size)
+    arrivals = [i * args.arrival_interval for i in range(args.requests)]
+    pipe(*requests[0])  # warm-up
+
+    runs: dict[str, list[dict]] = {"one at a time": [], "static batches": [], "continuous": []}
+    for _ in range(args.repeats):
+        elapsed, solo, latencies, fraction = one_at_a_time(pipe, requests, arrivals)
+        runs["one at a time"].append(_row(args.requests, elapsed, latencies, fraction, 0.0, True))
+        for mode, continuous in (("static batches", False), ("continuous", True)):
+            elapsed, results, latencies, fraction = batched(pipe, requests, arrivals, args.concurrency, continuous)
+            runs[mode].append(_row(args.requests, elapsed, latencies, fraction, *compare(results, solo)))
+
+    base = statistics.median(r["images_per_min"] for r in runs["one at a time"])
+    print(
+        f"{args.model}: {args.requests} requests, {args.steps} steps, arrivals every {args.arrival_interval} s, "
+        f"concurrency {args.concurrency}, {torch.get_num_threads()} threads, {args.repeats} repeat(s)"
+    )
+    header = (
+        "| mode | images/min (median; each repeat) | p50 latency s | p95 latency s | rows computed | speedup "
+        "| max diff vs solo | schedules = solo |"
+    )
+    print(header)
+    print("|" + "---|" * 8)
+    summary = {}
+    for mode, rows in runs.items():
+        throughput = statistics.median(r["images_per_min"] for r in rows)
+        each = ", ".join(f"{r['images_per_min']:.1f}" for r in rows)
+        summary[mode] = dict(
+            images_per_min=throughput,
+            p50_s=statistics.median(r["p50_s"] for r in rows),
+            p95_s=statistics.median(r["p95_s"] for r in rows),
+            rows_computed=statistics.median(r["rows_computed"] for r in rows),
+            speedup=throughput / base,
+            max_diff=max(r["max_diff"] for r in rows),
+            schedules_equal=all(r["schedules_equal"] for r in rows),
+            repeats=rows,
+        )
+        s = summary[mode]
+        print(
+            f"| {mode} | {throughput:.1f} ({each}) | {s['p50_s']:.2f} | {s['p95_s']:.2f} | "
+            f"{s['rows_computed']:.1%} | {s['speedup']:.2f}x | {s['max_diff']:.1e} | {s['schedules_equal']} |"
+        )
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "modes": summary}, indent=2)
+        )
+    return summary
+
+
+def _row(count, elapsed, latencies, fraction, max_diff, schedules_equal) -> dict:
+    return dict(
+        images_per_min=count / elapsed * 60,
+        p50_s=percentile(latencies, 0.5),
+        p95_s=percentile(latencies, 0.95),
+        rows_computed=fraction,
+        max_diff=max_diff,
+        schedules_equal=schedules_equal,
+    )
+
+
+if __name__ == "__main__":
+    main()

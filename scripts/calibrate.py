@@ -21,6 +21,10 @@ fraction of block-stack calls computed and the mean PSNR against the uncached ou
 (threshold 0 computes every step, bit-identical to uncached). With `--write-config` the table goes into
 `teacache.threshold_table`, from which `--teacache-target-speedup` (scripts/generate.py) and
 `ZooEntry.teacache_for_speedup` pick a threshold. `--table-thresholds` with no value skips the sweep.
+
+A pipeline with two experts (Wan2.2 A14B) gets one fit per expert unless `--component` picks one: each
+expert's steps are recorded apart, `--plot` saves one PNG per expert (`<stem>-<expert>.png`), `--json`
+keeps points and fit under `experts`, and `--write-config` writes `teacache.fits.<expert>.<indicator>`.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from teacache_models.calibration import (  # noqa: E402
     TARGETS,
     fit_polynomial,
     plot_fit,
-    record_runs,
+    record_runs_per_model,
     write_coefficients,
+    write_expert_fits,
     write_threshold_table,
 )
 from teacache_models.cli import lora_argument  # noqa: E402
@@ -62,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="zoo name, zoo YAML or local diffusers-layout folder")
     parser.add_argument("--config", help="zoo entry (name or YAML) for a folder: its sampling defaults")
-    parser.add_argument("--component", help="which transformer to record when the pipeline has several (Wan2.2)")
+    parser.add_argument(
+        "--component",
+        help="record only this transformer when the pipeline has several (default: one fit per Wan2.2 expert)",
+    )
     parser.add_argument(
         "--lora",
         action="append",
@@ -84,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--plot", type=Path, help="save the scatter-and-fit PNG here")
     parser.add_argument("--json", type=Path, help="save the fit and every recorded point here")
-    parser.add_argument("--write-config", type=Path, help="zoo YAML whose presets using this indicator get the fit")
+    parser.add_argument(
+        "--write-config",
+        type=Path,
+        help="zoo YAML whose presets using this indicator get the fit (two experts: teacache.fits per expert)",
+    )
     parser.add_argument(
         "--table-thresholds",
         type=float,
@@ -123,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, torch_dtype=args.dtype, device=args.device, zoo_entry=entry)
     pipe.load_loras(args.lora)
     models = pipe.teacache_models()
-    if args.component is None and len(models) > 1:
-        raise SystemExit(f"the pipeline has several transformers {sorted(models)}: choose one with --component")
     name = args.component or next(iter(models))
     if name not in models:
         raise SystemExit(f"--component {name!r} is not one of {sorted(models)}")
+    # Without --component, a pipeline with several transformers (Wan2.2 A14B's experts) gets one fit per expert.
+    recorded = models if args.component is None and len(models) > 1 else {name: models[name]}
     model = models[name]
     indicator = args.indicator or model.supported_teacache_indicators[0]
     if indicator not in model.supported_teacache_indicators:
@@ -153,54 +165,79 @@ def main(argv: list[str] | None = None) -> int:
             uncached[prompt, seed] = pixels(generate(prompt, seed, params))
 
     started = time.perf_counter()
-    records = record_runs(model, run, indicator, args.target)
-    fit = fit_polynomial([r.x for r in records], [r.y for r in records], args.degree)
+    records_by = record_runs_per_model(recorded, run, indicator, args.target)
+    fits = {n: fit_polynomial([r.x for r in rs], [r.y for r in rs], args.degree) for n, rs in records_by.items()}
     wall = time.perf_counter() - started
-    print(
-        f"{len(prompts)} prompts x {args.seeds} seeds, indicator {indicator}, target {args.target}: "
-        f"{fit.num_points} points, R^2 {fit.r_squared:.4f}, x in [{fit.x_min:.4g}, {fit.x_max:.4g}] ({wall:.1f} s)"
-    )
-    print("coefficients (highest degree first): [" + ", ".join(f"{c:.8e}" for c in fit.coefficients) + "]")
+    print(f"{len(prompts)} prompts x {args.seeds} seeds, indicator {indicator}, target {args.target} ({wall:.1f} s)")
+    for component, fit in fits.items():
+        print(
+            f"{component}: {fit.num_points} points, R^2 {fit.r_squared:.4f}, x in [{fit.x_min:.4g}, {fit.x_max:.4g}]; "
+            "coefficients (highest degree first): [" + ", ".join(f"{c:.8e}" for c in fit.coefficients) + "]"
+        )
 
     label = Path(args.model).name
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         y_label = "rel. L1 change of block-stack " + ("output" if args.target == "output" else "residual")
-        title = f"{label} ({name}): {indicator}, {fit.num_points} points, R$^2$ {fit.r_squared:.3f}"
-        plot_fit(records, fit, args.plot, title, f"rel. L1 change of indicator '{indicator}'", y_label)
-        print(f"plot: {args.plot}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "model": args.model,
-            "loras": [dataclasses.asdict(spec) for spec in args.lora],
-            "component": name,
-            "indicator": indicator,
-            "target": args.target,
-            "prompts": prompts,
-            "seeds": list(seeds),
+        for component, fit in fits.items():
+            # One PNG per expert: the given path with the expert's name appended.
+            path = args.plot if len(fits) == 1 else args.plot.with_stem(f"{args.plot.stem}-{component}")
+            title = f"{label} ({component}): {indicator}, {fit.num_points} points, R$^2$ {fit.r_squared:.3f}"
+            plot_fit(records_by[component], fit, path, title, f"rel. L1 change of indicator '{indicator}'", y_label)
+            print(f"plot: {path}")
+    record: dict[str, Any] = {
+        "model": args.model,
+        "loras": [dataclasses.asdict(spec) for spec in args.lora],
+        "indicator": indicator,
+        "target": args.target,
+        "prompts": prompts,
+        "seeds": list(seeds),
+    }
+    per_component = {
+        component: {
             "fit": fit.as_dict(),
             "points": {
-                branch: [[r.x, r.y] for r in records if r.is_cfg_negative == negative]
+                branch: [[r.x, r.y] for r in records_by[component] if r.is_cfg_negative == negative]
                 for branch, negative in (("positive", False), ("negative", True))
             },
         }
+        for component, fit in fits.items()
+    }
+    if len(fits) == 1:
+        record.update(component=name, **per_component[name])
+    else:
+        record["experts"] = per_component
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record) + "\n")
         print(f"json: {args.json}")
+    fit = fits[name]
     updated = []
-    if args.write_config:
+    if args.write_config and len(fits) > 1:
+        write_expert_fits(args.write_config, indicator, fits)
+        print(f"{args.write_config}: per-expert fits of indicator {indicator} written for {sorted(fits)}")
+    elif args.write_config:
         updated = write_coefficients(args.write_config, indicator, fit, model.supported_teacache_indicators[0])
         print(f"{args.write_config}: coefficients of presets {updated} updated")
     if args.table_thresholds:
         preset, base = table_settings(args, entry, indicator, updated, fit)
+        if len(fits) > 1:
+            # Each expert rescales with its own new fit (coefficients None take the model's fits).
+            for component, expert_fit in fits.items():
+                recorded[component].set_teacache_fits(
+                    {**recorded[component].teacache_fits, indicator: expert_fit.coefficients}
+                )
+            low, high = min(f.x_min for f in fits.values()), max(f.x_max for f in fits.values())
+            base = dataclasses.replace(base, coefficients=None, calibrated_range=(low, high))
         rows = []
         for thresh in args.table_thresholds:
             params = dataclasses.replace(base, teacache_thresh=thresh)
             fractions, quality = [], []
             for prompt, seed in pairs[: args.table_pairs]:
                 result = generate(prompt, seed, params)
-                stats = model.teacache_stats()
-                fractions.append(stats.num_computed / (stats.num_computed + stats.num_skipped))
+                stats = [component.teacache_stats() for component in recorded.values()]
+                computed = sum(s.num_computed for s in stats)
+                fractions.append(computed / (computed + sum(s.num_skipped for s in stats)))
                 quality.append(psnr_db(pixels(result), uncached[prompt, seed]))
             rows.append((thresh, sum(fractions) / len(fractions), sum(quality) / len(quality)))
             print(f"threshold {thresh:g}: {rows[-1][1]:.1%} of the calls computed, {rows[-1][2]:.2f} dB")

@@ -32,10 +32,14 @@ carries coefficients.
 def table() -> str:
     rows = []
     for name in list_zoo():
-        for indicator, fit in load_zoo_entry(name).fits.items():
-            coefficients = ", ".join(repr(c) for c in fit.coefficients)
-            lender = f"`{fit.borrowed_from}`" if fit.borrowed_from else ""
-            rows.append(f"| `{name}` | `{indicator}` | {coefficients} | {lender} | {fit.source} |")
+        entry = load_zoo_entry(name)
+        # A Wan2.2 A14B entry with per-expert fits: one row per expert, named `entry (expert)`.
+        per_owner = {f"{name} ({e})": fits for e, fits in entry.expert_fits.items()} or {name: entry.fits}
+        for owner, fits in per_owner.items():
+            for indicator, fit in fits.items():
+                coefficients = ", ".join(repr(c) for c in fit.coefficients)
+                lender = f"`{fit.borrowed_from}`" if fit.borrowed_from else ""
+                rows.append(f"| `{owner}` | `{indicator}` | {coefficients} | {lender} | {fit.source} |")
     return HEADER + "\n".join(rows) + "\n"
 
 

@@ -13,9 +13,11 @@ Recording works on any model with the `TeaCacheMixin` seam and any sampler that 
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -38,7 +40,9 @@ __all__ = [
     "fit_polynomial",
     "plot_fit",
     "record_runs",
+    "record_runs_per_model",
     "write_coefficients",
+    "write_expert_fits",
     "write_threshold_table",
 ]
 
@@ -346,9 +350,79 @@ def record_runs(
     model: TeaCacheMixin, run: Callable[[TeaCacheParams], Any], indicator: str | None, target: str = "output"
 ) -> list[DistanceRecord]:
     """Call `run(params)` (one or more generations with those TeaCache params) while recording `model`."""
-    with DistanceRecorder(model, target) as recorder:
+    return record_runs_per_model({"model": model}, run, indicator, target)["model"]
+
+
+def record_runs_per_model(
+    models: Mapping[str, TeaCacheMixin],
+    run: Callable[[TeaCacheParams], Any],
+    indicator: str | None,
+    target: str = "output",
+) -> dict[str, list[DistanceRecord]]:
+    """Call `run(params)` once while recording each of `models` ({name: model}) on its own, as Wan2.2 A14B's
+    two experts: each expert's records pair only its own consecutive steps (none across the switch)."""
+    with ExitStack() as stack:
+        recorders = {name: stack.enter_context(DistanceRecorder(model, target)) for name, model in models.items()}
         run(calibration_params(indicator))
-    return recorder.records
+    return {name: recorder.records for name, recorder in recorders.items()}
+
+
+def write_expert_fits(config_path: str | Path, indicator: str, fits: Mapping[str, PolynomialFit]) -> None:
+    """Set each expert's fit of `indicator` in `teacache.fits` of a two-expert zoo config ({expert: {indicator:
+    {coefficients, source}}}); fits of other indicators are kept (shared ones are copied to each expert).
+
+    Rewrites the `fits:` block (comments inside it are dropped; every other line stays as it is) and re-reads
+    the file with the zoo loader, so a broken result fails here.
+    """
+    import yaml
+
+    from .zoo import EXPERT_NAMES, load_zoo_entry
+
+    if set(fits) != set(EXPERT_NAMES):
+        raise ValueError(f"fits must hold one fit per expert {list(EXPERT_NAMES)}, got {sorted(fits)}")
+    path = Path(config_path)
+    text = path.read_text()
+    teacache_data = (yaml.safe_load(text) or {}).get("teacache") or {}
+    carrying = [name for name, preset in (teacache_data.get("presets") or {}).items() if "coefficients" in preset]
+    if carrying:
+        raise ValueError(
+            f"{path}: presets {carrying} carry coefficients, which would override both experts' fits: move them "
+            "to teacache.fits first"
+        )
+    old = teacache_data.get("fits") or {}
+    per_expert = old if any(name in EXPERT_NAMES for name in old) else {name: old for name in EXPERT_NAMES}
+    lines = text.splitlines(keepends=True)
+    teacache = _find_key(lines, "teacache", 0, len(lines), 0)
+    if teacache is None:
+        raise ValueError(f"{path}: expected a block-style 'teacache:' mapping")
+    end = _block_end(lines, teacache, 0)
+    step = next(_indent(line) for line in lines[teacache + 1 : end] if _is_content(line))
+    block = [f"{' ' * step}fits:\n"]
+    for expert in EXPERT_NAMES:
+        block.append(f"{' ' * 2 * step}{expert}:\n")
+        expert_fits = dict(per_expert.get(expert) or {})
+        fit = fits[expert]
+        expert_fits[indicator] = {
+            "coefficients": "[" + ", ".join(f"{c:.8e}" for c in fit.coefficients) + "]",
+            "source": _yaml_string(calibration_source(fit)),
+        }
+        for name, entry in expert_fits.items():
+            block.append(f"{' ' * 3 * step}{name}:\n")
+            for key, value in entry.items():
+                if name != indicator:
+                    value = _yaml_string(str(value)) if isinstance(value, str) else json.dumps(value)
+                block.append(f"{' ' * 4 * step}{key}: {value}\n")
+    index = _find_key(lines, "fits", teacache + 1, end, step)
+    if index is None:
+        lines[teacache + 1 : teacache + 1] = block
+    else:
+        lines[index : _block_end(lines, index, step)] = block
+    path.write_text("".join(lines))
+    entry = load_zoo_entry(path)
+    for expert, fit in fits.items():
+        written = entry.teacache_fits(expert)[indicator]
+        if not all(math.isclose(a, b, rel_tol=1e-7) for a, b in zip(written, fit.coefficients, strict=True)):
+            raise RuntimeError(f"{path}: expert {expert!r} did not take the new coefficients")
 
 
 def write_threshold_table(

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from .lora.spec import LoraSpec
 from .params import SamplingParams, TeaCacheParams
 
 __all__ = [
+    "EXPERT_NAMES",
     "TASKS",
     "ZOO_DIR",
     "TeaCacheFit",
@@ -46,6 +47,8 @@ _LORA_KEYS = {"source", "scale", "weight_name", "adapter_name"}
 _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"teacache_params"}
 _PRESET_KEYS = {f.name for f in dataclasses.fields(TeaCacheParams)} | {"source"}
 _FIT_KEYS = {"coefficients", "source", "borrowed_from"}
+# Two-expert entries (Wan2.2 A14B) may key `teacache.fits` by expert: {expert: {indicator: fit}}.
+EXPERT_NAMES = ("transformer", "transformer_2")
 
 
 @dataclass(frozen=True)
@@ -124,15 +127,24 @@ class ZooEntry:
     threshold_table: ThresholdTable | None = None
     # LoRAs loaded with the model, each active at its scale (a path relative to the YAML, or a Hub id).
     loras: tuple[LoraSpec, ...] = ()
+    # Per expert, per indicator: each expert's own fit (a two-expert entry whose `teacache.fits` is keyed by
+    # expert); empty when both experts share `fits`.
+    expert_fits: dict[str, dict[str, TeaCacheFit]] = dataclasses.field(default_factory=dict)
 
-    def teacache_fits(self) -> dict[str, tuple[float, ...]]:
-        """{indicator: coefficients}, what a loader hands the transformer (`set_teacache_fits`)."""
-        return {name: fit.coefficients for name, fit in self.fits.items()}
+    def teacache_fits(self, expert: str | None = None) -> dict[str, tuple[float, ...]]:
+        """{indicator: coefficients}, what a loader hands the transformer `expert` (`set_teacache_fits`):
+        the expert's own fits when the entry has per-expert fits, else the entry's."""
+        if expert is not None and expert not in EXPERT_NAMES:
+            raise ValueError(f"expert must be one of {list(EXPERT_NAMES)}, got {expert!r}")
+        fits = self.expert_fits.get(expert or "transformer", self.fits) if self.expert_fits else self.fits
+        return {name: fit.coefficients for name, fit in fits.items()}
 
-    def install_teacache_fits(self, models: Iterable[Any], stacklevel: int = 2) -> None:
-        """Hand the fits to `models` (`set_teacache_fits`); a fit borrowed from another checkpoint is
-        announced once, with a UserWarning at `stacklevel` as seen from the caller."""
-        borrowed = sorted({fit.borrowed_from for fit in self.fits.values() if fit.borrowed_from})
+    def install_teacache_fits(self, models: Mapping[str, Any], stacklevel: int = 2) -> None:
+        """Hand the fits to `models` ({component name: transformer}, `set_teacache_fits`), each expert its own
+        when the entry has per-expert fits; a fit borrowed from another checkpoint is announced once, with a
+        UserWarning at `stacklevel` as seen from the caller."""
+        every_fit = [*self.fits.values(), *(f for fits in self.expert_fits.values() for f in fits.values())]
+        borrowed = sorted({fit.borrowed_from for fit in every_fit if fit.borrowed_from})
         if borrowed:
             warnings.warn(
                 f"no TeaCache coefficients have been fitted for {self.name}: using those of "
@@ -141,8 +153,8 @@ class ZooEntry:
                 UserWarning,
                 stacklevel=stacklevel + 1,
             )
-        for model in models:
-            model.set_teacache_fits(self.teacache_fits())
+        for name, model in models.items():
+            model.set_teacache_fits(self.teacache_fits(name if name in EXPERT_NAMES else None))
 
     @property
     def is_video(self) -> bool:
@@ -217,27 +229,55 @@ def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = f
     return data
 
 
-def _read_fits(where: str, data: Any, family: str) -> dict[str, TeaCacheFit]:
+def _read_fits(where: str, data: Any, family: str, key: str = "teacache.fits") -> dict[str, TeaCacheFit]:
     """`teacache.fits`: {indicator: {coefficients, source}}, each indicator one the family's transformer offers."""
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: teacache.fits must be a mapping of indicator names, got {type(data).__name__}")
+        raise ValueError(f"{where}: {key} must be a mapping of indicator names, got {type(data).__name__}")
     supported = transformer_class(family).supported_teacache_indicators
     fits = {}
     for name, fit in data.items():
-        fit = _check_keys(f"{where}: teacache.fits.{name}", fit, _FIT_KEYS, {"coefficients", "source"})
+        fit = _check_keys(f"{where}: {key}.{name}", fit, _FIT_KEYS, {"coefficients", "source"})
         if name not in supported:
-            raise ValueError(f"{where}: teacache.fits: indicator {name!r} is not one of {list(supported)}")
+            raise ValueError(f"{where}: {key}: indicator {name!r} is not one of {list(supported)}")
         try:
             coefficients = TeaCacheParams(coefficients=fit["coefficients"]).coefficients
         except ValueError as error:
-            raise ValueError(f"{where}: teacache.fits.{name}: {error}") from None
+            raise ValueError(f"{where}: {key}.{name}: {error}") from None
         lender = fit.get("borrowed_from")
         if lender is not None and (not isinstance(lender, str) or lender not in list_zoo()):
-            raise ValueError(f"{where}: teacache.fits.{name}: borrowed_from {lender!r} is not a zoo entry")
+            raise ValueError(f"{where}: {key}.{name}: borrowed_from {lender!r} is not a zoo entry")
         fits[name] = TeaCacheFit(coefficients, str(fit["source"]), lender)
     return fits
+
+
+def _read_expert_fits(where: str, data: Any, family: str) -> dict[str, dict[str, TeaCacheFit]]:
+    """Per-expert `teacache.fits` ({expert: {indicator: fit}}, keys among `EXPERT_NAMES`): both experts of a
+    two-expert family, each with a fit for the same indicators; {} when the fits are keyed by indicator."""
+    if not isinstance(data, dict) or not any(name in EXPERT_NAMES for name in data):
+        return {}
+    unknown = sorted(str(name) for name in set(data) - set(EXPERT_NAMES))
+    if unknown:
+        raise ValueError(
+            f"{where}: teacache.fits: {unknown} are not expert names; per-expert fits are keyed by "
+            f"{list(EXPERT_NAMES)} only"
+        )
+    if family != "wan":
+        raise ValueError(f"{where}: teacache.fits: per-expert fits are for Wan2.2 A14B (family wan), not {family}")
+    missing = [name for name in EXPERT_NAMES if name not in data]
+    if missing:
+        raise ValueError(f"{where}: teacache.fits has per-expert fits but none for {missing}: give both experts'")
+    expert_fits = {name: _read_fits(where, data[name], family, f"teacache.fits.{name}") for name in EXPERT_NAMES}
+    indicators = {name: set(fits) for name, fits in expert_fits.items()}
+    for name, own in indicators.items():
+        for other, theirs in indicators.items():
+            if theirs - own:
+                raise ValueError(
+                    f"{where}: teacache.fits.{name} is missing indicator(s) {sorted(theirs - own)} that "
+                    f"teacache.fits.{other} has: each expert needs a fit for every indicator"
+                )
+    return expert_fits
 
 
 def _read_preset(where: str, preset: dict, family: str, fits: dict[str, TeaCacheFit]) -> TeaCachePreset:
@@ -261,6 +301,24 @@ def _read_preset(where: str, preset: dict, family: str, fits: dict[str, TeaCache
             f"{indicator!r} {list(fit.coefficients)}: one checkpoint has one fit per indicator"
         )
     return TeaCachePreset(params, str(source))
+
+
+def _check_expert_preset(
+    where: str, params: TeaCacheParams, family: str, expert_fits: dict[str, dict[str, TeaCacheFit]]
+) -> None:
+    """With per-expert fits a preset carries no coefficients (each expert takes its own) and its indicator has
+    a fit in every expert."""
+    if params.coefficients is not None:
+        raise ValueError(
+            f"{where}: coefficients: this entry has per-expert fits (teacache.fits.<expert>), which each expert "
+            "takes; a preset's coefficients would override both"
+        )
+    indicator = transformer_class(family).teacache_indicator_for(params).name
+    if indicator not in expert_fits["transformer"]:
+        raise ValueError(
+            f"{where}: indicator {indicator!r} has no per-expert fit; teacache.fits.<expert> has "
+            f"{sorted(expert_fits['transformer'])}"
+        )
 
 
 def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
@@ -307,7 +365,8 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         {"default", "presets", "fits", "threshold_table"},
         {"default", "presets"},
     )
-    fits = _read_fits(where, teacache.get("fits"), data["family"])
+    expert_fits = _read_expert_fits(where, teacache.get("fits"), data["family"])
+    fits = {} if expert_fits else _read_fits(where, teacache.get("fits"), data["family"])
     presets_data = teacache["presets"] or {}
     if not isinstance(presets_data, dict):
         raise ValueError(
@@ -323,6 +382,8 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         preset_where = f"{where}: teacache.presets.{preset_name}"
         preset = dict(_check_keys(preset_where, preset, _PRESET_KEYS, {"source"}))
         presets[preset_name] = _read_preset(preset_where, preset, data["family"], fits)
+        if expert_fits:
+            _check_expert_preset(preset_where, presets[preset_name].params, data["family"], expert_fits)
     # "off": TeaCache stays off unless asked for (a model without a measured or published threshold).
     if not isinstance(teacache["default"], str) or (
         teacache["default"] != "off" and teacache["default"] not in presets
@@ -347,6 +408,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         task=task,
         path=path,
         fits=fits,
+        expert_fits=expert_fits,
         threshold_table=table,
         loras=_loras(where, data.get("loras"), path.parent),
     )

@@ -291,7 +291,7 @@ class Pipeline(PipelineLoraMixin):
         """The zoo entry's fits go to the transformers (`set_teacache_fits`): what `TeaCacheParams` without
         coefficients uses. A fit borrowed from another checkpoint is announced once, with a UserWarning."""
         if self.zoo_entry is not None:
-            self.zoo_entry.install_teacache_fits(models.values(), stacklevel=4)
+            self.zoo_entry.install_teacache_fits(models, stacklevel=4)
 
     def teacache_models(self) -> dict[str, torch.nn.Module]:
         """Every transformer whose cache a generation switches on, by component name."""

@@ -300,7 +300,7 @@ def apply_teacache(pipe: Any, params: TeaCacheParams) -> Any:
             originals[name] = module
     entry = zoo_entry_for(pipeline_repository(pipe))
     if entry is not None:
-        entry.install_teacache_fits(natives.values(), stacklevel=3)
+        entry.install_teacache_fits(natives, stacklevel=3)
     for name, native in natives.items():
         if entry is None and (name in originals or not native.teacache_fits):
             native.set_teacache_fits(family_fits(native))

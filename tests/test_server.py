@@ -358,6 +358,22 @@ def test_sigterm_stops_a_job_past_the_grace_period(tool, tmp_path):
     assert "stopped at step" in log and "the server is shutting down" in log
 
 
+def assert_same_record(actual, expected, where: str = "teacache") -> None:
+    """Equal nested records, floats to float32 rounding."""
+    if isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-5), where
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key, value in expected.items():
+            assert_same_record(actual[key], value, f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(actual, list | tuple) and len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_record(a, e, f"{where}[{index}]")
+    else:
+        assert actual == expected, where
+
+
 def _ignore_errors(tool, url, body):
     with contextlib.suppress(OSError):  # the server may close the connection while it stops the job
         tool.request(url, "POST", "/v1/images/generations", body)
@@ -554,8 +570,9 @@ def test_under_torchrun_rank_0_serves_and_the_other_rank_follows(tool, tmp_path)
     expected = pipe([PROMPT] * 2, pipe.default_sampling_params("fast", seed=3, num_inference_steps=6))
     for item, pixels in zip(reply.json()["data"], expected.to_uint8().numpy(), strict=True):
         np.testing.assert_array_equal(png_pixels(item["b64_json"]), pixels)
-    # Both branches' records, from the two ranks.
-    assert reply.json()["data"][0]["teacache"] == expected.teacache_stats.as_dict()
+    # Both branches' records, from the two ranks: the same decisions; the fit monitor's diagnostics to float32
+    # rounding, since each rank computes its branch at batch size 1 where one process computes both at once.
+    assert_same_record(reply.json()["data"][0]["teacache"], expected.teacache_stats.as_dict())
     # A stopped job stops on both ranks, which then serve the next one.
     send_and_disconnect(tool, process, LONG)
     wait_until(lambda: idle(tool, process.url))

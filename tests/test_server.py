@@ -560,33 +560,47 @@ def test_under_torchrun_rank_0_serves_and_the_other_rank_follows(tool, tmp_path)
     launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
     args = ["--model", "flux-digits", "--threads", "1", "--cfg-parallel", "--dist-timeout", "60"]
     process = tool.ServerProcess(args, log=tmp_path / "server.log", launcher=launcher)
-    body = {"prompt": PROMPT, "seed": 3, "num_inference_steps": 6, "teacache": "fast", "n": 2}
-    reply = tool.request(process.url, "POST", "/v1/images/generations", body)
-    assert reply.status == 200, reply.body
-    from teacache_models.pipelines import load_pipeline
+    try:
+        body = {"prompt": PROMPT, "seed": 3, "num_inference_steps": 6, "teacache": "fast", "n": 2}
+        reply = tool.request(process.url, "POST", "/v1/images/generations", body)
+        assert reply.status == 200, reply.body
+        from teacache_models.pipelines import load_pipeline
 
-    pipe = load_pipeline("flux-digits")
-    pipe.set_linear_kernel("onednn")
-    expected = pipe([PROMPT] * 2, pipe.default_sampling_params("fast", seed=3, num_inference_steps=6))
-    for item, pixels in zip(reply.json()["data"], expected.to_uint8().numpy(), strict=True):
-        np.testing.assert_array_equal(png_pixels(item["b64_json"]), pixels)
-    # Both branches' records, from the two ranks: the same decisions; the fit monitor's diagnostics to float32
-    # rounding, since each rank computes its branch at batch size 1 where one process computes both at once.
-    assert_same_record(reply.json()["data"][0]["teacache"], expected.teacache_stats.as_dict())
-    # A stopped job stops on both ranks, which then serve the next one.
-    send_and_disconnect(tool, process, LONG)
-    wait_until(lambda: idle(tool, process.url))
-    assert tool.request(process.url, "POST", "/v1/images/generations", body).json()["data"] == reply.json()["data"]
-    # torchrun, when signalled itself, forwards the signal and exits 1 by its own design: signal rank 0, which
-    # drains, tells the other rank to stop, and both exit 0 (so torchrun too).
+        pipe = load_pipeline("flux-digits")
+        pipe.set_linear_kernel("onednn")
+        expected = pipe([PROMPT] * 2, pipe.default_sampling_params("fast", seed=3, num_inference_steps=6))
+        for item, pixels in zip(reply.json()["data"], expected.to_uint8().numpy(), strict=True):
+            np.testing.assert_array_equal(png_pixels(item["b64_json"]), pixels)
+        # Both branches' records, from the two ranks: the same decisions; the fit monitor's diagnostics to float32
+        # rounding, since each rank computes its branch at batch size 1 where one process computes both at once.
+        assert_same_record(reply.json()["data"][0]["teacache"], expected.teacache_stats.as_dict())
+        # A stopped job stops on both ranks, which then serve the next one.
+        send_and_disconnect(tool, process, LONG)
+        wait_until(lambda: idle(tool, process.url))
+        assert tool.request(process.url, "POST", "/v1/images/generations", body).json()["data"] == reply.json()["data"]
+        # torchrun, when signalled itself, forwards the signal and exits 1 by its own design: signal rank 0, which
+        # drains, tells the other rank to stop, and both exit 0 (so torchrun too).
+        import psutil
+
+        ranks = psutil.Process(process.pid).children()
+        rank_0 = next(p for p in ranks if p.environ().get("RANK") == "0")
+        rank_0.terminate()
+        assert process.process.wait(60) == 0
+        log = (tmp_path / "server.log").read_text()
+        assert "Finished server process" in log and "Traceback" not in log
+    finally:
+        if process.process.poll() is None:  # a failed check must not leave torchrun and its ranks serving
+            _kill_tree(process.pid)
+
+
+def _kill_tree(pid: int) -> None:
     import psutil
 
-    ranks = psutil.Process(process.pid).children()
-    rank_0 = next(p for p in ranks if p.environ().get("RANK") == "0")
-    rank_0.terminate()
-    assert process.process.wait(60) == 0
-    log = (tmp_path / "server.log").read_text()
-    assert "Finished server process" in log and "Traceback" not in log
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for child in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
 
 # ---- the engine alone: faults injected through the pipeline it calls -----------------------------------

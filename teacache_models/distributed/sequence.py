@@ -249,11 +249,14 @@ class SequenceParallelMixin:
     """`enable_sequence_parallel(group)` for a model; the model names its attention modules.
 
     A model provides `sequence_parallel_modules()`: the attention modules whose self-attention runs over
-    the sharded token sequence, each reading its `sequence_parallel` attribute (None: plain attention),
-    and `sequence_parallel_heads`: the head count they split.
+    the sharded token sequence, each reading its `sequence_parallel` attribute (None: plain attention).
+    `sequence_parallel_heads`, the head count they split, is the config's `num_attention_heads` unless the
+    model says otherwise.
     """
 
-    sequence_parallel_heads: int
+    @property
+    def sequence_parallel_heads(self) -> int:
+        return self.config.num_attention_heads
 
     def sequence_parallel_modules(self) -> Iterable[nn.Module]:
         raise NotImplementedError(f"{type(self).__name__} does not support sequence parallelism")

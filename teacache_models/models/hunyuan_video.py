@@ -256,10 +256,6 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
 
     # ---- sequence parallelism ---------------------------------------------------------------------
 
-    @property
-    def sequence_parallel_heads(self) -> int:
-        return self.config.num_attention_heads
-
     def sequence_parallel_modules(self) -> list[nn.Module]:
         """The image+text attention of every block (the text refiner's attention stays local)."""
         return [block.attn for block in (*self.transformer_blocks, *self.single_transformer_blocks)]

@@ -537,10 +537,6 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
 
     # ---- sequence parallelism ---------------------------------------------------------------------
 
-    @property
-    def sequence_parallel_heads(self) -> int:
-        return self.config.num_attention_heads
-
     def sequence_parallel_modules(self) -> list[nn.Module]:
         """The self-attention of every block: the attention over the sharded tokens."""
         return [block.attn1 for block in self.blocks]

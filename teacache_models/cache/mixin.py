@@ -19,12 +19,11 @@ A block input that only the blocks read (rotary tables, projected text) can be p
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,8 +32,11 @@ import torch.distributed as dist
 
 from ..params import TeaCacheParams, evaluate_polynomial, require_int
 from .context import CacheContextMixin
+from .graphs import outside_graphs, outside_graphs_call, prepare_for_compile
+from .inputs import Deferred, inputs_signature, materialize
 from .monitor import FitMonitor
-from .state import BranchState, StepObservation, TeaCacheSession, TeaCacheStats, branch_name
+from .rows import TeaCacheRowsMixin
+from .state import BranchState, StepContext, StepObservation, TeaCacheSession, TeaCacheStats, branch_name
 
 __all__ = ["Deferred", "ObserverHandle", "StepObserver", "TeaCacheIndicator", "TeaCacheMixin", "relative_l1_distance"]
 
@@ -66,31 +68,6 @@ def _group_distance(
     return forced_anywhere > 0, difference / scale if scale else float("inf")
 
 
-# The decision helpers wrapped with torch.compiler.disable, made once torch.compile is in use: the
-# decision reads and writes Python state (step index, branch, accumulator) and syncs for one float, so
-# it stays out of graphs, and a compiled model traces the block stack once per path (computed or
-# skipped) instead of recompiling at every step. Made lazily because importing the compiler costs
-# seconds that eager runs never need.
-_OUTSIDE_GRAPHS: dict[str, Callable[..., Any]] = {}
-
-
-def _prepare_for_compile() -> None:
-    if not _OUTSIDE_GRAPHS and "torch._dynamo" in sys.modules:
-        for name in (
-            "_teacache_plan",
-            "_teacache_record",
-            "_teacache_record_rows",
-            "_teacache_notify",
-            "_teacache_notify_rows",
-            "_claim_batched_cfg_call",
-        ):
-            _OUTSIDE_GRAPHS[name] = torch.compiler.disable(getattr(TeaCacheMixin, name))
-
-
-def _helper(name: str) -> Callable[..., Any]:
-    return _OUTSIDE_GRAPHS.get(name) or getattr(TeaCacheMixin, name)
-
-
 def _caller_stacklevel() -> int:
     """The warnings stack level of the first frame outside this package and torch: the user's call."""
     level, frame = 2, sys._getframe(2)  # 2: the caller of the function that warns
@@ -100,112 +77,6 @@ def _caller_stacklevel() -> int:
 
 
 _INTERNAL_PATHS = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """A block-stack input computed only when the block stack runs: a skipped step never needs it.
-
-    `compute()` returns the value `forward_blocks` receives; `sources`, the tensors (and plain values,
-    such as a layout) it is computed from, stand for it in the check that the block-stack inputs kept
-    their shape, dtype and device. The indicator must not read a deferred input.
-    """
-
-    compute: Callable[[], Any]
-    sources: tuple[Any, ...] = ()
-
-
-def _materialize(block_inputs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.compute() if isinstance(v, Deferred) else v for k, v in block_inputs.items()}
-
-
-def _tensor_signature(tensor: torch.Tensor) -> tuple:
-    return tuple(tensor.shape), tensor.dtype, tensor.device
-
-
-def _value_signature(value: Any, per_row: bool = False) -> Any:
-    """A tensor's shape, dtype and device; a plain value (a layout, a length) itself; containers item by item.
-
-    `per_row`: the value carries the batch in dim 0 and the signature is one row's (the batch size left out).
-    """
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape[1:]), value.dtype, value.device) if per_row else _tensor_signature(value)
-    if isinstance(value, Deferred):
-        return _value_signature(value.sources, per_row)
-    if isinstance(value, list | tuple):
-        return tuple(_value_signature(v, per_row) for v in value)
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return type(value).__name__
-
-
-def _inputs_signature(hidden_states: torch.Tensor, indicator: torch.Tensor, block_inputs: dict[str, Any]) -> tuple:
-    """Shapes, dtypes and devices of everything the block stack reads, and its plain values (layouts, lengths):
-    a change means the cache is stale."""
-    parts = [_tensor_signature(hidden_states), _tensor_signature(indicator)]
-    parts.extend((name, _value_signature(value)) for name, value in sorted(block_inputs.items()))
-    return tuple(parts)
-
-
-def _row_signature(
-    hidden_states: torch.Tensor, indicator: torch.Tensor, block_inputs: dict[str, Any], row_inputs: frozenset[str]
-) -> tuple:
-    """`_inputs_signature` of one batch row: what a row's cache depends on, whatever the batch size."""
-    parts = [_value_signature(hidden_states, True), _value_signature(indicator, True)]
-    parts.extend((name, _value_signature(value, name in row_inputs)) for name, value in sorted(block_inputs.items()))
-    return tuple(parts)
-
-
-def _check_rows(name: str, value: Any, batch: int) -> None:
-    """Refuse a block input said to carry the batch in dim 0 whose tensors lead with another size (1 broadcasts)."""
-    if isinstance(value, Deferred):
-        value = value.sources
-    if isinstance(value, list | tuple):
-        for item in value:
-            _check_rows(name, item, batch)
-    elif isinstance(value, torch.Tensor) and (value.ndim == 0 or value.shape[0] not in (1, batch)):
-        raise ValueError(
-            f"per-sample TeaCache splits the block input {name!r} by batch row, but its shape {tuple(value.shape)} "
-            f"does not lead with the batch size {batch}; use per_sample=False for this call"
-        )
-
-
-def _take_rows(value: Any, index: torch.Tensor) -> Any:
-    """The rows `index` of a block input that carries the batch in dim 0 (tensors inside lists and tuples too)."""
-    if isinstance(value, torch.Tensor):
-        if value.shape[0] == 1:
-            return value  # broadcast over the batch: every row shares it
-        return value.index_select(0, index.to(value.device))
-    if isinstance(value, list | tuple):
-        return type(value)(_take_rows(v, index) for v in value)
-    return value  # None, or a plain value (a count) that every row shares
-
-
-@dataclass
-class _RowPlan:
-    """One per-sample step: the row sessions, which rows compute, and what the skipped rows add."""
-
-    rows: list[TeaCacheSession]
-    compute: list[int]
-    residuals: dict[int, torch.Tensor]
-    contexts: list[_StepContext]
-
-
-@dataclass
-class _StepContext:
-    step_index: int
-    is_cfg_negative: bool
-    batched_cfg: bool = False
-    used: bool = False
-    # The branches whose state the call has changed (both for a batched call split per branch): what a
-    # failed call must undo.
-    planned: list[bool] = field(default_factory=list)
-    # What the decision saw, for the step observers: the indicator and its relative L1 distance.
-    indicator: torch.Tensor | None = None
-    distance: float | None = None
-    # A call of requests batched step by step (`teacache_rows_step`): each row's state and step index.
-    rows: list[TeaCacheSession] | None = None
-    row_steps: list[int] | None = None
 
 
 class ObserverHandle:
@@ -255,7 +126,7 @@ class TeaCacheIndicator:
     free_last_steps: int = 0
 
 
-class TeaCacheMixin(CacheContextMixin):
+class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
     """Adds TeaCache to an `nn.Module` whose forward runs `self.run_blocks(...)` between embeddings and head.
 
     What a model can do is class data:
@@ -276,7 +147,6 @@ class TeaCacheMixin(CacheContextMixin):
     """
 
     supports_cfg_separation: ClassVar[bool] = True
-    teacache_row_inputs: ClassVar[frozenset[str] | None] = None
     teacache_indicators: ClassVar[tuple[TeaCacheIndicator, ...]] = (TeaCacheIndicator("modulated_input"),)
     supported_teacache_indicators: ClassVar[tuple[str, ...]] = ("modulated_input",)
     supports_ret_steps: ClassVar[bool] = False
@@ -389,7 +259,7 @@ class TeaCacheMixin(CacheContextMixin):
         num_inference_steps = require_int("num_inference_steps", num_inference_steps, 1, wrong_type=TypeError)
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("enable_teacache() cannot be called inside a teacache_step() context")
-        _prepare_for_compile()
+        prepare_for_compile()
         sessions = [self._new_session(p, num_inference_steps, watched=False) for p in row_params]
         self.__dict__["_teacache_generation"] = self.__dict__.get("_teacache_generation", -1) + 1
         self._detach_monitor()
@@ -418,38 +288,6 @@ class TeaCacheMixin(CacheContextMixin):
             monitor=monitor,
             monitor_handle=self.add_teacache_observer(monitor) if watched else None,
         )
-
-    def _check_row_params(self, params: Any) -> tuple[TeaCacheParams, ...]:
-        """The per-row parameters `params` asks for: () for a batch-shared decision."""
-        if isinstance(params, TeaCacheParams):
-            rows = (params,) if params.per_sample else ()
-        elif isinstance(params, Sequence) and not isinstance(params, str | bytes):
-            rows = tuple(params)
-            if not rows:
-                raise ValueError("params is an empty sequence: give one TeaCacheParams per batch row")
-            for index, row in enumerate(rows):
-                if not isinstance(row, TeaCacheParams):
-                    raise TypeError(f"params[{index}] must be a TeaCacheParams, got {type(row).__name__}")
-                if not row.per_sample:
-                    raise ValueError(
-                        f"params[{index}] has per_sample=False: a sequence of TeaCacheParams gives each batch row "
-                        "its own state, so each must say per_sample=True"
-                    )
-                shared = (row.indicator, row.use_ret_steps)
-                if shared != (rows[0].indicator, rows[0].use_ret_steps):
-                    raise ValueError(
-                        f"params[{index}] asks for indicator={row.indicator!r}, use_ret_steps={row.use_ret_steps}, "
-                        f"params[0] for indicator={rows[0].indicator!r}, use_ret_steps={rows[0].use_ret_steps}: "
-                        "the rows of one batch share the indicator"
-                    )
-        else:
-            return ()
-        if rows and self.teacache_row_inputs is None:
-            raise ValueError(
-                f"{type(self).__name__} cannot keep per-sample TeaCache state: its block-stack inputs cannot be "
-                "split by batch row; use per_sample=False (one decision for the whole batch)"
-            )
-        return rows
 
     def _detach_monitor(self) -> None:
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
@@ -502,7 +340,7 @@ class TeaCacheMixin(CacheContextMixin):
     def teacache_indicator_name(self) -> str:
         """The indicator of the running generation (the model's default when TeaCache is off); inside a
         `teacache_rows_step` call, that of its rows."""
-        context: _StepContext | None = self.__dict__.get("_teacache_context")
+        context: StepContext | None = self.__dict__.get("_teacache_context")
         if context is not None and context.rows is not None:
             cached = [row.params for row in context.rows if row.active]
             return self.teacache_indicator_for(cached[0] if cached else None).name
@@ -541,8 +379,8 @@ class TeaCacheMixin(CacheContextMixin):
         if session is not None and not session.closed:
             for row in session.rows or [session]:
                 self._check_step_order(row, step_index, (False, True) if batched_cfg else (is_cfg_negative,))
-        _prepare_for_compile()
-        context = _StepContext(step_index, is_cfg_negative, batched_cfg)
+        prepare_for_compile()
+        context = StepContext(step_index, is_cfg_negative, batched_cfg)
         self.__dict__["_teacache_context"] = context
         try:
             yield
@@ -571,83 +409,17 @@ class TeaCacheMixin(CacheContextMixin):
                     "enable_teacache() to start a new generation"
                 )
 
-    def new_teacache_row(self, params: TeaCacheParams | None, num_inference_steps: int) -> TeaCacheSession:
-        """One request's own TeaCache state, for batching requests step by step (`teacache_rows_step`).
-
-        `params` None: the request runs without the cache (its rows always compute). The state lives as long
-        as the caller keeps it; `teacache_row_stats(row)` reads its record.
-        """
-        if params is not None and not isinstance(params, TeaCacheParams):
-            raise TypeError(f"params must be a TeaCacheParams or None, got {type(params).__name__}")
-        num_inference_steps = require_int("num_inference_steps", num_inference_steps, 1, wrong_type=TypeError)
-        self._check_row_params([dataclasses.replace(params or TeaCacheParams(teacache_thresh=0.0), per_sample=True)])
-        if params is None:
-            row = TeaCacheSession(TeaCacheParams(teacache_thresh=0.0), (), num_inference_steps, 0, 0, active=False)
-            row.monitor = FitMonitor((), None, num_inference_steps, type(self).__name__)
-            return row
-        return self._new_session(params, num_inference_steps, watched=False)
-
-    @staticmethod
-    def teacache_row_stats(row: TeaCacheSession) -> TeaCacheStats:
-        """The record of a request state made by `new_teacache_row`."""
-        return _session_stats(row, row.active, None)
-
-    @contextmanager
-    def teacache_rows_step(
-        self, rows: Sequence[TeaCacheSession], step_indices: Sequence[int], is_cfg_negative: bool = False
-    ) -> Iterator[None]:
-        """Declare a call whose batch row i belongs to the request state `rows[i]` at its step `step_indices[i]`.
-
-        Requests join and leave between calls: each row keeps its own step count, step index and TeaCache
-        state (per CFG branch), and decides alone, as under per-sample state. A call that raises is not
-        recorded: each row's next step computes.
-        """
-        rows, step_indices = (
-            list(rows),
-            [require_int("step_indices[i]", s, 0, wrong_type=TypeError) for s in step_indices],
-        )
-        if not rows or len(rows) != len(step_indices):
-            raise ValueError(
-                f"rows and step_indices must be non-empty and as long as each other, got {len(rows)} and "
-                f"{len(step_indices)}"
-            )
-        if not all(isinstance(row, TeaCacheSession) for row in rows) or len({id(r) for r in rows}) != len(rows):
-            raise TypeError("rows must be distinct request states made by new_teacache_row()")
-        if not isinstance(is_cfg_negative, bool):
-            raise ValueError(f"is_cfg_negative must be True or False, got {is_cfg_negative!r}")
-        if self.__dict__.get("_teacache_context") is not None:
-            raise RuntimeError("teacache_step() contexts cannot be nested")
-        for row, step in zip(rows, step_indices, strict=True):
-            self._check_step_order(row, step, (is_cfg_negative,))
-        indicators = {self.teacache_indicator_for(row.params).name for row in rows if row.active}
-        if len(indicators) > 1:
-            raise ValueError(
-                f"the rows of one call must share the TeaCache indicator (computed once for the batch), got "
-                f"{sorted(indicators)}"
-            )
-        _prepare_for_compile()
-        context = _StepContext(min(step_indices), is_cfg_negative, rows=rows, row_steps=step_indices)
-        self.__dict__["_teacache_context"] = context
-        try:
-            yield
-        except BaseException:
-            if context.planned:
-                for row, step in zip(rows, step_indices, strict=True):
-                    row.branches[is_cfg_negative].forget_step(step)
-            raise
-        finally:
-            self.__dict__["_teacache_context"] = None
-
     def claim_batched_cfg_call(self) -> bool:
         """For a model that splits a batched-CFG call itself: True when the current call must be split.
 
         It consumes the step context (one forward call per context); the model then runs each half of
         the batch inside `teacache_branch(False)` and `teacache_branch(True)`.
         """
-        return _helper("_claim_batched_cfg_call")(self)
+        return outside_graphs_call("_claim_batched_cfg_call")(self)
 
+    @outside_graphs
     def _claim_batched_cfg_call(self) -> bool:
-        context: _StepContext | None = self.__dict__.get("_teacache_context")
+        context: StepContext | None = self.__dict__.get("_teacache_context")
         if context is None or not context.batched_cfg or not self.teacache_enabled:
             return False
         self._claim(context)
@@ -656,17 +428,17 @@ class TeaCacheMixin(CacheContextMixin):
     @contextmanager
     def teacache_branch(self, is_cfg_negative: bool) -> Iterator[None]:
         """Inside a claimed batched-CFG call, compute one CFG branch's half as that branch's step."""
-        outer: _StepContext | None = self.__dict__.get("_teacache_context")
+        outer: StepContext | None = self.__dict__.get("_teacache_context")
         if outer is None or not outer.batched_cfg or not outer.used:
             raise RuntimeError("teacache_branch() is only for splitting a call claimed by claim_batched_cfg_call()")
-        self.__dict__["_teacache_context"] = _StepContext(outer.step_index, is_cfg_negative, planned=outer.planned)
+        self.__dict__["_teacache_context"] = StepContext(outer.step_index, is_cfg_negative, planned=outer.planned)
         try:
             yield
         finally:
             self.__dict__["_teacache_context"] = outer
 
     @staticmethod
-    def _claim(context: _StepContext) -> None:
+    def _claim(context: StepContext) -> None:
         if context.used:
             raise RuntimeError("one teacache_step() context covers one forward call; open a new context for each call")
         context.used = True
@@ -677,9 +449,9 @@ class TeaCacheMixin(CacheContextMixin):
         if session is None:
             return TeaCacheStats()
         if session.per_sample and session.active:
-            rows = tuple(_session_stats(row, True, None) for row in session.rows or ())
+            rows = tuple(row.stats(True, None) for row in session.rows or ())
             return TeaCacheStats(True, None, session.num_inference_steps, rows=rows)
-        return _session_stats(session, session.active, session.disabled_reason)
+        return session.stats(session.active, session.disabled_reason)
 
     # ---- branch state, under the attribute names of the TeaCache design -------------------------
 
@@ -701,24 +473,25 @@ class TeaCacheMixin(CacheContextMixin):
 
         Inside a `teacache_step()` context the step observers then see the step (`add_teacache_observer`).
         """
-        action, residual, observed = _helper("_teacache_plan")(self, hidden_states, block_inputs)
+        action, residual, observed = outside_graphs_call("_teacache_plan")(self, hidden_states, block_inputs)
         if action == "rows":
             return self._run_rows(hidden_states, block_inputs, residual)
         if action == "skip":
             output = hidden_states + residual
         else:
-            output = self.forward_blocks(hidden_states, **_materialize(block_inputs))
+            output = self.forward_blocks(hidden_states, **materialize(block_inputs))
             if action == "compute":
-                _helper("_teacache_record")(self, output, hidden_states)
+                outside_graphs_call("_teacache_record")(self, output, hidden_states)
         if observed:
-            _helper("_teacache_notify")(self, action == "skip", hidden_states, output)
+            outside_graphs_call("_teacache_notify")(self, action == "skip", hidden_states, output)
         return output
 
+    @outside_graphs
     def _teacache_plan(self, hidden_states: torch.Tensor, block_inputs: dict[str, Any]) -> tuple[str, Any, bool]:
         """(action, residual, observed): "run" (a plain call, or TeaCache off), "compute" (run and cache),
         "skip" (reuse the residual) or "rows" (per-sample state: the residual slot holds the `_RowPlan`),
         and whether step observers watch this call."""
-        context: _StepContext | None = self.__dict__.get("_teacache_context")
+        context: StepContext | None = self.__dict__.get("_teacache_context")
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         observed = context is not None and bool(self.__dict__.get("_teacache_observers"))
         if context is not None and context.rows is not None:
@@ -755,118 +528,16 @@ class TeaCacheMixin(CacheContextMixin):
 
         indicator = self.teacache_indicator(hidden_states, **block_inputs)
         context.indicator = indicator.detach()
-        signature = (_inputs_signature(hidden_states, indicator, block_inputs), self.teacache_weights_key())
+        signature = (inputs_signature(hidden_states, indicator, block_inputs), self.teacache_weights_key())
         if self._should_skip(session, state, context, signature, indicator):
             state.skipped_steps.append(context.step_index)
             state.consecutive_skips += 1
             return "skip", state.skip_residual(context.step_index, session.params.residual_order), observed
         return "compute", None, observed
 
-    def _generation_rows(self, session: TeaCacheSession, batch: int) -> list[TeaCacheSession]:
-        """The row states of a per-sample generation, made at its first call (one per row of its batch)."""
-        if session.rows is None:
-            session.rows = [
-                self._new_session(session.params, session.num_inference_steps, watched=False) for _ in range(batch)
-            ]
-        if len(session.rows) != batch:
-            raise ValueError(
-                f"this generation keeps per-sample state for {len(session.rows)} batch rows, but the call's batch "
-                f"has {batch}; give enable_teacache() one TeaCacheParams per row of the batch"
-            )
-        return session.rows
-
-    def _plan_rows(
-        self, rows: list[TeaCacheSession], context: _StepContext, hidden_states: torch.Tensor, block_inputs: dict
-    ) -> _RowPlan:
-        """Each row's own decision, from its own slice of the indicator and its own state."""
-        batch = hidden_states.shape[0]
-        if len(rows) != batch:
-            raise ValueError(f"the step declares {len(rows)} rows, but the call's batch has {batch} (they must match)")
-        for name in self.teacache_row_inputs & block_inputs.keys():
-            _check_rows(name, block_inputs[name], batch)
-        indicator = self.teacache_indicator(hidden_states, **block_inputs).detach()
-        signature = _row_signature(hidden_states, indicator, block_inputs, self.teacache_row_inputs)
-        plan = _RowPlan(rows, [], {}, [])
-        for index, row in enumerate(rows):
-            state = row.branches[context.is_cfg_negative]
-            step = context.step_index if context.row_steps is None else context.row_steps[index]
-            row_context = _StepContext(step, context.is_cfg_negative)
-            row_context.indicator = indicator[index : index + 1].clone()
-            plan.contexts.append(row_context)
-            if not row.active:
-                state.computed_steps.append(step)  # no decision: this request runs without the cache
-                plan.compute.append(index)
-            elif self._should_skip(row, state, row_context, signature, row_context.indicator):
-                state.skipped_steps.append(step)
-                state.consecutive_skips += 1
-                plan.residuals[index] = state.skip_residual(step, row.params.residual_order)
-            else:
-                plan.compute.append(index)
-        return plan
-
-    def _run_rows(self, hidden_states: torch.Tensor, block_inputs: dict[str, Any], plan: _RowPlan) -> torch.Tensor:
-        """A per-sample step: the block stack on the computing rows only (gathered, then put back in place),
-        each skipped row its own input plus its cached residual; no block runs when every row skips."""
-        batch = hidden_states.shape[0]
-        computed = None
-        if len(plan.compute) == batch:
-            computed = self.forward_blocks(hidden_states, **_materialize(block_inputs))  # (B, L, D)
-        elif plan.compute:
-            index = torch.tensor(plan.compute, device=hidden_states.device)
-            inputs = {
-                name: _take_rows(value, index) if name in self.teacache_row_inputs else value
-                for name, value in _materialize(block_inputs).items()
-            }
-            computed = self.forward_blocks(hidden_states.index_select(0, index), **inputs)  # (rows, L, D)
-        if computed is not None:
-            _helper("_teacache_record_rows")(self, plan, hidden_states, computed)
-        if computed is not None and len(plan.compute) == batch:
-            output = computed
-        else:
-            parts: list[torch.Tensor] = [None] * batch
-            for position, index in enumerate(plan.compute):
-                parts[index] = computed[position : position + 1]
-            for index, residual in plan.residuals.items():
-                parts[index] = hidden_states[index : index + 1] + residual
-            output = torch.cat(parts)
-        _helper("_teacache_notify_rows")(self, plan, hidden_states, output)
-        return output
-
-    def _teacache_record_rows(self, plan: _RowPlan, hidden_states: torch.Tensor, computed: torch.Tensor) -> None:
-        for position, index in enumerate(plan.compute):
-            row, context = plan.rows[index], plan.contexts[index]
-            if not row.active:
-                continue
-            state = row.branches[context.is_cfg_negative]
-            residual = (computed[position : position + 1] - hidden_states[index : index + 1]).detach()
-            state.record_residual(residual, context.step_index, row.params.residual_order)
-            state.computed_steps.append(context.step_index)
-
-    def _teacache_notify_rows(self, plan: _RowPlan, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
-        """Each row's own observation: to its fit monitor, and to the model's step observers."""
-        observers = list(self.__dict__.get("_teacache_observers", {}).values())
-        generation = self.__dict__.get("_teacache_generation", -1)
-        for index, (row, context) in enumerate(zip(plan.rows, plan.contexts, strict=True)):
-            state = row.branches[context.is_cfg_negative]
-            observation = StepObservation(
-                generation=generation,
-                step_index=context.step_index,
-                is_cfg_negative=context.is_cfg_negative,
-                indicator_name=self.teacache_indicator_name,
-                indicator=context.indicator,
-                hidden_states=hidden_states[index : index + 1].detach(),
-                output=output[index : index + 1].detach(),
-                skipped=index in plan.residuals,
-                distance=context.distance,
-                accumulated_rel_l1_distance=state.accumulated_rel_l1_distance,
-                teacache_params=row.params if row.active else None,
-                row=index,
-            )
-            for observer in [row.monitor, *observers]:
-                observer(observation)
-
+    @outside_graphs
     def _teacache_notify(self, skipped: bool, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
-        context: _StepContext = self.__dict__["_teacache_context"]
+        context: StepContext = self.__dict__["_teacache_context"]
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")
         active = session is not None and session.active and not session.closed
         state = session.branches[context.is_cfg_negative] if active else None
@@ -887,8 +558,9 @@ class TeaCacheMixin(CacheContextMixin):
         for observer in list(self.__dict__.get("_teacache_observers", {}).values()):
             observer(observation)
 
+    @outside_graphs
     def _teacache_record(self, output: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        context: _StepContext = self.__dict__["_teacache_context"]
+        context: StepContext = self.__dict__["_teacache_context"]
         session: TeaCacheSession = self.__dict__["_teacache_session"]
         state = session.branches[context.is_cfg_negative]
         # Detached: a later skipped step must not reach back into this step's autograd graph.
@@ -900,7 +572,7 @@ class TeaCacheMixin(CacheContextMixin):
         self,
         session: TeaCacheSession,
         state: BranchState,
-        context: _StepContext,
+        context: StepContext,
         signature: tuple,
         indicator: torch.Tensor,
     ) -> bool:
@@ -942,15 +614,3 @@ class TeaCacheMixin(CacheContextMixin):
         session.disabled_reason = reason
         session.release_tensors()
         warnings.warn(f"TeaCache disabled: {reason}", RuntimeWarning, stacklevel=_caller_stacklevel())
-
-
-def _session_stats(session: TeaCacheSession, enabled: bool, disabled_reason: str | None) -> TeaCacheStats:
-    positive, negative = session.branches[False], session.branches[True]
-    return TeaCacheStats(
-        enabled=enabled,
-        teacache_thresh=session.params.teacache_thresh,
-        num_inference_steps=session.num_inference_steps,
-        positive=positive.stats(session.monitor.fit(False)),
-        negative=negative.stats(session.monitor.fit(True)),
-        disabled_reason=disabled_reason,
-    )

@@ -14,6 +14,7 @@ __all__ = [
     "BranchState",
     "BranchStats",
     "CoefficientFit",
+    "StepContext",
     "StepObservation",
     "TeaCacheSession",
     "TeaCacheStats",
@@ -135,6 +136,25 @@ class StepObservation:
 
 
 @dataclass
+class StepContext:
+    """The step and CFG branch a `teacache_step()` (or `teacache_rows_step()`) context declares for one call."""
+
+    step_index: int
+    is_cfg_negative: bool
+    batched_cfg: bool = False
+    used: bool = False
+    # The branches whose state the call has changed (both for a batched call split per branch): what a
+    # failed call must undo.
+    planned: list[bool] = field(default_factory=list)
+    # What the decision saw, for the step observers: the indicator and its relative L1 distance.
+    indicator: torch.Tensor | None = None
+    distance: float | None = None
+    # A call of requests batched step by step (`teacache_rows_step`): each row's state and step index.
+    rows: list[TeaCacheSession] | None = None
+    row_steps: list[int] | None = None
+
+
+@dataclass
 class TeaCacheSession:
     """One generation's cache: created by `enable_teacache`, read by `teacache_stats`.
 
@@ -160,6 +180,18 @@ class TeaCacheSession:
     @property
     def per_sample(self) -> bool:
         return bool(self.row_params)
+
+    def stats(self, enabled: bool, disabled_reason: str | None) -> TeaCacheStats:
+        """This session's record, per branch, with its fit monitor's judgement of the coefficients."""
+        positive, negative = self.branches[False], self.branches[True]
+        return TeaCacheStats(
+            enabled=enabled,
+            teacache_thresh=self.params.teacache_thresh,
+            num_inference_steps=self.num_inference_steps,
+            positive=positive.stats(self.monitor.fit(False)),
+            negative=negative.stats(self.monitor.fit(True)),
+            disabled_reason=disabled_reason,
+        )
 
     def release_tensors(self) -> None:
         for state in self.branches.values():

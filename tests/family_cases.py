@@ -2,8 +2,8 @@
 
 A family joins the contract by one `FamilyCase` in `CASES`: where its tests build a model next to
 diffusers' (its test module's `CONFIGS`, `build_pair`, `bad_inputs` and `BAD_ARCHITECTURE`), how one
-call on a fixed flow path looks, and its TeaCache indicator recomputed by hand from the model's own
-submodules.
+call on a fixed flow path looks, and each TeaCache indicator it offers recomputed by hand from the
+model's own submodules.
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ class FamilyCase:
             `BAD_ARCHITECTURE` ([(constructor change to `TINY`, match)]).
         path: `path(config, seed)` -> `call(sigma)`, the keyword arguments of one call at noise level
             `sigma` on a fixed flow path (latents between data and noise, the timestep of `sigma`).
-        indicator: `indicator(model, call)` -> the default indicator of that call, by hand.
+        indicators: {name: `indicator(model, call)`}, every indicator the model offers, in its order (the first is
+            its default): the indicator of that call, by hand.
         output: the prediction tensor of a `return_dict=False` result (Z-Image: one per sample, joined).
     """
 
     family: str
     module: str
     path: Callable[[dict, int], Callable[[float], dict]]
-    indicator: Callable[[Any, dict], torch.Tensor]
+    indicators: dict[str, Callable[[Any, dict], torch.Tensor]]
     output: Callable[[tuple], torch.Tensor] = lambda result: result[0]
 
     @property
@@ -79,10 +80,25 @@ def _wan_path(config: dict, seed: int) -> Callable[[float], dict]:
     return _tensor_path(inputs, "hidden_states", seed, lambda s: torch.tensor([s * 1000]))
 
 
-def _wan_indicator(model: Any, call: dict) -> torch.Tensor:
-    # The default indicator `temb`, one per sample, as a length-1 token axis.
-    temb, _ = model.condition_embedder.embed_timestep(call["timestep"], call["encoder_hidden_states"].dtype)
-    return temb.unsqueeze(1)
+def _wan_timestep(model: Any, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """temb (B, D) and the 6-way projection (B, 6, D) of the call's per-sample timestep."""
+    temb, proj = model.condition_embedder.embed_timestep(call["timestep"], call["encoder_hidden_states"].dtype)
+    return temb, proj.unflatten(-1, (6, -1))
+
+
+def _wan_modulated_input(model: Any, call: dict) -> torch.Tensor:
+    hidden = model.patch_embedding(call["hidden_states"]).flatten(2).transpose(1, 2)  # (B, L, D)
+    block = model.blocks[0]
+    shift, scale = (block.scale_shift_table + _wan_timestep(model, call)[1].float())[:, :2].unbind(1)  # (B, D)
+    return (block.norm1(hidden.float()) * (1 + scale[:, None]) + shift[:, None]).type_as(hidden)
+
+
+# The timestep indicators, one per sample, as a length-1 token axis.
+_WAN_INDICATORS = {
+    "temb": lambda model, call: _wan_timestep(model, call)[0].unsqueeze(1),
+    "timestep_proj": lambda model, call: _wan_timestep(model, call)[1].unsqueeze(1),
+    "modulated_input": _wan_modulated_input,
+}
 
 
 def _hunyuan_video_path(config: dict, seed: int) -> Callable[[float], dict]:
@@ -134,25 +150,58 @@ def _z_image_path(config: dict, seed: int) -> Callable[[float], dict]:
     return lambda sigma: {**inputs, "x": [x(sigma) for x in latents], "t": torch.full((2,), 1 - sigma)}
 
 
-def _z_image_indicator(model: Any, call: dict) -> torch.Tensor:
-    from tests.test_z_image import indicator_by_hand
+def _z_image_stream(model: Any, call: dict, method: str) -> torch.Tensor:
+    """What the model's `method` receives in a plain call: `teacache_prelude` the embedded image tokens (B, Li, D),
+    `forward_blocks` the joint stream after the refiners (B, L, D)."""
+    captured = {}
+    original = getattr(model, method)
 
-    return indicator_by_hand(model, call["x"], call["t"], call["cap_feats"])
+    def capture(hidden_states: torch.Tensor, **inputs: Any) -> Any:
+        captured["input"] = hidden_states
+        return original(hidden_states, **inputs)
+
+    setattr(model, method, capture)
+    try:
+        model(**call)
+    finally:
+        delattr(model, method)
+    return captured["input"]
+
+
+def _z_image_scaled_input(blocks: str, method: str) -> Callable[[Any, dict], torch.Tensor]:
+    """The first block of `blocks`: its attention_norm1 output scaled by (1 + scale_msa)."""
+
+    def indicator(model: Any, call: dict) -> torch.Tensor:
+        first = getattr(model, blocks)[0]
+        scale_msa = 1.0 + first.adaLN_modulation(model.t_embedder(call["t"] * model.config.t_scale)).chunk(4, dim=1)[0]
+        return first.attention_norm1(_z_image_stream(model, call, method)) * scale_msa[:, None]
+
+    return indicator
 
 
 CASES: dict[str, FamilyCase] = {
     case.family: case
     for case in (
-        FamilyCase("flux", "test_flux", _flux_path, _flux_indicator),
-        FamilyCase("wan", "test_wan", _wan_path, _wan_indicator),
-        FamilyCase("hunyuan_video", "test_hunyuan_video", _hunyuan_video_path, _hunyuan_video_indicator),
-        FamilyCase("hunyuan_video15", "test_hunyuan_video15", _hunyuan_video15_path, _hunyuan_video15_indicator),
-        FamilyCase("qwen_image", "test_qwen_image", _qwen_image_path, _qwen_image_indicator),
+        FamilyCase("flux", "test_flux", _flux_path, {"modulated_input": _flux_indicator}),
+        FamilyCase("wan", "test_wan", _wan_path, _WAN_INDICATORS),
+        FamilyCase(
+            "hunyuan_video", "test_hunyuan_video", _hunyuan_video_path, {"modulated_input": _hunyuan_video_indicator}
+        ),
+        FamilyCase(
+            "hunyuan_video15",
+            "test_hunyuan_video15",
+            _hunyuan_video15_path,
+            {"modulated_input": _hunyuan_video15_indicator},
+        ),
+        FamilyCase("qwen_image", "test_qwen_image", _qwen_image_path, {"modulated_input": _qwen_image_indicator}),
         FamilyCase(
             "z_image",
             "test_z_image",
             _z_image_path,
-            _z_image_indicator,
+            {
+                "modulated_input": _z_image_scaled_input("layers", "forward_blocks"),
+                "refiner_modulated_input": _z_image_scaled_input("noise_refiner", "teacache_prelude"),
+            },
             output=lambda result: torch.cat([sample.flatten() for sample in result[0]]),
         ),
     )

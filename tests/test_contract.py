@@ -1,9 +1,9 @@
 """The contract every model family keeps, parametrized over the families of `tests/family_cases.py`.
 
 Parity with diffusers (bit for bit in float32), the oneDNN linear kernel, the TeaCache rule replayed by
-hand on each family's indicator, state kept apart between CFG branches and between generations, clear
-errors for bad input and bad architecture, and diffusers' output types. A new family gets all of it by
-adding one `FamilyCase`.
+hand on every indicator of each family, what a skipped step computes, state kept apart between CFG
+branches and between generations, clear errors for bad input and bad architecture, and diffusers'
+output types. A new family gets all of it by adding one `FamilyCase`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ LINEAR = (1.0, 0.0)  # rescaled distance = raw distance
 
 def config_cases() -> list[tuple[str, str]]:
     return [(family, name) for family, case in CASES.items() for name in case.tests.CONFIGS]
+
+
+def indicator_cases() -> list[tuple[str, str]]:
+    return [(family, name) for family, case in CASES.items() for name in case.indicators]
 
 
 def default_pair(family: str, seed: int = 0):
@@ -53,6 +57,7 @@ def test_every_registered_family_has_a_contract_entry():
         assert case.family == family
         ours, _ = case.tests.build_pair(next(iter(case.tests.CONFIGS.values())))
         assert type(ours) is transformer_class(family)
+        assert tuple(case.indicators) == type(ours).supported_teacache_indicators
 
 
 @torch.no_grad()
@@ -144,37 +149,78 @@ def test_threshold_zero_is_bit_identical_to_uncached_with_both_branches(family):
     assert stats.positive.computed_steps == tuple(range(NUM_STEPS)) == stats.negative.computed_steps
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_decisions_follow_the_rule_on_the_indicator(family):
+def skipping_params(model, case, path, indicator: str) -> TeaCacheParams:
+    """Settings on `indicator` whose threshold is above every single step's distance but below the sum of a few:
+    some steps skip."""
+    seen = []
+    with model.add_teacache_observer(seen.append):
+        loop(model, case, {False: path}, TeaCacheParams(teacache_thresh=1e9, coefficients=LINEAR, indicator=indicator))
+    distances = sorted(s.distance for s in seen[1:-1])
+    return TeaCacheParams(
+        teacache_thresh=2.5 * distances[len(distances) // 2], coefficients=LINEAR, indicator=indicator
+    )
+
+
+@pytest.mark.parametrize(("family", "indicator"), indicator_cases())
+def test_decisions_follow_the_rule_on_the_indicator(family, indicator):
     """The observer sees, at every step, the indicator computed by hand from the model's submodules, and the
     recorded decisions are the published rule applied to those indicators."""
     case, config, model, _ = default_pair(family, seed=8)
     path = case.path(config, 1)
+    params = skipping_params(model, case, path, indicator)
     seen = []
     with model.add_teacache_observer(seen.append):
-        # A threshold above every single step's distance but below the sum of a few: some steps skip.
-        loop(model, case, {False: path}, TeaCacheParams(teacache_thresh=1e9, coefficients=LINEAR))
-        distances = [s.distance for s in seen[1:-1]]
-        thresh = 2.5 * sorted(distances)[len(distances) // 2]
-        seen.clear()
-        loop(model, case, {False: path}, TeaCacheParams(teacache_thresh=thresh, coefficients=LINEAR))
+        loop(model, case, {False: path}, params)
     stats = model.teacache_stats().positive
     assert stats.skipped_steps and stats.computed_steps[0] == 0 and stats.computed_steps[-1] == NUM_STEPS - 1
 
     previous, accumulated, skipped = None, 0.0, []
     for step, (sigma, observed) in enumerate(zip(SIGMAS, seen, strict=True)):
         with torch.no_grad():
-            indicator = case.indicator(model, path(sigma))
-        assert torch.equal(observed.indicator, indicator), f"step {step}"
+            by_hand = case.indicators[indicator](model, path(sigma))
+        assert observed.indicator_name == indicator
+        assert torch.equal(observed.indicator, by_hand), f"step {step}"
         if 0 < step < NUM_STEPS - 1:
-            accumulated += evaluate_polynomial(LINEAR, relative_l1_distance(indicator, previous).item())
-            if accumulated < thresh:
+            accumulated += evaluate_polynomial(LINEAR, relative_l1_distance(by_hand, previous).item())
+            if accumulated < params.teacache_thresh:
                 skipped.append(step)
             else:
                 accumulated = 0.0
-        previous = indicator
+        previous = by_hand
     assert tuple(skipped) == stats.skipped_steps
     assert [s.step_index for s in seen if s.skipped] == skipped
+
+
+@pytest.mark.parametrize(("family", "indicator"), indicator_cases())
+def test_a_skipped_step_adds_the_cached_residual_to_the_stack_input(family, indicator, monkeypatch):
+    """On a skipped step the embeddings and the head run on that step's inputs, and the cached stack is replaced
+    by its input plus the residual of the branch's last computed step. A prelude the indicator is read after
+    (Z-Image's refiners) runs too; one it is read before is skipped with the blocks."""
+    case, config, model, _ = default_pair(family, seed=9)
+    path = case.path(config, 1)
+    params = skipping_params(model, case, path, indicator)
+    before_prelude = model.teacache_indicator_for(params).before_prelude
+    model.enable_teacache(params, NUM_STEPS)
+    for step, sigma in enumerate(SIGMAS):
+        residual = model.previous_residual
+        with torch.no_grad(), model.teacache_step(step):
+            output = case.output(model(**path(sigma), return_dict=False))
+        if step not in model.teacache_stats().positive.skipped_steps:
+            continue
+        with monkeypatch.context() as patch, torch.no_grad():
+            if before_prelude:
+                layout = model.teacache_prelude_layout
+                patch.setattr(
+                    model,
+                    "teacache_prelude",
+                    lambda hidden_states, layout=layout, **inputs: (layout(hidden_states, **inputs), {}),
+                )
+            patch.setattr(model, "forward_blocks", lambda hidden_states, r=residual, **_: hidden_states + r)
+            expected = case.output(model(**path(sigma), return_dict=False))  # outside a step: no cache state read
+        assert torch.equal(output, expected), f"step {step}"
+        with torch.no_grad():
+            assert not torch.equal(output, case.output(model(**path(sigma), return_dict=False)))
+    assert model.teacache_stats().positive.skipped_steps
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -4,9 +4,8 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel as ReferenceZImage
 
-from teacache_models.cache import relative_l1_distance
 from teacache_models.models.z_image import ZImageTransformer2DModel
-from teacache_models.params import TeaCacheParams, evaluate_polynomial
+from teacache_models.params import TeaCacheParams
 from tests.utils import assert_parity, load_both_ways, randomize_, zoo_fit
 
 # The fit of the released checkpoint, from its zoo entry.
@@ -258,62 +257,6 @@ def denoise(model, num_steps, params=None, seed=1, sizes=((1, 4, 4),), caption_l
     return trajectory, inputs["cap_feats"]
 
 
-def indicator_by_hand(model, latents, t, cap_feats, blocks="layers"):
-    """The first block's attention_norm1(stack input) * (1 + scale_msa), recomputed from the model's stream:
-    the first main layer's over the unified stream, or the first noise refiner's over the image tokens."""
-    first = getattr(model, blocks)[0]
-    captured = {}
-
-    def capture(hidden_states, **block_inputs):
-        captured["input"] = hidden_states
-        return type(model).forward_blocks(model, hidden_states, **block_inputs)
-
-    model.forward_blocks = capture
-    try:
-        with torch.no_grad():
-            model(latents, t, cap_feats)
-            adaln = model.t_embedder(t * 1000.0)
-            scale_msa = 1.0 + first.adaLN_modulation(adaln).chunk(4, dim=1)[0]
-            return first.attention_norm1(captured["input"]) * scale_msa[:, None]
-    finally:
-        del model.forward_blocks
-
-
-# Random weights move far more per step than trained ones, hence thresholds far above the published ones.
-@pytest.mark.parametrize(
-    ("coefficients", "thresh", "indicator"),
-    [(None, 4.0, None), ([1.0, 0.0], 1.0, None), ([1.0, 0.0], 1.0, "refiner_modulated_input")],
-)
-def test_decisions_follow_the_rule_on_the_first_blocks_scaled_input(coefficients, thresh, indicator):
-    model, _ = build_pair(TINY, seed=8)
-    num_steps = 10
-    params = TeaCacheParams(teacache_thresh=thresh, coefficients=coefficients, indicator=indicator)
-    trajectory, cap_feats = denoise(model, num_steps, params)
-    blocks = "noise_refiner" if indicator else "layers"
-    stats = model.teacache_stats()
-    assert stats.positive.skipped_steps, "the threshold was chosen so that some steps skip"
-    assert stats.positive.computed_steps[0] == 0 and stats.positive.computed_steps[-1] == num_steps - 1
-    model.disable_teacache()
-
-    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
-    previous, accumulated, skipped = None, 0.0, []
-    for step in range(num_steps):
-        t = (1 - sigmas[step]).expand(1)
-        if indicator:  # the stack input is the image tokens only in a generation with this indicator
-            model.enable_teacache(TeaCacheParams(teacache_thresh=0.0, coefficients=[1.0], indicator=indicator), 1)
-        indicator_value = indicator_by_hand(model, trajectory[step], t, cap_feats, blocks)
-        model.disable_teacache()
-        if 0 < step < num_steps - 1:
-            distance = relative_l1_distance(indicator_value, previous).item()
-            accumulated += evaluate_polynomial(coefficients or FIT, distance)
-            if accumulated < thresh:
-                skipped.append(step)
-            else:
-                accumulated = 0.0
-        previous = indicator_value
-    assert tuple(skipped) == stats.positive.skipped_steps
-
-
 def three_steps_skipping_one(model, inputs, params):
     """Steps at t = 0, 0.1, 0.2 with a threshold that skips step 1 (first and last are forced): the outputs
     and the residual step 0 cached."""
@@ -328,30 +271,6 @@ def three_steps_skipping_one(model, inputs, params):
     return outputs, residual
 
 
-def with_blocks_replaced_by(model: ZImageTransformer2DModel, residual: torch.Tensor, inputs: dict) -> list:
-    """The model's prediction with its TeaCache block stack replaced by adding `residual`."""
-    model.forward_blocks = lambda hidden_states, **_: hidden_states + residual
-    try:
-        with torch.no_grad():
-            return model(**inputs, return_dict=False)[0]
-    finally:
-        del model.forward_blocks
-
-
-def test_skipped_step_reruns_the_refiners_and_reuses_the_main_layers_residual():
-    model, _ = build_pair(TINY, seed=9)
-    inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 36])
-    outputs, residual = three_steps_skipping_one(model, inputs, TeaCacheParams(teacache_thresh=100.0))
-    assert residual.shape[:2] == (2, 32 + 64)  # the unified padded stream (B, L, D)
-
-    # Step 1 must be the full model with the refiners at t = 0.1 and the main layers replaced by the residual.
-    expected = with_blocks_replaced_by(model, residual, {**inputs, "t": torch.tensor([0.1, 0.1])})
-    assert all(torch.equal(a, e) for a, e in zip(outputs[1], expected, strict=True))
-    with torch.no_grad():
-        uncached = model(**{**inputs, "t": torch.tensor([0.1, 0.1])}, return_dict=False)[0]
-    assert not torch.equal(uncached[0], outputs[1][0])
-
-
 REFINER_INDICATOR = dict(indicator="refiner_modulated_input", coefficients=[1.0, 0.0])
 
 
@@ -364,22 +283,24 @@ def test_refiner_indicator_at_threshold_zero_is_bit_identical_to_uncached():
     assert model.teacache_stats().positive.computed_steps == tuple(range(6))
 
 
-def test_refiner_indicator_skips_the_refiners_too():
+@pytest.mark.parametrize(
+    ("params", "skipped_runs"),
+    [
+        (TeaCacheParams(teacache_thresh=100.0), {"noise_refiner", "context_refiner"}),
+        (TeaCacheParams(teacache_thresh=100.0, **REFINER_INDICATOR), set()),
+    ],
+)
+def test_a_skipped_step_runs_the_refiners_unless_the_indicator_is_read_before_them(params, skipped_runs):
     model, _ = build_pair(TINY, seed=9)
     inputs = make_inputs(TINY, [(1, 4, 4), (1, 2, 2)], [5, 36])
     calls = []  # per model call, the blocks that ran
     model.register_forward_pre_hook(lambda *_: calls.append(set()))
     for name in ("noise_refiner", "context_refiner", "layers"):
         getattr(model, name)[0].register_forward_hook(lambda *_, name=name: calls[-1].add(name))
-    params = TeaCacheParams(teacache_thresh=100.0, **REFINER_INDICATOR)
-    outputs, residual = three_steps_skipping_one(model, inputs, params)
-    assert calls[1] == set(), "a skipped step runs neither refiner nor main layer"
+    _, residual = three_steps_skipping_one(model, inputs, params)
+    assert calls[1] == skipped_runs
     assert calls[0] == calls[2] == {"noise_refiner", "context_refiner", "layers"}
-    assert residual.shape[:2] == (2, 32)  # the padded image tokens (B, Li, D), before the refiners
-
-    # Step 1 must be the embedded image tokens plus the residual, through the final layer.
-    expected = with_blocks_replaced_by(model, residual, {**inputs, "t": torch.tensor([0.1, 0.1])})
-    assert all(torch.equal(a, e) for a, e in zip(outputs[1], expected, strict=True))
+    assert residual.shape[:2] == (2, 32 + 64)  # the joint padded stream (B, L, D), whatever the indicator
 
 
 def test_refiner_indicator_needs_its_own_coefficients():

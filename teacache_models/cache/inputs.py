@@ -6,6 +6,7 @@ values (layouts, lengths): when it changes between steps, the cached residual is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,8 @@ def _tensor_signature(tensor: torch.Tensor) -> tuple:
 
 
 def value_signature(value: Any, per_row: bool = False) -> Any:
-    """A tensor's shape, dtype and device; a plain value (a layout, a length) itself; containers item by item.
+    """A tensor's shape, dtype and device; a plain value (a layout, a length) itself; containers (and
+    dataclasses) item by item.
 
     `per_row`: the value carries the batch in dim 0 and the signature is one row's (the batch size left out).
     """
@@ -48,6 +50,9 @@ def value_signature(value: Any, per_row: bool = False) -> Any:
         return value_signature(value.sources, per_row)
     if isinstance(value, list | tuple):
         return tuple(value_signature(v, per_row) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return type(value).__name__, *(value_signature(getattr(value, f.name), per_row) for f in fields)
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return type(value).__name__

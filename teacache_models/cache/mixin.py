@@ -8,6 +8,10 @@ A model provides two pieces:
 - `forward_blocks(hidden_states, **block_inputs)`: the block stack between the embeddings and the
   output head, returning the stream the head reads.
 
+A model whose stack begins with a part the default indicator is read after (Z-Image's refiners) also
+provides `teacache_prelude`, which `run_blocks` runs before the indicator; an indicator declared
+`before_prelude` is read on the prelude's input instead, and a skipped step then skips the prelude too.
+
 Its `forward` then calls `self.run_blocks(hidden_states, **block_inputs)` where it would run the
 blocks. The mixin decides, per step and per CFG branch, whether to run them or to add the residual
 cached at the branch's last computed step. Which step and branch a call computes is told by the
@@ -118,12 +122,16 @@ class TeaCacheIndicator:
             (Wan's ret-steps mode: 5).
         free_last_steps: an `end_skipping` up to this many forces no last step (Wan's ret-steps mode leaves
             the last step free: 1).
+        before_prelude: it is read before the model's `teacache_prelude` runs, so a skipped step skips the
+            prelude too (Z-Image's refiners); any other indicator is read after it, and the prelude runs at
+            every step.
     """
 
     name: str
     ret_steps: bool = False
     first_forced_steps: int = 0
     free_last_steps: int = 0
+    before_prelude: bool = False
 
 
 class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
@@ -150,6 +158,7 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
     teacache_indicators: ClassVar[tuple[TeaCacheIndicator, ...]] = (TeaCacheIndicator("modulated_input"),)
     supported_teacache_indicators: ClassVar[tuple[str, ...]] = ("modulated_input",)
     supports_ret_steps: ClassVar[bool] = False
+    _teacache_prelude_may_be_cached: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -157,6 +166,7 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         assert indicators and sum(i.ret_steps for i in indicators) <= 1, f"{cls.__name__}.teacache_indicators"
         cls.supported_teacache_indicators = tuple(i.name for i in indicators)
         cls.supports_ret_steps = any(i.ret_steps for i in indicators)
+        cls._teacache_prelude_may_be_cached = any(i.before_prelude for i in indicators)
 
     # ---- the two pieces a model provides -------------------------------------------------------
 
@@ -167,6 +177,17 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
     def forward_blocks(self, hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
         """The block stack: returns the stream the output head reads, same shape as `hidden_states`."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward_blocks()")
+
+    def teacache_prelude(self, hidden_states: torch.Tensor, **block_inputs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The part of the stack `run_blocks` runs before the indicator is read: returns the stream and the
+        inputs that `teacache_indicator` and `forward_blocks` receive. None by default (both get the inputs of
+        `run_blocks`). An indicator declared `before_prelude` is read on the prelude's input instead."""
+        return hidden_states, block_inputs
+
+    def teacache_prelude_layout(self, hidden_states: torch.Tensor, **block_inputs: Any) -> torch.Tensor:
+        """The prelude's input laid out as its output: under a `before_prelude` indicator, the residual of the
+        cached stack (prelude and blocks) is taken against it, and a skipped step adds the residual to it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement teacache_prelude_layout()")
 
     # ---- the fits and the schedule ----------------------------------------------------------------
 
@@ -340,11 +361,18 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
     def teacache_indicator_name(self) -> str:
         """The indicator of the running generation (the model's default when TeaCache is off); inside a
         `teacache_rows_step` call, that of its rows."""
+        return self._teacache_indicator().name
+
+    def _teacache_indicator(self) -> TeaCacheIndicator:
         context: StepContext | None = self.__dict__.get("_teacache_context")
         if context is not None and context.rows is not None:
             cached = [row.params for row in context.rows if row.active]
-            return self.teacache_indicator_for(cached[0] if cached else None).name
-        return self.teacache_indicator_for(self.teacache_params).name
+            return self.teacache_indicator_for(cached[0] if cached else None)
+        return self.teacache_indicator_for(self.teacache_params)
+
+    @outside_graphs
+    def _teacache_prelude_cached(self) -> bool:
+        return self._teacache_indicator().before_prelude
 
     @property
     def teacache_params(self) -> TeaCacheParams | None:
@@ -472,18 +500,27 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         """Run the block stack, or reuse this branch's cached residual when TeaCache decides to skip.
 
         Inside a `teacache_step()` context the step observers then see the step (`add_teacache_observer`).
+        The model's `teacache_prelude` runs first, unless the indicator is read before it: then the prelude is
+        part of what a skipped step skips.
         """
+        prelude_cached = self._teacache_prelude_may_be_cached and outside_graphs_call("_teacache_prelude_cached")(self)
+        if not prelude_cached:
+            hidden_states, block_inputs = self.teacache_prelude(hidden_states, **block_inputs)
         action, residual, observed = outside_graphs_call("_teacache_plan")(self, hidden_states, block_inputs)
         if action == "rows":
             return self._run_rows(hidden_states, block_inputs, residual)
+        # What the residual is the change of: the stack's input, in the layout of its output.
+        base = self.teacache_prelude_layout(hidden_states, **block_inputs) if prelude_cached else hidden_states
         if action == "skip":
-            output = hidden_states + residual
+            output = base + residual
         else:
+            if prelude_cached:
+                hidden_states, block_inputs = self.teacache_prelude(hidden_states, **block_inputs)
             output = self.forward_blocks(hidden_states, **materialize(block_inputs))
             if action == "compute":
-                outside_graphs_call("_teacache_record")(self, output, hidden_states)
+                outside_graphs_call("_teacache_record")(self, output, base)
         if observed:
-            outside_graphs_call("_teacache_notify")(self, action == "skip", hidden_states, output)
+            outside_graphs_call("_teacache_notify")(self, action == "skip", base, output)
         return output
 
     @outside_graphs

@@ -171,6 +171,12 @@ class TeaCacheRowsMixin:
                 f"{type(self).__name__} cannot keep per-sample TeaCache state: its block-stack inputs cannot be "
                 "split by batch row; use per_sample=False (one decision for the whole batch)"
             )
+        if rows and self.teacache_indicator_for(rows[0]).before_prelude:
+            raise ValueError(
+                f"per-sample TeaCache state splits the block stack by batch row after {type(self).__name__}'s "
+                f"prelude, but the indicator {self.teacache_indicator_for(rows[0]).name!r} is read before it; use "
+                "per_sample=False or another indicator"
+            )
         return rows
 
     def _generation_rows(self, session: TeaCacheSession, batch: int) -> list[TeaCacheSession]:

@@ -8,11 +8,12 @@ then one stream per sample (image tokens first, caption tokens after) passes the
 image part goes through the final layer and is unpatchified back to (C, F, H, W). How the per-sample
 lists are checked and laid out as padded token sequences is in `z_image_inputs`.
 
+The refiners are the cached stack's prelude (`teacache_prelude`): image tokens in, the joint stream out.
 TeaCache's default indicator (`modulated_input`, the published one) is the first main layer's
-`attention_norm1` output scaled by (1 + scale_msa): it is computed after the refiners, so a skipped step
-still runs them and skips only the main `layers`. The `refiner_modulated_input` indicator reads the same
-quantity at the first noise-refiner block instead, so a skipped step skips the refiners too (it has no
-published coefficients: fit them with `scripts/calibrate.py`).
+`attention_norm1` output scaled by (1 + scale_msa): it is read after the prelude, so a skipped step
+still runs the refiners and skips only the main `layers`. The `refiner_modulated_input` indicator reads
+the same quantity at the first noise-refiner block, before the prelude, so a skipped step skips the
+refiners too (it has no published coefficients: fit them with `scripts/calibrate.py`).
 
 The Omni mode (x a list of lists of latents, with `siglip_feats` and `image_noise_mask`) follows diffusers too:
 per sample, captions, then condition latents and the target, then SigLIP tokens form the stream, and the
@@ -23,12 +24,12 @@ indicator is read with that per-token modulation; `refiner_modulated_input` is n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from numbers import Real
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from ..cache import TeaCacheIndicator, TeaCacheMixin
 from ..layers import RMSNorm, apply_rotary_complex, attention, linear_activation, timestep_sinusoids
@@ -44,6 +45,7 @@ from .z_image_inputs import (
     joint_layout,
     omni_layout,
     pad_batch,
+    stream_noise_mask,
     text_to_image_layout,
     unify,
     unpatchify,
@@ -262,7 +264,10 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     _no_split_modules: ClassVar[list[str]] = ["ZImageTransformerBlock"]
     _repeated_blocks: ClassVar[list[str]] = ["ZImageTransformerBlock"]
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["t_embedder", "cap_embedder"]
-    teacache_indicators = (TeaCacheIndicator("modulated_input"), TeaCacheIndicator(_REFINER_INDICATOR))
+    teacache_indicators = (
+        TeaCacheIndicator("modulated_input"),
+        TeaCacheIndicator(_REFINER_INDICATOR, before_prelude=True),
+    )
 
     @register_config
     def __init__(
@@ -405,36 +410,17 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         siglip_seq = None
         if layout.siglip is not None:
             siglip_seq = self._embed("siglip_feats", self.siglip_embedder, layout.siglip, self.siglip_pad_token, omni)
-        if self.teacache_indicator_name == _REFINER_INDICATOR:
-            # TeaCache's stack starts at the refiners: image tokens in, image tokens out.
-            image_tokens = self.run_blocks(
-                image_seq.tokens,
-                attn_mask=image_seq.mask,
-                freqs_cis=image_seq.freqs_cis,
-                adaln_input=adaln_input,
-                controlnet_block_samples=controlnet_block_samples,
-                image_lengths=image_seq.lengths,
-                captions=cap_seq.tokens,
-                caption_mask=cap_seq.mask,
-                caption_freqs_cis=cap_seq.freqs_cis,
-                caption_lengths=cap_seq.lengths,
-            )
-            # The final layer reads the stream's layout; the caption rows it also computes are dropped.
-            hidden_states = joint_layout(image_tokens, image_seq.lengths, cap_seq.lengths)
-            noise_mask = None
-        else:
-            unified = self._refine(image_seq, cap_seq, siglip_seq, adaln_input, adaln_clean)
-            hidden_states = self.run_blocks(
-                unified.tokens,
-                attn_mask=unified.mask,
-                freqs_cis=unified.freqs_cis,
-                adaln_input=adaln_input,
-                controlnet_block_samples=controlnet_block_samples,
-                noise_mask=unified.noise_mask,
-                adaln_clean=adaln_clean,
-            )  # (B, L, D)
-            noise_mask = unified.noise_mask
-
+        # The refiners are the stack's prelude (`teacache_prelude`): image tokens in, the joint stream out.
+        hidden_states = self.run_blocks(
+            image_seq.tokens,
+            image=image_seq,
+            captions=cap_seq,
+            siglip=siglip_seq,
+            adaln_input=adaln_input,
+            adaln_clean=adaln_clean,
+            controlnet_block_samples=controlnet_block_samples,
+        )  # (B, L, D)
+        noise_mask = stream_noise_mask(_stream_parts(image_seq, cap_seq, siglip_seq))
         output = self.all_final_layer[key](hidden_states, adaln_input, noise_mask, adaln_clean)  # (B, L, pf p p C)
         # The image tokens follow the captions in the Omni layout and lead the stream otherwise.
         offsets = cap_seq.lengths if omni else [0] * len(cap_seq.lengths)
@@ -469,21 +455,24 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         adaln_input: torch.Tensor,
         adaln_clean: torch.Tensor | None = None,
     ) -> Sequences:
-        """The refiners, then one stream per sample, (B, L, D): image then caption tokens, or in the Omni mode
-        caption, image and SigLIP tokens."""
+        """The refiners, then one stream per sample, (B, L, D) (see `_stream_parts`)."""
+        image_tokens, cap_tokens = image_seq.tokens, cap_seq.tokens
         for block in self.noise_refiner:
-            image_seq.tokens = block(
-                image_seq.tokens, image_seq.mask, image_seq.freqs_cis, adaln_input, image_seq.noise_mask, adaln_clean
+            image_tokens = block(
+                image_tokens, image_seq.mask, image_seq.freqs_cis, adaln_input, image_seq.noise_mask, adaln_clean
             )
         for block in self.context_refiner:
-            cap_seq.tokens = block(cap_seq.tokens, cap_seq.mask, cap_seq.freqs_cis)
-        if image_seq.noise_mask is None:
-            return unify([image_seq, cap_seq])
-        if siglip_seq is None:
-            return unify([cap_seq, image_seq])
-        for block in self.siglip_refiner:
-            siglip_seq.tokens = block(siglip_seq.tokens, siglip_seq.mask, siglip_seq.freqs_cis)
-        return unify([cap_seq, image_seq, siglip_seq])
+            cap_tokens = block(cap_tokens, cap_seq.mask, cap_seq.freqs_cis)
+        siglip_refined = None
+        if siglip_seq is not None and image_seq.noise_mask is not None:
+            siglip_tokens = siglip_seq.tokens
+            for block in self.siglip_refiner:
+                siglip_tokens = block(siglip_tokens, siglip_seq.mask, siglip_seq.freqs_cis)
+            siglip_refined = replace(siglip_seq, tokens=siglip_tokens)
+        parts = _stream_parts(
+            replace(image_seq, tokens=image_tokens), replace(cap_seq, tokens=cap_tokens), siglip_refined
+        )
+        return unify(parts)
 
     def _embed(
         self, name: str, embedder: nn.Module, samples: list[list[Segment]], pad_token: torch.Tensor, omni: bool
@@ -548,6 +537,33 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
 
     # ---- TeaCache seam ----------------------------------------------------------------------------
 
+    def teacache_prelude(
+        self,
+        hidden_states: torch.Tensor,
+        image: Sequences,
+        captions: Sequences,
+        siglip: Sequences | None,
+        adaln_input: torch.Tensor,
+        adaln_clean: torch.Tensor | None,
+        controlnet_block_samples: dict[int, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The refiners: the embedded image tokens `hidden_states` (B, Li, D) -> the joint stream (B, L, D)."""
+        unified = self._refine(replace(image, tokens=hidden_states), captions, siglip, adaln_input, adaln_clean)
+        return unified.tokens, dict(
+            attn_mask=unified.mask,
+            freqs_cis=unified.freqs_cis,
+            adaln_input=adaln_input,
+            controlnet_block_samples=controlnet_block_samples,
+            noise_mask=unified.noise_mask,
+            adaln_clean=adaln_clean,
+        )
+
+    def teacache_prelude_layout(
+        self, hidden_states: torch.Tensor, image: Sequences, captions: Sequences, **_: Any
+    ) -> torch.Tensor:
+        """(B, Li, D) image tokens -> the joint stream's layout (B, L, D), zeros where the captions sit."""
+        return joint_layout(hidden_states, image.lengths, captions.lengths)
+
     def teacache_indicator(
         self,
         hidden_states: torch.Tensor,
@@ -557,7 +573,8 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         **_: Any,
     ) -> torch.Tensor:
         """The first block's attention_norm1 output scaled by (1 + scale_msa): (B, L, D). The block is the first
-        main layer (`modulated_input`) or the first noise-refiner block (`refiner_modulated_input`)."""
+        main layer (`modulated_input`, on the joint stream) or the first noise-refiner block
+        (`refiner_modulated_input`, on the image tokens, before the prelude)."""
         blocks = self.noise_refiner if self.teacache_indicator_name == _REFINER_INDICATOR else self.layers
         if not len(blocks):
             return hidden_states
@@ -572,44 +589,11 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         freqs_cis: torch.Tensor,
         adaln_input: torch.Tensor,
         controlnet_block_samples: dict[int, torch.Tensor] | None = None,
-        image_lengths: list[int] | None = None,
-        captions: torch.Tensor | None = None,
-        caption_mask: torch.Tensor | None = None,
-        caption_freqs_cis: torch.Tensor | None = None,
-        caption_lengths: list[int] | None = None,
         noise_mask: torch.Tensor | None = None,
         adaln_clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The main layers over the unified stream: (B, L, D) -> (B, L, D); in the Omni mode with the stream's
-        (B, L) `noise_mask` and the clean conditioning `adaln_clean`.
-
-        With `captions` (the `refiner_modulated_input` indicator), `hidden_states` are the embedded image
-        tokens (`attn_mask`, `freqs_cis` and `image_lengths` theirs) and the stack begins with the refiners;
-        the image tokens of the main layers' output are returned in the layout of `hidden_states`.
-        """
-        if captions is not None:
-            image_seq = Sequences(hidden_states, freqs_cis, attn_mask, image_lengths)
-            cap_seq = Sequences(captions, caption_freqs_cis, caption_mask, caption_lengths)
-            unified = self._refine(image_seq, cap_seq, None, adaln_input)
-            output = self._main_layers(
-                unified.tokens, unified.mask, unified.freqs_cis, adaln_input, controlnet_block_samples
-            )
-            images = [output[i, :n] for i, n in enumerate(image_lengths)]
-            return pad_sequence(images, batch_first=True, padding_value=0.0)
-        return self._main_layers(
-            hidden_states, attn_mask, freqs_cis, adaln_input, controlnet_block_samples, noise_mask, adaln_clean
-        )
-
-    def _main_layers(
-        self,
-        hidden_states: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        freqs_cis: torch.Tensor,
-        adaln_input: torch.Tensor,
-        controlnet_block_samples: dict[int, torch.Tensor] | None,
-        noise_mask: torch.Tensor | None = None,
-        adaln_clean: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        """The main layers over the joint stream: (B, L, D) -> (B, L, D); in the Omni mode with the stream's
+        (B, L) `noise_mask` and the clean conditioning `adaln_clean`."""
         for index, block in enumerate(self.layers):
             hidden_states = self.call_block(
                 block, hidden_states, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_clean
@@ -617,6 +601,14 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             if controlnet_block_samples is not None and index in controlnet_block_samples:
                 hidden_states = hidden_states + controlnet_block_samples[index]
         return hidden_states
+
+
+def _stream_parts(image: Sequences, captions: Sequences, siglip: Sequences | None) -> list[Sequences]:
+    """The parts of each sample's joint stream, in order: image then caption tokens, or in the Omni mode
+    caption, image and (when present) SigLIP tokens."""
+    if image.noise_mask is None:
+        return [image, captions]
+    return [captions, image] if siglip is None else [captions, image, siglip]
 
 
 def _check_architecture(args: dict[str, Any]) -> None:

@@ -133,15 +133,22 @@ def pad_batch(
     )
 
 
+def _joined(parts: list[Sequences], field: str) -> list[torch.Tensor]:
+    """Per sample, the unpadded `field` of each part one after another."""
+    return [torch.cat([getattr(p, field)[i, : p.lengths[i]] for p in parts]) for i in range(len(parts[0].lengths))]
+
+
 def unify(parts: list[Sequences]) -> Sequences:
     """Per sample, the unpadded tokens of each part one after another, batched again."""
-    rows = range(len(parts[0].lengths))
+    noise_masks = None if parts[0].noise_mask is None else _joined(parts, "noise_mask")
+    return pad_batch(_joined(parts, "tokens"), _joined(parts, "freqs_cis"), noise_masks)
 
-    def joined(field: str) -> list[torch.Tensor]:
-        return [torch.cat([getattr(p, field)[i, : p.lengths[i]] for p in parts]) for i in rows]
 
-    noise_masks = None if parts[0].noise_mask is None else joined("noise_mask")
-    return pad_batch(joined("tokens"), joined("freqs_cis"), noise_masks)
+def stream_noise_mask(parts: list[Sequences]) -> torch.Tensor | None:
+    """The (B, L) noise mask of `unify(parts)` (None outside the Omni mode), without joining the tokens."""
+    if parts[0].noise_mask is None:
+        return None
+    return pad_sequence(_joined(parts, "noise_mask"), batch_first=True, padding_value=0)
 
 
 @dataclasses.dataclass

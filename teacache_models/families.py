@@ -46,6 +46,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("qwen_image", "QwenImageTransformer2DModel", ("qwen_image:QwenImageTextToImagePipeline",)),
         Family("z_image", "ZImageTransformer2DModel", ("z_image:ZImageTextToImagePipeline",)),
+        Family("flux2", "Flux2Transformer2DModel"),
     )
 }
 

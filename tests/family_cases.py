@@ -73,6 +73,22 @@ def _flux_indicator(model: Any, call: dict) -> torch.Tensor:
     return model.transformer_blocks[0].norm1(hidden, temb)[0]
 
 
+def _flux2_path(config: dict, seed: int) -> Callable[[float], dict]:
+    from tests.test_flux2 import make_inputs
+
+    # The noisy image and one reference image; timestep and guidance batch of one, as the pipelines pass them.
+    inputs = make_inputs(config, 1, 3, 4, 5, refs=((2, 2),), seed=seed)
+    return _tensor_path(inputs, "hidden_states", seed, lambda s: torch.tensor([s]))
+
+
+def _flux2_indicator(model: Any, call: dict) -> torch.Tensor:
+    hidden = model.x_embedder(call["hidden_states"])
+    guidance = call.get("guidance")
+    temb = model.time_guidance_embed(call["timestep"] * 1000, None if guidance is None else guidance * 1000)
+    shift, scale = model.double_stream_modulation_img(temb).chunk(6, dim=-1)[:2]  # (B, D) each
+    return (1 + scale[:, None]) * model.transformer_blocks[0].norm1(hidden) + shift[:, None]
+
+
 def _wan_path(config: dict, seed: int) -> Callable[[float], dict]:
     from tests.test_wan import make_inputs
 
@@ -183,6 +199,7 @@ CASES: dict[str, FamilyCase] = {
     case.family: case
     for case in (
         FamilyCase("flux", "test_flux", _flux_path, {"modulated_input": _flux_indicator}),
+        FamilyCase("flux2", "test_flux2", _flux2_path, {"modulated_input": _flux2_indicator}),
         FamilyCase("wan", "test_wan", _wan_path, _WAN_INDICATORS),
         FamilyCase(
             "hunyuan_video", "test_hunyuan_video", _hunyuan_video_path, {"modulated_input": _hunyuan_video_indicator}

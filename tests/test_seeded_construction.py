@@ -9,10 +9,19 @@ import pytest
 import torch
 
 from teacache_models import models
-from tests import test_flux, test_hunyuan_video, test_hunyuan_video15, test_qwen_image, test_wan, test_z_image
+from tests import (
+    test_flux,
+    test_flux2,
+    test_hunyuan_video,
+    test_hunyuan_video15,
+    test_qwen_image,
+    test_wan,
+    test_z_image,
+)
 
 FAMILIES = {
     "FluxTransformer2DModel": test_flux.CONFIGS,
+    "Flux2Transformer2DModel": test_flux2.CONFIGS,
     "WanTransformer3DModel": test_wan.CONFIGS,
     "HunyuanVideoTransformer3DModel": test_hunyuan_video.CONFIGS,
     "HunyuanVideo15Transformer3DModel": test_hunyuan_video15.CONFIGS,

@@ -79,7 +79,7 @@ GOOD = dict(
     ("change", "match"),
     [
         (dict(extra=1), r"unknown keys \['extra'\]"),
-        (dict(family="flux2"), "family 'flux2' is not one of"),
+        (dict(family="flux3"), "family 'flux3' is not one of"),
         (dict(transformer_dtype="float64"), "transformer_dtype 'float64' is not one of"),
         (dict(transformer_parameters="11.9e9"), "transformer_parameters must be a positive number, got '11.9e9'"),
         (dict(components=[]), "components must be a non-empty list"),

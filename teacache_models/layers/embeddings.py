@@ -49,15 +49,20 @@ class MLPEmbedder(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, hidden_features: int, out_features: int | None = None, act: str = "silu"
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        act: str = "silu",
+        bias: bool = True,
     ) -> None:
         super().__init__()
         activations = {"silu": nn.SiLU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
         if act not in activations:
             raise ValueError(f"act must be one of {sorted(activations)}, got {act!r}")
-        self.linear_1 = nn.Linear(in_features, hidden_features)
+        self.linear_1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = activations[act]()
-        self.linear_2 = nn.Linear(hidden_features, out_features or hidden_features)
+        self.linear_2 = nn.Linear(hidden_features, out_features or hidden_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))

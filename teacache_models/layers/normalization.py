@@ -66,10 +66,11 @@ class AdaLayerNormContinuous(nn.Module):
         conditioning_embedding_dim: int,
         elementwise_affine: bool = False,
         eps: float = 1e-6,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.silu = nn.SiLU()
-        self.linear = nn.Linear(conditioning_embedding_dim, 2 * embedding_dim)
+        self.linear = nn.Linear(conditioning_embedding_dim, 2 * embedding_dim, bias=bias)
         self.norm = nn.LayerNorm(embedding_dim, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:

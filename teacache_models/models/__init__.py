@@ -2,6 +2,7 @@
 
 from .base import ConfiguredModel, ModelConfig, Transformer2DModelOutput
 from .flux import FluxTransformer2DModel
+from .flux2 import Flux2Transformer2DModel
 from .hunyuan_video import HunyuanVideoTransformer3DModel
 from .hunyuan_video15 import HunyuanVideo15Transformer3DModel
 from .qwen_image import QwenImageTransformer2DModel
@@ -11,6 +12,7 @@ from .z_image import ZImageTransformer2DModel
 
 __all__ = [
     "ConfiguredModel",
+    "Flux2Transformer2DModel",
     "FluxTransformer2DModel",
     "HunyuanVideo15Transformer3DModel",
     "HunyuanVideoTransformer3DModel",

@@ -15,9 +15,11 @@ import torch
 from ..lora import check_lora_scale
 
 __all__ = [
+    "batch_vector",
     "check_architecture",
     "check_attention_kwargs",
     "check_dtype",
+    "check_guidance",
     "check_patch_grid",
     "check_residuals",
     "check_rope_axes",
@@ -202,3 +204,23 @@ def controlnet_residuals(
         return None
     dtype = None if torch.is_autocast_enabled(hidden_states.device.type) else hidden_states.dtype
     return check_residuals(name, samples, tuple(hidden_states.shape), dtype)
+
+
+def batch_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """A number or a tensor of shape (), (1,) or (B,) (a timestep, a guidance scale) -> (1,) or (B,)."""
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
+        value = torch.tensor([float(value)], device=device)
+    value = value.reshape(1) if value.ndim == 0 else value
+    if value.ndim != 1 or value.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
+    return value
+
+
+def check_guidance(guidance: Any, guidance_embeds: bool, with_embeds: str, without_embeds: str) -> None:
+    """A guidance scale given exactly when the model embeds one; the errors name a checkpoint of each kind."""
+    if guidance_embeds and guidance is None:
+        raise ValueError(f"guidance is required: this model has guidance_embeds=True (e.g. {with_embeds})")
+    if not guidance_embeds and guidance is not None:
+        raise ValueError(f"guidance must be None: this model has guidance_embeds=False (e.g. {without_embeds})")

@@ -34,9 +34,11 @@ from ..layers import (
 from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .checks import (
+    batch_vector,
     check_architecture,
     check_attention_kwargs,
     check_dtype,
+    check_guidance,
     check_rope_axes,
     check_tensor,
     check_tokens,
@@ -100,27 +102,36 @@ class FluxAttention(nn.Module):
         eps: float = 1e-6,
         added_kv_proj_dim: int | None = None,
         pre_only: bool = False,
+        bias: bool = True,
+        qk_norms_first: bool = True,
     ) -> None:
         super().__init__()
         inner_dim = num_heads * head_dim
         self.head_dim = head_dim
-        # Submodules are created in diffusers' order, so that a seeded construction draws the same weights
-        # and the state_dict lists its keys in the same order.
-        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
-        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
-        self.to_q = nn.Linear(dim, inner_dim)
-        self.to_k = nn.Linear(dim, inner_dim)
-        self.to_v = nn.Linear(dim, inner_dim)
+        # Submodules are created in diffusers' order (FLUX.1 makes the QK norms before the projections, FLUX.2
+        # after), so that a seeded construction draws the same weights and the state_dict lists its keys in the
+        # same order.
+        if qk_norms_first:
+            self._make_qk_norms(head_dim, eps)
+        self.to_q = nn.Linear(dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(dim, inner_dim, bias=bias)
+        if not qk_norms_first:
+            self._make_qk_norms(head_dim, eps)
         if not pre_only:
             # Index 1 (dropout at training time) holds no weights; it keeps the key `to_out.0`.
-            self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim), nn.Identity()])
+            self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim, bias=bias), nn.Identity()])
         if added_kv_proj_dim is not None:
             self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
             self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
-            self.add_q_proj = nn.Linear(added_kv_proj_dim, inner_dim)
-            self.add_k_proj = nn.Linear(added_kv_proj_dim, inner_dim)
-            self.add_v_proj = nn.Linear(added_kv_proj_dim, inner_dim)
-            self.to_add_out = nn.Linear(inner_dim, dim)
+            self.add_q_proj = nn.Linear(added_kv_proj_dim, inner_dim, bias=bias)
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, inner_dim, bias=bias)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, inner_dim, bias=bias)
+            self.to_add_out = nn.Linear(inner_dim, dim, bias=bias)
+
+    def _make_qk_norms(self, head_dim: int, eps: float) -> None:
+        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
 
     def _heads(self, projection: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         heads = projection(x).unflatten(-1, (-1, self.head_dim))  # (B, L, H, Dh)
@@ -133,10 +144,11 @@ class FluxAttention(nn.Module):
         v = self._heads(self.to_v, None, hidden_states)
         return attention(apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope), v)
 
-    def joint(
+    def joint_qkv(
         self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, rope: Rope
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Joint attention of text (B, Lt, D) and image (B, Li, D) tokens -> projected image, text outputs."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of text (B, Lt, D) then image (B, Li, D) tokens, rotated:
+        (B, Lt + Li, H, Dh) each."""
         q = torch.cat(
             [
                 self._heads(self.add_q_proj, self.norm_added_q, encoder_hidden_states),
@@ -155,9 +167,18 @@ class FluxAttention(nn.Module):
             [self._heads(self.add_v_proj, None, encoder_hidden_states), self._heads(self.to_v, None, hidden_states)],
             dim=1,
         )
-        out = attention(apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope), v)
-        text_len = encoder_hidden_states.shape[1]
+        return apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope), v
+
+    def joint_out(self, out: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention output (B, Lt + Li, H * Dh) -> projected image (B, Li, D), text (B, Lt, D)."""
         return self.to_out[0](out[:, text_len:].contiguous()), self.to_add_out(out[:, :text_len].contiguous())
+
+    def joint(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, rope: Rope
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention of text (B, Lt, D) and image (B, Li, D) tokens -> projected image, text outputs."""
+        out = attention(*self.joint_qkv(hidden_states, encoder_hidden_states, rope))
+        return self.joint_out(out, encoder_hidden_states.shape[1])
 
 
 class FluxTransformerBlock(nn.Module):
@@ -209,18 +230,6 @@ class FluxSingleTransformerBlock(nn.Module):
         attn = self.attn(norm_x, rope)
         update = gate.unsqueeze(1) * self.proj_out(torch.cat([attn, mlp], dim=2))
         return clip_fp16(tokens + update)
-
-
-def _as_batch_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """A scalar or (1,) or (B,) per-sample value -> (B,) tensor."""
-    if not isinstance(value, torch.Tensor):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-        value = torch.tensor([float(value)], device=device)
-    value = value.reshape(-1) if value.ndim == 0 else value
-    if value.ndim != 1 or value.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
-    return value.expand(batch)
 
 
 def _position_ids(name: str, ids: Any, length: int, num_axes: int) -> torch.Tensor:
@@ -353,9 +362,9 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             self.single_transformer_blocks,
             hidden_states,
         )
-        timestep = _as_batch_vector("timestep", timestep, batch, device).to(dtype) * 1000
+        timestep = batch_vector("timestep", timestep, batch, device).expand(batch).to(dtype) * 1000
         if guidance is not None:
-            guidance = _as_batch_vector("guidance", guidance, batch, device).to(dtype) * 1000
+            guidance = batch_vector("guidance", guidance, batch, device).expand(batch).to(dtype) * 1000
         temb = self.time_text_embed(timestep, guidance, pooled_projections)  # (B, D)
         text = encoder_hidden_states
         # Only the blocks read the projected text and the rotary tables: a skipped step computes neither.
@@ -434,10 +443,7 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         check_dtype("hidden_states", hidden_states, self.x_embedder.weight.dtype)
         check_dtype("encoder_hidden_states", encoder_hidden_states, self.context_embedder.weight.dtype)
         check_dtype("pooled_projections", pooled_projections, self.time_text_embed.text_embedder.linear_1.weight.dtype)
-        if config.guidance_embeds and guidance is None:
-            raise ValueError("guidance is required: this model has guidance_embeds=True (e.g. FLUX.1-dev)")
-        if not config.guidance_embeds and guidance is not None:
-            raise ValueError("guidance must be None: this model has guidance_embeds=False (e.g. FLUX.1-schnell)")
+        check_guidance(guidance, config.guidance_embeds, "FLUX.1-dev", "FLUX.1-schnell")
         check_attention_kwargs("joint_attention_kwargs", joint_attention_kwargs)
         return batch, encoder_hidden_states.shape[1]
 

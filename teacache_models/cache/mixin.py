@@ -294,7 +294,7 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         """A generation's state for `params`; `watched`: its fit monitor observes the model's steps."""
         coefficients, first_forced, last_forced = self.teacache_schedule(params)
         monitor = FitMonitor(
-            coefficients,
+            {False: coefficients, True: coefficients},
             params.calibrated_range,
             num_inference_steps,
             type(self).__name__,

@@ -86,7 +86,7 @@ class TeaCacheRowsMixin:
         self._check_row_params([dataclasses.replace(params or TeaCacheParams(teacache_thresh=0.0), per_sample=True)])
         if params is None:
             row = TeaCacheSession(TeaCacheParams(teacache_thresh=0.0), (), num_inference_steps, 0, 0, active=False)
-            row.monitor = FitMonitor((), None, num_inference_steps, type(self).__name__)
+            row.monitor = FitMonitor({}, None, num_inference_steps, type(self).__name__)
             return row
         return self._new_session(params, num_inference_steps, watched=False)
 

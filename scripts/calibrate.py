@@ -11,7 +11,10 @@ The model runs uncached (TeaCache with threshold 0, which computes the chosen in
 skips nothing) over every prompt and seed. For each pair of consecutive steps of each CFG branch it records
 x, the relative L1 change of the indicator, and y, that of the block-stack output (`--target output`, as
 the TeaCache paper fits) or of its residual (`--target residual`). It fits `numpy.polyfit(x, y, degree)`,
-prints the number of points, R^2 and the x range, and optionally saves a scatter-and-fit PNG, a JSON record
+one polynomial for both CFG branches, or one per branch where the branches differ (`--branch-fits auto`: per
+branch when that removes at least a fifth of the joint fit's squared residual; it says which it chose, and a
+per-branch fit is written as `coefficients` plus `coefficients_negative`), prints the number of points, R^2
+and the x range, and optionally saves a scatter-and-fit PNG, a JSON record
 and the coefficients into the presets of a zoo config that use this indicator (comments and other keys
 are kept; the preset's `source` says where the coefficients come from, `calibrated_range` the x range).
 
@@ -24,7 +27,8 @@ fraction of block-stack calls computed and the mean PSNR against the uncached ou
 
 A pipeline with two experts (Wan2.2 A14B) gets one fit per expert unless `--component` picks one: each
 expert's steps are recorded apart, `--plot` saves one PNG per expert (`<stem>-<expert>.png`), `--json`
-keeps points and fit under `experts`, and `--write-config` writes `teacache.fits.<expert>.<indicator>`.
+keeps points and fit under `experts`, and `--write-config` writes `teacache.fits.<expert>.<indicator>`, each
+with the expert's own `calibrated_range` (and per-branch polynomials where its branches differ).
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 import torch  # noqa: E402
 
 from teacache_models.calibration import (  # noqa: E402
+    BRANCH_FITS,
     TARGETS,
-    fit_polynomial,
+    fit_branches,
     plot_fit,
     record_runs_per_model,
     write_coefficients,
@@ -55,7 +60,7 @@ from teacache_models.calibration import (  # noqa: E402
 )
 from teacache_models.cli import lora_argument  # noqa: E402
 from teacache_models.demo import digit_prompt  # noqa: E402
-from teacache_models.params import TeaCacheParams  # noqa: E402
+from teacache_models.params import RescalingFit, TeaCacheParams  # noqa: E402
 from teacache_models.zoo import load_zoo_entry  # noqa: E402
 
 
@@ -82,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--indicator", help="indicator to calibrate (default: the model's default indicator)")
     parser.add_argument("--target", choices=TARGETS, default="output", help="y: block-stack output or residual")
     parser.add_argument("--degree", type=int, default=4, help="polynomial degree")
+    parser.add_argument(
+        "--branch-fits",
+        choices=BRANCH_FITS,
+        default="auto",
+        help="one polynomial for both CFG branches (joint), one per branch (separate), or one per branch where "
+        "that removes at least a fifth of the joint fit's squared residual (auto)",
+    )
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line (default: the ten digit prompts)")
     parser.add_argument("--image", type=Path, help="the first frame of every run, for image-to-video models")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per prompt")
@@ -166,14 +178,18 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     records_by = record_runs_per_model(recorded, run, indicator, args.target)
-    fits = {n: fit_polynomial([r.x for r in rs], [r.y for r in rs], args.degree) for n, rs in records_by.items()}
+    fits = {n: fit_branches(rs, args.degree, args.branch_fits) for n, rs in records_by.items()}
     wall = time.perf_counter() - started
     print(f"{len(prompts)} prompts x {args.seeds} seeds, indicator {indicator}, target {args.target} ({wall:.1f} s)")
-    for component, fit in fits.items():
+    for component, branch_fits in fits.items():
+        fit = branch_fits.joint
         print(
             f"{component}: {fit.num_points} points, R^2 {fit.r_squared:.4f}, x in [{fit.x_min:.4g}, {fit.x_max:.4g}]; "
-            "coefficients (highest degree first): [" + ", ".join(f"{c:.8e}" for c in fit.coefficients) + "]"
+            f"{branch_fits.describe()}"
         )
+        for branch, coefficients in (("", branch_fits.coefficients), ("negative ", branch_fits.coefficients_negative)):
+            if coefficients is not None:
+                print(f"  {branch}coefficients (highest degree first): [{', '.join(f'{c:.8e}' for c in coefficients)}]")
 
     label = Path(args.model).name
     if args.plot:
@@ -182,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for component, fit in fits.items():
             # One PNG per expert: the given path with the expert's name appended.
             path = args.plot if len(fits) == 1 else args.plot.with_stem(f"{args.plot.stem}-{component}")
-            title = f"{label} ({component}): {indicator}, {fit.num_points} points, R$^2$ {fit.r_squared:.3f}"
+            joint = fit.joint
+            title = f"{label} ({component}): {indicator}, {joint.num_points} points, R$^2$ {joint.r_squared:.3f}"
             plot_fit(records_by[component], fit, path, title, f"rel. L1 change of indicator '{indicator}'", y_label)
             print(f"plot: {path}")
     record: dict[str, Any] = {
@@ -195,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     per_component = {
         component: {
-            "fit": fit.as_dict(),
+            "fit": fit.joint.as_dict(),
+            "branch_fits": {
+                "per_branch": fit.per_branch,
+                "residual_share": fit.residual_share,
+                **({"positive": fit.positive.as_dict(), "negative": fit.negative.as_dict()} if fit.per_branch else {}),
+            },
             "points": {
                 branch: [[r.x, r.y] for r in records_by[component] if r.is_cfg_negative == negative]
                 for branch, negative in (("positive", False), ("negative", True))
@@ -222,13 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_thresholds:
         preset, base = table_settings(args, entry, indicator, updated, fit)
         if len(fits) > 1:
-            # Each expert rescales with its own new fit (coefficients None take the model's fits).
+            # Each expert rescales with its own new fit and range (coefficients None take the model's fits).
             for component, expert_fit in fits.items():
-                recorded[component].set_teacache_fits(
-                    {**recorded[component].teacache_fits, indicator: expert_fit.coefficients}
+                new = RescalingFit(
+                    expert_fit.coefficients, expert_fit.coefficients_negative, expert_fit.calibrated_range
                 )
-            low, high = min(f.x_min for f in fits.values()), max(f.x_max for f in fits.values())
-            base = dataclasses.replace(base, coefficients=None, calibrated_range=(low, high))
+                recorded[component].set_teacache_fits({**recorded[component].teacache_rescaling_fits, indicator: new})
+            base = dataclasses.replace(base, coefficients=None, coefficients_negative=None, calibrated_range=None)
         rows = []
         for thresh in args.table_thresholds:
             params = dataclasses.replace(base, teacache_thresh=thresh)
@@ -280,11 +302,16 @@ def table_settings(
             params = entry.presets[preset].params
             if (params.indicator or indicator) == indicator:
                 return preset, dataclasses.replace(
-                    params, coefficients=fit.coefficients, calibrated_range=(fit.x_min, fit.x_max)
+                    params,
+                    coefficients=fit.coefficients,
+                    coefficients_negative=fit.coefficients_negative,
+                    calibrated_range=fit.calibrated_range,
                 )
         if preset == args.table_preset:
             raise SystemExit(f"--table-preset {preset!r} is not a preset of the entry using indicator {indicator!r}")
-    return None, TeaCacheParams(indicator=indicator, coefficients=fit.coefficients)
+    return None, TeaCacheParams(
+        indicator=indicator, coefficients=fit.coefficients, coefficients_negative=fit.coefficients_negative
+    )
 
 
 if __name__ == "__main__":

@@ -31,12 +31,15 @@ from .cache.state import StepObservation
 from .params import TeaCacheParams
 
 __all__ = [
+    "BRANCH_FITS",
     "TARGETS",
+    "BranchFits",
     "DistanceRecord",
     "DistanceRecorder",
     "PolynomialFit",
     "calibration_params",
     "calibration_source",
+    "fit_branches",
     "fit_polynomial",
     "plot_fit",
     "record_runs",
@@ -49,6 +52,11 @@ __all__ = [
 # What y measures: the block stack's output, or its residual (output - input), which TeaCache caches.
 TARGETS = ("output", "residual")
 _SOURCE_PREFIX = "coefficients: scripts/calibrate.py"
+# How `fit_branches` treats the two CFG branches: one polynomial for both, one each, or one each when they differ.
+BRANCH_FITS = ("auto", "joint", "separate")
+# "auto" fits per branch when that removes at least this share of the joint fit's squared residual. The
+# demo models' branches leave 96-99% of it (one polynomial serves both).
+BRANCHES_DIFFER_GAIN = 0.2
 
 
 def calibration_params(indicator: str | None = None) -> TeaCacheParams:
@@ -191,10 +199,89 @@ def fit_polynomial(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndar
     return PolynomialFit(tuple(float(c) for c in coefficients), len(x), r_squared, float(x.min()), float(x.max()))
 
 
+@dataclass(frozen=True)
+class BranchFits:
+    """One model's calibration: the joint polynomial of both CFG branches and, where the branches differ, one
+    per branch (`positive`, `negative`), which then replace it.
+
+    `residual_share`: the per-branch fits' squared residual as a share of the joint fit's (None with one branch).
+    """
+
+    joint: PolynomialFit
+    positive: PolynomialFit | None = None
+    negative: PolynomialFit | None = None
+    residual_share: float | None = None
+
+    @property
+    def per_branch(self) -> bool:
+        return self.negative is not None
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        """The positive branch's polynomial (both branches' when there is one)."""
+        return self.positive.coefficients if self.per_branch else self.joint.coefficients
+
+    @property
+    def coefficients_negative(self) -> tuple[float, ...] | None:
+        return self.negative.coefficients if self.per_branch else None
+
+    @property
+    def calibrated_range(self) -> tuple[float, float]:
+        """The indicator distances fitted on, both branches together."""
+        return self.joint.x_min, self.joint.x_max
+
+    def describe(self) -> str:
+        share = "" if self.residual_share is None else f"; per-branch residual {self.residual_share:.0%} of joint"
+        if not self.per_branch:
+            return f"one fit for both branches{share}"
+        return (
+            f"one fit per CFG branch (the branches differ{share}): positive {self.positive.num_points} points, "
+            f"R^2 {self.positive.r_squared:.4f}; negative {self.negative.num_points} points, R^2 "
+            f"{self.negative.r_squared:.4f}"
+        )
+
+
+def fit_branches(records: Sequence[DistanceRecord], degree: int = 4, branch_fits: str = "auto") -> BranchFits:
+    """Fit the records of both CFG branches: one polynomial (`branch_fits` "joint"), one per branch ("separate"),
+    or one per branch where that removes at least `BRANCHES_DIFFER_GAIN` of the joint fit's squared residual
+    ("auto"). A run without a negative branch gets one polynomial whatever is asked."""
+    if branch_fits not in BRANCH_FITS:
+        raise ValueError(f"branch_fits must be one of {list(BRANCH_FITS)}, got {branch_fits!r}")
+    joint = fit_polynomial([r.x for r in records], [r.y for r in records], degree)
+    by_branch = {negative: [r for r in records if r.is_cfg_negative == negative] for negative in (False, True)}
+    if branch_fits == "joint" or not all(by_branch.values()):
+        return BranchFits(joint)
+    fits = {
+        negative: fit_polynomial([r.x for r in rs], [r.y for r in rs], degree) for negative, rs in by_branch.items()
+    }
+
+    def squared_residual(fit_of: Callable[[bool], PolynomialFit]) -> float:
+        return sum(
+            float(np.sum((np.array([r.y for r in rs]) - fit_of(negative)(np.array([r.x for r in rs]))) ** 2))
+            for negative, rs in by_branch.items()
+        )
+
+    joint_residual = squared_residual(lambda _: joint)
+    share = squared_residual(fits.__getitem__) / joint_residual if joint_residual > 0 else 1.0
+    if branch_fits == "auto" and share > 1 - BRANCHES_DIFFER_GAIN:
+        return BranchFits(joint, residual_share=share)
+    return BranchFits(joint, fits[False], fits[True], share)
+
+
+def _branch_fits(fit: PolynomialFit | BranchFits) -> BranchFits:
+    return fit if isinstance(fit, BranchFits) else BranchFits(fit)
+
+
 def plot_fit(
-    records: Sequence[DistanceRecord], fit: PolynomialFit, path: str | Path, title: str, x_label: str, y_label: str
+    records: Sequence[DistanceRecord],
+    fit: PolynomialFit | BranchFits,
+    path: str | Path,
+    title: str,
+    x_label: str,
+    y_label: str,
 ) -> None:
-    """Save a scatter of the records (one colour per CFG branch) with the fitted curve as a PNG."""
+    """Save a scatter of the records (one colour per CFG branch) with the fitted curve (one per branch where the
+    branches have their own) as a PNG."""
     try:
         import matplotlib
 
@@ -208,10 +295,14 @@ def plot_fit(
         ys = [r.y for r in records if r.is_cfg_negative == negative]
         if xs:
             axes.scatter(xs, ys, s=6, alpha=0.35, color=colour, label=label, linewidths=0)
-    grid = np.linspace(fit.x_min, fit.x_max, 200)
-    axes.plot(
-        grid, fit(grid), color="black", linewidth=1.5, label=f"degree-{fit.degree} fit, $R^2$={fit.r_squared:.3f}"
-    )
+    fits = _branch_fits(fit)
+    curves = [(fits.joint, "black", "")]
+    if fits.per_branch:
+        curves = [(fits.positive, "navy", "positive "), (fits.negative, "darkred", "negative ")]
+    for curve, colour, branch in curves:
+        grid = np.linspace(curve.x_min, curve.x_max, 200)
+        label = f"{branch}degree-{curve.degree} fit, $R^2$={curve.r_squared:.3f}"
+        axes.plot(grid, curve(grid), color=colour, linewidth=1.5, label=label)
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     axes.set_title(title, fontsize=10)
@@ -222,15 +313,23 @@ def plot_fit(
     plt.close(figure)
 
 
-def calibration_source(fit: PolynomialFit, previous_source: str = "") -> str:
+def calibration_source(fit: PolynomialFit | BranchFits, previous_source: str = "") -> str:
     """A preset's `source` saying where its coefficients come from, keeping the threshold's justification."""
     rest = previous_source
     if rest.startswith(_SOURCE_PREFIX):
         rest = rest.split("; ", 1)[1] if "; " in rest else ""
-    note = (
-        f"{_SOURCE_PREFIX} fit on {fit.num_points} points (R^2 {fit.r_squared:.3f}, "
-        f"x in [{fit.x_min:.3g}, {fit.x_max:.3g}])"
-    )
+    fits = _branch_fits(fit)
+    low, high = fits.calibrated_range
+    if fits.per_branch:
+        note = (
+            f"{_SOURCE_PREFIX} fit per CFG branch on {fits.positive.num_points} + {fits.negative.num_points} points "
+            f"(R^2 {fits.positive.r_squared:.3f} / {fits.negative.r_squared:.3f}, x in [{low:.3g}, {high:.3g}])"
+        )
+    else:
+        note = (
+            f"{_SOURCE_PREFIX} fit on {fits.joint.num_points} points (R^2 {fits.joint.r_squared:.3f}, "
+            f"x in [{low:.3g}, {high:.3g}])"
+        )
     return f"{note}; {rest}" if rest else note
 
 
@@ -273,15 +372,47 @@ def _set_key(lines: list[str], start: int, end: int, child_indent: int, key: str
     lines[index : _block_end(lines, index, child_indent)] = [new_line]
 
 
+def _drop_key(lines: list[str], start: int, end: int, child_indent: int, key: str) -> None:
+    """Remove `key` (with any continuation lines) from lines[start:end], if it is there."""
+    index = _find_key(lines, key, start, end, child_indent)
+    if index is not None:
+        del lines[index : _block_end(lines, index, child_indent)]
+
+
+def _coefficients_text(coefficients: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{c:.8e}" for c in coefficients) + "]"
+
+
+def _range_text(fits: BranchFits) -> str:
+    low, high = fits.calibrated_range
+    return f"[{low:.6g}, {high:.6g}]"
+
+
+def _check_written(path: Path, where: str, written: Any, fits: BranchFits) -> None:
+    """`written` (a preset's params or a fit read back by the zoo loader) holds the new polynomials."""
+
+    def same(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-7) for x, y in zip(a, b, strict=True))
+
+    if not (
+        same(written.coefficients, fits.coefficients)
+        and same(written.coefficients_negative, fits.coefficients_negative)
+    ):
+        raise RuntimeError(f"{path}: {where} did not take the new coefficients")
+
+
 def write_coefficients(
     config_path: str | Path,
     indicator: str,
-    fit: PolynomialFit,
+    fit: PolynomialFit | BranchFits,
     default_indicator: str,
     use_ret_steps: bool | None = None,
 ) -> list[str]:
-    """Set the coefficients, their `calibrated_range` (the indicator distances fitted on) and `source` of every
-    preset of a zoo config that uses `indicator`.
+    """Set the coefficients (and `coefficients_negative` where the branches have their own fits, else remove
+    it), their `calibrated_range` (the indicator distances fitted on) and `source` of every preset of a zoo
+    config that uses `indicator`.
 
     Edits the YAML text in place so comments and every other key stay as they are. A preset without an
     `indicator` key uses `default_indicator` (the model's default). `use_ret_steps` True or False limits the
@@ -316,7 +447,7 @@ def write_coefficients(
     if presets_at is None:
         raise ValueError(f"{path}: expected a block-style 'teacache:' mapping with a 'presets:' key")
     presets_indent = _indent(lines[presets_at])
-    coefficients = "[" + ", ".join(f"{c:.8e}" for c in fit.coefficients) + "]"
+    fits = _branch_fits(fit)
     for name in chosen:
         presets_end = _block_end(lines, presets_at, presets_indent)
         header = next(
@@ -327,18 +458,23 @@ def write_coefficients(
         header_indent = _indent(lines[header])
         end = _block_end(lines, header, header_indent)
         child_indent = next(_indent(line) for line in lines[header + 1 : end] if _is_content(line))
-        source = calibration_source(fit, str(presets[name].get("source", "")))
-        _set_key(lines, header + 1, end, child_indent, "source", _yaml_string(source))
-        end = _block_end(lines, header, header_indent)
-        _set_key(lines, header + 1, end, child_indent, "coefficients", coefficients)
-        end = _block_end(lines, header, header_indent)
-        _set_key(lines, header + 1, end, child_indent, "calibrated_range", f"[{fit.x_min:.6g}, {fit.x_max:.6g}]")
+        source = calibration_source(fits, str(presets[name].get("source", "")))
+        values = {
+            "source": _yaml_string(source),
+            "coefficients": _coefficients_text(fits.coefficients),
+            "coefficients_negative": fits.coefficients_negative and _coefficients_text(fits.coefficients_negative),
+            "calibrated_range": _range_text(fits),
+        }
+        for key, value in values.items():
+            end = _block_end(lines, header, header_indent)
+            if value is None:
+                _drop_key(lines, header + 1, end, child_indent, key)
+            else:
+                _set_key(lines, header + 1, end, child_indent, key, value)
     path.write_text("".join(lines))
     entry = load_zoo_entry(path)
     for name in chosen:
-        written = entry.presets[name].params.coefficients
-        if not all(math.isclose(a, b, rel_tol=1e-7) for a, b in zip(written, fit.coefficients, strict=True)):
-            raise RuntimeError(f"{path}: preset {name!r} did not take the new coefficients")
+        _check_written(path, f"preset {name!r}", entry.presets[name].params, fits)
     return chosen
 
 
@@ -367,9 +503,10 @@ def record_runs_per_model(
     return {name: recorder.records for name, recorder in recorders.items()}
 
 
-def write_expert_fits(config_path: str | Path, indicator: str, fits: Mapping[str, PolynomialFit]) -> None:
+def write_expert_fits(config_path: str | Path, indicator: str, fits: Mapping[str, PolynomialFit | BranchFits]) -> None:
     """Set each expert's fit of `indicator` in `teacache.fits` of a two-expert zoo config ({expert: {indicator:
-    {coefficients, source}}}); fits of other indicators are kept (shared ones are copied to each expert).
+    {coefficients, coefficients_negative (where the expert's branches differ), calibrated_range, source}}});
+    fits of other indicators are kept (shared ones are copied to each expert).
 
     Rewrites the `fits:` block (comments inside it are dropped; every other line stays as it is) and re-reads
     the file with the zoo loader, so a broken result fails here.
@@ -383,11 +520,12 @@ def write_expert_fits(config_path: str | Path, indicator: str, fits: Mapping[str
     path = Path(config_path)
     text = path.read_text()
     teacache_data = (yaml.safe_load(text) or {}).get("teacache") or {}
-    carrying = [name for name, preset in (teacache_data.get("presets") or {}).items() if "coefficients" in preset]
+    presets = (teacache_data.get("presets") or {}).items()
+    carrying = [name for name, preset in presets if {"coefficients", "calibrated_range"} & set(preset)]
     if carrying:
         raise ValueError(
-            f"{path}: presets {carrying} carry coefficients, which would override both experts' fits: move them "
-            "to teacache.fits first"
+            f"{path}: presets {carrying} carry coefficients or a calibrated range, which would override both "
+            "experts' fits: move them to teacache.fits first"
         )
     old = teacache_data.get("fits") or {}
     per_expert = old if any(name in EXPERT_NAMES for name in old) else {name: old for name in EXPERT_NAMES}
@@ -401,9 +539,11 @@ def write_expert_fits(config_path: str | Path, indicator: str, fits: Mapping[str
     for expert in EXPERT_NAMES:
         block.append(f"{' ' * 2 * step}{expert}:\n")
         expert_fits = dict(per_expert.get(expert) or {})
-        fit = fits[expert]
+        fit = _branch_fits(fits[expert])
         expert_fits[indicator] = {
-            "coefficients": "[" + ", ".join(f"{c:.8e}" for c in fit.coefficients) + "]",
+            "coefficients": _coefficients_text(fit.coefficients),
+            **({"coefficients_negative": _coefficients_text(fit.coefficients_negative)} if fit.per_branch else {}),
+            "calibrated_range": _range_text(fit),
             "source": _yaml_string(calibration_source(fit)),
         }
         for name, entry in expert_fits.items():
@@ -420,9 +560,7 @@ def write_expert_fits(config_path: str | Path, indicator: str, fits: Mapping[str
     path.write_text("".join(lines))
     entry = load_zoo_entry(path)
     for expert, fit in fits.items():
-        written = entry.teacache_fits(expert)[indicator]
-        if not all(math.isclose(a, b, rel_tol=1e-7) for a, b in zip(written, fit.coefficients, strict=True)):
-            raise RuntimeError(f"{path}: expert {expert!r} did not take the new coefficients")
+        _check_written(path, f"expert {expert!r}", entry.rescaling_fits(expert)[indicator], _branch_fits(fit))
 
 
 def write_threshold_table(

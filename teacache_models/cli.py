@@ -328,7 +328,8 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
         raise CliError(f"--teacache {preset!r}: {entry.name} offers 'off' or {sorted(entry.presets)}")
     params = entry.presets[preset].params
     if "coefficients" in overrides:
-        overrides["calibrated_range"] = None  # the preset's range belongs to the preset's coefficients
+        # The preset's range and negative-branch polynomial belong to the preset's coefficients.
+        overrides.update(calibrated_range=None, coefficients_negative=None)
     return _teacache_or_error(functools.partial(dataclasses.replace, params), overrides)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
-__all__ = ["OPTIONAL_SAMPLING_FIELDS", "SamplingParams", "TeaCacheParams"]
+__all__ = ["OPTIONAL_SAMPLING_FIELDS", "RescalingFit", "SamplingParams", "TeaCacheParams"]
 
 _MAX_SEED = 2**64 - 1
 
@@ -44,21 +44,21 @@ def _require_bool(name: str, value: Any) -> bool:
     return value
 
 
-def _coefficient_tuple(value: Any) -> tuple[float, ...] | None:
+def _coefficient_tuple(value: Any, name: str = "coefficients") -> tuple[float, ...] | None:
     if value is None:
         return None
     allowed = "None or a non-empty sequence of finite floats (highest degree first)"
     if isinstance(value, str | bytes | Mapping | Set):
-        raise ValueError(f"coefficients must be {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
     if hasattr(value, "tolist"):  # numpy arrays and torch tensors
         value = value.tolist()
     try:
         items = list(value)
     except TypeError:
-        raise ValueError(f"coefficients must be {allowed}, got {value!r}") from None
+        raise ValueError(f"{name} must be {allowed}, got {value!r}") from None
     if not items:
-        raise ValueError(f"coefficients must be {allowed}, got an empty sequence")
-    return tuple(_require_finite(f"coefficients[{i}]", c) for i, c in enumerate(items))
+        raise ValueError(f"{name} must be {allowed}, got an empty sequence")
+    return tuple(_require_finite(f"{name}[{i}]", c) for i, c in enumerate(items))
 
 
 def _range_pair(name: str, value: Any) -> tuple[float, float]:
@@ -84,6 +84,37 @@ def evaluate_polynomial(coefficients: Sequence[float], x: float) -> float:
 
 
 @dataclass(frozen=True)
+class RescalingFit:
+    """A checkpoint's rescaling polynomial for one indicator, as a model holds it (`set_teacache_fits`).
+
+    Args:
+        coefficients: the polynomial, highest degree first; both CFG branches use it unless
+            `coefficients_negative` is given.
+        coefficients_negative: the negative branch's own polynomial, where calibration found the branches
+            differ; None: `coefficients`.
+        calibrated_range: (min, max) of the indicator distances it was fitted on; None: unknown.
+    """
+
+    coefficients: tuple[float, ...]
+    coefficients_negative: tuple[float, ...] | None = None
+    calibrated_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        coefficients = _coefficient_tuple(self.coefficients)
+        if coefficients is None:
+            raise ValueError("coefficients must be a non-empty sequence of finite floats (highest degree first)")
+        object.__setattr__(self, "coefficients", coefficients)
+        negative = _coefficient_tuple(self.coefficients_negative, "coefficients_negative")
+        object.__setattr__(self, "coefficients_negative", negative)
+        if self.calibrated_range is not None:
+            object.__setattr__(self, "calibrated_range", _range_pair("calibrated_range", self.calibrated_range))
+
+    def for_branch(self, is_cfg_negative: bool) -> tuple[float, ...]:
+        """The polynomial of one CFG branch."""
+        return (self.coefficients_negative if is_cfg_negative else None) or self.coefficients
+
+
+@dataclass(frozen=True)
 class TeaCacheParams:
     """How TeaCache decides to skip the block stack during one generation.
 
@@ -106,6 +137,9 @@ class TeaCacheParams:
         calibrated_range: (min, max) of the indicator distances the coefficients were fitted on
             (`scripts/calibrate.py` records it); `teacache_stats()` lists the steps whose distance fell
             outside it. None: unknown.
+        coefficients_negative: the negative CFG branch's polynomial, where calibration found the branches
+            differ (`scripts/calibrate.py`); None: `coefficients` rescale both branches. Needs `coefficients`
+            (with `coefficients=None` the model's fit brings its own negative-branch polynomial, if any).
         per_sample: each row of a batch keeps its own TeaCache state (accumulator, previous indicator,
             residual, per CFG branch) and decides alone; a step runs the block stack only on the rows that
             must compute. False (the default) takes one decision for the whole batch, from the distance over
@@ -122,12 +156,20 @@ class TeaCacheParams:
     max_consecutive_skips: int | None = None
     calibrated_range: tuple[float, float] | None = None
     per_sample: bool = False
+    coefficients_negative: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _require_bool("per_sample", self.per_sample)
         thresh = _require_finite("teacache_thresh", self.teacache_thresh, minimum=0.0)
         object.__setattr__(self, "teacache_thresh", thresh)
         object.__setattr__(self, "coefficients", _coefficient_tuple(self.coefficients))
+        negative = _coefficient_tuple(self.coefficients_negative, "coefficients_negative")
+        if negative is not None and self.coefficients is None:
+            raise ValueError(
+                "coefficients_negative needs coefficients (the positive branch's polynomial): give both, or "
+                "neither to use the model's fit"
+            )
+        object.__setattr__(self, "coefficients_negative", negative)
         object.__setattr__(self, "start_skipping", require_int("start_skipping", self.start_skipping, 0))
         object.__setattr__(self, "end_skipping", require_int("end_skipping", self.end_skipping, 0))
         _require_bool("use_ret_steps", self.use_ret_steps)

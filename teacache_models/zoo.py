@@ -19,7 +19,7 @@ import yaml
 
 from .families import FAMILIES, transformer_class
 from .lora.spec import LoraSpec
-from .params import SamplingParams, TeaCacheParams
+from .params import RescalingFit, SamplingParams, TeaCacheParams
 
 __all__ = [
     "EXPERT_NAMES",
@@ -46,19 +46,29 @@ _TOP_KEYS = {"name", "description", "manifest", "family", "task", "transformer",
 _LORA_KEYS = {"source", "scale", "weight_name", "adapter_name"}
 _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"teacache_params"}
 _PRESET_KEYS = {f.name for f in dataclasses.fields(TeaCacheParams)} | {"source"}
-_FIT_KEYS = {"coefficients", "source", "borrowed_from"}
+_FIT_KEYS = {"coefficients", "coefficients_negative", "calibrated_range", "source", "borrowed_from"}
 # Two-expert entries (Wan2.2 A14B) may key `teacache.fits` by expert: {expert: {indicator: fit}}.
 EXPERT_NAMES = ("transformer", "transformer_2")
 
 
 @dataclass(frozen=True)
 class TeaCacheFit:
-    """A checkpoint's rescaling polynomial for one indicator (highest degree first) and where it comes from."""
+    """A checkpoint's rescaling polynomial for one indicator (highest degree first) and where it comes from.
+
+    `coefficients_negative`: the negative CFG branch's own polynomial where calibration found the branches
+    differ (None: `coefficients` for both). `calibrated_range`: the indicator distances it was fitted on.
+    """
 
     coefficients: tuple[float, ...]
     source: str
     # The zoo name of the checkpoint whose fit this one reuses (no fit of its own), None for its own.
     borrowed_from: str | None = None
+    coefficients_negative: tuple[float, ...] | None = None
+    calibrated_range: tuple[float, float] | None = None
+
+    def rescaling(self) -> RescalingFit:
+        """The fit as a model holds it (`set_teacache_fits`)."""
+        return RescalingFit(self.coefficients, self.coefficients_negative, self.calibrated_range)
 
 
 @dataclass(frozen=True)
@@ -132,12 +142,18 @@ class ZooEntry:
     expert_fits: dict[str, dict[str, TeaCacheFit]] = dataclasses.field(default_factory=dict)
 
     def teacache_fits(self, expert: str | None = None) -> dict[str, tuple[float, ...]]:
-        """{indicator: coefficients}, what a loader hands the transformer `expert` (`set_teacache_fits`):
-        the expert's own fits when the entry has per-expert fits, else the entry's."""
+        """{indicator: coefficients} of the transformer `expert` (the positive branch's where the branches
+        have their own): the expert's own fits when the entry has per-expert fits, else the entry's."""
+        return {name: fit.coefficients for name, fit in self.rescaling_fits(expert).items()}
+
+    def rescaling_fits(self, expert: str | None = None) -> dict[str, RescalingFit]:
+        """{indicator: fit with its per-branch polynomials and calibrated range}, what a loader hands the
+        transformer `expert` (`set_teacache_fits`): the expert's own fits when the entry has them, else the
+        entry's."""
         if expert is not None and expert not in EXPERT_NAMES:
             raise ValueError(f"expert must be one of {list(EXPERT_NAMES)}, got {expert!r}")
         fits = self.expert_fits.get(expert or "transformer", self.fits) if self.expert_fits else self.fits
-        return {name: fit.coefficients for name, fit in fits.items()}
+        return {name: fit.rescaling() for name, fit in fits.items()}
 
     def install_teacache_fits(self, models: Mapping[str, Any], stacklevel: int = 2) -> None:
         """Hand the fits to `models` ({component name: transformer}, `set_teacache_fits`), each expert its own
@@ -154,7 +170,7 @@ class ZooEntry:
                 stacklevel=stacklevel + 1,
             )
         for name, model in models.items():
-            model.set_teacache_fits(self.teacache_fits(name if name in EXPERT_NAMES else None))
+            model.set_teacache_fits(self.rescaling_fits(name if name in EXPERT_NAMES else None))
 
     @property
     def is_video(self) -> bool:
@@ -242,13 +258,19 @@ def _read_fits(where: str, data: Any, family: str, key: str = "teacache.fits") -
         if name not in supported:
             raise ValueError(f"{where}: {key}: indicator {name!r} is not one of {list(supported)}")
         try:
-            coefficients = TeaCacheParams(coefficients=fit["coefficients"]).coefficients
+            checked = RescalingFit(fit["coefficients"], fit.get("coefficients_negative"), fit.get("calibrated_range"))
         except ValueError as error:
             raise ValueError(f"{where}: {key}.{name}: {error}") from None
         lender = fit.get("borrowed_from")
         if lender is not None and (not isinstance(lender, str) or lender not in list_zoo()):
             raise ValueError(f"{where}: {key}.{name}: borrowed_from {lender!r} is not a zoo entry")
-        fits[name] = TeaCacheFit(coefficients, str(fit["source"]), lender)
+        fits[name] = TeaCacheFit(
+            checked.coefficients,
+            str(fit["source"]),
+            lender,
+            checked.coefficients_negative,
+            checked.calibrated_range,
+        )
     return fits
 
 
@@ -292,15 +314,34 @@ def _read_preset(where: str, preset: dict, family: str, fits: dict[str, TeaCache
         raise ValueError(f"{where}: {error}") from None
     fit = fits.get(indicator)
     if params.coefficients is None and fit is not None:
-        params = dataclasses.replace(params, coefficients=fit.coefficients)
+        params = dataclasses.replace(
+            params,
+            coefficients=fit.coefficients,
+            coefficients_negative=fit.coefficients_negative,
+            calibrated_range=params.calibrated_range or fit.calibrated_range,
+        )
     elif params.coefficients is not None and fit is None:
-        fits[indicator] = TeaCacheFit(params.coefficients, str(source))
-    elif params.coefficients is not None and params.coefficients != fit.coefficients:
+        fits[indicator] = TeaCacheFit(
+            params.coefficients,
+            str(source),
+            coefficients_negative=params.coefficients_negative,
+            calibrated_range=params.calibrated_range,
+        )
+    elif params.coefficients is not None and _polynomials(params) != _polynomials(fit):
         raise ValueError(
-            f"{where}: coefficients {list(params.coefficients)} differ from the entry's fit for indicator "
-            f"{indicator!r} {list(fit.coefficients)}: one checkpoint has one fit per indicator"
+            f"{where}: coefficients {_polynomials_text(params)} differ from the entry's fit for indicator "
+            f"{indicator!r} {_polynomials_text(fit)}: one checkpoint has one fit per indicator"
         )
     return TeaCachePreset(params, str(source))
+
+
+def _polynomials(fit: TeaCacheParams | TeaCacheFit) -> tuple:
+    return fit.coefficients, fit.coefficients_negative
+
+
+def _polynomials_text(fit: TeaCacheParams | TeaCacheFit) -> str:
+    negative = fit.coefficients_negative
+    return f"{list(fit.coefficients)}" + ("" if negative is None else f" (negative branch {list(negative)})")
 
 
 def _check_expert_preset(
@@ -308,11 +349,12 @@ def _check_expert_preset(
 ) -> None:
     """With per-expert fits a preset carries no coefficients (each expert takes its own) and its indicator has
     a fit in every expert."""
-    if params.coefficients is not None:
-        raise ValueError(
-            f"{where}: coefficients: this entry has per-expert fits (teacache.fits.<expert>), which each expert "
-            "takes; a preset's coefficients would override both"
-        )
+    for key in ("coefficients", "calibrated_range"):
+        if getattr(params, key) is not None:
+            raise ValueError(
+                f"{where}: {key}: this entry has per-expert fits (teacache.fits.<expert>), which each expert "
+                f"takes with its own calibrated range; a preset's {key} would override both"
+            )
     indicator = transformer_class(family).teacache_indicator_for(params).name
     if indicator not in expert_fits["transformer"]:
         raise ValueError(

@@ -27,14 +27,14 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from ..params import TeaCacheParams, evaluate_polynomial, require_int
+from ..params import RescalingFit, TeaCacheParams, evaluate_polynomial, require_int
 from .context import CacheContextMixin
 from .graphs import outside_graphs, outside_graphs_call, prepare_for_compile
 from .inputs import Deferred, inputs_signature, materialize
@@ -196,9 +196,10 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         weights: when it changes, the cached residuals are stale and every branch's next step computes."""
         return None
 
-    def set_teacache_fits(self, fits: Mapping[str, Sequence[float]]) -> None:
-        """Give this instance its checkpoint's rescaling polynomials, {indicator name: coefficients} (highest
-        degree first): what `TeaCacheParams(coefficients=None)` uses. Replaces any earlier fits."""
+    def set_teacache_fits(self, fits: Mapping[str, Sequence[float] | RescalingFit]) -> None:
+        """Give this instance its checkpoint's rescaling polynomials, {indicator name: coefficients (highest
+        degree first) or a `RescalingFit` (per-branch polynomials, calibrated range)}: what
+        `TeaCacheParams(coefficients=None)` uses. Replaces any earlier fits."""
         if not isinstance(fits, Mapping):
             raise TypeError(f"fits must be a mapping of indicator name to coefficients, got {type(fits).__name__}")
         checked = {}
@@ -208,12 +209,18 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
                     f"fits names indicator {name!r}, which {type(self).__name__} does not offer; "
                     f"choose among {list(self.supported_teacache_indicators)}"
                 )
-            checked[name] = TeaCacheParams(coefficients=coefficients).coefficients
+            checked[name] = coefficients if isinstance(coefficients, RescalingFit) else RescalingFit(coefficients)
         self.__dict__["_teacache_fits"] = checked
 
     @property
     def teacache_fits(self) -> dict[str, tuple[float, ...]]:
-        """The instance's rescaling polynomials per indicator (empty unless a loader or the user set them)."""
+        """The instance's rescaling polynomials per indicator (empty unless a loader or the user set them); the
+        positive branch's where the branches have their own (`teacache_rescaling_fits`)."""
+        return {name: fit.coefficients for name, fit in self.teacache_rescaling_fits.items()}
+
+    @property
+    def teacache_rescaling_fits(self) -> dict[str, RescalingFit]:
+        """The instance's fits per indicator, with each one's negative-branch polynomial and calibrated range."""
         return dict(self.__dict__.get("_teacache_fits", {}))
 
     @classmethod
@@ -249,20 +256,30 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         ret-steps mode the indicator's `first_forced_steps` and `free_last_steps` bound the forced windows.
         """
         indicator = self.teacache_indicator_for(params)
-        coefficients = params.coefficients or self.teacache_fits.get(indicator.name)
-        if coefficients is None:
-            fitted = sorted(self.teacache_fits)
-            raise ValueError(
-                f"{type(self).__name__} has no TeaCache coefficients for indicator {indicator.name!r}"
-                + (f" (its fits are for {fitted})" if fitted else "")
-                + ": pass TeaCacheParams(coefficients=[...]) (highest degree first), or load the model "
-                "through a zoo entry with a fit for that indicator"
-            )
+        coefficients = self.teacache_fit_for(params).coefficients
         if not params.use_ret_steps:
             return tuple(coefficients), params.start_skipping, params.end_skipping
         first_forced = max(indicator.first_forced_steps, params.start_skipping)
         last_forced = params.end_skipping if params.end_skipping > indicator.free_last_steps else 0
         return tuple(coefficients), first_forced, last_forced
+
+    def teacache_fit_for(self, params: TeaCacheParams) -> RescalingFit:
+        """The polynomial of each CFG branch and the calibrated range a generation with `params` uses:
+        `params.coefficients` (and `coefficients_negative`), else the instance's fit for the chosen indicator;
+        `params.calibrated_range`, else that fit's when the fit is used."""
+        indicator = self.teacache_indicator_for(params).name
+        if params.coefficients is not None:
+            return RescalingFit(params.coefficients, params.coefficients_negative, params.calibrated_range)
+        fit = self.teacache_rescaling_fits.get(indicator)
+        if fit is None:
+            fitted = sorted(self.teacache_fits)
+            raise ValueError(
+                f"{type(self).__name__} has no TeaCache coefficients for indicator {indicator!r}"
+                + (f" (its fits are for {fitted})" if fitted else "")
+                + ": pass TeaCacheParams(coefficients=[...]) (highest degree first), or load the model "
+                "through a zoo entry with a fit for that indicator"
+            )
+        return replace(fit, calibrated_range=params.calibrated_range or fit.calibrated_range)
 
     # ---- public surface -------------------------------------------------------------------------
 
@@ -293,9 +310,10 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
     def _new_session(self, params: TeaCacheParams, num_inference_steps: int, watched: bool) -> TeaCacheSession:
         """A generation's state for `params`; `watched`: its fit monitor observes the model's steps."""
         coefficients, first_forced, last_forced = self.teacache_schedule(params)
+        fit = self.teacache_fit_for(params)
         monitor = FitMonitor(
-            {False: coefficients, True: coefficients},
-            params.calibrated_range,
+            {negative: fit.for_branch(negative) for negative in (False, True)},
+            fit.calibrated_range,
             num_inference_steps,
             type(self).__name__,
             lambda: self.__dict__.get("_teacache_group"),
@@ -303,6 +321,7 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         return TeaCacheSession(
             params=params,
             coefficients=coefficients,
+            coefficients_negative=fit.coefficients_negative,
             num_inference_steps=num_inference_steps,
             first_forced_steps=first_forced,
             last_forced_steps=last_forced,
@@ -634,7 +653,9 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         if forced:
             state.accumulated_rel_l1_distance = 0.0
             return False
-        state.accumulated_rel_l1_distance += evaluate_polynomial(session.coefficients, distance)
+        state.accumulated_rel_l1_distance += evaluate_polynomial(
+            session.branch_coefficients(context.is_cfg_negative), distance
+        )
         thresh = session.params.teacache_thresh
         # A threshold of 0 never skips, whatever sign the rescaled distance has, so that 0 is exact.
         if thresh > 0 and state.accumulated_rel_l1_distance < thresh:

@@ -176,6 +176,11 @@ class TeaCacheSession:
     monitor_handle: Any = None
     rows: list[TeaCacheSession] | None = None
     row_params: tuple[TeaCacheParams, ...] = ()
+    # The negative CFG branch's own polynomial, where the fit has one (None: `coefficients`).
+    coefficients_negative: tuple[float, ...] | None = None
+
+    def branch_coefficients(self, is_cfg_negative: bool) -> tuple[float, ...]:
+        return (self.coefficients_negative if is_cfg_negative else None) or self.coefficients
 
     @property
     def per_sample(self) -> bool:

@@ -38,7 +38,10 @@ def tool():
 @pytest.fixture(scope="module")
 def server(tool, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with tool.ServerProcess(["--model", "flux-digits", "--threads", "1"], log=log) as process:
+    # oneDNN named, not chosen by --linear-kernel auto's timing, which a busy machine can tip either way: the
+    # outputs are compared with runs in other processes.
+    args = ["--model", "flux-digits", "--threads", "1", "--linear-kernel", "onednn"]
+    with tool.ServerProcess(args, log=log) as process:
         yield process
 
 
@@ -79,7 +82,8 @@ def test_openai_client_images_equal_the_cli(server, tmp_path):
     cli = load_script("generate")
     output = tmp_path / "cli.png"
     args = ["--model", "flux-digits", "--prompt", PROMPT, "--num-images", "2", "--seed", "7", "--steps", "8"]
-    assert cli.main([*args, "--teacache", "fast", "--threads", "1", "--no-progress", "--output", str(output)]) == 0
+    args += ["--teacache", "fast", "--threads", "1", "--linear-kernel", "onednn"]
+    assert cli.main([*args, "--no-progress", "--output", str(output)]) == 0
     from PIL import Image
 
     for index, pixels in enumerate(served):
@@ -96,7 +100,8 @@ def test_openai_client_images_equal_the_cli(server, tmp_path):
 
 
 def test_concurrent_requests_keep_their_own_cache(server, tool):
-    """Requests with different caches in flight together each get what they would get alone."""
+    """Requests with different caches in flight together, batched step by step, each get what they would get
+    alone: the same TeaCache decisions, the same pixels (float32 rounding may move one level of 255)."""
     from teacache_models.pipelines import load_pipeline
 
     pipe = load_pipeline("flux-digits")
@@ -126,10 +131,14 @@ def test_concurrent_requests_keep_their_own_cache(server, tool):
         else:
             params = pipe.default_sampling_params(teacache, seed=seed, num_inference_steps=10)
         expected = pipe([PROMPT], params)
-        np.testing.assert_array_equal(png_pixels(reply.json()["data"][0]["b64_json"]), expected.to_uint8()[0].numpy())
-        assert reply.json()["data"][0]["teacache"] == expected.teacache_stats.as_dict()
+        served = png_pixels(reply.json()["data"][0]["b64_json"]).astype(int)
+        assert np.abs(served - expected.to_uint8()[0].numpy()).max() <= 1
+        assert_same_record(reply.json()["data"][0]["teacache"], expected.teacache_stats.as_dict())
     off = replies[0].json()["data"][0]["teacache"]["branches"]
     assert off["positive"]["skipped_steps"] == [] and len(off["positive"]["computed_steps"]) == 10
+    # They ran together: some steps carried several requests.
+    steps = tool.metric(server.url, "teacache_batch_size_count")
+    assert steps > 0 and tool.metric(server.url, "teacache_batch_size_sum") > steps
 
 
 BAD_REQUESTS = [
@@ -224,7 +233,7 @@ LONG = {"prompt": PROMPT, "num_inference_steps": 1000, "seed": 0, "teacache": "o
 def small_server(tool, tmp_path_factory):
     log = tmp_path_factory.mktemp("small") / "server.log"
     args = ["--model", "flux-digits", "--threads", "1", "--max-queue", "2", "--request-timeout", "3"]
-    with tool.ServerProcess(args, log=log) as process:
+    with tool.ServerProcess([*args, "--max-batch", "2"], log=log) as process:
         yield process
 
 
@@ -247,10 +256,11 @@ def test_full_queue_answers_429_and_timeouts_free_their_slots(small_server, tool
     def send(body):
         replies.append(tool.request(url, "POST", "/v1/images/generations", body))
 
-    threads = [threading.Thread(target=send, args=(dict(LONG, seed=i),)) for i in range(3)]
-    threads[0].start()
-    wait_until(lambda: tool.request(url, "GET", "/health").json()["running"] is not None)
-    for thread in threads[1:]:
+    threads = [threading.Thread(target=send, args=(dict(LONG, seed=i),)) for i in range(4)]
+    for thread in threads[:2]:
+        thread.start()
+    wait_until(lambda: tool.request(url, "GET", "/health").json()["running_jobs"] == 2)  # --max-batch 2
+    for thread in threads[2:]:
         thread.start()
     wait_until(lambda: tool.request(url, "GET", "/health").json()["queue_depth"] == 2)
     full = tool.request(url, "POST", "/v1/images/generations", {"prompt": PROMPT, "num_inference_steps": 1})
@@ -258,13 +268,13 @@ def test_full_queue_answers_429_and_timeouts_free_their_slots(small_server, tool
     assert int(full.headers["retry-after"]) >= 1 and float(full.headers["retry-after-ms"]) > 0
     for thread in threads:
         thread.join(30)
-    # The running one stopped at its deadline; the two waiting ones expired in the queue.
+    # The two running ones stopped at their deadline; the two waiting ones expired in the queue.
     for reply in replies:
         assert_clean_error(reply, 504, None, ("--request-timeout",))
     assert idle(tool, url)
     ok = tool.request(url, "POST", "/v1/images/generations", {"prompt": PROMPT, "num_inference_steps": 2})
     assert ok.status == 200
-    assert tool.metric(url, "teacache_jobs_total", kind="image", status="failed") == 3
+    assert tool.metric(url, "teacache_jobs_total", kind="image", status="failed") == 4
 
 
 def send_and_disconnect(tool, server, body: dict) -> None:
@@ -293,9 +303,10 @@ def test_a_client_that_disconnects_stops_its_work(small_server, tool):
 
 
 def test_bounded_load(tool, tmp_path):
-    """300 requests at concurrency 16 against a queue of 8: all answered with the right image, none lost."""
+    """300 requests at concurrency 16 against batches of 4 and a queue of 8: all answered with the right image,
+    none lost."""
     pytest.importorskip("psutil")
-    args = ["--model", "flux-digits", "--threads", "1", "--max-queue", "8"]
+    args = ["--model", "flux-digits", "--threads", "1", "--max-queue", "8", "--max-batch", "4"]
     with tool.ServerProcess(args, log=tmp_path / "server.log") as process:
 
         def body(index: int) -> dict:
@@ -307,7 +318,7 @@ def test_bounded_load(tool, tmp_path):
     figures = report.figures()
     assert report.errors == [] and figures["answered_200"] == 300 and len(report.latencies_s) == 300
     assert 0 < figures["max_queue_depth_seen"] <= 8
-    assert report.retried_429 > 0, "16 clients against a queue of 8 must meet back-pressure"
+    assert report.retried_429 > 0, "16 clients against 4 running and 8 waiting must meet back-pressure"
     # Memory flat: after the first tenth of the requests the server grows by less than 20 MB.
     assert figures["rss_mb"]["end"] - figures["rss_mb"]["after_first_tenth"] < 20, figures["rss_mb"]
 
@@ -315,8 +326,8 @@ def test_bounded_load(tool, tmp_path):
 # ---- shutdown ----------------------------------------------------------------------------------------
 
 
-def test_sigterm_finishes_the_running_request_cancels_the_queue_and_exits_0(tool, tmp_path):
-    args = ["--model", "flux-digits", "--threads", "1", "--shutdown-grace", "20"]
+def test_sigterm_finishes_the_running_requests_cancels_the_queue_and_exits_0(tool, tmp_path):
+    args = ["--model", "flux-digits", "--threads", "1", "--shutdown-grace", "20", "--max-batch", "2"]
     process = tool.ServerProcess(args, log=tmp_path / "server.log")
     url = process.url
     replies = {}
@@ -328,17 +339,19 @@ def test_sigterm_finishes_the_running_request_cancels_the_queue_and_exits_0(tool
         except OSError as error:
             replies[name] = error
 
-    running = threading.Thread(target=send, args=("running", 60))
-    running.start()
-    wait_until(lambda: tool.request(url, "GET", "/health").json()["running"] is not None)
+    running = [threading.Thread(target=send, args=(name, 60)) for name in ("first", "second")]
+    for thread in running:
+        thread.start()
+    wait_until(lambda: tool.request(url, "GET", "/health").json()["running_jobs"] == 2)
     queued = threading.Thread(target=send, args=("queued", 5))
     queued.start()
     wait_until(lambda: tool.request(url, "GET", "/health").json()["queue_depth"] == 1)
     process.terminate()
     assert process.process.wait(30) == 0
-    running.join()
-    queued.join()
-    assert replies["running"].status == 200 and replies["running"].json()["data"][0]["b64_json"]
+    for thread in [*running, queued]:
+        thread.join()
+    for name in ("first", "second"):  # the batch finished within the grace period
+        assert replies[name].status == 200 and replies[name].json()["data"][0]["b64_json"]
     assert_clean_error(replies["queued"], 503, None, ("shutdown",))
 
 
@@ -444,7 +457,8 @@ def wan_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def video_server(tool, wan_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("video-server")
-    args = ["--model", str(wan_folder), "--config", str(WAN_CONFIG), "--threads", "1", "--output-dir", str(folder)]
+    args = ["--model", str(wan_folder), "--config", str(WAN_CONFIG), "--threads", "1", "--linear-kernel", "onednn"]
+    args += ["--output-dir", str(folder)]
     with tool.ServerProcess(args, log=folder.parent / "video-server.log") as process:
         process.output_dir = folder
         yield process
@@ -558,7 +572,8 @@ def test_video_bad_input(video_server, tool):
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
 def test_under_torchrun_rank_0_serves_and_the_other_rank_follows(tool, tmp_path):
     launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    args = ["--model", "flux-digits", "--threads", "1", "--cfg-parallel", "--dist-timeout", "60"]
+    args = ["--model", "flux-digits", "--threads", "1", "--linear-kernel", "onednn", "--cfg-parallel"]
+    args += ["--dist-timeout", "60"]
     process = tool.ServerProcess(args, log=tmp_path / "server.log", launcher=launcher)
     try:
         body = {"prompt": PROMPT, "seed": 3, "num_inference_steps": 6, "teacache": "fast", "n": 2}

@@ -51,8 +51,12 @@ def create_app(
     shutdown_grace_s: float = 30.0,
     parallel: Any = None,
     heartbeat_s: float = 30.0,
+    max_batch: int = 1,
 ) -> FastAPI:
-    """The FastAPI application serving `served`; its engine starts and stops with the application."""
+    """The FastAPI application serving `served`; its engine starts and stops with the application.
+
+    `max_batch` > 1 generates up to that many compatible requests together, step by step (`Engine`).
+    """
     metrics = Metrics()
     engine = Engine(
         served.pipe,
@@ -61,6 +65,8 @@ def create_app(
         parallel=parallel,
         observer=metrics.observe_job,
         heartbeat_s=heartbeat_s,
+        max_batch=max_batch,
+        step_observer=metrics.observe_batch_step,
     )
     metrics.watch(engine)
     output_dir = Path(output_dir)
@@ -280,12 +286,15 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        running = engine.running_jobs
         body = {
             "status": "ok" if engine.accepting else "draining",
             "model": served.name,
             "queue_depth": engine.queue_depth,
             "max_queue": engine.max_queue,
-            "running": engine.running.id if engine.running is not None else None,
+            "running": running[0].id if running else None,
+            "running_jobs": len(running),
+            "max_batch": engine.max_batch,
         }
         return JSONResponse(body, status_code=200 if engine.accepting else 503)
 

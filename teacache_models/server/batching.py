@@ -47,6 +47,8 @@ class BatchRequest:
     result: Any = None
     cancelled: bool = False
     finished_at: float | None = None
+    # Seconds of the request's own work: preparing it (text encoding, noise, schedule) and decoding.
+    timings: dict[str, float] = field(default_factory=dict)
     # The batcher's state of the request.
     _key: Hashable = None
     _latents: torch.Tensor | None = None
@@ -57,6 +59,7 @@ class BatchRequest:
     _row: Any = None
     _indicator: str | None = None  # the TeaCache indicator, None without the cache
     _seed: int = 0
+    _joined_at: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -73,8 +76,19 @@ class ContinuousBatcher:
             False admits requests only when the running batch has emptied (static batches).
     """
 
+    @staticmethod
+    def can_batch(pipe: Any) -> bool:
+        """Whether `pipe` can batch requests step by step: one timestep per sample, one transformer, and a
+        transformer that keeps TeaCache state per batch row."""
+        transformer = getattr(pipe, "transformer", None)
+        return (
+            getattr(pipe, "per_sample_timesteps", False)
+            and len(pipe.teacache_models()) == 1
+            and getattr(transformer, "teacache_row_inputs", None) is not None
+        )
+
     def __init__(self, pipe: Any, max_batch: int = 8, join_running: bool = True) -> None:
-        if not getattr(pipe, "per_sample_timesteps", False):
+        if not self.can_batch(pipe):
             raise ValueError(
                 f"{type(pipe).__name__} cannot be batched step by step: its pipeline passes one timestep to the "
                 "whole batch (or switches transformers by timestep); run its requests one at a time"
@@ -91,6 +105,8 @@ class ContinuousBatcher:
         # Rows that ran the block stack and rows a forward call carried, over every call (both branches).
         self.rows_computed = 0
         self.rows_total = 0
+        # The requests the latest step ran.
+        self.last_batch: list[BatchRequest] = []
 
     @property
     def idle(self) -> bool:
@@ -105,6 +121,7 @@ class ContinuousBatcher:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         pipe.check_params(params)
         request = BatchRequest(prompt, params)
+        started = time.perf_counter()
         request._seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, _MAX_SEED)
         with torch.no_grad():
             request._condition = pipe.encode_prompt([prompt], params)
@@ -116,6 +133,7 @@ class ContinuousBatcher:
             request._latents = pipe.prepare_latents(1, params, generator)
             request._scheduler = pipe.make_scheduler(params)
             request._timesteps = pipe.make_timesteps(request._scheduler, request._latents, params)
+        request.timings["text_encoding"] = time.perf_counter() - started
         request._row = pipe.transformer.new_teacache_row(params.teacache_params, len(request._timesteps))
         request._key = _batch_key(request)
         if params.teacache_params is not None:
@@ -138,6 +156,7 @@ class ContinuousBatcher:
         if not self.running:
             return []
         pipe, batch = self.pipe, self.running
+        self.last_batch = list(batch)
         transformer = pipe.transformer
         latents = torch.cat([r._latents for r in batch])  # (B, C, F, H, W)
         t = torch.stack([r._timesteps[r.steps_done] for r in batch])  # (B,): each request's own timestep
@@ -150,22 +169,25 @@ class ContinuousBatcher:
                 with transformer.teacache_rows_step(rows, steps, is_cfg_negative=True):
                     negative = pipe.predict(transformer, latents, t, _joined([r._negative for r in batch]))
             finished = []
-            for index, request in enumerate(batch):
-                own = slice(index, index + 1)
-                prediction = pipe.guide(
-                    positive[own],
-                    None if negative is None else negative[own],
-                    request.steps_done,
-                    t[index],
-                    request.params,
-                )
-                request._latents = pipe.step_latents(request._scheduler, prediction, t[index], request._latents)
-                request.steps_done += 1
-                if request.steps_done == len(request._timesteps):
-                    self._finish(request)
-                    finished.append(request)
+            try:
+                for index, request in enumerate(batch):
+                    own = slice(index, index + 1)
+                    prediction = pipe.guide(
+                        positive[own],
+                        None if negative is None else negative[own],
+                        request.steps_done,
+                        t[index],
+                        request.params,
+                    )
+                    request._latents = pipe.step_latents(request._scheduler, prediction, t[index], request._latents)
+                    request.steps_done += 1
+                    if request.steps_done == len(request._timesteps):
+                        self._finish(request)
+                        finished.append(request)
+            finally:
+                # A request that finished before an error is done all the same; the others stay running.
+                self.running = [r for r in batch if not r.finished]
         self._count_rows(rows, steps, negative is not None)
-        self.running = [r for r in batch if not r.finished]
         return finished
 
     def run(self) -> None:
@@ -174,36 +196,59 @@ class ContinuousBatcher:
             self.step()
 
     def _admit(self) -> None:
+        """Waiting requests join in arrival order while they fit: the first that does not (another shape or
+        TeaCache indicator, or no free row) stops the admission, so that none waits behind later arrivals for
+        ever; it starts the next batch once this one has emptied."""
         if self.running and not self.join_running:
             return
-        key = self.running[0]._key if self.running else (self.waiting[0]._key if self.waiting else None)
-        for request in list(self.waiting):
-            if len(self.running) >= self.max_batch:
-                break
-            # Another shape waits until this batch has emptied; so does a request on another TeaCache indicator,
-            # which the model computes once for the whole batch.
-            indicators = {r._indicator for r in self.running} - {None}
-            clash = request._indicator is not None and indicators and request._indicator not in indicators
-            if request._key == key and not clash:
-                self.waiting.remove(request)
-                self.running.append(request)
+        while self.waiting and len(self.running) < self.max_batch:
+            request = self.waiting[0]
+            if self.running and not self._fits(request):
+                return
+            request = self.waiting.popleft()
+            request._joined_at = time.perf_counter()
+            self.running.append(request)
+
+    def _fits(self, request: BatchRequest) -> bool:
+        # The model computes the TeaCache indicator once for the whole batch: one indicator per batch.
+        indicators = {r._indicator for r in self.running} - {None}
+        clash = request._indicator is not None and indicators and request._indicator not in indicators
+        return request._key == self.running[0]._key and not clash
 
     def _finish(self, request: BatchRequest) -> None:
         from ..pipelines.base import PipelineResult
 
+        started = time.perf_counter()
         pixels = self.pipe.decode(request._latents, request.params).float().cpu()
+        finished = time.perf_counter()
+        request.timings["denoising"] = started - request._joined_at
+        request.timings["decoding"] = finished - started
         video = self.pipe.is_video
         request.result = PipelineResult(
             images=None if video else pixels,
             frames=pixels if video else None,
             seed=request._seed,
             sampling_params=request.params,
-            timings={"total": time.perf_counter() - request.submitted_at},
-            teacache_stats=self.pipe.transformer.teacache_row_stats(request._row),
+            timings={**request.timings, "total": finished - request.submitted_at},
+            teacache_stats=self._stats(request),
             prompt=[request.prompt],
         )
-        request.finished_at = time.perf_counter()
+        request.finished_at = finished
         request._latents = request._row = request._condition = request._negative = None
+
+    def _stats(self, request: BatchRequest) -> Any:
+        """The request's TeaCache record, as its run alone reports it (without the cache: the steps run)."""
+        if request.params.teacache_params is not None:
+            return self.pipe.transformer.teacache_row_stats(request._row)
+        from ..cache import TeaCacheStats
+        from ..cache.state import BranchStats
+
+        branches = request._row.branches
+        return TeaCacheStats(
+            num_inference_steps=len(request._timesteps),
+            positive=BranchStats(tuple(branches[False].computed_steps)),
+            negative=BranchStats(tuple(branches[True].computed_steps)),
+        )
 
     def _count_rows(self, rows: list[Any], steps: list[int], with_negative: bool) -> None:
         for negative in (False, True) if with_negative else (False,):

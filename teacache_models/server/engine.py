@@ -1,28 +1,35 @@
-"""The server's engine: a bounded queue of generation jobs and one worker thread that runs them in turn.
+"""The server's engine: a bounded queue of generation jobs and one worker thread that runs them.
 
-One pipeline serves every request. Its transformer holds TeaCache's state, and `Pipeline.__call__` resets
-that state when a generation starts (`enable_teacache`) and frees it when it ends, so running the jobs one
-at a time gives every request its own cache: no two generations are ever in flight on one model.
+One pipeline serves every request, and every request keeps its own TeaCache state. Where the pipeline can
+batch requests step by step (`ContinuousBatcher.can_batch`) and `max_batch` > 1, the worker runs the
+compatible single-image jobs as one batch, one denoising step at a time: a job joins at the next step
+boundary with its own timestep, step count and TeaCache row state (`TeaCacheMixin.new_teacache_row`), a
+finished one leaves, and a cancelled one leaves before the next step. Jobs that cannot share a batch (several
+images, an input image, another shape) run alone, in arrival order, once the batch has emptied; there
+`Pipeline.__call__` switches the transformer's cache on for that generation and off after it.
 
-A job stops at the next step boundary (the pipeline's step callback raises) when it is cancelled, when
-its client went away, when it passed its deadline, or when the server shuts down; an error inside one
-job fails that job only. Under torchrun, rank 0 runs this engine and sends every job, and every
-step's go-on-or-stop decision, to the other ranks (`follow`), which compute the same generation with it.
+A job stops at the next step boundary when it is cancelled, when its client went away, when it passed its
+deadline, or when the server shuts down. An error inside one job fails that job only; an error inside a
+batched step fails the jobs of that step (they computed it together). Under torchrun, rank 0 runs this
+engine, one job at a time, and sends every job, and every step's go-on-or-stop decision, to the other ranks
+(`follow`), which compute the same generation with it.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..params import SamplingParams
+from .batching import BatchRequest, ContinuousBatcher
 
 __all__ = ["Engine", "Job", "JobStoppedError", "QueueFullError", "follow"]
 
@@ -109,14 +116,18 @@ class Job:
 
 
 class Engine:
-    """Runs jobs one at a time on a worker thread; at most `max_queue` jobs wait behind the running one.
+    """Runs jobs on a worker thread, batched step by step where the pipeline allows; at most `max_queue` jobs
+    wait behind the running ones.
 
     Args:
-        pipe: the loaded pipeline (every job runs `pipe(prompts, params, progress=..., **inputs)`).
+        pipe: the loaded pipeline (a job run alone runs `pipe(prompts, params, progress=..., **inputs)`).
         max_queue: jobs that may wait; a submission beyond that raises `QueueFullError`.
         request_timeout_s: a job's whole life, waiting and running, from submission; None: no limit.
-        parallel: this rank's `ParallelState` under torchrun (rank 0), None alone.
+        parallel: this rank's `ParallelState` under torchrun (rank 0), None alone. Jobs then run one at a time.
         observer: called with each finished job (the metrics).
+        step_observer: called with the number of requests in the batch at each batched step (the metrics).
+        max_batch: the most jobs generated together (`ContinuousBatcher`); 1, or a pipeline that cannot batch
+            requests step by step, runs one job at a time.
     """
 
     def __init__(
@@ -127,24 +138,35 @@ class Engine:
         parallel: Any = None,
         observer: Callable[[Job], None] | None = None,
         heartbeat_s: float = 30.0,
+        max_batch: int = 1,
+        step_observer: Callable[[int], None] | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.pipe = pipe
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
         self.parallel = parallel
         self.observer = observer
         self.heartbeat_s = heartbeat_s
+        self.step_observer = step_observer
+        self.batcher: ContinuousBatcher | None = None
+        if max_batch > 1 and parallel is None and ContinuousBatcher.can_batch(pipe):
+            self.batcher = ContinuousBatcher(pipe, max_batch=max_batch)
+        self.max_batch = max_batch if self.batcher is not None else 1
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}  # video jobs by id, for GET /v1/videos
-        self._running: Job | None = None
+        # The jobs in progress, oldest first, each with its request in the batcher (None: a job run alone).
+        self._active: dict[Job, BatchRequest | None] = {}
         self._lock = threading.Condition()
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # Seconds per finished job (exponential average), for Retry-After.
+        # Seconds between jobs leaving (exponential average), for Retry-After.
         self._service_s = 1.0
+        self._last_end = time.monotonic()
         self.max_depth_seen = 0
 
     # ---- state ------------------------------------------------------------------------------------
@@ -154,8 +176,16 @@ class Engine:
         return len(self._queue)
 
     @property
+    def running_jobs(self) -> list[Job]:
+        """The jobs in progress, oldest first."""
+        with self._lock:
+            return list(self._active)
+
+    @property
     def running(self) -> Job | None:
-        return self._running
+        """The oldest job in progress, None when none is."""
+        jobs = self.running_jobs
+        return jobs[0] if jobs else None
 
     @property
     def accepting(self) -> bool:
@@ -174,7 +204,7 @@ class Engine:
             self._jobs.pop(job.id, None)
 
     def estimated_wait_s(self) -> float:
-        """When a queue slot is expected to free: the running job's remaining time, about one job."""
+        """When a queue slot is expected to free: the average time between two jobs leaving."""
         return self._service_s
 
     # ---- submission and cancellation --------------------------------------------------------------
@@ -199,8 +229,8 @@ class Engine:
         return job
 
     def cancel(self, job: Job, reason: str = "cancelled") -> bool:
-        """Stop `job`: a queued one at once (its slot frees), a running one at its next step boundary.
-        False when it had already finished."""
+        """Stop `job`: a queued one at once (its slot frees), a running one at its next step boundary (a batched
+        one leaves its batch there). False when it had already finished."""
         with self._lock:
             if job.finished:
                 return False
@@ -219,12 +249,15 @@ class Engine:
         self._after(job)
 
     def _expire_locked(self) -> None:
-        """Queued jobs past their deadline fail now and free their slots."""
+        """Queued jobs past their deadline fail now and free their slots; running ones are told to stop."""
         now = time.monotonic()
         for job in [j for j in self._queue if j.deadline is not None and now > j.deadline]:
             job.stop_reason = "timeout"
             self._queue.remove(job)
             self._finish_stopped_locked(job)
+        for job in self._active:
+            if job.stop_reason is None and job.deadline is not None and now > job.deadline:
+                job.stop_reason = "timeout"
 
     def _trim_locked(self) -> None:
         finished = [j for j in self._jobs.values() if j.finished]
@@ -246,7 +279,7 @@ class Engine:
         self._thread.start()
 
     def drain(self) -> None:
-        """Take no new work and cancel every queued job; the running one goes on."""
+        """Take no new work and cancel every queued job; the running ones go on."""
         with self._lock:
             self._accepting = False
             for job in list(self._queue):
@@ -255,15 +288,14 @@ class Engine:
                 self._finish_stopped_locked(job)
 
     def stop(self, grace_s: float) -> bool:
-        """Drain, let the running job finish within `grace_s`, else stop it at its next step; end the
+        """Drain, let the running jobs finish within `grace_s`, else stop them at their next step; end the
         worker. True when the worker ended in time."""
         self.drain()
         deadline = time.monotonic() + max(0.0, grace_s)
-        running = self._running
-        if running is not None:
-            running.done.wait(max(0.0, deadline - time.monotonic()))
-            if not running.done.is_set():
-                self.cancel(running, "shutdown")
+        for job in self.running_jobs:
+            job.done.wait(max(0.0, deadline - time.monotonic()))
+        for job in self.running_jobs:
+            self.cancel(job, "shutdown")
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -273,17 +305,29 @@ class Engine:
             return not self._thread.is_alive()
         return True
 
-    def _next(self) -> Job | None:
+    def _batchable(self, job: Job) -> bool:
+        """Whether `job` can share a batch: one image or video from a prompt alone (an input image, or several
+        images drawn from one seed, run alone, as the CLI runs them)."""
+        return self.batcher is not None and len(job.prompts) == 1 and not job.inputs
+
+    def _next(self) -> tuple[str, list[Job]] | None:
+        """What the worker does next: ("alone", [job]) runs one job by itself; ("batch", jobs) lets `jobs` join
+        the batch and runs its next step; None: the engine stops."""
         with self._lock:
             while True:
                 self._expire_locked()
-                if self._queue:
-                    job = self._queue.popleft()
-                    self._running = job
-                    job.status = IN_PROGRESS
-                    job.started_at = time.time()
-                    job.queue_wait_s = time.monotonic() - job._queued_at
-                    return job
+                if self._queue and not self._batchable(self._queue[0]):
+                    # It runs once the batch has emptied; until then nothing overtakes it.
+                    if not self._active:
+                        return "alone", [self._start_locked(self._queue.popleft())]
+                else:
+                    joining = []
+                    while self._queue and self._batchable(self._queue[0]) and len(self._active) < self.max_batch:
+                        joining.append(self._start_locked(self._queue.popleft()))
+                    if joining:
+                        return "batch", joining
+                if self._active:
+                    return "batch", []
                 if self._stopping:
                     return None
                 if not self._lock.wait(self.heartbeat_s) and self.parallel is not None:
@@ -294,26 +338,43 @@ class Engine:
                     finally:
                         self._lock.acquire()
 
+    def _start_locked(self, job: Job) -> Job:
+        job.status = IN_PROGRESS
+        job.started_at = time.time()
+        job.queue_wait_s = time.monotonic() - job._queued_at
+        self._active[job] = None
+        return job
+
+    def _end(self, job: Job) -> None:
+        """`job` has reached its end state: it leaves the running set and its waiters are told."""
+        now = time.monotonic()
+        self._service_s = 0.8 * self._service_s + 0.2 * (now - self._last_end)
+        self._last_end = now
+        with self._lock:
+            self._active.pop(job, None)
+            self._after(job)
+
     def _work(self) -> None:
         while True:
-            job = self._next()
-            if job is None:
+            task = self._next()
+            if task is None:
                 if self.parallel is not None:
                     self.parallel.broadcast_object(("stop",))
                 return
-            started = time.monotonic()
-            self._run(job)
-            elapsed = time.monotonic() - started
-            self._service_s = 0.8 * self._service_s + 0.2 * elapsed
-            with self._lock:
-                self._running = None
-                self._after(job)
+            kind, jobs = task
+            if kind == "alone":
+                self._run(jobs[0])
+                self._end(jobs[0])
+                continue
+            for job in jobs:
+                self._join(job)
+            self._step_batch()
+
+    # ---- a job run alone --------------------------------------------------------------------------
 
     def _progress(self, job: Job) -> Callable[[int, int], None]:
         def progress(done: int, total: int) -> None:
             job.step, job.num_steps = done, total
-            if job.stop_reason is None and job.deadline is not None and time.monotonic() > job.deadline:
-                job.stop_reason = "timeout"
             with self._lock:
                 self._expire_locked()
             stop = job.stop_reason is not None and done < total
@@ -325,27 +386,94 @@ class Engine:
         return progress
 
     def _run(self, job: Job) -> None:
-        """Run one job to its end state; any error fails this job only."""
-        try:
+        """Run one job alone to its end state; any error fails this job only."""
+        with self._failures(job):
             if job.stop_reason is not None:
                 raise JobStoppedError(job.stop_reason)
             if self.parallel is not None:
                 self.parallel.broadcast_object(("job", job.prompts, job.params, job.inputs))
             job.result = self.pipe(job.prompts, job.params, progress=self._progress(job), **job.inputs)
-            if job.finish is not None:
-                job.output = job.finish(job, job.result)
-            job.status = COMPLETED
-        except JobStoppedError:
-            status, message = STOP_REASONS[job.stop_reason]
-            log.info("job %s stopped at step %d of %d: %s", job.id, job.step, job.num_steps, message)
-            job.status, job.error_code = status, job.stop_reason
-            job.error = message if status == FAILED else None
-        except (ValueError, TypeError) as error:  # input only the generation itself could find wrong
-            job.status, job.error, job.error_code = FAILED, str(error), "invalid_request"
+            self._complete(job)
+
+    # ---- batched jobs -----------------------------------------------------------------------------
+
+    def _join(self, job: Job) -> None:
+        """Prepare `job`'s request (text encoding, noise, schedule); it joins the batch at the next step."""
+        with self._failures(job):
+            if job.stop_reason is not None:
+                raise JobStoppedError(job.stop_reason)
+            request = self.batcher.submit(job.prompts[0], job.params)
+            job.num_steps = len(request._timesteps)
+            with self._lock:
+                self._active[job] = request
+            return
+        self._end(job)
+
+    def _step_batch(self) -> None:
+        """Stopped jobs leave, then one step of every running request; the jobs it finished complete."""
+        batcher = self.batcher
+        with self._lock:
+            self._expire_locked()
+            batched = [(job, request) for job, request in self._active.items() if request is not None]
+        for job, request in batched:
+            if job.stop_reason is not None:
+                batcher.cancel(request)
+                self._stop(job)
+                self._end(job)
+        if batcher.idle:
+            return
+        try:
+            batcher.step()
         except Exception as error:
+            # The requests of the failed step computed it together: each of their jobs fails with the error.
+            for request in list(batcher.running):
+                batcher.cancel(request)
+            for job, request in batched:
+                if request.cancelled and not job.finished:
+                    self._fail(job, error)
+                    self._end(job)
+        if self.step_observer is not None:
+            self.step_observer(len(batcher.last_batch))
+        for job, request in batched:
+            job.step = request.steps_done
+            if request.result is not None and not job.finished:
+                job.result = request.result
+                with self._failures(job):
+                    self._complete(job)
+                self._end(job)
+
+    # ---- end states -------------------------------------------------------------------------------
+
+    def _complete(self, job: Job) -> None:
+        if job.finish is not None:
+            job.output = job.finish(job, job.result)
+        job.status = COMPLETED
+
+    @contextlib.contextmanager
+    def _failures(self, job: Job) -> Iterator[None]:
+        """Any error inside the block sets `job`'s end state (stopped, or failed with the error), and only its."""
+        try:
+            yield
+        except JobStoppedError:
+            self._stop(job)
+        except Exception as error:
+            self._fail(job, error)
+
+    @staticmethod
+    def _stop(job: Job) -> None:
+        status, message = STOP_REASONS[job.stop_reason]
+        log.info("job %s stopped at step %d of %d: %s", job.id, job.step, job.num_steps, message)
+        job.status, job.error_code = status, job.stop_reason
+        job.error = message if status == FAILED else None
+
+    @staticmethod
+    def _fail(job: Job, error: Exception) -> None:
+        if isinstance(error, ValueError | TypeError):  # input only the generation itself could find wrong
+            job.status, job.error, job.error_code = FAILED, str(error), "invalid_request"
+        else:
             job.status, job.error_code = FAILED, "server_error"
             job.error = _describe(error)
-            log.exception("job %s failed", job.id)
+            log.error("job %s failed", job.id, exc_info=error)
 
 
 def _describe(error: BaseException) -> str:

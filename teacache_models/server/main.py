@@ -4,8 +4,8 @@
     torchrun --nproc-per-node 2 scripts/serve.py --model wan2.1-t2v-1.3b --cfg-parallel
 
 Under torchrun, rank 0 serves HTTP and the other ranks follow each job. SIGTERM stops the server
-gracefully: no new work, queued jobs cancelled, the running job finished within --shutdown-grace or
-stopped at its next step, exit status 0.
+gracefully: no new work, queued jobs cancelled, the running jobs finished within --shutdown-grace or
+stopped at their next step, exit status 0.
 """
 
 from __future__ import annotations
@@ -58,7 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--host", default="127.0.0.1", help="address to listen on")
     http.add_argument("--port", type=int, default=8000, help="port to listen on")
     http.add_argument(
-        "--max-queue", type=int, default=16, help="jobs that may wait behind the running one; more answer 429"
+        "--max-queue", type=int, default=16, help="jobs that may wait behind the running ones; more answer 429"
+    )
+    http.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="the most requests generated together: compatible single-image requests share a batch step by "
+        "step, each with its own TeaCache state (joining at the next step, leaving when done); 1: one at a time. "
+        "Under torchrun, and for models that cannot batch, requests run one at a time",
     )
     http.add_argument(
         "--request-timeout",
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-grace",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds the running job may take to finish before it is stopped",
+        help="on SIGTERM, seconds the running jobs may take to finish before they are stopped",
     )
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_teacache_arguments(parser)
@@ -88,6 +96,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_queue < 1:
         raise CliError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.max_batch < 1:
+        raise CliError(f"--max-batch must be at least 1, got {args.max_batch}")
     for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-grace", args.shutdown_grace)):
         if not math.isfinite(value) or value < 0:
             raise CliError(f"{flag} must be a finite number of seconds >= 0, got {value}")
@@ -136,6 +146,7 @@ def _run_http(
         parallel=state,
         # Idle ranks wait in a collective for the next job: rank 0 wakes them well within --dist-timeout.
         heartbeat_s=min(30.0, args.dist_timeout / 4),
+        max_batch=args.max_batch,
     )
     config = uvicorn.Config(
         app,

@@ -35,7 +35,9 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge("teacache_queue_depth", "Jobs waiting in the queue", registry=self.registry)
-        self.running = Gauge("teacache_jobs_running", "Jobs being generated (0 or 1)", registry=self.registry)
+        self.running = Gauge(
+            "teacache_jobs_running", "Jobs being generated (up to --max-batch together)", registry=self.registry
+        )
         self.jobs = Counter(
             "teacache_jobs",
             "Finished jobs, by kind (image, video) and status",
@@ -49,6 +51,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "teacache_batch_size",
+            "Requests in the running batch at each denoising step of batched generation (--max-batch)",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=self.registry,
+        )
         self.steps = Counter(
             "teacache_steps",
             "Transformer steps of completed jobs, by CFG branch and whether TeaCache computed or skipped them",
@@ -57,9 +65,9 @@ class Metrics:
         )
 
     def watch(self, engine: Any) -> None:
-        """Read the queue depth and the running job from `engine` at each scrape."""
+        """Read the queue depth and the running jobs from `engine` at each scrape."""
         self.queue_depth.set_function(lambda: engine.queue_depth)
-        self.running.set_function(lambda: int(engine.running is not None))
+        self.running.set_function(lambda: len(engine.running_jobs))
 
     def observe_job(self, job: Any) -> None:
         self.jobs.labels(job.kind, job.status).inc()
@@ -72,6 +80,9 @@ class Metrics:
             record = getattr(stats, branch)
             self.steps.labels(branch, "computed").inc(record.num_computed)
             self.steps.labels(branch, "skipped").inc(record.num_skipped)
+
+    def observe_batch_step(self, size: int) -> None:
+        self.batch_size.observe(size)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -19,10 +19,11 @@ method's time against its implementation's uncached time in the same round, with
 point measured faster than its ideal (1 / the work fraction of its timed runs) is flagged as noise.
 
 Each method is swept over its own knobs, with grids of comparable size: TeaCache over the threshold (each
-variant its own curve), FirstBlockCache over its threshold, MagCache over threshold x `retention_ratio` x
-`max_skip_steps`, TaylorSeer over interval x order x warm-up steps. A method's frontier is the best of its
-own sweep (lowest work at each PSNR); the summary gives the work each frontier needs for a mean PSNR of at
-least 30 and 35 dB against its implementation's uncached images.
+variant its own curve), the forecast method (`TeaCacheParams(method="forecast")`, `--forecast-variants`)
+over its threshold (each variant its own curve), FirstBlockCache over its threshold, MagCache over
+threshold x `retention_ratio` x `max_skip_steps`, TaylorSeer over interval x order x warm-up steps. A
+method's frontier is the best of its own sweep (lowest work at each PSNR); the summary gives the work each
+frontier needs for a mean PSNR of at least 30 and 35 dB against its implementation's uncached images.
 
 MagCache is calibrated as its documentation says: one run per calibration prompt with
 `MagCacheConfig(calibrate=True)`, whose printed ratios are averaged over runs and CFG branches. The
@@ -67,6 +68,7 @@ DATA_RANGE = 2.0  # pixels in [-1, 1]
 QUALITY_GOALS_DB = (30.0, 35.0)
 
 DEFAULT_TEACACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0)
+DEFAULT_FORECAST_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.7)
 DEFAULT_FBC_THRESHOLDS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
 DEFAULT_MAGCACHE_THRESHOLDS = (0.1, 0.25, 0.5)
 DEFAULT_MAGCACHE_RETENTION = (0.1, 0.2)
@@ -329,6 +331,20 @@ def teacache_label(indicator: str, order: int, limit: int | None, several_indica
     return "TeaCache" + (f" ({', '.join(options)})" if options else "")
 
 
+def forecast_label(indicator: str, order: int, scale: float, several_indicators: bool) -> str:
+    """A forecast curve's name: its indicator where several are measured, and how it forecasts."""
+    options = [indicator] if several_indicators else []
+    options.append(f"extrapolation x{scale:g}" if order else "reuse")
+    return f"Forecast ({', '.join(options)})"
+
+
+def native_curve(label: str, thresholds: list[float], **fields: Any) -> list[Method]:
+    """One curve of our cache: a point per threshold, the other `TeaCacheParams` fields fixed."""
+    return [
+        Method(label, {"thresh": t}, "native", teacache=TeaCacheParams(teacache_thresh=t, **fields)) for t in thresholds
+    ]
+
+
 def build_methods(
     args: argparse.Namespace, teacache_curves: list[tuple[str, tuple[float, ...]]], mag_ratios: list[float], steps: int
 ) -> list[Method]:
@@ -338,23 +354,13 @@ def build_methods(
     several = len(teacache_curves) > 1
     for (indicator, coefficients), (order, limit) in itertools.product(teacache_curves, args.teacache_variants):
         label = teacache_label(indicator, order, limit, several)
-        curves.append(
-            [
-                Method(
-                    label,
-                    {"thresh": t},
-                    "native",
-                    teacache=TeaCacheParams(
-                        teacache_thresh=t,
-                        coefficients=coefficients,
-                        indicator=indicator,
-                        residual_order=order,
-                        max_consecutive_skips=limit,
-                    ),
-                )
-                for t in args.teacache_thresholds
-            ]
-        )
+        fields = dict(coefficients=coefficients, indicator=indicator, residual_order=order, max_consecutive_skips=limit)
+        curves.append(native_curve(label, args.teacache_thresholds, **fields))
+    for (indicator, coefficients), (order, scale) in itertools.product(teacache_curves, args.forecast_variants):
+        label = forecast_label(indicator, order, scale, several)
+        fields = dict(coefficients=coefficients, indicator=indicator, residual_order=order)
+        fields.update(method="forecast", extrapolation_scale=scale, end_skipping=0)
+        curves.append(native_curve(label, args.forecast_thresholds, **fields))
     if "fbc" in args.peers:
         curves.append(
             [
@@ -508,7 +514,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         if not point["method"].startswith("uncached"):
             curves.setdefault(point["method"], []).append(point)
     for name, curve in curves.items():
-        style = "-o" if name.startswith("TeaCache") else "--s"
+        style = "-o" if name.startswith("TeaCache") else "-^" if name.startswith("Forecast") else "--s"
         (line,) = axes[0].plot(
             [p["work_fraction"] for p in frontier(curve)], [p["psnr_mean"] for p in frontier(curve)], style, label=name
         )
@@ -555,6 +561,20 @@ def _variant(text: str) -> tuple[int, int | None]:
     return parsed
 
 
+def _forecast_variant(text: str) -> tuple[int, float]:
+    """ "1:0.5" -> (residual order 1, extrapolation scale 0.5); "0" -> (0, 1.0): reuse."""
+    order, _, scale = text.partition(":")
+    try:
+        parsed = (int(order), float(scale) if scale else 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ORDER or ORDER:SCALE, e.g. 1:0.5") from None
+    if parsed[0] not in RESIDUAL_ORDERS or not 0 <= parsed[1] <= 1 or (parsed[0] == 0 and parsed[1] != 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: ORDER is one of {list(RESIDUAL_ORDERS)}, SCALE in [0, 1] and only with ORDER 1"
+        )
+    return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmark_quality.py",
@@ -588,6 +608,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORDER[:MAX_SKIPS]",
         help="one TeaCache curve per variant: residual order (0: reuse the residual, as published; 1: extrapolate "
         "it), optionally with a limit on skipped steps in a row (named in the curve), e.g. 0 1 1:2",
+    )
+    parser.add_argument("--forecast-thresholds", type=float, nargs="+", default=list(DEFAULT_FORECAST_THRESHOLDS))
+    parser.add_argument(
+        "--forecast-variants",
+        type=_forecast_variant,
+        nargs="*",
+        default=[(1, 0.5)],
+        metavar="ORDER[:SCALE]",
+        help="one curve of the forecast method (TeaCacheParams(method='forecast'), last step not forced) per "
+        "variant: residual order and extrapolation scale, e.g. 1:0.5 1 0; none: no forecast curve",
     )
     parser.add_argument("--fbc-thresholds", type=float, nargs="+", default=list(DEFAULT_FBC_THRESHOLDS))
     parser.add_argument("--magcache-thresholds", type=float, nargs="+", default=list(DEFAULT_MAGCACHE_THRESHOLDS))

@@ -113,6 +113,16 @@ def add_teacache_arguments(parser: argparse.ArgumentParser) -> None:
         "--teacache-max-consecutive-skips", type=int, help="compute after this many skipped steps in a row"
     )
     cache.add_argument(
+        "--teacache-method",
+        help="the skip decision: teacache (as published) or forecast (skip while the indicator follows the "
+        "forecast a skipped step uses; needs no coefficients)",
+    )
+    cache.add_argument(
+        "--teacache-extrapolation-scale",
+        type=float,
+        help="with residual order 1: the share of the extrapolated slope a skipped step adds, in [0, 1]",
+    )
+    cache.add_argument(
         "--teacache-coefficients",
         help="override the rescaling polynomial: comma-separated numbers, highest degree first",
     )
@@ -278,6 +288,8 @@ TEACACHE_FLAGS = {
     "coefficients": "--teacache-coefficients",
     "residual_order": "--teacache-residual-order",
     "max_consecutive_skips": "--teacache-max-consecutive-skips",
+    "method": "--teacache-method",
+    "extrapolation_scale": "--teacache-extrapolation-scale",
 }
 
 
@@ -301,6 +313,8 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
         ),
         "residual_order": args.teacache_residual_order,
         "max_consecutive_skips": args.teacache_max_consecutive_skips,
+        "method": args.teacache_method,
+        "extrapolation_scale": args.teacache_extrapolation_scale,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if choice is not None and not choice.strip():

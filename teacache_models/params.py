@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
-__all__ = ["OPTIONAL_SAMPLING_FIELDS", "RescalingFit", "SamplingParams", "TeaCacheParams"]
+__all__ = ["CACHE_METHODS", "OPTIONAL_SAMPLING_FIELDS", "RescalingFit", "SamplingParams", "TeaCacheParams"]
 
 _MAX_SEED = 2**64 - 1
 
@@ -73,6 +73,9 @@ def _range_pair(name: str, value: Any) -> tuple[float, float]:
 
 # 0: reuse the last residual; 1: extrapolate it linearly from the last two computed steps.
 RESIDUAL_ORDERS = (0, 1)
+# "teacache": the published decision (a fitted polynomial of the indicator's change, accumulated);
+# "forecast": skip while the indicator follows the forecast a skipped step uses (`cache/forecast.py`).
+CACHE_METHODS = ("teacache", "forecast")
 
 
 def evaluate_polynomial(coefficients: Sequence[float], x: float) -> float:
@@ -144,6 +147,14 @@ class TeaCacheParams:
             residual, per CFG branch) and decides alone; a step runs the block stack only on the rows that
             must compute. False (the default) takes one decision for the whole batch, from the distance over
             all of it. Per-row thresholds: give `enable_teacache` a sequence of TeaCacheParams, one per row.
+        method: the skip decision. "teacache" (the default) is TeaCache as published. "forecast" forecasts the
+            indicator with the rule a skipped step forecasts the residual with (`residual_order`,
+            `extrapolation_scale`) and skips while the indicator stays within `teacache_thresh` (relative L1)
+            of its forecast: it needs no fitted coefficients (`coefficients` then only feed the fit monitor).
+            See `teacache_models.cache.forecast`.
+        extrapolation_scale: under `residual_order=1`, the share of the extrapolated slope a skipped step
+            adds, in [0, 1]: 1 (the default) extrapolates fully, 0.5 goes half-way from reuse to the linear
+            extrapolation, which guards against the overshoot of a slope measured over a long gap.
     """
 
     teacache_thresh: float = 0.1
@@ -157,6 +168,8 @@ class TeaCacheParams:
     calibrated_range: tuple[float, float] | None = None
     per_sample: bool = False
     coefficients_negative: tuple[float, ...] | None = None
+    method: str = "teacache"
+    extrapolation_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require_bool("per_sample", self.per_sample)
@@ -186,6 +199,18 @@ class TeaCacheParams:
             object.__setattr__(self, "max_consecutive_skips", limit)
         if self.calibrated_range is not None:
             object.__setattr__(self, "calibrated_range", _range_pair("calibrated_range", self.calibrated_range))
+        if not isinstance(self.method, str) or str(self.method) not in CACHE_METHODS:
+            raise ValueError(f"method must be one of {list(CACHE_METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "method", str(self.method))
+        scale = _require_finite("extrapolation_scale", self.extrapolation_scale, minimum=0.0)
+        if scale > 1:
+            raise ValueError(f"extrapolation_scale must be in [0, 1], got {scale}")
+        if scale != 1 and order == 0:
+            raise ValueError(
+                f"extrapolation_scale={scale} scales the extrapolated residual of residual_order=1, but "
+                "residual_order is 0 (reuse): set residual_order=1, or leave extrapolation_scale at 1"
+            )
+        object.__setattr__(self, "extrapolation_scale", scale)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -22,6 +23,7 @@ def test_tiny_sweep_counts_the_block_work_each_method_ran(tmp_path, script):
     args = ["--model", str(REPO / "demo_models" / "wan-digits"), "--config", "wan-digits", "--output", str(output)]
     args += ["--pairs", "2", "--timing-pairs", "1", "--steps", "6", "--rounds", "2", "--calibration-pairs", "1"]
     args += ["--teacache-thresholds", "60", "300", "--teacache-variants", "0", "1:1"]
+    args += ["--forecast-thresholds", "0.0", "0.3", "--forecast-variants", "1:0.5"]
     args += ["--fbc-thresholds", "0.1", "0.5", "--magcache-thresholds", "0.1", "--magcache-retention", "0.2"]
     args += ["--magcache-max-skips", "2", "4", "--taylorseer-intervals", "2", "3", "--taylorseer-orders", "1"]
     args += ["--taylorseer-warmup", "3"]
@@ -37,6 +39,7 @@ def test_tiny_sweep_counts_the_block_work_each_method_ran(tmp_path, script):
         "uncached (diffusers)",
         "TeaCache",
         limited,
+        "Forecast (extrapolation x0.5)",
         "FirstBlockCache",
         "MagCache",
         "TaylorSeer",
@@ -59,6 +62,10 @@ def test_tiny_sweep_counts_the_block_work_each_method_ran(tmp_path, script):
     # At these thresholds the distance never reaches them: the limit of one skip in a row alone sets the schedule
     # (0, 2, 4, 5 computed: first and last always), and the block stack is skipped whole.
     assert [p["work_fraction"] for p in curves[limited]] == pytest.approx([4 / 6, 4 / 6])
+    # The forecast method at threshold 0 computes every step, bit-identical to uncached (PSNR at its cap).
+    forecast = curves["Forecast (extrapolation x0.5)"]
+    assert (forecast[0]["work_fraction"], forecast[0]["psnr_mean"]) == (1.0, script.PSNR_CAP_DB)
+    assert forecast[1]["work_fraction"] < 1
     # FirstBlockCache runs the first of the 4 blocks at every call.
     assert all(p["work_fraction"] >= 1 / 4 for p in curves["FirstBlockCache"])
     summary = report["summary"]
@@ -95,3 +102,11 @@ def test_timing_flags_a_point_faster_than_its_ideal(script):
     assert timing["above_ideal"]
     method.seconds = [1.25, 1.2, 1.0]
     assert not script.timing(method, baseline)["above_ideal"]
+
+
+def test_forecast_variants_are_parsed_and_bad_ones_refused(script):
+    assert script._forecast_variant("1:0.5") == (1, 0.5)
+    assert script._forecast_variant("0") == (0, 1.0)
+    for bad in ("2", "1:1.5", "0:0.5", "one"):
+        with pytest.raises(argparse.ArgumentTypeError, match="ORDER"):
+            script._forecast_variant(bad)

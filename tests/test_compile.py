@@ -103,11 +103,12 @@ def run_loop(
     inputs: Callable[[float], dict],
     steps: int,
     on_step: Callable[[int], None] | None = None,
+    params: TeaCacheParams | None = None,
 ) -> list[torch.Tensor]:
     sigmas = torch.linspace(1.0, 0.05, steps).tolist()
     families = {WanTransformer3DModel: "wan", HunyuanVideo15Transformer3DModel: "hunyuan_video15"}
     thresh = THRESHOLDS[families.get(type(model), "flux")]
-    model.enable_teacache(TeaCacheParams(teacache_thresh=thresh, coefficients=[1.0, 0.0]), steps)
+    model.enable_teacache(params or TeaCacheParams(teacache_thresh=thresh, coefficients=[1.0, 0.0]), steps)
     outputs = []
     with torch.no_grad():
         for step, sigma in enumerate(sigmas):
@@ -150,3 +151,24 @@ def test_a_second_generation_reuses_the_compiled_graphs():
     graphs = backend.graphs
     run_loop(model, compiled, inputs, 6)  # another step count, fresh TeaCache state
     assert backend.graphs == graphs
+
+
+def test_the_forecast_method_compiles_no_graph_per_step():
+    # Its decision and forecasts run outside the graphs, as TeaCache's: skipped steps that reuse the residual
+    # (1, 2: one computed step so far) and that extrapolate it (4, 8) replay the same graphs.
+    torch._dynamo.reset()
+    model, inputs = flux_case()
+    params = TeaCacheParams(
+        teacache_thresh=0.8, method="forecast", residual_order=1, extrapolation_scale=0.5, end_skipping=0
+    )
+    eager = run_loop(model, model, inputs, 10, params=params)
+    eager_stats = model.teacache_stats()
+    assert eager_stats.positive.skipped_steps == (1, 2, 4, 8)
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    graphs_after_step = []
+    outputs = run_loop(model, compiled, inputs, 10, lambda _: graphs_after_step.append(backend.graphs), params)
+    assert model.teacache_stats().positive == eager_stats.positive
+    for actual, expected in zip(outputs, eager, strict=True):
+        assert_parity(actual, expected)
+    assert graphs_after_step[-1] == graphs_after_step[4], graphs_after_step

@@ -3,6 +3,7 @@
 import datetime
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,8 +30,17 @@ def trajectory() -> list[torch.Tensor]:
     return [base + step * drift * torch.randn(1, TOKENS, WIDTH, generator=generator) for step in range(STEPS)]
 
 
-def decide(model: TinyModel, inputs: list[torch.Tensor]) -> tuple[tuple[int, ...], list[torch.Tensor]]:
-    model.enable_teacache(TeaCacheParams(teacache_thresh=0.6, coefficients=[1.0, 0.0]), STEPS)
+TEACACHE = TeaCacheParams(teacache_thresh=0.6, coefficients=[1.0, 0.0])
+# The forecast method reduces two distances per step (its forecast's error, and the change the fit monitor reads).
+FORECAST = TeaCacheParams(
+    teacache_thresh=1.0, method="forecast", residual_order=1, extrapolation_scale=0.5, end_skipping=0
+)
+
+
+def decide(
+    model: TinyModel, inputs: list[torch.Tensor], params: TeaCacheParams = TEACACHE
+) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+    model.enable_teacache(params, STEPS)
     outputs = []
     for step, x in enumerate(inputs):
         with torch.no_grad(), model.teacache_step(step):
@@ -38,7 +48,7 @@ def decide(model: TinyModel, inputs: list[torch.Tensor]) -> tuple[tuple[int, ...
     return model.teacache_stats().positive.skipped_steps, outputs
 
 
-def _worker(rank: int, world_size: int, init_file: str, results: dict) -> None:
+def _worker(rank: int, world_size: int, init_file: str, results: dict, params: TeaCacheParams) -> None:
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
@@ -52,21 +62,22 @@ def _worker(rank: int, world_size: int, init_file: str, results: dict) -> None:
         model.set_teacache_process_group(dist.group.WORLD)
         shard = TOKENS // world_size
         inputs = [x[:, rank * shard : (rank + 1) * shard] for x in trajectory()]
-        skipped, outputs = decide(model, inputs)
+        skipped, outputs = decide(model, inputs, params)
         results[rank] = (skipped, [o.clone() for o in outputs])
     finally:
         dist.destroy_process_group()
 
 
-def test_sequence_parallel_ranks_make_the_global_decision(tmp_path):
-    full_skipped, full_outputs = decide(TokenIndicatorModel(), trajectory())
-    local_skipped, _ = decide(TokenIndicatorModel(), [x[:, : TOKENS // 2] for x in trajectory()])
+@pytest.mark.parametrize("params", [TEACACHE, FORECAST], ids=["teacache", "forecast"])
+def test_sequence_parallel_ranks_make_the_global_decision(tmp_path, params):
+    full_skipped, full_outputs = decide(TokenIndicatorModel(), trajectory(), params)
+    local_skipped, _ = decide(TokenIndicatorModel(), [x[:, : TOKENS // 2] for x in trajectory()], params)
     assert full_skipped != local_skipped, "the shards alone must disagree, or the test proves nothing"
 
     manager = mp.Manager()
     results = manager.dict()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), results, params), nprocs=2, join=True)
     assert results[0][0] == results[1][0] == full_skipped
     for rank in range(2):
         shard = slice(rank * TOKENS // 2, (rank + 1) * TOKENS // 2)

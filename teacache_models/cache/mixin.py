@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from ..params import RescalingFit, TeaCacheParams, evaluate_polynomial, require_int
 from .context import CacheContextMixin
+from .forecast import FORECAST, forecast_should_skip
 from .graphs import outside_graphs, outside_graphs_call, prepare_for_compile
 from .inputs import Deferred, inputs_signature, materialize
 from .monitor import FitMonitor
@@ -252,11 +253,13 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
     def teacache_schedule(self, params: TeaCacheParams) -> tuple[tuple[float, ...], int, int]:
         """Resolve `params` for this model: (coefficients, first forced steps, last forced steps).
 
-        The coefficients are `params.coefficients`, else the instance's fit for the chosen indicator; in the
+        The coefficients are `params.coefficients`, else the instance's fit for the chosen indicator (the
+        forecast method, which needs none, gets () without either); in the
         ret-steps mode the indicator's `first_forced_steps` and `free_last_steps` bound the forced windows.
         """
         indicator = self.teacache_indicator_for(params)
-        coefficients = self.teacache_fit_for(params).coefficients
+        fit = self._decision_fit(params)
+        coefficients = () if fit is None else fit.coefficients
         if not params.use_ret_steps:
             return tuple(coefficients), params.start_skipping, params.end_skipping
         first_forced = max(indicator.first_forced_steps, params.start_skipping)
@@ -280,6 +283,12 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
                 "through a zoo entry with a fit for that indicator"
             )
         return replace(fit, calibrated_range=params.calibrated_range or fit.calibrated_range)
+
+    def _decision_fit(self, params: TeaCacheParams) -> RescalingFit | None:
+        """`teacache_fit_for(params)`; None for the forecast method, which needs no fit, where there is none."""
+        indicator = self.teacache_indicator_for(params).name
+        fitted = params.coefficients is not None or indicator in self.teacache_rescaling_fits
+        return self.teacache_fit_for(params) if fitted or params.method != FORECAST else None
 
     # ---- public surface -------------------------------------------------------------------------
 
@@ -310,10 +319,10 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
     def _new_session(self, params: TeaCacheParams, num_inference_steps: int, watched: bool) -> TeaCacheSession:
         """A generation's state for `params`; `watched`: its fit monitor observes the model's steps."""
         coefficients, first_forced, last_forced = self.teacache_schedule(params)
-        fit = self.teacache_fit_for(params)
+        fit = self._decision_fit(params)
         monitor = FitMonitor(
-            {negative: fit.for_branch(negative) for negative in (False, True)},
-            fit.calibrated_range,
+            {} if fit is None else {negative: fit.for_branch(negative) for negative in (False, True)},
+            None if fit is None else fit.calibrated_range,
             num_inference_steps,
             type(self).__name__,
             lambda: self.__dict__.get("_teacache_group"),
@@ -321,7 +330,7 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         return TeaCacheSession(
             params=params,
             coefficients=coefficients,
-            coefficients_negative=fit.coefficients_negative,
+            coefficients_negative=None if fit is None else fit.coefficients_negative,
             num_inference_steps=num_inference_steps,
             first_forced_steps=first_forced,
             last_forced_steps=last_forced,
@@ -588,7 +597,7 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         if self._should_skip(session, state, context, signature, indicator):
             state.skipped_steps.append(context.step_index)
             state.consecutive_skips += 1
-            return "skip", state.skip_residual(context.step_index, session.params.residual_order), observed
+            return "skip", state.skip_residual(context.step_index, session.params), observed
         return "compute", None, observed
 
     @outside_graphs
@@ -643,12 +652,16 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         )
         at_limit = state.consecutive_skips >= (session.params.max_consecutive_skips or session.num_inference_steps)
         group = self.__dict__.get("_teacache_group")
+        state.input_signature = signature
+        if session.params.method == FORECAST:
+            skip, distance = forecast_should_skip(session, state, step_index, forced, at_limit, indicator, group)
+            context.distance = distance
+            return skip
         if group is not None:
             forced, distance = _group_distance(indicator, previous, forced, group)
         elif not forced:
             distance = relative_l1_distance(indicator, previous).item()
         state.previous_modulated_input = indicator.detach()
-        state.input_signature = signature
         context.distance = None if forced else distance
         if forced:
             state.accumulated_rel_l1_distance = 0.0

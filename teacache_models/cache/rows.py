@@ -216,7 +216,7 @@ class TeaCacheRowsMixin:
             elif self._should_skip(row, state, row_context, signature, row_context.indicator):
                 state.skipped_steps.append(step)
                 state.consecutive_skips += 1
-                plan.residuals[index] = state.skip_residual(step, row.params.residual_order)
+                plan.residuals[index] = state.skip_residual(step, row.params)
             else:
                 plan.compute.append(index)
         return plan

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..params import TeaCacheParams
+from .forecast import Trace, extrapolate
 
 __all__ = [
     "BranchState",
@@ -47,18 +48,27 @@ class BranchState:
     skipped_steps: list[int] = field(default_factory=list)
     # Computed steps that the threshold would have skipped: `max_consecutive_skips` made them compute.
     limit_forced_steps: list[int] = field(default_factory=list)
+    # Method "forecast": the indicator at the last two computed steps, which it forecasts the indicator from.
+    indicator_trace: Trace = field(default_factory=Trace)
 
     def stats(self, coefficient_fit: CoefficientFit | None = None) -> BranchStats:
         return BranchStats(
             tuple(self.computed_steps), tuple(self.skipped_steps), tuple(self.limit_forced_steps), coefficient_fit
         )
 
-    def skip_residual(self, step_index: int, order: int) -> torch.Tensor:
-        """What a skipped step adds to the block-stack input (see `TeaCacheParams.residual_order`)."""
-        if order == 0 or self.older_residual is None:
+    def skip_residual(self, step_index: int, params: TeaCacheParams) -> torch.Tensor:
+        """What a skipped step adds to the block-stack input (see `TeaCacheParams.residual_order` and
+        `extrapolation_scale`)."""
+        if params.residual_order == 0:
             return self.previous_residual
-        slope = (step_index - self.previous_residual_step) / (self.previous_residual_step - self.older_residual_step)
-        return self.previous_residual + slope * (self.previous_residual - self.older_residual)
+        return extrapolate(
+            self.previous_residual,
+            self.previous_residual_step,
+            self.older_residual,
+            self.older_residual_step,
+            step_index,
+            params.extrapolation_scale,
+        )
 
     def record_residual(self, residual: torch.Tensor, step_index: int, order: int) -> None:
         """Keep a computed step's residual (and, for order 1, the one before it if it has the same shape,
@@ -96,6 +106,7 @@ class BranchState:
         self.consecutive_skips = 0
 
     def release_tensors(self) -> None:
+        self.indicator_trace.clear()
         self.previous_modulated_input = None
         self.previous_residual = None
         self.older_residual = None
@@ -115,7 +126,8 @@ class StepObservation:
             cached residual).
         skipped: TeaCache reused the residual instead of running the blocks.
         distance: the indicator's relative L1 change from the branch's previous step, None on a forced step.
-        accumulated_rel_l1_distance: the branch's accumulator after the decision, None without a decision.
+        accumulated_rel_l1_distance: the branch's accumulator after the decision, None without a decision
+            (method "forecast": the step's forecast error if it skipped, 0 if it computed).
         teacache_params: the running generation's parameters, None when TeaCache is off.
         row: under per-sample state (`TeaCacheParams.per_sample`), the batch row this observation is of (its
             tensors are that row's, batch size 1, and `teacache_params` that row's); None for a whole batch.

@@ -1,0 +1,233 @@
+"""The forecast method (`TeaCacheParams(method="forecast")`): its rule replayed by hand, state isolation,
+threshold 0, bad values.
+
+The toy model of the core tests has the timestep broadcast over the tokens as its indicator, so every
+forecast and every relative error below is plain arithmetic on the timesteps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from teacache_models import TeaCacheParams
+from teacache_models.cache.forecast import Trace, extrapolate
+from tests.test_teacache_core import TIMESTEPS, TinyModel, computed_residual, generate, make_input, run_branch
+
+FORECAST = dict(method="forecast", residual_order=1, extrapolation_scale=0.5, end_skipping=0)
+
+
+class TinyModelWithoutFit(TinyModel):
+    teacache_row_inputs = frozenset({"t"})  # t carries one timestep per batch row
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_teacache_fits({})
+
+
+def replay(timesteps: list[float], thresh: float, scale: float, first: int = 1, last: int = 0) -> list[int]:
+    """The forecast rule written out for a scalar indicator: the computed steps."""
+    computed: list[tuple[int, float]] = []
+    for step, t in enumerate(timesteps):
+        if step < first or step >= len(timesteps) - last or not computed:
+            computed.append((step, t))
+            continue
+        (s1, t1), older = computed[-1], computed[-2] if len(computed) > 1 else None
+        forecast = t1 if older is None else t1 + scale * (step - s1) / (s1 - older[0]) * (t1 - older[1])
+        if abs(forecast - t) / abs(t) >= thresh:
+            computed.append((step, t))
+    return [step for step, _ in computed]
+
+
+def test_decisions_replayed_by_hand():
+    # Timesteps 1, .95, .90, .80, .75, .70, .50, .40; the forecast carries the last computed value along half
+    # the slope between the last two computed steps:
+    #   step 1: one computed step, forecast 1.0: error .05/.95 = .0526 > .03, computes
+    #   step 2: .95 + .5 * (1/1) * (.95 - 1) = .925, error .025/.90 = .0278: skips
+    #   step 3: .95 + .5 * (2/1) * (-.05) = .90, error .10/.80 = .125: computes
+    #   step 4: .80 + .5 * (1/2) * (.80 - .95) = .7625, error .0125/.75 = .0167: skips
+    #   step 5: .80 + .5 * (2/2) * (-.15) = .725, error .025/.70 = .0357: computes
+    #   step 6: .70 + .5 * (1/2) * (.70 - .80) = .675, error .175/.5 = .35: computes
+    #   step 7: .50 + .5 * (1/1) * (.50 - .70) = .40, error 0: skips (the last step is not forced)
+    model = TinyModelWithoutFit()
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.03, **FORECAST), xs)
+    stats = model.teacache_stats().positive
+    assert stats.computed_steps == (0, 1, 3, 5, 6) == tuple(replay(TIMESTEPS, 0.03, 0.5))
+    assert stats.skipped_steps == (2, 4, 7)
+    # A skipped step adds the residual forecast the same way: half the slope of the last two computed residuals.
+    r = {k: computed_residual(model, xs[k], TIMESTEPS[k]) for k in stats.computed_steps}
+    expected = {
+        2: r[1] + 0.5 * (1 / 1) * (r[1] - r[0]),
+        4: r[3] + 0.5 * (1 / 2) * (r[3] - r[1]),
+        7: r[6] + 0.5 * (1 / 1) * (r[6] - r[5]),
+    }
+    with torch.no_grad():
+        for step, residual in expected.items():
+            torch.testing.assert_close(outputs[step], model.head(model.embed(xs[step]) + residual))
+            assert not torch.allclose(outputs[step], model.head(model.embed(xs[step]) + r[max(r)]))
+
+
+@pytest.mark.parametrize("thresh", [0.01, 0.03, 0.06, 0.2])
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_schedule_follows_the_rule_at_every_setting(thresh, scale):
+    timesteps = [1.0, 0.97, 0.93, 0.88, 0.80, 0.74, 0.69, 0.61, 0.52, 0.49, 0.30, 0.28]
+    model = TinyModelWithoutFit()
+    xs = [make_input(0)] * len(timesteps)
+    params = TeaCacheParams(teacache_thresh=thresh, **dict(FORECAST, extrapolation_scale=scale))
+    generate(model, params, xs, timesteps=timesteps)
+    assert list(model.teacache_stats().positive.computed_steps) == replay(timesteps, thresh, scale)
+
+
+def test_reuse_order_forecasts_the_last_computed_value():
+    # Order 0: the indicator's change since the last computed step, against the threshold (no accumulation).
+    model = TinyModelWithoutFit()
+    params = TeaCacheParams(teacache_thresh=0.12, method="forecast")
+    generate(model, params, [make_input(0)] * len(TIMESTEPS))
+    # Errors relative to the step's own indicator: from 1.0, .95 (.053) and .90 (.111) within 12%, .80 (.25)
+    # not; from .80, .75 (.067) within, .70 (.143) not; from .70, .50 (.4) not; the last step is forced.
+    assert model.teacache_stats().positive.computed_steps == (0, 3, 5, 6, 7)
+
+
+def test_threshold_zero_is_bit_identical_and_one_step_of_history_reuses():
+    model = TinyModelWithoutFit()
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    with torch.no_grad():
+        plain = [model(x, torch.tensor([t])) for x, t in zip(xs, TIMESTEPS, strict=True)]
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.0, **FORECAST), xs)
+    assert model.teacache_stats().positive.num_skipped == 0
+    assert all(torch.equal(a, b) for a, b in zip(outputs, plain, strict=True))
+
+
+def test_forecast_needs_no_fit_and_teacache_still_does():
+    model = TinyModelWithoutFit()
+    with pytest.raises(ValueError, match="no TeaCache coefficients"):
+        model.enable_teacache(TeaCacheParams(teacache_thresh=0.1), 8)
+    model.enable_teacache(TeaCacheParams(teacache_thresh=0.1, method="forecast"), 8)
+    assert model.teacache_enabled
+
+
+def test_max_consecutive_skips_applies_to_the_forecast():
+    model = TinyModelWithoutFit()
+    xs = [make_input(0)] * len(TIMESTEPS)
+    generate(model, TeaCacheParams(teacache_thresh=10.0, max_consecutive_skips=2, **FORECAST), xs)
+    stats = model.teacache_stats().positive
+    assert stats.computed_steps == (0, 3, 6) and stats.limit_forced_steps == (3, 6)
+
+
+def test_branches_keep_their_own_forecast():
+    model = TinyModelWithoutFit()
+    params = TeaCacheParams(teacache_thresh=0.03, **FORECAST)
+    positive_xs = [make_input(k) for k in range(8)]
+    negative_xs = [make_input(100 + k) for k in range(8)]
+    model.enable_teacache(params, len(TIMESTEPS))
+    interleaved = {False: [], True: []}
+    for step in range(len(TIMESTEPS)):
+        for negative, xs in ((False, positive_xs), (True, negative_xs)):
+            with torch.no_grad(), model.teacache_step(step, is_cfg_negative=negative):
+                interleaved[negative].append(model(xs[step], torch.tensor([TIMESTEPS[step]])))
+    both = model.teacache_stats()
+    for negative, xs in ((False, positive_xs), (True, negative_xs)):
+        model.enable_teacache(params, len(TIMESTEPS))
+        alone = run_branch(model, xs, negative)
+        assert getattr(model.teacache_stats(), "negative" if negative else "positive").skipped_steps
+        assert getattr(model.teacache_stats(), "negative" if negative else "positive") == getattr(
+            both, "negative" if negative else "positive"
+        )
+        assert all(torch.equal(a, b) for a, b in zip(interleaved[negative], alone, strict=True))
+
+
+def test_a_new_generation_starts_without_the_last_ones_forecast():
+    params = TeaCacheParams(teacache_thresh=0.03, **FORECAST)
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    fresh = TinyModelWithoutFit()
+    expected = generate(fresh, params, xs)
+    used = TinyModelWithoutFit()
+    generate(used, params, [make_input(50 + k) for k in range(len(TIMESTEPS))], timesteps=TIMESTEPS[::-1])
+    outputs = generate(used, params, xs)
+    assert used.teacache_stats() == fresh.teacache_stats()
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
+
+
+def test_a_shape_change_restarts_the_forecast():
+    model = TinyModelWithoutFit()
+    xs = [make_input(0, tokens=5)] * 3 + [make_input(0, tokens=9)] * 5
+    generate(model, TeaCacheParams(teacache_thresh=0.03, **FORECAST), xs)
+    stats = model.teacache_stats().positive
+    assert 3 in stats.computed_steps  # the new shape computes
+    trace = model._branch_state(False).indicator_trace
+    assert trace.value.shape[1] == 9 and (trace.older is None or trace.older.shape[1] == 9)
+
+
+def test_per_sample_rows_each_follow_their_own_forecast():
+    params = TeaCacheParams(teacache_thresh=0.03, per_sample=True, **FORECAST)
+    timesteps = [[1.0, 0.95, 0.90, 0.80, 0.75, 0.70, 0.50, 0.40], [1.0, 0.8, 0.75, 0.74, 0.5, 0.45, 0.44, 0.2]]
+    xs = [make_input(k, batch=2) for k in range(8)]
+    model = TinyModelWithoutFit()
+    model.enable_teacache(params, 8)
+    for step in range(8):
+        with torch.no_grad(), model.teacache_step(step):
+            model(xs[step], torch.tensor([timesteps[0][step], timesteps[1][step]]))
+    rows = model.teacache_stats().rows
+    for row, ts in zip(rows, timesteps, strict=True):
+        assert list(row.positive.computed_steps) == replay(ts, 0.03, 0.5)
+    assert rows[0].positive != rows[1].positive
+
+
+def test_wan_experts_keep_their_own_forecast():
+    from tests.test_wan import LINEAR, NUM_STEPS, cfg_inputs, expert_pair, predict
+
+    pair = expert_pair(boundary_ratio=0.7)  # steps 0-2 high noise, 3-7 low noise
+    pair.enable_teacache(TeaCacheParams(teacache_thresh=1e9, coefficients=LINEAR, **FORECAST), NUM_STEPS)
+    steps, positive, negative = cfg_inputs(pair.transformer.config)
+    for step in range(NUM_STEPS):
+        for branch in (False, True):
+            with torch.no_grad(), pair.teacache_step(step, is_cfg_negative=branch):
+                predict(pair, steps[step], negative if branch else positive, step)
+    stats = pair.teacache_stats()
+    for branch in ("positive", "negative"):
+        high, low = getattr(stats["transformer"], branch), getattr(stats["transformer_2"], branch)
+        assert (high.computed_steps, high.skipped_steps) == ((0,), (1, 2))
+        # The low-noise expert's first step computes: it has no forecast of its own yet.
+        assert (low.computed_steps, low.skipped_steps) == ((3,), (4, 5, 6, 7))
+    for negative in (False, True):
+        trace = pair.transformer_2._branch_state(negative).indicator_trace
+        assert (trace.step, trace.older_step) == (3, None)
+        assert pair.transformer._branch_state(negative).indicator_trace.step == 0
+
+
+def test_extrapolate_at_scale_one_is_the_linear_extrapolation_bit_for_bit():
+    generator = torch.Generator().manual_seed(3)
+    older, value = torch.randn(4, 6, generator=generator), torch.randn(4, 6, generator=generator)
+    slope = (9 - 5) / (5 - 2)
+    assert torch.equal(extrapolate(value, 5, older, 2, 9), value + slope * (value - older))
+    assert extrapolate(value, 5, None, None, 9) is value
+    trace = Trace()
+    trace.record(older, 2, keep_older=True)
+    trace.record(value.double(), 5, keep_older=True)  # another dtype: no slope across it
+    assert trace.older is None and trace.forecast(9, 0.5) is trace.value
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="magcache"), r"method must be one of \['teacache', 'forecast'\], got 'magcache'"),
+        (dict(method=None), "method must be one of"),
+        (dict(extrapolation_scale=1.5, residual_order=1), r"extrapolation_scale must be in \[0, 1\], got 1.5"),
+        (dict(extrapolation_scale=-0.1, residual_order=1), "extrapolation_scale must be >= 0.0"),
+        (dict(extrapolation_scale=float("nan"), residual_order=1), "extrapolation_scale must be a finite"),
+        (dict(extrapolation_scale="half", residual_order=1), "extrapolation_scale must be a finite"),
+        (dict(extrapolation_scale=0.5), "residual_order is 0"),
+    ],
+)
+def test_bad_values_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TeaCacheParams(**kwargs)
+
+
+def test_the_default_is_teacache_as_published():
+    params = TeaCacheParams()
+    assert (params.method, params.extrapolation_scale) == ("teacache", 1.0)
+    assert dataclasses.replace(params, method="forecast").method == "forecast"

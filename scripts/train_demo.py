@@ -100,12 +100,16 @@ def flow_matching_loss(
     return torch.nn.functional.mse_loss(predict_flow(transformer, noisy, sigma, text, pooled), noise - x0)
 
 
-def build(family: str) -> tuple[torch.nn.Module, DigitTextEncoder]:
+def build(family: str, num_layers: int | None = None) -> tuple[torch.nn.Module, DigitTextEncoder]:
+    """A fresh model of `family`; `num_layers` sets its depth (Flux: that many double-stream and that many
+    single-stream blocks), None keeps the shipped demo's."""
     if family == "flux":
-        transformer = FluxTransformer2DModel(**FLUX_CONFIG)
+        depth = {} if num_layers is None else {"num_layers": num_layers, "num_single_layers": num_layers}
+        transformer = FluxTransformer2DModel(**{**FLUX_CONFIG, **depth})
         encoder = DigitTextEncoder(**TEXT_CONFIG, pooled_dim=TEXT_WIDTH)
     else:
-        transformer = WanTransformer3DModel(**WAN_CONFIG)
+        depth = {} if num_layers is None else {"num_layers": num_layers}
+        transformer = WanTransformer3DModel(**{**WAN_CONFIG, **depth})
         encoder = DigitTextEncoder(**TEXT_CONFIG)
     # A zero output head starts training from the prediction 0, as DiT initialises its final layer.
     torch.nn.init.zeros_(transformer.proj_out.weight)
@@ -113,12 +117,14 @@ def build(family: str) -> tuple[torch.nn.Module, DigitTextEncoder]:
     return transformer, encoder
 
 
-def train(family: str, steps: int, batch_size: int, seed: int) -> tuple[torch.nn.Module, DigitTextEncoder, dict]:
+def train(
+    family: str, steps: int, batch_size: int, seed: int, num_layers: int | None = None
+) -> tuple[torch.nn.Module, DigitTextEncoder, dict]:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     images, labels = load_digits(IMAGE_SIZE)  # (N, 1, 16, 16), (N,)
     images = images.unsqueeze(2)  # (N, 1, F=1, H, W)
-    transformer, encoder = build(family)
+    transformer, encoder = build(family, num_layers)
     modules = torch.nn.ModuleList([transformer, encoder]).train()
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=1e-3, weight_decay=0.0)
@@ -181,7 +187,7 @@ def write_sha256sums(root: Path) -> Path:
 def train_and_save(family: str, args: argparse.Namespace) -> list[tuple[str, int, Path]]:
     """Train one family with `args.threads` threads and write its folder; returns (sha256, size, path) per file."""
     torch.set_num_threads(args.threads)
-    transformer, encoder, record = train(family, args.steps, args.batch_size, args.seed)
+    transformer, encoder, record = train(family, args.steps, args.batch_size, args.seed, args.num_layers)
     index = {
         "family": family,
         "image_size": IMAGE_SIZE,
@@ -191,7 +197,7 @@ def train_and_save(family: str, args: argparse.Namespace) -> list[tuple[str, int
         "data": "sklearn.datasets.load_digits, 8x8 upsampled bilinearly to 16x16",
         "training": {**record, "threads": args.threads, "condition_dropout": CONDITION_DROPOUT},
     }
-    files = save_demo_model(args.out / f"{family}-digits", transformer, encoder, index)
+    files = save_demo_model(args.out / f"{family}-digits{args.suffix}", transformer, encoder, index)
     return [(sha256(path), path.stat().st_size, path) for path in files]
 
 
@@ -203,6 +209,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
     parser.add_argument("--out", type=Path, default=Path("demo_models"))
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        help="blocks of the model (Flux: that many double-stream and single-stream blocks each); default: "
+        "the shipped demos' (Wan 4, Flux 2 + 2)",
+    )
+    parser.add_argument("--suffix", default="", help="appended to the folder name, e.g. -deep: wan-digits-deep")
     args = parser.parse_args()
 
     families = ["flux", "wan"] if args.family == "both" else [args.family]
@@ -219,9 +232,9 @@ def main() -> None:
             print(f"  {digest}  {size:>9,}  {path}")
     print("weights_manifest.yaml: replace the sha256 blocks of the entries with")
     for family, files in results.items():
-        print(f"{family}-digits:\n  sha256:")
+        print(f"{family}-digits{args.suffix}:\n  sha256:")
         for digest, _, path in files:
-            print(f"    {path.relative_to(args.out / f'{family}-digits').as_posix()}: {digest}")
+            print(f"    {path.relative_to(args.out / f'{family}-digits{args.suffix}').as_posix()}: {digest}")
 
 
 if __name__ == "__main__":

@@ -185,8 +185,8 @@ def test_load_demo_model_and_predict_flow_errors(tmp_path):
         predict_flow(demo.text_encoder, torch.zeros(1, 1, 1, 16, 16), torch.ones(1), text, pooled)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan"])
-def test_training_script_writes_a_folder_the_pipeline_loads(family, tmp_path):
+@pytest.mark.parametrize("family, num_layers, suffix", [("flux", None, ""), ("wan", None, ""), ("wan", 5, "-deep")])
+def test_training_script_writes_a_folder_the_pipeline_loads(family, num_layers, suffix, tmp_path):
     import argparse
     import importlib.util
 
@@ -195,9 +195,11 @@ def test_training_script_writes_a_folder_the_pipeline_loads(family, tmp_path):
     spec = importlib.util.spec_from_file_location("train_demo", DEMO_ROOT.parent / "scripts" / "train_demo.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    args = argparse.Namespace(steps=2, batch_size=4, seed=0, threads=1, out=tmp_path)
+    args = argparse.Namespace(
+        steps=2, batch_size=4, seed=0, threads=1, out=tmp_path, num_layers=num_layers, suffix=suffix
+    )
     files = script.train_and_save(family, args)
-    assert {path.relative_to(tmp_path / f"{family}-digits").as_posix() for _, _, path in files} == {
+    assert {path.relative_to(tmp_path / f"{family}-digits{suffix}").as_posix() for _, _, path in files} == {
         "model_index.json",
         "transformer/config.json",
         "transformer/diffusion_pytorch_model.safetensors",
@@ -205,7 +207,9 @@ def test_training_script_writes_a_folder_the_pipeline_loads(family, tmp_path):
         "text_encoder/diffusion_pytorch_model.safetensors",
     }
     assert script.write_sha256sums(tmp_path).read_text().count("\n") == 5
-    pipe = load_pipeline(tmp_path / f"{family}-digits")
+    pipe = load_pipeline(tmp_path / f"{family}-digits{suffix}")
     assert pipe.family == family
+    shipped_depth = {"flux": script.FLUX_CONFIG["num_layers"], "wan": script.WAN_CONFIG["num_layers"]}[family]
+    assert pipe.transformer.config.num_layers == (num_layers or shipped_depth)
     result = pipe("a digit 4", pipe.default_sampling_params("off", height=16, width=16, num_inference_steps=2))
     assert result.images.shape == (1, 3, 16, 16)

@@ -4,11 +4,14 @@
 
 The path is a checkout of the diffusers repository (its `tests/` folder is read, nothing is copied
 here). Each test module keeps its code; only the name of the class under test, which the module
-imported from diffusers, is rebound to the native class before each test runs. Test classes for
-machinery diffusers' models have and these do not (attention processors and backends, hooks: caches,
-group offloading and layerwise casting, LoRA adapters through diffusers' PEFT mixin, quantization
-backends, single-file loading, context and tensor parallelism, IP adapters) are left out with their
-reason; the rest run, and the script prints passed / skipped / failed per test class and the failures.
+imported from diffusers, is rebound to the native class before each test runs, and diffusers' LoRA tests'
+check that the class is a diffusers `PeftAdapterMixin` checks for this package's `LoraMixin` instead (the
+native models speak that mixin's API without depending on diffusers). Test classes for machinery
+diffusers' models have and these do not (attention processors and backends, hooks: caches, group
+offloading and layerwise casting, quantization backends, single-file loading, context and tensor
+parallelism, IP adapters) are left out with their reason, and so are the few tests that expect a log line
+where this package raises a clear error (`POLICY`); the rest run, and the script prints passed / skipped /
+failed per test class and the failures.
 """
 
 from __future__ import annotations
@@ -40,8 +43,6 @@ OUT_OF_SCOPE = {
     "TaylorSeerCache": "diffusers' cache hooks (TaylorSeer)",
     "PABCache": "diffusers' cache hooks (Pyramid Attention Broadcast)",
     "Memory": "diffusers' hooks: group offloading and layerwise casting",
-    "LoRA": "LoRA through diffusers' PEFT adapter mixin",
-    "LoRAHotSwap": "LoRA hot-swapping through diffusers' PEFT adapter mixin",
     "IPAdapter": "IP adapters replace attention processors",
     "BitsAndBytes": "quantization backends (bitsandbytes, GPU)",
     "BitsAndBytesCompile": "quantization backends (bitsandbytes, GPU)",
@@ -67,12 +68,39 @@ OUT_OF_SCOPE_TESTS = {
 }
 
 
+# Tests that expect diffusers to log and go on where this package refuses the input with an error naming it
+# (bad input is an error here, never a log line): the test, and where our own tests cover the error.
+POLICY = {
+    "test_lora_missing_keys_warning": "a LoRA with a lora_B but no lora_A for a module is refused with a ValueError "
+    "naming the module (diffusers logs the missing key and loads the rest); tests/test_lora.py::"
+    "test_rank_and_shape_mismatches_are_named",
+    "test_lora_unexpected_keys_warning": "a key that is no LoRA weight is refused with a ValueError naming it "
+    "(diffusers logs it and loads the rest); tests/test_lora.py::test_unknown_format_names_the_formats_tried",
+    "test_logs_info_when_no_lora_keys_found": "a LoRA with no key under the prefix is refused with a ValueError "
+    "naming the prefixes found (diffusers logs and loads nothing); tests/test_lora.py::"
+    "test_adapter_names_and_operations_without_adapters",
+    "test_enable_lora_hotswap_wrong_check_compiled_argument_raises": "the error names the argument check_compiled "
+    "(diffusers' message says check_compiles); tests/test_lora.py::"
+    "test_hotswap_replaces_weights_in_place_and_refuses_what_cannot_be_swapped",
+    "test_hotswap_second_adapter_targets_more_layers_raises": "hotswapping a LoRA that adapts more modules is "
+    "refused with a ValueError naming them, before PEFT would raise its RuntimeError; tests/test_lora.py::"
+    "test_hotswap_replaces_weights_in_place_and_refuses_what_cannot_be_swapped",
+}
+
+
+# diffusers gates its whole hotswap test class on an accelerator, because most of its tests compile with CUDA
+# graphs; these of its tests neither compile nor use an accelerator, so they run on the CPU too.
+ACCELERATOR_SKIP = "test requires accelerator+PyTorch"
+CPU_ABLE = ("test_hotswapping_model", "test_enable_lora_hotswap_")
+
+
 def out_of_scope_reason(class_name: str, test_name: str = "") -> str | None:
     """Why a test is left out (its class first, then its name), None when it runs."""
     for suffix in sorted(OUT_OF_SCOPE, key=len, reverse=True):
         if class_name.endswith(suffix):
             return OUT_OF_SCOPE[suffix]
-    return next((reason for part, reason in OUT_OF_SCOPE_TESTS.items() if part in test_name), None)
+    by_name = {**OUT_OF_SCOPE_TESTS, **{name: f"our policy: {reason}" for name, reason in POLICY.items()}}
+    return next((reason for part, reason in by_name.items() if part in test_name), None)
 
 
 class NativeClasses:
@@ -81,8 +109,10 @@ class NativeClasses:
 
     def __init__(self) -> None:
         from teacache_models import models
+        from teacache_models.lora import LoraMixin
 
         self.native = {name: getattr(models, name) for _, name in MODULES.values()}
+        self.native["PeftAdapterMixin"] = LoraMixin
         self.outcomes: dict[str, Counter] = defaultdict(Counter)
         self.left_out: dict[str, str] = {}
         self.failures: list[tuple[str, str]] = []
@@ -100,11 +130,17 @@ class NativeClasses:
                 self.left_out[item.cls.__name__ if whole_class else f"{item.cls.__name__}.{item.name}"] = reason
         items[:] = kept
         config.hook.pytest_deselected(items=dropped)
+        gated = [item for item in kept if any(_is_accelerator_skip(m) for m in item.iter_markers("skipif"))]
+        for item in gated:
+            _run_on_cpu_where_able(item)
 
     def pytest_runtest_setup(self, item) -> None:
-        for name, native in self.native.items():
-            if hasattr(item.module, name):
-                setattr(item.module, name, native)
+        # The class under test is a name in the test's module; the LoRA tests' PeftAdapterMixin check is a name
+        # in the module defining the tester mixin.
+        for module in {item.module} | _tester_modules(item):
+            for name, native in self.native.items():
+                if hasattr(module, name):
+                    setattr(module, name, native)
 
     def pytest_runtest_logreport(self, report) -> None:
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
@@ -151,6 +187,26 @@ def main() -> int:
     for nodeid, line in plugin.failures:
         print(f"FAILED {nodeid}: {line}")
     return int(code)
+
+
+def _run_on_cpu_where_able(item) -> None:
+    """Lift the class-wide accelerator skip off the `CPU_ABLE` tests; the class's other tests keep it."""
+    import pytest
+
+    test_class = item.getparent(pytest.Class)
+    test_class.own_markers[:] = [m for m in test_class.own_markers if not _is_accelerator_skip(m)]
+    if not item.name.startswith(CPU_ABLE):
+        item.add_marker(pytest.mark.skip(reason=ACCELERATOR_SKIP))
+
+
+def _is_accelerator_skip(mark) -> bool:
+    return mark.name == "skipif" and mark.kwargs.get("reason") == ACCELERATOR_SKIP
+
+
+def _tester_modules(item) -> set:
+    """The modules defining the tester mixins the item's class inherits from (diffusers' `testing_utils`)."""
+    classes = type(item.instance).__mro__ if item.instance is not None else ()
+    return {sys.modules[c.__module__] for c in classes if "testing_utils" in c.__module__}
 
 
 def _group(left_out: dict[str, str]) -> dict[str, list[str]]:

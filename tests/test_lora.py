@@ -171,7 +171,7 @@ def test_our_saved_adapter_loads_into_diffusers_and_back(tmp_path):
     again, _, _ = build("qwen_image")
     again.load_lora_adapter(written, prefix=None)
     assert torch.equal(run(again, inputs), run(ours, inputs))
-    with pytest.raises(ValueError, match="no adapter named"):
+    with pytest.raises(ValueError, match="Adapter name absent not found in the model"):
         ours.save_lora_adapter(tmp_path / "other", adapter_name="absent")
 
 
@@ -301,7 +301,7 @@ def test_adapter_names_and_operations_without_adapters(tmp_path):
     ours.load_lora_adapter(path, adapter_name="a")
     with pytest.raises(ValueError, match="already in use"):
         ours.load_lora_adapter(path, adapter_name="a")
-    with pytest.raises(ValueError, match=r"no adapter named \['b'\]; loaded adapters: \['a'\]"):
+    with pytest.raises(ValueError, match=r"Adapter name b not found in the model. Loaded adapters: \['a'\]"):
         ours.set_adapters(["a", "b"])
     with pytest.raises(ValueError, match="2 weights for 1 adapters"):
         ours.set_adapters(["a"], [1.0, 2.0])
@@ -394,7 +394,9 @@ def test_refused_layouts_say_why():
         ours.load_lora_adapter({"lora_unet_x.query_norm.scale": torch.ones(4)})
     with pytest.raises(ValueError, match="LoKr adapters"):
         ours.load_lora_adapter({"transformer.x.lokr_w1": torch.ones(2, 2)})
-    with pytest.raises(ValueError, match="DoRA"):
+    with pytest.raises(ValueError, match="LoHa adapters"):
+        ours.load_lora_adapter({"transformer.x.hada_w1_a": torch.ones(2, 2), "transformer.x.hada_w2_b": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"DoRA in the PEFT layout .* is loaded"):
         ours.load_lora_adapter(
             {"transformer.x.lora_A.weight": torch.ones(2, 2), "transformer.x.dora_scale": torch.ones(2)}
         )
@@ -426,6 +428,12 @@ def test_stored_config_must_agree_with_the_tensors(tmp_path):
     state_dict = make_lora(ours, 0)
     with pytest.raises(ValueError, match=r"states other ranks than its tensors: .*to_q \(config 8, tensors 4\)"):
         ours.load_lora_adapter(state_dict, metadata={"r": 8, "lora_alpha": 8, "target_modules": ["to_q"]})
+    with pytest.raises(TypeError, match=r"`LoraConfig` class could not be instantiated.*'rank'"):
+        ours.load_lora_adapter(state_dict, metadata={"rank": 4, "target_modules": ["to_q"]})
+    with pytest.raises(ValueError, match="use_dora=True, but its tensors lack DoRA magnitudes"):
+        ours.load_lora_adapter(state_dict, metadata={"r": 4, "use_dora": True, "target_modules": ["to_q"]})
+    with pytest.raises(ValueError, match="network_alphas and a LoraConfig"):
+        ours.load_lora_adapter(state_dict, metadata={"r": 4}, network_alphas={"transformer.x.alpha": 2.0})
     assert "peft_config" not in vars(ours)
 
 
@@ -449,16 +457,139 @@ def test_diffusers_pipeline_loads_a_lora_into_our_transformer(tmp_path):
     theirs, ours = reference(folder, "FluxPipeline"), reference(folder, "FluxPipeline")
     apply_teacache(ours, TeaCacheParams(teacache_thresh=0.0))
     assert type(ours.transformer).__module__.startswith("teacache_models")
-    path = tmp_path / "lora.safetensors"
+    path, swapped = tmp_path / "lora.safetensors", tmp_path / "swapped.safetensors"
     save_file(make_lora(theirs.transformer, 0), str(path))
-    images = []
-    for pipe in (theirs, ours):
-        pipe.load_lora_weights(str(path), adapter_name="style")
+    save_file(make_lora(theirs.transformer, 1), str(swapped))
+
+    def generate(pipe):
         # diffusers' pipeline-level set_adapters looks for its own model classes only: the model's method.
         pipe.transformer.set_adapters("style", 0.5)
         generator = torch.Generator("cpu").manual_seed(0)
-        images.append(pipe("a fox", num_inference_steps=2, generator=generator, output_type="pt").images)
+        return pipe("a fox", num_inference_steps=2, generator=generator, output_type="pt").images
+
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(str(path), adapter_name="style")
+    assert_parity(generate(ours), generate(theirs), 1e-5)
     assert ours.transformer.active_adapters() == ["style"]
-    assert_parity(images[1], images[0], 1e-5)
-    with pytest.raises(ValueError, match="hotswap=True is not supported"):
-        ours.transformer.load_lora_adapter(path, adapter_name="style", hotswap=True)
+    for pipe in (theirs, ours):  # diffusers' hotswap goes through our load_lora_adapter too
+        pipe.load_lora_weights(str(swapped), adapter_name="style", hotswap=True)
+    assert_parity(generate(ours), generate(theirs), 1e-5)
+
+
+# ---- FLUX.1 LoRAs in BFL's names (fal, ai-toolkit) ---------------------------------------------------------
+
+# FLUX.1-dev's architecture: the class's defaults (as diffusers'), with the guidance embedder.
+FLUX1_DEV = dict(guidance_embeds=True)
+
+
+def bfl_fused_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of the layers of BFL's FLUX.1 that diffusers' fal converter reads, from the architecture: width
+    D, MLP 4 D, modulations of 6 D (double blocks) and 3 D (single blocks), Q, K, V and the MLP's input fused."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp = 4 * d
+    shapes = {"final_layer.linear": (config["in_channels"], d)}
+    for i in range(config["num_layers"]):
+        for stream in ("img", "txt"):
+            shapes |= {
+                f"double_blocks.{i}.{stream}_mod.lin": (6 * d, d),
+                f"double_blocks.{i}.{stream}_attn.qkv": (3 * d, d),
+                f"double_blocks.{i}.{stream}_attn.proj": (d, d),
+                f"double_blocks.{i}.{stream}_mlp.0": (mlp, d),
+                f"double_blocks.{i}.{stream}_mlp.2": (d, mlp),
+            }
+    for i in range(config["num_single_layers"]):
+        shapes |= {
+            f"single_blocks.{i}.modulation.lin": (3 * d, d),
+            f"single_blocks.{i}.linear1": (3 * d + mlp, d),
+            f"single_blocks.{i}.linear2": (d, d + mlp),
+        }
+    return shapes
+
+
+def bfl_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for name, (rows, columns) in shapes.items():
+        state_dict[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, columns, generator=generator)
+        state_dict[f"base_model.model.{name}.lora_B.weight"] = torch.randn(rows, rank, generator=generator)
+    return state_dict
+
+
+def test_bfl_layout_converts_as_diffusers_converter_does_on_full_size_flux():
+    """diffusers' converter only runs at FLUX.1's full size: compare there, on a model built on the meta device
+    (the conversion reads the model's configuration, not its weights) and a rank-1 LoRA on every layer."""
+    from diffusers.loaders.lora_conversion_utils import _convert_fal_kontext_lora_to_diffusers
+
+    from teacache_models.lora.flux_bfl import convert_bfl_flux_lora
+    from teacache_models.models import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX1_DEV)
+    assert (model.config["num_layers"], model.config["num_single_layers"], model.config["num_attention_heads"]) == (
+        19,
+        38,
+        24,
+    )
+    state_dict = bfl_lora(bfl_fused_shapes(model.config), rank=1, seed=0)
+    ours = convert_bfl_flux_lora(model, state_dict)
+    theirs = _convert_fal_kontext_lora_to_diffusers(dict(state_dict))
+    assert sorted(ours) == sorted(theirs)
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
+def test_bfl_layout_on_a_tiny_flux_matches_diffusers_with_the_same_lora_unfused():
+    """The same tiny BFL-layout file (a subset of the layers, which diffusers' converter would refuse, with the
+    final modulation and an alpha) predicts in ours what diffusers' class predicts with the LoRA it means: a
+    fused layer's lora_A shared by its parts, its lora_B cut into their rows, the modulation's halves swapped."""
+    ours, reference, inputs = build("flux")
+    config = dict(ours.config)
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    fused = bfl_fused_shapes(dict(config, num_layers=1, num_single_layers=1))
+    picked = ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_mod.lin", "single_blocks.0.linear1"]
+    shapes = {name: fused[name] for name in picked} | {"final_layer.adaLN_modulation.1": (2 * d, d)}
+    state_dict = bfl_lora(shapes, rank=3, seed=1)
+    state_dict["base_model.model.double_blocks.0.img_attn.qkv.alpha"] = torch.tensor(6.0)
+
+    def part(name: str, which: str) -> torch.Tensor:
+        return state_dict[f"base_model.model.{name}.lora_{which}.weight"]
+
+    meant = {}  # the LoRA in diffusers' modules, written out by hand
+    qkv_b = part("double_blocks.0.img_attn.qkv", "B").chunk(3)
+    for target, rows in zip(("to_q", "to_k", "to_v"), qkv_b, strict=True):
+        meant[f"transformer_blocks.0.attn.{target}"] = (part("double_blocks.0.img_attn.qkv", "A"), rows, 6.0)
+    meant["transformer_blocks.0.norm1_context.linear"] = (*(part("double_blocks.0.txt_mod.lin", w) for w in "AB"), 3.0)
+    linear1_b = part("single_blocks.0.linear1", "B").split([d, d, d, 4 * d])
+    for target, rows in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), linear1_b, strict=True):
+        meant[f"single_transformer_blocks.0.{target}"] = (part("single_blocks.0.linear1", "A"), rows, 3.0)
+    shift, scale = part("final_layer.adaLN_modulation.1", "B").chunk(2)
+    meant["norm_out.linear"] = (part("final_layer.adaLN_modulation.1", "A"), torch.cat([scale, shift]), 3.0)
+    expected = {}
+    for module, (down, up, alpha) in meant.items():
+        expected |= {f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up, f"{module}.alpha": alpha}
+    alphas = {f"transformer.{k}": v for k, v in expected.items() if k.endswith(".alpha")}
+    reference.load_lora_adapter(
+        {f"transformer.{k}": v.clone() for k, v in expected.items() if not k.endswith(".alpha")},
+        network_alphas=alphas,
+    )
+    ours.load_lora_adapter(state_dict)
+    assert_parity(run(ours, inputs), run(reference, inputs), 1e-6)
+
+
+def test_bfl_layout_of_another_size_names_what_does_not_fit():
+    ours, _, _ = build("flux")
+    modules = [(n, type(m)) for n, m in ours.named_modules()]
+    flux1_width = dict(num_attention_heads=24, attention_head_dim=128, in_channels=64)
+    full = bfl_lora(bfl_fused_shapes(dict(flux1_width, num_layers=2, num_single_layers=1)), rank=1, seed=0)
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this model; nothing was loaded: .*to_q.lora_A has shape \(1, 3072\), the layer needs "
+        r"\(rank, 32\)",
+    ):
+        ours.load_lora_adapter(full)
+    config = dict(ours.config)
+    deeper = bfl_lora(bfl_fused_shapes(dict(config, num_layers=3, num_single_layers=1)), rank=1, seed=0)
+    with pytest.raises(ValueError, match=r"not in FluxTransformer2DModel .*transformer_blocks\.2\.attn\.add_k_proj"):
+        ours.load_lora_adapter(deeper)
+    with pytest.raises(ValueError, match=r"does not cover: .*double_blocks\.0\.img_attn\.norm\.query_norm"):
+        ours.load_lora_adapter(bfl_lora({"double_blocks.0.img_attn.norm.query_norm": (4, 4)}, rank=1, seed=0))
+    assert_untouched(ours, modules)

@@ -12,14 +12,19 @@ layer adds `scale * lora_B(lora_A(x))` to the base layer's output. What this mod
 - Every change of the adapters or of their weights moves `lora_state_key`, which TeaCache compares
   before it reuses a residual: the next step of every CFG branch then computes.
 - A scale that is not a finite number is refused wherever one is given.
+- `load_lora_adapter(..., hotswap=True)` replaces a loaded adapter's weights in place (PEFT's hotswap), with
+  `enable_lora_hotswap(target_rank=...)` first where the ranks differ or the model will be compiled.
+- DoRA adapters (`use_dora`, PEFT's `lora_magnitude_vector`) load and fuse like LoRAs.
 
 PEFT is imported when an adapter is loaded; a model without adapters never imports it.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import logging
 import math
 import re
 import warnings
@@ -33,10 +38,13 @@ from torch import nn
 
 from .files import read_lora
 from .formats import PEFT_KEY, to_peft_layout
+from .hotswap import hotswap_adapter
 
 __all__ = ["LoraMixin", "check_lora_scale", "lora_scale_from"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
+_CHECK_COMPILED = ("error", "warn", "ignore")
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PEFT_INSTALL = "LoRA adapters need PEFT: pip install peft (or the package's 'lora' extra)"
 
@@ -103,6 +111,9 @@ class LoraMixin:
         token: str | bool | None = None,
         revision: str | None = None,
         local_files_only: bool | None = None,
+        force_download: bool = False,
+        use_safetensors: bool | None = None,
+        safe_serialization: bool | None = None,
         low_cpu_mem_usage: bool = True,
         hotswap: bool = False,
         _pipeline: Any = None,
@@ -120,38 +131,62 @@ class LoraMixin:
             metadata: the adapter's `LoraConfig` fields; default: those stored in the file, else derived from
                 the tensors (rank from `lora_B`, alpha from `<module>.alpha` keys, else equal to the rank).
             network_alphas: alpha per module (`<prefix>.<module>.alpha` keys), as diffusers' argument.
-            cache_dir, token, revision, local_files_only: Hub download options.
+            cache_dir, token, revision, local_files_only, force_download: Hub download options.
+            use_safetensors, safe_serialization: None or True (only safetensors are read; False is an error).
             low_cpu_mem_usage: build the adapter's layers empty and assign the file's tensors (cast to each
                 layer's dtype and device) instead of initialising them first.
-            hotswap: diffusers' in-place replacement of an adapter's weights, not supported (True is an error).
+            hotswap: replace the weights of the loaded adapter `adapter_name` with this file's, in place (no new
+                modules, so a compiled model is not recompiled), as diffusers does. The file may adapt the same
+                modules or fewer (the others then add nothing), with the same DoRA / bias / dropout settings; where
+                its ranks differ or the model is compiled, call `enable_lora_hotswap(target_rank=...)` before the
+                first load. The adapter's weight (`set_adapters`) is 1 again afterwards.
             _pipeline: what diffusers' pipeline loaders pass (for their offloading hooks, which these models
                 do not have): accepted and unused, so `pipe.load_lora_weights` of a diffusers pipeline whose
                 transformer is ours (`apply_teacache`) works.
 
-        Raises ValueError (the model is then unchanged) for a name in use, a file of another architecture
-        (every unmatched key is named), a rank or shape that does not fit, an unknown layout (the layouts
-        tried are named); FileNotFoundError for a missing file; ImportError without PEFT.
+        Raises ValueError (the model is then unchanged) for a name in use (or, with hotswap, not loaded), a
+        file of another architecture (every unmatched key is named), a rank or shape that does not fit, an
+        unknown layout (the layouts tried are named); TypeError for a stored config PEFT cannot read;
+        FileNotFoundError for a missing file; ImportError without PEFT.
         """
         base_tuner = _tuner_layer_class()
-        if hotswap:
-            raise ValueError("hotswap=True is not supported: delete_adapters() the adapter and load the new one")
         if adapter_name is not None and not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a string or None, got {type(adapter_name).__name__}")
         if prefix is not None and not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string or None, got {type(prefix).__name__}")
+        for option, value in (("use_safetensors", use_safetensors), ("safe_serialization", safe_serialization)):
+            if value is False:
+                raise ValueError(f"{option}=False: only safetensors LoRAs are read (a pickle file can run code)")
         loaded = self.__dict__.get("peft_config") or {}
-        if adapter_name in loaded:
+        if hotswap and adapter_name not in loaded:
             raise ValueError(
-                f"adapter name {adapter_name!r} is already in use (loaded: {list(loaded)}); choose another name "
-                "or delete_adapters() it first"
+                f"Trying to hotswap LoRA adapter {adapter_name!r} but there is no existing adapter by that name; "
+                f"hotswap=True needs the name of a loaded adapter (loaded: {list(loaded)})"
+            )
+        if not hotswap and adapter_name in loaded:
+            raise ValueError(
+                f"adapter name {adapter_name!r} is already in use (loaded: {list(loaded)}); choose another name, "
+                "delete_adapters() it first, or pass hotswap=True to replace its weights"
             )
         lora = read_lora(
-            pretrained_model_name_or_path_or_dict, weight_name, subfolder, cache_dir, token, revision, local_files_only
+            pretrained_model_name_or_path_or_dict,
+            weight_name,
+            subfolder,
+            cache_dir,
+            token,
+            revision,
+            local_files_only,
+            force_download,
         )
         state_dict, layout = to_peft_layout(self, lora.state_dict)
         state_dict = self._without_prefix(state_dict, prefix, lora.source)
         if metadata is None and lora.metadata is not None:
             metadata = _without_prefix_keys(lora.metadata, prefix)
+        if network_alphas and metadata is not None:
+            raise ValueError(
+                "network_alphas and a LoraConfig (metadata, given or stored in the file) both set the alphas; "
+                "pass one of them"
+            )
         alphas = {k.removesuffix(".alpha"): float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
         if network_alphas:
             alphas.update({_strip(k, prefix).removesuffix(".alpha"): float(v) for k, v in network_alphas.items()})
@@ -164,9 +199,35 @@ class LoraMixin:
                 f"default_{n}" for n in range(len(loaded), 2 * len(loaded) + 1) if f"default_{n}" not in loaded
             )
         config = _lora_config(weights, alphas, metadata)
-        self._inject(config, adapter_name, weights, low_cpu_mem_usage, base_tuner)
+        if hotswap:
+            hotswap_adapter(self, config, adapter_name, weights, base_tuner)
+        else:
+            self._inject(config, adapter_name, weights, low_cpu_mem_usage, base_tuner)
+            self._prepare_hotswap(config)
         self._lora_changed()
         return adapter_name
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
+        """Add a new adapter from a `peft.LoraConfig` with PEFT's initial weights (PEFT's and diffusers' entry point
+        for training one) and make it the only active adapter. The config is copied: changing it afterwards does
+        not change the adapter. Raises TypeError for another kind of config, ValueError for a name in use or
+        target modules the model lacks (the model is then unchanged)."""
+        base_tuner = _tuner_layer_class()
+        from peft import LoraConfig
+
+        if not isinstance(adapter_config, LoraConfig):
+            raise TypeError(
+                f"adapter_config must be a peft.LoraConfig (LoRA or DoRA adapters), got {type(adapter_config).__name__}"
+            )
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
+        loaded = self.__dict__.get("peft_config") or {}
+        if adapter_name in loaded:
+            raise ValueError(f"adapter name {adapter_name!r} is already in use (loaded: {list(loaded)})")
+        config = copy.deepcopy(adapter_config)
+        config.base_model_name_or_path = None
+        self._inject(config, adapter_name, None, False, base_tuner)
+        self.set_adapter(adapter_name)
 
     def _without_prefix(self, state_dict: dict[str, torch.Tensor], prefix: str | None, source: str) -> dict:
         if prefix is None:
@@ -227,10 +288,12 @@ class LoraMixin:
         self,
         config: Any,
         adapter_name: str,
-        weights: dict[str, torch.Tensor],
+        weights: dict[str, torch.Tensor] | None,
         low_cpu_mem_usage: bool,
         base_tuner: type,
     ) -> None:
+        """Inject `config`'s layers as `adapter_name` and load `weights` into them (None: keep PEFT's initial
+        weights); on any failure the adapter is taken out again."""
         from peft import inject_adapter_in_model, set_peft_model_state_dict
 
         from ..layers.linear import linear_kernel_of, set_linear_kernel
@@ -245,10 +308,11 @@ class LoraMixin:
                 inject_adapter_in_model(
                     config, self, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=weights
                 )
-            result = set_peft_model_state_dict(self, weights, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-            missing = [k for k in result.missing_keys if ".lora_" in k and f".{adapter_name}." in k]
-            if result.unexpected_keys or missing:
-                raise RuntimeError(f"PEFT left keys unloaded: {result.unexpected_keys or missing}")
+            if weights is not None:
+                result = set_peft_model_state_dict(self, weights, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+                missing = [k for k in result.missing_keys if ".lora_" in k and f".{adapter_name}." in k]
+                if result.unexpected_keys or missing:
+                    raise RuntimeError(f"PEFT left keys unloaded: {result.unexpected_keys or missing}")
         except BaseException:
             for module in self.modules():
                 if isinstance(module, base_tuner) and adapter_name in module.lora_A:
@@ -261,28 +325,77 @@ class LoraMixin:
             set_linear_kernel(self, kernel)  # the adapter's own linear layers run on the model's kernel
 
     def save_lora_adapter(
-        self, save_directory: str | Path, adapter_name: str = "default", weight_name: str | None = None
+        self,
+        save_directory: str | Path,
+        adapter_name: str = "default",
+        upcast_before_saving: bool = False,
+        safe_serialization: bool = True,
+        weight_name: str | None = None,
     ) -> Path:
         """Write one adapter as diffusers' `save_lora_adapter` does: safetensors keys in the PEFT layout without
         a prefix (load them with `prefix=None`) and the adapter's `LoraConfig` in the file's metadata. Returns
-        the file written (`pytorch_lora_weights.safetensors` unless `weight_name` is given)."""
+        the file written (`pytorch_lora_weights.safetensors` unless `weight_name` is given).
+        `upcast_before_saving` writes float32 tensors (the model itself is not cast); `safe_serialization=False`
+        (a pickle file) is refused."""
         import json
 
-        from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         from .files import DEFAULT_WEIGHT_NAME, METADATA_KEY
 
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False is refused: adapters are written as safetensors only")
         (name,) = self._checked_names([adapter_name])
         folder = Path(save_directory)
         if folder.is_file():
             raise ValueError(f"save_directory {str(folder)!r} is a file; give a folder")
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in self.peft_config[name].to_dict().items()}
-        tensors = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self, adapter_name=name).items()}
+        dtype = torch.float32 if upcast_before_saving else None
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.get_adapter_state_dict(name).items()}
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / (weight_name or DEFAULT_WEIGHT_NAME)
         save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)})
         return path
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """One adapter's tensors in the PEFT layout without a prefix, as `save_lora_adapter` writes them (default:
+        the first active adapter)."""
+        from peft.utils import get_peft_model_state_dict
+
+        (name,) = self._checked_names([adapter_name if adapter_name is not None else self.active_adapters()[0]])
+        return get_peft_model_state_dict(self, adapter_name=name)
+
+    # ---- hotswapping ----------------------------------------------------------------------------
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        """Prepare hotswapping adapters of different ranks (up to `target_rank`) or on a compiled model: the first
+        adapter loaded afterwards is padded to `target_rank`, and its scales become tensors, so that a later
+        `load_lora_adapter(..., hotswap=True)` changes values only. Call it before the first adapter is loaded;
+        after that, `check_compiled` decides: "error" raises RuntimeError, "warn" logs a warning, "ignore" does
+        neither (the next adapter loaded is then the one padded)."""
+        if check_compiled not in _CHECK_COMPILED:
+            raise ValueError(f"check_compiled must be one of {list(_CHECK_COMPILED)}, got {check_compiled!r}")
+        if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
+            raise ValueError(f"target_rank must be a positive integer, got {target_rank!r}")
+        loaded = list(self.__dict__.get("peft_config") or {})
+        if loaded and check_compiled == "error":
+            raise RuntimeError(
+                f"Call `enable_lora_hotswap` before loading the first adapter. Loaded adapters: {loaded} (pass "
+                "check_compiled='warn' or 'ignore' to prepare the next adapter loaded instead)"
+            )
+        if loaded and check_compiled == "warn":
+            log.warning(
+                "It is recommended to call `enable_lora_hotswap` before loading the first adapter to avoid "
+                "recompilation. The next adapter loaded is the one prepared."
+            )
+        self.__dict__["_lora_hotswap_target"] = {"target_rank": target_rank, "check_compiled": check_compiled}
+
+    def _prepare_hotswap(self, config: Any) -> None:
+        prepare = self.__dict__.pop("_lora_hotswap_target", None)
+        if prepare is not None:
+            from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+            prepare_model_for_compiled_hotswap(self, config=config, **prepare)
 
     # ---- choosing and weighting adapters ---------------------------------------------------------
 
@@ -306,6 +419,14 @@ class LoraMixin:
                 module.set_scale(name, value)
         self._lora_changed()
 
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make `adapter_name` (one name or several) the active adapters, keeping their weights; the others stay
+        loaded but inactive (diffusers' / PEFT's `set_adapter`)."""
+        names = self._checked_names(adapter_name)
+        for module in self._tuner_layers():
+            module.set_adapter(names)
+        self._lora_changed()
+
     def active_adapters(self) -> list[str]:
         """The names of the active adapters."""
         self._checked_names([])
@@ -318,6 +439,14 @@ class LoraMixin:
 
     def enable_lora(self) -> None:
         """Run the active adapters again after `disable_lora`."""
+        self._enable(True)
+
+    def disable_adapters(self) -> None:
+        """PEFT's name for `disable_lora`."""
+        self._enable(False)
+
+    def enable_adapters(self) -> None:
+        """PEFT's name for `enable_lora`."""
         self._enable(True)
 
     def _enable(self, enabled: bool) -> None:
@@ -382,6 +511,7 @@ class LoraMixin:
                 if bias is not None:
                     base.bias.data.copy_(bias)
                 module.merged_adapters.clear()
+                getattr(module, "_caches", {}).clear()  # DoRA's weight norms of the fused adapters
         self._lora_changed()
 
     # ---- removing everything ---------------------------------------------------------------------
@@ -431,7 +561,9 @@ class LoraMixin:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in loaded]
         if unknown:
-            raise ValueError(f"no adapter named {unknown}; loaded adapters: {loaded}")
+            raise ValueError(
+                f"Adapter name {', '.join(map(str, unknown))} not found in the model. Loaded adapters: {loaded}"
+            )
         return names
 
     @contextmanager
@@ -440,7 +572,8 @@ class LoraMixin:
             yield
             return
         layers = list(self._tuner_layers())
-        kept = [dict(m.scaling) for m in layers]
+        # Scales are tensors after enable_lora_hotswap, which scale_layer multiplies in place: keep copies.
+        kept = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in m.scaling.items()} for m in layers]
         for module in layers:
             module.scale_layer(scale)
         self.__dict__["_lora_call_scale"] = scale
@@ -466,6 +599,7 @@ def _without_prefix_keys(metadata: Mapping[str, Any], prefix: str | None) -> dic
 
 def _shape_problems(name: str, base: nn.Module, parts: dict[str, torch.Tensor]) -> list[str]:
     down, up, bias = parts.get("lora_A.weight"), parts.get("lora_B.weight"), parts.get("lora_B.bias")
+    magnitude = parts.get("lora_magnitude_vector")
     if down is None or up is None:
         return [f"{name} has {'lora_B' if down is None else 'lora_A'} without its pair"]
     out_features, in_features = base.weight.shape[0], base.weight.shape[1]
@@ -478,8 +612,9 @@ def _shape_problems(name: str, base: nn.Module, parts: dict[str, torch.Tensor]) 
         problems.append(f"{name}.lora_B has shape {tuple(up.shape)}, the layer needs ({out_features}, rank, ...)")
     elif up.shape[1] != down.shape[0]:
         problems.append(f"{name}: lora_A has rank {down.shape[0]} but lora_B rank {up.shape[1]}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        problems.append(f"{name}.lora_B.bias has shape {tuple(bias.shape)}, the layer needs ({out_features},)")
+    for part, tensor in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
+        if tensor is not None and tuple(tensor.shape) != (out_features,):
+            problems.append(f"{name}.{part} has shape {tuple(tensor.shape)}, the layer needs ({out_features},)")
     if not all(t.is_floating_point() for t in parts.values()):
         problems.append(f"{name} has non-floating-point LoRA tensors")
     return problems
@@ -507,11 +642,21 @@ def _lora_config(weights: dict[str, torch.Tensor], alphas: dict[str, float], met
     from peft import LoraConfig
 
     ranks = {PEFT_KEY.fullmatch(k)["module"]: v.shape[1] for k, v in weights.items() if k.endswith("lora_B.weight")}
+    dora = {PEFT_KEY.fullmatch(k)["module"] for k in weights if k.endswith("lora_magnitude_vector")}
+    if dora and dora != set(ranks):
+        raise ValueError(
+            f"DoRA magnitudes (lora_magnitude_vector) are missing for {_listed(sorted(set(ranks) - dora))}"
+        )
     if metadata is not None:
         try:
             config = LoraConfig(**dict(metadata))
         except TypeError as error:
-            raise ValueError(f"the LoRA's stored config is not a PEFT LoraConfig: {error}") from None
+            raise TypeError(f"`LoraConfig` class could not be instantiated from the LoRA's config: {error}") from None
+        if bool(config.use_dora) != bool(dora):
+            raise ValueError(
+                f"the LoRA's config says use_dora={config.use_dora}, but its tensors "
+                f"{'hold' if dora else 'lack'} DoRA magnitudes (lora_magnitude_vector)"
+            )
         from peft.utils.other import get_pattern_key
 
         stated = {m: config.rank_pattern.get(get_pattern_key(config.rank_pattern, m), config.r) for m in ranks}
@@ -531,4 +676,5 @@ def _lora_config(weights: dict[str, torch.Tensor], alphas: dict[str, float], met
         # A pattern matching the adapted names exactly: a list would also match every module ending with one.
         target_modules="|".join(f"(?:{re.escape(m)})" for m in sorted(ranks)),
         lora_bias=any(k.endswith("lora_B.bias") for k in weights),
+        use_dora=bool(dora),
     )

@@ -42,6 +42,7 @@ def read_lora(
     token: str | bool | None = None,
     revision: str | None = None,
     local_files_only: bool | None = None,
+    force_download: bool = False,
 ) -> LoraFile:
     """Read a LoRA: a `LoraFile` or a mapping of tensors as it is, else a local `.safetensors` file, a folder
     holding one (the `weight_name` file, `pytorch_lora_weights.safetensors`, or its only `.safetensors`), or a
@@ -64,7 +65,9 @@ def read_lora(
     if path.exists():
         return _read_local(path, weight_name)
     if not isinstance(source, Path) and _HUB_ID.fullmatch(str(source)) and not _looks_like_a_file(str(source)):
-        file = _download(str(source), weight_name, subfolder, cache_dir, token, revision, local_files_only)
+        file = _download(
+            str(source), weight_name, subfolder, cache_dir, token, revision, local_files_only, force_download
+        )
         return _read_file(file)
     raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist (nor is it a Hub id of the form 'owner/name')")
 
@@ -142,12 +145,13 @@ def _download(
     token: str | bool | None,
     revision: str | None,
     local_files_only: bool | None,
+    force_download: bool = False,
 ) -> Path:
     """Fetch one LoRA file of a Hub repository (the file `_pick_file` chooses among the repository's)."""
     import huggingface_hub
     from huggingface_hub.utils import HfHubHTTPError
 
-    options = dict(cache_dir=cache_dir, token=token, revision=revision)
+    options = dict(cache_dir=cache_dir, token=token, revision=revision, force_download=force_download)
     try:
         if weight_name is None:
             names = huggingface_hub.list_repo_files(repo_id, revision=revision, token=token)

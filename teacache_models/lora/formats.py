@@ -2,7 +2,8 @@
 
 The layout of a loaded adapter is PEFT's, the one diffusers' `save_lora_weights` writes:
 `transformer.<module>.lora_A.weight` (rank, in), `...lora_B.weight` (out, rank), optionally
-`...lora_B.bias` and `<module>.alpha` (a scalar: the adapter then scales by alpha / rank, else by 1).
+`...lora_B.bias`, `...lora_magnitude_vector` (DoRA) and `<module>.alpha` (a scalar: the adapter then scales
+by alpha / rank, else by 1).
 Community trainers write other names (Kohya's `lora_unet_..._lora_down`, XLabs' processors, the original
 Wan / HunyuanVideo module names of the distill LoRAs); each family lists the layouts it recognises, in
 the order diffusers' `<Family>LoraLoaderMixin.lora_state_dict` tries them, and converts with diffusers'
@@ -17,30 +18,37 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from .flux_bfl import BFL_PREFIX, convert_bfl_flux_lora
 
 __all__ = ["PEFT_KEY", "LoraFormat", "formats_for", "is_peft_layout", "to_peft_layout"]
 
-# A key of the PEFT layout: the module's name, then its LoRA part.
-PEFT_KEY = re.compile(r"(?P<module>.+)\.(?:(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias)|alpha)")
+# A key of the PEFT layout: the module's name, then its LoRA part (`lora_magnitude_vector`: DoRA's magnitudes).
+PEFT_KEY = re.compile(
+    r"(?P<module>.+)\.(?:(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)|alpha)"
+)
 
 StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class LoraFormat:
-    """A file layout: its name, how it is recognised, and the diffusers function converting it (None: refused
-    with `refusal`)."""
+    """A file layout: its name, how it is recognised, and what converts it: the name of a diffusers function,
+    or one of ours taking the model too (None: refused with `refusal`)."""
 
     name: str
     detect: Callable[[Mapping[str, torch.Tensor]], bool]
-    converter: str | None
+    converter: str | Callable[[nn.Module, StateDict], StateDict] | None
     refusal: str = ""
 
-    def convert(self, state_dict: StateDict) -> StateDict:
+    def convert(self, model: nn.Module, state_dict: StateDict) -> StateDict:
         """The PEFT layout of `state_dict`, whose tensors are left as they were (some of diffusers' converters
         scale their input in place, so they get copies)."""
         if self.converter is None:
             raise ValueError(f"LoRA format {self.name!r} is not supported: {self.refusal}")
+        if callable(self.converter):
+            return self.converter(model, state_dict)
         module = importlib.import_module("diffusers.loaders.lora_conversion_utils")
         return getattr(module, self.converter)({k: v.clone() for k, v in state_dict.items()})
 
@@ -70,13 +78,20 @@ _LOKR = LoraFormat(
     "LyCORIS LoKr (lokr_w1 / lokr_w2)",
     _any_key(lambda k: ".lokr_" in k),
     None,
-    "LoKr adapters (Kronecker factors) are not LoRAs; only low-rank LoRA adapters are loaded",
+    "LoKr adapters (Kronecker factors) are not low-rank LoRAs; only LoRA and DoRA adapters are loaded",
+)
+_LOHA = LoraFormat(
+    "LyCORIS LoHa (hada_w1 / hada_w2)",
+    _any_key(lambda k: ".hada_" in k),
+    None,
+    "LoHa adapters (Hadamard products) are not low-rank LoRAs; only LoRA and DoRA adapters are loaded",
 )
 _DORA = LoraFormat(
-    "DoRA (dora_scale)",
+    "Kohya / LyCORIS DoRA (dora_scale)",
     _any_key(lambda k: "dora_scale" in k),
     None,
-    "DoRA magnitude vectors are not loaded (diffusers drops them with a warning, which changes the output)",
+    "these DoRA magnitudes are not converted (diffusers drops them with a warning, which changes the output); "
+    "DoRA in the PEFT layout (lora_magnitude_vector, as save_lora_adapter writes it) is loaded",
 )
 
 _FAMILY_FORMATS: dict[str, tuple[LoraFormat, ...]] = {
@@ -95,8 +110,8 @@ _FAMILY_FORMATS: dict[str, tuple[LoraFormat, ...]] = {
         ),
         LoraFormat(
             "BFL / fal (base_model.model.)",
-            _any_key(lambda k: "base_model" in k),
-            "_convert_fal_kontext_lora_to_diffusers",
+            _any_key(lambda k: k.startswith(BFL_PREFIX)),
+            convert_bfl_flux_lora,
         ),
     ),
     "WanTransformer3DModel": (
@@ -137,12 +152,12 @@ _FAMILY_FORMATS: dict[str, tuple[LoraFormat, ...]] = {
 PEFT_FORMAT_NAME = "diffusers / PEFT (lora_A / lora_B)"
 
 
-def formats_for(model: object) -> tuple[LoraFormat, ...]:
+def formats_for(model: nn.Module) -> tuple[LoraFormat, ...]:
     """The layouts tried for `model`'s class, in order (the PEFT layout is tried last, as in diffusers)."""
-    return (_DORA, _LOKR, *_FAMILY_FORMATS.get(type(model).__name__, ()), _LEGACY)
+    return (_DORA, _LOKR, _LOHA, *_FAMILY_FORMATS.get(type(model).__name__, ()), _LEGACY)
 
 
-def to_peft_layout(model: object, state_dict: StateDict) -> tuple[StateDict, str]:
+def to_peft_layout(model: nn.Module, state_dict: StateDict) -> tuple[StateDict, str]:
     """`state_dict` in the PEFT layout, and the name of the layout it came in.
 
     Raises ValueError naming every layout tried when none recognises the keys, or when a converter fails
@@ -157,13 +172,13 @@ def to_peft_layout(model: object, state_dict: StateDict) -> tuple[StateDict, str
 
             converted = convert_unet_state_dict_to_peft(dict(state_dict))
         elif candidate.converter is None:
-            candidate.convert(state_dict)  # raises: the layout is refused, with the reason
+            candidate.convert(model, state_dict)  # raises: the layout is refused, with the reason
         else:
             try:
-                converted = candidate.convert(state_dict)
+                converted = candidate.convert(model, state_dict)
             except (KeyError, AssertionError, IndexError, RuntimeError, ValueError) as error:
                 raise ValueError(
-                    f"the LoRA looks like the {candidate.name} layout, but diffusers' converter for it failed "
+                    f"the LoRA looks like the {candidate.name} layout, but its converter failed "
                     f"({type(error).__name__}: {error}); is it for {type(model).__name__}?"
                 ) from None
         if not is_peft_layout(converted):

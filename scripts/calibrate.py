@@ -58,7 +58,7 @@ from teacache_models.calibration import (  # noqa: E402
     write_expert_fits,
     write_threshold_table,
 )
-from teacache_models.cli import lora_argument  # noqa: E402
+from teacache_models.cli import CliError, check_pipeline_images, image_inputs, load_images, lora_argument  # noqa: E402
 from teacache_models.demo import digit_prompt  # noqa: E402
 from teacache_models.params import RescalingFit, TeaCacheParams  # noqa: E402
 from teacache_models.zoo import load_zoo_entry  # noqa: E402
@@ -95,7 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         "that removes at least a fifth of the joint fit's squared residual (auto)",
     )
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line (default: the ten digit prompts)")
-    parser.add_argument("--image", type=Path, help="the first frame of every run, for image-to-video models")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the input image of every run: the first frame of an image-to-video model, the image(s) an editing "
+        "model edits (repeat for several), the image a layered model decomposes",
+    )
     parser.add_argument("--seeds", type=int, default=5, help="seeds per prompt")
     parser.add_argument("--seed-offset", type=int, default=1000, help="first seed (keep apart from benchmark seeds)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the zoo entry's)")
@@ -123,21 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _image_input(pipe, path: Path | None) -> dict:
-    """{"image": the image} for an image-to-video pipeline (which requires one), {} for the others."""
-    takes = pipe.takes_image()
-    if path is None:
-        if takes == "required":
-            raise SystemExit("this is an image-to-video model: give the first frame with --image FILE")
-        return {}
-    if takes == "no":
-        raise SystemExit("--image is only for image-to-video models; this model takes no image")
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return {"image": image.convert("RGB")}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -157,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     if indicator not in model.supported_teacache_indicators:
         raise SystemExit(f"--indicator {indicator!r} is not one of {list(model.supported_teacache_indicators)}")
 
-    inputs = _image_input(pipe, args.image)
+    try:
+        check_pipeline_images(len(args.image), pipe, args.model)
+        inputs = image_inputs(load_images(args.image))
+    except CliError as error:
+        raise SystemExit(str(error)) from None
     if args.prompts_file:
         prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     else:

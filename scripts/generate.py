@@ -45,8 +45,12 @@ from teacache_models.cli import (  # noqa: E402
     add_parallel_arguments,
     add_run_arguments,
     add_teacache_arguments,
+    check_entry_images,
+    check_pipeline_images,
     check_run_arguments,
+    image_inputs,
     load_configured_pipeline,
+    load_images,
     path_argument,
     resolve_entry,
     save_mp4,
@@ -89,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         '--prompt "a handwritten digit "{0..9} gives ten',
     )
     prompt.add_argument("--negative-prompt", help="negative prompt of the CFG branch (default: the model's)")
-    prompt.add_argument("--image", type=path_argument, help="input image for image-to-video models (required for I2V)")
+    prompt.add_argument(
+        "--image",
+        type=path_argument,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="input image: the first frame of an image-to-video model (exactly one), the image(s) an editing "
+        "model edits (required; repeat for several reference images, up to the model's limit), or the image a "
+        "layered model decomposes; refused by text-to-image and text-to-video models",
+    )
     sampling = parser.add_argument_group("sampling (default: the zoo entry's values)")
     sampling.add_argument("--height", type=int, help="output height in pixels")
     sampling.add_argument("--width", type=int, help="output width in pixels")
@@ -228,7 +241,7 @@ def sidecar(
         "prompt": args.prompt,
         "num_images": args.num_images,
         "grid": args.grid,
-        "image": str(args.image) if args.image is not None else None,
+        "images": [str(path) for path in args.image],
         "device": args.device,
         "dtype": args.dtype,
         "linear_kernel": args.linear_kernel,
@@ -294,16 +307,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compare and params.teacache_params is None:
         raise CliError("--compare measures TeaCache against an uncached run: it needs TeaCache on (not --teacache off)")
     is_video = entry.is_video if entry is not None else None
-    if entry is not None and entry.task == "i2v" and args.image is None:
-        raise CliError(f"{entry.name} is an image-to-video model: --image FILE is required")
-    if args.image is not None:
-        if entry is not None and entry.task not in ("i2v", "ti2v"):
-            raise CliError(f"--image is only for image-to-video models; {entry.name} is {entry.task}")
-        if not args.image.is_file():
-            raise CliError(f"--image {str(args.image)!r} does not exist")
-        inputs = {"image": load_image(args.image)}
-    else:
-        inputs = {}
+    check_entry_images(len(args.image), entry)
+    inputs = image_inputs(load_images(args.image))
     if args.grid and is_video:
         raise CliError(f"--grid writes one PNG: it is for image models; {entry.name} is a video model")
     state = start_parallel(args, "scripts/generate.py")
@@ -335,10 +340,7 @@ def generate_and_write(
     is_video = pipe.is_video
     if args.grid and is_video:
         raise CliError(f"--grid writes one PNG: it is for image models; {name_of(model, entry)} is a video model")
-    if args.image is None and pipe.takes_image() == "required":
-        raise CliError(f"{name_of(model, entry)} is an image-to-video model: --image FILE is required")
-    if args.image is not None and pipe.takes_image() == "no":
-        raise CliError(f"--image is only for image-to-video models; {name_of(model, entry)} takes no image")
+    check_pipeline_images(len(args.image), pipe, name_of(model, entry))
     if args.compare and params.seed is None:
         # Both runs must start from the same noise.
         seed = random.SystemRandom().randint(0, _MAX_SEED)
@@ -446,16 +448,6 @@ def generate(
 
 def name_of(model: str, entry: ZooEntry | None) -> str:
     return entry.name if entry is not None else Path(model).name
-
-
-def load_image(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise CliError(f"--image {str(path)!r} cannot be read as an image: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

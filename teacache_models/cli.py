@@ -19,7 +19,7 @@ from typing import Any
 from .layers.linear import LINEAR_KERNELS, resolve_linear_kernel
 from .lora.spec import LoraSpec, parse_lora_argument
 from .params import TeaCacheParams
-from .zoo import ZooEntry, list_zoo, load_zoo_entry
+from .zoo import TASK_IMAGES, ZooEntry, list_zoo, load_zoo_entry
 
 __all__ = [
     "DTYPES",
@@ -29,9 +29,14 @@ __all__ = [
     "add_parallel_arguments",
     "add_run_arguments",
     "add_teacache_arguments",
+    "check_entry_images",
+    "check_image_count",
+    "check_pipeline_images",
     "check_run_arguments",
     "default_device",
+    "image_inputs",
     "load_configured_pipeline",
+    "load_images",
     "resolve_entry",
     "save_mp4",
     "start_parallel",
@@ -179,6 +184,60 @@ def check_run_arguments(args: argparse.Namespace) -> None:
             args.device = str(resolve_device(args.device))
         except ValueError as error:
             raise CliError(f"--device: {error}") from None
+
+
+def check_image_count(count: int, takes: str, max_images: int | None, name: str) -> None:
+    """`count` --image files against what model `name` takes: `takes` "required", "optional" or "no" input
+    images, at most `max_images` (None: not known yet)."""
+    if count == 0 and takes == "required":
+        several = f" (up to {max_images} times)" if max_images is None or max_images > 1 else ""
+        raise CliError(f"{name} needs an input image: --image FILE is required{several}")
+    if count and takes == "no":
+        raise CliError(
+            f"--image has no effect on {name}: it takes no input image (--image is for image-to-video, "
+            "image-editing and layered models)"
+        )
+    if max_images is not None and count > max_images:
+        raise CliError(
+            f"--image given {count} times, but {name} takes at most {max_images} input "
+            f"image{'s' if max_images > 1 else ''}"
+        )
+
+
+def check_entry_images(count: int, entry: ZooEntry | None) -> None:
+    """--image against the zoo entry's task, before anything is loaded (the pipeline checks again once loaded)."""
+    if entry is not None:
+        takes, max_images = TASK_IMAGES[entry.task]
+        check_image_count(count, takes, max_images, entry.name)
+
+
+def check_pipeline_images(count: int, pipe: Any, name: str) -> None:
+    """--image against what the loaded pipeline takes."""
+    takes = pipe.takes_image()
+    check_image_count(count, takes, pipe.max_images if takes != "no" else 0, name)
+
+
+def load_images(paths: list[Path]) -> list[Any]:
+    """The --image files as RGB PIL images, in order; a missing or unreadable one is a CliError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        if not path.is_file():
+            raise CliError(f"--image {str(path)!r} does not exist")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise CliError(f"--image {str(path)!r} cannot be read as an image: {error}") from None
+    return images
+
+
+def image_inputs(images: list[Any]) -> dict[str, Any]:
+    """The pipeline keyword of the input images: none, `image=` one image, or `image=` a list of several."""
+    if not images:
+        return {}
+    return {"image": images[0] if len(images) == 1 else list(images)}
 
 
 def start_parallel(args: argparse.Namespace, program: str) -> Any:

@@ -24,6 +24,8 @@ from .params import RescalingFit, SamplingParams, TeaCacheParams
 __all__ = [
     "EXPERT_NAMES",
     "TASKS",
+    "TASK_IMAGES",
+    "VIDEO_TASKS",
     "ZOO_DIR",
     "TeaCacheFit",
     "TeaCachePreset",
@@ -39,8 +41,20 @@ ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Names that select no preset: `sampling_params` and the CLI read them as "cache off" and "the default preset".
 _RESERVED_PRESET_NAMES = ("off", "default")
 # t2i text-to-image, t2v text-to-video, i2v image-to-video (an image is required), ti2v text-and-image-to-video
-# (the image is optional).
-TASKS = ("t2i", "t2v", "i2v", "ti2v")
+# (the image is optional), edit image editing (one or more input images are required), layered decomposition of
+# an input image into RGBA layers.
+TASKS = ("t2i", "t2v", "i2v", "ti2v", "edit", "layered")
+VIDEO_TASKS = ("t2v", "i2v", "ti2v")
+# Per task: whether its models take input images ("required", "optional" or "no") and how many at most (None:
+# the model's pipeline says, `Pipeline.max_images`).
+TASK_IMAGES: dict[str, tuple[str, int | None]] = {
+    "t2i": ("no", 0),
+    "t2v": ("no", 0),
+    "i2v": ("required", 1),
+    "ti2v": ("optional", 1),
+    "edit": ("required", None),
+    "layered": ("required", 1),
+}
 
 _TOP_KEYS = {"name", "description", "manifest", "family", "task", "transformer", "sampling", "teacache", "loras"}
 _LORA_KEYS = {"source", "scale", "weight_name", "adapter_name"}
@@ -174,7 +188,7 @@ class ZooEntry:
 
     @property
     def is_video(self) -> bool:
-        return self.task != "t2i"
+        return self.task in VIDEO_TASKS
 
     def teacache_for_speedup(self, target_speedup: float) -> TeaCacheParams:
         """The settings of the threshold table's preset, with the lowest measured threshold whose computed

@@ -187,7 +187,7 @@ def test_forecast_method_flags(cli, folder, tmp_path):
         (["--teacache-coefficients", "1,x"], "comma-separated numbers"),
         (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
         (["--prompt", ""], "--prompt is required"),
-        (["--image", "missing.png"], "only for image-to-video"),
+        (["--image", "missing.png"], "--image has no effect on flux1-dev: it takes no input image"),
         (["--teacache-coefficients", ""], "--teacache-coefficients is empty"),
         (["--teacache", ""], "--teacache is empty: give off, slow, fast"),
         (["--device", "gpu"], "--device: device must be 'cpu', 'cuda', 'cuda:N' .* got 'gpu'"),
@@ -291,6 +291,19 @@ def test_image_to_video_errors(cli, wan_folders, tmp_path, capsys):
     garbage.write_bytes(b"not an image")
     assert cli.main(["--config", i2v, "--model", str(folder), "--prompt", "a fox", "--image", str(garbage)]) == 1
     assert "cannot be read as an image" in capsys.readouterr().err
+    # Refused from the zoo entry's task, before any image is read or weights are loaded.
+    two = ["--image", str(tmp_path / "missing.png"), "--image", str(garbage)]
+    assert cli.main(["--config", i2v, "--model", str(folder), "--prompt", "a fox", *two]) == 1
+    assert "--image given 2 times, but wan2.1-i2v-14b-480p takes at most 1 input image" in capsys.readouterr().err
+
+
+def test_an_editing_entry_refuses_a_run_without_an_image_before_loading(cli, tmp_path, capsys):
+    config = tmp_path / "my-edit.yaml"
+    text = (ZOO / "qwen-image.yaml").read_text().replace("name: qwen-image", "name: my-edit")
+    config.write_text(text.replace("task: t2i", "task: edit"))
+    args = ["--config", str(config), "--prompt", "make it blue", "--no-progress", "--output", str(tmp_path / "x.png")]
+    assert cli.main(args) == 1  # the weights are not in the cache: an image check after loading would fail otherwise
+    assert "error: my-edit needs an input image: --image FILE is required (up to" in capsys.readouterr().err
 
 
 def test_unwritable_output_and_missing_weights(cli, folder, tmp_path, capsys):
@@ -375,7 +388,7 @@ def test_wan_image_to_video_mp4(cli, wan_folders, tmp_path):
     assert cli.main(args) == 0
     frames, _ = read_video(output)
     assert frames.shape == (5, 32, 48, 3)
-    assert json.loads(output.with_suffix(".json").read_text())["image"] == str(picture)
+    assert json.loads(output.with_suffix(".json").read_text())["images"] == [str(picture)]
 
 
 @pytest.mark.parametrize(
@@ -384,8 +397,13 @@ def test_wan_image_to_video_mp4(cli, wan_folders, tmp_path):
         ("t2v", ["--num-frames", "6"], r"num_frames must be of the form 4k\+1 for Wan"),
         ("t2v", ["--height", "40"], "height must be a multiple of 16"),
         ("t2v", ["--output", "x.png"], "a video model writes .mp4"),
-        ("t2v", ["--config", None, "--image", "first.png"], "--image is only for image-to-video models"),
-        ("i2v", ["--config", None], "--image FILE is required"),
+        ("t2v", ["--config", None, "--image", "first.png"], "--image has no effect on .*: it takes no input image"),
+        ("i2v", ["--config", None], "needs an input image: --image FILE is required"),
+        (
+            "i2v",
+            ["--config", None, "--image", "first.png", "--image", "first.png"],
+            "--image given 2 times, but .* takes at most 1 input image$",
+        ),
     ],
 )
 def test_bad_video_flags_fail_cleanly(cli, wan_folders, tmp_path, capsys, kind, change, message):
@@ -398,7 +416,7 @@ def test_bad_video_flags_fail_cleanly(cli, wan_folders, tmp_path, capsys, kind, 
         if value is None:
             index = args.index(flag)
             del args[index : index + 2]
-        elif flag in args:
+        elif flag in args and flag != "--image":
             args[args.index(flag) + 1] = str(tmp_path / value) if flag in ("--output", "--image") else value
         else:
             args += [flag, str(tmp_path / value) if flag in ("--output", "--image") else value]

@@ -97,6 +97,8 @@ class Pipeline(PipelineLoraMixin):
       an error, so a setting is never silently ignored.
     - `default_negative_prompt`: the negative prompt used when `SamplingParams.negative_prompt` is None.
     - `cfg_rule`: when the negative branch runs, in words (for the errors about settings it would ignore).
+    - `max_images`: how many input images `image=` may hold (a list of several where above 1), for a
+      pipeline whose `takes_image()` is not "no".
     - `per_sample_timesteps`: `predict` takes one timestep per sample and one transformer runs every step,
       so requests at different steps can share a batch (`teacache_models.server.batching`).
     """
@@ -109,6 +111,7 @@ class Pipeline(PipelineLoraMixin):
     default_negative_prompt: ClassVar[str | None] = None
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1"
     is_video: ClassVar[bool] = False
+    max_images: ClassVar[int] = 1
     per_sample_timesteps: ClassVar[bool] = False
     # Text encoding reads at most this many tokens (the diffusers pipeline's default).
     max_sequence_length: int = 512
@@ -432,7 +435,7 @@ class Pipeline(PipelineLoraMixin):
             raise TypeError(f"{type(self).__name__} takes no inputs {sorted(inputs)}")
 
     def takes_image(self) -> str:
-        """Whether `image=` is "required" (image-to-video), "optional" (TI2V) or refused ("no")."""
+        """Whether `image=` is "required" (image-to-video, editing), "optional" (TI2V) or refused ("no")."""
         return "no"
 
     def _denoise(

@@ -341,6 +341,9 @@ def generate_and_write(
     if args.grid and is_video:
         raise CliError(f"--grid writes one PNG: it is for image models; {name_of(model, entry)} is a video model")
     check_pipeline_images(len(args.image), pipe, name_of(model, entry))
+    size = pipe.output_size(inputs["image"]) if inputs and args.height is None and args.width is None else None
+    if size is not None:  # an editing model follows its input image's aspect ratio unless a size is given
+        params = dataclasses.replace(params, height=size[0], width=size[1])
     if args.compare and params.seed is None:
         # Both runs must start from the same noise.
         seed = random.SystemRandom().randint(0, _MAX_SEED)

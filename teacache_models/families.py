@@ -44,7 +44,15 @@ FAMILIES: dict[str, Family] = {
             "HunyuanVideo15Transformer3DModel",
             ("hunyuan_video15:HunyuanVideo15TextToVideoPipeline", "hunyuan_video15:HunyuanVideo15ImageToVideoPipeline"),
         ),
-        Family("qwen_image", "QwenImageTransformer2DModel", ("qwen_image:QwenImageTextToImagePipeline",)),
+        Family(
+            "qwen_image",
+            "QwenImageTransformer2DModel",
+            (
+                "qwen_image:QwenImageTextToImagePipeline",
+                "qwen_image_edit:QwenImageEditPipeline",
+                "qwen_image_edit:QwenImageEditPlusPipeline",
+            ),
+        ),
         Family("z_image", "ZImageTransformer2DModel", ("z_image:ZImageTextToImagePipeline",)),
         Family("flux2", "Flux2Transformer2DModel"),
     )

@@ -34,15 +34,20 @@ def test_an_unknown_family_is_a_clear_error():
 
 
 def test_no_family_pipeline_imports_another_family_file():
-    """Shared pipeline helpers live in pipelines/shared.py; a family's file imports only shared modules."""
+    """Shared pipeline helpers live in pipelines/shared.py; a family's file imports only shared modules and the
+    files of its own family (files registered for exactly the same families)."""
     import ast
     from pathlib import Path
 
     import teacache_models.pipelines as pipelines
 
     folder = Path(pipelines.__file__).parent
-    family_modules = {path.split(":")[0] for entry in FAMILIES.values() for path in entry.pipelines}
-    for module in family_modules:
+    families_of: dict[str, set[str]] = {}
+    for entry in FAMILIES.values():
+        for path in entry.pipelines:
+            families_of.setdefault(path.split(":")[0], set()).add(entry.name)
+    for module, families in families_of.items():
         tree = ast.parse((folder / f"{module}.py").read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
-        assert not imported & (family_modules - {module}), f"pipelines/{module}.py imports {imported}"
+        other_families = {m for m, owners in families_of.items() if owners != families}
+        assert not imported & other_families, f"pipelines/{module}.py imports {imported & other_families}"

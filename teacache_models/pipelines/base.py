@@ -438,6 +438,11 @@ class Pipeline(PipelineLoraMixin):
         """Whether `image=` is "required" (image-to-video, editing), "optional" (TI2V) or refused ("no")."""
         return "no"
 
+    def output_size(self, image: Any) -> tuple[int, int] | None:
+        """(height, width) to generate at for the input image(s) `image` when no size is asked for (an editing
+        model follows its input's aspect ratio); None: the sampling parameters' size."""
+        return None
+
     def _denoise(
         self,
         scheduler: Any,

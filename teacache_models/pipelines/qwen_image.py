@@ -72,11 +72,17 @@ class QwenImageTextToImagePipeline(Pipeline):
         scheduler.set_begin_index(0)
         return scheduler.timesteps
 
+    def transformer_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """The image tokens the transformer reads: the latents, and an editing model's reference images after."""
+        return latents
+
     def predict(
         self, transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, condition: Conditioning
     ) -> torch.Tensor:
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        return self.call_transformer(transformer, latents, timestep, condition, img_shapes=self._img_shapes)
+        tokens = self.transformer_tokens(latents)
+        prediction = self.call_transformer(transformer, tokens, timestep, condition, img_shapes=self._img_shapes)
+        return prediction[:, : latents.shape[1]]  # the generated image's tokens
 
     def guide(
         self, positive: torch.Tensor, negative: torch.Tensor | None, step: int, t: torch.Tensor, params: SamplingParams

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model edits (required; repeat for several reference images, up to the model's limit), or the image a "
         "layered model decomposes; refused by text-to-image and text-to-video models",
     )
+    prompt.add_argument(
+        "--layers",
+        type=int,
+        help="layered models: how many RGBA layers to decompose the input image into (default 4); each is written "
+        "as its own PNG, <output>-layer<k>.png",
+    )
     sampling = parser.add_argument_group("sampling (default: the zoo entry's values)")
     sampling.add_argument("--height", type=int, help="output height in pixels")
     sampling.add_argument("--width", type=int, help="output width in pixels")
@@ -274,9 +280,31 @@ def psnr(actual: Any, reference: Any) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def check_layers(args: argparse.Namespace, layered: bool | None, name: str) -> None:
+    """--layers and --grid against a layered model (`layered` None: not known yet)."""
+    if args.layers is not None and args.layers < 1:
+        raise CliError(f"--layers must be at least 1, got {args.layers}")
+    if args.layers is not None and layered is False:
+        raise CliError(f"--layers {args.layers} has no effect on {name}: it is for layered models (Qwen-Image-Layered)")
+    if args.grid and layered:
+        raise CliError(f"--grid writes one PNG: {name} is a layered model, which writes one PNG per layer")
+
+
+def layer_paths(path: Path, layers: int) -> list[Path]:
+    return [path.with_name(f"{path.stem}-layer{k}{path.suffix}") for k in range(layers)]
+
+
 def write_outputs(result: Any, base: Path, columns: int, grid: bool, fps: int) -> list[Path]:
-    """Write a result as one grid PNG, or one PNG / MP4 per sample; returns the files."""
+    """Write a result as one grid PNG, or one PNG / MP4 per sample (a layered model: one RGBA PNG per layer of
+    each sample); returns the files."""
     pixels = result.to_uint8()
+    if result.is_layered:
+        files = []
+        for path, sample in zip(output_paths(base, pixels.shape[0]), pixels, strict=True):
+            for layer_path, layer in zip(layer_paths(path, sample.shape[0]), sample, strict=True):
+                write_atomically(layer_path, lambda p, s=layer: save_png(s, p), layer_path.suffix)
+                files.append(layer_path)
+        return files
     if grid:
         image = grid_image(pixels, columns)
         write_atomically(base, lambda p: save_png(image, p), base.suffix)
@@ -308,7 +336,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--compare measures TeaCache against an uncached run: it needs TeaCache on (not --teacache off)")
     is_video = entry.is_video if entry is not None else None
     check_entry_images(len(args.image), entry)
+    check_layers(args, entry.task == "layered" if entry is not None else None, name_of(model, entry))
     inputs = image_inputs(load_images(args.image))
+    if args.layers is not None:
+        inputs["layers"] = args.layers
     if args.grid and is_video:
         raise CliError(f"--grid writes one PNG: it is for image models; {entry.name} is a video model")
     state = start_parallel(args, "scripts/generate.py")
@@ -341,6 +372,7 @@ def generate_and_write(
     if args.grid and is_video:
         raise CliError(f"--grid writes one PNG: it is for image models; {name_of(model, entry)} is a video model")
     check_pipeline_images(len(args.image), pipe, name_of(model, entry))
+    check_layers(args, "layers" in pipe.call_inputs, name_of(model, entry))
     size = pipe.output_size(inputs["image"]) if inputs and args.height is None and args.width is None else None
     if size is not None:  # an editing model follows its input image's aspect ratio unless a size is given
         params = dataclasses.replace(params, height=size[0], width=size[1])

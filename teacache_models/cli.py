@@ -218,7 +218,8 @@ def check_pipeline_images(count: int, pipe: Any, name: str) -> None:
 
 
 def load_images(paths: list[Path]) -> list[Any]:
-    """The --image files as RGB PIL images, in order; a missing or unreadable one is a CliError naming it."""
+    """The --image files as PIL images, in order: RGBA where the file has transparency (a layered model reads it),
+    else RGB; each pipeline converts to what it reads. A missing or unreadable one is a CliError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     images = []
@@ -227,7 +228,8 @@ def load_images(paths: list[Path]) -> list[Any]:
             raise CliError(f"--image {str(path)!r} does not exist")
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+                alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+                images.append(image.convert("RGBA" if alpha else "RGB"))
         except (UnidentifiedImageError, OSError) as error:
             raise CliError(f"--image {str(path)!r} cannot be read as an image: {error}") from None
     return images

@@ -203,17 +203,25 @@ def make_grid(images: np.ndarray, columns: int, scale: int = 1, padding: int = 2
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
-    """Write a uint8 grey (H, W) or RGB (H, W, 3) image as PNG with zlib alone (no imaging library)."""
+    """Write a uint8 grey (H, W), RGB (H, W, 3) or RGBA (H, W, 4) image as PNG with zlib alone (no imaging
+    library)."""
     Path(path).write_bytes(encode_png(image))
 
 
+# PNG colour types by channel count: grey, RGB, RGBA.
+_PNG_COLOUR_TYPES = {1: 0, 3: 2, 4: 6}
+
+
 def encode_png(image: np.ndarray) -> bytes:
-    """A uint8 grey (H, W) or RGB (H, W, 3) image as the bytes of a PNG file (zlib alone)."""
+    """A uint8 grey (H, W), RGB (H, W, 3) or RGBA (H, W, 4) image as the bytes of a PNG file (zlib alone)."""
     image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"image must be uint8 of shape (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+    channels = 1 if image.ndim == 2 else image.shape[-1]
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in _PNG_COLOUR_TYPES:
+        raise ValueError(
+            f"image must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), got {image.dtype} {image.shape}"
+        )
     height, width = image.shape[:2]
-    colour_type = 0 if image.ndim == 2 else 2
+    colour_type = _PNG_COLOUR_TYPES[channels]
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)

@@ -51,6 +51,7 @@ FAMILIES: dict[str, Family] = {
                 "qwen_image:QwenImageTextToImagePipeline",
                 "qwen_image_edit:QwenImageEditPipeline",
                 "qwen_image_edit:QwenImageEditPlusPipeline",
+                "qwen_image_layered:QwenImageLayeredPipeline",
             ),
         ),
         Family("z_image", "ZImageTransformer2DModel", ("z_image:ZImageTextToImagePipeline",)),

@@ -50,11 +50,11 @@ def test_images_reach_the_pipeline_in_order(tmp_path):
     from PIL import Image
 
     paths = []
-    for i, color in enumerate(("red", "green", "blue")):
+    for i, mode in enumerate(("RGBA", "L", "RGB")):
         paths.append(tmp_path / f"{i}.png")
-        Image.new("RGBA", (3 + i, 2), color).save(paths[-1])
+        Image.new(mode, (3 + i, 2), "red" if mode != "L" else 128).save(paths[-1])
     images = load_images(paths)
-    assert [image.mode for image in images] == ["RGB"] * 3
+    assert [image.mode for image in images] == ["RGBA", "RGB", "RGB"]  # transparency kept for layered models
     assert [image.size for image in images] == [(3, 2), (4, 2), (5, 2)]
     assert image_inputs([]) == {}
     assert image_inputs(images[:1]) == {"image": images[0]}

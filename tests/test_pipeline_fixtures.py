@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,30 +136,36 @@ def save_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) -> Path
     return folder
 
 
-def save_qwen_image(folder: Path, seed: int = 0) -> Path:
+def save_qwen_image(folder: Path, seed: int = 0, layered: bool = False) -> Path:
+    """A tiny Qwen-Image folder; `layered`: Qwen-Image-Layered's variant (layered RoPE, the RGBA-mode embedding, a
+    four-channel VAE with 6 latent channels: with 4, the reference would take an RGBA image for latents)."""
     from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
+    z_dim = 6 if layered else 4
+    variant = dict(use_layer3d_rope=True, use_additional_t_cond=True) if layered else {}
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
-        in_channels=16,
-        out_channels=4,
+        in_channels=4 * z_dim,
+        out_channels=z_dim,
         num_layers=2,
         attention_head_dim=16,
         num_attention_heads=3,
         joint_attention_dim=16,
         guidance_embeds=False,
         axes_dims_rope=(8, 4, 4),
+        **variant,
     )
     randomize_(transformer, seed)
     vae = AutoencoderKLQwenImage(
+        input_channels=4 if layered else 3,
         base_dim=24,
-        z_dim=4,
+        z_dim=z_dim,
         dim_mult=[1, 2, 4],
         num_res_blocks=1,
         temperal_downsample=[False, True],
-        latents_mean=[0.1, -0.2, 0.0, 0.3],
-        latents_std=[1.5, 0.8, 1.0, 2.0],
+        latents_mean=[0.1, -0.2, 0.0, 0.3, 0.05, -0.1][:z_dim],
+        latents_std=[1.5, 0.8, 1.0, 2.0, 1.2, 0.9][:z_dim],
     )
     pipe = QwenImagePipeline(
         scheduler=flow_scheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9),
@@ -225,6 +232,42 @@ def qwen_image_edit_pipeline(folder: Path, class_name: str, seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def native_qwen_edit_pipelines(folder: Path, class_name: str) -> tuple[Any, Any]:
+    """diffusers' `class_name` (an edit or layered pipeline, `qwen_image_edit_pipeline`) and ours on the same
+    components, our transformer loaded from the saved folder by our loader."""
+    from teacache_models.families import pipeline_classes
+    from teacache_models.models import QwenImageTransformer2DModel
+    from teacache_models.weights import load_transformer
+
+    reference = qwen_image_edit_pipeline(folder, class_name)
+    # diffusers leaves the weights it reads where they lie in the safetensors file, some not 64-byte aligned, and
+    # the CPU's matrix multiply rounds differently on unaligned memory (measured on the layered fixture: 1e-5
+    # apart, 0 once copied). Our loader copies them; so does the reference here, to compare the same math.
+    for parameter in reference.transformer.parameters():
+        parameter.data = parameter.data.clone()
+    ours = pipeline_classes()[class_name](
+        transformer=load_transformer(folder, QwenImageTransformer2DModel, subfolder="transformer"),
+        scheduler=reference.scheduler,
+        vae=reference.vae,
+        text_encoder=reference.text_encoder,
+        tokenizer=reference.tokenizer,
+        processor=reference.processor,
+    )
+    return reference, ours
+
+
+def serve_to_cli(cli: Any, pipe: Any, monkeypatch: Any) -> None:
+    """Make scripts/generate.py (`cli`, loaded as a module) run `pipe` instead of loading weights: the released
+    weights are not here, and an edit pipeline's processor cannot be saved to a folder without torchvision,
+    which the tests do not install."""
+
+    def loaded(args: Any, model: str, entry: Any, state: Any) -> Any:
+        args.device, args.dtype, args.linear_kernel = "cpu", "float32", "aten"
+        return pipe
+
+    monkeypatch.setattr(cli, "load_configured_pipeline", loaded)
 
 
 def save_z_image(folder: Path, seed: int = 0) -> Path:

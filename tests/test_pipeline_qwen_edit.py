@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from teacache_models import SamplingParams, TeaCacheParams
-from teacache_models.models import QwenImageTransformer2DModel
-from teacache_models.pipelines.qwen_image_edit import (
-    QwenImageEditPipeline,
-    QwenImageEditPlusPipeline,
-    edit_image_size,
-)
-from teacache_models.weights import load_transformer
-from tests.test_pipeline_fixtures import qwen_image_edit_pipeline, save_qwen_image
+from teacache_models.pipelines.qwen_image_edit import edit_image_size
+from tests.test_pipeline_fixtures import native_qwen_edit_pipelines, save_qwen_image, serve_to_cli
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -28,7 +22,6 @@ SEED = 4
 # The reference resizes input images to about 1024 x 1024 pixels for the VAE and 384 x 384 for Edit-2509's vision
 # tower: at the tiny fixture's scale, 64 x 64 and 32 x 32 run the same code.
 VAE_AREA, CONDITION_AREA = 64 * 64, 32 * 32
-CLASSES = {"QwenImageEditPipeline": QwenImageEditPipeline, "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline}
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +46,8 @@ def picture(height: int, width: int, seed: int):
 
 
 def pipelines(folder, class_name: str):
-    """The diffusers pipeline and ours on the same components; our transformer loaded from the saved folder."""
-    reference = qwen_image_edit_pipeline(folder, class_name)
-    transformer = load_transformer(folder, QwenImageTransformer2DModel, subfolder="transformer")
-    ours = CLASSES[class_name](
-        transformer=transformer,
-        scheduler=reference.scheduler,
-        vae=reference.vae,
-        text_encoder=reference.text_encoder,
-        tokenizer=reference.tokenizer,
-        processor=reference.processor,
-    )
+    """The diffusers pipeline and ours on the same components, at this test's small image areas."""
+    reference, ours = native_qwen_edit_pipelines(folder, class_name)
     ours.vae_image_area = VAE_AREA
     if ours.condition_image_area is not None:
         ours.condition_image_area = CONDITION_AREA
@@ -175,14 +159,7 @@ def test_the_cli_edits_with_several_images_at_the_last_images_aspect_ratio(folde
     ours.zoo_entry = load_zoo_entry("qwen-image-edit-2509")
     cli = load_script("generate")
 
-    def loaded(args, model, entry, state):
-        # The released weights are not here: the CLI gets the tiny pipeline (its processor cannot be saved to a
-        # folder without torchvision, which the tests do not install).
-        assert model == "qwen-image-edit-2509" and entry.name == "qwen-image-edit-2509"
-        args.device, args.dtype, args.linear_kernel = "cpu", "float32", "aten"
-        return ours
-
-    monkeypatch.setattr(cli, "load_configured_pipeline", loaded)
+    serve_to_cli(cli, ours, monkeypatch)
     paths = []
     for i, (height, width) in enumerate([(40, 56), (30, 90)]):
         paths.append(tmp_path / f"in{i}.png")

@@ -52,11 +52,11 @@ class Conditioning:
 class PipelineResult:
     """What one generation produced and how.
 
-    `images` is (B, 3, H, W) for image models and `frames` (B, F, 3, H, W) for video models, float32 in
-    [0, 1] on the CPU; the other is None. `timings` holds seconds per stage (`text_encoding`, `denoising`,
-    `decoding`, `total`). `teacache_stats` records which steps each CFG branch computed and skipped;
-    for a model with several transformers (Wan2.2's experts) it joins them, and `expert_stats` holds each
-    one's own record by component name (empty for one transformer).
+    `images` is (B, 3, H, W) for image models (a layered model's: (B, layers, 4, H, W), RGBA) and `frames`
+    (B, F, 3, H, W) for video models, float32 in [0, 1] on the CPU; the other is None. `timings` holds seconds
+    per stage (`text_encoding`, `denoising`, `decoding`, `total`). `teacache_stats` records which steps each CFG
+    branch computed and skipped; for a model with several transformers (Wan2.2's experts) it joins them, and
+    `expert_stats` holds each one's own record by component name (empty for one transformer).
     """
 
     images: torch.Tensor | None
@@ -71,6 +71,11 @@ class PipelineResult:
     @property
     def is_video(self) -> bool:
         return self.frames is not None
+
+    @property
+    def is_layered(self) -> bool:
+        """Whether `images` holds RGBA layers per sample, (B, layers, 4, H, W)."""
+        return self.images is not None and self.images.ndim == 5
 
     def to_uint8(self) -> torch.Tensor:
         """(B, H, W, 3) or (B, F, H, W, 3) uint8: what an image or video file stores."""
@@ -97,6 +102,7 @@ class Pipeline(PipelineLoraMixin):
       an error, so a setting is never silently ignored.
     - `default_negative_prompt`: the negative prompt used when `SamplingParams.negative_prompt` is None.
     - `cfg_rule`: when the negative branch runs, in words (for the errors about settings it would ignore).
+    - `call_inputs`: the keywords a call takes besides `image=` (a layered model's `layers=`).
     - `max_images`: how many input images `image=` may hold (a list of several where above 1), for a
       pipeline whose `takes_image()` is not "no".
     - `per_sample_timesteps`: `predict` takes one timestep per sample and one transformer runs every step,
@@ -112,6 +118,7 @@ class Pipeline(PipelineLoraMixin):
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1"
     is_video: ClassVar[bool] = False
     max_images: ClassVar[int] = 1
+    call_inputs: ClassVar[tuple[str, ...]] = ()
     per_sample_timesteps: ClassVar[bool] = False
     # Text encoding reads at most this many tokens (the diffusers pipeline's default).
     max_sequence_length: int = 512

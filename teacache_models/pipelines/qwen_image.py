@@ -81,8 +81,15 @@ class QwenImageTextToImagePipeline(Pipeline):
     ) -> torch.Tensor:
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
         tokens = self.transformer_tokens(latents)
-        prediction = self.call_transformer(transformer, tokens, timestep, condition, img_shapes=self._img_shapes)
+        extra = self.transformer_extras(latents)
+        prediction = self.call_transformer(
+            transformer, tokens, timestep, condition, img_shapes=self._img_shapes, **extra
+        )
         return prediction[:, : latents.shape[1]]  # the generated image's tokens
+
+    def transformer_extras(self, latents: torch.Tensor) -> dict[str, Any]:
+        """Keywords of the transformer call beyond the tokens, timestep, text and `img_shapes` (none here)."""
+        return {}
 
     def guide(
         self, positive: torch.Tensor, negative: torch.Tensor | None, step: int, t: torch.Tensor, params: SamplingParams

@@ -29,7 +29,7 @@ from .base import Conditioning
 from .qwen_image import QwenImageTextToImagePipeline
 from .shared import pack_2x2
 
-__all__ = ["QwenImageEditPipeline", "QwenImageEditPlusPipeline", "edit_image_size"]
+__all__ = ["EditImages", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "check_edit_images", "edit_image_size"]
 
 # The pixel areas diffusers resizes the input images to (its module constants; Edit-2509's vision-tower size).
 VAE_IMAGE_AREA = 1024 * 1024
@@ -53,14 +53,18 @@ class EditImages:
     sizes: list[tuple[int, int]]  # per image the VAE (width, height)
 
 
-def _check_images(pipeline: QwenImageEditPipeline, inputs: dict[str, Any]) -> list[Any]:
-    """`image=` (one PIL image, or a list of up to `max_images`) as a list of RGB images; anything else refused."""
+def check_edit_images(
+    pipeline: QwenImageEditPipeline, inputs: dict[str, Any], extra: tuple[str, ...] = ()
+) -> list[Any]:
+    """`image=` (one PIL image, or a list of up to `max_images`) as a list of images in the pipeline's
+    `image_mode`; a keyword other than `image` and `extra` is refused."""
     from PIL import Image
 
     name = type(pipeline).__name__
-    unknown = sorted(set(inputs) - {"image"})
+    unknown = sorted(set(inputs) - {"image", *extra})
     if unknown:
-        raise TypeError(f"{name} takes only image=..., got {unknown}")
+        allowed = ", ".join(f"{key}=..." for key in ("image", *extra))
+        raise TypeError(f"{name} takes only {allowed}, got {unknown}")
     image = inputs.get("image")
     if image is None:
         raise ValueError(
@@ -74,7 +78,7 @@ def _check_images(pipeline: QwenImageEditPipeline, inputs: dict[str, Any]) -> li
             raise TypeError(f"image[{index}] must be a PIL image (the reference's processors read PIL), got {item!r}")
         if item.width < 1 or item.height < 1:
             raise ValueError(f"image[{index}] must have at least one pixel, got size {item.size}")
-    return [item.convert("RGB") for item in images]
+    return [item.convert(pipeline.image_mode) for item in images]
 
 
 class QwenImageEditPipeline(QwenImageTextToImagePipeline):
@@ -83,6 +87,7 @@ class QwenImageEditPipeline(QwenImageTextToImagePipeline):
     diffusers_class_name: ClassVar[str] = "QwenImageEditPipeline"
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "processor")
     max_images: ClassVar[int] = 1
+    image_mode: ClassVar[str] = "RGB"  # what the VAE reads
     # Instance attributes, so that a test can run the reference's code path at a small size.
     vae_image_area: int = VAE_IMAGE_AREA
     condition_image_area: int | None = None  # None: the vision tower reads the VAE-sized image
@@ -99,7 +104,7 @@ class QwenImageEditPipeline(QwenImageTextToImagePipeline):
 
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
         # The text encoding reads the images, and it runs before the latents are prepared: prepared here once.
-        self._images = self._prepare_images(_check_images(self, inputs))
+        self._images = self._prepare_images(check_edit_images(self, inputs))
 
     def _prepare_images(self, images: list[Any]) -> EditImages:
         processor = self._image_processor()

@@ -1,0 +1,172 @@
+"""Qwen-Image-Layered: equal to diffusers' QwenImageLayeredPipeline with the cache off (bit for bit), its inputs,
+and the CLI writing one RGBA PNG per layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from teacache_models import SamplingParams, TeaCacheParams
+from tests.test_pipeline_fixtures import native_qwen_edit_pipelines, save_qwen_image, serve_to_cli
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+PROMPT = "a red fox in front of a blue house"
+SEED = 6
+# The reference sizes the input image to about 640 x 640 pixels (its only other bucket is 1024 x 1024): at the
+# tiny fixture's scale 64 x 64 runs the same code.
+AREA = 64 * 64
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_qwen_image(tmp_path_factory.mktemp("qwen-layered"), layered=True)
+
+
+@pytest.fixture
+def small_images(monkeypatch):
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered
+
+    resize = pipeline_qwenimage_layered.calculate_dimensions
+    monkeypatch.setattr(pipeline_qwenimage_layered, "calculate_dimensions", lambda area, ratio: resize(AREA, ratio))
+
+
+def rgba(height: int, width: int, seed: int):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="RGBA")
+
+
+def pipelines(folder):
+    reference, ours = native_qwen_edit_pipelines(folder, "QwenImageLayeredPipeline")
+    ours.vae_image_area = AREA
+    return reference, ours
+
+
+@pytest.mark.parametrize(
+    "layers, normalize, negative",
+    [(4, True, "low quality"), (2, False, "blurry"), (3, True, None)],
+    ids=["4", "2", "3-no-cfg"],
+)
+def test_equals_diffusers_with_the_cache_off(folder, small_images, layers, normalize, negative):
+    reference, ours = pipelines(folder)
+    ours.cfg_normalize = normalize
+    image = rgba(40, 56, seed=layers)
+    height, width = ours.output_size(image)
+    assert (height, width) == (64, 64)  # 56:40 at about 64 x 64 pixels, each side rounded to a multiple of 32
+    params = SamplingParams(
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        negative_prompt=negative,
+        seed=SEED,
+        height=height,
+        width=width,
+        teacache_params=None,
+    )
+    result = ours(PROMPT, params, image=image, layers=layers)
+    expected = reference(
+        image=image,
+        prompt=PROMPT,
+        negative_prompt=negative,
+        true_cfg_scale=4.0,
+        layers=layers,
+        num_inference_steps=3,
+        cfg_normalize=normalize,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="pt",
+    ).images[0]
+    assert result.images.shape == (1, layers, 4, height, width) == (1, *expected.shape)
+    assert torch.equal(result.images[0], expected), "with the cache off the layers must equal diffusers bit for bit"
+    assert result.teacache_stats.negative.num_computed == (0 if negative is None else 3)
+
+
+def test_teacache_and_inputs(folder, small_images):
+    _, ours = pipelines(folder)
+    image = rgba(32, 32, seed=0)
+    params = SamplingParams(
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        negative_prompt="blurry",
+        seed=1,
+        height=32,
+        width=32,
+        teacache_params=TeaCacheParams(teacache_thresh=1e6, coefficients=(1.0, 0.0)),
+    )
+    result = ours([PROMPT, "two cats"], params, image=image, layers=2)
+    assert result.images.shape == (2, 2, 4, 32, 32)
+    for branch in (result.teacache_stats.positive, result.teacache_stats.negative):
+        assert branch.computed_steps == (0, 3) and branch.skipped_steps == (1, 2)
+    with pytest.raises(ValueError, match="layers must be an integer >= 1, got 0"):
+        ours(PROMPT, params, image=image, layers=0)
+    with pytest.raises(ValueError, match="needs a prompt describing the input image"):
+        ours(" ", params, image=image)
+    with pytest.raises(ValueError, match="QwenImageLayeredPipeline edits an input image: pass image="):
+        ours(PROMPT, params, layers=2)
+    with pytest.raises(TypeError, match=r"takes only image=\.\.\., layers=\.\.\., got \['mask'\]"):
+        ours(PROMPT, params, image=image, mask=image)
+    # An RGB input is read as opaque RGBA.
+    from PIL import Image
+
+    opaque = ours(PROMPT, dataclasses.replace(params, teacache_params=None), image=image.convert("RGB"), layers=1)
+    same = ours(
+        PROMPT,
+        dataclasses.replace(params, teacache_params=None),
+        image=Image.fromarray(np.dstack([np.asarray(image)[..., :3], np.full((32, 32), 255, np.uint8)])),
+        layers=1,
+    )
+    assert torch.equal(opaque.images, same.images)
+
+
+def test_the_cli_writes_one_rgba_png_per_layer(folder, tmp_path, monkeypatch, capsys):
+    import json
+
+    from PIL import Image
+
+    from teacache_models.zoo import load_zoo_entry
+    from tests.utils import load_script
+
+    _, ours = pipelines(folder)
+    ours.zoo_entry = load_zoo_entry("qwen-image-layered")
+    cli = load_script("generate")
+
+    serve_to_cli(cli, ours, monkeypatch)
+    source = tmp_path / "in.png"
+    rgba(40, 56, seed=1).save(source)
+    output = tmp_path / "layers.png"
+    args = ["--model", "qwen-image-layered", "--prompt", PROMPT, "--steps", "2", "--seed", "1", "--no-progress"]
+    args += ["--image", str(source), "--output", str(output)]
+    assert cli.main([*args, "--layers", "2", "--negative-prompt", "blurry"]) == 0
+    files = [tmp_path / "layers-layer0.png", tmp_path / "layers-layer1.png"]
+    assert json.loads(output.with_suffix(".json").read_text())["outputs"] == [str(f) for f in files]
+    height, width = ours.output_size(Image.open(source))
+    expected = ours(
+        PROMPT,
+        ours.default_sampling_params(
+            "off", num_inference_steps=2, seed=1, height=height, width=width, negative_prompt="blurry"
+        ),
+        image=Image.open(source),
+        layers=2,
+    ).to_uint8()[0]
+    for path, layer in zip(files, expected, strict=True):
+        with Image.open(path) as image:
+            assert image.mode == "RGBA" and image.size == (width, height)
+            assert np.array_equal(np.asarray(image), layer.numpy())
+
+    assert cli.main([*args, "--grid"]) == 1
+    assert "--grid writes one PNG: qwen-image-layered is a layered model" in capsys.readouterr().err
+    assert cli.main([*args, "--layers", "0"]) == 1
+    assert "--layers must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_layers_is_refused_by_other_models(tmp_path, capsys):
+    from tests.utils import load_script
+
+    cli = load_script("generate")
+    args = ["--model", "flux-digits", "--prompt", "a digit", "--layers", "3", "--output", str(tmp_path / "x.png")]
+    assert cli.main(args) == 1
+    assert "--layers 3 has no effect on flux-digits: it is for layered models" in capsys.readouterr().err

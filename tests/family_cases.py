@@ -9,6 +9,7 @@ model's own submodules.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -156,6 +157,25 @@ def _qwen_image_indicator(model: Any, call: dict) -> torch.Tensor:
     return block.img_norm1(hidden) * (1 + scale[:, None]) + shift[:, None]
 
 
+def _qwen_image21_path(config: dict, seed: int) -> Callable[[float], dict]:
+    from tests.test_qwen_image21 import make_inputs
+
+    # Text, a condition image, text, then the generated image; one padded text token.
+    inputs = make_inputs(config, 1, "tttiittt", [(1, 2, 4)], (1, 4, 2), [1], seed=seed)
+    return _tensor_path(inputs, "hidden_states", seed, lambda s: torch.tensor([s]))
+
+
+def _qwen_image21_indicator(model: Any, call: dict) -> torch.Tensor:
+    """Block 0's img_norm1 output scaled by the shared modulation of the real timestep, on the generated image's
+    tokens (the joint sequence's last ones)."""
+    joint = _z_image_stream(model, call, "forward_blocks")
+    hidden = model.img_in(call["hidden_states"])
+    temb = model.time_text_embed(torch.cat([call["timestep"], call["timestep"].new_zeros(1)]), hidden.dtype)
+    scale = model.modulation(temb).chunk(4, dim=-1)[0][:-1]
+    generated = math.prod(call["img_shapes"][0][-1])
+    return model.transformer_blocks[0].img_norm1(joint)[:, -generated:] * (1 + scale[:, None])
+
+
 def _z_image_path(config: dict, seed: int) -> Callable[[float], dict]:
     from tests.test_z_image import make_inputs
 
@@ -211,6 +231,9 @@ CASES: dict[str, FamilyCase] = {
             {"modulated_input": _hunyuan_video15_indicator},
         ),
         FamilyCase("qwen_image", "test_qwen_image", _qwen_image_path, {"modulated_input": _qwen_image_indicator}),
+        FamilyCase(
+            "qwen_image21", "test_qwen_image21", _qwen_image21_path, {"modulated_input": _qwen_image21_indicator}
+        ),
         FamilyCase(
             "z_image",
             "test_z_image",

@@ -15,6 +15,7 @@ from tests import (
     test_hunyuan_video,
     test_hunyuan_video15,
     test_qwen_image,
+    test_qwen_image21,
     test_wan,
     test_z_image,
 )
@@ -26,6 +27,7 @@ FAMILIES = {
     "HunyuanVideoTransformer3DModel": test_hunyuan_video.CONFIGS,
     "HunyuanVideo15Transformer3DModel": test_hunyuan_video15.CONFIGS,
     "QwenImageTransformer2DModel": test_qwen_image.CONFIGS,
+    "QwenImage21Transformer2DModel": test_qwen_image21.CONFIGS,
     "ZImageTransformer2DModel": test_z_image.CONFIGS,
 }
 CASES = [(name, config) for name, configs in FAMILIES.items() for config in configs]

@@ -8,6 +8,7 @@ import torch
 from diffusers import FluxTransformer2DModel as ReferenceFlux
 from diffusers import HunyuanVideo15Transformer3DModel as ReferenceHunyuanVideo15
 from diffusers import HunyuanVideoTransformer3DModel as ReferenceHunyuanVideo
+from diffusers import QwenImage21Transformer2DModel as ReferenceQwenImage21
 from diffusers import QwenImageTransformer2DModel as ReferenceQwenImage
 from diffusers import WanTransformer3DModel as ReferenceWan
 from diffusers import ZImageTransformer2DModel as ReferenceZImage
@@ -17,13 +18,22 @@ from teacache_models.models import (
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
+    QwenImage21Transformer2DModel,
     QwenImageTransformer2DModel,
     WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
 from teacache_models.weights import CheckpointError, load_transformer
 from teacache_models.weights import loading as loading_module
-from tests import test_flux, test_hunyuan_video, test_hunyuan_video15, test_qwen_image, test_wan, test_z_image
+from tests import (
+    test_flux,
+    test_hunyuan_video,
+    test_hunyuan_video15,
+    test_qwen_image,
+    test_qwen_image21,
+    test_wan,
+    test_z_image,
+)
 from tests.utils import assert_parity, randomize_
 
 # family -> (ours, diffusers class, tiny config, inputs)
@@ -53,6 +63,12 @@ FAMILIES = {
         ReferenceQwenImage,
         test_qwen_image.TINY,
         lambda c: test_qwen_image.make_inputs(c, 2, [[(1, 2, 3)]] * 2, 5),
+    ),
+    "qwen_image21": (
+        QwenImage21Transformer2DModel,
+        ReferenceQwenImage21,
+        test_qwen_image21.TINY,
+        lambda c: test_qwen_image21.make_inputs(c, *test_qwen_image21.CASES["one-condition-padded"]),
     ),
     "z_image": (
         ZImageTransformer2DModel,

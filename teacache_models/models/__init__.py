@@ -6,6 +6,7 @@ from .flux2 import Flux2Transformer2DModel
 from .hunyuan_video import HunyuanVideoTransformer3DModel
 from .hunyuan_video15 import HunyuanVideo15Transformer3DModel
 from .qwen_image import QwenImageTransformer2DModel
+from .qwen_image21 import QwenImage21Transformer2DModel
 from .wan import WanTransformer3DModel
 from .wan_experts import WanExpertPair
 from .z_image import ZImageTransformer2DModel
@@ -17,6 +18,7 @@ __all__ = [
     "HunyuanVideo15Transformer3DModel",
     "HunyuanVideoTransformer3DModel",
     "ModelConfig",
+    "QwenImage21Transformer2DModel",
     "QwenImageTransformer2DModel",
     "Transformer2DModelOutput",
     "WanExpertPair",

@@ -392,8 +392,8 @@ def test_refused_layouts_say_why():
     ours, _, _ = build("flux")
     with pytest.raises(ValueError, match="Control LoRAs widen x_embedder"):
         ours.load_lora_adapter({"lora_unet_x.query_norm.scale": torch.ones(4)})
-    with pytest.raises(ValueError, match="LoKr adapters"):
-        ours.load_lora_adapter({"transformer.x.lokr_w1": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match="LoKr adapters are loaded in PEFT's layout only"):
+        ours.load_lora_adapter({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.ones(2, 2)})
     with pytest.raises(ValueError, match="LoHa adapters"):
         ours.load_lora_adapter({"transformer.x.hada_w1_a": torch.ones(2, 2), "transformer.x.hada_w2_b": torch.ones(2)})
     with pytest.raises(ValueError, match=r"DoRA in the PEFT layout .* is loaded"):

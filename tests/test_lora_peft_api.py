@@ -23,6 +23,22 @@ def lora_config(**fields) -> peft.LoraConfig:
     )
 
 
+def check_weight_and_fusing(ours, reference, inputs, name: str) -> None:
+    """At weight 0.5, then fused at weight 1, ours predicts what diffusers' class does (fused: to float32
+    rounding); unfusing gives ours' unfused prediction back exactly."""
+    unfused = run(ours, inputs)
+    for model in (ours, reference):
+        model.set_adapters(name, 0.5)
+    assert_parity(run(ours, inputs), run(reference, inputs), 1e-6)
+    for model in (ours, reference):
+        model.set_adapters(name, 1.0)
+        model.fuse_lora()
+    assert_parity(run(ours, inputs), run(reference, inputs), 1e-5)
+    assert_parity(run(ours, inputs), unfused, 1e-5)
+    ours.unfuse_lora()
+    assert torch.equal(run(ours, inputs), unfused)
+
+
 def test_add_adapter_set_adapter_and_enable_disable_match_diffusers():
     ours, reference, inputs = build("flux")
     base = run(ours, inputs)
@@ -95,16 +111,7 @@ def test_dora_matches_diffusers_unfused_weighted_and_fused(family, low_cpu_mem_u
     again, _, _ = build(family)
     again.load_lora_adapter(lora_only, prefix=None, metadata=dict(ours.peft_config["d"].to_dict(), use_dora=False))
     assert not torch.equal(run(again, inputs), unfused), "the magnitudes take part"
-    for model in (ours, reference):
-        model.set_adapters("d", 0.5)
-    assert_parity(run(ours, inputs), run(reference, inputs), 1e-6)
-    for model in (ours, reference):
-        model.set_adapters("d", 1.0)
-        model.fuse_lora()
-    assert_parity(run(ours, inputs), run(reference, inputs), 1e-5)
-    assert_parity(run(ours, inputs), unfused, 1e-5)
-    ours.unfuse_lora()
-    assert torch.equal(run(ours, inputs), unfused)
+    check_weight_and_fusing(ours, reference, inputs, "d")
     assert not any(getattr(m, "_caches", None) for m in ours.modules()), "unfusing drops DoRA's cached norms"
     ours.unload_lora()
     assert torch.equal(run(ours, inputs), base)
@@ -249,3 +256,72 @@ def test_save_options_and_safetensors_only(tmp_path):
         with pytest.raises(ValueError, match=f"{option}=False: only safetensors"):
             ours.load_lora_adapter(written, prefix=None, **{option: False})
     assert ours.load_lora_adapter(written, prefix=None, use_safetensors=True, safe_serialization=True) == "default_1"
+
+
+# ---- LoKr ---------------------------------------------------------------------------------------------------
+
+
+def lokr_file(reference, tmp_path, **fields) -> None:
+    """A LoKr adapter written by diffusers' class (random factors, its config in the metadata)."""
+    config = peft.LoKrConfig(**{"r": 4, "alpha": 4, "target_modules": ATTENTION, "init_weights": False, **fields})
+    torch.manual_seed(0)
+    reference.add_adapter(config, adapter_name="kron")
+    reference.save_lora_adapter(tmp_path, adapter_name="kron")
+
+
+@pytest.mark.parametrize(("family", "fields"), [("flux", {}), ("qwen_image", {"decompose_both": True})])
+def test_lokr_matches_diffusers_weighted_fused_and_without_its_config(family, fields, tmp_path):
+    ours, reference, inputs = build(family)
+    base = run(ours, inputs)
+    modules = [(n, type(m)) for n, m in ours.named_modules()]
+    lokr_file(reference, tmp_path, **fields)
+    ours.load_lora_adapter(tmp_path, prefix=None, adapter_name="kron")
+    assert type(ours.peft_config["kron"]).__name__ == "LoKrConfig"
+    loaded = run(ours, inputs)
+    assert not torch.equal(loaded, base)
+    assert_parity(loaded, run(reference, inputs), 1e-6)
+    check_weight_and_fusing(ours, reference, inputs, "kron")
+
+    # Without the stored config, both derive it from the factors (diffusers' own derivation).
+    tensors = ours.get_adapter_state_dict("kron")
+    ours.unload_lora()
+    assert [(n, type(m)) for n, m in ours.named_modules()] == modules
+    again, fresh_reference, _ = build(family)
+    again.load_lora_adapter(tensors, prefix=None)
+    fresh_reference.load_lora_adapter(dict(tensors), prefix=None)
+    assert_parity(run(again, inputs), run(fresh_reference, inputs), 1e-6)
+    again.delete_adapters("default_0")
+    assert [(n, type(m)) for n, m in again.named_modules()] == modules
+
+
+def test_lokr_that_does_not_fit_or_mixes_with_lora_is_refused(tmp_path):
+    ours, reference, _ = build("flux")
+    lokr_file(reference, tmp_path)
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    modules = [(n, type(m)) for n, m in ours.named_modules()]
+    key = next(k for k in tensors if k.endswith("to_q.lokr_w1"))
+    wrong = dict(tensors, **{key: torch.ones(3, 3)})
+    with pytest.raises(ValueError, match=r"\(LoKr\) does not fit .*to_q: the factors \(3, 3\) and"):
+        ours.load_lora_adapter(wrong, prefix=None)
+    with pytest.raises(ValueError, match=r"nothing was loaded: not_a_module \(no such module\)"):
+        ours.load_lora_adapter({**tensors, "not_a_module.lokr_w1": torch.ones(2, 2)}, prefix=None)
+    with pytest.raises(ValueError, match=r"norm_q \(RMSNorm: LoKr adapters are loaded on linear layers only\)"):
+        ours.load_lora_adapter({"transformer_blocks.0.attn.norm_q.lokr_w1": torch.ones(2, 2)}, prefix=None)
+    assert [(n, type(m)) for n, m in ours.named_modules()] == modules
+
+    ours.load_lora_adapter(tensors, prefix=None, adapter_name="kron")
+    with pytest.raises(ValueError, match="this is a LoRA adapter and the model holds adapters of another kind"):
+        ours.load_lora_adapter(make_lora(build("flux")[0], 0), adapter_name="lora")
+    with pytest.raises(ValueError, match="this is a LoRA adapter"):
+        ours.add_adapter(lora_config(), adapter_name="lora")
+    with pytest.raises(ValueError, match="hotswap=True and network_alphas are for LoRA adapters"):
+        ours.load_lora_adapter(tensors, prefix=None, adapter_name="kron", hotswap=True)
+    with pytest.raises(ValueError, match="hotswap=True and network_alphas are for LoRA adapters"):
+        ours.load_lora_adapter(tensors, prefix=None, network_alphas={"x.alpha": 1.0})
+    assert list(ours.peft_config) == ["kron"]
+    ours.unload_lora()
+    ours.load_lora_adapter(make_lora(build("flux")[0], 0), adapter_name="lora")
+    with pytest.raises(ValueError, match="this is a LoKr adapter and the model holds adapters of another kind"):
+        ours.load_lora_adapter(tensors, prefix=None)

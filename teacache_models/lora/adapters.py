@@ -39,12 +39,14 @@ from torch import nn
 from .files import read_lora
 from .formats import PEFT_KEY, to_peft_layout
 from .hotswap import hotswap_adapter
+from .lokr import is_lokr, lokr_adapter
 
 __all__ = ["LoraMixin", "check_lora_scale", "lora_scale_from"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 _CHECK_COMPILED = ("error", "warn", "ignore")
+_ADAPTER_PART = re.compile(r"\.(?:lora|lokr)_")
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PEFT_INSTALL = "LoRA adapters need PEFT: pip install peft (or the package's 'lora' extra)"
 
@@ -187,18 +189,23 @@ class LoraMixin:
                 "network_alphas and a LoraConfig (metadata, given or stored in the file) both set the alphas; "
                 "pass one of them"
             )
-        alphas = {k.removesuffix(".alpha"): float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
-        if network_alphas:
-            alphas.update({_strip(k, prefix).removesuffix(".alpha"): float(v) for k, v in network_alphas.items()})
-        weights = {k: v for k, v in state_dict.items() if not k.endswith(".alpha")}
-        targets = self._checked_targets(weights, base_tuner, lora.source, layout)
-        weights = {k: v.to(*targets[PEFT_KEY.fullmatch(k)["module"]]) for k, v in weights.items()}
-        _fill_missing_biases(weights)
+        if is_lokr(state_dict):
+            self._check_one_kind("LoKr", "LoKrConfig", hotswap or bool(network_alphas))
+            config, weights = lokr_adapter(self, state_dict, metadata, lora.source)
+        else:
+            self._check_one_kind("LoRA", "LoraConfig", False)
+            alphas = {k.removesuffix(".alpha"): float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
+            if network_alphas:
+                alphas.update({_strip(k, prefix).removesuffix(".alpha"): float(v) for k, v in network_alphas.items()})
+            weights = {k: v for k, v in state_dict.items() if not k.endswith(".alpha")}
+            targets = self._checked_targets(weights, base_tuner, lora.source, layout)
+            weights = {k: v.to(*targets[PEFT_KEY.fullmatch(k)["module"]]) for k, v in weights.items()}
+            _fill_missing_biases(weights)
+            config = _lora_config(weights, alphas, metadata)
         if adapter_name is None:
             adapter_name = next(
                 f"default_{n}" for n in range(len(loaded), 2 * len(loaded) + 1) if f"default_{n}" not in loaded
             )
-        config = _lora_config(weights, alphas, metadata)
         if hotswap:
             hotswap_adapter(self, config, adapter_name, weights, base_tuner)
         else:
@@ -224,10 +231,25 @@ class LoraMixin:
         loaded = self.__dict__.get("peft_config") or {}
         if adapter_name in loaded:
             raise ValueError(f"adapter name {adapter_name!r} is already in use (loaded: {list(loaded)})")
+        self._check_one_kind("LoRA", "LoraConfig", False)
         config = copy.deepcopy(adapter_config)
         config.base_model_name_or_path = None
         self._inject(config, adapter_name, None, False, base_tuner)
         self.set_adapter(adapter_name)
+
+    def _check_one_kind(self, kind: str, config_class: str, unsupported_option: bool) -> None:
+        """A model holds adapters of one kind (PEFT would wrap one kind's layers in the other's); LoKr adapters
+        take neither hotswap (PEFT swaps LoRA weights only) nor network_alphas (their alpha is in the weights)."""
+        if unsupported_option:
+            raise ValueError("hotswap=True and network_alphas are for LoRA adapters, not LoKr adapters")
+        others = sorted(
+            n for n, c in (self.__dict__.get("peft_config") or {}).items() if type(c).__name__ != config_class
+        )
+        if others:
+            raise ValueError(
+                f"this is a {kind} adapter and the model holds adapters of another kind ({others}); one model holds "
+                "LoRA / DoRA adapters or LoKr adapters: delete_adapters() or unload_lora() them first"
+            )
 
     def _without_prefix(self, state_dict: dict[str, torch.Tensor], prefix: str | None, source: str) -> dict:
         if prefix is None:
@@ -310,12 +332,12 @@ class LoraMixin:
                 )
             if weights is not None:
                 result = set_peft_model_state_dict(self, weights, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-                missing = [k for k in result.missing_keys if ".lora_" in k and f".{adapter_name}." in k]
+                missing = [k for k in result.missing_keys if _ADAPTER_PART.search(k) and f".{adapter_name}." in k]
                 if result.unexpected_keys or missing:
                     raise RuntimeError(f"PEFT left keys unloaded: {result.unexpected_keys or missing}")
         except BaseException:
             for module in self.modules():
-                if isinstance(module, base_tuner) and adapter_name in module.lora_A:
+                if isinstance(module, base_tuner) and _holds(module, adapter_name):
                     module.delete_adapter(adapter_name)
             (self.__dict__.get("peft_config") or {}).pop(adapter_name, None)
             if not self.__dict__.get("peft_config"):
@@ -463,7 +485,7 @@ class LoraMixin:
             raise ValueError(f"adapters {fused} are fused into the weights: call unfuse_lora() before deleting them")
         for module in self._tuner_layers():
             for name in names:
-                if name in module.lora_A:
+                if _holds(module, name):
                     module.delete_adapter(name)
         for name in names:
             self.peft_config.pop(name)
@@ -584,6 +606,11 @@ class LoraMixin:
                 module.scaling.clear()
                 module.scaling.update(scaling)
             self.__dict__["_lora_call_scale"] = 1.0
+
+
+def _holds(layer: Any, adapter_name: str) -> bool:
+    """Whether a PEFT layer (LoRA or LoKr) has weights of `adapter_name`."""
+    return any(adapter_name in getattr(layer, part, {}) for part in layer.adapter_layer_names)
 
 
 def _strip(key: str, prefix: str | None) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .flux_bfl import BFL_PREFIX, convert_bfl_flux_lora
+from .lokr import LOKR_KEY
 
 __all__ = ["PEFT_KEY", "LoraFormat", "formats_for", "is_peft_layout", "to_peft_layout"]
 
@@ -54,7 +55,8 @@ class LoraFormat:
 
 
 def is_peft_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return all(PEFT_KEY.fullmatch(key) for key in state_dict)
+    """Keys of PEFT's LoRA layout, or of its LoKr layout (loaded as they are, like LoRA)."""
+    return all(PEFT_KEY.fullmatch(key) for key in state_dict) or all(LOKR_KEY.fullmatch(key) for key in state_dict)
 
 
 def _any_key(test: Callable[[str], bool]) -> Callable[[Mapping[str, torch.Tensor]], bool]:
@@ -74,11 +76,14 @@ _LEGACY = LoraFormat(
     _any_key(lambda k: ".lora.down." in k or ".lora.up." in k or "lora_linear_layer" in k),
     None,
 )
+# Kohya / LyCORIS name modules by their flattened original names under these prefixes.
+_KOHYA_PREFIXES = ("lora_unet_", "lycoris_", "lora_te")
 _LOKR = LoraFormat(
-    "LyCORIS LoKr (lokr_w1 / lokr_w2)",
-    _any_key(lambda k: ".lokr_" in k),
+    "LyCORIS / Kohya LoKr (lora_unet_..._lokr_w1)",
+    _any_key(lambda k: ".lokr_" in k and k.startswith(_KOHYA_PREFIXES)),
     None,
-    "LoKr adapters (Kronecker factors) are not low-rank LoRAs; only LoRA and DoRA adapters are loaded",
+    "LoKr adapters are loaded in PEFT's layout only (<module>.lokr_w1, as diffusers' save_lora_adapter writes "
+    "it); this file's keys are not module names of the model",
 )
 _LOHA = LoraFormat(
     "LyCORIS LoHa (hada_w1 / hada_w2)",

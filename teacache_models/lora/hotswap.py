@@ -25,8 +25,11 @@ def hotswap_adapter(
     """Copy `weights` (PEFT layout, no prefix, checked against the model's layers) and `config`'s scales into the
     loaded adapter `adapter_name`. Raises ValueError, changing nothing, for a LoRA adapting modules the adapter
     does not, other settings (`_SWAPPABLE`), a DoRA adapter's modules not all swapped, or a fused adapter."""
+    from peft import LoraConfig
     from peft.utils.hotswap import hotswap_adapter_from_state_dict
 
+    if not isinstance(model.peft_config[adapter_name], LoraConfig):
+        raise ValueError(f"hotswap: adapter {adapter_name!r} is not a LoRA adapter; PEFT hotswaps LoRA weights only")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, base_tuner) and adapter_name in m.lora_A}
     modules = {PEFT_KEY.fullmatch(k)["module"] for k in weights}
     extra = sorted(modules - set(layers))

@@ -1,4 +1,4 @@
-"""Run diffusers' own model tests for the five transformer classes against this package's native classes.
+"""Run diffusers' own model tests for the transformer classes against this package's native classes.
 
     python scripts/run_diffusers_model_tests.py /path/to/diffusers [--family flux ...] [-- -k name ...]
 
@@ -17,6 +17,7 @@ failed per test class and the failures.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -24,10 +25,16 @@ from pathlib import Path
 # Test module of each family in tests/models/transformers, and the class names it tests.
 MODULES = {
     "flux": ("test_models_transformer_flux.py", "FluxTransformer2DModel"),
+    "flux2": ("test_models_transformer_flux2.py", "Flux2Transformer2DModel"),
     "wan": ("test_models_transformer_wan.py", "WanTransformer3DModel"),
     "hunyuan_video": ("test_models_transformer_hunyuan_video.py", "HunyuanVideoTransformer3DModel"),
     "qwen_image": ("test_models_transformer_qwenimage.py", "QwenImageTransformer2DModel"),
     "z_image": ("test_models_transformer_z_image.py", "ZImageTransformer2DModel"),
+}
+# Other diffusers classes the test modules import whose native equivalents the models return: (module, name).
+NATIVE_HELPERS = {
+    "Flux2KVCache": ("teacache_models.models.flux2", "Flux2KVCache"),
+    "Flux2KVLayerCache": ("teacache_models.models.flux2", "Flux2KVLayerCache"),
 }
 # Test-class name endings of machinery out of scope, and why.
 OUT_OF_SCOPE = {
@@ -63,6 +70,8 @@ OUT_OF_SCOPE = {
 # Tests, by a part of their name, of machinery out of scope within test classes that otherwise run.
 OUT_OF_SCOPE_TESTS = {
     "layerwise_casting": "diffusers' hooks: layerwise casting",
+    "test_extract_mode_returns_cache": "sets diffusers' KV-cache attention processors (set_processor); the native "
+    "FLUX.2 extracts its KV cache without processors",
     "test_layered_model_with_mask": "asserts diffusers' internal RoPE module class (the native model computes its "
     "layered RoPE without a module)",
 }
@@ -112,6 +121,8 @@ class NativeClasses:
         from teacache_models.lora import LoraMixin
 
         self.native = {name: getattr(models, name) for _, name in MODULES.values()}
+        for name, (module, attribute) in NATIVE_HELPERS.items():
+            self.native[name] = getattr(importlib.import_module(module), attribute)
         self.native["PeftAdapterMixin"] = LoraMixin
         self.outcomes: dict[str, Counter] = defaultdict(Counter)
         self.left_out: dict[str, str] = {}

@@ -32,6 +32,32 @@ def flux_kohya(model: nn.Module) -> dict:
     return w.state_dict
 
 
+def flux2_ai_toolkit(model: nn.Module, prefix: str = "diffusion_model.") -> dict:
+    """ai-toolkit / BFL names of FLUX.2: lora_A / lora_B, a double block's fused QKV split by rows, the single
+    blocks' fused projections as they are."""
+    w = Writer(model, 4)
+    w.pair(f"{prefix}double_blocks.0.img_attn.qkv", "transformer_blocks.0.attn.to_q", 4, "lora_A", "lora_B", fused=3)
+    w.pair(f"{prefix}double_blocks.0.txt_attn.proj", "transformer_blocks.0.attn.to_add_out", 4, "lora_A", "lora_B")
+    w.pair(
+        f"{prefix}single_blocks.0.linear1", "single_transformer_blocks.0.attn.to_qkv_mlp_proj", 4, "lora_A", "lora_B"
+    )
+    w.pair(f"{prefix}single_blocks.0.linear2", "single_transformer_blocks.0.attn.to_out", 4, "lora_A", "lora_B")
+    return w.state_dict
+
+
+def flux2_peft_names(model: nn.Module) -> dict:
+    """The same under PEFT's `base_model.model.`."""
+    return flux2_ai_toolkit(model, "base_model.model.")
+
+
+def flux2_kohya(model: nn.Module) -> dict:
+    """sd-scripts / Kohya names of FLUX.2: flattened BFL names, lora_down / lora_up, alpha."""
+    w = Writer(model, 5)
+    w.pair("lora_unet_double_blocks_0_img_attn_qkv", "transformer_blocks.0.attn.to_q", alpha=2, fused=3)
+    w.pair("lora_unet_single_blocks_0_linear2", "single_transformer_blocks.0.attn.to_out", alpha=8)
+    return w.state_dict
+
+
 def flux_xlabs(model: nn.Module) -> dict:
     """XLabs: attention-processor names, down / up, no alpha."""
     w = Writer(model, 2)

@@ -12,12 +12,32 @@ from safetensors.torch import save_file
 from torch import nn
 
 from teacache_models.layers.linear import onednn_available
+from tests import test_flux2
 from tests.test_weights_loading import FAMILIES, predict
 from tests.utils import assert_parity, randomize_
 
 pytest.importorskip("peft")
 
-PARITY_FAMILIES = ["flux", "wan-t2v", "wan-i2v", "hunyuan_video", "hunyuan_video15", "qwen_image", "z_image"]
+# family -> (ours, diffusers class, tiny config, inputs): the weights-loading families and FLUX.2.
+LORA_FAMILIES = {
+    **FAMILIES,
+    "flux2": (
+        test_flux2.Flux2Transformer2DModel,
+        test_flux2.ReferenceFlux2,
+        test_flux2.CONFIGS["tiny-dev"],
+        lambda c: test_flux2.make_inputs(c, 2, 2, 3, 5),
+    ),
+}
+PARITY_FAMILIES = [
+    "flux",
+    "flux2",
+    "wan-t2v",
+    "wan-i2v",
+    "hunyuan_video",
+    "hunyuan_video15",
+    "qwen_image",
+    "z_image",
+]
 
 
 def make_lora(model: nn.Module, seed: int, rank: int = 4, prefix: str = "transformer.", every: int = 1) -> dict:
@@ -39,7 +59,7 @@ def flat(output) -> torch.Tensor:
 
 
 def build(family: str, seed: int = 0):
-    ours_class, reference_class, config, make_inputs = FAMILIES[family]
+    ours_class, reference_class, config, make_inputs = LORA_FAMILIES[family]
     reference = randomize_(reference_class(**config), seed).eval()
     ours = ours_class(**config).eval()
     ours.load_state_dict(reference.state_dict())
@@ -350,6 +370,9 @@ def test_teacache_computes_again_when_the_adapters_or_their_weights_change(tmp_p
 COMMUNITY = {
     "flux-kohya": ("flux", "flux_kohya", "FluxLoraLoaderMixin"),
     "flux-xlabs": ("flux", "flux_xlabs", "FluxLoraLoaderMixin"),
+    "flux2-ai-toolkit": ("flux2", "flux2_ai_toolkit", "Flux2LoraLoaderMixin"),
+    "flux2-peft-names": ("flux2", "flux2_peft_names", "Flux2LoraLoaderMixin"),
+    "flux2-kohya": ("flux2", "flux2_kohya", "Flux2LoraLoaderMixin"),
     "wan-original": ("wan-t2v", "wan_original", "WanLoraLoaderMixin"),
     "wan-musubi": ("wan-t2v", "wan_musubi", "WanLoraLoaderMixin"),
     "hunyuan_video-original": ("hunyuan_video", "hunyuan_video_original", "HunyuanVideoLoraLoaderMixin"),

@@ -42,6 +42,8 @@ class LoraFormat:
     detect: Callable[[Mapping[str, torch.Tensor]], bool]
     converter: str | Callable[[nn.Module, StateDict], StateDict] | None
     refusal: str = ""
+    # (old, new): a key prefix renamed before the diffusers converter runs, as its pipeline loader does.
+    renamed_prefix: tuple[str, str] | None = None
 
     def convert(self, model: nn.Module, state_dict: StateDict) -> StateDict:
         """The PEFT layout of `state_dict`, whose tensors are left as they were (some of diffusers' converters
@@ -51,7 +53,11 @@ class LoraFormat:
         if callable(self.converter):
             return self.converter(model, state_dict)
         module = importlib.import_module("diffusers.loaders.lora_conversion_utils")
-        return getattr(module, self.converter)({k: v.clone() for k, v in state_dict.items()})
+        old, new = self.renamed_prefix or ("", "")
+        copies = {
+            (new + k.removeprefix(old) if old and k.startswith(old) else k): v.clone() for k, v in state_dict.items()
+        }
+        return getattr(module, self.converter)(copies)
 
 
 def is_peft_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -117,6 +123,32 @@ _FAMILY_FORMATS: dict[str, tuple[LoraFormat, ...]] = {
             "BFL / fal (base_model.model.)",
             _any_key(lambda k: k.startswith(BFL_PREFIX)),
             convert_bfl_flux_lora,
+        ),
+    ),
+    # As diffusers' Flux2LoraLoaderMixin tries them.
+    "Flux2Transformer2DModel": (
+        LoraFormat(
+            "Kohya / sd-scripts (lora_down / lora_up)",
+            _any_key(lambda k: ".lora_down.weight" in k),
+            "_convert_kohya_flux2_lora_to_diffusers",
+        ),
+        LoraFormat(
+            "BFL / ai-toolkit LoKr (diffusion_model. / base_model.model. with lokr_)",
+            _any_key(lambda k: ".lokr_" in k and k.startswith(("diffusion_model.", BFL_PREFIX))),
+            None,
+            "these LoKr files adapt fused QKV projections, which diffusers fuses the model's projections for; the "
+            "native FLUX.2 keeps Q, K and V apart",
+        ),
+        LoraFormat(
+            "BFL / PEFT names (base_model.model.)",
+            _any_key(lambda k: k.startswith(BFL_PREFIX)),
+            "_convert_non_diffusers_flux2_lora_to_diffusers",
+            renamed_prefix=(BFL_PREFIX, "diffusion_model."),
+        ),
+        LoraFormat(
+            "ai-toolkit / BFL names (diffusion_model.)",
+            _any_key(lambda k: k.startswith("diffusion_model.")),
+            "_convert_non_diffusers_flux2_lora_to_diffusers",
         ),
     ),
     "WanTransformer3DModel": (

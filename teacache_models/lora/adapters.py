@@ -15,6 +15,7 @@ layer adds `scale * lora_B(lora_A(x))` to the base layer's output. What this mod
 - `load_lora_adapter(..., hotswap=True)` replaces a loaded adapter's weights in place (PEFT's hotswap), with
   `enable_lora_hotswap(target_rank=...)` first where the ranks differ or the model will be compiled.
 - DoRA adapters (`use_dora`, PEFT's `lora_magnitude_vector`) load and fuse like LoRAs.
+- LoKr adapters in PEFT's layout (`lokr.py`) load, weight and fuse like LoRAs; a model holds one kind.
 
 PEFT is imported when an adapter is loaded; a model without adapters never imports it.
 """
@@ -124,8 +125,9 @@ class LoraMixin:
 
         Args:
             pretrained_model_name_or_path_or_dict: a state dict, a `.safetensors` file, a folder holding one,
-                or a Hub id. Pickle files are refused. The PEFT layout `save_lora_weights` writes and the
-                community layouts of the model's family (see `teacache_models.lora.formats`) are read.
+                or a Hub id. Pickle files are refused. The PEFT layout `save_lora_weights` writes (LoRA, DoRA,
+                LoKr) and the community layouts of the model's family (see `teacache_models.lora.formats`) are
+                read.
             prefix: only keys starting with `prefix + "."` are read, without it; None reads every key (a
                 file written by `save_lora_adapter`, whose keys carry no prefix).
             adapter_name: a new name (default: `default_<n>`, n the number of adapters loaded).

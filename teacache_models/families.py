@@ -56,7 +56,15 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("qwen_image21", "QwenImage21Transformer2DModel"),
         Family("z_image", "ZImageTransformer2DModel", ("z_image:ZImageTextToImagePipeline",)),
-        Family("flux2", "Flux2Transformer2DModel"),
+        Family(
+            "flux2",
+            "Flux2Transformer2DModel",
+            (
+                "flux2:Flux2ImagePipeline",
+                "flux2:Flux2KleinImagePipeline",
+                "flux2:Flux2KleinKVImagePipeline",
+            ),
+        ),
     )
 }
 

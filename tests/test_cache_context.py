@@ -14,7 +14,7 @@ from teacache_models import TeaCacheParams, apply_teacache, remove_teacache
 from teacache_models.integrations.diffusers import native_from_diffusers, pipeline_repository
 from teacache_models.models import FluxTransformer2DModel
 from teacache_models.zoo import load_zoo_entry
-from tests import test_flux, test_wan
+from tests import test_flux, test_flux2, test_wan
 
 PARAMS = TeaCacheParams(teacache_thresh=1e6, coefficients=(1.0, 0.0))
 
@@ -134,6 +134,15 @@ def test_coefficients_from_the_zoo_for_a_known_repository_else_the_family_defaul
     torch.manual_seed(0)
     flux = apply_teacache(_pipe(diffusers.FluxTransformer2DModel(**test_flux.TINY)), TeaCacheParams(0.2))
     assert flux.transformer.teacache_fits == load_zoo_entry("flux1-dev").teacache_fits()
+    # FLUX.2: [dev]'s published fit is its own; [klein] has none, so the family has none to hand a folder.
+    torch.manual_seed(0)
+    dev = apply_teacache(
+        _pipe(diffusers.Flux2Transformer2DModel(**test_flux2.TINY), "black-forest-labs/FLUX.2-dev"), TeaCacheParams(0.2)
+    )
+    assert dev.transformer.teacache_fits == load_zoo_entry("flux2-dev").teacache_fits()
+    klein = _pipe(diffusers.Flux2Transformer2DModel(**test_flux2.TINY), "someone/own-klein")
+    with pytest.raises(ValueError, match="no TeaCache coefficients"):
+        apply_teacache(klein, TeaCacheParams(0.2))
     untouched = _tiny_wan()
     pipe = _pipe(untouched, "someone/own-wan")
     with pytest.raises(ValueError, match="coefficients"):

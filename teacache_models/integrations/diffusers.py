@@ -253,20 +253,25 @@ def zoo_entry_for(repository: str | None) -> Any:
 
 def family_fits(model: TeaCacheMixin) -> dict[str, tuple[float, ...]]:
     """The family's fit per indicator: the one every released checkpoint of the model's family in the zoo
-    shares (FLUX.1, HunyuanVideo, Qwen-Image, Z-Image); none where they differ (Wan: one per checkpoint)."""
+    shares (FLUX.1, HunyuanVideo, Qwen-Image, Z-Image); none where they differ (Wan: one per checkpoint) or
+    where a checkpoint has none (FLUX.2: [dev]'s fit is not [klein]'s)."""
     from ..families import FAMILIES
     from ..weights.manifest import load_manifest
     from ..zoo import list_zoo, load_zoo_entry
 
     names = {f.name for f in FAMILIES.values() if f.transformer == type(model).__name__}
     released = {name for name, entry in load_manifest().items() if entry.repo is not None}
+    entries = [load_zoo_entry(name) for name in list_zoo()]
+    fits = [entry.teacache_fits() for entry in entries if entry.family in names and entry.manifest in released]
     found: dict[str, set[tuple[float, ...]]] = {}
-    for zoo_name in list_zoo():
-        entry = load_zoo_entry(zoo_name)
-        if entry.family in names and entry.manifest in released:
-            for indicator, coefficients in entry.teacache_fits().items():
-                found.setdefault(indicator, set()).add(tuple(coefficients))
-    return {indicator: fits.pop() for indicator, fits in found.items() if len(fits) == 1}
+    for checkpoint in fits:
+        for indicator, coefficients in checkpoint.items():
+            found.setdefault(indicator, set()).add(tuple(coefficients))
+    return {
+        indicator: shared.pop()
+        for indicator, shared in found.items()
+        if len(shared) == 1 and all(indicator in checkpoint for checkpoint in fits)
+    }
 
 
 # ---- the public surface ---------------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Tiny FLUX.2 pipeline folders in the diffusers layout, built offline (random weights, word-level tokenizers).
+
+FLUX.2 [dev] reads hidden layers 10, 20 and 30 of a Mistral-3 text encoder and [klein] layers 9, 18 and 27 of
+a Qwen3, so the tiny encoders keep those depths at a width of 16. The [dev] folder's tokenizer is a plain
+fast tokenizer with a chat template that reads list-of-parts messages, as the released PixtralProcessor does
+(the processor itself needs torchvision, which the tests do not install).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.test_pipeline_fixtures import build_tokenizer, flow_scheduler
+from tests.utils import randomize_
+
+TEXT_WIDTH = 16
+# Messages whose content is a list of {"type": "text", "text": ...} parts ([dev]).
+PARTS_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} "
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }} {% endif %}{% endfor %}"
+    "<|im_end|> {% endfor %}"
+)
+# Qwen3's template with its thinking switch ([klein] asks for enable_thinking=False).
+QWEN3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} {{ message['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant "
+    "{% if enable_thinking is defined and not enable_thinking %}<think> </think> {% endif %}{% endif %}"
+)
+KINDS = ("dev", "klein", "klein-base", "klein-kv")
+
+
+def flux2_transformer(seed: int, guidance_embeds: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    transformer = Flux2Transformer2DModel(
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * TEXT_WIDTH,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    return randomize_(transformer, seed).eval()
+
+
+def flux2_vae(seed: int):
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=2,
+        norm_num_groups=1,
+        layers_per_block=1,
+    )
+    randomize_(vae, seed)
+    with torch.no_grad():  # batch-norm statistics: a variance must be positive
+        vae.bn.running_var.abs_().add_(0.5)
+    return vae.eval()
+
+
+def text_encoder(kind: str, vocab: int):
+    if kind == "dev":
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+        text = dict(hidden_size=TEXT_WIDTH, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
+        config = Mistral3Config(
+            text_config=dict(model_type="mistral", num_hidden_layers=31, head_dim=8, vocab_size=vocab, **text),
+            vision_config=dict(
+                model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+            ),
+            image_token_index=vocab - 1,
+        )
+        return Mistral3ForConditionalGeneration(config).eval()
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=16,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=vocab,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def save_flux2(folder: Path, kind: str = "dev", seed: int = 0) -> Path:
+    """A FLUX.2 [dev], [klein] (distilled), [klein] base or [klein] KV folder."""
+    import diffusers
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(512)
+    tokenizer.chat_template = PARTS_TEMPLATE if kind == "dev" else QWEN3_TEMPLATE
+    components = dict(
+        scheduler=flow_scheduler(use_dynamic_shifting=True, time_shift_type="exponential"),
+        vae=flux2_vae(seed),
+        text_encoder=text_encoder(kind, len(tokenizer)),
+        tokenizer=tokenizer,
+        transformer=flux2_transformer(seed, guidance_embeds=kind == "dev"),
+    )
+    if kind == "dev":
+        pipe = diffusers.Flux2Pipeline(**components)
+    elif kind == "klein-kv":
+        pipe = diffusers.Flux2KleinKVPipeline(**components, is_distilled=True)
+    else:
+        pipe = diffusers.Flux2KleinPipeline(**components, is_distilled=kind == "klein")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def reference_image(width: int, height: int, seed: int):
+    """A random RGB PIL image."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())

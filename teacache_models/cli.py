@@ -195,7 +195,7 @@ def check_image_count(count: int, takes: str, max_images: int | None, name: str)
     if count and takes == "no":
         raise CliError(
             f"--image has no effect on {name}: it takes no input image (--image is for image-to-video, "
-            "image-editing and layered models)"
+            "image-editing, reference-image (FLUX.2) and layered models)"
         )
     if max_images is not None and count > max_images:
         raise CliError(

@@ -41,9 +41,9 @@ ZOO_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Names that select no preset: `sampling_params` and the CLI read them as "cache off" and "the default preset".
 _RESERVED_PRESET_NAMES = ("off", "default")
 # t2i text-to-image, t2v text-to-video, i2v image-to-video (an image is required), ti2v text-and-image-to-video
-# (the image is optional), edit image editing (one or more input images are required), layered decomposition of
-# an input image into RGBA layers.
-TASKS = ("t2i", "t2v", "i2v", "ti2v", "edit", "layered")
+# (the image is optional), ti2i text-to-image with optional reference images (FLUX.2), edit image editing (one or
+# more input images are required), layered decomposition of an input image into RGBA layers.
+TASKS = ("t2i", "t2v", "i2v", "ti2v", "ti2i", "edit", "layered")
 VIDEO_TASKS = ("t2v", "i2v", "ti2v")
 # Per task: whether its models take input images ("required", "optional" or "no") and how many at most (None:
 # the model's pipeline says, `Pipeline.max_images`).
@@ -52,6 +52,7 @@ TASK_IMAGES: dict[str, tuple[str, int | None]] = {
     "t2v": ("no", 0),
     "i2v": ("required", 1),
     "ti2v": ("optional", 1),
+    "ti2i": ("optional", None),
     "edit": ("required", None),
     "layered": ("required", 1),
 }

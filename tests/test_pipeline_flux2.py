@@ -149,6 +149,7 @@ def test_teacache_with_the_kv_cache(folders):
         ("dev", {}, {"image": "tiny"}, ValueError, r"image is 48x64: both sides"),
         ("dev", {}, {"image": "wide"}, ValueError, "aspect ratio must be at most 8:1"),
         ("dev", {}, {"image": []}, ValueError, "non-empty list"),
+        ("klein", {"guidance_scale": 1.0}, {"image": "five"}, ValueError, "5 reference images; .* at most 4"),
         ("dev", {}, {"mask": None}, TypeError, r"takes only image=\.\.\. \(reference images\), got \['mask'\]"),
         ("dev", {"negative_prompt": "blurry"}, {}, ValueError, "negative_prompt='blurry' has no effect"),
         ("klein", {"guidance_scale": 4.0}, {}, ValueError, "guidance_scale=4.0 has no effect: .*step-distilled"),
@@ -161,6 +162,7 @@ def test_teacache_with_the_kv_cache(folders):
         "tiny",
         "wide",
         "empty-list",
+        "too-many",
         "unknown-input",
         "negative",
         "distilled-cfg",
@@ -174,6 +176,8 @@ def test_bad_input_gives_a_clear_error(folders, kind, settings, inputs, error, m
         inputs = {"image": reference_image(48, 64, 0)}
     elif inputs.get("image") == "wide":
         inputs = {"image": reference_image(640, 64, 0)}
+    elif inputs.get("image") == "five":
+        inputs = {"image": [reference_image(64, 64, i) for i in range(5)]}
     params = SamplingParams(**{"seed": 0, "num_inference_steps": 1, "height": 16, "width": 16, **settings})
     with pytest.raises(error, match=match):
         pipe(PROMPTS[0], dataclasses.replace(params, teacache_params=None), **inputs)
@@ -231,3 +235,30 @@ def test_apply_teacache_to_diffusers_flux2_pipelines(folders, kind, guidance):
     assert stats.positive == mine.teacache_stats.positive
     assert stats.negative == mine.teacache_stats.negative
     assert stats.positive.skipped_steps == ((2, 3) if kind == "klein-kv" else (1, 2, 3))
+
+
+def test_cli_passes_repeated_reference_images(folders, tmp_path):
+    """`scripts/generate.py --image A --image B` on a FLUX.2 folder gives the Python API's edit with [A, B]."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.utils import load_script
+
+    folder = folders("klein")
+    images = references(2)
+    paths = [tmp_path / f"reference{i}.png" for i in range(2)]
+    for image, path in zip(images, paths, strict=True):
+        image.save(path)
+    output = tmp_path / "edit.png"
+    argv = ["--model", str(folder), "--prompt", PROMPTS[0], "--height", "16", "--width", "16", "--steps", "2"]
+    argv += ["--guidance-scale", "1", "--seed", "3", "--teacache", "off", "--linear-kernel", "aten", "--no-progress"]
+    argv += ["--output", str(output)]
+    argv += [arg for path in paths for arg in ("--image", str(path))]
+    assert load_script("generate").main(argv) == 0
+    expected = load_pipeline(folder)(
+        PROMPTS[0],
+        SamplingParams(seed=3, guidance_scale=1.0, num_inference_steps=2, height=16, width=16, teacache_params=None),
+        image=images,
+    )
+    written = np.asarray(Image.open(output))
+    assert np.array_equal(written, expected.to_uint8()[0].numpy())

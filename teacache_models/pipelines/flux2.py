@@ -51,6 +51,11 @@ def reference_images(pipeline: Pipeline, inputs: dict[str, Any]) -> list[Any]:
     images = list(images) if given_list else [images]
     if not images:
         raise ValueError("image must be a PIL image or a non-empty list of them (reference images), got []")
+    if len(images) > pipeline.max_images:
+        raise ValueError(
+            f"image holds {len(images)} reference images; {type(pipeline).__name__} takes at most "
+            f"{pipeline.max_images} (Black Forest Labs' guidance for this model)"
+        )
     checked = []
     for index, image in enumerate(images):
         where = f"image[{index}]" if given_list else "image"
@@ -97,6 +102,8 @@ class Flux2ImagePipeline(Pipeline):
     diffusers_class_name: ClassVar[str] = "Flux2Pipeline"
     transformer_class: ClassVar[type] = Flux2Transformer2DModel
     cfg_rule: ClassVar[str] = "FLUX.2 [dev] embeds guidance_scale and runs no negative branch"
+    # Reference images: BFL's editing guide (docs.bfl.ml) recommends at most 6 for [dev] and 4 for [klein].
+    max_images: ClassVar[int] = 6
     max_sequence_length_limit: ClassVar[int | None] = 512
 
     # ---- sizes and inputs -----------------------------------------------------------------------
@@ -220,6 +227,7 @@ class Flux2KleinImagePipeline(Flux2ImagePipeline):
     diffusers_class_name: ClassVar[str] = "Flux2KleinPipeline"
     default_negative_prompt: ClassVar[str | None] = ""
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1 on a non-distilled (base) model"
+    max_images: ClassVar[int] = 4
     # diffusers' default for the class (a folder's model_index.json may say otherwise).
     default_is_distilled: ClassVar[bool] = False
 

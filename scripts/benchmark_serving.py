@@ -64,7 +64,7 @@ def medium_flux_pipeline() -> object:
         guidance_embeds=config.guidance_embeds,
         axes_dims_rope=(16, 24, 24),
     ).eval()
-    transformer.set_teacache_fits(demo.transformer.teacache_fits)
+    transformer.set_teacache_fits(demo.transformer.teacache_rescaling_fits)
     return FluxDigitsPipeline(transformer, text_encoder=demo.text_encoder, zoo_entry=demo.zoo_entry)
 
 

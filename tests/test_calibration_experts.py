@@ -175,6 +175,9 @@ def test_calibrate_fits_one_polynomial_per_expert_and_writes_them(tmp_path, a14b
         # The other indicator's shared fit is kept for each expert, still marked as borrowed.
         assert entry.expert_fits[name]["timestep_proj"].borrowed_from == "wan2.1-t2v-14b"
         assert entry.expert_fits[name]["modulated_input"].source.startswith("coefficients: scripts/calibrate.py fit on")
+        # Each expert's own calibrated range: the distances that expert saw.
+        low, high = points[name][:, 0].min(), points[name][:, 0].max()
+        assert entry.expert_fits[name]["modulated_input"].calibrated_range == pytest.approx((low, high), rel=1e-5)
     assert "# Shared fits, replaced by per-expert ones." in config.read_text()
     assert [row.teacache_thresh for row in entry.threshold_table.rows] == [0.05, 0.5]
     pipe = load_pipeline(a14b_folder, zoo_entry=entry)

@@ -101,7 +101,8 @@ class FitMonitor:
             if previous is not None and step.distance is not None and previous.shape == step.output.shape:
                 actual = self._distance(step.output, previous)
                 predicted = record.predicted
-                if step.step_index - record.last_step > 1 and record.path > 0:
+                spans = step.step_index - record.last_step > 1 and record.path > 0
+                if spans and step.indicator is not None and record.last_indicator is not None:
                     chord = self._distance(step.indicator, record.last_indicator)
                     predicted *= (chord / record.path) ** SPAN_STRAIGHTNESS_EXPONENT
                 record.pairs.append((predicted, actual, step.step_index - record.last_step))

@@ -1,7 +1,14 @@
 """Test-session settings shared by every module."""
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The timed --linear-kernel auto verdict is stored per machine; the tests keep theirs in a folder of their
+# own (inherited by the CLI and server processes they start), so all of them take the same kernel.
+os.environ["TEACACHE_MODELS_CACHE"] = tempfile.mkdtemp(prefix="teacache-models-test-cache-")
 
 
 @pytest.fixture(autouse=True, scope="session")

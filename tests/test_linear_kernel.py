@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -124,24 +126,76 @@ def test_missing_onednn_is_a_clear_error(monkeypatch):
     assert resolve_linear_kernel("auto", "cpu", torch.float32) == "aten"
 
 
-def test_auto_picks_onednn_only_where_the_timing_finds_it_faster(monkeypatch):
-    calls = []
+def timed_as(calls: list, aten: float, onednn: float):
+    def measure():
+        calls.append((aten, onednn))
+        return aten, onednn
 
-    def timed(aten: float, onednn: float):
-        def measure():
-            calls.append((aten, onednn))
-            return aten, onednn
+    return measure
 
-        return measure
 
+@pytest.fixture
+def verdict_store(monkeypatch, tmp_path):
+    """A fresh on-disk verdict store and an empty per-process cache; a real timing is never run."""
+    monkeypatch.setenv("TEACACHE_MODELS_CACHE", str(tmp_path))
     monkeypatch.setattr(linear_module, "onednn_available", lambda: True)
-    for (aten, onednn), expected in [((1.0, 0.5), "onednn"), ((1.0, 0.97), "aten"), ((0.5, 1.0), "aten")]:
+    linear_module._timed_check.cache_clear()
+    yield tmp_path / "linear_kernel.json"
+    linear_module._timed_check.cache_clear()
+
+
+def test_auto_picks_onednn_only_where_the_timing_finds_it_faster(monkeypatch, tmp_path, verdict_store):
+    calls = []
+    for index, ((aten, onednn), expected) in enumerate(
+        [((1.0, 0.5), "onednn"), ((1.0, 0.97), "aten"), ((0.5, 1.0), "aten")]
+    ):
+        monkeypatch.setenv("TEACACHE_MODELS_CACHE", str(tmp_path / str(index)))
         linear_module._timed_check.cache_clear()
-        monkeypatch.setattr(linear_module, "measure_linear_kernels", timed(aten, onednn))
+        monkeypatch.setattr(linear_module, "measure_linear_kernels", timed_as(calls, aten, onednn))
         assert resolve_linear_kernel("auto", "cpu", torch.float32) == expected
         assert resolve_linear_kernel("auto", "cpu", "float32") == expected  # cached: timed once
         assert calls.pop() == (aten, onednn) and not calls
+
+
+def test_the_verdict_is_stored_and_later_processes_read_it(monkeypatch, verdict_store):
+    calls = []
+    monkeypatch.setattr(linear_module, "measure_linear_kernels", timed_as(calls, 1.0, 0.5))
+    assert linear_module.onednn_is_faster() and len(calls) == 1
+    stored = json.loads(verdict_store.read_text())
+    assert list(stored.values()) == [True]
+    assert f"torch {torch.__version__}" in next(iter(stored))
+    # A new process (an empty per-process cache) takes the stored verdict, even where a timing now differs.
     linear_module._timed_check.cache_clear()
+    monkeypatch.setattr(linear_module, "measure_linear_kernels", timed_as(calls, 0.5, 1.0))
+    assert resolve_linear_kernel("auto", "cpu", torch.float32) == "onednn" and len(calls) == 1
+    # Another thread count is another setting: timed and stored beside the first.
+    linear_module._timed_check.cache_clear()
+    assert not linear_module._timed_check(torch.get_num_threads() + 1) and len(calls) == 2
+    assert sorted(json.loads(verdict_store.read_text()).values()) == [False, True]
+
+
+def test_a_damaged_store_is_measured_again_and_rewritten(monkeypatch, verdict_store):
+    calls = []
+    monkeypatch.setattr(linear_module, "measure_linear_kernels", timed_as(calls, 1.0, 0.5))
+    verdict_store.write_text("{not json")
+    assert linear_module.onednn_is_faster() and len(calls) == 1
+    assert list(json.loads(verdict_store.read_text()).values()) == [True]
+
+
+def test_an_unwritable_store_keeps_the_verdict_in_the_process(monkeypatch, tmp_path, verdict_store):
+    calls = []
+    monkeypatch.setattr(linear_module, "measure_linear_kernels", timed_as(calls, 1.0, 0.5))
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("TEACACHE_MODELS_CACHE", str(blocker / "cache"))  # a folder inside a file: unwritable
+    assert linear_module.onednn_is_faster() and linear_module.onednn_is_faster() and len(calls) == 1
+    assert not (blocker / "cache").exists()
+
+
+def test_the_store_is_under_the_user_cache_unless_moved(monkeypatch, tmp_path):
+    monkeypatch.delenv("TEACACHE_MODELS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert linear_module.linear_kernel_cache_path() == tmp_path / "teacache_models" / "linear_kernel.json"
 
 
 def test_the_kernel_timing_runs_on_this_machine():

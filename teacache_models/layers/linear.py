@@ -7,7 +7,10 @@ threads and the BLAS build. The results agree to float32 rounding, not bit for b
 another order), so the default stays "aten", PyTorch's own kernel, and "onednn" is chosen explicitly:
 `set_linear_kernel(model, "onednn")`, `model.set_linear_kernel("onednn")` or the CLI's `--linear-kernel`.
 "auto" (`resolve_linear_kernel`) takes oneDNN only where `onednn_is_faster()`, a short timing of both
-kernels on this machine at the current thread count, measures it faster; the result is cached per process.
+kernels on this machine at the current thread count, measures it faster. The verdict is kept on disk
+(`linear_kernel_cache_path()`), keyed by processor, PyTorch version and thread count, so that every later
+process on the machine takes the same kernel and the same command gives the same bits; delete the file
+to measure again.
 
 The choice swaps the class of each plain `nn.Linear` for a subclass with the same parameters, so the
 `state_dict`, `isinstance` checks and every other use of the module are unchanged. oneDNN is used only
@@ -18,6 +21,10 @@ where it computes the same thing: a float32 CPU input and weight, no gradient wa
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +34,7 @@ __all__ = [
     "LINEAR_KERNELS",
     "OneDNNLinear",
     "linear_activation",
+    "linear_kernel_cache_path",
     "linear_kernel_of",
     "onednn_available",
     "onednn_is_faster",
@@ -134,15 +142,68 @@ def onednn_is_faster() -> bool:
     """Whether oneDNN's float32 linear is faster than PyTorch's on this machine at the current thread count.
 
     Times both kernels on one transformer-sized product, alternating, `_CHECK_REPEATS` times each after a
-    warm-up (about a tenth of a second), and compares the medians with a 5% margin. Cached per thread count.
+    warm-up (about a tenth of a second), and compares the medians with a 5% margin. The verdict is stored per
+    processor, PyTorch version and thread count in `linear_kernel_cache_path()` and read from there by every
+    later process, so the timing runs once per machine and setting.
     """
     return onednn_available() and _timed_check(torch.get_num_threads())
 
 
 @functools.cache
 def _timed_check(threads: int) -> bool:
+    key = f"{_processor_name()} | torch {torch.__version__} | {threads} threads"
+    verdicts = _read_verdicts()
+    if isinstance(verdicts.get(key), bool):
+        return verdicts[key]
     aten, onednn = measure_linear_kernels()
-    return onednn < _CHECK_MARGIN * aten
+    faster = onednn < _CHECK_MARGIN * aten
+    _write_verdicts({**verdicts, key: faster})
+    return faster
+
+
+# Where the timed verdicts live; TEACACHE_MODELS_CACHE moves the folder (tests point it at a temporary one).
+CACHE_ENV = "TEACACHE_MODELS_CACHE"
+
+
+def linear_kernel_cache_path() -> Path:
+    """The file that keeps `onednn_is_faster`'s verdicts: `$TEACACHE_MODELS_CACHE/linear_kernel.json`, by
+    default under `$XDG_CACHE_HOME` (else `~/.cache`) in `teacache_models/`."""
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "teacache_models"
+    return Path(folder) / "linear_kernel.json"
+
+
+def _processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read_verdicts() -> dict:
+    """The stored verdicts; an absent or unreadable file is an empty store (the check then runs again)."""
+    try:
+        verdicts = json.loads(linear_kernel_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return verdicts if isinstance(verdicts, dict) else {}
+
+
+def _write_verdicts(verdicts: dict) -> None:
+    """Stores the verdicts through a temporary file and a rename; where the folder is not writable the
+    verdict stays with this process only."""
+    path = linear_kernel_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(verdicts, indent=1, sort_keys=True))
+        partial.replace(path)
+    except OSError:
+        pass
 
 
 def measure_linear_kernels() -> tuple[float, float]:

@@ -186,3 +186,38 @@ def test_max_batch_one_and_pipelines_that_cannot_batch_run_one_job_at_a_time(pip
     assert engine.batcher is None and engine.max_batch == 1
     with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
         Engine(pipe, max_queue=1, max_batch=0)
+
+
+def test_one_timestep_per_call_jobs_batch_at_the_same_step_and_later_ones_wait_queued(tmp_path):
+    """Flux's pipeline gives a call one timestep: jobs that start together share calls; one that arrives
+    during their generation stays queued (and is cancelled at once) until the batch has finished."""
+    pytest.importorskip("diffusers")
+    from teacache_models import SamplingParams, TeaCacheParams
+    from tests.test_pipeline_fixtures import save_flux
+
+    flux = load_pipeline(save_flux(tmp_path / "flux"))
+
+    def flux_params(seed: int, steps: int) -> SamplingParams:
+        cache = TeaCacheParams(teacache_thresh=0.5, coefficients=(1.0, 0.0))
+        return SamplingParams(teacache_params=cache, height=16, width=16, num_inference_steps=steps, seed=seed)
+
+    recorder = Recorder()
+    engine = Engine(flux, max_queue=8, max_batch=4, observer=recorder.job, step_observer=recorder.step)
+    together = [engine.submit(Job("image", [p], flux_params(s, 6))) for p, s in [("a red fox", 1), ("a cat", 2)]]
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while together[0].step < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        later = engine.submit(Job("image", ["a dog"], flux_params(3, 6)))
+        dropped = engine.submit(Job("image", ["a cow"], flux_params(4, 200)))
+        assert later.status == "queued" and engine.queue_depth == 2
+        assert engine.cancel(dropped) and dropped.status == "cancelled"  # queued: at once
+        assert later.done.wait(60)
+    finally:
+        assert engine.stop(5)
+    assert recorder.sizes[0] == 2 and recorder.finished[-1] is later  # the two shared calls, then `later` alone
+    assert later.started_at >= max(job.completed_at for job in together) - 1e-3
+    for job in [*together, later]:
+        assert_solo(flux, job)

@@ -173,13 +173,15 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        """Jobs in the queue (what `max_queue` bounds); jobs prepared for the batch that have not run a step yet
+        are still `queued` but no longer in it."""
         return len(self._queue)
 
     @property
     def running_jobs(self) -> list[Job]:
         """The jobs in progress, oldest first."""
         with self._lock:
-            return list(self._active)
+            return [job for job in self._active if job.status == IN_PROGRESS]
 
     @property
     def running(self) -> Job | None:
@@ -235,7 +237,7 @@ class Engine:
             if job.finished:
                 return False
             job.stop_reason = job.stop_reason or reason
-            if job.status == QUEUED:
+            if job.status == QUEUED and job in self._queue:
                 self._queue.remove(job)
                 self._finish_stopped_locked(job)
             return True
@@ -286,6 +288,9 @@ class Engine:
                 job.stop_reason = "shutdown"
                 self._queue.remove(job)
                 self._finish_stopped_locked(job)
+            for job in self._active:  # prepared, waiting for the batch: the worker drops them before its next step
+                if job.status == QUEUED:
+                    job.stop_reason = job.stop_reason or "shutdown"
 
     def stop(self, grace_s: float) -> bool:
         """Drain, let the running jobs finish within `grace_s`, else stop them at their next step; end the
@@ -322,8 +327,9 @@ class Engine:
                         return "alone", [self._start_locked(self._queue.popleft())]
                 else:
                     joining = []
-                    while self._queue and self._batchable(self._queue[0]) and len(self._active) < self.max_batch:
-                        joining.append(self._start_locked(self._queue.popleft()))
+                    room = self._room_locked()
+                    while self._queue and self._batchable(self._queue[0]) and len(joining) < room:
+                        joining.append(self._start_locked(self._queue.popleft(), running=False))
                     if joining:
                         return "batch", joining
                 if self._active:
@@ -338,12 +344,29 @@ class Engine:
                     finally:
                         self._lock.acquire()
 
-    def _start_locked(self, job: Job) -> Job:
+    def _room_locked(self) -> int:
+        """How many queued jobs may be prepared now to join the batch at its next step: any free row while it
+        runs requests at their own timesteps; none while it runs one timestep per call (a new request would be
+        at another step), nor while a prepared job waits for it to empty (nothing overtakes that one)."""
+        if not self._active:
+            return self.max_batch
+        if self.batcher.same_step or any(job.status == QUEUED for job in self._active):
+            return 0
+        return self.max_batch - len(self._active)
+
+    def _start_locked(self, job: Job, running: bool = True) -> Job:
+        """`job` leaves the queue: run alone (`running`), or prepared for the batch, where it stays queued until
+        it runs its first step."""
+        if running:
+            self._mark_running(job)
+        self._active[job] = None
+        return job
+
+    @staticmethod
+    def _mark_running(job: Job) -> None:
         job.status = IN_PROGRESS
         job.started_at = time.time()
         job.queue_wait_s = time.monotonic() - job._queued_at
-        self._active[job] = None
-        return job
 
     def _end(self, job: Job) -> None:
         """`job` has reached its end state: it leaves the running set and its waiters are told."""
@@ -434,8 +457,11 @@ class Engine:
                     self._end(job)
         if self.step_observer is not None:
             self.step_observer(len(batcher.last_batch))
+        ran = {id(request) for request in batcher.last_batch}
         for job, request in batched:
             job.step = request.steps_done
+            if id(request) in ran and job.status == QUEUED:
+                self._mark_running(job)
             if request.result is not None and not job.finished:
                 job.result = request.result
                 with self._failures(job):

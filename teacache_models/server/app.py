@@ -127,8 +127,11 @@ def create_app(
             )
         body = _validate(ImageRequest, fields)
         parts = files.get("image", []) + files.get("image[]", [])
+        most = served.pipe.max_images
         if not parts:
-            raise ApiError(400, "image is required: one or more image file parts", "image")
+            raise ApiError(400, f"image is required: 1 to {most} image file parts", "image")
+        if len(parts) > most:
+            raise ApiError(400, f"{served.name} takes 1 to {most} input images, got {len(parts)} image parts", "image")
         images = [decode_image(data, "image") for data in parts]
         return await _images(request, body, {"image": images[0] if len(images) == 1 else images})
 
@@ -140,6 +143,9 @@ def create_app(
                 "response_format",
             )
         params = sampling_params(body, served)
+        size = served.pipe.output_size(inputs["image"]) if inputs and body.size in (None, "auto") else None
+        if size is not None:  # an editing model follows its input image's aspect ratio unless a size is asked for
+            params = dataclasses.replace(params, height=size[0], width=size[1])
         job = Job("image", [body.prompt] * body.n, params, inputs, finish=_encode_images)
         _submit(job)
         await _wait(request, job)

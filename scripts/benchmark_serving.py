@@ -18,6 +18,13 @@ interleaved, and prints every repeat's throughput, so the spread on a shared mac
 
     python scripts/benchmark_serving.py [--model flux-digits|wan-digits|flux-medium] [--requests 16]
         [--concurrency 8] [--steps 20] [--arrival-interval 0.05] [--repeats 3] [--threads 2] [--json out.json]
+        [--profile]
+
+`--profile` then runs one-at-a-time and continuous once more under cProfile and prints where the time went:
+the block stack, TeaCache's decisions and bookkeeping, gathering the computing rows and scattering them back,
+the transformer outside its blocks (embeddings, head), guidance and scheduler steps, text encoding, decoding
+and the rest (batch assembly, Python glue). cProfile slows Python code more than kernels: read the shares,
+not the seconds.
 
 `flux-medium` is a randomly initialised Flux transformer of medium width (4 dual + 8 single blocks, 8
 heads x 64) on the Flux demo's text encoder and pixel space, 32x32: the forward costs what a medium model
@@ -27,8 +34,10 @@ costs on this CPU; its outputs are noise, and its TeaCache uses the demo's coeff
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -123,6 +132,62 @@ def _same(result, solo) -> bool:
     return mine.positive == theirs.positive and mine.negative == theirs.negative
 
 
+# Parts of a run, each the cumulative time of the named functions of teacache_models (`profile_parts`).
+PARTS = {
+    "block stack": ("forward_blocks",),
+    "TeaCache decisions": ("_teacache_plan",),
+    "TeaCache bookkeeping": ("_teacache_record", "_teacache_notify", "_teacache_record_rows", "_teacache_notify_rows"),
+    "gather / scatter rows": ("_run_rows",),
+    "transformer outside the blocks": ("predict",),
+    "guidance + scheduler step": ("guide", "step_latents"),
+    "text encoding": ("encode_prompt",),
+    "noise + schedule": ("prepare_latents", "make_timesteps"),
+    "decoding": ("decode",),
+}
+
+
+def profile_parts(run) -> dict[str, float]:
+    """Seconds of each of `PARTS` in `run()` under cProfile, and "other" (what is left of the total)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+
+    def cumulative(*names: str) -> float:
+        return sum(
+            entry[3]
+            for (path, _, name), entry in stats.stats.items()
+            if name in names and "teacache_models" in path.replace("\\", "/")
+        )
+
+    parts = {label: cumulative(*names) for label, names in PARTS.items()}
+    inside_run_rows = parts["block stack"] if parts["gather / scatter rows"] else 0.0
+    bookkeeping_rows = cumulative("_teacache_record_rows", "_teacache_notify_rows")
+    parts["gather / scatter rows"] -= inside_run_rows + bookkeeping_rows
+    # The transformer call holds the block stack and TeaCache's work; what is left is embeddings and the head.
+    parts["transformer outside the blocks"] -= cumulative("run_blocks")
+    top = ("transformer outside the blocks", "guidance + scheduler step", "text encoding", "noise + schedule")
+    top += ("decoding",)
+    parts["other"] = stats.total_tt - sum(parts[label] for label in top) - cumulative("run_blocks")
+    parts["total"] = stats.total_tt
+    return parts
+
+
+def print_profile(pipe, requests, arrivals, concurrency) -> dict[str, dict[str, float]]:
+    profiles = {
+        "one at a time": profile_parts(lambda: one_at_a_time(pipe, requests, arrivals)),
+        "continuous": profile_parts(lambda: batched(pipe, requests, arrivals, concurrency, True)),
+    }
+    print("\nwhere the time went (cProfile, one run each; seconds and share of the run)")
+    print("| part | one at a time | continuous |")
+    print("|---|---|---|")
+    for label in [*PARTS, "other", "total"]:
+        cells = [f"{p[label]:.2f} s ({p[label] / p['total']:.0%})" for p in profiles.values()]
+        print(f"| {label} | {cells[0]} | {cells[1]} |")
+    return profiles
+
+
 def percentile(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -138,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
+    parser.add_argument("--profile", action="store_true", help="then print where the time went (cProfile)")
     args = parser.parse_args(argv)
     for name in ("requests", "concurrency", "steps", "repeats"):
         if getattr(args, name) < 1:
@@ -190,10 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {mode} | {throughput:.1f} ({each}) | {s['p50_s']:.2f} | {s['p95_s']:.2f} | "
             f"{s['rows_computed']:.1%} | {s['speedup']:.2f}x | {s['max_diff']:.1e} | {s['schedules_equal']} |"
         )
+    profiles = print_profile(pipe, requests, arrivals, args.concurrency) if args.profile else None
     if args.json is not None:
-        args.json.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "modes": summary}, indent=2)
-        )
+        record = {"args": {k: str(v) for k, v in vars(args).items()}, "modes": summary, "profile": profiles}
+        args.json.write_text(json.dumps(record, indent=2))
     return summary
 
 

@@ -109,6 +109,12 @@ def qwen_image_community(model: nn.Module) -> dict:
     )
 
 
+def qwen_image21_community(model: nn.Module) -> dict:
+    return _diffusers_names_with_alpha(
+        model, 6, {"transformer_blocks.0.attn.to_v": 2, "transformer_blocks.1.img_mlp.gate_layer": 4}
+    )
+
+
 def hunyuan_video_original(model: nn.Module) -> dict:
     """The original HunyuanVideo names (a fused img_attn_qkv), lora_A / lora_B."""
     w = Writer(model, 6)

@@ -12,13 +12,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from teacache_models.layers.linear import onednn_available
-from tests import test_flux2
+from tests import test_flux2, test_qwen_image21
 from tests.test_weights_loading import FAMILIES, predict
 from tests.utils import assert_parity, randomize_
 
 pytest.importorskip("peft")
 
-# family -> (ours, diffusers class, tiny config, inputs): the weights-loading families and FLUX.2.
+# family -> (ours, diffusers class, tiny config, inputs): the weights-loading families, FLUX.2, Qwen-Image-2.1.
 LORA_FAMILIES = {
     **FAMILIES,
     "flux2": (
@@ -26,6 +26,12 @@ LORA_FAMILIES = {
         test_flux2.ReferenceFlux2,
         test_flux2.CONFIGS["tiny-dev"],
         lambda c: test_flux2.make_inputs(c, 2, 2, 3, 5),
+    ),
+    "qwen_image21": (
+        test_qwen_image21.QwenImage21Transformer2DModel,
+        test_qwen_image21.ReferenceQwenImage21,
+        test_qwen_image21.TINY,
+        lambda c: test_qwen_image21.make_inputs(c, *test_qwen_image21.CASES["one-condition-padded"]),
     ),
 }
 PARITY_FAMILIES = [
@@ -36,6 +42,7 @@ PARITY_FAMILIES = [
     "hunyuan_video",
     "hunyuan_video15",
     "qwen_image",
+    "qwen_image21",
     "z_image",
 ]
 
@@ -377,6 +384,7 @@ COMMUNITY = {
     "wan-musubi": ("wan-t2v", "wan_musubi", "WanLoraLoaderMixin"),
     "hunyuan_video-original": ("hunyuan_video", "hunyuan_video_original", "HunyuanVideoLoraLoaderMixin"),
     "qwen_image-community": ("qwen_image", "qwen_image_community", "QwenImageLoraLoaderMixin"),
+    "qwen_image21-community": ("qwen_image21", "qwen_image21_community", "QwenImageLoraLoaderMixin"),
     "z_image-community": ("z_image", "z_image_community", "ZImageLoraLoaderMixin"),
 }
 

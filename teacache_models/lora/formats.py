@@ -105,6 +105,14 @@ _DORA = LoraFormat(
     "DoRA in the PEFT layout (lora_magnitude_vector, as save_lora_adapter writes it) is loaded",
 )
 
+_QWEN_IMAGE = (
+    LoraFormat(
+        "Qwen-Image community (alpha / lora_unet_ / diffusion_model. / default.)",
+        _non_diffusers,
+        "_convert_non_diffusers_qwen_lora_to_diffusers",
+    ),
+)
+
 _FAMILY_FORMATS: dict[str, tuple[LoraFormat, ...]] = {
     "FluxTransformer2DModel": (
         LoraFormat(
@@ -170,13 +178,9 @@ _FAMILY_FORMATS: dict[str, tuple[LoraFormat, ...]] = {
             "_convert_hunyuan_video_lora_to_diffusers",
         ),
     ),
-    "QwenImageTransformer2DModel": (
-        LoraFormat(
-            "Qwen-Image community (alpha / lora_unet_ / diffusion_model. / default.)",
-            _non_diffusers,
-            "_convert_non_diffusers_qwen_lora_to_diffusers",
-        ),
-    ),
+    "QwenImageTransformer2DModel": _QWEN_IMAGE,
+    # diffusers' QwenImage21Pipeline loads LoRAs with Qwen-Image's loader.
+    "QwenImage21Transformer2DModel": _QWEN_IMAGE,
     "ZImageTransformer2DModel": (
         LoraFormat(
             "Z-Image community (alpha / lora_unet_ / diffusion_model. / default.)",

@@ -133,7 +133,8 @@ def test_shipped_files_match_their_sha256_in_both_lists():
     # The weights manifest (what the loader checks) lists the same digests.
     manifest = yaml.safe_load((DEMO_ROOT.parent / "weights_manifest.yaml").read_text())
     from_manifest = {f"{name}/{file}": digest for name in FAMILIES for file, digest in manifest[name]["sha256"].items()}
-    assert from_manifest == listed
+    # wan-digits-deep, the deeper model of the forecast benchmark, is no zoo model: it has no manifest entry.
+    assert from_manifest == {name: digest for name, digest in listed.items() if name.split("/")[0] in FAMILIES}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

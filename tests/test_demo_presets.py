@@ -27,7 +27,7 @@ def schedules(pipe, params) -> list[tuple]:
 
 
 @pytest.mark.parametrize("name", ["flux-digits", "wan-digits"])
-@pytest.mark.parametrize("preset", ["slow", "fast"])
+@pytest.mark.parametrize("preset", ["slow", "fast", "forecast"])
 def test_preset_schedule_follows_prompt_seed_and_threshold(name, preset):
     torch.set_num_threads(1)
     pipe = load_pipeline(name)

@@ -78,7 +78,8 @@ def test_write_coefficients_writes_and_removes_the_negative_branchs_polynomial(t
     path = tmp_path / "flux-digits.yaml"
     path.write_text((ZOO_DIR / "flux-digits.yaml").read_text())
     fits = fit_branches(_records(negative_slope=3.0), degree=1)
-    assert write_coefficients(path, "modulated_input", fits, "modulated_input") == ["slow", "fast"]
+    # Every preset on the indicator, the forecast one too (its coefficients only feed the fit monitor).
+    assert write_coefficients(path, "modulated_input", fits, "modulated_input") == ["slow", "fast", "forecast"]
     entry = load_zoo_entry(path)
     for preset in entry.presets.values():
         assert preset.params.coefficients == pytest.approx(fits.coefficients, rel=1e-7)

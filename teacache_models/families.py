@@ -54,7 +54,7 @@ FAMILIES: dict[str, Family] = {
                 "qwen_image_layered:QwenImageLayeredPipeline",
             ),
         ),
-        Family("qwen_image21", "QwenImage21Transformer2DModel"),
+        Family("qwen_image21", "QwenImage21Transformer2DModel", ("qwen_image21:QwenImage21TextToImagePipeline",)),
         Family("z_image", "ZImageTransformer2DModel", ("z_image:ZImageTextToImagePipeline",)),
         Family(
             "flux2",

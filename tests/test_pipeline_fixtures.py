@@ -33,6 +33,12 @@ CHAT_TEMPLATE = (
 )
 
 
+# The tiny Qwen3 language model of Z-Image's text encoder and Qwen-Image-2.1's Qwen3-VL.
+TINY_QWEN3 = dict(
+    hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8
+)
+
+
 def build_tokenizer(max_length: int, bos: bool = False):
     """A word-level tokenizer (vocabulary: special tokens, then the prompt and template words)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -205,29 +211,46 @@ def qwen_vl_text_encoder(vocab: int, video_token_id: int | None = None):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
+def vision_tokenizer():
+    """`build_tokenizer(1024)` with the vision-language special tokens last: video, vision start and end, image."""
+    tokenizer = build_tokenizer(1024)
+    vision_tokens = ["<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": vision_tokens})
+    return tokenizer
+
+
+def without_video(processor_class: type) -> type:
+    """A Qwen-VL processor class that accepts no video processor: the real one's class needs torchvision, which
+    the tests do not install; no video is read."""
+
+    class TinyProcessor(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None
+
+    return TinyProcessor
+
+
+def pil_image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil()
+
+
 def qwen_image_edit_pipeline(folder: Path, class_name: str, seed: int = 0):
     """diffusers' QwenImageEditPipeline or QwenImageEditPlusPipeline on the tiny Qwen-Image folder's
     transformer, VAE and scheduler, with a Qwen2.5-VL that reads images and its processor."""
     import diffusers
     from transformers import Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    class TinyProcessor(Qwen2VLProcessor):
-        # Its video processor class needs torchvision, which the tests do not install; no video is read.
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return None
 
     base = diffusers.QwenImagePipeline.from_pretrained(folder)
-    tokenizer = build_tokenizer(1024)
-    vision_tokens = ["<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": vision_tokens})
+    tokenizer = vision_tokenizer()
     torch.manual_seed(seed)
     pipe = getattr(diffusers, class_name)(
         scheduler=base.scheduler,
         vae=base.vae,
         text_encoder=qwen_vl_text_encoder(len(tokenizer), video_token_id=len(tokenizer) - 4),
         tokenizer=tokenizer,
-        processor=TinyProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer),
+        processor=without_video(Qwen2VLProcessor)(image_processor=pil_image_processor(), tokenizer=tokenizer),
         transformer=base.transformer,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -289,18 +312,7 @@ def save_z_image(folder: Path, seed: int = 0) -> Path:
         axes_lens=[256, 32, 32],
     )
     randomize_(transformer, seed)
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            vocab_size=vocab_size(),
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=512,
-        )
-    )
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=vocab_size(), max_position_embeddings=512, **TINY_QWEN3))
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -682,3 +694,77 @@ def test_video_tokenizers_match_the_references_assumptions():
     t5 = build_t5_tokenizer()
     encoded = t5("a red fox zebra", padding="max_length", max_length=12).input_ids
     assert t5.unk_token_id not in encoded and encoded[-1] == t5.pad_token_id
+
+
+# Qwen3-VL's chat template, reduced to what the Qwen-Image-2.1 pipeline reads: text content, given as a string or
+# as a list of {"type": "text"} parts.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen3_vl_components(seed: int = 0) -> dict[str, Any]:
+    """A tiny Qwen3-VL (text and vision towers, interleaved multimodal RoPE) and its processor, offline."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    tokenizer = vision_tokenizer()
+    vocab = len(tokenizer)
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=vocab, rope_parameters=rope, **TINY_QWEN3),
+        vision_config=dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=16,
+            num_heads=2,
+            out_hidden_size=16,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=16,
+        ),
+        video_token_id=vocab - 4,
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 2,
+        image_token_id=vocab - 1,
+    )
+    torch.manual_seed(seed)
+    processor = without_video(Qwen3VLProcessor)(
+        image_processor=pil_image_processor(), tokenizer=tokenizer, chat_template=QWEN3_VL_CHAT_TEMPLATE
+    )
+    return {"text_encoder": Qwen3VLForConditionalGeneration(config).eval(), "processor": processor}
+
+
+def qwen_image21_pipelines(folder: Path, seed: int = 0) -> tuple[Any, Any]:
+    """diffusers' QwenImage21Pipeline on tiny random components (a 16x VAE with four output channels, as the
+    released one), and ours on the same ones, our transformer loaded by our loader from the reference's saved
+    weights in `folder`."""
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Pipeline, QwenImage21Transformer2DModel
+
+    from teacache_models.models import QwenImage21Transformer2DModel as Native
+    from teacache_models.pipelines.qwen_image21 import QwenImage21TextToImagePipeline
+    from teacache_models.weights import load_transformer
+    from tests.test_qwen_image21 import TINY
+
+    # The transformer reads the tiny Qwen3-VL's 16-wide states.
+    transformer = randomize_(QwenImage21Transformer2DModel(**dict(TINY, context_in_dim=16)), seed).eval()
+    transformer.save_pretrained(folder / "transformer")
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=8,
+        dim_mult=[1, 1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3, 0.05, -0.1, 0.2, 0.0],
+        latents_std=[1.5, 0.8, 1.0, 2.0, 1.2, 0.9, 1.1, 0.7],
+    ).eval()
+    text = qwen3_vl_components(seed)
+    scheduler = flow_scheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9)
+    reference = QwenImage21Pipeline(scheduler=scheduler, vae=vae, transformer=transformer, **text)
+    reference.set_progress_bar_config(disable=True)
+    ours = QwenImage21TextToImagePipeline(
+        transformer=load_transformer(folder, Native, subfolder="transformer"), scheduler=scheduler, vae=vae, **text
+    )
+    return reference, ours

@@ -10,6 +10,7 @@ from teacache_models.models import (
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
+    QwenImage21Transformer2DModel,
     QwenImageTransformer2DModel,
     WanTransformer3DModel,
     ZImageTransformer2DModel,
@@ -39,6 +40,7 @@ RELEASED = {  # zoo name -> (class, released transformer config, as in models.md
     "hunyuanvideo1.5-720p-i2v": (HunyuanVideo15Transformer3DModel, dict(target_size=960)),
     "hunyuanvideo1.5-480p-i2v-step-distilled": (HunyuanVideo15Transformer3DModel, dict(use_meanflow=True)),
     "qwen-image": (QwenImageTransformer2DModel, dict()),
+    "qwen-image-2.1": (QwenImage21Transformer2DModel, dict()),
     "z-image-turbo": (ZImageTransformer2DModel, dict()),
 }
 

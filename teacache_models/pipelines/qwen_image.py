@@ -17,7 +17,14 @@ import torch
 from ..models import QwenImageTransformer2DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .shared import flow_match_mu, pack_2x2, to_unit_range, unpack_2x2
+from .shared import (
+    flow_match_mu,
+    negative_prompt_cfg,
+    pack_2x2,
+    to_unit_range,
+    unpack_2x2,
+    unpaired_guidance_scale,
+)
 
 __all__ = ["QwenImageTextToImagePipeline"]
 
@@ -46,13 +53,10 @@ class QwenImageTextToImagePipeline(Pipeline):
         return Conditioning({"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask})
 
     def uses_cfg(self, params: SamplingParams) -> bool:
-        return params.guidance_scale > 1 and params.negative_prompt is not None
+        return negative_prompt_cfg(params)
 
     def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
-        ignored = super().ignored_settings(params)
-        if params.guidance_scale > 1 and params.negative_prompt is None:
-            ignored["guidance_scale"] = f"it is the CFG scale and needs a negative prompt ({self.cfg_rule})"
-        return ignored
+        return super().ignored_settings(params) | unpaired_guidance_scale(params, self.cfg_rule)
 
     def prepare_latents(self, batch: int, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
         factor = self.vae_scale_factor()

@@ -19,9 +19,11 @@ __all__ = [
     "flow_match_mu",
     "flux_image_ids",
     "image_input",
+    "negative_prompt_cfg",
     "pack_2x2",
     "to_unit_range",
     "unpack_2x2",
+    "unpaired_guidance_scale",
     "unpaired_true_cfg",
     "video_frames_to_unit_range",
 ]
@@ -42,6 +44,20 @@ def unpaired_true_cfg(params: SamplingParams, rule: str) -> dict[str, str]:
     """A true CFG scale > 1 without a negative prompt does nothing (Flux, HunyuanVideo)."""
     if params.true_cfg_scale is not None and params.true_cfg_scale > 1 and params.negative_prompt is None:
         return {"true_cfg_scale": f"it needs a negative prompt ({rule})"}
+    return {}
+
+
+def negative_prompt_cfg(params: SamplingParams) -> bool:
+    """Whether CFG runs where `guidance_scale` is a true CFG scale that needs a negative prompt (Qwen-Image's
+    pipelines): scale above 1 and a negative prompt given."""
+    return params.guidance_scale > 1 and params.negative_prompt is not None
+
+
+def unpaired_guidance_scale(params: SamplingParams, rule: str) -> dict[str, str]:
+    """A `guidance_scale` > 1 that is a true CFG scale without a negative prompt does nothing (Qwen-Image's
+    pipelines)."""
+    if params.guidance_scale > 1 and params.negative_prompt is None:
+        return {"guidance_scale": f"it is the CFG scale and needs a negative prompt ({rule})"}
     return {}
 
 

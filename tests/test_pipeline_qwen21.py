@@ -1,0 +1,157 @@
+"""Qwen-Image-2.1 text-to-image: equal to diffusers' QwenImage21Pipeline with the cache off (bit for bit, with and
+without the prefix key/value cache, with CFG and a batch of prompts of different lengths), the checkpoint's
+`sample_sigmas`, and TeaCache per CFG branch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from teacache_models import SamplingParams, TeaCacheParams
+from teacache_models.families import pipeline_classes
+from teacache_models.pipelines.qwen_image21 import QwenImage21TextToImagePipeline
+from tests.test_pipeline_fixtures import qwen_image21_pipelines
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+PROMPTS = ["a red fox jumps over the lazy dog", "a cat on a mat"]
+NEGATIVE = "blurry"
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    return qwen_image21_pipelines(tmp_path_factory.mktemp("qwen21"))
+
+
+def run_reference(pipe, prompts, height, width, steps, negative=None, scale=1.0, **settings):
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    negative_prompt = None if negative is None else [negative] * len(prompts)
+    return pipe(
+        prompts,
+        negative_prompt=negative_prompt,
+        true_cfg_scale=scale,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        generator=generator,
+        output_type="pt",
+        **settings,
+    ).images
+
+
+CASES = {
+    # (prompts, height, width, CFG)
+    "one-prompt": (PROMPTS[:1], 32, 64, False),
+    "batch-cfg": (PROMPTS, 64, 32, True),
+}
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_diffusers_with_the_cache_off(pipes, case, use_kv_cache):
+    reference, ours = pipes
+    prompts, height, width, cfg = CASES[case]
+    ours.use_kv_cache = use_kv_cache
+    settings = dict(guidance_scale=3.0, negative_prompt=NEGATIVE) if cfg else dict(guidance_scale=1.0)
+    params = SamplingParams(num_inference_steps=3, seed=SEED, height=height, width=width, **settings)
+    result = ours(prompts, dataclasses.replace(params, teacache_params=None))
+    expected = run_reference(
+        reference,
+        prompts,
+        height,
+        width,
+        3,
+        negative=NEGATIVE if cfg else None,
+        scale=params.guidance_scale,
+        use_kv_cache=use_kv_cache,
+    )
+    assert result.images.shape == expected.shape == (len(prompts), 4, height, width)  # RGBA, as the VAE decodes
+    assert torch.equal(result.images, expected), "with the cache off the image must equal diffusers bit for bit"
+    assert result.teacache_stats.negative.num_computed == (3 if cfg else 0)
+
+
+def test_the_checkpoints_sample_sigmas_set_the_schedule(pipes, tmp_path):
+    reference, ours = pipes
+    sigmas = [1.0, 0.8, 0.3]
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "QwenImage21Pipeline", "sample_sigmas": sigmas}))
+    assert QwenImage21TextToImagePipeline.folder_settings(tmp_path) == {"sample_sigmas": sigmas}
+    scheduled = QwenImage21TextToImagePipeline(
+        transformer=ours.transformer,
+        scheduler=ours.scheduler,
+        vae=ours.vae,
+        sample_sigmas=sigmas,
+        **ours.text_components,
+    )
+    params = SamplingParams(num_inference_steps=3, guidance_scale=1.0, seed=SEED, height=32, width=32)
+    result = scheduled(PROMPTS[:1], dataclasses.replace(params, teacache_params=None))
+    reference.register_to_config(sample_sigmas=sigmas)
+    try:
+        expected = run_reference(reference, PROMPTS[:1], 32, 32, 50)  # the reference ignores the step count
+    finally:
+        reference.register_to_config(sample_sigmas=None)
+    assert torch.equal(result.images, expected)
+    with pytest.raises(ValueError, match="num_inference_steps must be 3 for this checkpoint"):
+        scheduled(PROMPTS[:1], dataclasses.replace(params, num_inference_steps=4, teacache_params=None))
+
+
+def test_teacache_skips_per_cfg_branch_over_the_whole_sequence(pipes):
+    _, ours = pipes
+    ours.use_kv_cache = True
+    cache = TeaCacheParams(teacache_thresh=1e6, coefficients=(1.0, 0.0))
+    params = SamplingParams(
+        num_inference_steps=4, guidance_scale=3.0, negative_prompt=NEGATIVE, seed=1, height=32, width=32
+    )
+    cached = ours(PROMPTS, dataclasses.replace(params, teacache_params=cache))
+    for branch in (cached.teacache_stats.positive, cached.teacache_stats.negative):
+        assert branch.computed_steps == (0, 3) and branch.skipped_steps == (1, 2)
+    uncached = ours(PROMPTS, dataclasses.replace(params, teacache_params=None))
+    assert uncached.teacache_stats.positive.num_computed == 4
+    assert cached.images.shape == uncached.images.shape
+    assert not torch.equal(cached.images, uncached.images), "skipped steps reuse a residual: the image changes"
+    # Nothing TeaCache decides may leak into the next uncached run.
+    assert torch.equal(ours(PROMPTS, dataclasses.replace(params, teacache_params=None)).images, uncached.images)
+
+
+def test_registered_for_the_diffusers_class_and_refuses_an_image(pipes):
+    _, ours = pipes
+    assert pipeline_classes()["QwenImage21Pipeline"] is QwenImage21TextToImagePipeline
+    params = SamplingParams(num_inference_steps=2, guidance_scale=1.0, seed=0, height=32, width=32)
+    with pytest.raises(TypeError, match="takes no inputs"):
+        ours(PROMPTS[:1], params, image=object())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ours(PROMPTS[:1], dataclasses.replace(params, height=48))
+
+
+def test_the_cli_runs_the_zoo_entry_and_refuses_an_image(pipes, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from teacache_models.zoo import load_zoo_entry
+    from tests.test_pipeline_fixtures import serve_to_cli
+    from tests.utils import load_script
+
+    _, ours = pipes
+    ours.use_kv_cache = True
+    ours.zoo_entry = load_zoo_entry("qwen-image-2.1")
+    cli = load_script("generate")
+    serve_to_cli(cli, ours, monkeypatch)
+    output = tmp_path / "t2i.png"
+    args = ["--model", "qwen-image-2.1", "--prompt", PROMPTS[0], "--steps", "2", "--seed", "1", "--no-progress"]
+    args += ["--height", "32", "--width", "64", "--output", str(output)]
+    assert cli.main(args) == 0
+    with Image.open(output) as image:
+        assert image.mode == "RGBA"
+        written = np.asarray(image)
+    expected = ours(PROMPTS[0], ours.default_sampling_params("off", num_inference_steps=2, seed=1, height=32, width=64))
+    assert expected.teacache_stats.positive.num_computed == 2  # the entry's default: TeaCache off
+    assert np.array_equal(written, expected.to_uint8()[0].numpy())
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    assert cli.main([*args, "--image", str(picture)]) == 1
+    assert "--image has no effect on qwen-image-2.1" in capsys.readouterr().err

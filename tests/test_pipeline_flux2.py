@@ -93,6 +93,34 @@ def test_matches_diffusers_bit_for_bit(folders, kind, guidance, num_references, 
     assert stats.negative.computed_steps == ((0, 1, 2) if kind == "klein-base" else ())
 
 
+@pytest.mark.parametrize("kind", ["dev", "klein"])
+def test_without_a_size_the_first_reference_sets_it_as_in_diffusers(folders, kind):
+    folder, images = folders(kind), references(2)
+    pipe = ours(folder)
+    height, width = pipe.output_size(images)
+    assert (height, width) == (80, 64)  # the first reference is 64 x 80 (width x height), a multiple of 16
+    guidance = 1.0 if kind == "klein" else 2.5
+    result = pipe(
+        PROMPTS[0],
+        SamplingParams(
+            seed=3, num_inference_steps=2, guidance_scale=guidance, height=height, width=width, teacache_params=None
+        ),
+        image=images,
+    )
+    expected = run_reference(
+        folder, kind, 3, prompt=PROMPTS[0], image=images, num_inference_steps=2, guidance_scale=guidance
+    )
+    assert torch.equal(result.images, expected)
+
+
+def test_a_large_first_reference_is_shrunk_to_a_megapixel_before_it_sets_the_size(folders):
+    pipe = ours(folders("dev"))
+    height, width = pipe.output_size(reference_image(2000, 1000, 0))
+    multiple = pipe.size_multiple()
+    assert height % multiple == 0 and width % multiple == 0
+    assert height * width <= 1024 * 1024 and abs(width / height - 2.0) < 0.05
+
+
 def test_reference_images_change_the_edit(folders):
     pipe = ours(folders("klein"))
     params = SamplingParams(

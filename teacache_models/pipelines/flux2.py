@@ -155,19 +155,33 @@ class Flux2ImagePipeline(Pipeline):
             return None
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
-        multiple = self.size_multiple()
-        processor = Flux2ImageProcessor(vae_scale_factor=multiple)
+        processor = Flux2ImageProcessor(vae_scale_factor=self.size_multiple())
         tokens, ids = [], []
         for index, image in enumerate(images):
-            if image.width * image.height > _MAX_REFERENCE_AREA:
-                image = processor._resize_to_target_area(image, _MAX_REFERENCE_AREA)
-            width, height = image.width // multiple * multiple, image.height // multiple * multiple
+            image, height, width = self._fitted_reference(image, processor)
             pixels = processor.preprocess(image, height=height, width=width, resize_mode="crop")
             latents = self._encode_image(pixels.to(self.vae.device, self.vae.dtype))  # (1, C, h, w)
             tokens.append(_pack(latents)[0])
             ids.append(_grid_ids(*latents.shape[2:], time=_REFERENCE_TIME_SCALE * (index + 1)))
         joined = torch.cat(tokens).unsqueeze(0).repeat(batch, 1, 1).to(self.device)  # (B, L_ref, C)
         return joined, torch.cat(ids).to(self.device)
+
+    def _fitted_reference(self, image: Any, processor: Any) -> tuple[Any, int, int]:
+        """A reference image shrunk to at most 1024 x 1024 pixels of area, and the (height, width) it is
+        cropped to: each side down to a multiple of `size_multiple()`."""
+        if image.width * image.height > _MAX_REFERENCE_AREA:
+            image = processor._resize_to_target_area(image, _MAX_REFERENCE_AREA)
+        multiple = self.size_multiple()
+        return image, image.height // multiple * multiple, image.width // multiple * multiple
+
+    def output_size(self, image: Any) -> tuple[int, int]:
+        """(height, width) generated at when none is asked for: the first reference image's fitted size, as
+        diffusers' FLUX.2 pipelines do."""
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+        first = image[0] if isinstance(image, list | tuple) else image
+        _, height, width = self._fitted_reference(first, Flux2ImageProcessor(vae_scale_factor=self.size_multiple()))
+        return height, width
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (1, 3, H, W) in [-1, 1] -> normalised patchified latents (1, C * 4, H / 2f, W / 2f): the mode of

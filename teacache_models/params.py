@@ -6,42 +6,15 @@ not steps later inside a model. Use `dataclasses.replace` to derive a changed co
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from typing import Any
+
+from .checks import require_bool, require_int, require_number
 
 __all__ = ["CACHE_METHODS", "OPTIONAL_SAMPLING_FIELDS", "RescalingFit", "SamplingParams", "TeaCacheParams"]
 
 _MAX_SEED = 2**64 - 1
-
-
-def require_int(name: str, value: Any, minimum: int, wrong_type: type[Exception] = ValueError) -> int:
-    """`value` as an int (numpy integers included), or the error that names `name` and what is allowed;
-    `wrong_type` is raised for a value that is no integer at all."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise wrong_type(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _require_finite(name: str, value: Any, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a finite real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _require_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def _coefficient_tuple(value: Any, name: str = "coefficients") -> tuple[float, ...] | None:
@@ -58,14 +31,14 @@ def _coefficient_tuple(value: Any, name: str = "coefficients") -> tuple[float, .
         raise ValueError(f"{name} must be {allowed}, got {value!r}") from None
     if not items:
         raise ValueError(f"{name} must be {allowed}, got an empty sequence")
-    return tuple(_require_finite(f"{name}[{i}]", c) for i, c in enumerate(items))
+    return tuple(require_number(f"{name}[{i}]", c) for i, c in enumerate(items))
 
 
 def _range_pair(name: str, value: Any) -> tuple[float, float]:
     allowed = "None or two finite numbers (low, high) with low <= high"
     if isinstance(value, str | bytes | Mapping | Set) or not hasattr(value, "__len__") or len(value) != 2:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    low, high = (_require_finite(f"{name}[{i}]", v) for i, v in enumerate(value))
+    low, high = (require_number(f"{name}[{i}]", v) for i, v in enumerate(value))
     if low > high:
         raise ValueError(f"{name} must be {allowed}, got ({low}, {high})")
     return low, high
@@ -172,8 +145,8 @@ class TeaCacheParams:
     extrapolation_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        _require_bool("per_sample", self.per_sample)
-        thresh = _require_finite("teacache_thresh", self.teacache_thresh, minimum=0.0)
+        require_bool("per_sample", self.per_sample)
+        thresh = require_number("teacache_thresh", self.teacache_thresh, minimum=0.0)
         object.__setattr__(self, "teacache_thresh", thresh)
         object.__setattr__(self, "coefficients", _coefficient_tuple(self.coefficients))
         negative = _coefficient_tuple(self.coefficients_negative, "coefficients_negative")
@@ -185,7 +158,7 @@ class TeaCacheParams:
         object.__setattr__(self, "coefficients_negative", negative)
         object.__setattr__(self, "start_skipping", require_int("start_skipping", self.start_skipping, 0))
         object.__setattr__(self, "end_skipping", require_int("end_skipping", self.end_skipping, 0))
-        _require_bool("use_ret_steps", self.use_ret_steps)
+        require_bool("use_ret_steps", self.use_ret_steps)
         if self.indicator is not None and (not isinstance(self.indicator, str) or not self.indicator):
             raise ValueError(f"indicator must be None or a non-empty string, got {self.indicator!r}")
         if self.indicator is not None:
@@ -202,7 +175,7 @@ class TeaCacheParams:
         if not isinstance(self.method, str) or str(self.method) not in CACHE_METHODS:
             raise ValueError(f"method must be one of {list(CACHE_METHODS)}, got {self.method!r}")
         object.__setattr__(self, "method", str(self.method))
-        scale = _require_finite("extrapolation_scale", self.extrapolation_scale, minimum=0.0)
+        scale = require_number("extrapolation_scale", self.extrapolation_scale, minimum=0.0)
         if scale > 1:
             raise ValueError(f"extrapolation_scale must be in [0, 1], got {scale}")
         if scale != 1 and order == 0:
@@ -257,7 +230,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         steps = require_int("num_inference_steps", self.num_inference_steps, 1)
         object.__setattr__(self, "num_inference_steps", steps)
-        scale = _require_finite("guidance_scale", self.guidance_scale, minimum=0.0)
+        scale = require_number("guidance_scale", self.guidance_scale, minimum=0.0)
         object.__setattr__(self, "guidance_scale", scale)
         if self.seed is not None:
             seed = require_int("seed", self.seed, 0)
@@ -278,7 +251,7 @@ class SamplingParams:
             )
         for name in ("true_cfg_scale", "guidance_scale_2", "cfg_truncation"):
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, _require_finite(name, getattr(self, name), minimum=0.0))
+                object.__setattr__(self, name, require_number(name, getattr(self, name), minimum=0.0))
         if self.cfg_truncation is not None and self.cfg_truncation > 1:
             # A normalised time never exceeds 1: a larger value would silently never truncate.
             raise ValueError(f"cfg_truncation must be None or in [0, 1] (a normalised time), got {self.cfg_truncation}")
@@ -286,7 +259,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is None:
                 continue
-            if _require_finite(name, value) <= 0:
+            if require_number(name, value) <= 0:
                 raise ValueError(f"{name} must be None or a number > 0, got {value}")
             object.__setattr__(self, name, float(value))
         if self.fps is not None:

@@ -34,7 +34,8 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from ..params import RescalingFit, TeaCacheParams, evaluate_polynomial, require_int
+from ..checks import require_bool, require_int
+from ..params import RescalingFit, TeaCacheParams, evaluate_polynomial
 from .context import CacheContextMixin
 from .forecast import FORECAST, forecast_should_skip
 from .graphs import outside_graphs, outside_graphs_call, prepare_for_compile
@@ -423,10 +424,8 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
         updated), so the same step index can be run again.
         """
         step_index = require_int("step_index", step_index, 0, wrong_type=TypeError)
-        if not isinstance(is_cfg_negative, bool):
-            raise ValueError(f"is_cfg_negative must be True or False, got {is_cfg_negative!r}")
-        if not isinstance(batched_cfg, bool):
-            raise ValueError(f"batched_cfg must be True or False, got {batched_cfg!r}")
+        require_bool("is_cfg_negative", is_cfg_negative)
+        require_bool("batched_cfg", batched_cfg)
         if batched_cfg and is_cfg_negative:
             raise ValueError("batched_cfg=True covers both branches; leave is_cfg_negative=False")
         session: TeaCacheSession | None = self.__dict__.get("_teacache_session")

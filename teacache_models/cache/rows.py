@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..params import TeaCacheParams, require_int
+from ..checks import require_bool, require_int
+from ..params import TeaCacheParams
 from .graphs import outside_graphs, outside_graphs_call, prepare_for_compile
 from .inputs import Deferred, materialize, value_signature
 from .monitor import FitMonitor
@@ -116,8 +117,7 @@ class TeaCacheRowsMixin:
             )
         if not all(isinstance(row, TeaCacheSession) for row in rows) or len({id(r) for r in rows}) != len(rows):
             raise TypeError("rows must be distinct request states made by new_teacache_row()")
-        if not isinstance(is_cfg_negative, bool):
-            raise ValueError(f"is_cfg_negative must be True or False, got {is_cfg_negative!r}")
+        require_bool("is_cfg_negative", is_cfg_negative)
         if self.__dict__.get("_teacache_context") is not None:
             raise RuntimeError("teacache_step() contexts cannot be nested")
         for row, step in zip(rows, step_indices, strict=True):

@@ -17,6 +17,17 @@ import torch
 from torch import nn
 
 from ..cache import Deferred, TeaCacheMixin
+from ..checks import (
+    batch_vector,
+    check_architecture,
+    check_attention_kwargs,
+    check_dtype,
+    check_guidance,
+    check_rope_axes,
+    check_tensor,
+    check_tokens,
+    controlnet_residuals,
+)
 from ..layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -33,17 +44,6 @@ from ..layers import (
 )
 from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import (
-    batch_vector,
-    check_architecture,
-    check_attention_kwargs,
-    check_dtype,
-    check_guidance,
-    check_rope_axes,
-    check_tensor,
-    check_tokens,
-    controlnet_residuals,
-)
 
 __all__ = ["FluxTransformer2DModel"]
 

@@ -25,6 +25,15 @@ import torch
 from torch import nn
 
 from ..cache import Deferred, TeaCacheMixin
+from ..checks import (
+    batch_vector,
+    check_architecture,
+    check_attention_kwargs,
+    check_dtype,
+    check_guidance,
+    check_rope_axes,
+    check_tokens,
+)
 from ..layers import (
     AdaLayerNormContinuous,
     MLPEmbedder,
@@ -35,15 +44,6 @@ from ..layers import (
 )
 from ..lora import lora_scale_from
 from .base import ConfiguredModel, ModelOutput, register_config
-from .checks import (
-    batch_vector,
-    check_architecture,
-    check_attention_kwargs,
-    check_dtype,
-    check_guidance,
-    check_rope_axes,
-    check_tokens,
-)
 from .flux import FluxAttention, FluxPosEmbed, Rope
 
 __all__ = ["Flux2KVCache", "Flux2KVLayerCache", "Flux2Transformer2DModel", "Flux2Transformer2DModelOutput"]

@@ -20,11 +20,7 @@ import torch
 from torch import nn
 
 from ..cache.mixin import Deferred, TeaCacheMixin
-from ..distributed.sequence import SequenceParallelMixin
-from ..layers.normalization import AdaLayerNormContinuous
-from ..lora import lora_scale_from
-from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import (
+from ..checks import (
     check_architecture,
     check_attention_kwargs,
     check_dtype,
@@ -33,6 +29,10 @@ from .checks import (
     check_tensor,
     check_tokens,
 )
+from ..distributed.sequence import SequenceParallelMixin
+from ..layers.normalization import AdaLayerNormContinuous
+from ..lora import lora_scale_from
+from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .hunyuan_video_blocks import (
     QK_NORMS,
     HunyuanVideoConditionEmbedding,

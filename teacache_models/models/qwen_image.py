@@ -27,6 +27,14 @@ import torch
 from torch import nn
 
 from ..cache.mixin import Deferred, TeaCacheMixin
+from ..checks import (
+    check_architecture,
+    check_attention_kwargs,
+    check_dtype,
+    check_rope_axes,
+    check_tokens,
+    controlnet_residuals,
+)
 from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
@@ -35,14 +43,6 @@ from ..layers.precision import clip_fp16
 from ..layers.rope import apply_rotary_complex
 from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import (
-    check_architecture,
-    check_attention_kwargs,
-    check_dtype,
-    check_rope_axes,
-    check_tokens,
-    controlnet_residuals,
-)
 
 __all__ = ["QwenImageTransformer2DModel"]
 

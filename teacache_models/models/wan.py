@@ -27,15 +27,7 @@ import torch
 from torch import nn
 
 from ..cache.mixin import Deferred, TeaCacheIndicator, TeaCacheMixin
-from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
-from ..layers.attention import attention
-from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
-from ..layers.feedforward import FeedForward
-from ..layers.normalization import FP32LayerNorm
-from ..layers.rope import rope_cos_sin
-from ..lora import lora_scale_from
-from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import (
+from ..checks import (
     check_architecture,
     check_attention_kwargs,
     check_dtype,
@@ -44,6 +36,14 @@ from .checks import (
     check_tokens,
     is_int,
 )
+from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
+from ..layers.attention import attention
+from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
+from ..layers.feedforward import FeedForward
+from ..layers.normalization import FP32LayerNorm
+from ..layers.rope import rope_cos_sin
+from ..lora import lora_scale_from
+from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 
 __all__ = ["WanTransformer3DModel"]
 

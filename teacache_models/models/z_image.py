@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from ..cache import TeaCacheIndicator, TeaCacheMixin
+from ..checks import check_architecture, check_attention_kwargs, check_rope_axes, is_int
 from ..layers import RMSNorm, apply_rotary_complex, attention, linear_activation, timestep_sinusoids
 from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import check_architecture, check_attention_kwargs, check_rope_axes, is_int
 from .z_image_inputs import (
     SEQ_MULTIPLE,
     Inputs,
@@ -411,16 +411,15 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         if layout.siglip is not None:
             siglip_seq = self._embed("siglip_feats", self.siglip_embedder, layout.siglip, self.siglip_pad_token, omni)
         # The refiners are the stack's prelude (`teacache_prelude`): image tokens in, the joint stream out.
+        sequences = (image_seq, cap_seq, siglip_seq)
         hidden_states = self.run_blocks(
             image_seq.tokens,
-            image=image_seq,
-            captions=cap_seq,
-            siglip=siglip_seq,
+            sequences=sequences,
             adaln_input=adaln_input,
             adaln_clean=adaln_clean,
             controlnet_block_samples=controlnet_block_samples,
         )  # (B, L, D)
-        noise_mask = stream_noise_mask(_stream_parts(image_seq, cap_seq, siglip_seq))
+        noise_mask = stream_noise_mask(_stream_parts(*sequences))
         output = self.all_final_layer[key](hidden_states, adaln_input, noise_mask, adaln_clean)  # (B, L, pf p p C)
         # The image tokens follow the captions in the Omni layout and lead the stream otherwise.
         offsets = cap_seq.lengths if omni else [0] * len(cap_seq.lengths)
@@ -540,14 +539,14 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     def teacache_prelude(
         self,
         hidden_states: torch.Tensor,
-        image: Sequences,
-        captions: Sequences,
-        siglip: Sequences | None,
+        sequences: tuple[Sequences, Sequences, Sequences | None],
         adaln_input: torch.Tensor,
         adaln_clean: torch.Tensor | None,
         controlnet_block_samples: dict[int, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The refiners: the embedded image tokens `hidden_states` (B, Li, D) -> the joint stream (B, L, D)."""
+        """The refiners: the embedded image tokens `hidden_states` (B, Li, D) -> the joint stream (B, L, D).
+        `sequences`: the embedded image, caption and (Omni mode) SigLIP tokens."""
+        image, captions, siglip = sequences
         unified = self._refine(replace(image, tokens=hidden_states), captions, siglip, adaln_input, adaln_clean)
         return unified.tokens, dict(
             attn_mask=unified.mask,
@@ -559,10 +558,10 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         )
 
     def teacache_prelude_layout(
-        self, hidden_states: torch.Tensor, image: Sequences, captions: Sequences, **_: Any
+        self, hidden_states: torch.Tensor, sequences: tuple[Sequences, ...], **_: Any
     ) -> torch.Tensor:
         """(B, Li, D) image tokens -> the joint stream's layout (B, L, D), zeros where the captions sit."""
-        return joint_layout(hidden_states, image.lengths, captions.lengths)
+        return joint_layout(hidden_states, sequences[0].lengths, sequences[1].lengths)
 
     def teacache_indicator(
         self,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .checks import check_tensor
+from ..checks import check_tensor
 
 # Every caption and image sequence is padded to a multiple of this many tokens.
 SEQ_MULTIPLE = 32

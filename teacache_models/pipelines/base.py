@@ -24,9 +24,10 @@ import torch
 
 from ..cache import TeaCacheStats
 from ..cache.state import BranchStats
+from ..checks import require_int
 from ..layers.linear import set_linear_kernel
 from ..models.base import compute_dtype
-from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams, require_int
+from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams
 from ..zoo import check_sampling_overrides
 from .lora import PipelineLoraMixin
 

@@ -1,18 +1,23 @@
-"""Validation shared by the native models: constructor arguments and token tensors.
+"""The checks of user input at the public boundary, one vocabulary for the whole package: sampling and
+TeaCache settings, model constructor arguments, and the tensors a model is called with.
 
-Every check raises with the argument's name, the value received and what is allowed, so a bad config
-or input fails at the model boundary instead of deep inside torch.
+Every check raises with the argument's name, the value received and what is allowed (`ValueError`, or
+`TypeError` where the caller's contract says so), so a bad setting or input fails where it is given
+instead of deep inside torch. `require_*` return the checked value normalised (a numpy integer as an
+int); `check_*` only check; `is_int` is the predicate the others build on. Invariants inside the package
+are `assert`s, not these.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
 
-from ..lora import check_lora_scale
+from .lora import check_lora_scale
 
 __all__ = [
     "batch_vector",
@@ -27,12 +32,44 @@ __all__ = [
     "check_tokens",
     "controlnet_residuals",
     "is_int",
+    "require_bool",
+    "require_int",
+    "require_number",
 ]
 
 
 def is_int(value: Any, minimum: int) -> bool:
     """True for an int (not a bool) of at least `minimum`."""
     return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+
+def require_int(name: str, value: Any, minimum: int, wrong_type: type[Exception] = ValueError) -> int:
+    """`value` as an int (numpy integers included), or the error that names `name` and what is allowed;
+    `wrong_type` is raised for a value that is no integer at all."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise wrong_type(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def require_number(name: str, value: Any, minimum: float | None = None) -> float:
+    """`value` as a finite float, at least `minimum` when given."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a finite real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def require_bool(name: str, value: Any, wrong_type: type[Exception] = ValueError) -> bool:
+    """`value` if it is True or False (not 0, 1 or another truthy value)."""
+    if not isinstance(value, bool):
+        raise wrong_type(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def check_architecture(
@@ -61,8 +98,7 @@ def check_architecture(
         if args[name] is not None and not is_int(args[name], 1):
             raise ValueError(f"{name} must be None or a positive integer, got {args[name]!r}")
     for name in flags:
-        if not isinstance(args[name], bool):
-            raise ValueError(f"{name} must be True or False, got {args[name]!r}")
+        require_bool(name, args[name])
     for name in positive_numbers:
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:

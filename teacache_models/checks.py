@@ -30,6 +30,7 @@ __all__ = [
     "check_rope_axes",
     "check_tensor",
     "check_tokens",
+    "check_video_latents",
     "controlnet_residuals",
     "is_int",
     "require_bool",
@@ -189,6 +190,19 @@ def check_patch_grid(name: str, sizes: tuple[int, ...], patches: tuple[int, ...]
                 f"height, width {tuple(sizes)} must be positive multiples of {tuple(patches)}"
             )
     return tuple(size // patch for size, patch in zip(sizes, patches, strict=True))
+
+
+def check_video_latents(
+    name: str, value: Any, channels: int, dtype: torch.dtype, patches: tuple[int, int, int]
+) -> tuple[int, tuple[int, ...]]:
+    """Video latents: a floating-point (B, channels, F, H, W) tensor of at least one sample, in the `dtype` of
+    the layer it feeds, whose frames, height and width the (pt, p, p) `patches` tile -> B and the patches per
+    axis."""
+    check_tensor(name, value, ("B", channels, "F", "H", "W"))
+    check_dtype(name, value, dtype)
+    if value.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one sample, got shape {tuple(value.shape)}")
+    return value.shape[0], check_patch_grid(name, tuple(value.shape[2:]), patches)
 
 
 def check_tokens(name: str, value: Any, batch: int | None, width: int, min_length: int = 0) -> None:

@@ -614,7 +614,22 @@ def test_process_group_must_be_a_process_group():
     model = TinyModel()
     with pytest.raises(TypeError, match=r"group must be a torch.distributed.ProcessGroup or None, got 'world'"):
         model.set_teacache_process_group("world")
+    with pytest.raises(TypeError, match="trim must be callable or None, got int"):
+        model.set_teacache_process_group(None, trim=3)
     model.set_teacache_process_group(None)
+
+
+def test_the_decision_reads_the_trimmed_indicator():
+    """Under sequence parallelism a rank's indicator is trimmed to its real tokens before the decision."""
+    model, seen = TinyModel(), []
+    model.set_teacache_process_group(None, trim=lambda indicator: indicator[:, :2])
+    with model.add_teacache_observer(seen.append):
+        generate(model, TeaCacheParams(teacache_thresh=0.0), [make_input(step) for step in range(len(TIMESTEPS))])
+    assert [tuple(s.indicator.shape) for s in seen] == [(1, 2, WIDTH)] * len(TIMESTEPS)
+    assert model.previous_modulated_input.shape == (1, 2, WIDTH)
+    model.set_teacache_process_group(None)
+    generate(model, TeaCacheParams(teacache_thresh=0.0), [make_input(step) for step in range(len(TIMESTEPS))])
+    assert model.previous_modulated_input.shape == (1, 5, WIDTH)
 
 
 def test_a_changed_plain_block_input_forces_a_compute():

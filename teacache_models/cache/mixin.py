@@ -328,15 +328,16 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
             type(self).__name__,
             lambda: self.__dict__.get("_teacache_group"),
         )
+        handle = self.add_teacache_observer(monitor) if watched else None
         return TeaCacheSession(
-            params=params,
-            coefficients=coefficients,
-            coefficients_negative=None if fit is None else fit.coefficients_negative,
-            num_inference_steps=num_inference_steps,
-            first_forced_steps=first_forced,
-            last_forced_steps=last_forced,
+            params,
+            coefficients,
+            num_inference_steps,
+            first_forced,
+            last_forced,
             monitor=monitor,
-            monitor_handle=self.add_teacache_observer(monitor) if watched else None,
+            monitor_handle=handle,
+            coefficients_negative=None if fit is None else fit.coefficients_negative,
         )
 
     def _detach_monitor(self) -> None:
@@ -354,18 +355,30 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
             session.release_tensors()
             self._detach_monitor()
 
-    def set_teacache_process_group(self, group: dist.ProcessGroup | None) -> None:
+    def set_teacache_process_group(
+        self, group: dist.ProcessGroup | None, trim: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
         """Share the skip decision with the ranks of `group`, which each hold a shard of the sequence.
 
         Every rank then computes the distance of the whole indicator, so all ranks skip the same steps.
-        None (the default) decides from the local tensor alone.
+        None (the default) decides from the local tensor alone. `trim` gives the part of this rank's indicator
+        that counts (under sequence parallelism its real tokens, without the shard's padding rows); None: all.
         """
         group_type = getattr(dist, "ProcessGroup", None)
         if group is not None and (group_type is None or not isinstance(group, group_type)):
             raise TypeError(
                 f"group must be a torch.distributed.ProcessGroup or None, got {group!r} ({type(group).__name__})"
             )
+        if trim is not None and not callable(trim):
+            raise TypeError(f"trim must be callable or None, got {type(trim).__name__}")
         self.__dict__["_teacache_group"] = group
+        self.__dict__["_teacache_trim"] = trim
+
+    def _local_indicator(self, hidden_states: torch.Tensor, block_inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's indicator, as far as this rank holds it (see `set_teacache_process_group`)."""
+        indicator = self.teacache_indicator(hidden_states, **block_inputs)
+        trim = self.__dict__.get("_teacache_trim")
+        return indicator if trim is None else trim(indicator)
 
     def add_teacache_observer(self, observer: StepObserver) -> ObserverHandle:
         """Call `observer(StepObservation)` after every step the model runs inside a `teacache_step()`
@@ -590,7 +603,7 @@ class TeaCacheMixin(TeaCacheRowsMixin, CacheContextMixin):
                 observed,
             )
 
-        indicator = self.teacache_indicator(hidden_states, **block_inputs)
+        indicator = self._local_indicator(hidden_states, block_inputs)
         context.indicator = indicator.detach()
         signature = (inputs_signature(hidden_states, indicator, block_inputs), self.teacache_weights_key())
         if self._should_skip(session, state, context, signature, indicator):

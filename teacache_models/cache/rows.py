@@ -201,7 +201,7 @@ class TeaCacheRowsMixin:
             raise ValueError(f"the step declares {len(rows)} rows, but the call's batch has {batch} (they must match)")
         for name in self.teacache_row_inputs & block_inputs.keys():
             _check_rows(name, block_inputs[name], batch)
-        indicator = self.teacache_indicator(hidden_states, **block_inputs).detach()
+        indicator = self._local_indicator(hidden_states, block_inputs).detach()
         signature = _row_signature(hidden_states, indicator, block_inputs, self.teacache_row_inputs)
         plan = _RowPlan(rows, [], {}, [])
         for index, row in enumerate(rows):

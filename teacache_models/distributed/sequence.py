@@ -276,7 +276,7 @@ class SequenceParallelMixin:
         for module in modules:
             module.sequence_parallel = sp
         self.__dict__["_sequence_parallel"] = sp
-        self.set_teacache_process_group(sp.group if sp.world_size > 1 else None)
+        self.set_teacache_process_group(sp.group if sp.world_size > 1 else None, trim=sp.trim)
         return sp
 
     def disable_sequence_parallel(self) -> None:

@@ -24,10 +24,10 @@ from ..checks import (
     check_architecture,
     check_attention_kwargs,
     check_dtype,
-    check_patch_grid,
     check_rope_axes,
     check_tensor,
     check_tokens,
+    check_video_latents,
 )
 from ..distributed.sequence import SequenceParallelMixin
 from ..layers.normalization import AdaLayerNormContinuous
@@ -222,16 +222,13 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
     def teacache_indicator(
         self, hidden_states: torch.Tensor, temb: torch.Tensor, token_replace: TokenReplace | None = None, **_: Any
     ) -> torch.Tensor:
-        """Block 0's AdaLN-modulated image tokens (B, Li, D); under sequence parallelism this rank's real
-        tokens (no padding), which the group's reduction joins."""
+        """Block 0's AdaLN-modulated image tokens (B, Li, D) (under sequence parallelism the mixin keeps this
+        rank's real tokens)."""
         if len(self.transformer_blocks):
-            indicator = self.transformer_blocks[0].norm1(hidden_states, temb, token_replace)[0]
-        elif len(self.single_transformer_blocks):
-            indicator = self.single_transformer_blocks[0].norm(hidden_states, temb, token_replace)[0]
-        else:
-            indicator = hidden_states
-        sp = self.sequence_parallel
-        return indicator if sp is None else sp.trim(indicator)
+            return self.transformer_blocks[0].norm1(hidden_states, temb, token_replace)[0]
+        if len(self.single_transformer_blocks):
+            return self.single_transformer_blocks[0].norm(hidden_states, temb, token_replace)[0]
+        return hidden_states
 
     def forward_blocks(
         self,
@@ -272,13 +269,9 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
     ) -> torch.Tensor:
         """Validate the tensors; return the text mask (B, Lt), all ones when None was passed."""
         config = self.config
-        check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
-        check_dtype("hidden_states", hidden_states, self.x_embedder.proj.weight.dtype)
-        batch, _, frames, height, width = hidden_states.shape
-        if batch == 0:
-            raise ValueError(f"hidden_states must hold at least one sample, got shape {tuple(hidden_states.shape)}")
         patches = (config.patch_size_t, config.patch_size, config.patch_size)
-        check_patch_grid("hidden_states", (frames, height, width), patches)
+        dtype = self.x_embedder.proj.weight.dtype
+        batch, _ = check_video_latents("hidden_states", hidden_states, config.in_channels, dtype, patches)
 
         check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_embed_dim)
         if encoder_hidden_states.shape[1] == 0:

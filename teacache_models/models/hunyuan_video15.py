@@ -29,10 +29,9 @@ from ..checks import (
     check_architecture,
     check_attention_kwargs,
     check_dtype,
-    check_patch_grid,
     check_rope_axes,
-    check_tensor,
     check_tokens,
+    check_video_latents,
 )
 from ..distributed.sequence import SequenceParallelMixin
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
@@ -314,13 +313,11 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
     # ---- TeaCache seam ----------------------------------------------------------------------------
 
     def teacache_indicator(self, hidden_states: torch.Tensor, temb: torch.Tensor, **_: Any) -> torch.Tensor:
-        """Block 0's AdaLN-modulated image tokens (B, Li, D); under sequence parallelism this rank's real
-        tokens (no padding), which the group's reduction joins."""
-        indicator = hidden_states
+        """Block 0's AdaLN-modulated image tokens (B, Li, D) (under sequence parallelism the mixin keeps this
+        rank's real tokens)."""
         if len(self.transformer_blocks):
-            indicator = self.transformer_blocks[0].norm1(hidden_states, temb)[0]
-        sp = self.sequence_parallel
-        return indicator if sp is None else sp.trim(indicator)
+            return self.transformer_blocks[0].norm1(hidden_states, temb)[0]
+        return hidden_states
 
     def forward_blocks(
         self,
@@ -358,13 +355,9 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
     ) -> dict[str, torch.Tensor]:
         """Validate the tensors; return the boolean masks of the text, glyph and image streams."""
         config = self.config
-        check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
-        check_dtype("hidden_states", hidden_states, self.x_embedder.proj.weight.dtype)
-        batch = hidden_states.shape[0]
-        if batch == 0:
-            raise ValueError(f"hidden_states must hold at least one sample, got shape {tuple(hidden_states.shape)}")
         patches = (config.patch_size_t, config.patch_size, config.patch_size)
-        check_patch_grid("hidden_states", tuple(hidden_states.shape[2:]), patches)
+        dtype = self.x_embedder.proj.weight.dtype
+        batch, _ = check_video_latents("hidden_states", hidden_states, config.in_channels, dtype, patches)
         if timestep_r is not None and not config.use_meanflow:
             raise ValueError("timestep_r is only read by a use_meanflow=True model; pass None")
 

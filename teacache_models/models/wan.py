@@ -31,9 +31,8 @@ from ..checks import (
     check_architecture,
     check_attention_kwargs,
     check_dtype,
-    check_patch_grid,
-    check_tensor,
     check_tokens,
+    check_video_latents,
     is_int,
 )
 from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
@@ -503,23 +502,18 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
     def teacache_indicator(
         self, hidden_states: torch.Tensor, temb: torch.Tensor, timestep_proj: torch.Tensor, **_: Any
     ) -> torch.Tensor:
-        """`temb` (B, L or 1, D), `timestep_proj` (B, L or 1, 6, D) or block 0's modulated input (B, L, D).
-
-        Under sequence parallelism: this rank's real tokens (no padding), which the group's reduction joins.
-        """
+        """`temb` (B, L or 1, D), `timestep_proj` (B, L or 1, 6, D) or block 0's modulated input (B, L, D)
+        (under sequence parallelism the mixin keeps this rank's real tokens)."""
         name = self.teacache_indicator_name
         if name == "temb":
-            indicator = temb
-        elif name == "timestep_proj":
-            indicator = timestep_proj
-        elif not len(self.blocks):
-            indicator = hidden_states
-        else:
-            block = self.blocks[0]
-            shift, scale = block.modulation(timestep_proj)[:2]
-            indicator = block.modulated_input(hidden_states, shift, scale)
-        sp = self.sequence_parallel
-        return indicator if sp is None else sp.trim(indicator)
+            return temb
+        if name == "timestep_proj":
+            return timestep_proj
+        if not len(self.blocks):
+            return hidden_states
+        block = self.blocks[0]
+        shift, scale = block.modulation(timestep_proj)[:2]
+        return block.modulated_input(hidden_states, shift, scale)
 
     def forward_blocks(
         self,
@@ -553,12 +547,8 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
     ) -> torch.Tensor:
         """Validate the forward inputs; returns the timestep as a (1,), (B,) or (B, L) tensor."""
         config = self.config
-        check_tensor("hidden_states", hidden_states, ("B", config.in_channels, "F", "H", "W"))
-        check_dtype("hidden_states", hidden_states, self.patch_embedding.weight.dtype)
-        batch, _, *sizes = hidden_states.shape
-        if batch == 0:
-            raise ValueError(f"hidden_states must hold at least one sample, got shape {tuple(hidden_states.shape)}")
-        grid = check_patch_grid("hidden_states", tuple(sizes), tuple(self.patch_size))
+        dtype = self.patch_embedding.weight.dtype
+        batch, grid = check_video_latents("hidden_states", hidden_states, config.in_channels, dtype, self.patch_size)
         if max(grid) > config.rope_max_seq_len:
             raise ValueError(
                 f"hidden_states has {tuple(grid)} patches along (frames, height, width); at most "

@@ -36,6 +36,7 @@ __all__ = [
     "require_bool",
     "require_int",
     "require_number",
+    "require_real_tensor",
 ]
 
 
@@ -256,16 +257,23 @@ def controlnet_residuals(
     return check_residuals(name, samples, tuple(hidden_states.shape), dtype)
 
 
-def batch_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """A number or a tensor of shape (), (1,) or (B,) (a timestep, a guidance scale) -> (1,) or (B,)."""
+def require_real_tensor(name: str, value: Any, device: torch.device) -> torch.Tensor:
+    """A number (as a (1,) tensor on `device`) or a real tensor (not bool, not complex): a timestep, a scale."""
     if not isinstance(value, torch.Tensor):
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, Real):
             raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-        value = torch.tensor([float(value)], device=device)
-    value = value.reshape(1) if value.ndim == 0 else value
-    if value.ndim != 1 or value.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
+        return torch.tensor([float(value)], device=device)
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
     return value
+
+
+def batch_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """A number or a real tensor of shape (), (1,) or (B,) (a timestep, a guidance scale) -> (1,) or (B,)."""
+    value = require_real_tensor(name, value, device)
+    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch)):
+        raise ValueError(f"{name} must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
+    return value.reshape(-1)
 
 
 def check_guidance(guidance: Any, guidance_embeds: bool, with_embeds: str, without_embeds: str) -> None:

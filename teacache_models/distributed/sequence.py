@@ -15,7 +15,8 @@ of all heads are gathered back, so the replicated stream stays identical on ever
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -246,20 +247,26 @@ class SequenceParallel:
 
 
 class SequenceParallelMixin:
-    """`enable_sequence_parallel(group)` for a model; the model names its attention modules.
+    """`enable_sequence_parallel(group)` for a model; the model names its attention modules as class data.
 
-    A model provides `sequence_parallel_modules()`: the attention modules whose self-attention runs over
-    the sharded token sequence, each reading its `sequence_parallel` attribute (None: plain attention).
-    `sequence_parallel_heads`, the head count they split, is the config's `num_attention_heads` unless the
-    model says otherwise.
+    `sequence_parallel_attention` holds the names of the attention modules whose self-attention runs over
+    the sharded token sequence, with `*` for a block index (`"blocks.*.attn1"`); each reads its
+    `sequence_parallel` attribute (None: plain attention). `sequence_parallel_heads`, the head count they
+    split, is the config's `num_attention_heads` unless the model says otherwise.
     """
+
+    sequence_parallel_attention: ClassVar[tuple[str, ...]] = ()
 
     @property
     def sequence_parallel_heads(self) -> int:
         return self.config.num_attention_heads
 
-    def sequence_parallel_modules(self) -> Iterable[nn.Module]:
-        raise NotImplementedError(f"{type(self).__name__} does not support sequence parallelism")
+    def sequence_parallel_modules(self) -> list[nn.Module]:
+        """The modules `sequence_parallel_attention` names, in the model's module order."""
+        if not self.sequence_parallel_attention:
+            raise NotImplementedError(f"{type(self).__name__} does not support sequence parallelism")
+        patterns = [re.compile(re.escape(name).replace(r"\*", r"\d+")) for name in self.sequence_parallel_attention]
+        return [module for name, module in self.named_modules() if any(p.fullmatch(name) for p in patterns)]
 
     @property
     def sequence_parallel(self) -> SequenceParallel | None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..cache.mixin import Deferred, TeaCacheMixin
 from ..checks import (
+    batch_vector,
     check_architecture,
     check_attention_kwargs,
     check_dtype,
@@ -45,7 +46,6 @@ from .hunyuan_video_blocks import (
     TokenReplace,
     check_text_mask,
     joint_attention_mask,
-    timestep_vector,
     unpatchify,
 )
 
@@ -95,6 +95,8 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
 
     # Per-sample TeaCache gathers these by batch row; the rotary tables are shared.
     teacache_row_inputs = frozenset({"encoder_hidden_states", "temb", "attention_mask", "token_replace"})
+    # Sequence parallelism shards the image+text attention of every block (the text refiner's stays local).
+    sequence_parallel_attention = ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")
 
     @register_config
     def __init__(
@@ -173,11 +175,11 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         p, p_t = self.config.patch_size, self.config.patch_size_t
         grid = (frames // p_t, height // p, width // p)
         device = hidden_states.device
-        timestep = timestep_vector("timestep", timestep, batch, device)
+        timestep = batch_vector("timestep", timestep, batch, device)
         if self.config.guidance_embeds:
             if guidance is None:
                 raise ValueError("guidance is required: this model has guidance_embeds=True (the distilled release)")
-            guidance = timestep_vector("guidance", guidance, batch, device)
+            guidance = batch_vector("guidance", guidance, batch, device)
         else:
             guidance = None
 
@@ -250,12 +252,6 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         for block in self.single_transformer_blocks:
             tokens = self.call_block(block, tokens, image_len, temb, attention_mask, rope, token_replace)
         return tokens[:, :image_len]
-
-    # ---- sequence parallelism ---------------------------------------------------------------------
-
-    def sequence_parallel_modules(self) -> list[nn.Module]:
-        """The image+text attention of every block (the text refiner's attention stays local)."""
-        return [block.attn for block in (*self.transformer_blocks, *self.single_transformer_blocks)]
 
     # ---- input validation -------------------------------------------------------------------------
 

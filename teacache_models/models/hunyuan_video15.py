@@ -26,6 +26,7 @@ from torch import nn
 
 from ..cache.mixin import Deferred, TeaCacheMixin
 from ..checks import (
+    batch_vector,
     check_architecture,
     check_attention_kwargs,
     check_dtype,
@@ -45,7 +46,6 @@ from .hunyuan_video_blocks import (
     HunyuanVideoTransformerBlock,
     Rope,
     joint_attention_mask,
-    timestep_vector,
     unpatchify,
 )
 
@@ -160,6 +160,8 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
 
     # Per-sample TeaCache gathers these by batch row; the rotary tables are shared.
     teacache_row_inputs = frozenset({"encoder_hidden_states", "temb", "attention_mask"})
+    # Sequence parallelism shards the image+text attention of every block (the text refiner's stays local).
+    sequence_parallel_attention = ("transformer_blocks.*.attn",)
 
     @register_config
     def __init__(
@@ -252,9 +254,9 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
         patch = (self.config.patch_size_t, self.config.patch_size, self.config.patch_size)
         grid = (frames // patch[0], height // patch[1], width // patch[2])
         device = hidden_states.device
-        timestep = timestep_vector("timestep", timestep, batch, device)
+        timestep = batch_vector("timestep", timestep, batch, device)
         if timestep_r is not None:
-            timestep_r = timestep_vector("timestep_r", timestep_r, batch, device)
+            timestep_r = batch_vector("timestep_r", timestep_r, batch, device)
 
         temb = self.time_embed(timestep, timestep_r)  # (B, D)
         latents = hidden_states
@@ -333,12 +335,6 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
                 block, hidden_states, encoder_hidden_states, temb, attention_mask, rope
             )
         return hidden_states
-
-    # ---- sequence parallelism ---------------------------------------------------------------------
-
-    def sequence_parallel_modules(self) -> list[nn.Module]:
-        """The image+text attention of every block (the text refiner's attention stays local)."""
-        return [block.attn for block in self.transformer_blocks]
 
     # ---- input validation -------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ Parameter names and numerics follow diffusers' HunyuanVideo modules.
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import Any, NamedTuple
 
 import torch
@@ -38,7 +37,6 @@ __all__ = [
     "Rope",
     "check_text_mask",
     "joint_attention_mask",
-    "timestep_vector",
     "unpatchify",
 ]
 
@@ -461,19 +459,6 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[in
     video = tokens.reshape(tokens.shape[0], *grid, -1, *patch)
     video = video.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', p_t, H', p, W', p)
     return video.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-def timestep_vector(name: str, value: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """A number or a (), (1,) or (B,) tensor -> (1,) or (B,) tensor (a single value broadcasts)."""
-    if not isinstance(value, torch.Tensor):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise TypeError(f"{name} must be a tensor of shape ({batch},) or a number, got {type(value).__name__}")
-        return torch.tensor([float(value)], device=device)
-    if value.dtype == torch.bool or value.is_complex():
-        raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
-    if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch)):
-        raise ValueError(f"{name} must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
-    return value.reshape(-1)
 
 
 def check_text_mask(mask: Any, text: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..cache.mixin import Deferred, TeaCacheMixin
 from ..checks import (
+    batch_vector,
     check_architecture,
     check_attention_kwargs,
     check_dtype,
@@ -346,18 +347,6 @@ def _condition_token_mask(layouts: list[ImageLayout], device: torch.device) -> t
     return torch.tensor(rows, dtype=torch.bool, device=device)[..., None]
 
 
-def _timestep_vector(value: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """A number or a (), (1,) or (B,) tensor -> a (1,) or (B,) tensor (a single value broadcasts)."""
-    if not isinstance(value, torch.Tensor):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"timestep must be a tensor or a number, got {type(value).__name__}")
-        value = torch.tensor([float(value)], device=device)
-    value = value.reshape(1) if value.ndim == 0 else value
-    if value.ndim != 1 or value.shape[0] not in (1, batch):
-        raise ValueError(f"timestep must have shape (), (1,) or ({batch},), got {tuple(value.shape)}")
-    return value
-
-
 class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     """The Qwen-Image transformer (diffusers layout and keyword arguments) with TeaCache.
 
@@ -464,7 +453,7 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         config = self.config
         device = hidden_states.device
 
-        timestep = _timestep_vector(timestep, batch, device)
+        timestep = batch_vector("timestep", timestep, batch, device)
         self._check_additional_t_cond(additional_t_cond, timestep.shape[0] * (2 if config.zero_cond_t else 1), batch)
 
         hidden_states = self.img_in(hidden_states)  # (B, Li, D)

@@ -34,6 +34,7 @@ from ..checks import (
     check_tokens,
     check_video_latents,
     is_int,
+    require_real_tensor,
 )
 from ..distributed.sequence import SequenceParallel, SequenceParallelMixin
 from ..layers.attention import attention
@@ -351,6 +352,8 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
     )
     # Per-sample TeaCache gathers these by batch row; the rotary factors are shared.
     teacache_row_inputs = frozenset({"context", "image_context", "temb", "timestep_proj"})
+    # Sequence parallelism shards the self-attention of every block.
+    sequence_parallel_attention = ("blocks.*.attn1",)
 
     @register_config
     def __init__(
@@ -529,12 +532,6 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
             hidden_states = self.call_block(block, hidden_states, context, timestep_proj, rope, image_context)
         return hidden_states
 
-    # ---- sequence parallelism ---------------------------------------------------------------------
-
-    def sequence_parallel_modules(self) -> list[nn.Module]:
-        """The self-attention of every block: the attention over the sharded tokens."""
-        return [block.attn1 for block in self.blocks]
-
     # ---- input validation -------------------------------------------------------------------------
 
     def _check_inputs(
@@ -598,12 +595,7 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
 
 def _check_timestep(timestep: Any, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
     allowed = f"(), (1,), ({batch},), ({batch}, {num_tokens}), (1, {num_tokens}) or ({batch}, 1)"
-    if not isinstance(timestep, torch.Tensor):
-        if isinstance(timestep, bool) or not isinstance(timestep, Real):
-            raise TypeError(f"timestep must be a tensor or a number, got {type(timestep).__name__}")
-        timestep = torch.tensor([float(timestep)], device=device)
-    if timestep.dtype == torch.bool or timestep.is_complex():
-        raise TypeError(f"timestep must be a real tensor, got {timestep.dtype}")
+    timestep = require_real_tensor("timestep", timestep, device)
     if timestep.ndim == 0:
         return timestep.reshape(1)
     if timestep.ndim == 1 and timestep.shape[0] in (1, batch):

@@ -25,14 +25,7 @@ import torch
 from torch import nn
 
 from ..cache.mixin import TeaCacheMixin
-from ..layers.attention import attention
-from ..layers.embeddings import MLPEmbedder
-from ..layers.normalization import RMSNorm
-from ..layers.precision import clip_fp16
-from ..layers.rope import apply_rotary_complex
-from ..lora import lora_scale_from
-from .base import ConfiguredModel, Transformer2DModelOutput, register_config
-from .checks import (
+from ..checks import (
     batch_vector,
     check_architecture,
     check_attention_kwargs,
@@ -40,6 +33,13 @@ from .checks import (
     check_rope_axes,
     check_tokens,
 )
+from ..layers.attention import attention
+from ..layers.embeddings import MLPEmbedder
+from ..layers.normalization import RMSNorm
+from ..layers.precision import clip_fp16
+from ..layers.rope import apply_rotary_complex
+from ..lora import lora_scale_from
+from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 
 __all__ = ["QwenImage21KVCache", "QwenImage21Transformer2DModel"]
 

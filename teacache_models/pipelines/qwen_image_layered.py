@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..params import SamplingParams, require_int
+from ..checks import require_int
+from ..params import SamplingParams
 from .base import Conditioning, Pipeline
 from .qwen_image import QwenImageTextToImagePipeline
 from .qwen_image_edit import QwenImageEditPipeline, check_edit_images

@@ -10,8 +10,10 @@ the start) with mixed prompts and TeaCache thresholds is served three ways on on
    (`ContinuousBatcher`, at most `--concurrency` rows).
 
 Reported per mode: throughput (images per minute over the whole run), latency p50 / p95 (arrival to
-result), the fraction of block-stack rows computed (rows a forward call ran through the blocks / rows it
-carried, both CFG branches), the speedup of the mode's throughput over one at a time, and the largest
+result), the share of the run the server sat idle waiting for the next arrival (a mode that idles is bounded
+by the arrival pattern, not by its capacity: `--arrival-interval 0` offers every request at once), the
+fraction of block-stack rows computed (rows a forward call ran through the blocks / rows it carried, both CFG
+branches), the speedup of the mode's throughput over one at a time, and the largest
 difference of any output from its run alone (the one-at-a-time output) with whether every TeaCache
 schedule equals its solo schedule. `--repeats` runs the whole comparison several times, modes
 interleaved, and prints every repeat's throughput, so the spread on a shared machine shows.
@@ -87,25 +89,32 @@ def make_requests(pipe: object, count: int, steps: int, size: int) -> list[tuple
     return requests
 
 
+def wait_until(start: float, arrival: float) -> float:
+    """Sleep until `arrival` seconds after `start`; the seconds waited (the server idle, nothing to serve)."""
+    began = time.perf_counter()
+    while time.perf_counter() - start < arrival:
+        time.sleep(0.001)
+    return time.perf_counter() - began
+
+
 def one_at_a_time(pipe, requests, arrivals):
     start = time.perf_counter()
-    results, latencies, computed, total = [], [], 0, 0
+    results, latencies, computed, total, idle = [], [], 0, 0, 0.0
     for (prompt, params), arrival in zip(requests, arrivals, strict=True):
-        while time.perf_counter() - start < arrival:
-            time.sleep(0.001)
+        idle += wait_until(start, arrival)
         result = pipe(prompt, params)
         results.append(result)
         latencies.append(time.perf_counter() - start - arrival)
         stats = result.teacache_stats
         computed += stats.num_computed
         total += stats.num_computed + stats.num_skipped
-    return time.perf_counter() - start, results, latencies, computed / total
+    return time.perf_counter() - start, results, latencies, computed / total, idle
 
 
 def batched(pipe, requests, arrivals, concurrency, continuous):
     batcher = ContinuousBatcher(pipe, max_batch=concurrency, join_running=continuous)
     start = time.perf_counter()
-    submitted, order = 0, []
+    submitted, order, idle = 0, [], 0.0
     while submitted < len(requests) or not batcher.idle:
         now = time.perf_counter() - start
         while submitted < len(requests) and arrivals[submitted] <= now:
@@ -113,12 +122,13 @@ def batched(pipe, requests, arrivals, concurrency, continuous):
             order[-1].submitted_at = start + arrivals[submitted]
             submitted += 1
         if batcher.idle:
-            time.sleep(0.001)
+            idle += wait_until(start, arrivals[submitted])
             continue
         batcher.step()
     elapsed = time.perf_counter() - start
     latencies = [r.finished_at - r.submitted_at for r in order]
-    return elapsed, [r.result for r in order], latencies, batcher.rows_computed / batcher.rows_total
+    fraction = batcher.rows_computed / batcher.rows_total
+    return elapsed, [r.result for r in order], latencies, fraction, idle
 
 
 def compare(results, solo):
@@ -220,11 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs: dict[str, list[dict]] = {"one at a time": [], "static batches": [], "continuous": []}
     for _ in range(args.repeats):
-        elapsed, solo, latencies, fraction = one_at_a_time(pipe, requests, arrivals)
-        runs["one at a time"].append(_row(args.requests, elapsed, latencies, fraction, 0.0, True))
+        elapsed, solo, latencies, fraction, idle = one_at_a_time(pipe, requests, arrivals)
+        runs["one at a time"].append(_row(args.requests, elapsed, latencies, fraction, idle, 0.0, True))
         for mode, continuous in (("static batches", False), ("continuous", True)):
-            elapsed, results, latencies, fraction = batched(pipe, requests, arrivals, args.concurrency, continuous)
-            runs[mode].append(_row(args.requests, elapsed, latencies, fraction, *compare(results, solo)))
+            elapsed, results, latencies, fraction, idle = batched(
+                pipe, requests, arrivals, args.concurrency, continuous
+            )
+            runs[mode].append(_row(args.requests, elapsed, latencies, fraction, idle, *compare(results, solo)))
 
     base = statistics.median(r["images_per_min"] for r in runs["one at a time"])
     print(
@@ -233,10 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     header = (
         "| mode | images/min (median; each repeat) | p50 latency s | p95 latency s | rows computed | speedup "
-        "| max diff vs solo | schedules = solo |"
+        "| max diff vs solo | schedules = solo | server idle |"
     )
     print(header)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 9)
     summary = {}
     for mode, rows in runs.items():
         throughput = statistics.median(r["images_per_min"] for r in rows)
@@ -249,12 +261,20 @@ def main(argv: list[str] | None = None) -> dict:
             speedup=throughput / base,
             max_diff=max(r["max_diff"] for r in rows),
             schedules_equal=all(r["schedules_equal"] for r in rows),
+            idle_share=statistics.median(r["idle_share"] for r in rows),
             repeats=rows,
         )
         s = summary[mode]
         print(
             f"| {mode} | {throughput:.1f} ({each}) | {s['p50_s']:.2f} | {s['p95_s']:.2f} | "
-            f"{s['rows_computed']:.1%} | {s['speedup']:.2f}x | {s['max_diff']:.1e} | {s['schedules_equal']} |"
+            f"{s['rows_computed']:.1%} | {s['speedup']:.2f}x | {s['max_diff']:.1e} | {s['schedules_equal']} | "
+            f"{s['idle_share']:.0%} |"
+        )
+    if any(s["idle_share"] > 0.05 for s in summary.values()):
+        print(
+            "note: a mode whose server idled more than 5% of the run waited for arrivals, so its throughput is "
+            "bounded by the arrival pattern, not its capacity; lower --arrival-interval (0 = all at once) to "
+            "compare capacities."
         )
     profiles = print_profile(pipe, requests, arrivals, args.concurrency) if args.profile else None
     if args.json is not None:
@@ -263,9 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def _row(count, elapsed, latencies, fraction, max_diff, schedules_equal) -> dict:
+def _row(count, elapsed, latencies, fraction, idle, max_diff, schedules_equal) -> dict:
     return dict(
         images_per_min=count / elapsed * 60,
+        idle_share=idle / elapsed,
         p50_s=percentile(latencies, 0.5),
         p95_s=percentile(latencies, 0.95),
         rows_computed=fraction,

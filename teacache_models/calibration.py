@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cache.forecast import FORECAST
 from .cache.mixin import TeaCacheMixin, relative_l1_distance
 from .cache.state import StepObservation
 from .params import TeaCacheParams
@@ -416,8 +417,10 @@ def write_coefficients(
 
     Edits the YAML text in place so comments and every other key stay as they are. A preset without an
     `indicator` key uses `default_indicator` (the model's default). `use_ret_steps` True or False limits the
-    update to presets of that mode. Returns the names of the presets updated; the file is re-read with
-    the zoo loader afterwards, so a broken result fails here.
+    update to presets of that mode. A forecast preset (`method: forecast`) keeps its `source`, which
+    justifies its threshold, not a fit: it gets the new polynomials only if it carries its own, else it
+    takes them from the others when the file is read. Returns the names of the presets written; the file
+    is re-read with the zoo loader afterwards, so a broken result fails here.
     """
     import yaml
 
@@ -439,6 +442,15 @@ def write_coefficients(
             + ("" if use_ret_steps is None else f" with use_ret_steps={use_ret_steps}")
             + f"; its presets: {sorted(presets)}"
         )
+    # A forecast preset needs no fit (its coefficients only feed the fit monitor): one that carries none
+    # inherits the fit written into the others, and its source is never rewritten.
+    forecast = {name for name in chosen if presets[name].get("method") == FORECAST}
+    written = [name for name in chosen if name not in forecast or presets[name].get("coefficients") is not None]
+    if not written:
+        raise ValueError(
+            f"{path}: the presets using indicator {indicator!r} ({chosen}) are forecast presets without "
+            "coefficients; give one of them a `coefficients:` line (or add a TeaCache preset) to write the fit to"
+        )
     lines = text.splitlines(keepends=True)
     teacache = _find_key(lines, "teacache", 0, len(lines), 0)
     presets_at = (
@@ -448,7 +460,7 @@ def write_coefficients(
         raise ValueError(f"{path}: expected a block-style 'teacache:' mapping with a 'presets:' key")
     presets_indent = _indent(lines[presets_at])
     fits = _branch_fits(fit)
-    for name in chosen:
+    for name in written:
         presets_end = _block_end(lines, presets_at, presets_indent)
         header = next(
             i
@@ -459,8 +471,8 @@ def write_coefficients(
         end = _block_end(lines, header, header_indent)
         child_indent = next(_indent(line) for line in lines[header + 1 : end] if _is_content(line))
         source = calibration_source(fits, str(presets[name].get("source", "")))
-        values = {
-            "source": _yaml_string(source),
+        values = {} if name in forecast else {"source": _yaml_string(source)}
+        values |= {
             "coefficients": _coefficients_text(fits.coefficients),
             "coefficients_negative": fits.coefficients_negative and _coefficients_text(fits.coefficients_negative),
             "calibrated_range": _range_text(fits),
@@ -475,7 +487,7 @@ def write_coefficients(
     entry = load_zoo_entry(path)
     for name in chosen:
         _check_written(path, f"preset {name!r}", entry.presets[name].params, fits)
-    return chosen
+    return written
 
 
 def _yaml_string(text: str) -> str:

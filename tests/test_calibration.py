@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -196,6 +197,49 @@ def test_write_coefficients_updates_only_the_presets_of_that_indicator(tmp_path)
     # Writing again replaces the note instead of stacking notes.
     write_coefficients(path, "temb", FIT, default_indicator="temb")
     assert load_zoo_entry(path).presets["slow"].source.count("scripts/calibrate.py") == 1
+
+
+def _preset_lines(text: str, name: str) -> list[str]:
+    """The lines of preset `name` in a zoo YAML text (its header to the next line indented as far or less)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"{name}:")
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    after = (i for i in range(start + 1, len(lines)) if lines[i].strip() and indent(lines[i]) <= indent(lines[start]))
+    return lines[start : next(after, len(lines))]
+
+
+def test_write_coefficients_leaves_a_forecast_presets_source_alone(tmp_path):
+    path = tmp_path / "flux-digits.yaml"
+    shutil.copy(ZOO_DIR / "flux-digits.yaml", path)
+    before = path.read_text()
+    original = load_zoo_entry(path).presets["forecast"]
+    assert write_coefficients(path, "modulated_input", FIT, default_indicator="modulated_input") == ["slow", "fast"]
+    after = path.read_text()
+    # The forecast preset carries no fit of its own: its lines stay as they were, its threshold's
+    # justification included, and it takes the new fit from the presets that carry it.
+    assert _preset_lines(after, "forecast") == _preset_lines(before, "forecast")
+    forecast = load_zoo_entry(path).presets["forecast"]
+    assert forecast.source == original.source
+    assert forecast.params.coefficients == FIT.coefficients
+    assert dataclasses.replace(forecast.params, coefficients=None, calibrated_range=None) == dataclasses.replace(
+        original.params, coefficients=None, calibrated_range=None
+    )
+    # One that carries its own coefficients gets the new ones, and still keeps its source.
+    coefficients = next(line for line in _preset_lines(before, "slow") if "coefficients:" in line)
+    path.write_text(before.replace("      method: forecast\n", f"      method: forecast\n{coefficients}\n"))
+    assert write_coefficients(path, "modulated_input", FIT, "modulated_input") == ["slow", "fast", "forecast"]
+    forecast = load_zoo_entry(path).presets["forecast"]
+    assert forecast.source == original.source and forecast.params.calibrated_range == (0.01, 0.2)
+    # Forecast presets alone have nowhere to keep a fit: a clear error instead of a silent no-op.
+    only_forecast = tmp_path / "only-forecast.yaml"
+    text = re.sub(r"    (slow|fast):\n(      .*\n)+|  threshold_table: .*\n", "", before)
+    text = text.replace("default: slow", "default: forecast")
+    only_forecast.write_text(text)
+    with pytest.raises(ValueError, match="forecast presets without coefficients"):
+        write_coefficients(only_forecast, "modulated_input", FIT, "modulated_input")
 
 
 def test_write_coefficients_handles_ret_steps_and_missing_presets(tmp_path):

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from teacache_models.models import (
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
@@ -40,7 +41,25 @@ RELEASED = {  # zoo name -> (class, released transformer config, as in models.md
     "hunyuanvideo1.5-720p-i2v": (HunyuanVideo15Transformer3DModel, dict(target_size=960)),
     "hunyuanvideo1.5-480p-i2v-step-distilled": (HunyuanVideo15Transformer3DModel, dict(use_meanflow=True)),
     "qwen-image": (QwenImageTransformer2DModel, dict()),
+    "qwen-image-2512": (QwenImageTransformer2DModel, dict()),
+    "qwen-image-edit": (QwenImageTransformer2DModel, dict()),
+    "qwen-image-edit-2509": (QwenImageTransformer2DModel, dict()),
+    "qwen-image-layered": (QwenImageTransformer2DModel, dict(use_additional_t_cond=True, use_layer3d_rope=True)),
     "qwen-image-2.1": (QwenImage21Transformer2DModel, dict()),
+    # FLUX.2: the reference code's Flux2Params (dev, diffusers' defaults), Klein4BParams and Klein9BParams.
+    "flux2-dev": (Flux2Transformer2DModel, dict()),
+    "flux2-klein-4b": (
+        Flux2Transformer2DModel,
+        dict(
+            num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
+        ),
+    ),
+    "flux2-klein-9b": (
+        Flux2Transformer2DModel,
+        dict(
+            num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288, guidance_embeds=False
+        ),
+    ),
     "z-image-turbo": (ZImageTransformer2DModel, dict()),
 }
 
@@ -49,6 +68,7 @@ def test_every_released_checkpoint_has_an_entry():
     manifest = load_manifest()
     assert set(RELEASED) <= set(manifest)
     assert manifest["flux1-dev"].gated and not manifest["flux1-schnell"].gated
+    assert manifest["flux2-dev"].gated and not manifest["flux2-klein-4b"].gated  # the Hub's gate; Apache 2.0
     assert manifest["wan2.2-t2v-a14b"].transformers == ("transformer", "transformer_2")
     for name in list_zoo():
         entry = load_zoo_entry(name)

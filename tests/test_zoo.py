@@ -232,3 +232,32 @@ def test_the_fits_table_cites_exactly_the_zoo_fits():
         for indicator, fit in load_zoo_entry(name).fits.items()
     }
     assert table == zoo and len(rows) == len(zoo), "regenerate the table: python scripts/fits_table.py"
+
+
+# The sampling defaults the official examples give (the YAML comment of each entry cites the file): steps, the
+# guidance or true-CFG scale, the negative prompt (None: the example passes none) and the size (None: the example
+# passes none and the pipeline's default applies).
+QWEN_2512_NEGATIVE = (
+    "低分辨率，低画质，肢体畸形，手指畸形，画面过饱和，蜡像感，"
+    "人脸无细节，过度光滑，画面具有AI感。构图混乱。文字模糊，扭曲。"
+)
+CARD_SAMPLING = {
+    "flux2-dev": (50, 4.0, None, None),  # model_cards/FLUX.2-dev.md (black-forest-labs/flux2)
+    "flux2-klein-4b": (4, 1.0, None, None),  # src/flux2/util.py FLUX2_MODEL_INFO, fixed for the distilled models
+    "flux2-klein-9b": (4, 1.0, None, None),
+    "qwen-image-edit": (50, 4.0, " ", None),  # QwenLM/Qwen-Image README.md
+    "qwen-image-edit-2509": (40, 4.0, " ", None),
+    "qwen-image-2512": (50, 4.0, QWEN_2512_NEGATIVE, (1328, 1328)),
+    "qwen-image-layered": (50, 4.0, " ", (640, 640)),  # QwenLM/Qwen-Image-Layered README.md: resolution 640
+    "qwen-image-2.1": (40, 1.0, None, (2048, 2048)),  # QwenLM/Qwen-Image-2.1 README.md, "Default Parameters"
+}
+PIPELINE_DEFAULT_SIZE = (1024, 1024)  # diffusers' Flux2 and Qwen-Image-Edit pipelines without an image to follow
+
+
+@pytest.mark.parametrize("name", list(CARD_SAMPLING))
+def test_new_entries_sample_as_their_official_examples(name):
+    steps, guidance, negative, size = CARD_SAMPLING[name]
+    params = load_zoo_entry(name).sampling_params("off")
+    assert params.num_inference_steps == steps and params.guidance_scale == guidance
+    assert params.negative_prompt == negative
+    assert (params.height, params.width) == (size or PIPELINE_DEFAULT_SIZE)

@@ -219,6 +219,55 @@ def vision_tokenizer():
     return tokenizer
 
 
+# The video processors the released Qwen-VL processor folders name (in video_preprocessor_config.json).
+VIDEO_PROCESSOR_TYPES = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}
+
+
+def save_qwen_vl_processor(folder: Path, processor: Any, processor_class: str) -> Path:
+    """`processor` saved as the released checkpoints' processor/ folders hold it (Qwen/Qwen-Image-Edit-2509's:
+    preprocessor_config.json, the tokenizer's files, chat_template.jinja, video_preprocessor_config.json), each part
+    by its own save_pretrained: transformers saves a whole Qwen-VL processor only with its video processor, which
+    needs torchvision. The video processor's config is written as plain data; image editing never reads it."""
+    import json
+
+    processor.image_processor.save_pretrained(folder)
+    config_path = folder / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "processor_class": processor_class}, indent=2))
+    processor.tokenizer.save_pretrained(folder)
+    if processor.chat_template is not None:  # the processor's own over the tokenizer's, as transformers writes it
+        (folder / "chat_template.jinja").write_text(processor.chat_template)
+    image = processor.image_processor
+    video = {
+        "processor_class": processor_class,
+        "video_processor_type": VIDEO_PROCESSOR_TYPES[processor_class],
+        "patch_size": image.patch_size,
+        "temporal_patch_size": image.temporal_patch_size,
+        "merge_size": image.merge_size,
+    }
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    return folder
+
+
+def save_with_processor(pipe: Any, folder: Path, processor_class: str) -> Path:
+    """A diffusers pipeline with a Qwen-VL `processor` saved as a released folder, as its save_pretrained would:
+    model_index.json by its save_config, naming the processor as the released ones do (["transformers",
+    processor_class]); every other component by its own save_pretrained; the processor by
+    `save_qwen_vl_processor`."""
+    import json
+
+    pipe.save_config(folder)
+    for name, component in pipe.components.items():
+        if name != "processor" and component is not None:
+            component.save_pretrained(folder / name)
+    save_qwen_vl_processor(folder / "processor", pipe.processor, processor_class)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["processor"] = ["transformers", processor_class]
+    index_path.write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def without_video(processor_class: type) -> type:
     """A Qwen-VL processor class that accepts no video processor: the real one's class needs torchvision, which
     the tests do not install; no video is read."""
@@ -281,16 +330,9 @@ def native_qwen_edit_pipelines(folder: Path, class_name: str) -> tuple[Any, Any]
     return reference, ours
 
 
-def serve_to_cli(cli: Any, pipe: Any, monkeypatch: Any) -> None:
-    """Make scripts/generate.py (`cli`, loaded as a module) run `pipe` instead of loading weights: the released
-    weights are not here, and an edit pipeline's processor cannot be saved to a folder without torchvision,
-    which the tests do not install."""
-
-    def loaded(args: Any, model: str, entry: Any, state: Any) -> Any:
-        args.device, args.dtype, args.linear_kernel = "cpu", "float32", "aten"
-        return pipe
-
-    monkeypatch.setattr(cli, "load_configured_pipeline", loaded)
+def png_pixels(image: torch.Tensor):
+    """A (C, H, W) image in [0, 1] as the (H, W, C) uint8 array a PNG of it holds."""
+    return (image * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 def save_z_image(folder: Path, seed: int = 0) -> Path:

@@ -129,29 +129,37 @@ def test_registered_for_the_diffusers_class_and_refuses_an_image(pipes):
         ours(PROMPTS[:1], dataclasses.replace(params, height=48))
 
 
-def test_the_cli_runs_the_zoo_entry_and_refuses_an_image(pipes, tmp_path, monkeypatch, capsys):
+def test_the_cli_runs_a_released_folder_and_refuses_an_image(pipes, tmp_path, capsys):
+    """The CLI loads the released layout (processor/ as the Hub holds it: its parts, no video processor, so no
+    torchvision) and writes what diffusers generates in memory."""
     from PIL import Image
+    from transformers import Qwen3VLProcessor
 
-    from teacache_models.zoo import load_zoo_entry
-    from tests.test_pipeline_fixtures import serve_to_cli
+    from teacache_models.pipelines import load_pipeline
+    from tests.test_pipeline_fixtures import png_pixels, save_with_processor
     from tests.utils import load_script
 
-    _, ours = pipes
-    ours.use_kv_cache = True
-    ours.zoo_entry = load_zoo_entry("qwen-image-2.1")
+    reference, _ = pipes
+    folder = save_with_processor(reference, tmp_path / "released", "Qwen3VLProcessor")
+    processor = load_pipeline(folder).text_components["processor"]
+    assert isinstance(processor, Qwen3VLProcessor) and not hasattr(processor, "video_processor")
+    assert processor.chat_template == reference.processor.chat_template
     cli = load_script("generate")
-    serve_to_cli(cli, ours, monkeypatch)
     output = tmp_path / "t2i.png"
-    args = ["--model", "qwen-image-2.1", "--prompt", PROMPTS[0], "--steps", "2", "--seed", "1", "--no-progress"]
-    args += ["--height", "32", "--width", "64", "--output", str(output)]
+    args = ["--model", str(folder), "--config", "configs/qwen-image-2.1.yaml", "--prompt", PROMPTS[0]]
+    args += ["--steps", "2", "--seed", "1", "--no-progress", "--device", "cpu", "--dtype", "float32"]
+    args += ["--linear-kernel", "aten", "--height", "32", "--width", "64", "--output", str(output)]
     assert cli.main(args) == 0
     with Image.open(output) as image:
         assert image.mode == "RGBA"
         written = np.asarray(image)
-    expected = ours(PROMPTS[0], ours.default_sampling_params("off", num_inference_steps=2, seed=1, height=32, width=64))
-    assert expected.teacache_stats.positive.num_computed == 2  # the entry's default: TeaCache off
-    assert np.array_equal(written, expected.to_uint8()[0].numpy())
+    # The entry's defaults: no CFG, TeaCache off (so the prefix cache runs, as the reference's default).
+    generator = torch.Generator("cpu").manual_seed(1)
+    expected = reference(
+        PROMPTS[0], height=32, width=64, num_inference_steps=2, generator=generator, output_type="pt"
+    ).images
+    assert np.array_equal(written, png_pixels(expected[0]))
     picture = tmp_path / "in.png"
     Image.new("RGB", (8, 8)).save(picture)
     assert cli.main([*args, "--image", str(picture)]) == 1
-    assert "--image has no effect on qwen-image-2.1" in capsys.readouterr().err
+    assert "--image has no effect on" in capsys.readouterr().err

@@ -11,7 +11,13 @@ import torch
 
 from teacache_models import SamplingParams, TeaCacheParams
 from teacache_models.pipelines.qwen_image_edit import edit_image_size
-from tests.test_pipeline_fixtures import native_qwen_edit_pipelines, save_qwen_image, serve_to_cli
+from tests.test_pipeline_fixtures import (
+    native_qwen_edit_pipelines,
+    png_pixels,
+    qwen_image_edit_pipeline,
+    save_qwen_image,
+    save_with_processor,
+)
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -29,14 +35,31 @@ def folder(tmp_path_factory):
     return save_qwen_image(tmp_path_factory.mktemp("qwen"))
 
 
+@pytest.fixture(scope="module")
+def released(folder, tmp_path_factory):
+    """Per pipeline class, a folder in the released checkpoints' layout (processor/ included) of the components
+    `qwen_image_edit_pipeline` builds."""
+    names = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    pipes = {name: qwen_image_edit_pipeline(folder, name) for name in names}
+    return {
+        name: save_with_processor(pipe, tmp_path_factory.mktemp(name), "Qwen2VLProcessor")
+        for name, pipe in pipes.items()
+    }
+
+
 @pytest.fixture
 def small_images(monkeypatch):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+
+    from teacache_models.pipelines.qwen_image_edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
     resize = pipeline_qwenimage_edit.calculate_dimensions
     monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: resize(VAE_AREA, ratio))
     monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", VAE_AREA)
     monkeypatch.setattr(pipeline_qwenimage_edit_plus, "CONDITION_IMAGE_SIZE", CONDITION_AREA)
+    # The same areas for our pipelines as loaded (from a folder, by the CLI).
+    monkeypatch.setattr(QwenImageEditPipeline, "vae_image_area", VAE_AREA)
+    monkeypatch.setattr(QwenImageEditPlusPipeline, "condition_image_area", CONDITION_AREA)
 
 
 def picture(height: int, width: int, seed: int):
@@ -147,43 +170,71 @@ def test_output_size_is_the_reference_default():
     assert edit_image_size(384 * 384, 3 / 4) == (320, 448)
 
 
-def test_the_cli_edits_with_several_images_at_the_last_images_aspect_ratio(folder, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("class_name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
+def test_a_released_folder_loads_without_torchvision_and_equals_diffusers(folder, released, small_images, class_name):
+    """`load_pipeline` on the released layout builds the processor from its saved parts (no video processor, so no
+    torchvision) and the edit equals the in-memory diffusers pipeline bit for bit."""
+    from transformers import Qwen2VLProcessor
+
+    from teacache_models.pipelines import load_pipeline
+
+    reference, _ = pipelines(folder, class_name)
+    ours = load_pipeline(released[class_name])
+    processor = ours.text_components["processor"]
+    assert isinstance(processor, Qwen2VLProcessor) and not hasattr(processor, "video_processor")
+    assert (released[class_name] / "processor" / "video_preprocessor_config.json").is_file()
+    images = [picture(40, 56, seed=0), picture(24, 72, seed=1)][: ours.max_images]
+    image = images if len(images) > 1 else images[0]
+    settings = dict(height=32, width=48, negative_prompt=NEGATIVE)
+    params = SamplingParams(num_inference_steps=2, guidance_scale=4.0, seed=SEED, teacache_params=None, **settings)
+    result = ours(PROMPT, params, image=image)
+    expected = run_reference(reference, image, num_inference_steps=2, true_cfg_scale=4.0, **settings)
+    assert torch.equal(result.images, expected), "loaded from its folder, the edit must equal diffusers bit for bit"
+
+
+def test_the_cli_edits_a_released_folder_at_the_last_images_aspect_ratio(
+    folder, released, small_images, tmp_path, capsys
+):
     import json
 
     from PIL import Image
 
-    from teacache_models.zoo import load_zoo_entry
     from tests.utils import load_script
 
-    _, ours = pipelines(folder, "QwenImageEditPlusPipeline")
-    ours.zoo_entry = load_zoo_entry("qwen-image-edit-2509")
+    reference, _ = pipelines(folder, "QwenImageEditPlusPipeline")
     cli = load_script("generate")
-
-    serve_to_cli(cli, ours, monkeypatch)
     paths = []
     for i, (height, width) in enumerate([(40, 56), (30, 90)]):
         paths.append(tmp_path / f"in{i}.png")
         picture(height, width, seed=i).save(paths[-1])
     output = tmp_path / "edit.png"
-    args = ["--model", "qwen-image-edit-2509", "--prompt", PROMPT, "--steps", "2", "--seed", "1", "--no-progress"]
-    args += ["--teacache", "off", "--output", str(output)]
+    args = ["--model", str(released["QwenImageEditPlusPipeline"]), "--config", "configs/qwen-image-edit-2509.yaml"]
+    args += ["--prompt", PROMPT, "--steps", "2", "--seed", "1", "--no-progress", "--teacache", "off"]
+    args += ["--device", "cpu", "--dtype", "float32", "--linear-kernel", "aten", "--output", str(output)]
     assert cli.main([*args, "--image", str(paths[0]), "--image", str(paths[1])]) == 0
-    height, width = ours.output_size([picture(40, 56, 0), picture(30, 90, 1)])
-    assert (height, width) == (32, 96)  # the last image's 1:3, at about 64 x 64 pixels, in multiples of 32
     with Image.open(output) as image:
         written = np.asarray(image)
-    expected = ours(
-        PROMPT,
-        ours.default_sampling_params("off", num_inference_steps=2, seed=1, height=height, width=width),
-        image=[Image.open(p).convert("RGB") for p in paths],
-    )
-    assert np.array_equal(written, expected.to_uint8()[0].numpy())
+    # The reference's default size: the last image's 1:3 at about 64 x 64 pixels, in multiples of 32.
+    assert written.shape == (32, 96, 3)
+    images = [Image.open(p).convert("RGB") for p in paths]
+    expected = reference(
+        image=images,
+        prompt=PROMPT,
+        negative_prompt=" ",  # the zoo entry's, from the model card
+        height=32,
+        width=96,
+        num_inference_steps=2,
+        true_cfg_scale=4.0,
+        generator=torch.Generator("cpu").manual_seed(1),
+        output_type="pt",
+    ).images
+    assert np.array_equal(written, png_pixels(expected[0]))
     assert json.loads(output.with_suffix(".json").read_text())["images"] == [str(p) for p in paths]
 
     assert cli.main([*args, *[flag for p in paths * 2 for flag in ("--image", str(p))]]) == 1
-    assert "--image given 4 times, but qwen-image-edit-2509 takes at most 3 input images" in capsys.readouterr().err
+    assert "--image given 4 times, but" in capsys.readouterr().err
     assert cli.main(args) == 1
-    assert "qwen-image-edit-2509 needs an input image: --image FILE is required" in capsys.readouterr().err
+    assert "needs an input image: --image FILE is required" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("name", "class_name"), [("qwen-image-edit", "QwenImageEditPipeline")])

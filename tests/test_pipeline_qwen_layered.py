@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from teacache_models import SamplingParams, TeaCacheParams
-from tests.test_pipeline_fixtures import native_qwen_edit_pipelines, save_qwen_image, serve_to_cli
+from tests.test_pipeline_fixtures import (
+    native_qwen_edit_pipelines,
+    png_pixels,
+    qwen_image_edit_pipeline,
+    save_qwen_image,
+    save_with_processor,
+)
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -27,12 +33,22 @@ def folder(tmp_path_factory):
     return save_qwen_image(tmp_path_factory.mktemp("qwen-layered"), layered=True)
 
 
+@pytest.fixture(scope="module")
+def released(folder, tmp_path_factory):
+    """The components `qwen_image_edit_pipeline` builds, saved in the released checkpoint's layout."""
+    pipe = qwen_image_edit_pipeline(folder, "QwenImageLayeredPipeline")
+    return save_with_processor(pipe, tmp_path_factory.mktemp("released"), "Qwen2VLProcessor")
+
+
 @pytest.fixture
 def small_images(monkeypatch):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered
 
+    from teacache_models.pipelines.qwen_image_layered import QwenImageLayeredPipeline
+
     resize = pipeline_qwenimage_layered.calculate_dimensions
     monkeypatch.setattr(pipeline_qwenimage_layered, "calculate_dimensions", lambda area, ratio: resize(AREA, ratio))
+    monkeypatch.setattr(QwenImageLayeredPipeline, "vae_image_area", AREA)  # ours as loaded (by the CLI)
 
 
 def rgba(height: int, width: int, seed: int):
@@ -122,40 +138,41 @@ def test_teacache_and_inputs(folder, small_images):
     assert torch.equal(opaque.images, same.images)
 
 
-def test_the_cli_writes_one_rgba_png_per_layer(folder, tmp_path, monkeypatch, capsys):
+def test_the_cli_writes_one_rgba_png_per_layer(folder, released, small_images, tmp_path, capsys):
+    """The CLI loads the released layout (the processor from its parts: no torchvision) and writes diffusers'
+    layers."""
     import json
 
     from PIL import Image
 
-    from teacache_models.zoo import load_zoo_entry
     from tests.utils import load_script
 
-    _, ours = pipelines(folder)
-    ours.zoo_entry = load_zoo_entry("qwen-image-layered")
+    reference, _ = pipelines(folder)
     cli = load_script("generate")
-
-    serve_to_cli(cli, ours, monkeypatch)
     source = tmp_path / "in.png"
     rgba(40, 56, seed=1).save(source)
     output = tmp_path / "layers.png"
-    args = ["--model", "qwen-image-layered", "--prompt", PROMPT, "--steps", "2", "--seed", "1", "--no-progress"]
-    args += ["--image", str(source), "--output", str(output)]
+    args = ["--model", str(released), "--config", "configs/qwen-image-layered.yaml", "--prompt", PROMPT]
+    args += ["--steps", "2", "--seed", "1", "--no-progress", "--device", "cpu", "--dtype", "float32"]
+    args += ["--linear-kernel", "aten", "--image", str(source), "--output", str(output)]
     assert cli.main([*args, "--layers", "2", "--negative-prompt", "blurry"]) == 0
     files = [tmp_path / "layers-layer0.png", tmp_path / "layers-layer1.png"]
     assert json.loads(output.with_suffix(".json").read_text())["outputs"] == [str(f) for f in files]
-    height, width = ours.output_size(Image.open(source))
-    expected = ours(
-        PROMPT,
-        ours.default_sampling_params(
-            "off", num_inference_steps=2, seed=1, height=height, width=width, negative_prompt="blurry"
-        ),
+    expected = reference(
         image=Image.open(source),
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        true_cfg_scale=4.0,
         layers=2,
-    ).to_uint8()[0]
+        num_inference_steps=2,
+        cfg_normalize=True,  # the zoo entry's, from the model card
+        generator=torch.Generator("cpu").manual_seed(1),
+        output_type="pt",
+    ).images[0]
     for path, layer in zip(files, expected, strict=True):
         with Image.open(path) as image:
-            assert image.mode == "RGBA" and image.size == (width, height)
-            assert np.array_equal(np.asarray(image), layer.numpy())
+            assert image.mode == "RGBA" and image.size == (64, 64)
+            assert np.array_equal(np.asarray(image), png_pixels(layer))
 
     assert cli.main([*args, "--grid"]) == 1
     assert "--grid writes one PNG: qwen-image-layered is a layered model" in capsys.readouterr().err

@@ -4,11 +4,17 @@ The folder is the diffusers layout: `model_index.json` names the pipeline class 
 library and class to load from the subfolder of the same name. The transformer(s) are ours (the same
 state-dict keys as diffusers); everything else is loaded with its own library's `from_pretrained`. A
 pipeline class may load its folder itself (the pixel-space demo's `from_pretrained`).
+
+A vision-language processor (the Qwen-Image editing models' `Qwen2VLProcessor`, Qwen-Image-2.1's
+`Qwen3VLProcessor`) is loaded without its video processor: transformers' video processors need torchvision,
+and these pipelines read images only. Its image processor, tokenizer and chat template come from the folder
+as transformers would load them (the image processor on torchvision where it is installed, else on PIL).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -20,7 +26,14 @@ from ..families import pipeline_classes
 from ..weights.loading import resolve_device
 from ..zoo import ZooEntry, list_zoo, load_zoo_entry
 
-__all__ = ["load_components", "load_pipeline", "pipeline_class_for", "read_model_index", "resolve_device"]
+__all__ = [
+    "image_only_processor",
+    "load_components",
+    "load_pipeline",
+    "pipeline_class_for",
+    "read_model_index",
+    "resolve_device",
+]
 
 _TRANSFORMER_KEYS = ("transformer", "transformer_2")
 
@@ -69,6 +82,35 @@ def _load_transformer(folder: Path, model_class: type, dtype: torch.dtype | None
     return load_transformer(folder.parent, model_class, subfolder=folder.name, torch_dtype=dtype, device=device)
 
 
+@functools.cache
+def image_only_processor(processor_class: type) -> type:
+    """`processor_class` (a transformers `ProcessorMixin` with a video processor) without the video processor:
+    it loads, saves and runs with its image processor, tokenizer and chat template only."""
+
+    class ImageOnlyProcessor(processor_class):
+        # transformers finds a processor's parts in its constructor's signature, which names no video processor.
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    # The class's name is what a saved processor records as its `processor_class`: the released one's.
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    ImageOnlyProcessor.__doc__ = image_only_processor.__doc__
+    return ImageOnlyProcessor
+
+
+def _load_library_component(library: str, class_name: str, folder: Path, dtype: torch.dtype | None) -> Any:
+    component_class = getattr(importlib.import_module(library), class_name)
+    if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
+        # diffusers models take `torch_dtype`; transformers 5 models take `dtype`.
+        key = "torch_dtype" if library == "diffusers" else "dtype"
+        kwargs = {key: dtype} if dtype is not None else {}
+        return component_class.from_pretrained(str(folder), **kwargs)
+    parts = getattr(component_class, "get_attributes", None)  # a transformers processor's parts
+    if callable(parts) and "video_processor" in parts():
+        component_class = image_only_processor(component_class)
+    return component_class.from_pretrained(str(folder))
+
+
 def load_components(
     path: str | Path,
     pipeline_class: type,
@@ -96,15 +138,8 @@ def load_components(
         if name in _TRANSFORMER_KEYS:
             components[name] = _load_transformer(folder, pipeline_class.transformer_class, dtype, device)
             continue
-        library, class_name = entry
-        component_class = getattr(importlib.import_module(library), class_name)
-        if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
-            # diffusers models take `torch_dtype`; transformers 5 models take `dtype`.
-            key = "torch_dtype" if library == "diffusers" else "dtype"
-            kwargs = {key: dtype} if dtype is not None else {}
-            components[name] = component_class.from_pretrained(str(folder), **kwargs).to(device).eval()
-        else:
-            components[name] = component_class.from_pretrained(str(folder))
+        component = _load_library_component(*entry, folder, dtype)
+        components[name] = component.to(device).eval() if isinstance(component, torch.nn.Module) else component
     if components.get("transformer") is None:
         raise FileNotFoundError(f"{str(path)!r}: model_index.json names no transformer")
     return components

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="TEXT",
         help="one or more text prompts, one output each (required unless --list-models); in bash, "
-        '--prompt "a handwritten digit "{0..9} gives ten',
+        '--prompt "a handwritten digit "{0..9} gives ten; a layered model takes a blank one (--prompt "") and '
+        "captions its input image instead",
     )
     prompt.add_argument("--negative-prompt", help="negative prompt of the CFG branch (default: the model's)")
     prompt.add_argument(
@@ -245,6 +246,8 @@ def sidecar(
         "model": model,
         "zoo_entry": entry.name if entry is not None else None,
         "prompt": args.prompt,
+        # What the blank prompts became (a layered model's caption of its input image).
+        "encoded_prompt": result.prompt[: len(args.prompt)],
         "num_images": args.num_images,
         "grid": args.grid,
         "images": [str(path) for path in args.image],
@@ -290,6 +293,15 @@ def check_layers(args: argparse.Namespace, layered: bool | None, name: str) -> N
         raise CliError(f"--grid writes one PNG: {name} is a layered model, which writes one PNG per layer")
 
 
+def check_blank_prompts(args: argparse.Namespace, captions: bool | None, name: str) -> None:
+    """A blank --prompt only for a model that captions its input image (`captions` None: not known yet)."""
+    if captions is False and not all(text.strip() for text in args.prompt):
+        raise CliError(
+            f"--prompt must not be blank for {name}: only a layered model (Qwen-Image-Layered) takes a blank "
+            "prompt, which it replaces by a caption of its input image"
+        )
+
+
 def layer_paths(path: Path, layers: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-layer{k}{path.suffix}") for k in range(layers)]
 
@@ -322,8 +334,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list_models:
         print(list_models())
         return 0
-    if not args.prompt or not all(p.strip() for p in args.prompt):
-        raise CliError("--prompt is required (one or more non-empty texts)")
+    if not args.prompt:
+        raise CliError("--prompt is required (one or more texts)")
     for flag, value in (("--num-images", args.num_images), ("--repeats", args.repeats)):
         if value < 1:
             raise CliError(f"{flag} must be at least 1, got {value}")
@@ -337,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
     is_video = entry.is_video if entry is not None else None
     check_entry_images(len(args.image), entry)
     check_layers(args, entry.task == "layered" if entry is not None else None, name_of(model, entry))
+    check_blank_prompts(args, entry.task == "layered" if entry is not None else None, name_of(model, entry))
     inputs = image_inputs(load_images(args.image))
     if args.layers is not None:
         inputs["layers"] = args.layers
@@ -373,6 +386,7 @@ def generate_and_write(
         raise CliError(f"--grid writes one PNG: it is for image models; {name_of(model, entry)} is a video model")
     check_pipeline_images(len(args.image), pipe, name_of(model, entry))
     check_layers(args, "layers" in pipe.call_inputs, name_of(model, entry))
+    check_blank_prompts(args, pipe.captions_blank_prompts, name_of(model, entry))
     size = pipe.output_size(inputs["image"]) if inputs and args.height is None and args.width is None else None
     if size is not None:  # an editing model follows its input image's aspect ratio unless a size is given
         params = dataclasses.replace(params, height=size[0], width=size[1])

@@ -229,7 +229,7 @@ def test_tampered_copy_fails_the_sha256_check(cli, tmp_path, monkeypatch, capsys
         (["--num-images", "0"], "--num-images must be at least 1, got 0"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--grid", "--output", "grid.jpg"], "an image model writes .png"),
-        (["--prompt", "7", ""], "--prompt is required"),
+        (["--prompt", "7", ""], "--prompt must not be blank for wan-digits: only a layered model"),
     ],
 )
 def test_bad_demo_flags_fail_cleanly(cli, tmp_path, capsys, extra, message):

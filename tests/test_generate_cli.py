@@ -186,7 +186,7 @@ def test_forecast_method_flags(cli, folder, tmp_path):
         (["--linear-kernel", "onednn", "--dtype", "bfloat16"], "--linear-kernel: linear kernel 'onednn' runs float32"),
         (["--teacache-coefficients", "1,x"], "comma-separated numbers"),
         (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
-        (["--prompt", ""], "--prompt is required"),
+        (["--prompt", ""], "--prompt must not be blank for .*: only a layered model"),
         (["--image", "missing.png"], "--image has no effect on flux1-dev: it takes no input image"),
         (["--teacache-coefficients", ""], "--teacache-coefficients is empty"),
         (["--teacache", ""], "--teacache is empty: give off, slow, fast"),

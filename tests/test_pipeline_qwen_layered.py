@@ -37,6 +37,7 @@ def folder(tmp_path_factory):
 def released(folder, tmp_path_factory):
     """The components `qwen_image_edit_pipeline` builds, saved in the released checkpoint's layout."""
     pipe = qwen_image_edit_pipeline(folder, "QwenImageLayeredPipeline")
+    end_captions_early(pipe)
     return save_with_processor(pipe, tmp_path_factory.mktemp("released"), "Qwen2VLProcessor")
 
 
@@ -58,8 +59,16 @@ def rgba(height: int, width: int, seed: int):
     return Image.fromarray(pixels, mode="RGBA")
 
 
+def end_captions_early(pipe) -> None:
+    """The tiny random text encoder's greedy captions repeat words up to the 512-token limit (17 s here): ending
+    them at their first "," (its end token, in its generation config) keeps them a few tokens long."""
+    pipe.text_encoder.generation_config.eos_token_id = pipe.tokenizer.convert_tokens_to_ids(",")
+
+
 def pipelines(folder):
+    """diffusers' pipeline and ours on the same components (one text encoder, captions ended early)."""
     reference, ours = native_qwen_edit_pipelines(folder, "QwenImageLayeredPipeline")
+    end_captions_early(reference)
     ours.vae_image_area = AREA
     return reference, ours
 
@@ -101,6 +110,61 @@ def test_equals_diffusers_with_the_cache_off(folder, small_images, layers, norma
     assert result.teacache_stats.negative.num_computed == (0 if negative is None else 3)
 
 
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_a_blank_prompt_is_captioned_as_diffusers_does(folder, small_images, language):
+    reference, ours = pipelines(folder)
+    ours.caption_language = language
+    image = rgba(40, 56, seed=2)
+    params = SamplingParams(
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        negative_prompt="blurry",
+        seed=SEED,
+        height=64,
+        width=64,
+        teacache_params=None,
+    )
+    result = ours("", params, image=image, layers=2)
+    english = language == "en"
+    # The reference captions the input image as its VAE reads it (here 64 x 64).
+    caption = reference.get_image_caption(reference.image_processor.resize(image, 64, 64), english, "cpu")
+    assert caption and result.prompt == [caption]
+    expected = reference(
+        image=image,
+        prompt=" ",
+        negative_prompt="blurry",
+        true_cfg_scale=4.0,
+        layers=2,
+        num_inference_steps=2,
+        cfg_normalize=True,  # ours by default, as the model card
+        use_en_prompt=english,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="pt",
+    ).images[0]
+    assert torch.equal(result.images[0], expected), "a captioned blank prompt must equal diffusers bit for bit"
+    # In a batch every blank prompt gets the one caption; the others stay as they are.
+    batch = ours(["", PROMPT, "\t"], dataclasses.replace(params, num_inference_steps=1), image=image, layers=1)
+    assert batch.prompt == [caption, PROMPT, caption]
+
+
+def test_a_blank_prompt_cannot_be_captioned_without_a_generating_text_encoder_and_processor(folder, small_images):
+    reference, ours = pipelines(folder)
+    params = SamplingParams(num_inference_steps=1, guidance_scale=1.0, height=32, width=32, teacache_params=None)
+    image = rgba(32, 32, seed=0)
+    ours.caption_language = "fr"
+    with pytest.raises(ValueError, match=r"caption_language must be one of \('en', 'zh'\), got 'fr'"):
+        ours("", params, image=image)
+    ours.caption_language = "en"
+    ours.text_components["text_encoder"] = reference.text_encoder.model  # the language model without its head
+    with pytest.raises(TypeError, match=r"Qwen2_5_VLModel cannot generate text .*: give a prompt describing"):
+        ours(" ", params, image=image)
+    ours.text_components["processor"] = None
+    with pytest.raises(ValueError, match="this pipeline has no processor: give a prompt describing the input image"):
+        ours(" ", params, image=image)
+    ours.text_components["text_encoder"] = reference.text_encoder
+    assert ours(PROMPT, params, image=image, layers=1).prompt == [PROMPT]  # a prompt needs neither
+
+
 def test_teacache_and_inputs(folder, small_images):
     _, ours = pipelines(folder)
     image = rgba(32, 32, seed=0)
@@ -119,8 +183,6 @@ def test_teacache_and_inputs(folder, small_images):
         assert branch.computed_steps == (0, 3) and branch.skipped_steps == (1, 2)
     with pytest.raises(ValueError, match="layers must be an integer >= 1, got 0"):
         ours(PROMPT, params, image=image, layers=0)
-    with pytest.raises(ValueError, match="needs a prompt describing the input image"):
-        ours(" ", params, image=image)
     with pytest.raises(ValueError, match="QwenImageLayeredPipeline edits an input image: pass image="):
         ours(PROMPT, params, layers=2)
     with pytest.raises(TypeError, match=r"takes only image=\.\.\., layers=\.\.\., got \['mask'\]"):
@@ -173,6 +235,26 @@ def test_the_cli_writes_one_rgba_png_per_layer(folder, released, small_images, t
         with Image.open(path) as image:
             assert image.mode == "RGBA" and image.size == (64, 64)
             assert np.array_equal(np.asarray(image), png_pixels(layer))
+
+    # A blank --prompt: the caption of the input image, recorded in the sidecar.
+    assert cli.main([*args[:5], "", *args[6:], "--layers", "1", "--negative-prompt", "blurry"]) == 0
+    record = json.loads(output.with_suffix(".json").read_text())
+    caption = reference.get_image_caption(reference.image_processor.resize(Image.open(source), 64, 64), True, "cpu")
+    assert record["prompt"] == [""] and record["encoded_prompt"] == [caption]
+    expected = reference(
+        image=Image.open(source),
+        prompt="",
+        negative_prompt="blurry",
+        true_cfg_scale=4.0,
+        layers=1,
+        num_inference_steps=2,
+        cfg_normalize=True,
+        use_en_prompt=True,
+        generator=torch.Generator("cpu").manual_seed(1),
+        output_type="pt",
+    ).images[0]
+    with Image.open(files[0]) as image:
+        assert np.array_equal(np.asarray(image), png_pixels(expected[0]))
 
     assert cli.main([*args, "--grid"]) == 1
     assert "--grid writes one PNG: qwen-image-layered is a layered model" in capsys.readouterr().err

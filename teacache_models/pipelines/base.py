@@ -54,7 +54,8 @@ class PipelineResult:
     """What one generation produced and how.
 
     `images` is (B, 3, H, W) for image models (a layered model's: (B, layers, 4, H, W), RGBA) and `frames`
-    (B, F, 3, H, W) for video models, float32 in [0, 1] on the CPU; the other is None. `timings` holds seconds
+    (B, F, 3, H, W) for video models, float32 in [0, 1] on the CPU; the other is None. `prompt` holds the prompts
+    encoded (a layered model's blank ones replaced by its caption of the input image). `timings` holds seconds
     per stage (`text_encoding`, `denoising`, `decoding`, `total`). `teacache_stats` records which steps each CFG
     branch computed and skipped; for a model with several transformers (Wan2.2's experts) it joins them, and
     `expert_stats` holds each one's own record by component name (empty for one transformer).
@@ -108,6 +109,8 @@ class Pipeline(PipelineLoraMixin):
       pipeline whose `takes_image()` is not "no".
     - `per_sample_timesteps`: `predict` takes one timestep per sample and one transformer runs every step,
       so requests at different steps can share a batch (`teacache_models.server.batching`).
+    - `captions_blank_prompts`: a blank prompt is filled in from the input image (`complete_prompts`) rather
+      than encoded as it is.
     """
 
     family: ClassVar[str]
@@ -121,6 +124,7 @@ class Pipeline(PipelineLoraMixin):
     max_images: ClassVar[int] = 1
     call_inputs: ClassVar[tuple[str, ...]] = ()
     per_sample_timesteps: ClassVar[bool] = False
+    captions_blank_prompts: ClassVar[bool] = False
     # Text encoding reads at most this many tokens (the diffusers pipeline's default).
     max_sequence_length: int = 512
     # The largest `max_sequence_length` the family's reference pipeline accepts; None: no cap.
@@ -401,6 +405,7 @@ class Pipeline(PipelineLoraMixin):
 
         with torch.no_grad():
             self._sync()
+            prompts = self.complete_prompts(prompts)
             condition = self.encode_prompt(prompts, params)
             negative = None
             if self.uses_cfg(params):
@@ -436,6 +441,11 @@ class Pipeline(PipelineLoraMixin):
             prompt=prompts,
             expert_stats=expert_stats,
         )
+
+    def complete_prompts(self, prompts: list[str]) -> list[str]:
+        """The prompts the generation encodes, after `check_inputs`: as given, unless the family fills in blank
+        ones (Qwen-Image-Layered captions its input image). The result records them."""
+        return prompts
 
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
         """Family-specific inputs beyond the prompt (an image for I2V); none by default."""

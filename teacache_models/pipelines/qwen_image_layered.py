@@ -6,6 +6,10 @@ image's latents appended as a condition frame (`use_layer3d_rope` puts it at fra
 image. The VAE encodes and decodes four channels (RGBA); the composite frame is dropped at decoding, so a result
 holds `images` of shape (B, layers, 4, H, W) in [0, 1].
 
+A blank prompt is replaced by a caption of the input image, which the Qwen2.5-VL text encoder writes when asked
+with the reference's captioning instruction (English, or Chinese with `caption_language = "zh"`, diffusers'
+default); `result.prompt` records it.
+
 As diffusers' QwenImageLayeredPipeline: the input image is resized to about `vae_image_area` pixels (640 x 640,
 the model card's recommended bucket; 1024 x 1024 is the other), the schedule is linear in sigma from 1 towards 0
 with a shift `mu` from the condition's token count, and the CFG prediction is rescaled to the positive one's norm
@@ -30,6 +34,9 @@ from .shared import pack_2x2, to_unit_range, unpack_2x2
 __all__ = ["QwenImageLayeredPipeline"]
 
 DEFAULT_LAYERS = 4
+# The reference's limit on a caption's length, in generated tokens.
+CAPTION_MAX_NEW_TOKENS = 512
+CAPTION_LANGUAGES = ("en", "zh")
 # The reference's `mu` = sqrt(condition tokens / the token count of a 256 x 256 image).
 _BASE_TOKENS = 256 * 256 / 16 / 16
 
@@ -40,20 +47,51 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
     diffusers_class_name: ClassVar[str] = "QwenImageLayeredPipeline"
     image_mode: ClassVar[str] = "RGBA"
     call_inputs: ClassVar[tuple[str, ...]] = ("layers",)
+    captions_blank_prompts: ClassVar[bool] = True
     vae_image_area: int = 640 * 640
     cfg_normalize: bool = True
+    # The language of the instruction a blank prompt's caption is asked with: the model card's example asks in
+    # English; diffusers' default (`use_en_prompt=False`) is Chinese.
+    caption_language: str = "en"
 
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
         self._layers = require_int("layers", inputs.get("layers", DEFAULT_LAYERS), 1, TypeError)
         self._images = self._prepare_images(check_edit_images(self, inputs, extra=self.call_inputs))
 
-    def __call__(self, prompt: Any, sampling_params: SamplingParams | None = None, **kwargs: Any) -> Any:
-        if any(not text.strip() for text in self._prompts(prompt)):
+    def complete_prompts(self, prompts: list[str]) -> list[str]:
+        """Each blank prompt (empty or whitespace; diffusers captions "" and " ") replaced by the caption of the
+        input image, written once per call."""
+        if all(text.strip() for text in prompts):
+            return prompts
+        caption = self.caption(self._images.condition[0])
+        return [text if text.strip() else caption for text in prompts]
+
+    def caption(self, image: Any) -> str:
+        """The text encoder's description of `image` (the input image as the VAE reads it), asked with the
+        reference's captioning instruction in `caption_language`: at most 512 new tokens, decoded with the text
+        encoder's own generation settings (greedy unless its generation config samples), as the reference."""
+        if self.caption_language not in CAPTION_LANGUAGES:
+            raise ValueError(f"caption_language must be one of {CAPTION_LANGUAGES}, got {self.caption_language!r}")
+        processor, encoder = self.text_components["processor"], self.text_components["text_encoder"]
+        if processor is None:
             raise ValueError(
-                "Qwen-Image-Layered needs a prompt describing the input image (diffusers captions a blank prompt "
-                "with Qwen2.5-VL; this pipeline does not): got a blank prompt"
+                "a blank prompt is captioned from the input image by the processor and the text encoder, but this "
+                "pipeline has no processor: give a prompt describing the input image"
             )
-        return super().__call__(prompt, sampling_params, **kwargs)
+        if not encoder.can_generate():
+            raise TypeError(
+                f"a blank prompt is captioned from the input image by the text encoder, but "
+                f"{type(encoder).__name__} cannot generate text (Qwen2_5_VLForConditionalGeneration can): give a "
+                "prompt describing the input image"
+            )
+        helper = self.text_helper()  # the reference pipeline, whose instructions these are
+        instructions = {"en": helper.image_caption_prompt_en, "zh": helper.image_caption_prompt_cn}
+        inputs = processor(text=instructions[self.caption_language], images=image, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        tokens = encoder.generate(**inputs, max_new_tokens=CAPTION_MAX_NEW_TOKENS)  # (1, L_in + L_new)
+        new_tokens = tokens[:, inputs["input_ids"].shape[1] :]
+        text = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text[0].strip()
 
     def encode_prompt(self, prompts: list[str], params: SamplingParams) -> Conditioning:
         # The prompt alone, without the image: Qwen-Image's text encoding (this family's reference helper).

@@ -25,6 +25,7 @@ __all__ = [
     "check_attention_kwargs",
     "check_dtype",
     "check_guidance",
+    "check_keys",
     "check_patch_grid",
     "check_residuals",
     "check_rope_axes",
@@ -72,6 +73,26 @@ def require_bool(name: str, value: Any, wrong_type: type[Exception] = ValueError
     if not isinstance(value, bool):
         raise wrong_type(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     return value
+
+
+def check_keys(
+    where: str,
+    data: Any,
+    allowed: Iterable[str],
+    required: Iterable[str] = (),
+    error: type[Exception] = ValueError,
+) -> dict:
+    """`data`, a mapping read from a file (a YAML section), if it has only `allowed` keys and every `required`
+    one; else `error` naming `where` and the keys that are unknown or missing."""
+    if not isinstance(data, dict):
+        raise error(f"{where} must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise error(f"{where} has unknown keys {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(set(required) - set(data))
+    if missing:
+        raise error(f"{where} is missing keys {missing}")
+    return data
 
 
 def check_architecture(

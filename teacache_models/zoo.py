@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .checks import check_keys
 from .families import FAMILIES, transformer_class
 from .lora.spec import LoraSpec
 from .params import RescalingFit, SamplingParams, TeaCacheParams
@@ -248,18 +249,6 @@ def check_sampling_overrides(overrides: dict[str, Any]) -> None:
         raise TypeError(f"unknown sampling settings {unknown}; SamplingParams fields: {sorted(_SAMPLING_KEYS)}")
 
 
-def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = frozenset()) -> dict:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; allowed: {sorted(allowed)}")
-    missing = sorted(required - set(data))
-    if missing:
-        raise ValueError(f"{where} is missing keys {missing}")
-    return data
-
-
 def _read_fits(where: str, data: Any, family: str, key: str = "teacache.fits") -> dict[str, TeaCacheFit]:
     """`teacache.fits`: {indicator: {coefficients, source}}, each indicator one the family's transformer offers."""
     if data is None:
@@ -269,7 +258,7 @@ def _read_fits(where: str, data: Any, family: str, key: str = "teacache.fits") -
     supported = transformer_class(family).supported_teacache_indicators
     fits = {}
     for name, fit in data.items():
-        fit = _check_keys(f"{where}: {key}.{name}", fit, _FIT_KEYS, {"coefficients", "source"})
+        fit = check_keys(f"{where}: {key}.{name}", fit, _FIT_KEYS, {"coefficients", "source"})
         if name not in supported:
             raise ValueError(f"{where}: {key}: indicator {name!r} is not one of {list(supported)}")
         try:
@@ -401,7 +390,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
         raise ValueError(f"{where} is not valid YAML: {error}") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{where} is not a text file: {error}") from None
-    data = _check_keys(where, data, _TOP_KEYS, _TOP_KEYS - {"description", "task", "loras"})
+    data = check_keys(where, data, _TOP_KEYS, _TOP_KEYS - {"description", "task", "loras"})
     if data["family"] not in FAMILIES:
         raise ValueError(f"{where}: family {data['family']!r} is not one of {list(FAMILIES)}")
     for key in ("name", "manifest", "transformer"):
@@ -415,8 +404,8 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     task = data.get("task", "t2i")
     if task not in TASKS:
         raise ValueError(f"{where}: task {task!r} is not one of {list(TASKS)}")
-    sampling = _check_keys(f"{where}: sampling", data["sampling"], _SAMPLING_KEYS)
-    teacache = _check_keys(
+    sampling = check_keys(f"{where}: sampling", data["sampling"], _SAMPLING_KEYS)
+    teacache = check_keys(
         f"{where}: teacache",
         data["teacache"],
         {"default", "presets", "fits", "threshold_table"},
@@ -437,7 +426,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
                 f"{list(_RESERVED_PRESET_NAMES)}, got {preset_name!r}"
             )
         preset_where = f"{where}: teacache.presets.{preset_name}"
-        preset = dict(_check_keys(preset_where, preset, _PRESET_KEYS, {"source"}))
+        preset = dict(check_keys(preset_where, preset, _PRESET_KEYS, {"source"}))
         presets[preset_name] = _read_preset(preset_where, preset, data["family"], fits)
         if expert_fits:
             _check_expert_preset(preset_where, presets[preset_name].params, data["family"], expert_fits)
@@ -472,7 +461,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
 
 
 def _read_threshold_table(where: str, data: Any, presets: dict[str, TeaCachePreset]) -> ThresholdTable:
-    data = _check_keys(where, data, {"preset", "rows", "source"}, {"preset", "rows", "source"})
+    data = check_keys(where, data, {"preset", "rows", "source"}, {"preset", "rows", "source"})
     if data["preset"] not in presets:
         raise ValueError(f"{where}: preset {data['preset']!r} is not one of {sorted(presets)}")
     rows = data["rows"]
@@ -504,7 +493,7 @@ def _loras(where: str, data: Any, folder: Path) -> tuple[LoraSpec, ...]:
         raise ValueError(f"{where}: loras must be a list of {{source, scale}} mappings, got {type(data).__name__}")
     specs = []
     for index, item in enumerate(data):
-        item = _check_keys(f"{where}: loras[{index}]", item, _LORA_KEYS, {"source"})
+        item = check_keys(f"{where}: loras[{index}]", item, _LORA_KEYS, {"source"})
         source = str(item["source"])
         local = folder / source
         try:

@@ -118,8 +118,38 @@ def test_schema_errors_name_the_entry_and_the_problem(change, match, tmp_path):
     entry = {k: v for k, v in (GOOD | change).items() if v is not None}
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump({"my-model": entry}))
-    with pytest.raises(ManifestError, match=rf"entry 'my-model': .*{match}"):
+    with pytest.raises(ManifestError, match=rf"entry 'my-model'.*{match}"):
         load_manifest(path)
+
+
+def test_keys_left_out_take_the_defaults_and_given_ones_are_read(tmp_path):
+    path = tmp_path / "manifest.yaml"
+    given = dict(
+        transformers=["transformer"],
+        revision="v1.0",
+        gated=True,
+        approx_download_gb=3,
+        sha256={"transformer/config.json": "a" * 64},
+        description=7,
+    )
+    path.write_text(yaml.safe_dump({"bare": GOOD, "full": GOOD | given}))
+    bare, full = load_manifest(path).values()
+    assert (bare.name, bare.family, bare.components, bare.transformer_dtype) == (
+        "bare",
+        "flux",
+        ("transformer", "vae"),
+        "bfloat16",
+    )
+    assert (bare.transformers, bare.revision, bare.gated, bare.approx_download_gb) == (
+        ("transformer",),
+        "main",
+        False,
+        None,
+    )
+    assert (bare.sha256, bare.description, bare.repo, bare.local_path) == ({}, "", "owner/name", None)
+    assert isinstance(bare.transformer_parameters, float) and bare.transformer_parameters == 1.0e9
+    assert (full.revision, full.gated, full.approx_download_gb, full.description) == ("v1.0", True, 3.0, "7")
+    assert isinstance(full.approx_download_gb, float) and full.sha256 == given["sha256"]
 
 
 def test_missing_keys_and_shipped_entries_without_digests(tmp_path):

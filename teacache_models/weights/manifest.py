@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..checks import check_keys
 from ..families import FAMILIES
 from .errors import ManifestError
 
@@ -26,7 +27,6 @@ MANIFEST_PATH = Path(__file__).resolve().parent.parent.parent / "weights_manifes
 TRANSFORMER_DTYPES = ("float32", "bfloat16", "float16")
 
 _REQUIRED = {"family", "components", "transformer_dtype", "transformer_parameters"}
-_OPTIONAL = {"description", "repo", "revision", "local_path", "gated", "transformers", "approx_download_gb", "sha256"}
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _COMPONENT = re.compile(r"[\w.-]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -77,6 +77,10 @@ class ManifestEntry:
         return ["model_index.json", *(f"{component}/*" for component in chosen)]
 
 
+# An entry's keys are the fields of `ManifestEntry` (its name is the key it stands under in the manifest).
+_KEYS = {f.name for f in fields(ManifestEntry)} - {"name"}
+
+
 def load_manifest(path: str | Path | None = None) -> dict[str, ManifestEntry]:
     """Read and check the weights manifest (default: `weights_manifest.yaml` at the repository root)."""
     path = MANIFEST_PATH if path is None else Path(path)
@@ -97,33 +101,29 @@ def _entry(path: Path, name: str, data: Any) -> ManifestEntry:
     def fail(message: str) -> ManifestError:
         return ManifestError(f"{where}: {message}")
 
-    if not isinstance(data, dict):
-        raise fail(f"must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - _REQUIRED - _OPTIONAL)
-    if unknown:
-        raise fail(f"unknown keys {unknown}; allowed: {sorted(_REQUIRED | _OPTIONAL)}")
-    missing = sorted(_REQUIRED - set(data))
-    if missing:
-        raise fail(f"missing keys {missing}")
+    check_keys(where, data, _KEYS, _REQUIRED, ManifestError)
     if ("repo" in data) == ("local_path" in data):
         raise fail("needs exactly one of repo (a Hub repository) and local_path (a folder shipped here)")
     if data["family"] not in FAMILIES:
         raise fail(f"family {data['family']!r} is not one of {list(FAMILIES)}")
-    components = _names(fail, "components", data["components"])
-    transformers = _names(fail, "transformers", data.get("transformers", ["transformer"]))
+    # The YAML keys are the entry's field names, and a key left out takes the entry's default: the checks
+    # below replace only the values they convert.
+    values = dict(data, name=name)
+    components = values["components"] = _names(fail, "components", data["components"])
+    transformers = values["transformers"] = _names(fail, "transformers", data.get("transformers", ["transformer"]))
     if not set(transformers) <= set(components):
         raise fail(f"transformers {list(transformers)} must all be among components {list(components)}")
     if data["transformer_dtype"] not in TRANSFORMER_DTYPES:
         raise fail(f"transformer_dtype {data['transformer_dtype']!r} is not one of {list(TRANSFORMER_DTYPES)}")
-    parameters = _positive(fail, "transformer_parameters", data["transformer_parameters"])
-    size = data.get("approx_download_gb")
-    size = None if size is None else _positive(fail, "approx_download_gb", size)
-    gated = data.get("gated", False)
-    if not isinstance(gated, bool):
-        raise fail(f"gated must be true or false, got {gated!r}")
-    revision = data.get("revision", "main")
-    if not isinstance(revision, str) or not revision:
-        raise fail(f"revision must be a branch, tag or commit hash, got {revision!r}")
+    values["transformer_parameters"] = _positive(fail, "transformer_parameters", data["transformer_parameters"])
+    if data.get("approx_download_gb") is not None:
+        values["approx_download_gb"] = _positive(fail, "approx_download_gb", data["approx_download_gb"])
+    if "gated" in data and not isinstance(data["gated"], bool):
+        raise fail(f"gated must be true or false, got {data['gated']!r}")
+    if "revision" in data and (not isinstance(data["revision"], str) or not data["revision"]):
+        raise fail(f"revision must be a branch, tag or commit hash, got {data['revision']!r}")
+    if "description" in data:
+        values["description"] = str(data["description"])
     sha256 = data.get("sha256") or {}
     if not isinstance(sha256, dict):
         raise fail(f"sha256 must map file paths to digests, got {type(sha256).__name__}")
@@ -132,33 +132,20 @@ def _entry(path: Path, name: str, data: Any) -> ManifestEntry:
             raise fail(f"sha256 key {file!r} must be a path relative to the checkpoint root")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise fail(f"sha256 of {file!r} must be 64 lowercase hex digits, got {digest!r}")
-    repo, local_path = data.get("repo"), None
+    values["sha256"] = dict(sha256)
+    repo = data.get("repo")
     if repo is not None:
         if not isinstance(repo, str) or not _REPO_ID.fullmatch(repo):
             raise fail(f"repo must be a Hub repository id 'owner/name', got {repo!r}")
     else:
         if not isinstance(data["local_path"], str):
             raise fail(f"local_path must be a path relative to the manifest, got {data['local_path']!r}")
-        if gated:
+        if data.get("gated"):
             raise fail("a folder shipped in this repository cannot be gated")
         if not sha256:
             raise fail("a shipped folder (local_path) needs the sha256 of every file")
-        local_path = (path.parent / data["local_path"]).resolve()
-    return ManifestEntry(
-        name=name,
-        family=data["family"],
-        components=components,
-        transformers=transformers,
-        transformer_dtype=data["transformer_dtype"],
-        transformer_parameters=parameters,
-        repo=repo,
-        revision=revision,
-        local_path=local_path,
-        gated=gated,
-        approx_download_gb=size,
-        sha256=dict(sha256),
-        description=str(data.get("description", "")),
-    )
+        values["local_path"] = (path.parent / data["local_path"]).resolve()
+    return ManifestEntry(**values)
 
 
 def _names(fail: Any, key: str, value: Any) -> tuple[str, ...]:

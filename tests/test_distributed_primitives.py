@@ -216,6 +216,24 @@ def test_init_parallel_outside_torchrun_says_how_to_launch(monkeypatch):
         init_parallel(sp_degree=2)
 
 
+def test_init_parallel_joins_a_process_group_started_by_the_caller(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="backend must be 'nccl' or 'gloo', got 'mpi'"):
+        init_parallel(backend="mpi", init_method="file:///nonexistent", rank=0, world_size=1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="the world has 1 ranks but cfg_parallel=True"):
+            init_parallel(cfg_parallel=True)
+        state = init_parallel()
+        assert (state.rank, state.world_size, state.local_rank, state.backend) == (0, 1, 0, "gloo")
+        assert state.device == torch.device("cpu") and state.is_main and not state.owns_process_group
+        assert state.cfg is None and state.sp_group is None and state.sp_degree == 1
+        state.close()  # not its group: the caller's stays up
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_parallel_helpers_need_an_initialised_process_group():
     with pytest.raises(RuntimeError, match=r"torch\.distributed is not initialised"):
         SequenceParallel()

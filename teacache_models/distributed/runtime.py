@@ -199,39 +199,62 @@ def init_parallel(
     timeout = datetime.timedelta(seconds=timeout_s)
     owns = not dist.is_initialized()
     if owns:
-        if init_method == "env://" and (rank is None or world_size is None):
-            missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
-            if missing:
-                raise RuntimeError(
-                    f"the torchrun environment is missing ({', '.join(missing)}): launch with "
-                    "torchrun --nproc-per-node N, or pass init_method, rank and world_size"
-                )
-        rank = int(os.environ["RANK"]) if rank is None else rank
-        world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
-        _check_degrees(cfg_parallel, sp_degree, world_size)
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend not in ("nccl", "gloo"):
-            raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        device = torch.device("cpu")
-        if backend == "nccl":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group(
-            backend,
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-            device_id=device if backend == "nccl" else None,
-        )
+        place = _place_from_arguments(backend, init_method, rank, world_size)
     else:
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        _check_degrees(cfg_parallel, sp_degree, world_size)
-        backend = dist.get_backend()
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+        place = _place(dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    _check_degrees(cfg_parallel, sp_degree, place["world_size"])
+    if owns:
+        if place["backend"] == "nccl":
+            torch.cuda.set_device(place["device"])
+        dist.init_process_group(
+            place["backend"],
+            init_method=init_method,
+            rank=place["rank"],
+            world_size=place["world_size"],
+            timeout=timeout,
+            device_id=place["device"] if place["backend"] == "nccl" else None,
+        )
+    sp_group, cfg_group = _new_groups(place["rank"], cfg_parallel, sp_degree, timeout)
+    return ParallelState(
+        **place,
+        timeout=timeout,
+        cfg=CFGParallel(cfg_group) if cfg_parallel else None,
+        sp_group=sp_group,
+        sp_degree=sp_degree,
+        owns_process_group=owns,
+    )
 
+
+def _place(rank: int, world_size: int, backend: str) -> dict[str, Any]:
+    """This rank's place in the world: `ParallelState`'s rank, world_size, local_rank, device and backend."""
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return dict(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def _place_from_arguments(
+    backend: str | None, init_method: str, rank: int | None, world_size: int | None
+) -> dict[str, Any]:
+    """This rank's place in a world it is about to start: `init_parallel`'s arguments, else torchrun's variables."""
+    if init_method == "env://" and (rank is None or world_size is None):
+        missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"the torchrun environment is missing ({', '.join(missing)}): launch with "
+                "torchrun --nproc-per-node N, or pass init_method, rank and world_size"
+            )
+    rank = int(os.environ["RANK"]) if rank is None else rank
+    world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    return _place(rank, world_size, backend)
+
+
+def _new_groups(
+    rank: int, cfg_parallel: bool, sp_degree: int, timeout: datetime.timedelta
+) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """This rank's sequence-parallel and CFG groups (None where that degree is 1)."""
     cfg_degree = 2 if cfg_parallel else 1
     # Every rank creates every group, in the same order, as new_group requires.
     sp_group = cfg_group = None
@@ -245,15 +268,4 @@ def init_parallel(
             group = dist.new_group([shard, shard + sp_degree], timeout=timeout)
             if rank % sp_degree == shard:
                 cfg_group = group
-    return ParallelState(
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        device=device,
-        backend=backend,
-        timeout=timeout,
-        cfg=CFGParallel(cfg_group) if cfg_parallel else None,
-        sp_group=sp_group,
-        sp_degree=sp_degree,
-        owns_process_group=owns,
-    )
+    return sp_group, cfg_group

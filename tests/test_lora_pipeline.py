@@ -161,6 +161,10 @@ def test_wan_expert_pair_loads_each_expert(tmp_path):
     pipe.set_adapters(["high", "low"], [0.5, 0.25])
     assert next(m for m in pipe.transformer.modules() if hasattr(m, "scaling")).scaling == {"high": 0.5}
     assert next(m for m in pipe.transformer_2.modules() if hasattr(m, "scaling")).scaling == {"low": 0.25}
+    with pytest.raises(ValueError, match=r"no adapter named \['absent'\]; loaded adapters: \['high', 'low'\]"):
+        pipe.delete_adapters(["low", "absent"])
+    pipe.delete_adapters("low")  # only transformer_2 holds it
+    assert pipe.get_list_adapters() == {"transformer": ["high"]}
 
 
 def test_calibration_records_the_model_with_its_loras(lora_file, tmp_path, capsys):

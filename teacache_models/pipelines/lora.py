@@ -56,11 +56,8 @@ class PipelineLoraMixin:
         if len(adapter_weights) != len(names):
             raise ValueError(f"got {len(adapter_weights)} weights for {len(names)} adapters {names}")
         weights = dict(zip(names, adapter_weights, strict=True))
-        self._check_known(names)
-        for model in self._adapted():
-            held = [n for n in names if n in model.peft_config]
-            if held:
-                model.set_adapters(held, [weights[n] for n in held])
+        for model, held in self._holding(names):
+            model.set_adapters(held, [weights[n] for n in held])
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         """The adapters loaded, per transformer component."""
@@ -78,29 +75,21 @@ class PipelineLoraMixin:
                 model.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=held)
 
     def unfuse_lora(self) -> None:
-        for model in self._adapted():
-            model.unfuse_lora()
+        self._on_each("unfuse_lora")
 
     def unload_lora_weights(self) -> None:
         """Remove every adapter from every transformer (fused ones stay in the weights, as in diffusers)."""
-        for model in self._adapted():
-            model.unload_lora()
+        self._on_each("unload_lora")
 
     def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._check_known(names)
-        for model in self._adapted():
-            held = [n for n in names if n in model.peft_config]
-            if held:
-                model.delete_adapters(held)
+        for model, held in self._holding([adapter_names] if isinstance(adapter_names, str) else list(adapter_names)):
+            model.delete_adapters(held)
 
     def disable_lora(self) -> None:
-        for model in self._adapted():
-            model.disable_lora()
+        self._on_each("disable_lora")
 
     def enable_lora(self) -> None:
-        for model in self._adapted():
-            model.enable_lora()
+        self._on_each("enable_lora")
 
     def load_loras(self, specs: Sequence[LoraSpec]) -> list[str]:
         """Load several LoRAs and activate them all with their scales (the CLI's `--lora` and a zoo entry's
@@ -114,11 +103,20 @@ class PipelineLoraMixin:
         items = [(n, m) for n, m in self.teacache_models().items() if m.__dict__.get("peft_config")]
         return items if named else [m for _, m in items]
 
-    def _check_known(self, names: list[str]) -> None:
+    def _on_each(self, method: str) -> None:
+        """The model's `method` (no arguments) on every transformer holding adapters."""
+        for model in self._adapted():
+            getattr(model, method)()
+
+    def _holding(self, names: Sequence[str]) -> list[tuple[Any, list[str]]]:
+        """Every transformer holding some of the adapters `names`, with those it holds; a name no transformer
+        holds is an error."""
         loaded = {a for model in self._adapted() for a in model.peft_config}
         unknown = [n for n in names if n not in loaded]
         if unknown:
             raise ValueError(f"no adapter named {unknown}; loaded adapters: {sorted(loaded)}")
+        holding = [(model, [n for n in names if n in model.peft_config]) for model in self._adapted()]
+        return [(model, held) for model, held in holding if held]
 
 
 _READ_OPTIONS = ("weight_name", "subfolder", "cache_dir", "token", "revision", "local_files_only")

@@ -53,30 +53,25 @@ class _BranchRecord:
     outside_range_steps: list[int] = field(default_factory=list)
 
 
+@dataclass(eq=False)
 class FitMonitor:
     """Watches one generation (one `enable_teacache` call) of a model through its step observer.
 
     `coefficients` are per CFG branch: {is_cfg_negative: polynomial}.
     """
 
-    def __init__(
-        self,
-        coefficients: dict[bool, tuple[float, ...]],
-        calibrated_range: tuple[float, float] | None,
-        num_inference_steps: int,
-        model_name: str,
-        process_group: Callable[[], Any] = lambda: None,
-    ) -> None:
-        self.coefficients = coefficients
-        # Under sequence parallelism each rank holds a shard of the output: the change is measured over the
-        # whole tensor, as the indicator's distance is, so every rank reads the same fit.
-        self.process_group = process_group
-        self.calibrated_range = calibrated_range
-        self.num_inference_steps = num_inference_steps
-        self.model_name = model_name
-        self.warned = False
-        self._branches: dict[bool, _BranchRecord] = {False: _BranchRecord(), True: _BranchRecord()}
-        self._generation: int | None = None
+    coefficients: dict[bool, tuple[float, ...]]
+    calibrated_range: tuple[float, float] | None
+    num_inference_steps: int
+    model_name: str
+    # Under sequence parallelism each rank holds a shard of the output: the change is measured over the
+    # whole tensor, as the indicator's distance is, so every rank reads the same fit.
+    process_group: Callable[[], Any] = lambda: None
+    warned: bool = field(default=False, init=False)
+    _branches: dict[bool, _BranchRecord] = field(
+        default_factory=lambda: {False: _BranchRecord(), True: _BranchRecord()}, init=False, repr=False
+    )
+    _generation: int | None = field(default=None, init=False, repr=False)
 
     def __call__(self, step: StepObservation) -> None:
         coefficients = self.coefficients.get(step.is_cfg_negative, ())

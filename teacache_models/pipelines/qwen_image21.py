@@ -49,16 +49,9 @@ class QwenImage21TextToImagePipeline(Pipeline):
     # Keep the text tokens' keys and values after the first step (the reference's default); TeaCache turns it off.
     use_kv_cache: bool = True
 
-    def __init__(
-        self,
-        transformer: torch.nn.Module,
-        scheduler: Any,
-        vae: torch.nn.Module | None,
-        zoo_entry: Any = None,
-        sample_sigmas: list[float] | None = None,
-        **text_components: Any,
-    ) -> None:
-        super().__init__(transformer, scheduler, vae, zoo_entry=zoo_entry, **text_components)
+    def __init__(self, *args: Any, sample_sigmas: list[float] | None = None, **kwargs: Any) -> None:
+        """`Pipeline`'s arguments, and the checkpoint's `sample_sigmas` (None: the default schedule)."""
+        super().__init__(*args, **kwargs)
         if sample_sigmas is not None:
             if not isinstance(sample_sigmas, list | tuple) or not sample_sigmas:
                 raise TypeError(f"sample_sigmas must be None or a non-empty list of floats, got {sample_sigmas!r}")

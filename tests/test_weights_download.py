@@ -11,7 +11,13 @@ from huggingface_hub import errors
 from huggingface_hub.file_download import DryRunFileInfo
 
 from teacache_models.models import FluxTransformer2DModel, WanTransformer3DModel
-from teacache_models.weights import CheckpointError, WeightsUnavailableError, load_manifest, resolve_weights
+from teacache_models.weights import (
+    CheckpointError,
+    WeightsUnavailableError,
+    load_manifest,
+    plan_download,
+    resolve_weights,
+)
 from tests.test_weights_loading import save_reference
 
 FLUX_DEV = load_manifest()["flux1-dev"]
@@ -53,6 +59,7 @@ def test_manifest_name_fetches_only_its_components(hub, tmp_path):
         cache_dir="/cache",
         token="hf_x",
         local_files_only=False,
+        dry_run=False,
     )
     resolve_weights("flux1-dev", components=["transformer"], revision="abc123")
     assert hub.calls[-1][1]["allow_patterns"] == ["model_index.json", "transformer/*"]
@@ -178,6 +185,26 @@ def test_download_script_dry_run_and_errors(hub, capsys):
     hub.error = http_error(errors.GatedRepoError)
     assert load_script().main(["flux1-dev"]) == 1
     assert "is a gated repository" in capsys.readouterr().err
+
+
+def test_plan_of_a_hub_id_and_of_a_gated_entry(hub):
+    hub.plan = [DryRunFileInfo("c0ffee", 380, "transformer/config.json", "/x", True, False)]
+    plan = plan_download("someone/some-model", token="hf_x", components=["transformer"])
+    assert (plan.source, plan.revision, plan.bytes_cached, plan.bytes_to_download) == (
+        "someone/some-model",
+        "main",
+        380,
+        0,
+    )
+    [(repo, kwargs)] = hub.calls
+    assert repo == "someone/some-model" and kwargs["dry_run"] is True and kwargs["token"] == "hf_x"
+    assert kwargs["allow_patterns"] == ["model_index.json", "transformer/*"]
+    with pytest.raises(ValueError, match="neither a manifest entry nor a Hugging Face repository id"):
+        plan_download("no-such-model")
+    hub.error = http_error(errors.HfHubHTTPError)
+    with pytest.raises(WeightsUnavailableError, match=r"flux1-dev: black-forest-labs/FLUX\.1-dev is a gated"):
+        plan_download("flux1-dev", revision="abc")
+    assert hub.calls[-1][1]["revision"] == "abc"
 
 
 def test_dtype_is_passed_through(hub, tmp_path):

@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import format_keys, verify_sha256
 from .errors import CheckpointError, WeightsUnavailableError
@@ -94,8 +95,7 @@ def resolve_weights(
     if path.exists():
         return path
     if _HUB_ID.fullmatch(name):
-        patterns = None if components is None else _component_patterns(components)
-        return _snapshot(name, name, revision or "main", patterns, cache_dir, token, local_files_only, gated=False)
+        return _HubSource.of(name, None, revision, components).fetch(cache_dir, token, local_files_only)
     raise ValueError(
         f"{name!r} is not a manifest entry ({sorted(load_manifest(manifest))}), an existing path, "
         "or a Hugging Face repository id 'owner/name'"
@@ -120,23 +120,12 @@ def plan_download(
             if p.is_file()
         )
         return DownloadPlan(name, str(folder), "shipped", files)
-    if entry is not None:
-        repo, revision, patterns = entry.repo, revision or entry.revision, entry.allow_patterns(components)
-    elif _HUB_ID.fullmatch(name):
-        repo, revision = name, revision or "main"
-        patterns = None if components is None else _component_patterns(components)
-    else:
+    if entry is None and not _HUB_ID.fullmatch(name):
         raise ValueError(f"{name!r} is neither a manifest entry nor a Hugging Face repository id 'owner/name'")
-    import huggingface_hub
-
-    try:
-        infos = huggingface_hub.snapshot_download(
-            repo, revision=revision, allow_patterns=patterns, cache_dir=cache_dir, token=token, dry_run=True
-        )
-    except Exception as error:
-        raise _access_error(error, name, repo, token, entry is not None and entry.gated, offline=False) from None
+    source = _HubSource.of(name, entry, revision, components)
+    infos = source.snapshot_download(cache_dir, token, offline=False, dry_run=True)
     files = tuple(PlannedFile(i.filename, i.file_size, not i.will_download) for i in infos)
-    return DownloadPlan(name, repo, revision, files)
+    return DownloadPlan(name, source.repo, source.revision, files)
 
 
 def _resolve_entry(
@@ -147,23 +136,22 @@ def _resolve_entry(
     local_files_only: bool | None,
     components: Sequence[str] | None,
 ) -> Path:
-    patterns = entry.allow_patterns(components)
-    if entry.local_path is not None:
-        folder = entry.local_path
-        if not folder.is_dir():
-            raise WeightsUnavailableError(f"{entry.name}: its shipped folder {folder} is missing from this checkout")
-        present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-        unlisted = sorted(present - set(entry.sha256))
-        if unlisted:
-            raise CheckpointError(f"{folder} holds files without a sha256 in the manifest: {format_keys(unlisted)}")
-        verify_sha256(folder, entry.sha256)
+    if entry.local_path is None:
+        source = _HubSource.of(entry.name, entry, revision, components)
+        folder = source.fetch(cache_dir, token, local_files_only)
+        # Only digests of what was fetched: a component left out is not missing.
+        wanted = {f: d for f, d in entry.sha256.items() if any(fnmatch.fnmatch(f, p) for p in source.patterns)}
+        verify_sha256(folder, wanted)
         return folder
-    folder = _snapshot(
-        entry.name, entry.repo, revision or entry.revision, patterns, cache_dir, token, local_files_only, entry.gated
-    )
-    # Only digests of what was fetched: a component left out is not missing.
-    wanted = {f: d for f, d in entry.sha256.items() if any(fnmatch.fnmatch(f, p) for p in patterns)}
-    verify_sha256(folder, wanted)
+    entry.allow_patterns(components)  # a shipped folder is checked whole, but `components` must be among its own
+    folder = entry.local_path
+    if not folder.is_dir():
+        raise WeightsUnavailableError(f"{entry.name}: its shipped folder {folder} is missing from this checkout")
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    unlisted = sorted(present - set(entry.sha256))
+    if unlisted:
+        raise CheckpointError(f"{folder} holds files without a sha256 in the manifest: {format_keys(unlisted)}")
+    verify_sha256(folder, entry.sha256)
     return folder
 
 
@@ -180,33 +168,53 @@ def _offline_from_environment() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
 
 
-def _snapshot(
-    name: str,
-    repo: str,
-    revision: str,
-    patterns: list[str] | None,
-    cache_dir: str | Path | None,
-    token: str | bool | None,
-    local_files_only: bool | None,
-    gated: bool,
-) -> Path:
-    import huggingface_hub
+@dataclass(frozen=True)
+class _HubSource:
+    """What fetching `name` asks of the Hub: `repo` at `revision`, the files matching `patterns` (None: all)."""
 
-    offline = _offline_from_environment() if local_files_only is None else bool(local_files_only)
-    what = "everything" if patterns is None else ", ".join(patterns)
-    logger.info("%s: %s %s@%s (%s)", name, "looking in the cache for" if offline else "fetching", repo, revision, what)
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo,
-            revision=revision,
-            allow_patterns=patterns,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=offline,
-        )
-    except Exception as error:
-        raise _access_error(error, name, repo, token, gated, offline) from None
-    return Path(folder)
+    name: str
+    repo: str
+    revision: str
+    patterns: list[str] | None
+    gated: bool = False
+
+    @classmethod
+    def of(
+        cls, name: str, entry: ManifestEntry | None, revision: str | None, components: Sequence[str] | None
+    ) -> _HubSource:
+        """The source of a manifest entry fetched from the Hub, or (`entry` None) of the Hub id `name`;
+        `revision` overrides the entry's ("main" for a Hub id), `components` chooses the subfolders."""
+        if entry is not None:
+            return cls(name, entry.repo, revision or entry.revision, entry.allow_patterns(components), entry.gated)
+        return cls(name, name, revision or "main", None if components is None else _component_patterns(components))
+
+    def fetch(self, cache_dir: str | Path | None, token: str | bool | None, local_files_only: bool | None) -> Path:
+        """The local folder, fetched or found in the cache (only looked up there when offline)."""
+        offline = _offline_from_environment() if local_files_only is None else bool(local_files_only)
+        what = "everything" if self.patterns is None else ", ".join(self.patterns)
+        action = "looking in the cache for" if offline else "fetching"
+        logger.info("%s: %s %s@%s (%s)", self.name, action, self.repo, self.revision, what)
+        return Path(self.snapshot_download(cache_dir, token, offline))
+
+    def snapshot_download(
+        self, cache_dir: str | Path | None, token: str | bool | None, offline: bool, dry_run: bool = False
+    ) -> Any:
+        """huggingface_hub's `snapshot_download` (with `dry_run`: the files it would fetch); a failure becomes
+        the error that says what to do."""
+        import huggingface_hub
+
+        try:
+            return huggingface_hub.snapshot_download(
+                self.repo,
+                revision=self.revision,
+                allow_patterns=self.patterns,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=offline,
+                dry_run=dry_run,
+            )
+        except Exception as error:
+            raise _access_error(error, self.name, self.repo, token, self.gated, offline) from None
 
 
 def _access_error(

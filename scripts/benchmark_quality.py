@@ -57,7 +57,7 @@ from torch import nn  # noqa: E402
 
 from teacache_models.demo import digit_prompt, load_demo_model  # noqa: E402
 from teacache_models.metrics import psnr, ssim  # noqa: E402
-from teacache_models.params import RESIDUAL_ORDERS, TeaCacheParams  # noqa: E402
+from teacache_models.params import FORECAST_SLOPES, RESIDUAL_ORDERS, TeaCacheParams  # noqa: E402
 from teacache_models.pipelines.demo import flow_sigmas  # noqa: E402
 from teacache_models.pipelines.shared import pack_2x2, unpack_2x2  # noqa: E402
 from teacache_models.zoo import load_zoo_entry  # noqa: E402
@@ -331,10 +331,12 @@ def teacache_label(indicator: str, order: int, limit: int | None, several_indica
     return "TeaCache" + (f" ({', '.join(options)})" if options else "")
 
 
-def forecast_label(indicator: str, order: int, scale: float, several_indicators: bool) -> str:
+def forecast_label(indicator: str, order: int, scale: float, slope: str, several_indicators: bool) -> str:
     """A forecast curve's name: its indicator where several are measured, and how it forecasts."""
     options = [indicator] if several_indicators else []
     options.append(f"extrapolation x{scale:g}" if order else "reuse")
+    if slope != "steps":
+        options.append(f"slope from the {slope}")
     return f"Forecast ({', '.join(options)})"
 
 
@@ -356,10 +358,10 @@ def build_methods(
         label = teacache_label(indicator, order, limit, several)
         fields = dict(coefficients=coefficients, indicator=indicator, residual_order=order, max_consecutive_skips=limit)
         curves.append(native_curve(label, args.teacache_thresholds, **fields))
-    for (indicator, coefficients), (order, scale) in itertools.product(teacache_curves, args.forecast_variants):
-        label = forecast_label(indicator, order, scale, several)
+    for (indicator, coefficients), (order, scale, slope) in itertools.product(teacache_curves, args.forecast_variants):
+        label = forecast_label(indicator, order, scale, slope, several)
         fields = dict(coefficients=coefficients, indicator=indicator, residual_order=order)
-        fields.update(method="forecast", extrapolation_scale=scale, end_skipping=0)
+        fields.update(method="forecast", extrapolation_scale=scale, end_skipping=0, forecast_slope=slope)
         curves.append(native_curve(label, args.forecast_thresholds, **fields))
     if "fbc" in args.peers:
         curves.append(
@@ -561,17 +563,23 @@ def _variant(text: str) -> tuple[int, int | None]:
     return parsed
 
 
-def _forecast_variant(text: str) -> tuple[int, float]:
-    """ "1:0.5" -> (residual order 1, extrapolation scale 0.5); "0" -> (0, 1.0): reuse."""
-    order, _, scale = text.partition(":")
+def _forecast_variant(text: str) -> tuple[int, float, str]:
+    """ "1:0.5" -> (residual order 1, extrapolation scale 0.5, slope "steps"); "0" -> (0, 1.0, "steps"): reuse;
+    "1:0.5:indicator" -> the slope from the indicator (`forecast_slope="indicator"`)."""
+    order, _, rest = text.partition(":")
+    scale, _, slope = rest.partition(":")
     try:
-        parsed = (int(order), float(scale) if scale else 1.0)
+        parsed = (int(order), float(scale) if scale else 1.0, slope or "steps")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ORDER or ORDER:SCALE, e.g. 1:0.5") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ORDER[:SCALE[:SLOPE]], e.g. 1:0.5 or 1:0.5:indicator"
+        ) from None
     if parsed[0] not in RESIDUAL_ORDERS or not 0 <= parsed[1] <= 1 or (parsed[0] == 0 and parsed[1] != 1):
         raise argparse.ArgumentTypeError(
             f"{text!r}: ORDER is one of {list(RESIDUAL_ORDERS)}, SCALE in [0, 1] and only with ORDER 1"
         )
+    if parsed[2] not in FORECAST_SLOPES or (parsed[2] != "steps" and parsed[0] == 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: ORDER 1 and SLOPE one of {list(FORECAST_SLOPES)}")
     return parsed
 
 
@@ -614,10 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--forecast-variants",
         type=_forecast_variant,
         nargs="*",
-        default=[(1, 0.5)],
-        metavar="ORDER[:SCALE]",
+        default=[(1, 0.5, "steps")],
+        metavar="ORDER[:SCALE[:SLOPE]]",
         help="one curve of the forecast method (TeaCacheParams(method='forecast'), last step not forced) per "
-        "variant: residual order and extrapolation scale, e.g. 1:0.5 1 0; none: no forecast curve",
+        "variant: residual order, extrapolation scale and forecast_slope (steps, the default, or indicator), "
+        "e.g. 1:0.5 1:0.5:indicator 1 0; none: no forecast curve",
     )
     parser.add_argument("--fbc-thresholds", type=float, nargs="+", default=list(DEFAULT_FBC_THRESHOLDS))
     parser.add_argument("--magcache-thresholds", type=float, nargs="+", default=list(DEFAULT_MAGCACHE_THRESHOLDS))

@@ -128,6 +128,11 @@ def add_teacache_arguments(parser: argparse.ArgumentParser) -> None:
         help="with residual order 1: the share of the extrapolated slope a skipped step adds, in [0, 1]",
     )
     cache.add_argument(
+        "--teacache-forecast-slope",
+        help="forecast method, residual order 1: how far along the slope a step is carried: steps (by the steps "
+        "since the last computed one, the default) or indicator (by how far its indicator moved along it)",
+    )
+    cache.add_argument(
         "--teacache-coefficients",
         help="override the rescaling polynomial: comma-separated numbers, highest degree first",
     )
@@ -351,6 +356,7 @@ TEACACHE_FLAGS = {
     "max_consecutive_skips": "--teacache-max-consecutive-skips",
     "method": "--teacache-method",
     "extrapolation_scale": "--teacache-extrapolation-scale",
+    "forecast_slope": "--teacache-forecast-slope",
 }
 
 
@@ -376,6 +382,7 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
         "max_consecutive_skips": args.teacache_max_consecutive_skips,
         "method": args.teacache_method,
         "extrapolation_scale": args.teacache_extrapolation_scale,
+        "forecast_slope": args.teacache_forecast_slope,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if choice is not None and not choice.strip():

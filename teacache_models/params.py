@@ -12,7 +12,14 @@ from typing import Any
 
 from .checks import require_bool, require_int, require_number
 
-__all__ = ["CACHE_METHODS", "OPTIONAL_SAMPLING_FIELDS", "RescalingFit", "SamplingParams", "TeaCacheParams"]
+__all__ = [
+    "CACHE_METHODS",
+    "FORECAST_SLOPES",
+    "OPTIONAL_SAMPLING_FIELDS",
+    "RescalingFit",
+    "SamplingParams",
+    "TeaCacheParams",
+]
 
 _MAX_SEED = 2**64 - 1
 
@@ -49,6 +56,8 @@ RESIDUAL_ORDERS = (0, 1)
 # "teacache": the published decision (a fitted polynomial of the indicator's change, accumulated);
 # "forecast": skip while the indicator follows the forecast a skipped step uses (`cache/forecast.py`).
 CACHE_METHODS = ("teacache", "forecast")
+# How far along the slope of its last two computed steps the forecast method carries a step (`forecast_slope`).
+FORECAST_SLOPES = ("steps", "indicator")
 
 
 def evaluate_polynomial(coefficients: Sequence[float], x: float) -> float:
@@ -128,6 +137,12 @@ class TeaCacheParams:
         extrapolation_scale: under `residual_order=1`, the share of the extrapolated slope a skipped step
             adds, in [0, 1]: 1 (the default) extrapolates fully, 0.5 goes half-way from reuse to the linear
             extrapolation, which guards against the overshoot of a slope measured over a long gap.
+        forecast_slope: method "forecast" with `residual_order=1`: how far along the slope between the
+            branch's last two computed steps a step is carried. "steps" (the default): by the steps since the
+            last computed one, `(k - k1) / (k1 - k0)`. "indicator": by how far the step's own indicator has
+            moved along the indicator's slope (its least-squares projection onto it, at least 0), so the
+            forecast follows a trajectory that speeds up or slows down; both are then scaled by
+            `extrapolation_scale`. See `teacache_models.cache.forecast`.
     """
 
     teacache_thresh: float = 0.1
@@ -143,6 +158,7 @@ class TeaCacheParams:
     coefficients_negative: tuple[float, ...] | None = None
     method: str = "teacache"
     extrapolation_scale: float = 1.0
+    forecast_slope: str = "steps"
 
     def __post_init__(self) -> None:
         require_bool("per_sample", self.per_sample)
@@ -184,6 +200,15 @@ class TeaCacheParams:
                 "residual_order is 0 (reuse): set residual_order=1, or leave extrapolation_scale at 1"
             )
         object.__setattr__(self, "extrapolation_scale", scale)
+        if not isinstance(self.forecast_slope, str) or str(self.forecast_slope) not in FORECAST_SLOPES:
+            raise ValueError(f"forecast_slope must be one of {list(FORECAST_SLOPES)}, got {self.forecast_slope!r}")
+        object.__setattr__(self, "forecast_slope", str(self.forecast_slope))
+        if self.forecast_slope != "steps" and (self.method != "forecast" or order == 0):
+            raise ValueError(
+                f"forecast_slope={self.forecast_slope!r} sets the slope of the forecast method's extrapolation, "
+                f"but method is {self.method!r} and residual_order {order}: set method='forecast' and "
+                "residual_order=1, or leave forecast_slope at 'steps'"
+            )
 
 
 @dataclass(frozen=True)

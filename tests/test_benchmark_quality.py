@@ -105,8 +105,9 @@ def test_timing_flags_a_point_faster_than_its_ideal(script):
 
 
 def test_forecast_variants_are_parsed_and_bad_ones_refused(script):
-    assert script._forecast_variant("1:0.5") == (1, 0.5)
-    assert script._forecast_variant("0") == (0, 1.0)
-    for bad in ("2", "1:1.5", "0:0.5", "one"):
+    assert script._forecast_variant("1:0.5") == (1, 0.5, "steps")
+    assert script._forecast_variant("1:0.5:indicator") == (1, 0.5, "indicator")
+    assert script._forecast_variant("0") == (0, 1.0, "steps")
+    for bad in ("2", "1:1.5", "0:0.5", "one", "1:0.5:output", "0:1:indicator"):
         with pytest.raises(argparse.ArgumentTypeError, match="ORDER"):
             script._forecast_variant(bad)

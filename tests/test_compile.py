@@ -153,17 +153,24 @@ def test_a_second_generation_reuses_the_compiled_graphs():
     assert backend.graphs == graphs
 
 
-def test_the_forecast_method_compiles_no_graph_per_step():
+@pytest.mark.parametrize("slope, skipped", [("steps", (1, 2, 4, 8)), ("indicator", (1, 2, 4, 5, 6, 7, 8, 9))])
+def test_the_forecast_method_compiles_no_graph_per_step(slope, skipped):
     # Its decision and forecasts run outside the graphs, as TeaCache's: skipped steps that reuse the residual
-    # (1, 2: one computed step so far) and that extrapolate it (4, 8) replay the same graphs.
+    # (1, 2: one computed step so far) and that extrapolate it (4 and 8 by the steps' measure of the slope, 4-9
+    # by the indicator's) replay the same graphs.
     torch._dynamo.reset()
     model, inputs = flux_case()
     params = TeaCacheParams(
-        teacache_thresh=0.8, method="forecast", residual_order=1, extrapolation_scale=0.5, end_skipping=0
+        teacache_thresh=0.8,
+        method="forecast",
+        residual_order=1,
+        extrapolation_scale=0.5,
+        end_skipping=0,
+        forecast_slope=slope,
     )
     eager = run_loop(model, model, inputs, 10, params=params)
     eager_stats = model.teacache_stats()
-    assert eager_stats.positive.skipped_steps == (1, 2, 4, 8)
+    assert eager_stats.positive.skipped_steps == skipped
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     graphs_after_step = []

@@ -1,5 +1,6 @@
 """TeaCache under sequence parallelism: ranks holding shards of the tokens all make the global decision."""
 
+import dataclasses
 import datetime
 import os
 
@@ -35,6 +36,8 @@ TEACACHE = TeaCacheParams(teacache_thresh=0.6, coefficients=[1.0, 0.0])
 FORECAST = TeaCacheParams(
     teacache_thresh=1.0, method="forecast", residual_order=1, extrapolation_scale=0.5, end_skipping=0
 )
+# With the slope measured on the indicator, one more reduction per step: the indicator's projection on the slope.
+MEASURED = dataclasses.replace(FORECAST, forecast_slope="indicator")
 
 
 def decide(
@@ -68,7 +71,7 @@ def _worker(rank: int, world_size: int, init_file: str, results: dict, params: T
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("params", [TEACACHE, FORECAST], ids=["teacache", "forecast"])
+@pytest.mark.parametrize("params", [TEACACHE, FORECAST, MEASURED], ids=["teacache", "forecast", "measured-slope"])
 def test_sequence_parallel_ranks_make_the_global_decision(tmp_path, params):
     full_skipped, full_outputs = decide(TokenIndicatorModel(), trajectory(), params)
     local_skipped, _ = decide(TokenIndicatorModel(), [x[:, : TOKENS // 2] for x in trajectory()], params)

@@ -16,7 +16,9 @@ from teacache_models import TeaCacheParams
 from teacache_models.cache.forecast import Trace, extrapolate
 from tests.test_teacache_core import TIMESTEPS, TinyModel, computed_residual, generate, make_input, run_branch
 
-FORECAST = dict(method="forecast", residual_order=1, extrapolation_scale=0.5, end_skipping=0)
+FORECAST = dict(method="forecast", residual_order=1, extrapolation_scale=0.5, end_skipping=0, forecast_slope="steps")
+# The slope measured on the indicator (`forecast_slope="indicator"`).
+MEASURED = dict(FORECAST, forecast_slope="indicator")
 
 
 class TinyModelWithoutFit(TinyModel):
@@ -27,7 +29,9 @@ class TinyModelWithoutFit(TinyModel):
         self.set_teacache_fits({})
 
 
-def replay(timesteps: list[float], thresh: float, scale: float, first: int = 1, last: int = 0) -> list[int]:
+def replay(
+    timesteps: list[float], thresh: float, scale: float, first: int = 1, last: int = 0, slope: str = "steps"
+) -> list[int]:
     """The forecast rule written out for a scalar indicator: the computed steps."""
     computed: list[tuple[int, float]] = []
     for step, t in enumerate(timesteps):
@@ -35,7 +39,12 @@ def replay(timesteps: list[float], thresh: float, scale: float, first: int = 1, 
             computed.append((step, t))
             continue
         (s1, t1), older = computed[-1], computed[-2] if len(computed) > 1 else None
-        forecast = t1 if older is None else t1 + scale * (step - s1) / (s1 - older[0]) * (t1 - older[1])
+        if older is None:
+            forecast = t1
+        elif slope == "steps":
+            forecast = t1 + scale * (step - s1) / (s1 - older[0]) * (t1 - older[1])
+        else:  # how far the indicator itself moved along the slope, never backwards
+            forecast = t1 + scale * max(0.0, (t - t1) / (t1 - older[1])) * (t1 - older[1])
         if abs(forecast - t) / abs(t) >= thresh:
             computed.append((step, t))
     return [step for step, _ in computed]
@@ -72,13 +81,57 @@ def test_decisions_replayed_by_hand():
 
 @pytest.mark.parametrize("thresh", [0.01, 0.03, 0.06, 0.2])
 @pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
-def test_schedule_follows_the_rule_at_every_setting(thresh, scale):
+@pytest.mark.parametrize("slope", ["steps", "indicator"])
+def test_schedule_follows_the_rule_at_every_setting(thresh, scale, slope):
     timesteps = [1.0, 0.97, 0.93, 0.88, 0.80, 0.74, 0.69, 0.61, 0.52, 0.49, 0.30, 0.28]
     model = TinyModelWithoutFit()
     xs = [make_input(0)] * len(timesteps)
-    params = TeaCacheParams(teacache_thresh=thresh, **dict(FORECAST, extrapolation_scale=scale))
+    params = TeaCacheParams(teacache_thresh=thresh, **dict(FORECAST, extrapolation_scale=scale, forecast_slope=slope))
     generate(model, params, xs, timesteps=timesteps)
-    assert list(model.teacache_stats().positive.computed_steps) == replay(timesteps, thresh, scale)
+    assert list(model.teacache_stats().positive.computed_steps) == replay(timesteps, thresh, scale, slope=slope)
+
+
+def test_the_measured_slope_replayed_by_hand():
+    # Timesteps 1, .95, .90, .80, .75, .70, .50, .40, threshold .06, half the slope. The factor is how far the
+    # step's indicator moved along the last two computed ones' slope, (t - t1) / (t1 - t0), times .5:
+    #   step 1: one computed step, forecast 1.0: error .05/.95 = .0526: skips (adds r0)
+    #   step 2: forecast 1.0 still: error .10/.90 = .111: computes
+    #   step 3: factor .5 * (.80 - .90) / (.90 - 1) = .5: .90 - .05 = .85, error .05/.80 = .0625: computes
+    #   step 4: factor .5 * (.75 - .80) / (.80 - .90) = .25: .80 - .025 = .775, error .025/.75 = .0333: skips
+    #   step 5: factor .5 * (.70 - .80) / (-.10) = .5: .75, error .05/.70 = .0714: computes
+    #   step 6: factor .5 * (-.20) / (-.10) = 1: .60, error .10/.50 = .2: computes
+    #   step 7: factor .5 * (-.10) / (-.20) = .25: .45, error .05/.40 = .125: computes
+    model = TinyModelWithoutFit()
+    xs = [make_input(k) for k in range(len(TIMESTEPS))]
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.06, **MEASURED), xs)
+    stats = model.teacache_stats().positive
+    assert stats.computed_steps == (0, 2, 3, 5, 6, 7) == tuple(replay(TIMESTEPS, 0.06, 0.5, slope="indicator"))
+    # The steps' rule at the same threshold skips other steps: the factors differ.
+    assert replay(TIMESTEPS, 0.06, 0.5) != list(stats.computed_steps)
+    r = {k: computed_residual(model, xs[k], TIMESTEPS[k]) for k in stats.computed_steps}
+    with torch.no_grad():
+        torch.testing.assert_close(outputs[1], model.head(model.embed(xs[1]) + r[0]))
+        # Step 4 carries the residual by the factor its indicator measured (.25), not by the steps' (.5 * 1/1).
+        expected = r[3] + 0.25 * (r[3] - r[2])
+        torch.testing.assert_close(outputs[4], model.head(model.embed(xs[4]) + expected))
+        steps_rule = r[3] + 0.5 * (r[3] - r[2])
+        assert not torch.allclose(outputs[4], model.head(model.embed(xs[4]) + steps_rule))
+
+
+def test_the_measured_slope_never_runs_backwards():
+    # 1.0, .90 and .80 compute (errors .111 and .0625 over .06); then the indicator turns back to .81: its
+    # projection on the slope is -.1, so the factor is 0, the forecast is .80 (error .0123) and the skipped step
+    # reuses the last residual instead of carrying it backwards.
+    model = TinyModelWithoutFit()
+    timesteps = [1.0, 0.9, 0.8, 0.81]
+    xs = [make_input(k) for k in range(4)]
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.06, **MEASURED), xs, timesteps=timesteps)
+    stats = model.teacache_stats().positive
+    assert stats.computed_steps == (0, 1, 2) and stats.skipped_steps == (3,)
+    assert model._branch_state(False).forecast_factor == (3, 0.0)
+    with torch.no_grad():
+        reused = computed_residual(model, xs[2], timesteps[2])
+        torch.testing.assert_close(outputs[3], model.head(model.embed(xs[3]) + reused))
 
 
 def test_reuse_order_forecasts_the_last_computed_value():
@@ -117,9 +170,10 @@ def test_max_consecutive_skips_applies_to_the_forecast():
     assert stats.computed_steps == (0, 3, 6) and stats.limit_forced_steps == (3, 6)
 
 
-def test_branches_keep_their_own_forecast():
+@pytest.mark.parametrize("setting", [FORECAST, MEASURED], ids=["steps", "indicator"])
+def test_branches_keep_their_own_forecast(setting):
     model = TinyModelWithoutFit()
-    params = TeaCacheParams(teacache_thresh=0.03, **FORECAST)
+    params = TeaCacheParams(teacache_thresh=0.03, **setting)
     positive_xs = [make_input(k) for k in range(8)]
     negative_xs = [make_input(100 + k) for k in range(8)]
     model.enable_teacache(params, len(TIMESTEPS))
@@ -139,8 +193,9 @@ def test_branches_keep_their_own_forecast():
         assert all(torch.equal(a, b) for a, b in zip(interleaved[negative], alone, strict=True))
 
 
-def test_a_new_generation_starts_without_the_last_ones_forecast():
-    params = TeaCacheParams(teacache_thresh=0.03, **FORECAST)
+@pytest.mark.parametrize("setting", [FORECAST, MEASURED], ids=["steps", "indicator"])
+def test_a_new_generation_starts_without_the_last_ones_forecast(setting):
+    params = TeaCacheParams(teacache_thresh=0.03, **setting)
     xs = [make_input(k) for k in range(len(TIMESTEPS))]
     fresh = TinyModelWithoutFit()
     expected = generate(fresh, params, xs)
@@ -161,8 +216,9 @@ def test_a_shape_change_restarts_the_forecast():
     assert trace.value.shape[1] == 9 and (trace.older is None or trace.older.shape[1] == 9)
 
 
-def test_per_sample_rows_each_follow_their_own_forecast():
-    params = TeaCacheParams(teacache_thresh=0.03, per_sample=True, **FORECAST)
+@pytest.mark.parametrize("setting", [FORECAST, MEASURED], ids=["steps", "indicator"])
+def test_per_sample_rows_each_follow_their_own_forecast(setting):
+    params = TeaCacheParams(teacache_thresh=0.03, per_sample=True, **setting)
     timesteps = [[1.0, 0.95, 0.90, 0.80, 0.75, 0.70, 0.50, 0.40], [1.0, 0.8, 0.75, 0.74, 0.5, 0.45, 0.44, 0.2]]
     xs = [make_input(k, batch=2) for k in range(8)]
     model = TinyModelWithoutFit()
@@ -172,15 +228,16 @@ def test_per_sample_rows_each_follow_their_own_forecast():
             model(xs[step], torch.tensor([timesteps[0][step], timesteps[1][step]]))
     rows = model.teacache_stats().rows
     for row, ts in zip(rows, timesteps, strict=True):
-        assert list(row.positive.computed_steps) == replay(ts, 0.03, 0.5)
+        assert list(row.positive.computed_steps) == replay(ts, 0.03, 0.5, slope=setting["forecast_slope"])
     assert rows[0].positive != rows[1].positive
 
 
-def test_wan_experts_keep_their_own_forecast():
+@pytest.mark.parametrize("setting", [FORECAST, MEASURED], ids=["steps", "indicator"])
+def test_wan_experts_keep_their_own_forecast(setting):
     from tests.test_wan import LINEAR, NUM_STEPS, cfg_inputs, expert_pair, predict
 
     pair = expert_pair(boundary_ratio=0.7)  # steps 0-2 high noise, 3-7 low noise
-    pair.enable_teacache(TeaCacheParams(teacache_thresh=1e9, coefficients=LINEAR, **FORECAST), NUM_STEPS)
+    pair.enable_teacache(TeaCacheParams(teacache_thresh=1e9, coefficients=LINEAR, **setting), NUM_STEPS)
     steps, positive, negative = cfg_inputs(pair.transformer.config)
     for step in range(NUM_STEPS):
         for branch in (False, True):
@@ -220,6 +277,10 @@ def test_extrapolate_at_scale_one_is_the_linear_extrapolation_bit_for_bit():
         (dict(extrapolation_scale=float("nan"), residual_order=1), "extrapolation_scale must be a finite"),
         (dict(extrapolation_scale="half", residual_order=1), "extrapolation_scale must be a finite"),
         (dict(extrapolation_scale=0.5), "residual_order is 0"),
+        (dict(forecast_slope="output"), r"forecast_slope must be one of \['steps', 'indicator'\], got 'output'"),
+        (dict(forecast_slope=None), "forecast_slope must be one of"),
+        (dict(forecast_slope="indicator", residual_order=1), "but method is 'teacache'"),
+        (dict(forecast_slope="indicator", method="forecast"), "and residual_order 0"),
     ],
 )
 def test_bad_values_are_refused(kwargs, match):
@@ -229,5 +290,5 @@ def test_bad_values_are_refused(kwargs, match):
 
 def test_the_default_is_teacache_as_published():
     params = TeaCacheParams()
-    assert (params.method, params.extrapolation_scale) == ("teacache", 1.0)
+    assert (params.method, params.extrapolation_scale, params.forecast_slope) == ("teacache", 1.0, "steps")
     assert dataclasses.replace(params, method="forecast").method == "forecast"

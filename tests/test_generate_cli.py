@@ -161,10 +161,12 @@ def test_forecast_method_flags(cli, folder, tmp_path):
     output = tmp_path / "forecast.png"
     args = [*base_args(folder, output), "--teacache-thresh", "1e6", "--teacache-method", "forecast"]
     args += ["--teacache-residual-order", "1", "--teacache-extrapolation-scale", "0.5"]
+    args += ["--teacache-forecast-slope", "indicator"]
     assert cli.main(args) == 0
     record = json.loads(output.with_suffix(".json").read_text())
     params = record["sampling_params"]["teacache_params"]
     assert (params["method"], params["residual_order"], params["extrapolation_scale"]) == ("forecast", 1, 0.5)
+    assert params["forecast_slope"] == "indicator"
     # The forecast never misses by a millionfold: every step between the forced first and last skips.
     branch = record["teacache_stats"]["branches"]["positive"]
     assert (branch["computed_steps"], branch["skipped_steps"]) == ([0, 4], [1, 2, 3])
@@ -174,6 +176,7 @@ def test_forecast_method_flags(cli, folder, tmp_path):
     "change, message",
     [
         (["--teacache-method", "magcache"], r"method must be one of \['teacache', 'forecast'\], got 'magcache'"),
+        (["--teacache-forecast-slope", "indicator"], r"forecast_slope='indicator' .* but method is 'teacache'"),
         (["--teacache-extrapolation-scale", "2", "--teacache-residual-order", "1"], r"must be in \[0, 1\], got 2"),
         (["--teacache", "off", "--teacache-method", "forecast"], "contradicts --teacache-method"),
         (["--model", "flux1-deb"], "Did you mean 'flux1-dev'|did you mean 'flux1-dev'"),

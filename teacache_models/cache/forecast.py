@@ -13,6 +13,12 @@ the value). A step is skipped while the indicator's relative L1 distance from it
 bends, the forecast fails on the indicator too and the step computes. Nothing is fitted, so it runs on
 checkpoints without a published fit; the decision reads only the indicator and the step index, which every
 rank holds (under sequence parallelism the distances are reduced over the ranks' shards in one collective).
+
+With `forecast_slope="indicator"` a step is carried along the slope by how far its own indicator has moved
+along the indicator's slope (the least-squares projection of its change since the last computed step onto
+the change between the last two, at least 0), instead of by the number of steps: a trajectory that slows
+down or speeds up between computed steps is followed, and the residual of a skipped step is carried by the
+same amount. The projection is one more reduction over the ranks' shards, before the distances.
 """
 
 from __future__ import annotations
@@ -26,9 +32,15 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from .state import BranchState, TeaCacheSession
 
-__all__ = ["FORECAST", "Trace", "extrapolate", "forecast_should_skip"]
+__all__ = ["FORECAST", "Trace", "along", "extrapolate", "forecast_should_skip", "indicator_progress"]
 
 FORECAST = "forecast"
+SLOPE_FROM_INDICATOR = "indicator"
+
+
+def along(value: torch.Tensor, older: torch.Tensor, factor: float) -> torch.Tensor:
+    """`value` carried `factor` times the step from `older` to it further."""
+    return value + factor * (value - older)
 
 
 def extrapolate(
@@ -50,7 +62,7 @@ def extrapolate(
     factor = (at_step - step) / (step - older_step)
     if scale != 1:
         factor = scale * factor
-    return value + factor * (value - older)
+    return along(value, older, factor)
 
 
 @dataclass
@@ -66,7 +78,7 @@ class Trace:
         """Keep `value` of computed step `step`; the one before it only when `keep_older` and it has the same
         shape, dtype and device."""
         previous = self.value
-        keep = keep_older and previous is not None and _same_layout(previous, value)
+        keep = keep_older and previous is not None and same_layout(previous, value)
         self.older, self.older_step = (previous, self.step) if keep else (None, None)
         self.value, self.step = value, step
 
@@ -80,7 +92,7 @@ class Trace:
         self.step = self.older_step = None
 
 
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
 
 
@@ -117,6 +129,23 @@ def _distances(
     ]
 
 
+def indicator_progress(indicator: torch.Tensor, trace: Trace, group: dist.ProcessGroup | None) -> float:
+    """How far `indicator` has moved along the slope of `trace` (which holds two values): the least-squares
+    factor `p` of `indicator - value ~ p * (value - older)` over the whole tensor (float32, the ranks' shards
+    summed), at least 0; 0 where the slope is zero. Every rank of `group` calls it at the same steps (the traces
+    are equal), and one whose shard changed layout adds nothing."""
+    stats = torch.zeros(2, dtype=torch.float32, device=indicator.device)
+    if same_layout(trace.value, indicator):
+        value = trace.value.float()
+        slope = value - trace.older.float()
+        stats[0] = ((indicator.float() - value) * slope).sum()
+        stats[1] = (slope * slope).sum()
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    along_slope, length = stats.tolist()
+    return max(0.0, along_slope / length) if length > 0 else 0.0
+
+
 def forecast_should_skip(
     session: TeaCacheSession,
     state: BranchState,
@@ -135,8 +164,16 @@ def forecast_should_skip(
     """
     params = session.params
     order_one = params.residual_order >= 1
-    forecast = state.indicator_trace.forecast(step_index, params.extrapolation_scale)
-    forced = forced or forecast is None or not _same_layout(forecast, indicator)
+    trace = state.indicator_trace
+    state.forecast_factor = None
+    if params.forecast_slope == SLOPE_FROM_INDICATOR and trace.older is not None:
+        # The factor the step's indicator measures; a skipped step carries its residual by the same one.
+        factor = params.extrapolation_scale * indicator_progress(indicator, trace, group)
+        state.forecast_factor = (step_index, factor)
+        forecast = along(trace.value, trace.older, factor)
+    else:
+        forecast = trace.forecast(step_index, params.extrapolation_scale)
+    forced = forced or forecast is None or not same_layout(forecast, indicator)
     # The forecast's error relative to the indicator the step has; the change since the previous step as
     # TeaCache measures it (the fit monitor's x).
     pairs = ((indicator, state.previous_modulated_input), (forecast, None if forced else indicator))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..params import TeaCacheParams
-from .forecast import Trace, extrapolate
+from .forecast import Trace, along, extrapolate
 
 __all__ = [
     "BranchState",
@@ -50,6 +50,8 @@ class BranchState:
     limit_forced_steps: list[int] = field(default_factory=list)
     # Method "forecast": the indicator at the last two computed steps, which it forecasts the indicator from.
     indicator_trace: Trace = field(default_factory=Trace)
+    # `forecast_slope="indicator"`: (step, factor) of the latest decision, the factor a skip there carries by.
+    forecast_factor: tuple[int, float] | None = None
 
     def stats(self, coefficient_fit: CoefficientFit | None = None) -> BranchStats:
         return BranchStats(
@@ -61,6 +63,9 @@ class BranchState:
         `extrapolation_scale`)."""
         if params.residual_order == 0:
             return self.previous_residual
+        measured = self.forecast_factor
+        if measured is not None and measured[0] == step_index and self.older_residual is not None:
+            return along(self.previous_residual, self.older_residual, measured[1])
         return extrapolate(
             self.previous_residual,
             self.previous_residual_step,
@@ -107,6 +112,7 @@ class BranchState:
 
     def release_tensors(self) -> None:
         self.indicator_trace.clear()
+        self.forecast_factor = None
         self.previous_modulated_input = None
         self.previous_residual = None
         self.older_residual = None

@@ -1,14 +1,17 @@
 """Tiny FLUX.2 pipeline folders in the diffusers layout, built offline (random weights, word-level tokenizers).
 
 FLUX.2 [dev] reads hidden layers 10, 20 and 30 of a Mistral-3 text encoder and [klein] layers 9, 18 and 27 of
-a Qwen3, so the tiny encoders keep those depths at a width of 16. The [dev] folder's tokenizer is a plain
-fast tokenizer with a chat template that reads list-of-parts messages, as the released PixtralProcessor does
-(the processor itself needs torchvision, which the tests do not install).
+a Qwen3, so the tiny encoders keep those depths at a width of 16. In memory, [dev]'s tokenizer is a plain fast
+tokenizer with a chat template that reads list-of-parts messages and opens with the BOS token, as the released
+PixtralProcessor's (transformers' PixtralProcessor needs torchvision, which the tests do not install);
+`save_released_flux2_dev` saves it as black-forest-labs/FLUX.2-dev's tokenizer/ folder holds the processor.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +21,7 @@ from tests.utils import randomize_
 TEXT_WIDTH = 16
 # Messages whose content is a list of {"type": "text", "text": ...} parts ([dev]).
 PARTS_TEMPLATE = (
-    "{% for message in messages %}<|im_start|> {{ message['role'] }} "
+    "{{ bos_token }}{% for message in messages %}<|im_start|> {{ message['role'] }} "
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }} {% endif %}{% endfor %}"
     "<|im_end|> {% endfor %}"
 )
@@ -92,14 +95,15 @@ def text_encoder(kind: str, vocab: int):
     return Qwen3ForCausalLM(config).eval()
 
 
-def save_flux2(folder: Path, kind: str = "dev", seed: int = 0) -> Path:
-    """A FLUX.2 [dev], [klein] (distilled), [klein] base or [klein] KV folder."""
+def flux2_pipeline(kind: str = "dev", seed: int = 0):
+    """An in-memory diffusers FLUX.2 [dev], [klein] (distilled), [klein] base or [klein] KV pipeline."""
     import diffusers
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(512)
+    # [dev]: Mistral's tokenizer adds a BOS token to a text; its chat template writes one itself.
+    tokenizer = build_tokenizer(512, bos=kind == "dev")
     tokenizer.chat_template = PARTS_TEMPLATE if kind == "dev" else QWEN3_TEMPLATE
     components = dict(
         scheduler=flow_scheduler(use_dynamic_shifting=True, time_shift_type="exponential"),
@@ -109,12 +113,59 @@ def save_flux2(folder: Path, kind: str = "dev", seed: int = 0) -> Path:
         transformer=flux2_transformer(seed, guidance_embeds=kind == "dev"),
     )
     if kind == "dev":
-        pipe = diffusers.Flux2Pipeline(**components)
-    elif kind == "klein-kv":
-        pipe = diffusers.Flux2KleinKVPipeline(**components, is_distilled=True)
-    else:
-        pipe = diffusers.Flux2KleinPipeline(**components, is_distilled=kind == "klein")
-    pipe.save_pretrained(folder)
+        return diffusers.Flux2Pipeline(**components)
+    if kind == "klein-kv":
+        return diffusers.Flux2KleinKVPipeline(**components, is_distilled=True)
+    return diffusers.Flux2KleinPipeline(**components, is_distilled=kind == "klein")
+
+
+def save_flux2(folder: Path, kind: str = "dev", seed: int = 0) -> Path:
+    """`flux2_pipeline(kind, seed)` saved by diffusers ([dev]'s tokenizer as the plain tokenizer it is)."""
+    flux2_pipeline(kind, seed).save_pretrained(folder)
+    return folder
+
+
+# The Pixtral settings of the released processor_config.json (Mistral Small 3.1's vision tower).
+PIXTRAL_SETTINGS = {
+    "image_break_token": "[IMG_BREAK]",
+    "image_end_token": "[IMG_END]",
+    "image_token": "[IMG]",
+    "patch_size": 14,
+    "processor_class": "PixtralProcessor",
+    "spatial_merge_size": 2,
+}
+
+
+def save_pixtral_processor(folder: Path, tokenizer: Any) -> Path:
+    """`tokenizer` (its chat template included) saved as the parts of a PixtralProcessor, the files of
+    black-forest-labs/FLUX.2-dev's tokenizer/ folder: the tokenizer's own files, chat_template.jinja,
+    preprocessor_config.json (a PixtralImageProcessor) and processor_config.json, each written by its own
+    save_pretrained or as plain data; transformers saves a whole PixtralProcessor only with torchvision."""
+    from transformers import PixtralImageProcessorPil
+
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
+    PixtralImageProcessorPil().save_pretrained(folder)
+    config_path = folder / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(image_processor_type="PixtralImageProcessor", processor_class="PixtralProcessor")
+    config_path.write_text(json.dumps(config, indent=2))
+    (folder / "processor_config.json").write_text(json.dumps(PIXTRAL_SETTINGS, indent=2))
+    return folder
+
+
+def save_released_flux2_dev(pipe: Any, folder: Path) -> Path:
+    """The in-memory [dev] pipeline `pipe` saved in black-forest-labs/FLUX.2-dev's layout: model_index.json names
+    the tokenizer ["transformers", "PixtralProcessor"] and tokenizer/ holds the processor's parts."""
+    pipe.save_config(folder)
+    for name, component in pipe.components.items():
+        if name != "tokenizer":
+            component.save_pretrained(folder / name)
+    save_pixtral_processor(folder / "tokenizer", pipe.tokenizer)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "PixtralProcessor"]
+    index_path.write_text(json.dumps(index, indent=2))
     return folder
 
 

@@ -290,3 +290,116 @@ def test_cli_passes_repeated_reference_images(folders, tmp_path):
     )
     written = np.asarray(Image.open(output))
     assert np.array_equal(written, expected.to_uint8()[0].numpy())
+
+
+# ---- FLUX.2 [dev] in the released layout: the PixtralProcessor without torchvision ---------------------
+
+
+@pytest.fixture(scope="module")
+def released_dev(tmp_path_factory):
+    """The in-memory diffusers [dev] pipeline (its tokenizer a plain fast tokenizer) and the same components saved
+    in black-forest-labs/FLUX.2-dev's layout (tokenizer/ holding a PixtralProcessor's parts)."""
+    from tests.flux2_fixtures import flux2_pipeline, save_released_flux2_dev
+
+    reference = flux2_pipeline("dev", seed=1)
+    reference.set_progress_bar_config(disable=True)
+    return reference, save_released_flux2_dev(reference, tmp_path_factory.mktemp("released-dev"))
+
+
+def test_the_pixtral_processor_tokenizes_prompts_as_the_released_one(released_dev):
+    """Loaded without torchvision, FLUX.2 [dev]'s processor gives the token ids and mask of the processor built in
+    memory, for the batched chat messages Flux2Pipeline sends (padded, and truncated when too long); it saves back
+    with its Pixtral settings and refuses images, and a prompt holding the image token, clearly."""
+    import importlib.util
+
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+    from tests.flux2_fixtures import PIXTRAL_SETTINGS
+
+    assert importlib.util.find_spec("torchvision") is None, "this test checks the loader without torchvision"
+    reference, folder = released_dev
+    processor = load_pipeline(folder).text_components["tokenizer"]
+    assert type(processor).__name__ == "PixtralProcessor"
+    assert processor.chat_template == reference.tokenizer.chat_template
+    assert (processor.patch_size, processor.spatial_merge_size) == (14, 2)
+    long_prompt = " ".join(PROMPTS * 8)
+    for prompts, length in [(PROMPTS, 64), ([long_prompt, PROMPTS[1]], 24)]:
+        call = dict(add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt")
+        call |= dict(padding="max_length", truncation=True, max_length=length)
+        messages = format_input(prompts=prompts, system_message=SYSTEM_MESSAGE)
+        ours_ids, expected = (
+            processor.apply_chat_template(messages, **call),
+            reference.tokenizer.apply_chat_template(messages, **call),
+        )
+        assert ours_ids["input_ids"].shape == (2, length)
+        assert torch.equal(ours_ids["input_ids"], expected["input_ids"])
+        assert torch.equal(ours_ids["attention_mask"], expected["attention_mask"])
+    # The BOS token once: the template writes it, so the processor adds no special tokens of its own.
+    bos = reference.tokenizer.bos_token_id
+    assert ours_ids["input_ids"][1, 0] == bos and (ours_ids["input_ids"] == bos).sum() == 2
+    with pytest.raises(ValueError, match=r"prompts only .*torchvision"):
+        processor(text=PROMPTS[0], images=reference_image(64, 64, 0))
+    with pytest.raises(ValueError, match=r"\[IMG\]"):
+        processor(text="a [IMG] here")
+    resaved = folder.parent / "resaved"
+    processor.save_pretrained(resaved)
+    again = type(processor).from_pretrained(resaved)
+    assert {key: getattr(again, key) for key in PIXTRAL_SETTINGS if key != "processor_class"} == {
+        key: value for key, value in PIXTRAL_SETTINGS.items() if key != "processor_class"
+    }
+
+
+@pytest.mark.parametrize("num_references", [0, 1], ids=["t2i", "1-reference"])
+def test_a_released_dev_folder_equals_diffusers_bit_for_bit(released_dev, num_references):
+    """`load_pipeline` on the released layout (no torchvision) equals the in-memory diffusers Flux2Pipeline."""
+    reference, folder = released_dev
+    ours_pipe = ours(folder)
+    images = references(num_references) or None
+    settings = dict(num_inference_steps=2, height=32, width=48)
+    result = ours_pipe(
+        PROMPTS, SamplingParams(seed=5, guidance_scale=3.0, teacache_params=None, **settings), image=images
+    )
+    generator = torch.Generator("cpu").manual_seed(5)
+    expected = reference(
+        prompt=PROMPTS,
+        image=images,
+        guidance_scale=3.0,
+        generator=generator,
+        output_type="pt",
+        max_sequence_length=MAX_LENGTH,
+        **settings,
+    ).images
+    assert torch.equal(result.images, expected)
+
+
+def test_the_cli_runs_a_released_dev_folder_with_the_zoo_config(released_dev, tmp_path):
+    """`scripts/generate.py --model FOLDER --config configs/flux2-dev.yaml` on the released layout writes what the
+    in-memory diffusers pipeline generates, with a reference image, at the entry's guidance (4.0)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_pipeline_fixtures import png_pixels
+    from tests.utils import load_script
+
+    reference, folder = released_dev
+    image = references(1)[0]
+    image.save(tmp_path / "reference.png")
+    output = tmp_path / "edit.png"
+    argv = ["--model", str(folder), "--config", "configs/flux2-dev.yaml", "--prompt", PROMPTS[0]]
+    argv += ["--height", "32", "--width", "32", "--steps", "2", "--seed", "4", "--teacache", "off"]
+    argv += ["--device", "cpu", "--dtype", "float32", "--linear-kernel", "aten", "--no-progress"]
+    argv += ["--image", str(tmp_path / "reference.png"), "--output", str(output)]
+    assert load_script("generate").main(argv) == 0
+    generator = torch.Generator("cpu").manual_seed(4)
+    expected = reference(
+        prompt=PROMPTS[0],
+        image=[image],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=generator,
+        output_type="pt",
+    ).images
+    with Image.open(output) as written:
+        assert np.array_equal(np.asarray(written), png_pixels(expected[0]))

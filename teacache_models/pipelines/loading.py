@@ -9,6 +9,12 @@ A vision-language processor (the Qwen-Image editing models' `Qwen2VLProcessor`, 
 `Qwen3VLProcessor`) is loaded without its video processor: transformers' video processors need torchvision,
 and these pipelines read images only. Its image processor, tokenizer and chat template come from the folder
 as transformers would load them (the image processor on torchvision where it is installed, else on PIL).
+
+FLUX.2 [dev]'s `tokenizer` is transformers' `PixtralProcessor`, whose module cannot be imported without
+torchvision at all. Without torchvision the loader builds `pixtral_prompt_processor()` from the same saved parts:
+a processor that formats and tokenizes prompts exactly as `PixtralProcessor` does (transformers' own
+`ProcessorMixin` path, which Pixtral's only changes for images) and refuses images, which only diffusers' prompt
+upsampling gives it and which our pipeline never does. With torchvision installed the released class is used.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -31,6 +38,7 @@ __all__ = [
     "load_components",
     "load_pipeline",
     "pipeline_class_for",
+    "pixtral_prompt_processor",
     "read_model_index",
     "resolve_device",
 ]
@@ -98,8 +106,57 @@ def image_only_processor(processor_class: type) -> type:
     return ImageOnlyProcessor
 
 
+@functools.cache
+def pixtral_prompt_processor() -> type:
+    """A `PixtralProcessor` for prompts that needs no torchvision: it loads and saves the released processor's
+    parts (the image processor, the tokenizer, the chat template and the Pixtral settings of processor_config.json)
+    and its `apply_chat_template` / `__call__` give the token ids `PixtralProcessor` gives for text. Images are
+    refused: placing image tokens is what needs the released class (and torchvision)."""
+    from transformers import ProcessorMixin
+
+    class PixtralProcessor(ProcessorMixin):
+        text_kwargs: ClassVar[dict[str, Any]] = {"return_tensors": "pt"}  # the released class's default
+
+        def __init__(
+            self,
+            image_processor: Any = None,
+            tokenizer: Any = None,
+            patch_size: int = 16,
+            spatial_merge_size: int = 1,
+            chat_template: Any = None,
+            image_token: str = "[IMG]",
+            image_break_token: str = "[IMG_BREAK]",
+            image_end_token: str = "[IMG_END]",
+        ):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template)
+            # Kept so that the processor saves back as it was loaded; a prompt holding `image_token` is refused
+            # (it has no image), as by the released class.
+            self.patch_size, self.spatial_merge_size = patch_size, spatial_merge_size
+            self.image_token = image_token
+            self.image_break_token, self.image_end_token = image_break_token, image_end_token
+
+        def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
+            if images is not None or kwargs.get("videos") is not None:
+                raise ValueError(
+                    "this PixtralProcessor tokenizes prompts only (images need transformers' PixtralProcessor, "
+                    "which needs torchvision: pip install torchvision)"
+                )
+            return super().__call__(text=text, **kwargs)
+
+    PixtralProcessor.__doc__ = pixtral_prompt_processor.__doc__
+    return PixtralProcessor
+
+
+def _library_class(library: str, class_name: str) -> type:
+    """The class `model_index.json` names; transformers' PixtralProcessor without torchvision is ours."""
+    pixtral = (library, class_name) == ("transformers", "PixtralProcessor")
+    if pixtral and importlib.util.find_spec("torchvision") is None:
+        return pixtral_prompt_processor()
+    return getattr(importlib.import_module(library), class_name)
+
+
 def _load_library_component(library: str, class_name: str, folder: Path, dtype: torch.dtype | None) -> Any:
-    component_class = getattr(importlib.import_module(library), class_name)
+    component_class = _library_class(library, class_name)
     if isinstance(component_class, type) and issubclass(component_class, torch.nn.Module):
         # diffusers models take `torch_dtype`; transformers 5 models take `dtype`.
         key = "torch_dtype" if library == "diffusers" else "dtype"

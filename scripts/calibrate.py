@@ -15,8 +15,10 @@ one polynomial for both CFG branches, or one per branch where the branches diffe
 branch when that removes at least a fifth of the joint fit's squared residual; it says which it chose, and a
 per-branch fit is written as `coefficients` plus `coefficients_negative`), prints the number of points, R^2
 and the x range, and optionally saves a scatter-and-fit PNG, a JSON record
-and the coefficients into the presets of a zoo config that use this indicator (comments and other keys
-are kept; the preset's `source` says where the coefficients come from, `calibrated_range` the x range).
+and the coefficients into the presets of a zoo config that use this indicator, and into the config's
+`teacache.fits` entry for it where it has one (comments and other keys are kept; `source` says where the
+coefficients come from, `calibrated_range` the x range). `--write-config` without a path writes the zoo
+entry's own YAML (`--model NAME`, or `--config`).
 
 It then sweeps the threshold (`--table-thresholds`) with the new coefficients and the settings of a preset
 that uses this indicator, on the first `--table-pairs` prompt/seed pairs, and records per threshold the mean
@@ -24,6 +26,16 @@ fraction of block-stack calls computed and the mean PSNR against the uncached ou
 (threshold 0 computes every step, bit-identical to uncached). With `--write-config` the table goes into
 `teacache.threshold_table`, from which `--teacache-target-speedup` (scripts/generate.py) and
 `ZooEntry.teacache_for_speedup` pick a threshold. `--table-thresholds` with no value skips the sweep.
+
+An entry with no preset for the indicator (the zoo's entries that ship none, `default: "off"`) gets one,
+`calibrated` (`calibrated-<indicator>` where that name is taken): the table is swept with the new fit and
+TeaCache's default settings, and the preset takes the largest threshold up to which every measured threshold
+keeps the mean PSNR against uncached >= `--min-psnr` (30 dB), with the fit (or, where the entry keeps its fit
+in `teacache.fits`, nothing: the fit is replaced there) and a `source` giving the fit, the rule and the numbers
+measured (a two-expert entry's preset carries no fit: each expert's goes into `teacache.fits`). It becomes the
+entry's default only where the default was "off"; the table goes into `teacache.threshold_table` unless the
+entry has one already and the new preset is not its default. Without a table (`--table-thresholds` with no
+value: refused before anything runs) or without a threshold reaching the floor, nothing is written.
 
 A pipeline with two experts (Wan2.2 A14B) gets one fit per expert unless `--component` picks one: each
 expert's steps are recorded apart, `--plot` saves one PNG per expert (`<stem>-<expert>.png`), `--json`
@@ -50,10 +62,17 @@ import torch  # noqa: E402
 
 from teacache_models.calibration import (  # noqa: E402
     BRANCH_FITS,
+    CALIBRATED_PRESET,
+    MIN_PSNR_DB,
     TARGETS,
+    add_preset,
+    calibration_source,
     fit_branches,
     plot_fit,
+    presets_using,
     record_runs_per_model,
+    threshold_for_psnr,
+    threshold_rule_note,
     write_coefficients,
     write_expert_fits,
     write_threshold_table,
@@ -115,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--write-config",
         type=Path,
-        help="zoo YAML whose presets using this indicator get the fit (two experts: teacache.fits per expert)",
+        nargs="?",
+        const=True,
+        metavar="YAML",
+        help="zoo YAML whose presets using this indicator get the fit (two experts: teacache.fits per expert); "
+        "without a value, the zoo entry's own YAML (--model NAME or --config). An entry with no preset for this "
+        f"indicator gets a new one, {CALIBRATED_PRESET!r}, with a threshold chosen from the threshold table "
+        "(--min-psnr), which becomes its default where TeaCache was off by default",
     )
     parser.add_argument(
         "--table-thresholds",
@@ -127,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--table-pairs", type=int, default=10, help="prompt/seed pairs the table is measured on")
     parser.add_argument(
         "--table-preset", help="preset whose settings the table sweeps (default: the entry's default preset)"
+    )
+    parser.add_argument(
+        "--min-psnr",
+        type=float,
+        default=MIN_PSNR_DB,
+        metavar="DB",
+        help="a preset --write-config adds gets the largest threshold of the table up to which the mean PSNR "
+        "against uncached stays at or above this",
     )
     return parser
 
@@ -149,6 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     indicator = args.indicator or model.supported_teacache_indicators[0]
     if indicator not in model.supported_teacache_indicators:
         raise SystemExit(f"--indicator {indicator!r} is not one of {list(model.supported_teacache_indicators)}")
+
+    config_path = args.write_config
+    if config_path is True:
+        if pipe.zoo_entry is None:
+            raise SystemExit(
+                f"--write-config without a YAML writes the zoo entry's own, but {args.model!r} is not a zoo entry: "
+                "give --config NAME_OR_YAML or --write-config YAML"
+            )
+        config_path = pipe.zoo_entry.path
+    if args.table_pairs < 1:
+        raise SystemExit(f"--table-pairs must be >= 1, got {args.table_pairs}")
+    # The name of the preset --write-config adds to an entry with none for this indicator (None: it has one).
+    new_preset = None if config_path is None else preset_to_add(config_path, indicator, model, args.table_thresholds)
 
     try:
         check_pipeline_images(len(args.image), pipe, args.model)
@@ -232,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"json: {args.json}")
     fit = fits[name]
     updated = []
-    if args.write_config and len(fits) > 1:
-        write_expert_fits(args.write_config, indicator, fits)
-        print(f"{args.write_config}: per-expert fits of indicator {indicator} written for {sorted(fits)}")
-    elif args.write_config:
-        updated = write_coefficients(args.write_config, indicator, fit, model.supported_teacache_indicators[0])
-        print(f"{args.write_config}: coefficients of presets {updated} updated")
+    if config_path and len(fits) > 1 and new_preset is None:
+        write_expert_fits(config_path, indicator, fits)
+        print(f"{config_path}: per-expert fits of indicator {indicator} written for {sorted(fits)}")
+    elif config_path and new_preset is None:
+        updated = write_coefficients(config_path, indicator, fit, model.supported_teacache_indicators[0])
+        print(f"{config_path}: coefficients of presets {updated} updated")
     if args.table_thresholds:
-        preset, base = table_settings(args, entry, indicator, updated, fit)
+        preset, base = table_settings(args, config_path, entry, indicator, updated, fit, model, new_preset is None)
         if len(fits) > 1:
             # Each expert rescales with its own new fit and range (coefficients None take the model's fits).
             for component, expert_fit in fits.items():
@@ -261,16 +307,110 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((thresh, sum(fractions) / len(fractions), sum(quality) / len(quality)))
             print(f"threshold {thresh:g}: {rows[-1][1]:.1%} of the calls computed, {rows[-1][2]:.2f} dB")
         if args.json:
-            record["threshold_table"] = {"preset": preset, "rows": rows}
+            record["threshold_table"] = {"preset": preset or new_preset, "rows": rows}
             args.json.write_text(json.dumps(record) + "\n")
-        if args.write_config and preset is not None:
+        table_pairs = min(args.table_pairs, len(pairs))
+        if new_preset is not None:
+            add_calibrated_preset(
+                config_path, new_preset, base, rows, fits, args, table_pairs, model.supported_teacache_indicators[0]
+            )
+            written = load_zoo_entry(config_path)
+            # The entry's one threshold table serves --teacache-target-speedup with its preset's settings: the
+            # new preset's replaces it only where the new preset is the default or there was none.
+            preset = new_preset
+            if written.default_preset != new_preset and written.threshold_table is not None:
+                preset = None
+                print(f"{config_path}: the threshold table of preset {written.threshold_table.preset!r} is kept")
+        if config_path and preset is not None:
             source = (
-                f"scripts/calibrate.py: {min(args.table_pairs, len(pairs))} prompt/seed pairs, mean computed "
+                f"scripts/calibrate.py: {table_pairs} prompt/seed pairs, mean computed "
                 f"fraction and PSNR against uncached, preset {preset} with the new coefficients"
             )
-            write_threshold_table(args.write_config, preset, rows, source)
-            print(f"{args.write_config}: threshold table of preset {preset!r} written")
+            write_threshold_table(config_path, preset, rows, source)
+            print(f"{config_path}: threshold table of preset {preset!r} written")
     return 0
+
+
+def preset_to_add(config_path: Path, indicator: str, model: Any, table_thresholds: list[float]) -> str | None:
+    """The name of the preset --write-config adds to `config_path` (None where a preset uses `indicator`):
+    `calibrated`, or `calibrated-<indicator>` where that name is taken. Refuses, before anything runs, when no
+    threshold table will be measured to choose its threshold from."""
+    import yaml
+
+    load_zoo_entry(config_path)  # a broken YAML fails before the recording runs
+    presets = (yaml.safe_load(Path(config_path).read_text())["teacache"] or {}).get("presets") or {}
+    if presets_using(presets, indicator, model.supported_teacache_indicators[0]):
+        return None
+    if not table_thresholds:
+        raise SystemExit(
+            f"{config_path} has no TeaCache preset using indicator {indicator!r}: --write-config adds one and "
+            "chooses its threshold from the threshold table, which --table-thresholds measures; give "
+            "--table-thresholds a list of thresholds (or leave it out for the default list)"
+        )
+    for name in (CALIBRATED_PRESET, f"{CALIBRATED_PRESET}-{indicator}"):
+        if name not in presets:
+            return name
+    raise SystemExit(f"{config_path}: presets {CALIBRATED_PRESET!r} and {name!r} both exist but use another indicator")
+
+
+def add_calibrated_preset(
+    config_path: Path,
+    name: str,
+    base: TeaCacheParams,
+    rows: list[tuple[float, float, float]],
+    fits: dict[str, Any],
+    args: argparse.Namespace,
+    table_pairs: int,
+    default_indicator: str,
+) -> None:
+    """Add preset `name` with `base`'s settings at the threshold chosen from `rows`, once one is chosen; it
+    becomes the default where TeaCache was off by default. The new fit goes into the preset, or into
+    teacache.fits where the entry keeps its fit for this indicator there (and each expert's, per expert)."""
+    try:
+        chosen = threshold_for_psnr(rows, args.min_psnr)
+    except ValueError as error:
+        raise SystemExit(
+            f"{error}; nothing was written to {config_path} (measure smaller thresholds with --table-thresholds, "
+            "or lower --min-psnr; --json keeps the fit)"
+        ) from None
+    entry = load_zoo_entry(config_path)
+    steps = entry.sampling.num_inference_steps if args.steps is None else args.steps
+    note = threshold_rule_note(rows, chosen, args.min_psnr, table_pairs, steps)
+    indicator = base.indicator
+    params = dataclasses.replace(base, teacache_thresh=chosen[0])
+    (fit,) = fits.values() if len(fits) == 1 else (None,)
+    if fit is not None and indicator not in entry.fits:
+        source = f"{calibration_source(fit)}; {note}"
+    else:
+        if fit is None:
+            write_expert_fits(config_path, indicator, fits)
+            print(f"{config_path}: per-expert fits of indicator {indicator} written for {sorted(fits)}")
+        else:
+            write_coefficients(config_path, indicator, fit, default_indicator)
+            print(f"{config_path}: teacache.fits.{indicator} replaced by the new fit")
+        # The preset takes the fit (and its calibrated range) from teacache.fits.
+        params = dataclasses.replace(params, coefficients=None, coefficients_negative=None, calibrated_range=None)
+        source = f"coefficients: teacache.fits ({'each expert its own' if fit is None else indicator}); {note}"
+    make_default = entry.default_preset == "off"
+    add_preset(config_path, name, params, source, make_default)
+    print(
+        f"{config_path}: preset {name!r} added with threshold {chosen[0]:g} ({chosen[1]:.1%} of the calls "
+        f"computed, {chosen[2]:.2f} dB: the largest threshold up to which the mean PSNR stays >= {args.min_psnr:g} dB)"
+    )
+    if steps != entry.sampling.num_inference_steps:
+        print(
+            f"note: the threshold was measured at {steps} steps (--steps); the entry samples "
+            f"{entry.sampling.num_inference_steps}, where it may skip more or less"
+        )
+    if make_default:
+        print(f"{config_path}: TeaCache was off by default; preset {name!r} is now the default")
+    else:
+        print(f"{config_path}: the default preset stays {entry.default_preset!r}")
+    if chosen[1] >= 1:
+        print(
+            f"note: threshold {chosen[0]:g} computed every step of the table's runs, so the preset skips nothing: "
+            "measure larger thresholds with --table-thresholds"
+        )
 
 
 def pixels(result: Any) -> torch.Tensor:
@@ -284,20 +424,27 @@ def psnr_db(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def table_settings(
-    args: argparse.Namespace, entry: Any, indicator: str, updated: list[str], fit: Any
+    args: argparse.Namespace,
+    config_path: Path | None,
+    entry: Any,
+    indicator: str,
+    updated: list[str],
+    fit: Any,
+    model: Any,
+    use_presets: bool = True,
 ) -> tuple[str | None, TeaCacheParams]:
     """(preset name, its settings with the new coefficients) for the threshold table: --table-preset, else
     the entry's default preset if it uses this indicator, else a preset just updated; (None, plain settings
-    with this indicator) without such a preset."""
-    if args.write_config:
-        entry = load_zoo_entry(args.write_config)
+    with this indicator and the new fit) without such a preset or with `use_presets` False."""
+    if config_path:
+        entry = load_zoo_entry(config_path)
     candidates = [args.table_preset] if args.table_preset else []
-    if entry is not None:
+    if entry is not None and use_presets:
         candidates += [entry.default_preset, *updated]
     for preset in candidates:
         if entry is not None and preset in entry.presets:
             params = entry.presets[preset].params
-            if (params.indicator or indicator) == indicator:
+            if model.teacache_indicator_for(params).name == indicator:
                 return preset, dataclasses.replace(
                     params,
                     coefficients=fit.coefficients,
@@ -307,7 +454,10 @@ def table_settings(
         if preset == args.table_preset:
             raise SystemExit(f"--table-preset {preset!r} is not a preset of the entry using indicator {indicator!r}")
     return None, TeaCacheParams(
-        indicator=indicator, coefficients=fit.coefficients, coefficients_negative=fit.coefficients_negative
+        indicator=indicator,
+        coefficients=fit.coefficients,
+        coefficients_negative=fit.coefficients_negative,
+        calibrated_range=fit.calibrated_range,
     )
 
 

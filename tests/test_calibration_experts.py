@@ -185,3 +185,29 @@ def test_calibrate_fits_one_polynomial_per_expert_and_writes_them(tmp_path, a14b
         assert model.teacache_fits["modulated_input"] == pytest.approx(by_hand[name], rel=1e-7)
     out = capsys.readouterr().out
     assert "transformer: " in out and "transformer_2: " in out and "per-expert fits of indicator modulated_input" in out
+
+
+@pytest.mark.filterwarnings("ignore:TeaCache's coefficients do not fit:RuntimeWarning")
+def test_calibrate_adds_a_preset_without_coefficients_to_an_expert_entry_with_none(tmp_path, a14b_folder, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(HEADER.replace("default: slow", 'default: "off"') + PER_EXPERT_FITS + "  presets: {}\n")
+    args = ["--model", str(a14b_folder), "--config", str(config), "--seeds", "1", "--indicator", "modulated_input"]
+    args += ["--prompts-file", str(_write_prompts(tmp_path)), "--degree", "2", "--write-config", str(config)]
+    # PSNR of pixels in [0, 1] is never below 0 dB: the largest threshold passes.
+    args += ["--table-thresholds", "0.05", "0.5", "--table-pairs", "1", "--min-psnr", "0"]
+    assert load_script("calibrate").main(args) == 0
+    entry = load_zoo_entry(config)
+    assert entry.default_preset == "calibrated" and entry.threshold_table.preset == "calibrated"
+    params = entry.presets["calibrated"].params
+    # Each expert takes its own new fit from teacache.fits: the preset carries none.
+    assert (params.teacache_thresh, params.indicator, params.coefficients) == (0.5, "modulated_input", None)
+    assert entry.presets["calibrated"].source.startswith("coefficients: teacache.fits (each expert its own); threshold")
+    for name in ("transformer", "transformer_2"):
+        assert set(entry.expert_fits[name]) == {"temb", "modulated_input"}
+    assert "preset 'calibrated' is now the default" in capsys.readouterr().out
+
+
+def _write_prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red fox\na blue bird\n")
+    return path

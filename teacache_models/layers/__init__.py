@@ -3,6 +3,7 @@
 from .attention import attention
 from .embeddings import MLPEmbedder, timestep_sinusoids
 from .feedforward import FeedForward
+from .kv_cache import KVLayerCache
 from .linear import LINEAR_KERNELS, OneDNNLinear, linear_activation, onednn_available, set_linear_kernel
 from .normalization import (
     AdaLayerNormContinuous,
@@ -22,6 +23,7 @@ __all__ = [
     "AdaLayerNormZeroSingle",
     "FP32LayerNorm",
     "FeedForward",
+    "KVLayerCache",
     "MLPEmbedder",
     "OneDNNLinear",
     "RMSNorm",

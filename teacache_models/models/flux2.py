@@ -36,6 +36,7 @@ from ..checks import (
 )
 from ..layers import (
     AdaLayerNormContinuous,
+    KVLayerCache,
     MLPEmbedder,
     apply_rotary_interleaved,
     attention,
@@ -54,23 +55,11 @@ KV_CACHE_MODES = ("extract", "cached")
 # ---- the reference key/value cache (FLUX.2 [klein] KV) ----------------------------------------------
 
 
-class Flux2KVLayerCache:
-    """One layer's rotated reference keys and values, (B, L_ref, H, Dh) each."""
+class Flux2KVLayerCache(KVLayerCache):
+    """One layer's rotated reference keys and values, (B, L_ref, H, Dh) each, as `k_ref` and `v_ref`."""
 
-    def __init__(self) -> None:
-        self.k_ref: torch.Tensor | None = None
-        self.v_ref: torch.Tensor | None = None
-
-    def store(self, k_ref: torch.Tensor, v_ref: torch.Tensor) -> None:
-        self.k_ref, self.v_ref = k_ref, v_ref
-
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k_ref is None or self.v_ref is None:
-            raise RuntimeError("this KV cache layer is empty: fill the cache with a kv_cache_mode='extract' call first")
-        return self.k_ref, self.v_ref
-
-    def clear(self) -> None:
-        self.k_ref = self.v_ref = None
+    key_name = "k_ref"
+    value_name = "v_ref"
 
 
 class Flux2KVCache:

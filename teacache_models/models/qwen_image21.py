@@ -17,6 +17,7 @@ modulation, over the generated image's tokens (the prefix's is the same at every
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, ClassVar
@@ -35,6 +36,7 @@ from ..checks import (
 )
 from ..layers.attention import attention
 from ..layers.embeddings import MLPEmbedder
+from ..layers.kv_cache import KVLayerCache
 from ..layers.normalization import RMSNorm
 from ..layers.precision import clip_fp16
 from ..layers.rope import apply_rotary_complex
@@ -56,20 +58,8 @@ Segments = list[tuple[int, int, bool]]  # (start, end, is_text) runs of the pref
 # ---- the key/value cache of the prefix -------------------------------------------------------------------
 
 
-class QwenImage21KVLayerCache:
-    """One block's keys and values (after RoPE) of the prefix tokens, (B, L_prefix, H, Dh) each."""
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k, self.v = k, v
-
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            raise RuntimeError("the key/value cache is empty: run a step with kv_cache_mode='extract' first")
-        return self.k, self.v
+class QwenImage21KVLayerCache(KVLayerCache):
+    """One block's keys and values (after RoPE) of the prefix tokens, (B, L_prefix, H, Dh) each, as `k` and `v`."""
 
 
 class QwenImage21KVCache:
@@ -219,6 +209,24 @@ def _rows_for_tokens(params: torch.Tensor, target: torch.Tensor | None) -> torch
     return torch.where(target.view(1, -1, 1), params[:-1].unsqueeze(1), params[-1:].unsqueeze(0))
 
 
+@dataclasses.dataclass(frozen=True)
+class _AttentionPlan:
+    """How every block's attention runs in one call.
+
+    `rope`: (L, Dh / 2) complex factors of the tokens that run. With `segments`, the block-causal prefill over the
+    whole sequence (`key_valid` (B, L) masks padded text keys); without, full attention of the generated image over
+    the cached prefix and itself (`attention_mask` on the keys). `kv_cache_mode` "extract" stores each layer's
+    keys and values of the first `prefix_len` tokens, "cached" reads them.
+    """
+
+    rope: torch.Tensor
+    attention_mask: torch.Tensor | None
+    segments: Segments | None
+    key_valid: torch.Tensor | None
+    kv_cache_mode: str | None
+    prefix_len: int
+
+
 # ---- layers ------------------------------------------------------------------------------------------
 
 
@@ -239,31 +247,22 @@ class QwenImage21Attention(nn.Module):
         self.norm_k = RMSNorm(dim_head, eps=eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        segments: Segments | None,
-        key_valid: torch.Tensor | None,
-        layer_cache: Any = None,
-        kv_cache_mode: str | None = None,
-        prefix_len: int = 0,
+        self, x: torch.Tensor, plan: _AttentionPlan, layer_cache: QwenImage21KVLayerCache | None = None
     ) -> torch.Tensor:
-        """Tokens (B, L, D) -> (B, L, D). `segments` given: the block-causal prefill over the whole sequence; else
-        full attention (the generated image over the cached prefix and itself, `attention_mask` on the keys)."""
+        """Tokens (B, L, D) -> (B, L, D), as `plan` says (the prefill, or the generated image over the cache)."""
         value = self.to_v(x).unflatten(-1, (-1, self.head_dim))  # (B, L, H, Dh)
         query = self.norm_q(self.to_q(x).unflatten(-1, (-1, self.head_dim))).to(value.dtype)
         key = self.norm_k(self.to_k(x).unflatten(-1, (-1, self.head_dim))).to(value.dtype)
-        query, key = apply_rotary_complex(query, rope), apply_rotary_complex(key, rope)
-        if layer_cache is not None and kv_cache_mode == "extract":
-            layer_cache.store(key[:, :prefix_len].clone(), value[:, :prefix_len].clone())
-        elif layer_cache is not None and kv_cache_mode == "cached":
+        query, key = apply_rotary_complex(query, plan.rope), apply_rotary_complex(key, plan.rope)
+        if layer_cache is not None and plan.kv_cache_mode == "extract":
+            layer_cache.store(key[:, : plan.prefix_len].clone(), value[:, : plan.prefix_len].clone())
+        elif layer_cache is not None and plan.kv_cache_mode == "cached":
             cached_key, cached_value = layer_cache.get()
             key, value = torch.cat([cached_key, key], dim=1), torch.cat([cached_value, value], dim=1)
-        if segments is None:
-            out = attention(query, key, value, attn_mask=attention_mask)
+        if plan.segments is None:
+            out = attention(query, key, value, attn_mask=plan.attention_mask)
         else:
-            out = torch.cat(_block_causal(query, key, value, segments, key_valid), dim=1)
+            out = torch.cat(_block_causal(query, key, value, plan.segments, plan.key_valid), dim=1)
         return self.to_out[0](out.type_as(query))
 
 
@@ -325,22 +324,14 @@ class QwenImage21TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         modulation: torch.Tensor,
-        rope: torch.Tensor,
         target: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        segments: Segments | None,
-        key_valid: torch.Tensor | None,
-        layer_cache: Any = None,
-        kv_cache_mode: str | None = None,
-        prefix_len: int = 0,
+        plan: _AttentionPlan,
+        layer_cache: QwenImage21KVLayerCache | None = None,
     ) -> torch.Tensor:
         """Joint tokens (B, L, D), modulation (N, 4D) -> (B, L, D)."""
         attn_params, mlp_params = modulation.chunk(2, dim=-1)
         modulated, gate = _scaled(self.img_norm1(x), attn_params, target)
-        attended = self.attn(
-            modulated, rope, attention_mask, segments, key_valid, layer_cache, kv_cache_mode, prefix_len
-        )
-        x = x + gate.tanh() * attended
+        x = x + gate.tanh() * self.attn(modulated, plan, layer_cache)
         modulated, gate = _scaled(self.img_norm2(x), mlp_params, target)
         return clip_fp16(x + gate.tanh() * self.img_mlp(modulated))
 
@@ -490,18 +481,8 @@ class QwenImage21Transformer2DModel(ConfiguredModel, TeaCacheMixin):
         else:
             attention_mask, segments = None, _prefix_segments(ids, prefix_len)
 
-        joint = self.run_blocks(
-            joint,
-            modulation=modulation,
-            rope=rope,
-            target=target,
-            attention_mask=attention_mask,
-            segments=segments,
-            key_valid=key_valid,
-            kv_cache=kv_cache,
-            kv_cache_mode=kv_cache_mode,
-            prefix_len=prefix_len,
-        )  # (B, L, D)
+        plan = _AttentionPlan(rope, attention_mask, segments, key_valid, kv_cache_mode, prefix_len)
+        joint = self.run_blocks(joint, modulation=modulation, target=target, plan=plan, kv_cache=kv_cache)  # (B, L, D)
         output = self.proj_out(self.norm_out(joint, temb, target))
         return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
 
@@ -527,31 +508,14 @@ class QwenImage21Transformer2DModel(ConfiguredModel, TeaCacheMixin):
         self,
         hidden_states: torch.Tensor,
         modulation: torch.Tensor,
-        rope: torch.Tensor,
         target: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        segments: Segments | None,
-        key_valid: torch.Tensor | None,
-        kv_cache: Any,
-        kv_cache_mode: str | None,
-        prefix_len: int,
+        plan: _AttentionPlan,
+        kv_cache: QwenImage21KVCache | None,
     ) -> torch.Tensor:
         """The single-stream blocks: joint tokens (B, L, D) -> (B, L, D)."""
         for index, block in enumerate(self.transformer_blocks):
             layer_cache = kv_cache.get_layer(index) if kv_cache is not None else None
-            hidden_states = self.call_block(
-                block,
-                hidden_states,
-                modulation,
-                rope,
-                target,
-                attention_mask,
-                segments,
-                key_valid,
-                layer_cache,
-                kv_cache_mode,
-                prefix_len,
-            )
+            hidden_states = self.call_block(block, hidden_states, modulation, target, plan, layer_cache)
         return hidden_states
 
     # ---- input validation -------------------------------------------------------------------------

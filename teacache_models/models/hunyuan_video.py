@@ -36,6 +36,7 @@ from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .hunyuan_video_blocks import (
     QK_NORMS,
+    BlockInputs,
     HunyuanVideoConditionEmbedding,
     HunyuanVideoPatchEmbed,
     HunyuanVideoRotaryPosEmbed,
@@ -242,15 +243,14 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         token_replace: TokenReplace | None = None,
     ) -> torch.Tensor:
         """Dual-stream then single-stream blocks: image (B, Li, D) -> image (B, Li, D)."""
+        inputs = BlockInputs(temb, attention_mask, rope, token_replace)
         for block in self.transformer_blocks:
-            hidden_states, encoder_hidden_states = self.call_block(
-                block, hidden_states, encoder_hidden_states, temb, attention_mask, rope, token_replace
-            )
+            hidden_states, encoder_hidden_states = self.call_block(block, hidden_states, encoder_hidden_states, inputs)
         image_len = hidden_states.shape[1]
         # The single-stream blocks keep image and text joined; splitting after each block would only copy.
         tokens = torch.cat([hidden_states, encoder_hidden_states], dim=1)  # (B, Li + Lt, D)
         for block in self.single_transformer_blocks:
-            tokens = self.call_block(block, tokens, image_len, temb, attention_mask, rope, token_replace)
+            tokens = self.call_block(block, tokens, image_len, inputs)
         return tokens[:, :image_len]
 
     # ---- input validation -------------------------------------------------------------------------

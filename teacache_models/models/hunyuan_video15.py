@@ -40,6 +40,7 @@ from ..layers.normalization import AdaLayerNormContinuous
 from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .hunyuan_video_blocks import (
+    BlockInputs,
     HunyuanVideoPatchEmbed,
     HunyuanVideoRotaryPosEmbed,
     HunyuanVideoTokenRefiner,
@@ -330,10 +331,9 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
         rope: Rope,
     ) -> torch.Tensor:
         """Dual-stream blocks: image (B, Li, D) and joined stream (B, Lc, D) -> image (B, Li, D)."""
+        inputs = BlockInputs(temb, attention_mask, rope)
         for block in self.transformer_blocks:
-            hidden_states, encoder_hidden_states = self.call_block(
-                block, hidden_states, encoder_hidden_states, temb, attention_mask, rope
-            )
+            hidden_states, encoder_hidden_states = self.call_block(block, hidden_states, encoder_hidden_states, inputs)
         return hidden_states
 
     # ---- input validation -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ..layers import (
 
 __all__ = [
     "QK_NORMS",
+    "BlockInputs",
     "HunyuanVideoPatchEmbed",
     "HunyuanVideoRotaryPosEmbed",
     "HunyuanVideoSingleTransformerBlock",
@@ -49,6 +50,17 @@ QK_NORMS = (None, "layer_norm", "fp32_layer_norm", "rms_norm")
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L_img, head_dim) float32 each
 # Token replace: the first frame's conditioning (B, D) and its number of tokens.
 TokenReplace = tuple[torch.Tensor, int]
+
+
+class BlockInputs(NamedTuple):
+    """What every block of the stack reads besides the image and text streams: the conditioning (B, D), the key
+    mask of the image+text attention (B, 1, 1, Li + Lt), the image tokens' rotary tables, and the first frame's
+    own conditioning under token replace."""
+
+    temb: torch.Tensor
+    attention_mask: torch.Tensor
+    rope: Rope
+    token_replace: TokenReplace | None = None
 
 
 def _qk_norm(kind: str | None, dim: int) -> nn.Module | None:
@@ -391,18 +403,12 @@ class HunyuanVideoTransformerBlock(nn.Module):
         self.ff_context = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        attention_mask: torch.Tensor,
-        rope: Rope,
-        token_replace: TokenReplace | None = None,
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, inputs: BlockInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image (B, Li, D), text (B, Lt, D), conditioning (B, D) -> updated image, text."""
-        norm_x, x_attn, x_mlp = self.norm1(hidden_states, temb, token_replace)
-        norm_c, c_attn, c_mlp = self.norm1_context(encoder_hidden_states, temb)
-        attn_x, attn_c = self.attn.joint_attention(norm_x, norm_c, attention_mask, rope)
+        """Image (B, Li, D), text (B, Lt, D) -> updated image, text."""
+        norm_x, x_attn, x_mlp = self.norm1(hidden_states, inputs.temb, inputs.token_replace)
+        norm_c, c_attn, c_mlp = self.norm1_context(encoder_hidden_states, inputs.temb)
+        attn_x, attn_c = self.attn.joint_attention(norm_x, norm_c, inputs.attention_mask, inputs.rope)
 
         hidden_states = x_attn.gated_add(hidden_states, attn_x)
         ff_x = self.ff(x_mlp.apply(self.norm2(hidden_states)))
@@ -426,19 +432,11 @@ class HunyuanVideoSingleTransformerBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        image_len: int,
-        temb: torch.Tensor,
-        attention_mask: torch.Tensor,
-        rope: Rope,
-        token_replace: TokenReplace | None = None,
-    ) -> torch.Tensor:
-        """Joined tokens (B, Li + Lt, D), image first, conditioning (B, D) -> updated tokens."""
-        norm_x, mod = self.norm(tokens, temb, token_replace)
+    def forward(self, tokens: torch.Tensor, image_len: int, inputs: BlockInputs) -> torch.Tensor:
+        """Joined tokens (B, Li + Lt, D), image first -> updated tokens."""
+        norm_x, mod = self.norm(tokens, inputs.temb, inputs.token_replace)
         mlp = linear_activation(self.proj_mlp, norm_x, "gelu_tanh")
-        attn = self.attn.joined_attention(norm_x, image_len, attention_mask, rope)
+        attn = self.attn.joined_attention(norm_x, image_len, inputs.attention_mask, inputs.rope)
         return mod.gated_add(tokens, self.proj_out(torch.cat([attn, mlp], dim=2)))
 
 

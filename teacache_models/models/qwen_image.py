@@ -21,7 +21,7 @@ import math
 import operator
 import warnings
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -224,6 +224,17 @@ def _split_modulation(params: torch.Tensor, condition_tokens: torch.Tensor | Non
     return per_token(shift), per_token(scale), per_token(gate)
 
 
+class BlockInputs(NamedTuple):
+    """What every block reads besides the image and text streams: the conditioning (N, D), the rotary factors,
+    the text keys' mask, and under `zero_cond_t` the (B, Li, 1) mask of the reference-image tokens (modulated at
+    t = 0)."""
+
+    temb: torch.Tensor
+    rope: Rope
+    attention_mask: torch.Tensor | None = None
+    condition_tokens: torch.Tensor | None = None
+
+
 class QwenImageTransformerBlock(nn.Module):
     """Dual-stream block: separate AdaLN and MLP per stream, one joint attention."""
 
@@ -247,15 +258,10 @@ class QwenImageTransformerBlock(nn.Module):
         return _split_modulation(attn_params, condition_tokens), _split_modulation(mlp_params, condition_tokens)
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        rope: Rope,
-        attention_mask: torch.Tensor | None = None,
-        condition_tokens: torch.Tensor | None = None,
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, inputs: BlockInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image (B, Li, D), text (B, Lt, D), conditioning (N, D) -> updated image, text."""
+        """Image (B, Li, D), text (B, Lt, D) -> updated image, text."""
+        temb, condition_tokens = inputs.temb, inputs.condition_tokens
         (shift1, scale1, gate1), (shift2, scale2, gate2) = self.image_modulation(temb, condition_tokens)
         # Under zero_cond_t the text stream is modulated by the real timestep only (the first half).
         text_temb = temb.chunk(2, dim=0)[0] if condition_tokens is not None else temb
@@ -266,8 +272,8 @@ class QwenImageTransformerBlock(nn.Module):
         attn_x, attn_c = self.attn(
             _modulate(self.img_norm1(hidden_states), shift1, scale1),
             _modulate(self.txt_norm1(encoder_hidden_states), c_shift1, c_scale1),
-            rope,
-            attention_mask,
+            inputs.rope,
+            inputs.attention_mask,
         )
         hidden_states = hidden_states + gate1 * attn_x
         encoder_hidden_states = encoder_hidden_states + c_gate1 * attn_c
@@ -531,10 +537,9 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         """The dual-stream blocks: image (B, Li, D) -> image (B, Li, D)."""
         if controlnet_block_samples:
             interval = math.ceil(len(self.transformer_blocks) / len(controlnet_block_samples))
+        inputs = BlockInputs(temb, rope, attention_mask, condition_tokens)
         for index, block in enumerate(self.transformer_blocks):
-            hidden_states, encoder_hidden_states = self.call_block(
-                block, hidden_states, encoder_hidden_states, temb, rope, attention_mask, condition_tokens
-            )
+            hidden_states, encoder_hidden_states = self.call_block(block, hidden_states, encoder_hidden_states, inputs)
             if controlnet_block_samples:
                 hidden_states = hidden_states + controlnet_block_samples[index // interval]
         return hidden_states

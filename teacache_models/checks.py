@@ -31,6 +31,7 @@ __all__ = [
     "check_rope_axes",
     "check_tensor",
     "check_tokens",
+    "check_typed_arguments",
     "check_video_latents",
     "controlnet_residuals",
     "is_int",
@@ -126,6 +127,31 @@ def check_architecture(
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_typed_arguments(hints: Mapping[str, Any], args: Mapping[str, Any], skip: Iterable[str] = ()) -> None:
+    """Check constructor arguments by their annotation, as `check_architecture` does by group.
+
+    `bool`: True or False; `int`: a positive integer, or one >= 0 for a count of blocks (a name ending in
+    "layers"); `int | None` (and `out_channels`): None or a positive integer; `float`: a positive number.
+    Arguments of any other type (tuples, strings) and those in `skip` are the model's own to check.
+    """
+    groups: dict[str, list[str]] = {
+        group: [] for group in ("positive", "non_negative", "optional_positive", "flags", "positive_numbers")
+    }
+    for name, hint in hints.items():
+        if name in skip or name not in args:
+            continue
+        if hint is bool:
+            groups["flags"].append(name)
+        elif hint == int | None or (hint is int and name == "out_channels"):
+            # diffusers' models read out_channels=None as in_channels, whatever its annotation says.
+            groups["optional_positive"].append(name)
+        elif hint is int:
+            groups["non_negative" if name.endswith("layers") else "positive"].append(name)
+        elif hint is float:
+            groups["positive_numbers"].append(name)
+    check_architecture(args, **groups)
 
 
 def check_rope_axes(

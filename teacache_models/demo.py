@@ -118,13 +118,6 @@ class DigitTextEncoder(ConfiguredModel):
             raise ValueError(
                 f"vocabulary must start with {PAD!r}, {UNK!r} and hold distinct tokens, got {list(vocabulary)[:4]}..."
             )
-        for name, value in (("max_length", max_length), ("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if pooled_dim is not None and (
-            isinstance(pooled_dim, bool) or not isinstance(pooled_dim, int) or pooled_dim < 1
-        ):
-            raise ValueError(f"pooled_dim must be None or a positive integer, got {pooled_dim!r}")
         self.token_ids = {token: index for index, token in enumerate(vocabulary)}
         self.max_length = max_length
         self.token_embedding = nn.Embedding(len(vocabulary), embedding_dim)

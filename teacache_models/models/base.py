@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import typing
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 import torch.utils.checkpoint
 
+from ..checks import check_typed_arguments
 from ..layers.linear import linear_kernel_of, set_linear_kernel
 from ..lora import LoraMixin
 
@@ -129,17 +131,22 @@ class Transformer2DModelOutput(ModelOutput):
 def register_config(init: F) -> F:
     """Record the constructor arguments of a model, defaults included, as its read-only `config`.
 
-    The names are those of the checkpoint's `config.json`, so a config round-trips unchanged.
+    The names are those of the checkpoint's `config.json`, so a config round-trips unchanged. Before the
+    constructor runs, the arguments annotated `bool`, `int`, `int | None` or `float` are checked by their
+    annotation (`checks.check_typed_arguments`), except those the class lists in `_arguments_checked_by_model`;
+    the constructor checks the rest (RoPE axes, choices among names).
     """
     signature = inspect.signature(init)
+    hints = typing.get_type_hints(init)
 
     @functools.wraps(init)
     def wrapper(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
-        init(self, *args, **kwargs)
         values = dict(bound.arguments)
         values.pop("self")
+        check_typed_arguments(hints, values, skip=getattr(type(self), "_arguments_checked_by_model", ()))
+        init(self, *args, **kwargs)
         self.config = ModelConfig({"_class_name": type(self).__name__, **values})
 
     return wrapper  # type: ignore[return-value]
@@ -158,6 +165,8 @@ class ConfiguredModel(LoraMixin, torch.nn.Module):
     _no_split_modules: ClassVar[list[str] | None] = None
     _skip_layerwise_casting_patterns: ClassVar[list[str] | None] = None
     _repeated_blocks: ClassVar[list[str]] = []
+    # Constructor arguments with a bound of their own, which `register_config` leaves to the constructor.
+    _arguments_checked_by_model: ClassVar[tuple[str, ...]] = ()
     # Gradient checkpointing (training, as diffusers' `enable_gradient_checkpointing`): every block of the
     # stack is called through `call_block`, which recomputes its activations in the backward pass.
     _supports_gradient_checkpointing: ClassVar[bool] = True

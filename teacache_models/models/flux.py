@@ -19,7 +19,6 @@ from torch import nn
 from ..cache import Deferred, TeaCacheMixin
 from ..checks import (
     batch_vector,
-    check_architecture,
     check_attention_kwargs,
     check_dtype,
     check_guidance,
@@ -289,7 +288,8 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         axes_dims_rope: tuple[int, ...] = (16, 56, 56),
     ) -> None:
         super().__init__()
-        _check_architecture(locals())
+        # An axis of 0 channels is allowed, as in diffusers: its position ids then have no effect.
+        check_rope_axes("axes_dims_rope", axes_dims_rope, attention_head_dim, minimum=0)
         self.out_channels = out_channels or in_channels
         self.inner_dim = num_attention_heads * attention_head_dim
 
@@ -446,22 +446,3 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         check_guidance(guidance, config.guidance_embeds, "FLUX.1-dev", "FLUX.1-schnell")
         check_attention_kwargs("joint_attention_kwargs", joint_attention_kwargs)
         return batch, encoder_hidden_states.shape[1]
-
-
-def _check_architecture(args: dict[str, Any]) -> None:
-    check_architecture(
-        args,
-        positive=(
-            "patch_size",
-            "in_channels",
-            "attention_head_dim",
-            "num_attention_heads",
-            "joint_attention_dim",
-            "pooled_projection_dim",
-        ),
-        non_negative=("num_layers", "num_single_layers"),
-        optional_positive=("out_channels",),
-        flags=("guidance_embeds",),
-    )
-    # An axis of 0 channels is allowed, as in diffusers: its position ids then have no effect.
-    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"], minimum=0)

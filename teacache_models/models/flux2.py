@@ -27,7 +27,6 @@ from torch import nn
 from ..cache import Deferred, TeaCacheMixin
 from ..checks import (
     batch_vector,
-    check_architecture,
     check_attention_kwargs,
     check_dtype,
     check_guidance,
@@ -309,12 +308,12 @@ class Flux2Transformer2DModel(ConfiguredModel, TeaCacheMixin):
         timestep_guidance_channels: int = 256,
         mlp_ratio: float = 3.0,
         axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32),
-        rope_theta: int = 2000,
+        rope_theta: float = 2000,
         eps: float = 1e-6,
         guidance_embeds: bool = True,
     ) -> None:
         super().__init__()
-        _check_architecture(locals())
+        check_rope_axes("axes_dims_rope", axes_dims_rope, attention_head_dim, minimum=0)
         self.out_channels = out_channels or in_channels
         self.inner_dim = num_attention_heads * attention_head_dim
         dim = self.inner_dim
@@ -574,22 +573,3 @@ def _position_ids(name: str, ids: Any, batch: int, length: int, num_axes: int) -
             f"{name} must have shape ({length}, {num_axes}) or ({batch}, {length}, {num_axes}), got {tuple(ids.shape)}"
         )
     return ids
-
-
-def _check_architecture(args: dict[str, Any]) -> None:
-    check_architecture(
-        args,
-        positive=(
-            "patch_size",
-            "in_channels",
-            "timestep_guidance_channels",
-            "attention_head_dim",
-            "num_attention_heads",
-            "joint_attention_dim",
-        ),
-        non_negative=("num_layers", "num_single_layers"),
-        optional_positive=("out_channels",),
-        flags=("guidance_embeds",),
-        positive_numbers=("mlp_ratio", "rope_theta", "eps"),
-    )
-    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"], minimum=0)

@@ -22,10 +22,8 @@ from torch import nn
 from ..cache.mixin import Deferred, TeaCacheMixin
 from ..checks import (
     batch_vector,
-    check_architecture,
     check_attention_kwargs,
     check_dtype,
-    check_rope_axes,
     check_tensor,
     check_tokens,
     check_video_latents,
@@ -35,7 +33,6 @@ from ..layers.normalization import AdaLayerNormContinuous
 from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 from .hunyuan_video_blocks import (
-    QK_NORMS,
     BlockInputs,
     HunyuanVideoConditionEmbedding,
     HunyuanVideoPatchEmbed,
@@ -45,6 +42,7 @@ from .hunyuan_video_blocks import (
     HunyuanVideoTransformerBlock,
     Rope,
     TokenReplace,
+    check_block_arguments,
     check_text_mask,
     joint_attention_mask,
     unpatchify,
@@ -121,7 +119,11 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         image_condition_type: str | None = None,
     ) -> None:
         super().__init__()
-        _check_architecture(locals())
+        check_block_arguments(locals())
+        if image_condition_type not in _IMAGE_CONDITION_TYPES:
+            raise ValueError(
+                f"image_condition_type must be one of {list(_IMAGE_CONDITION_TYPES)}, got {image_condition_type!r}"
+            )
         self.out_channels = out_channels or in_channels
         inner_dim = num_attention_heads * attention_head_dim
         heads = (num_attention_heads, attention_head_dim)
@@ -279,33 +281,3 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         check_dtype("pooled_projections", pooled_projections, self.time_text_embed.text_embedder.linear_1.weight.dtype)
         check_attention_kwargs("attention_kwargs", attention_kwargs)
         return text_mask
-
-
-def _check_architecture(args: dict[str, Any]) -> None:
-    check_architecture(
-        args,
-        positive=(
-            "in_channels",
-            "num_attention_heads",
-            "attention_head_dim",
-            "patch_size",
-            "patch_size_t",
-            "text_embed_dim",
-            "pooled_projection_dim",
-        ),
-        non_negative=("num_layers", "num_single_layers", "num_refiner_layers"),
-        optional_positive=("out_channels",),
-        flags=("guidance_embeds",),
-        positive_numbers=("mlp_ratio", "rope_theta"),
-    )
-    inner_dim = args["num_attention_heads"] * args["attention_head_dim"]
-    if int(inner_dim * args["mlp_ratio"]) < 1:
-        raise ValueError(f"mlp_ratio {args['mlp_ratio']} leaves no MLP channels at width {inner_dim}")
-    if args["qk_norm"] not in QK_NORMS:
-        raise ValueError(f"qk_norm must be one of {list(QK_NORMS)}, got {args['qk_norm']!r}")
-    if args["image_condition_type"] not in _IMAGE_CONDITION_TYPES:
-        raise ValueError(
-            f"image_condition_type must be one of {list(_IMAGE_CONDITION_TYPES)}, got {args['image_condition_type']!r}"
-        )
-    # An axis may get no channels (frame-less variants), hence minimum 0.
-    check_rope_axes("rope_axes_dim", args["rope_axes_dim"], args["attention_head_dim"], num_axes=3, minimum=0)

@@ -27,10 +27,8 @@ from torch import nn
 from ..cache.mixin import Deferred, TeaCacheMixin
 from ..checks import (
     batch_vector,
-    check_architecture,
     check_attention_kwargs,
     check_dtype,
-    check_rope_axes,
     check_tokens,
     check_video_latents,
 )
@@ -46,6 +44,7 @@ from .hunyuan_video_blocks import (
     HunyuanVideoTokenRefiner,
     HunyuanVideoTransformerBlock,
     Rope,
+    check_block_arguments,
     joint_attention_mask,
     unpatchify,
 )
@@ -187,7 +186,9 @@ class HunyuanVideo15Transformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceP
         use_meanflow: bool = False,
     ) -> None:
         super().__init__()
-        _check_architecture(locals())
+        check_block_arguments(locals(), qk_norms=_QK_NORMS)
+        if task_type not in _TASK_TYPES:
+            raise ValueError(f"task_type must be one of {list(_TASK_TYPES)}, got {task_type!r}")
         self.out_channels = out_channels or in_channels
         inner_dim = num_attention_heads * attention_head_dim
         heads = (num_attention_heads, attention_head_dim)
@@ -392,32 +393,3 @@ def _check_mask(name: str, mask: Any, tokens: torch.Tensor) -> torch.Tensor:
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0 and 1 (or be boolean)")
     return mask.bool()
-
-
-def _check_architecture(args: dict[str, Any]) -> None:
-    check_architecture(
-        args,
-        positive=(
-            "in_channels",
-            "num_attention_heads",
-            "attention_head_dim",
-            "patch_size",
-            "patch_size_t",
-            "text_embed_dim",
-            "text_embed_2_dim",
-            "image_embed_dim",
-            "target_size",
-        ),
-        non_negative=("num_layers", "num_refiner_layers"),
-        optional_positive=("out_channels",),
-        flags=("use_meanflow",),
-        positive_numbers=("mlp_ratio", "rope_theta"),
-    )
-    inner_dim = args["num_attention_heads"] * args["attention_head_dim"]
-    if int(inner_dim * args["mlp_ratio"]) < 1:
-        raise ValueError(f"mlp_ratio {args['mlp_ratio']} leaves no MLP channels at width {inner_dim}")
-    if args["qk_norm"] not in _QK_NORMS:
-        raise ValueError(f"qk_norm must be one of {list(_QK_NORMS)}, got {args['qk_norm']!r}")
-    if args["task_type"] not in _TASK_TYPES:
-        raise ValueError(f"task_type must be one of {list(_TASK_TYPES)}, got {args['task_type']!r}")
-    check_rope_axes("rope_axes_dim", args["rope_axes_dim"], args["attention_head_dim"], num_axes=3, minimum=0)

@@ -6,11 +6,13 @@ Parameter names and numerics follow diffusers' HunyuanVideo modules.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ..checks import check_rope_axes
 from ..distributed.sequence import SequenceParallel
 from ..layers import (
     AdaLayerNormZero,
@@ -36,6 +38,7 @@ __all__ = [
     "HunyuanVideoTokenRefiner",
     "HunyuanVideoTransformerBlock",
     "Rope",
+    "check_block_arguments",
     "check_text_mask",
     "joint_attention_mask",
     "unpatchify",
@@ -457,6 +460,18 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[in
     video = tokens.reshape(tokens.shape[0], *grid, -1, *patch)
     video = video.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, F', p_t, H', p, W', p)
     return video.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def check_block_arguments(args: Mapping[str, Any], qk_norms: tuple[str | None, ...] = QK_NORMS) -> None:
+    """What HunyuanVideo and HunyuanVideo-1.5 check of their constructor arguments beyond the types that
+    `register_config` checks: the blocks' MLP width and query/key norm (one of `qk_norms`), and the RoPE axes."""
+    inner_dim = args["num_attention_heads"] * args["attention_head_dim"]
+    if int(inner_dim * args["mlp_ratio"]) < 1:
+        raise ValueError(f"mlp_ratio {args['mlp_ratio']} leaves no MLP channels at width {inner_dim}")
+    if args["qk_norm"] not in qk_norms:
+        raise ValueError(f"qk_norm must be one of {list(qk_norms)}, got {args['qk_norm']!r}")
+    # An axis may get no channels (frame-less variants), hence minimum 0.
+    check_rope_axes("rope_axes_dim", args["rope_axes_dim"], args["attention_head_dim"], num_axes=3, minimum=0)
 
 
 def check_text_mask(mask: Any, text: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ from torch import nn
 from ..cache.mixin import Deferred, TeaCacheMixin
 from ..checks import (
     batch_vector,
-    check_architecture,
     check_attention_kwargs,
     check_dtype,
     check_rope_axes,
@@ -402,7 +401,8 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         use_layer3d_rope: bool = False,
     ) -> None:
         super().__init__()
-        _check_architecture(locals())
+        # An axis of 0 channels is allowed, as in diffusers: that axis then has no effect.
+        check_rope_axes("axes_dims_rope", axes_dims_rope, attention_head_dim, num_axes=3, minimum=0)
         self.out_channels = out_channels or in_channels
         self.inner_dim = num_attention_heads * attention_head_dim
 
@@ -623,15 +623,3 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             raise ValueError(f"additional_t_cond must have shape {allowed}, got {tuple(value.shape)}")
         if bool(((value < 0) | (value > 1)).any()):
             raise ValueError(f"additional_t_cond values must be 0 or 1, got {value.tolist()}")
-
-
-def _check_architecture(args: dict[str, Any]) -> None:
-    check_architecture(
-        args,
-        positive=("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim"),
-        non_negative=("num_layers",),
-        optional_positive=("out_channels",),
-        flags=("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"),
-    )
-    # An axis of 0 channels is allowed, as in diffusers: that axis then has no effect.
-    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"], num_axes=3, minimum=0)

@@ -28,7 +28,6 @@ from torch import nn
 from ..cache.mixin import TeaCacheMixin
 from ..checks import (
     batch_vector,
-    check_architecture,
     check_attention_kwargs,
     check_dtype,
     check_rope_axes,
@@ -392,7 +391,7 @@ class QwenImage21Transformer2DModel(ConfiguredModel, TeaCacheMixin):
         causal_condition: bool = True,
     ) -> None:
         super().__init__()
-        _check_architecture(locals())
+        check_rope_axes("axes_dims_rope", axes_dims_rope, attention_head_dim, num_axes=3, minimum=0)
         self.out_channels = out_channels or in_channels
         self.inner_dim = num_attention_heads * attention_head_dim
         self.time_text_embed = QwenImage21TimestepProjEmbeddings(self.inner_dim)
@@ -592,22 +591,3 @@ def _check_img_shapes(img_shapes: Any, batch: int, image_len: int) -> list[tuple
             f"img_shapes describes {sum(math.prod(s) for s in first)} image tokens, but hidden_states has {image_len}"
         )
     return [tuple(s) for s in first]
-
-
-def _check_architecture(args: dict[str, Any]) -> None:
-    check_architecture(
-        args,
-        positive=(
-            "patch_size",
-            "in_channels",
-            "attention_head_dim",
-            "num_attention_heads",
-            "context_in_dim",
-            "mlp_ratio",
-        ),
-        non_negative=("num_layers",),
-        optional_positive=("out_channels",),
-        flags=("causal_condition",),
-        positive_numbers=("eps",),
-    )
-    check_rope_axes("axes_dims_rope", args["axes_dims_rope"], args["attention_head_dim"], num_axes=3, minimum=0)

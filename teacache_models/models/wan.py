@@ -28,7 +28,6 @@ from torch import nn
 
 from ..cache.mixin import Deferred, TeaCacheIndicator, TeaCacheMixin
 from ..checks import (
-    check_architecture,
     check_attention_kwargs,
     check_dtype,
     check_tokens,
@@ -343,6 +342,8 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
     ]
     # Some original checkpoints carry a query norm for the image branch that no computation uses.
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = ["norm_added_q"]
+    # eps must also be below 1 (see `_check_architecture`).
+    _arguments_checked_by_model: ClassVar[tuple[str, ...]] = ("eps",)
 
     teacache_indicators = (
         TeaCacheIndicator("temb"),
@@ -609,21 +610,6 @@ def _check_architecture(args: dict[str, Any]) -> None:
     patch = args["patch_size"]
     if not isinstance(patch, list | tuple) or len(patch) != 3 or not all(is_int(p, 1) for p in patch):
         raise ValueError(f"patch_size must be three positive integers (t, h, w), got {patch!r}")
-    check_architecture(
-        args,
-        positive=(
-            "num_attention_heads",
-            "attention_head_dim",
-            "in_channels",
-            "text_dim",
-            "freq_dim",
-            "ffn_dim",
-            "rope_max_seq_len",
-        ),
-        non_negative=("num_layers",),
-        optional_positive=("out_channels", "image_dim", "pos_embed_seq_len", "added_kv_proj_dim"),
-        flags=("cross_attn_norm",),
-    )
     if args["attention_head_dim"] % 2:
         raise ValueError(
             f"attention_head_dim must be even (RoPE rotates channel pairs), got {args['attention_head_dim']}"

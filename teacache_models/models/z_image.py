@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..cache import TeaCacheIndicator, TeaCacheMixin
-from ..checks import check_architecture, check_attention_kwargs, check_rope_axes, is_int
+from ..checks import check_attention_kwargs, check_rope_axes, is_int
 from ..layers import RMSNorm, apply_rotary_complex, attention, linear_activation, timestep_sinusoids
 from ..lora import lora_scale_from
 from .base import ConfiguredModel, Transformer2DModelOutput, register_config
@@ -264,6 +264,8 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
     _no_split_modules: ClassVar[list[str]] = ["ZImageTransformerBlock"]
     _repeated_blocks: ClassVar[list[str]] = ["ZImageTransformerBlock"]
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["t_embedder", "cap_embedder"]
+    # t_scale may be any real number (see `_check_architecture`).
+    _arguments_checked_by_model: ClassVar[tuple[str, ...]] = ("t_scale",)
     teacache_indicators = (
         TeaCacheIndicator("modulated_input"),
         TeaCacheIndicator(_REFINER_INDICATOR, before_prelude=True),
@@ -611,14 +613,6 @@ def _stream_parts(image: Sequences, captions: Sequences, siglip: Sequences | Non
 
 
 def _check_architecture(args: dict[str, Any]) -> None:
-    check_architecture(
-        args,
-        positive=("in_channels", "dim", "n_heads", "n_kv_heads", "cap_feat_dim"),
-        non_negative=("n_layers", "n_refiner_layers"),
-        optional_positive=("siglip_feat_dim",),
-        flags=("qk_norm",),
-        positive_numbers=("norm_eps", "rope_theta"),
-    )
     for name in ("all_patch_size", "all_f_patch_size", "axes_dims", "axes_lens"):
         value = args[name]
         if not isinstance(value, Sequence) or isinstance(value, str) or not value:

@@ -209,15 +209,18 @@ def _rows_for_tokens(params: torch.Tensor, target: torch.Tensor | None) -> torch
 
 
 @dataclasses.dataclass(frozen=True)
-class _AttentionPlan:
-    """How every block's attention runs in one call.
+class _BlockPlan:
+    """How every block runs in one call.
 
-    `rope`: (L, Dh / 2) complex factors of the tokens that run. With `segments`, the block-causal prefill over the
-    whole sequence (`key_valid` (B, L) masks padded text keys); without, full attention of the generated image over
-    the cached prefix and itself (`attention_mask` on the keys). `kv_cache_mode` "extract" stores each layer's
-    keys and values of the first `prefix_len` tokens, "cached" reads them.
+    `target`: (L,) True at the generated image's tokens, which take the real timestep's modulation rows (the others
+    take those of t = 0); None without `causal_condition`. `rope`: (L, Dh / 2) complex factors of the tokens that
+    run. With `segments`, the block-causal prefill over the whole sequence (`key_valid` (B, L) masks padded text
+    keys); without, full attention of the generated image over the cached prefix and itself (`attention_mask` on
+    the keys). `kv_cache_mode` "extract" stores each layer's keys and values of the first `prefix_len` tokens,
+    "cached" reads them.
     """
 
+    target: torch.Tensor | None
     rope: torch.Tensor
     attention_mask: torch.Tensor | None
     segments: Segments | None
@@ -246,7 +249,7 @@ class QwenImage21Attention(nn.Module):
         self.norm_k = RMSNorm(dim_head, eps=eps)
 
     def forward(
-        self, x: torch.Tensor, plan: _AttentionPlan, layer_cache: QwenImage21KVLayerCache | None = None
+        self, x: torch.Tensor, plan: _BlockPlan, layer_cache: QwenImage21KVLayerCache | None = None
     ) -> torch.Tensor:
         """Tokens (B, L, D) -> (B, L, D), as `plan` says (the prefill, or the generated image over the cache)."""
         value = self.to_v(x).unflatten(-1, (-1, self.head_dim))  # (B, L, H, Dh)
@@ -323,15 +326,14 @@ class QwenImage21TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         modulation: torch.Tensor,
-        target: torch.Tensor | None,
-        plan: _AttentionPlan,
+        plan: _BlockPlan,
         layer_cache: QwenImage21KVLayerCache | None = None,
     ) -> torch.Tensor:
         """Joint tokens (B, L, D), modulation (N, 4D) -> (B, L, D)."""
         attn_params, mlp_params = modulation.chunk(2, dim=-1)
-        modulated, gate = _scaled(self.img_norm1(x), attn_params, target)
+        modulated, gate = _scaled(self.img_norm1(x), attn_params, plan.target)
         x = x + gate.tanh() * self.attn(modulated, plan, layer_cache)
-        modulated, gate = _scaled(self.img_norm2(x), mlp_params, target)
+        modulated, gate = _scaled(self.img_norm2(x), mlp_params, plan.target)
         return clip_fp16(x + gate.tanh() * self.img_mlp(modulated))
 
 
@@ -480,41 +482,36 @@ class QwenImage21Transformer2DModel(ConfiguredModel, TeaCacheMixin):
         else:
             attention_mask, segments = None, _prefix_segments(ids, prefix_len)
 
-        plan = _AttentionPlan(rope, attention_mask, segments, key_valid, kv_cache_mode, prefix_len)
-        joint = self.run_blocks(joint, modulation=modulation, target=target, plan=plan, kv_cache=kv_cache)  # (B, L, D)
+        plan = _BlockPlan(target, rope, attention_mask, segments, key_valid, kv_cache_mode, prefix_len)
+        joint = self.run_blocks(joint, modulation=modulation, plan=plan, kv_cache=kv_cache)  # (B, L, D)
         output = self.proj_out(self.norm_out(joint, temb, target))
         return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
 
     # ---- TeaCache seam ----------------------------------------------------------------------------
 
     def teacache_indicator(
-        self,
-        hidden_states: torch.Tensor,
-        modulation: torch.Tensor,
-        target: torch.Tensor | None,
-        **_: Any,
+        self, hidden_states: torch.Tensor, modulation: torch.Tensor, plan: _BlockPlan, **_: Any
     ) -> torch.Tensor:
         """Block 0's `img_norm1` output scaled by the modulation, over the generated image's tokens: (B, Lg, D)."""
         if not len(self.transformer_blocks):
             return hidden_states
         attn_params = modulation.chunk(2, dim=-1)[0]
-        modulated, _ = _scaled(self.transformer_blocks[0].img_norm1(hidden_states), attn_params, target)
-        if target is None:
+        modulated, _ = _scaled(self.transformer_blocks[0].img_norm1(hidden_states), attn_params, plan.target)
+        if plan.target is None:
             return modulated
-        return modulated[:, target]
+        return modulated[:, plan.target]
 
     def forward_blocks(
         self,
         hidden_states: torch.Tensor,
         modulation: torch.Tensor,
-        target: torch.Tensor | None,
-        plan: _AttentionPlan,
+        plan: _BlockPlan,
         kv_cache: QwenImage21KVCache | None,
     ) -> torch.Tensor:
         """The single-stream blocks: joint tokens (B, L, D) -> (B, L, D)."""
         for index, block in enumerate(self.transformer_blocks):
             layer_cache = kv_cache.get_layer(index) if kv_cache is not None else None
-            hidden_states = self.call_block(block, hidden_states, modulation, target, plan, layer_cache)
+            hidden_states = self.call_block(block, hidden_states, modulation, plan, layer_cache)
         return hidden_states
 
     # ---- input validation -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Building blocks that are the same across model families."""
 
-from .attention import attention
+from .attention import MultiHeadAttentionBase, attention
 from .embeddings import MLPEmbedder, timestep_sinusoids
 from .feedforward import FeedForward
 from .kv_cache import KVLayerCache
@@ -25,6 +25,7 @@ __all__ = [
     "FeedForward",
     "KVLayerCache",
     "MLPEmbedder",
+    "MultiHeadAttentionBase",
     "OneDNNLinear",
     "RMSNorm",
     "apply_rotary_complex",

@@ -33,6 +33,7 @@ from ..layers import (
     AdaLayerNormZeroSingle,
     FeedForward,
     MLPEmbedder,
+    MultiHeadAttentionBase,
     apply_rotary_interleaved,
     attention,
     clip_fp16,
@@ -90,7 +91,7 @@ class FluxTimeTextEmbedding(nn.Module):
         return conditioning + self.text_embedder(pooled_projections)
 
 
-class FluxAttention(nn.Module):
+class FluxAttention(MultiHeadAttentionBase):
     """QK-normalised attention; with `added_kv_proj_dim` it is the joint text+image attention."""
 
     def __init__(
@@ -104,9 +105,8 @@ class FluxAttention(nn.Module):
         bias: bool = True,
         qk_norms_first: bool = True,
     ) -> None:
-        super().__init__()
-        inner_dim = num_heads * head_dim
-        self.head_dim = head_dim
+        super().__init__(num_heads, head_dim)
+        inner_dim = self.inner_dim
         # Submodules are created in diffusers' order (FLUX.1 makes the QK norms before the projections, FLUX.2
         # after), so that a seeded construction draws the same weights and the state_dict lists its keys in the
         # same order.
@@ -132,15 +132,11 @@ class FluxAttention(nn.Module):
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
 
-    def _heads(self, projection: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        heads = projection(x).unflatten(-1, (-1, self.head_dim))  # (B, L, H, Dh)
-        return heads if norm is None else norm(heads)
-
     def forward(self, hidden_states: torch.Tensor, rope: Rope) -> torch.Tensor:
         """Self-attention over (B, L, D) tokens -> (B, L, H * Dh), before any output projection."""
-        q = self._heads(self.to_q, self.norm_q, hidden_states)
-        k = self._heads(self.to_k, self.norm_k, hidden_states)
-        v = self._heads(self.to_v, None, hidden_states)
+        q = self.project_heads(self.to_q, self.norm_q, hidden_states)
+        k = self.project_heads(self.to_k, self.norm_k, hidden_states)
+        v = self.project_heads(self.to_v, None, hidden_states)
         return attention(apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope), v)
 
     def joint_qkv(
@@ -150,20 +146,23 @@ class FluxAttention(nn.Module):
         (B, Lt + Li, H, Dh) each."""
         q = torch.cat(
             [
-                self._heads(self.add_q_proj, self.norm_added_q, encoder_hidden_states),
-                self._heads(self.to_q, self.norm_q, hidden_states),
+                self.project_heads(self.add_q_proj, self.norm_added_q, encoder_hidden_states),
+                self.project_heads(self.to_q, self.norm_q, hidden_states),
             ],
             dim=1,
         )  # (B, Lt + Li, H, Dh)
         k = torch.cat(
             [
-                self._heads(self.add_k_proj, self.norm_added_k, encoder_hidden_states),
-                self._heads(self.to_k, self.norm_k, hidden_states),
+                self.project_heads(self.add_k_proj, self.norm_added_k, encoder_hidden_states),
+                self.project_heads(self.to_k, self.norm_k, hidden_states),
             ],
             dim=1,
         )
         v = torch.cat(
-            [self._heads(self.add_v_proj, None, encoder_hidden_states), self._heads(self.to_v, None, hidden_states)],
+            [
+                self.project_heads(self.add_v_proj, None, encoder_hidden_states),
+                self.project_heads(self.to_v, None, hidden_states),
+            ],
             dim=1,
         )
         return apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope), v

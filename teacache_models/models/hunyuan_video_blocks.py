@@ -20,6 +20,7 @@ from ..layers import (
     FeedForward,
     FP32LayerNorm,
     MLPEmbedder,
+    MultiHeadAttentionBase,
     RMSNorm,
     apply_rotary_interleaved,
     attention,
@@ -204,7 +205,7 @@ class HunyuanVideoRotaryPosEmbed(nn.Module):
         return torch.cat([c for c, _ in per_axis], dim=1), torch.cat([s for _, s in per_axis], dim=1)
 
 
-class HunyuanVideoAttention(nn.Module):
+class HunyuanVideoAttention(MultiHeadAttentionBase):
     """Multi-head attention with optional QK norm; with `joint=True` it also projects the text stream.
 
     `sequence_parallel` (set by `HunyuanVideoTransformer3DModel.enable_sequence_parallel`) makes the
@@ -222,9 +223,8 @@ class HunyuanVideoAttention(nn.Module):
         joint: bool = False,
         pre_only: bool = False,
     ) -> None:
-        super().__init__()
-        inner_dim = num_heads * head_dim
-        self.num_heads = num_heads
+        super().__init__(num_heads, head_dim)
+        inner_dim = self.inner_dim
         # Submodules are created in diffusers' order (its `Attention` makes the text projections k, v, q),
         # so that a seeded construction draws the same weights and the state_dict keys come in its order.
         self.norm_q = _qk_norm(qk_norm, head_dim)
@@ -244,15 +244,11 @@ class HunyuanVideoAttention(nn.Module):
             self.norm_added_q = _qk_norm(qk_norm, head_dim)
             self.norm_added_k = _qk_norm(qk_norm, head_dim)
 
-    def _heads(self, projection: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        heads = projection(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
-        return heads if norm is None else norm(heads)
-
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
-            self._heads(self.to_q, self.norm_q, x),
-            self._heads(self.to_k, self.norm_k, x),
-            self._heads(self.to_v, None, x),
+            self.project_heads(self.to_q, self.norm_q, x),
+            self.project_heads(self.to_k, self.norm_k, x),
+            self.project_heads(self.to_v, None, x),
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -265,9 +261,9 @@ class HunyuanVideoAttention(nn.Module):
         """Image (B, Li, D) and text (B, Lt, D) attend jointly, image first -> projected image, text outputs."""
         q, k, v = self._qkv(image)
         q, k = apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope)
-        q = torch.cat([q, self._heads(self.add_q_proj, self.norm_added_q, text)], dim=1)  # (B, Li + Lt, H, Dh)
-        k = torch.cat([k, self._heads(self.add_k_proj, self.norm_added_k, text)], dim=1)
-        v = torch.cat([v, self._heads(self.add_v_proj, None, text)], dim=1)
+        q = torch.cat([q, self.project_heads(self.add_q_proj, self.norm_added_q, text)], dim=1)  # (B, Li + Lt, H, Dh)
+        k = torch.cat([k, self.project_heads(self.add_k_proj, self.norm_added_k, text)], dim=1)
+        v = torch.cat([v, self.project_heads(self.add_v_proj, None, text)], dim=1)
         out = self._attend(q, k, v, mask, replicated=text.shape[1])  # (B, Li + Lt, H * Dh)
         image_len = image.shape[1]
         return self.to_out[0](out[:, :image_len]), self.to_add_out(out[:, image_len:])

@@ -35,7 +35,7 @@ from ..checks import (
     check_tokens,
     controlnet_residuals,
 )
-from ..layers.attention import attention
+from ..layers.attention import MultiHeadAttentionBase, attention
 from ..layers.embeddings import MLPEmbedder, timestep_sinusoids
 from ..layers.feedforward import FeedForward
 from ..layers.normalization import AdaLayerNormContinuous, RMSNorm
@@ -144,13 +144,12 @@ class QwenTimestepProjEmbeddings(nn.Module):
         return conditioning
 
 
-class QwenImageJointAttention(nn.Module):
+class QwenImageJointAttention(MultiHeadAttentionBase):
     """Joint text+image attention with RMS-normalised queries and keys and complex RoPE."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        inner_dim = num_heads * head_dim
-        self.head_dim = head_dim
+        super().__init__(num_heads, head_dim)
+        inner_dim = self.inner_dim
         # Submodules are created in diffusers' order (its `Attention` makes the text projections k, v, q),
         # so that a seeded construction draws the same weights and the state_dict keys come in its order.
         self.norm_q = RMSNorm(head_dim, eps=eps)
@@ -167,10 +166,6 @@ class QwenImageJointAttention(nn.Module):
         self.norm_added_q = RMSNorm(head_dim, eps=eps)
         self.norm_added_k = RMSNorm(head_dim, eps=eps)
 
-    def _heads(self, projection: nn.Linear, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        heads = projection(x).unflatten(-1, (-1, self.head_dim))  # (B, L, H, Dh)
-        return heads if norm is None else norm(heads)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -182,20 +177,27 @@ class QwenImageJointAttention(nn.Module):
         image_rope, text_rope = rope
         q = torch.cat(
             [
-                apply_rotary_complex(self._heads(self.add_q_proj, self.norm_added_q, encoder_hidden_states), text_rope),
-                apply_rotary_complex(self._heads(self.to_q, self.norm_q, hidden_states), image_rope),
+                apply_rotary_complex(
+                    self.project_heads(self.add_q_proj, self.norm_added_q, encoder_hidden_states), text_rope
+                ),
+                apply_rotary_complex(self.project_heads(self.to_q, self.norm_q, hidden_states), image_rope),
             ],
             dim=1,
         )  # (B, Lt + Li, H, Dh)
         k = torch.cat(
             [
-                apply_rotary_complex(self._heads(self.add_k_proj, self.norm_added_k, encoder_hidden_states), text_rope),
-                apply_rotary_complex(self._heads(self.to_k, self.norm_k, hidden_states), image_rope),
+                apply_rotary_complex(
+                    self.project_heads(self.add_k_proj, self.norm_added_k, encoder_hidden_states), text_rope
+                ),
+                apply_rotary_complex(self.project_heads(self.to_k, self.norm_k, hidden_states), image_rope),
             ],
             dim=1,
         )
         v = torch.cat(
-            [self._heads(self.add_v_proj, None, encoder_hidden_states), self._heads(self.to_v, None, hidden_states)],
+            [
+                self.project_heads(self.add_v_proj, None, encoder_hidden_states),
+                self.project_heads(self.to_v, None, hidden_states),
+            ],
             dim=1,
         )
         out = attention(q, k, v, attn_mask=attention_mask)  # (B, Lt + Li, H * Dh)

@@ -33,7 +33,7 @@ from ..checks import (
     check_rope_axes,
     check_tokens,
 )
-from ..layers.attention import attention
+from ..layers.attention import MultiHeadAttentionBase, attention
 from ..layers.embeddings import MLPEmbedder
 from ..layers.kv_cache import KVLayerCache
 from ..layers.normalization import RMSNorm
@@ -232,14 +232,12 @@ class _BlockPlan:
 # ---- layers ------------------------------------------------------------------------------------------
 
 
-class QwenImage21Attention(nn.Module):
+class QwenImage21Attention(MultiHeadAttentionBase):
     """Single-stream attention with RMS-normalised queries and keys and complex RoPE; no biases."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, eps: float = 1e-6) -> None:
-        super().__init__()
+        super().__init__(heads, dim_head)
         self.heads = heads
-        self.inner_dim = heads * dim_head
-        self.head_dim = dim_head
         self.to_q = nn.Linear(dim, self.inner_dim, bias=False)
         self.to_k = nn.Linear(dim, self.inner_dim, bias=False)
         self.to_v = nn.Linear(dim, self.inner_dim, bias=False)
@@ -252,9 +250,9 @@ class QwenImage21Attention(nn.Module):
         self, x: torch.Tensor, plan: _BlockPlan, layer_cache: QwenImage21KVLayerCache | None = None
     ) -> torch.Tensor:
         """Tokens (B, L, D) -> (B, L, D), as `plan` says (the prefill, or the generated image over the cache)."""
-        value = self.to_v(x).unflatten(-1, (-1, self.head_dim))  # (B, L, H, Dh)
-        query = self.norm_q(self.to_q(x).unflatten(-1, (-1, self.head_dim))).to(value.dtype)
-        key = self.norm_k(self.to_k(x).unflatten(-1, (-1, self.head_dim))).to(value.dtype)
+        value = self.project_heads(self.to_v, None, x)  # (B, L, H, Dh)
+        query = self.project_heads(self.to_q, self.norm_q, x).to(value.dtype)
+        key = self.project_heads(self.to_k, self.norm_k, x).to(value.dtype)
         query, key = apply_rotary_complex(query, plan.rope), apply_rotary_complex(key, plan.rope)
         if layer_cache is not None and plan.kv_cache_mode == "extract":
             layer_cache.store(key[:, : plan.prefix_len].clone(), value[:, : plan.prefix_len].clone())

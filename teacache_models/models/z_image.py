@@ -23,10 +23,10 @@ indicator is read with that per-token modulation; `refiner_modulated_input` is n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from numbers import Real
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -154,6 +154,24 @@ class ZImageFeedForward(nn.Module):
         return self.w2(linear_activation(self.w1, x, "silu") * self.w3(x))
 
 
+class _Conditioning(NamedTuple):
+    """The timestep conditioning (B, C); in the Omni mode also that of the clean condition images (t = 1) and the
+    joint stream's (B, L) noise mask, 1 at the noisy tokens."""
+
+    noisy: torch.Tensor
+    noise_mask: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+
+    def per_token(self, project: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """`project(conditioning)`, (B, 1, D) tensors; in the Omni mode chosen per token, (B, L, D) each: the noisy
+        tokens take the projection of the conditioning, the others that of the clean conditioning."""
+        values = project(self.noisy)
+        if self.noise_mask is None:
+            return values
+        noisy = (self.noise_mask == 1).unsqueeze(-1)  # (B, L, 1)
+        return tuple(torch.where(noisy, a, b) for a, b in zip(values, project(self.clean), strict=True))
+
+
 class ZImageTransformerBlock(nn.Module):
     """Pre- and post-normalised attention and MLP; with `modulation`, scaled and tanh-gated by the timestep.
 
@@ -184,11 +202,7 @@ class ZImageTransformerBlock(nn.Module):
         With a (B, L) `noise_mask` (the Omni mode), tokens whose mask is 1 take the factors of `adaln_input` and
         the others those of `adaln_clean`: (B, L, D) each.
         """
-        factors = self._factors(adaln_input)
-        if noise_mask is None:
-            return factors
-        noisy = (noise_mask == 1).unsqueeze(-1)  # (B, L, 1)
-        return tuple(torch.where(noisy, a, b) for a, b in zip(factors, self._factors(adaln_clean), strict=True))
+        return _Conditioning(adaln_input, noise_mask, adaln_clean).per_token(self._factors)
 
     def _factors(self, adaln_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln_input).unsqueeze(1).chunk(4, dim=2)
@@ -223,20 +237,14 @@ class ZImageFinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(hidden_size, _ADALN_EMBED_DIM), hidden_size))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor,
-        noise_mask: torch.Tensor | None = None,
-        c_clean: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(B, L, D) tokens, (B, C) conditioning -> (B, L, out_channels). With a (B, L) `noise_mask`, tokens
-        whose mask is not 1 are scaled by the clean conditioning `c_clean` instead."""
-        scale = (1.0 + self.adaLN_modulation(c)).unsqueeze(1)  # (B, 1, D)
-        if noise_mask is not None:
-            clean = (1.0 + self.adaLN_modulation(c_clean)).unsqueeze(1)
-            scale = torch.where((noise_mask == 1).unsqueeze(-1), scale, clean)  # (B, L, D)
+    def forward(self, x: torch.Tensor, conditioning: _Conditioning) -> torch.Tensor:
+        """(B, L, D) tokens -> (B, L, out_channels); in the Omni mode the clean tokens are scaled by the clean
+        conditioning."""
+        (scale,) = conditioning.per_token(self._scale)  # (B, 1 or L, D)
         return self.linear(self.norm_final(x) * scale)
+
+    def _scale(self, conditioning: torch.Tensor) -> tuple[torch.Tensor]:
+        return ((1.0 + self.adaLN_modulation(conditioning)).unsqueeze(1),)
 
 
 class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
@@ -381,10 +389,14 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                 "use indicator 'modulated_input'"
             )
         inputs = Inputs(x, t, cap_feats, siglip_feats, image_noise_mask)
-        if self.claim_batched_cfg_call():
-            samples = self._predict_cfg_halves(inputs, controlnet_block_samples, patch_size, f_patch_size)
-        else:
+        if not self.claim_batched_cfg_call():
             samples = self._predict(inputs, controlnet_block_samples, patch_size, f_patch_size)
+        else:
+            # A call batching both CFG branches: each half runs as its own branch, each with its own cache.
+            samples = []
+            for negative, half in _cfg_halves(inputs, controlnet_block_samples):
+                with self.teacache_branch(negative):
+                    samples += self._predict(half, None, patch_size, f_patch_size)
         return (samples,) if not return_dict else Transformer2DModelOutput(sample=samples)
 
     def _predict(
@@ -422,7 +434,8 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             controlnet_block_samples=controlnet_block_samples,
         )  # (B, L, D)
         noise_mask = stream_noise_mask(_stream_parts(*sequences))
-        output = self.all_final_layer[key](hidden_states, adaln_input, noise_mask, adaln_clean)  # (B, L, pf p p C)
+        conditioning = _Conditioning(adaln_input, noise_mask, adaln_clean)
+        output = self.all_final_layer[key](hidden_states, conditioning)  # (B, L, pf p p C)
         # The image tokens follow the captions in the Omni layout and lead the stream otherwise.
         offsets = cap_seq.lengths if omni else [0] * len(cap_seq.lengths)
         return [
@@ -510,32 +523,6 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                         f"is {length}: shorten the captions or the images"
                     )
 
-    def _predict_cfg_halves(
-        self,
-        inputs: Inputs,
-        controlnet_block_samples: dict[int, torch.Tensor] | None,
-        patch_size: int,
-        f_patch_size: int,
-    ) -> list[torch.Tensor]:
-        """A call batching both CFG branches: each half runs as its own branch, each with its own cache."""
-        batch = len(inputs.x)
-        if batch % 2:
-            raise ValueError(
-                f"x has {batch} samples, but a batched_cfg=True call holds the positive then the negative half "
-                "of the batch: its size must be even"
-            )
-        if controlnet_block_samples is not None:
-            raise ValueError(
-                "controlnet_block_samples cannot be split per CFG branch: with TeaCache on and batched_cfg=True, "
-                "call the positive and the negative branch separately"
-            )
-        half = batch // 2
-        samples: list[torch.Tensor] = []
-        for negative, rows in ((False, slice(0, half)), (True, slice(half, batch))):
-            with self.teacache_branch(negative):
-                samples += self._predict(inputs.rows(rows), None, patch_size, f_patch_size)
-        return samples
-
     # ---- TeaCache seam ----------------------------------------------------------------------------
 
     def teacache_prelude(
@@ -602,6 +589,24 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
             if controlnet_block_samples is not None and index in controlnet_block_samples:
                 hidden_states = hidden_states + controlnet_block_samples[index]
         return hidden_states
+
+
+def _cfg_halves(inputs: Inputs, controlnet_block_samples: dict[int, torch.Tensor] | None) -> list[tuple[bool, Inputs]]:
+    """A call batching both CFG branches (the positive half of the batch, then the negative) -> (is_cfg_negative,
+    that half's inputs) per branch."""
+    batch = len(inputs.x)
+    if batch % 2:
+        raise ValueError(
+            f"x has {batch} samples, but a batched_cfg=True call holds the positive then the negative half "
+            "of the batch: its size must be even"
+        )
+    if controlnet_block_samples is not None:
+        raise ValueError(
+            "controlnet_block_samples cannot be split per CFG branch: with TeaCache on and batched_cfg=True, "
+            "call the positive and the negative branch separately"
+        )
+    half = batch // 2
+    return [(False, inputs.rows(slice(0, half))), (True, inputs.rows(slice(half, batch)))]
 
 
 def _stream_parts(image: Sequences, captions: Sequences, siglip: Sequences | None) -> list[Sequences]:

@@ -500,7 +500,9 @@ def write_coefficients(
         )
         header_indent = _indent(lines[header])
         end = _block_end(lines, header, header_indent)
-        child_indent = next(_indent(line) for line in lines[header + 1 : end] if _is_content(line))
+        child_indent = next((_indent(line) for line in lines[header + 1 : end] if _is_content(line)), None)
+        if child_indent is None:
+            raise ValueError(f"{path}: preset {name!r} is written in flow style ({{...}}); write it as a block first")
         source = calibration_source(fits, str(presets[name].get("source", "")))
         values = {} if name in forecast else {"source": _yaml_string(source)}
         values |= {
@@ -576,12 +578,12 @@ def write_expert_fits(config_path: str | Path, indicator: str, fits: Mapping[str
     {coefficients, coefficients_negative (where the expert's branches differ), calibrated_range, source}}});
     fits of other indicators are kept (shared ones are copied to each expert).
 
-    Rewrites the `fits:` block (comments inside it are dropped; every other line stays as it is) and re-reads
-    the file with the zoo loader, so a broken result fails here.
+    Rewrites the `fits:` block (comments inside it are dropped; every other line stays as it is); the file is
+    written only once the zoo loader reads the result, so a broken result fails here and leaves it as it was.
     """
     import yaml
 
-    from .zoo import EXPERT_NAMES, load_zoo_entry
+    from .zoo import EXPERT_NAMES
 
     if set(fits) != set(EXPERT_NAMES):
         raise ValueError(f"fits must hold one fit per expert {list(EXPERT_NAMES)}, got {sorted(fits)}")
@@ -625,8 +627,7 @@ def write_expert_fits(config_path: str | Path, indicator: str, fits: Mapping[str
         lines[teacache + 1 : teacache + 1] = block
     else:
         lines[index : _block_end(lines, index, step)] = block
-    path.write_text("".join(lines))
-    entry = load_zoo_entry(path)
+    entry = _write_checked(path, "".join(lines))
     for expert, fit in fits.items():
         _check_written(path, f"expert {expert!r}", entry.rescaling_fits(expert)[indicator], _branch_fits(fit))
 
@@ -636,7 +637,6 @@ def write_threshold_table(
 ) -> None:
     """Set `teacache.threshold_table` of a zoo config: the rows [threshold, mean computed fraction, mean PSNR dB]
     measured with preset `preset`'s settings. One flow-style line, so the rest of the file stays as it is."""
-    from .zoo import load_zoo_entry
 
     path = Path(config_path)
     lines = path.read_text().splitlines(keepends=True)
@@ -648,8 +648,7 @@ def write_threshold_table(
     cells = ", ".join(f"[{t:.6g}, {f:.4f}, {p:.2f}]" for t, f, p in rows)
     value = f"{{preset: {preset}, source: {_yaml_string(source)}, rows: [{cells}]}}"
     _set_key(lines, teacache + 1, end, child_indent, "threshold_table", value)
-    path.write_text("".join(lines))
-    table = load_zoo_entry(path).threshold_table
+    table = _write_checked(path, "".join(lines)).threshold_table
     if table is None or len(table.rows) != len(rows):
         raise RuntimeError(f"{path}: the threshold table did not read back")
 
@@ -750,8 +749,8 @@ def add_preset(
     `source`, as a block after the existing presets (`presets: {}` becomes a block); `make_default` also sets
     `teacache.default` to it.
 
-    Edits the YAML text so comments and every other key stay as they are, and re-reads the file with the zoo
-    loader, so a broken result fails here.
+    Edits the YAML text so comments and every other key stay as they are; the file is written only once the zoo
+    loader reads the result, so a broken result fails here and leaves it as it was.
     """
     import yaml
 

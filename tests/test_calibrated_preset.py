@@ -18,6 +18,7 @@ from teacache_models.calibration import (
     threshold_for_psnr,
     threshold_rule_note,
     write_coefficients,
+    write_threshold_table,
 )
 from teacache_models.params import TeaCacheParams
 from teacache_models.zoo import ZOO_DIR, load_zoo_entry
@@ -109,6 +110,26 @@ def test_add_preset_appends_keeps_the_default_and_refuses_what_does_not_load(tmp
     with pytest.raises(ValueError, match=r"wan-digits\.yaml: teacache\.presets\.other: .*the file was left as it was"):
         add_preset(path, "other", dataclasses.replace(params, indicator="nonsense"), "test")
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["wan-digits.yaml"]
+    # The other writers leave a file the loader would refuse as it was too.
+    with pytest.raises(ValueError, match=r"preset 'nonsense' is not one of .*the file was left as it was"):
+        write_threshold_table(path, "nonsense", [(0.1, 0.5, 30.0)], "test")
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["wan-digits.yaml"]
+    # Per-expert fits: a preset's coefficients would override both experts'.
+    experts = tmp_path / "experts.yaml"
+    header = (
+        "name: tiny\nmanifest: wan2.2-t2v-a14b\nfamily: wan\ntransformer: WanTransformer3DModel\n"
+        "sampling: {num_inference_steps: 8, guidance_scale: 4.0}\nteacache:\n  default: slow\n  fits:\n"
+        '    transformer:\n      temb: {coefficients: [0.0, 1.0], source: "a"}\n'
+        '    transformer_2:\n      temb: {coefficients: [0.0, 2.0], source: "b"}\n  presets:\n'
+    )
+    experts.write_text(header + "    slow: {teacache_thresh: 0.2, indicator: temb, source: test}\n")
+    with pytest.raises(ValueError, match=r"preset 'slow' is written in flow style"):
+        write_coefficients(experts, "temb", _per_branch_fit(), "temb")
+    experts.write_text(header + "    slow:\n      teacache_thresh: 0.2\n      indicator: temb\n      source: test\n")
+    before = experts.read_text()
+    with pytest.raises(ValueError, match=r"slow: coefficients: this entry has per-expert fits.*left as it was"):
+        write_coefficients(experts, "temb", _per_branch_fit(), "temb")
+    assert experts.read_text() == before and not list(tmp_path.glob(".*"))
 
 
 def test_write_coefficients_replaces_a_fit_kept_in_teacache_fits(tmp_path):

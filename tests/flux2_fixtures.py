@@ -4,7 +4,7 @@ FLUX.2 [dev] reads hidden layers 10, 20 and 30 of a Mistral-3 text encoder and [
 a Qwen3, so the tiny encoders keep those depths at a width of 16. In memory, [dev]'s tokenizer is a plain fast
 tokenizer with a chat template that reads list-of-parts messages and opens with the BOS token, as the released
 PixtralProcessor's (transformers' PixtralProcessor needs torchvision, which the tests do not install);
-`save_released_flux2_dev` saves it as black-forest-labs/FLUX.2-dev's tokenizer/ folder holds the processor.
+`save_released_flux2` saves it as black-forest-labs/FLUX.2-dev's tokenizer/ folder holds the processor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tests.test_pipeline_fixtures import build_tokenizer, flow_scheduler
+from tests.test_pipeline_fixtures import PROMPT_WORDS, TEMPLATE_WORDS, build_tokenizer, flow_scheduler
 from tests.utils import randomize_
 
 TEXT_WIDTH = 16
@@ -32,6 +32,26 @@ QWEN3_TEMPLATE = (
     "{% if enable_thinking is defined and not enable_thinking %}<think> </think> {% endif %}{% endif %}"
 )
 KINDS = ("dev", "klein", "klein-base", "klein-kv")
+
+
+def build_qwen2_tokenizer(max_length: int):
+    """A byte-level BPE `Qwen2Tokenizer` as [klein]'s (Qwen3's): every byte a token, merges that make each prompt
+    and template word (with and without its leading space) one token, and Qwen3's special tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: i for i, char in enumerate(sorted(set(bytes_to_unicode().values())))}
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(PROMPT_WORDS.split()) | set(TEMPLATE_WORDS.split())):
+        for form in (word, "\u0120" + word):  # \u0120 (Ġ): a space in byte-level BPE
+            for end in range(2, len(form) + 1):
+                pair = (form[: end - 1], form[end - 1])
+                if form[:end] not in vocab:
+                    merges.append(pair)
+                    vocab[form[:end]] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    return tokenizer
 
 
 def flux2_transformer(seed: int, guidance_embeds: bool):
@@ -102,9 +122,12 @@ def flux2_pipeline(kind: str = "dev", seed: int = 0):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
-    # [dev]: Mistral's tokenizer adds a BOS token to a text; its chat template writes one itself.
-    tokenizer = build_tokenizer(512, bos=kind == "dev")
-    tokenizer.chat_template = PARTS_TEMPLATE if kind == "dev" else QWEN3_TEMPLATE
+    if kind == "dev":  # Mistral's tokenizer adds a BOS token to a text; its chat template writes one itself
+        tokenizer = build_tokenizer(512, bos=True)
+        tokenizer.chat_template = PARTS_TEMPLATE
+    else:
+        tokenizer = build_qwen2_tokenizer(512)
+        tokenizer.chat_template = QWEN3_TEMPLATE
     components = dict(
         scheduler=flow_scheduler(use_dynamic_shifting=True, time_shift_type="exponential"),
         vae=flux2_vae(seed),
@@ -120,9 +143,13 @@ def flux2_pipeline(kind: str = "dev", seed: int = 0):
 
 
 def save_flux2(folder: Path, kind: str = "dev", seed: int = 0) -> Path:
-    """`flux2_pipeline(kind, seed)` saved by diffusers ([dev]'s tokenizer as the plain tokenizer it is)."""
-    flux2_pipeline(kind, seed).save_pretrained(folder)
-    return folder
+    """`flux2_pipeline(kind, seed)` saved so that diffusers loads it without torchvision: [dev]'s tokenizer as the
+    plain tokenizer it is, [klein] in the released layout (`save_released_flux2`)."""
+    pipe = flux2_pipeline(kind, seed)
+    if kind == "dev":
+        pipe.save_pretrained(folder)
+        return folder
+    return save_released_flux2(pipe, folder)
 
 
 # The Pixtral settings of the released processor_config.json (Mistral Small 3.1's vision tower).
@@ -154,17 +181,26 @@ def save_pixtral_processor(folder: Path, tokenizer: Any) -> Path:
     return folder
 
 
-def save_released_flux2_dev(pipe: Any, folder: Path) -> Path:
-    """The in-memory [dev] pipeline `pipe` saved in black-forest-labs/FLUX.2-dev's layout: model_index.json names
-    the tokenizer ["transformers", "PixtralProcessor"] and tokenizer/ holds the processor's parts."""
-    pipe.save_config(folder)
-    for name, component in pipe.components.items():
-        if name != "tokenizer":
-            component.save_pretrained(folder / name)
-    save_pixtral_processor(folder / "tokenizer", pipe.tokenizer)
+def save_released_flux2(pipe: Any, folder: Path) -> Path:
+    """The in-memory diffusers FLUX.2 pipeline `pipe` saved in its released layout. [dev] as
+    black-forest-labs/FLUX.2-dev: model_index.json names the tokenizer ["transformers", "PixtralProcessor"] and
+    tokenizer/ holds the processor's parts. [klein] as black-forest-labs/FLUX.2-klein-4B: model_index.json names it
+    ["transformers", "Qwen2TokenizerFast"]."""
+    import diffusers
+
+    if isinstance(pipe, diffusers.Flux2Pipeline):
+        pipe.save_config(folder)
+        for name, component in pipe.components.items():
+            if name != "tokenizer":
+                component.save_pretrained(folder / name)
+        save_pixtral_processor(folder / "tokenizer", pipe.tokenizer)
+        tokenizer_class = "PixtralProcessor"
+    else:
+        pipe.save_pretrained(folder)
+        tokenizer_class = "Qwen2TokenizerFast"
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["tokenizer"] = ["transformers", "PixtralProcessor"]
+    index["tokenizer"] = ["transformers", tokenizer_class]
     index_path.write_text(json.dumps(index, indent=2))
     return folder
 

@@ -296,14 +296,26 @@ def test_cli_passes_repeated_reference_images(folders, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def released_dev(tmp_path_factory):
-    """The in-memory diffusers [dev] pipeline (its tokenizer a plain fast tokenizer) and the same components saved
-    in black-forest-labs/FLUX.2-dev's layout (tokenizer/ holding a PixtralProcessor's parts)."""
-    from tests.flux2_fixtures import flux2_pipeline, save_released_flux2_dev
+def released(tmp_path_factory):
+    """Per kind, the in-memory diffusers pipeline ([dev]'s tokenizer a plain fast tokenizer) and the same
+    components saved in the released layout ([dev]: tokenizer/ holding a PixtralProcessor's parts)."""
+    from tests.flux2_fixtures import flux2_pipeline, save_released_flux2
 
-    reference = flux2_pipeline("dev", seed=1)
-    reference.set_progress_bar_config(disable=True)
-    return reference, save_released_flux2_dev(reference, tmp_path_factory.mktemp("released-dev"))
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            reference = flux2_pipeline(kind, seed=1)
+            reference.set_progress_bar_config(disable=True)
+            cache[kind] = reference, save_released_flux2(reference, tmp_path_factory.mktemp(f"released-{kind}"))
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture
+def released_dev(released):
+    return released("dev")
 
 
 def test_the_pixtral_processor_tokenizes_prompts_as_the_released_one(released_dev):
@@ -372,20 +384,24 @@ def test_a_released_dev_folder_equals_diffusers_bit_for_bit(released_dev, num_re
     assert torch.equal(result.images, expected)
 
 
-def test_the_cli_runs_a_released_dev_folder_with_the_zoo_config(released_dev, tmp_path):
-    """`scripts/generate.py --model FOLDER --config configs/flux2-dev.yaml` on the released layout writes what the
-    in-memory diffusers pipeline generates, with a reference image, at the entry's guidance (4.0)."""
+@pytest.mark.parametrize(("kind", "config", "guidance"), [("dev", "flux2-dev", 4.0), ("klein", "flux2-klein-4b", 1.0)])
+def test_the_cli_runs_a_released_folder_with_the_zoo_config(released, kind, config, guidance, tmp_path):
+    """`scripts/generate.py --model FOLDER --config configs/<entry>.yaml` on the released layout ([dev]: the
+    PixtralProcessor without torchvision; [klein]: Qwen2TokenizerFast) writes what the in-memory diffusers pipeline
+    generates, with a reference image, at the entry's guidance."""
     import numpy as np
     from PIL import Image
 
     from tests.test_pipeline_fixtures import png_pixels
     from tests.utils import load_script
 
-    reference, folder = released_dev
+    reference, folder = released(kind)
+    tokenizer = load_pipeline(folder).text_components["tokenizer"]
+    assert type(tokenizer).__name__ == ("PixtralProcessor" if kind == "dev" else "Qwen2Tokenizer")
     image = references(1)[0]
     image.save(tmp_path / "reference.png")
     output = tmp_path / "edit.png"
-    argv = ["--model", str(folder), "--config", "configs/flux2-dev.yaml", "--prompt", PROMPTS[0]]
+    argv = ["--model", str(folder), "--config", f"configs/{config}.yaml", "--prompt", PROMPTS[0]]
     argv += ["--height", "32", "--width", "32", "--steps", "2", "--seed", "4", "--teacache", "off"]
     argv += ["--device", "cpu", "--dtype", "float32", "--linear-kernel", "aten", "--no-progress"]
     argv += ["--image", str(tmp_path / "reference.png"), "--output", str(output)]
@@ -397,7 +413,7 @@ def test_the_cli_runs_a_released_dev_folder_with_the_zoo_config(released_dev, tm
         height=32,
         width=32,
         num_inference_steps=2,
-        guidance_scale=4.0,
+        guidance_scale=guidance,
         generator=generator,
         output_type="pt",
     ).images

@@ -62,15 +62,17 @@ import torch  # noqa: E402
 
 from teacache_models.calibration import (  # noqa: E402
     BRANCH_FITS,
-    CALIBRATED_PRESET,
-    MIN_PSNR_DB,
     TARGETS,
-    add_preset,
-    calibration_source,
     fit_branches,
     plot_fit,
-    presets_using,
     record_runs_per_model,
+)
+from teacache_models.calibration_config import (  # noqa: E402
+    CALIBRATED_PRESET,
+    MIN_PSNR_DB,
+    add_preset,
+    calibration_source,
+    presets_using,
     threshold_for_psnr,
     threshold_rule_note,
     write_coefficients,

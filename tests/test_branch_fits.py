@@ -21,6 +21,8 @@ from teacache_models.calibration import (
     DistanceRecord,
     fit_branches,
     fit_polynomial,
+)
+from teacache_models.calibration_config import (
     write_coefficients,
     write_expert_fits,
 )

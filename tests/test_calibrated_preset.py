@@ -13,8 +13,10 @@ import pytest
 
 from teacache_models.calibration import (
     BranchFits,
-    add_preset,
     fit_polynomial,
+)
+from teacache_models.calibration_config import (
+    add_preset,
     threshold_for_psnr,
     threshold_rule_note,
     write_coefficients,

@@ -20,6 +20,8 @@ from teacache_models.calibration import (
     calibration_params,
     fit_polynomial,
     record_runs,
+)
+from teacache_models.calibration_config import (
     write_coefficients,
 )
 from teacache_models.metrics import psnr, ssim

@@ -200,6 +200,16 @@ def test_parity_with_broadcast_timestep_and_controlnet_residuals():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("axes_dims", [(0, 8, 8), (16, 0, 0)])
+def test_rope_axis_of_zero_channels_is_accepted_and_bit_identical(axes_dims):
+    """diffusers builds and runs a model whose RoPE gives an axis no channels (that axis then rotates nothing)."""
+    config = dict(TINY, axes_dims=axes_dims)
+    ours, reference = build_pair(config, seed=7)
+    inputs = make_inputs(config, [(1, 4, 4), (1, 2, 6)], [5, 3])
+    assert_samples_equal(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0], tol=0.0)
+
+
+@torch.no_grad()
 def test_bfloat16_matches_diffusers():
     ours, reference = build_pair(TINY, seed=5)
     ours, reference = ours.to(torch.bfloat16), reference.to(torch.bfloat16)

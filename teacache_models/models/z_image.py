@@ -622,8 +622,11 @@ def _check_architecture(args: dict[str, Any]) -> None:
         value = args[name]
         if not isinstance(value, Sequence) or isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {value!r}")
-        if not all(is_int(v, 1) for v in value):
-            raise ValueError(f"{name} must hold positive integers, got {value!r}")
+        # A RoPE axis may have 0 channels (it then rotates nothing), as in diffusers; the other lists are sizes.
+        minimum = 0 if name == "axes_dims" else 1
+        if not all(is_int(v, minimum) for v in value):
+            kind = "non-negative" if minimum == 0 else "positive"
+            raise ValueError(f"{name} must hold {kind} integers, got {value!r}")
     if len(args["all_patch_size"]) != len(args["all_f_patch_size"]):
         raise ValueError(
             f"all_patch_size {tuple(args['all_patch_size'])} and all_f_patch_size {tuple(args['all_f_patch_size'])} "
@@ -632,6 +635,8 @@ def _check_architecture(args: dict[str, Any]) -> None:
     if len(args["axes_lens"]) != 3:
         raise ValueError(f"axes_lens must have 3 entries (time, height, width), got {tuple(args['axes_lens'])}")
     head_dim = args["dim"] // args["n_heads"]
-    check_rope_axes("axes_dims", args["axes_dims"], head_dim, num_axes=3, head_name="the head width dim // n_heads")
+    check_rope_axes(
+        "axes_dims", args["axes_dims"], head_dim, num_axes=3, minimum=0, head_name="the head width dim // n_heads"
+    )
     if isinstance(args["t_scale"], bool) or not isinstance(args["t_scale"], Real):
         raise ValueError(f"t_scale must be a number, got {args['t_scale']!r}")

@@ -90,7 +90,8 @@ class ZImageRopeEmbedder:
         if ids.device not in self._tables:
             self._tables[ids.device] = [table.to(ids.device) for table in self._tables[cpu]]
         tables = self._tables[ids.device]
-        return torch.cat([table[ids[:, axis]] for axis, table in enumerate(tables)], dim=-1)
+        # An axis of 0 channels adds nothing, whatever its positions.
+        return torch.cat([table[ids[:, axis]] for axis, table in enumerate(tables) if table.shape[1]], dim=-1)
 
 
 class ZImageTimestepEmbedder(nn.Module):
@@ -515,8 +516,9 @@ class ZImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         for i, ids in enumerate(position_ids):
             if not len(ids):
                 continue
-            for axis, (last, length) in enumerate(zip(ids.amax(0).tolist(), self.config.axes_lens, strict=True)):
-                if last >= length:
+            bounds = zip(ids.amax(0).tolist(), self.config.axes_lens, self.config.axes_dims, strict=True)
+            for axis, (last, length, channels) in enumerate(bounds):
+                if last >= length and channels:  # an axis of 0 channels reads no table row
                     raise ValueError(
                         f"{name}[{i}] needs RoPE position {last} on axis {axis} (its sample's captions, padded to "
                         f"multiples of {SEQ_MULTIPLE} tokens, come first on the time axis), but axes_lens[{axis}] "

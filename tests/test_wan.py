@@ -224,6 +224,18 @@ def test_rope_tables_left_on_the_meta_device_are_rebuilt():
 # ---- bad input --------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def test_heads_narrower_than_6_take_any_height_and_width_as_diffusers():
+    """With 4 channels per head the height and width axes get no RoPE channels, so diffusers runs grids wider than
+    rope_max_seq_len there; the frame axis still has its limit."""
+    config = dict(TINY, attention_head_dim=4)
+    ours, reference = build_pair(config, seed=4)
+    inputs = make_inputs(config, 2, (2, 3, 40))
+    assert torch.equal(ours(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    with pytest.raises(ValueError, match="rope_max_seq_len=32"):
+        ours(**make_inputs(config, 1, (33, 1, 1)))
+
+
 def bad_inputs():
     """The default config, a good call and {case: (change, error, match)}, for the contract's bad-input test."""
     cases = [

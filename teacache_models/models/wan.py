@@ -547,7 +547,12 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         config = self.config
         dtype = self.patch_embedding.weight.dtype
         batch, grid = check_video_latents("hidden_states", hidden_states, config.in_channels, dtype, self.patch_size)
-        if max(grid) > config.rope_max_seq_len:
+        # An axis whose RoPE has no channels (heads narrower than 6) reads no table row, so any size passes there.
+        rope = self.rope
+        if (
+            max(n for n, dim in zip(grid, (rope.t_dim, rope.h_dim, rope.w_dim), strict=True) if dim)
+            > config.rope_max_seq_len
+        ):
             raise ValueError(
                 f"hidden_states has {tuple(grid)} patches along (frames, height, width); at most "
                 f"rope_max_seq_len={config.rope_max_seq_len} per axis are supported"

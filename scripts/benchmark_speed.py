@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 from teacache_models import TeaCacheParams
-from teacache_models.layers.linear import resolve_linear_kernel
+from teacache_models.layers.linear import processor_name, resolve_linear_kernel
 from teacache_models.models import (
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
@@ -597,17 +596,6 @@ def measure_loading() -> dict:
     }
 
 
-def cpu_name() -> str:
-    """The processor's model name where the system says it (Linux), else its architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _mark(value: float, target: float, lower_is_better: bool = True) -> str:
     ok = value <= target if lower_is_better else value >= target
     return " " if ok else "!"
@@ -643,7 +631,7 @@ def main() -> None:
         print(f"{family}: done", file=sys.stderr, flush=True)
     loading = None if args.no_loading else measure_loading()
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
     machine = f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, {dtype}"
     print(
         f"machine: {machine}; size: {size}; {args.repeats} repeats, medians (min: ratio of the fastest repeats; "

@@ -38,6 +38,7 @@ __all__ = [
     "linear_kernel_of",
     "onednn_available",
     "onednn_is_faster",
+    "processor_name",
     "resolve_linear_kernel",
     "set_linear_kernel",
 ]
@@ -151,7 +152,7 @@ def onednn_is_faster() -> bool:
 
 @functools.cache
 def _timed_check(threads: int) -> bool:
-    key = f"{_processor_name()} | torch {torch.__version__} | {threads} threads"
+    key = f"{processor_name()} | torch {torch.__version__} | {threads} threads"
     verdicts = _read_verdicts()
     if isinstance(verdicts.get(key), bool):
         return verdicts[key]
@@ -174,7 +175,8 @@ def linear_kernel_cache_path() -> Path:
     return Path(folder) / "linear_kernel.json"
 
 
-def _processor_name() -> str:
+def processor_name() -> str:
+    """The processor's model name where the system says it (Linux), else its architecture."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

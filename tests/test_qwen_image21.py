@@ -119,6 +119,19 @@ def test_the_prefix_cache_matches_diffusers_step_after_step(case):
     torch.testing.assert_close(actual, full[:, -target:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_is_bit_identical_with_the_timestep_frequencies_cast_as_in_diffusers(dtype):
+    """`model.to(dtype)` rounds the timestep frequencies (a non-persistent buffer in diffusers) with the weights."""
+    ours, reference = build_pair(TINY, seed=4)
+    ours, reference = ours.to(dtype), reference.to(dtype)
+    assert ours.time_text_embed.time_proj.freqs.dtype == dtype
+    inputs = make_inputs(TINY, *CASES["one-condition-padded"])
+    inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    actual, expected = both(ours, reference, inputs)
+    assert actual.dtype == dtype
+    assert torch.equal(actual, expected)
+
+
 def test_released_config_builds_on_meta_with_the_published_size():
     with torch.device("meta"):
         model = QwenImage21Transformer2DModel()

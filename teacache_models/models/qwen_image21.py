@@ -74,26 +74,33 @@ class QwenImage21KVCache:
 # ---- embeddings and positions ----------------------------------------------------------------------------
 
 
-@functools.cache
-def _timestep_frequencies(half: int, max_period: int = 10000) -> torch.Tensor:
-    """(half,) float32 frequencies, computed on the CPU as the reference's buffer is, then moved."""
-    return torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+class QwenImage21TemporalTimesteps(nn.Module):
+    """Sigmas (N,) -> (N, 256) float32 features: cosines first, of 1000 * sigma.
 
+    The frequencies are a non-persistent buffer, as in diffusers: built in float32 (and kept so by loading with a
+    dtype), but rounded with the model by `model.to(dtype)`, which changes the features of a half-precision model.
+    """
 
-def _timestep_features(timestep: torch.Tensor, dim: int = _TIMESTEP_FEATURES) -> torch.Tensor:
-    """Sigmas (N,) -> (N, dim) features: cosines first, of 1000 * sigma."""
-    timestep = 1000.0 * timestep.float()
-    angles = timestep[:, None] * _timestep_frequencies(dim // 2)[None].to(timestep.device)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    def __init__(self, dim: int = _TIMESTEP_FEATURES, max_period: int = 10000) -> None:
+        super().__init__()
+        half = dim // 2
+        frequencies = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", frequencies, persistent=False)
+
+    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+        timestep = 1000.0 * timestep.float()
+        angles = timestep[:, None] * self.freqs[None].to(timestep.device)  # float32 whatever the buffer's dtype
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class QwenImage21TimestepProjEmbeddings(nn.Module):
     def __init__(self, embedding_dim: int) -> None:
         super().__init__()
+        self.time_proj = QwenImage21TemporalTimesteps()
         self.timestep_embedder = MLPEmbedder(_TIMESTEP_FEATURES, embedding_dim, bias=False)
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.timestep_embedder(_timestep_features(timestep).to(dtype))  # (N, D)
+        return self.timestep_embedder(self.time_proj(timestep).to(dtype))  # (N, D)
 
 
 class ZeroCenteredRMSNorm(nn.Module):

@@ -14,6 +14,7 @@ import torch
 from teacache_models import TeaCacheParams
 from teacache_models.cache import relative_l1_distance
 from teacache_models.families import FAMILIES, transformer_class
+from teacache_models.layers.linear import onednn_available
 from teacache_models.params import evaluate_polynomial
 from tests.family_cases import CASES
 from tests.utils import assert_identical, check_linear_kernels
@@ -80,6 +81,33 @@ def test_onednn_linear_kernel_matches_diffusers(family, name):
     ours, reference = case.tests.build_pair(config, seed=11)
     call = case.path(config, 1)(0.6)
     check_linear_kernels(ours, reference, lambda model: case.output(model(**call, return_dict=False)))
+
+
+def _in_dtype(value, dtype: torch.dtype):
+    """A floating tensor, or those of a list, in `dtype`."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return [_in_dtype(item, dtype) for item in value] if isinstance(value, list) else value
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "autocast"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_half_precision_is_bit_identical_to_diffusers(family, precision):
+    """`model.to(dtype)` on both sides with inputs in that dtype, or float32 models under CPU bfloat16 autocast
+    (where the oneDNN linear kernel steps aside, as autocast runs PyTorch's products in bfloat16)."""
+    case, config, ours, reference = default_pair(family, seed=4)
+    call = case.path(config, 1)(0.6)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast")
+    if precision != "autocast":
+        dtype = getattr(torch, precision)
+        ours, reference = ours.to(dtype), reference.to(dtype)
+        call = {key: _in_dtype(value, dtype) for key, value in call.items()}
+    with autocast:
+        expected = case.output(reference(**call, return_dict=False))
+        assert_identical(case.output(ours(**call, return_dict=False)), expected)
+        if precision == "autocast" and onednn_available():
+            assert_identical(case.output(ours.set_linear_kernel("onednn")(**call, return_dict=False)), expected)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

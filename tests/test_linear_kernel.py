@@ -74,7 +74,7 @@ def test_inference_runs_onednn_and_matches_to_float32_rounding(monkeypatch):
 @needs_onednn
 @pytest.mark.parametrize(
     "case",
-    ["gradient", "bfloat16", "float64"],
+    ["gradient", "bfloat16", "float64", "autocast"],
 )
 def test_other_uses_take_pytorchs_kernel_exactly(case, monkeypatch):
     model, x = block(), torch.randn(2, 5, 6)
@@ -85,15 +85,19 @@ def test_other_uses_take_pytorchs_kernel_exactly(case, monkeypatch):
         model, reference, x = model.double(), reference.double(), x.double()
     set_linear_kernel(model, "onednn")
     counter = Counting(monkeypatch)
+    # Under CPU autocast a float32 model's products run in bfloat16, which oneDNN's operator would not do.
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
     if case == "gradient":
         out = model(x.requires_grad_())
         out.sum().backward()
         assert model[0].weight.grad is not None and x.grad is not None
     else:
-        with torch.no_grad():
+        with torch.no_grad(), precision:
             out = model(x)
     assert counter.calls == 0
-    assert torch.equal(out, reference(x))
+    with torch.no_grad(), precision:
+        expected = reference(x)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
 
 
 @needs_onednn

@@ -15,7 +15,8 @@ to measure again.
 The choice swaps the class of each plain `nn.Linear` for a subclass with the same parameters, so the
 `state_dict`, `isinstance` checks and every other use of the module are unchanged. oneDNN is used only
 where it computes the same thing: a float32 CPU input and weight, no gradient wanted, outside
-`torch.compile` tracing; anything else takes PyTorch's path.
+`torch.compile` tracing and outside CPU autocast (which runs PyTorch's product in its lower precision, and which
+oneDNN's operator would ignore); anything else takes PyTorch's path.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if x.device.type != "cpu" or weight.device.type != "cpu" or x.layout != torch.strided:
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 

@@ -14,7 +14,8 @@ presets); every flag given overrides its setting. Several prompts (and --num-ima
 batch; --grid tiles an image batch into one PNG; --compare also runs the batch with TeaCache off and prints
 the speedup and the PSNR against it. Next to the output a JSON sidecar records every setting, the timings
 and the TeaCache statistics; one summary line (steps computed and skipped per CFG branch, wall time) is
-printed. Nothing is written when the run fails: errors exit non-zero.
+printed. Nothing is written when the run fails: bad input (a flag, a file, a setting) exits 2 with one line naming
+it, a failure while running exits 1.
 
 Under torchrun, --cfg-parallel computes the two CFG branches on two ranks and --sp-degree N splits the
 token sequence over N ranks (Wan, HunyuanVideo, HunyuanVideo-1.5); the world size must be 2 x N with CFG,
@@ -39,6 +40,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from teacache_models.cli import (  # noqa: E402
+    ArgumentParser,
     CliError,
     HelpFormatter,
     add_model_arguments,
@@ -52,6 +54,7 @@ from teacache_models.cli import (  # noqa: E402
     load_configured_pipeline,
     load_images,
     path_argument,
+    report_error,
     resolve_entry,
     save_mp4,
     start_parallel,
@@ -69,7 +72,7 @@ VIDEO_SUFFIXES = (".mp4",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="generate.py",
         description=__doc__.split("\n\n")[0],
         epilog=(
@@ -505,8 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (CliError, ValueError, TypeError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report_error(error)
 
 
 if __name__ == "__main__":

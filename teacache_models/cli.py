@@ -2,7 +2,7 @@
 
 `scripts/generate.py` and the server (`teacache-serve`) take the same model, TeaCache, device/dtype/threads
 and torchrun flags; they are declared here once, with the checks behind them, so both read and refuse
-them alike. Errors a user can fix are `CliError`: one line, no traceback.
+them alike. Errors a user can fix are `CliError`: one line, no traceback, exit status 2.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .layers.linear import LINEAR_KERNELS, resolve_linear_kernel
 from .lora.spec import LoraSpec, parse_lora_argument
@@ -23,6 +24,9 @@ from .zoo import TASK_IMAGES, ZooEntry, list_zoo, load_zoo_entry
 
 __all__ = [
     "DTYPES",
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "ArgumentParser",
     "CliError",
     "HelpFormatter",
     "add_model_arguments",
@@ -37,6 +41,7 @@ __all__ = [
     "image_inputs",
     "load_configured_pipeline",
     "load_images",
+    "report_error",
     "resolve_entry",
     "save_mp4",
     "start_parallel",
@@ -47,8 +52,28 @@ __all__ = [
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# Exit statuses: bad input (a flag, a file or a setting the user can fix), and a failure while running.
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
 class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 1."""
+    """A user-facing error: printed as one line, exit status 2 (`EXIT_BAD_INPUT`)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line naming the flag (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+def report_error(error: BaseException) -> int:
+    """Print `error` as one line on stderr; its exit status: 2 for bad input (`CliError`, `ValueError`,
+    `TypeError`, `FileNotFoundError`), 1 for a failure while running (other `OSError`s, `RuntimeError`)."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    bad_input = isinstance(error, CliError | ValueError | TypeError | FileNotFoundError)
+    return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
 
 
 def path_argument(text: str) -> Path:

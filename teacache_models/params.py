@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 _MAX_SEED = 2**64 - 1
+# Released models sample with 1-100 steps; a schedule of millions would fill memory before its first step.
+MAX_STEPS = 10_000
 
 
 def _coefficient_tuple(value: Any, name: str = "coefficients") -> tuple[float, ...] | None:
@@ -218,7 +220,7 @@ class SamplingParams:
     Every field has a generic default; a model-zoo config supplies the model's own values.
 
     Args:
-        num_inference_steps: denoising steps.
+        num_inference_steps: denoising steps, 1 to 10,000 (`MAX_STEPS`).
         guidance_scale: guidance strength (CFG scale, or the embedded guidance of distilled models).
         seed: random seed; None draws one at random (the pipeline reports the seed it used).
         height, width: output size in pixels.
@@ -254,6 +256,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         steps = require_int("num_inference_steps", self.num_inference_steps, 1)
+        if steps > MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {steps}")
         object.__setattr__(self, "num_inference_steps", steps)
         scale = require_number("guidance_scale", self.guidance_scale, minimum=0.0)
         object.__setattr__(self, "guidance_scale", scale)

@@ -211,10 +211,10 @@ def test_tampered_copy_fails_the_sha256_check(cli, tmp_path, monkeypatch, capsys
     pattern = r"does not match its manifest: transformer/diffusion_pytorch_model\.safetensors: sha256 [0-9a-f]{64}"
     with pytest.raises(CheckpointError, match=pattern):
         resolve_weights("flux-digits", manifest=path)
-    # The CLI loads through the same check: a clear error, exit 1, nothing written.
+    # The CLI loads through the same check: a clear error, exit 2 (bad input), nothing written.
     monkeypatch.setattr("teacache_models.weights.manifest.MANIFEST_PATH", path)
     output = tmp_path / "out.png"
-    assert cli.main(["--model", "flux-digits", "--prompt", "7", "--no-progress", "--output", str(output)]) == 1
+    assert cli.main(["--model", "flux-digits", "--prompt", "7", "--no-progress", "--output", str(output)]) == 2
     assert re.search(pattern, capsys.readouterr().err)
     assert not output.exists() and not output.with_suffix(".json").exists()
     with pytest.raises(CheckpointError, match=r"files without a sha256 in the manifest: transformer/extra"):
@@ -246,7 +246,7 @@ def test_bad_demo_flags_fail_cleanly(cli, tmp_path, capsys, extra, message):
     ]
     # A flag given again overrides its first value.
     args += [str(tmp_path / a) if a.endswith(".jpg") else a for a in extra]
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 

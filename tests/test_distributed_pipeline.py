@@ -117,7 +117,7 @@ def test_generate_cli_without_torchrun_says_how_to_launch(capsys, monkeypatch):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     argv = ["--model", "wan-digits", "--prompt", "a digit 1", "--cfg-parallel", "--sp-degree", "2"]
-    assert script.main(argv) == 1
+    assert script.main(argv) == 2
     assert "need 4 ranks: launch with torchrun --nproc-per-node 4" in capsys.readouterr().err
-    assert script.main([*argv[:4], "--sp-degree", "0"]) == 1
+    assert script.main([*argv[:4], "--sp-degree", "0"]) == 2
     assert "--sp-degree must be at least 1, got 0" in capsys.readouterr().err

@@ -111,6 +111,7 @@ def test_sampling_carries_teacache_params():
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"num_inference_steps": 2.0}, "num_inference_steps"),
         ({"num_inference_steps": True}, "num_inference_steps"),
+        ({"num_inference_steps": 10_001}, r"num_inference_steps must be an integer in \[1, 10000\], got 10001"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"guidance_scale": "7"}, "guidance_scale"),

@@ -394,3 +394,66 @@ def test_zoo_defaults_and_presets_reach_the_pipeline(z_image_folder):
     result = pipe(PROMPT, params)
     assert result.teacache_stats.num_inference_steps == 3 and result.teacache_stats.negative.num_computed == 0
     assert result.teacache_stats.positive.skipped_steps == (1,)
+
+
+@pytest.mark.parametrize(
+    "folder_name, settings, message",
+    [
+        ("qwen_folder", dict(guidance_scale=1.0, negative_prompt=NEGATIVE), "negative_prompt=.* has no effect"),
+        ("z_image_folder", dict(guidance_scale=0.0, negative_prompt=NEGATIVE), "negative_prompt=.* has no effect"),
+        ("z_image_folder", dict(guidance_scale=0.0, cfg_truncation=0.5), "cfg_truncation=0.5 has no effect"),
+    ],
+)
+def test_the_python_api_refuses_a_setting_the_generation_would_ignore(request, folder_name, settings, message):
+    pipe = load_pipeline(request.getfixturevalue(folder_name))
+    params = SamplingParams(height=16, width=16, num_inference_steps=2, teacache_params=None, **settings)
+    with pytest.raises(ValueError, match=message):
+        pipe(PROMPT, params)
+
+
+def test_a_zoo_default_the_caller_turned_off_is_no_error(qwen_folder):
+    from teacache_models.zoo import load_zoo_entry
+
+    # qwen-image's entry sets negative_prompt " " (CFG on); guidance_scale 1 turns CFG off, which leaves the
+    # entry's negative prompt unread: that is the caller's choice, not a setting silently dropped.
+    pipe = load_pipeline(qwen_folder, zoo_entry=load_zoo_entry("qwen-image"))
+    params = pipe.default_sampling_params("off", height=16, width=16, num_inference_steps=2, guidance_scale=1.0)
+    assert params.negative_prompt == " "
+    assert pipe(PROMPT, params).teacache_stats.negative.num_computed == 0
+
+
+def test_sizes_beyond_any_latent_grid_are_refused_before_any_allocation(flux_folder):
+    pipe = load_pipeline(flux_folder)
+    params = SamplingParams(height=2**16, width=2**16, num_inference_steps=2, teacache_params=None)
+    with pytest.raises(ValueError, match=r"height=65536, width=65536, num_frames=1 make 268,435,456 latent tokens"):
+        pipe(PROMPT, params)
+
+
+def test_a_generation_that_overflows_is_an_error_not_a_black_image(flux_folder):
+    pipe = load_pipeline(flux_folder)
+    params = SamplingParams(
+        height=16, width=16, num_inference_steps=2, true_cfg_scale=1e38, negative_prompt=NEGATIVE, teacache_params=None
+    )
+    with pytest.raises(ValueError, match=r"non-finite latents .* 'true_cfg_scale': 1e\+38.*lower the guidance scale"):
+        pipe(PROMPT, params)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("AutoencoderKL", r"entry 'vae' must be \[library, class name\] \(two strings\) or \[null, null\]"),
+        (["diffusers"], r"entry 'vae' must be \[library, class name\]"),
+        (["no_such_library", "AutoencoderKL"], "names library 'no_such_library', which cannot be imported"),
+        (["diffusers", "NoSuchAutoencoder"], "names class 'NoSuchAutoencoder', which 'diffusers' does not have"),
+    ],
+)
+def test_a_malformed_model_index_entry_names_the_component(flux_folder, tmp_path, entry, message):
+    import json
+    import shutil
+
+    folder = shutil.copytree(flux_folder, tmp_path / "flux")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vae"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(folder)

@@ -161,5 +161,5 @@ def test_the_cli_runs_a_released_folder_and_refuses_an_image(pipes, tmp_path, ca
     assert np.array_equal(written, png_pixels(expected[0]))
     picture = tmp_path / "in.png"
     Image.new("RGB", (8, 8)).save(picture)
-    assert cli.main([*args, "--image", str(picture)]) == 1
+    assert cli.main([*args, "--image", str(picture)]) == 2
     assert "--image has no effect on" in capsys.readouterr().err

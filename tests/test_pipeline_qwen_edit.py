@@ -231,9 +231,9 @@ def test_the_cli_edits_a_released_folder_at_the_last_images_aspect_ratio(
     assert np.array_equal(written, png_pixels(expected[0]))
     assert json.loads(output.with_suffix(".json").read_text())["images"] == [str(p) for p in paths]
 
-    assert cli.main([*args, *[flag for p in paths * 2 for flag in ("--image", str(p))]]) == 1
+    assert cli.main([*args, *[flag for p in paths * 2 for flag in ("--image", str(p))]]) == 2
     assert "--image given 4 times, but" in capsys.readouterr().err
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     assert "needs an input image: --image FILE is required" in capsys.readouterr().err
 
 

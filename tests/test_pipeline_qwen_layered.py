@@ -256,9 +256,9 @@ def test_the_cli_writes_one_rgba_png_per_layer(folder, released, small_images, t
     with Image.open(files[0]) as image:
         assert np.array_equal(np.asarray(image), png_pixels(expected[0]))
 
-    assert cli.main([*args, "--grid"]) == 1
+    assert cli.main([*args, "--grid"]) == 2
     assert "--grid writes one PNG: qwen-image-layered is a layered model" in capsys.readouterr().err
-    assert cli.main([*args, "--layers", "0"]) == 1
+    assert cli.main([*args, "--layers", "0"]) == 2
     assert "--layers must be at least 1, got 0" in capsys.readouterr().err
 
 
@@ -267,5 +267,5 @@ def test_layers_is_refused_by_other_models(tmp_path, capsys):
 
     cli = load_script("generate")
     args = ["--model", "flux-digits", "--prompt", "a digit", "--layers", "3", "--output", str(tmp_path / "x.png")]
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2
     assert "--layers 3 has no effect on flux-digits: it is for layered models" in capsys.readouterr().err

@@ -423,7 +423,7 @@ def test_console_script_and_extra_are_declared():
 def test_bad_server_flags_are_one_line_errors(flags, message, capsys):
     from teacache_models.server.main import main
 
-    assert main(["--model", "flux-digits", *flags]) == 1
+    assert main(["--model", "flux-digits", *flags]) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
 

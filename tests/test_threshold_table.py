@@ -92,11 +92,11 @@ def test_calibrate_writes_a_table_that_the_cli_and_the_pipeline_pick_from(tmp_pa
     sidecar = json.loads(output.with_suffix(".json").read_text())
     assert sidecar["sampling_params"]["teacache_params"]["teacache_thresh"] == 0.5
     capsys.readouterr()
-    assert cli.main([*run, "--teacache-target-speedup", "2", "--teacache-thresh", "0.3"]) == 1
+    assert cli.main([*run, "--teacache-target-speedup", "2", "--teacache-thresh", "0.3"]) == 2
     assert "drop --teacache-thresh" in capsys.readouterr().err
     (tmp_path / "again").mkdir()
     plain = ["--config", str(plain_config(tmp_path / "again")), *run[2:]]
-    assert cli.main([*plain, "--teacache-target-speedup", "2"]) == 1
+    assert cli.main([*plain, "--teacache-target-speedup", "2"]) == 2
     assert "flux-digits has no TeaCache threshold table" in capsys.readouterr().err
     # The Python equivalent, through a pipeline holding the entry.
     pipe = load_pipeline("flux-digits", zoo_entry=load_zoo_entry(config))

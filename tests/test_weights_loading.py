@@ -234,6 +234,18 @@ def test_index_naming_a_missing_shard(tmp_path, count_reads):
     assert count_reads == []
 
 
+@pytest.mark.parametrize("shard", [3, None, "", "../transformer/x.safetensors", "/etc/hostname"])
+def test_index_with_a_shard_that_is_no_file_name_beside_it(tmp_path, count_reads, shard):
+    save_reference("flux", tmp_path)
+    index_path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = shard
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"malformed weight_map: shard names must be file names beside the index"):
+        load_transformer(tmp_path, FluxTransformer2DModel)
+    assert count_reads == []
+
+
 def test_index_mapping_a_key_to_the_wrong_shard(tmp_path):
     save_reference("flux", tmp_path)
     index_path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json"

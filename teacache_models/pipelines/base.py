@@ -40,6 +40,10 @@ ProgressCallback = Callable[[int, int], None]
 """Called after every denoising step with (steps done, total steps)."""
 
 _MAX_SEED = 2**63 - 1
+# Latent tokens per sample (height / size multiple x width / size multiple x latent frames): 8x HunyuanVideo's
+# 720p 129-frame grid, the largest of the released settings; a larger grid is a typo, not a generation.
+MAX_TOKENS = 2**20
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
 
 
 @dataclass
@@ -345,6 +349,7 @@ class Pipeline(PipelineLoraMixin):
                 )
         if not self.is_video and params.num_frames != 1:
             raise ValueError(f"num_frames must be 1 for an image model, got {params.num_frames}")
+        self._check_token_count(params, multiple)
         # A flow-matching schedule stretched to end at `shift_terminal` (Qwen-Image's) divides 0 by 0 when its
         # only sigma is 1: one step would denoise with a NaN sigma and return a NaN image.
         terminal = (getattr(self.scheduler, "config", None) or {}).get("shift_terminal")
@@ -359,6 +364,34 @@ class Pipeline(PipelineLoraMixin):
         limit = self.max_sequence_length_limit
         if limit is not None and length > limit:
             raise ValueError(f"max_sequence_length must be at most {limit} for {type(self).__name__}, got {length}")
+        self._check_settings_take_effect(params)
+
+    def _check_token_count(self, params: SamplingParams, multiple: int) -> None:
+        """A size whose latent grid no transformer call could hold is refused before any tensor is allocated
+        (it would otherwise end the process for lack of memory)."""
+        frames = params.num_frames
+        temporal = getattr(self, "temporal_scale_factor", None)
+        if self.is_video and callable(temporal):
+            frames = (frames - 1) // temporal() + 1
+        tokens = (params.height // multiple) * (params.width // multiple) * frames
+        if tokens > MAX_TOKENS:
+            raise ValueError(
+                f"height={params.height}, width={params.width}, num_frames={params.num_frames} make {tokens:,} "
+                f"latent tokens per sample; at most {MAX_TOKENS:,} are allowed (the largest released settings use "
+                "about 120,000): lower the size or the frame count"
+            )
+
+    def _check_settings_take_effect(self, params: SamplingParams) -> None:
+        """An optional setting (one that is None unless given: a negative prompt, a true CFG scale) set to other
+        than the model's default (the zoo entry's) that this generation would not read is an error. One left at
+        the entry's default is not (a zoo entry's negative prompt with CFG turned off by the caller's guidance
+        scale), nor a setting that always has a value (`guidance_scale`): whether the caller chose it is
+        unknowable here; the CLI and the server refuse those when given explicitly."""
+        defaults = self.zoo_entry.sampling if self.zoo_entry is not None else SamplingParams()
+        for name, reason in self.ignored_settings(params).items():
+            value, default = getattr(params, name), getattr(defaults, name)
+            if _FIELD_DEFAULTS[name] is None and value != default:
+                raise ValueError(f"{name}={value!r} has no effect: {reason}; leave it at the default {default!r}")
 
     def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
         """The set `SamplingParams` fields this generation would not read, each with the reason: a negative
@@ -423,6 +456,7 @@ class Pipeline(PipelineLoraMixin):
             latents, stats, expert_stats = self._denoise(
                 scheduler, latents, timesteps, condition, negative, params, progress
             )
+            check_finite_latents(latents, params, self.dtype)
             self._sync()
             timings["denoising"] = time.perf_counter() - mark
 
@@ -573,6 +607,19 @@ class Pipeline(PipelineLoraMixin):
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def check_finite_latents(latents: torch.Tensor, params: SamplingParams, dtype: torch.dtype) -> None:
+    """Denoised latents holding NaN or inf would decode to a black or garbled image: an error naming the settings
+    that scale the prediction, instead of a silently wrong output."""
+    if torch.isfinite(latents).all():
+        return
+    scales = {"guidance_scale": params.guidance_scale, **params.extras()}
+    remedy = "lower the guidance scale" + (", or load the model in float32" if dtype != torch.float32 else "")
+    raise ValueError(
+        f"the generation produced non-finite latents (NaN or inf), so no image is returned: the prediction "
+        f"overflowed {dtype} with {scales}; {remedy}, or check that the weights hold finite values"
+    )
 
 
 def merge_stats(all_stats: Sequence[TeaCacheStats]) -> TeaCacheStats:

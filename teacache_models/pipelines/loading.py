@@ -152,7 +152,12 @@ def _library_class(library: str, class_name: str) -> type:
     pixtral = (library, class_name) == ("transformers", "PixtralProcessor")
     if pixtral and importlib.util.find_spec("torchvision") is None:
         return pixtral_prompt_processor()
-    return getattr(importlib.import_module(library), class_name)
+    try:
+        return getattr(importlib.import_module(library), class_name)
+    except ImportError as error:
+        raise ValueError(f"model_index.json names library {library!r}, which cannot be imported: {error}") from None
+    except AttributeError:
+        raise ValueError(f"model_index.json names class {class_name!r}, which {library!r} does not have") from None
 
 
 def _load_library_component(library: str, class_name: str, folder: Path, dtype: torch.dtype | None) -> Any:
@@ -166,6 +171,19 @@ def _load_library_component(library: str, class_name: str, folder: Path, dtype: 
     if callable(parts) and "video_processor" in parts():
         component_class = image_only_processor(component_class)
     return component_class.from_pretrained(str(folder))
+
+
+def _component_entry(model_index: dict[str, Any], name: str, path: Path) -> tuple[str, str] | None:
+    """Component `name`'s (library, class name) from `model_index.json`; None where the folder has none."""
+    entry = model_index.get(name)
+    if entry is None or (isinstance(entry, list | tuple) and list(entry) == [None, None]):
+        return None
+    if not (isinstance(entry, list | tuple) and len(entry) == 2 and all(isinstance(e, str) and e for e in entry)):
+        raise ValueError(
+            f"{str(path)!r}: model_index.json entry {name!r} must be [library, class name] (two strings) or "
+            f"[null, null], got {entry!r}"
+        )
+    return entry[0], entry[1]
 
 
 def load_components(
@@ -183,8 +201,8 @@ def load_components(
     wanted |= set(getattr(pipeline_class, "extra_component_names", ()))
     components: dict[str, Any] = {}
     for name in sorted(wanted):
-        entry = model_index.get(name)
-        if not entry or entry[0] is None:
+        entry = _component_entry(model_index, name, path)
+        if entry is None:
             components[name] = None
             continue
         folder = path / name

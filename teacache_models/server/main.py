@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from ..cli import (
+    ArgumentParser,
     CliError,
     HelpFormatter,
     add_model_arguments,
@@ -32,6 +33,7 @@ from ..cli import (
     check_run_arguments,
     load_configured_pipeline,
     path_argument,
+    report_error,
     resolve_entry,
     start_parallel,
     teacache_params,
@@ -46,7 +48,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="teacache-serve",
         description="Serve one model over an OpenAI-style HTTP API (images, video jobs) with TeaCache per request.",
         epilog="--teacache sets the default cache of requests that do not choose one (field 'teacache'). "
@@ -182,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(args)
     except (CliError, ValueError, TypeError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report_error(error)
 
 
 if __name__ == "__main__":

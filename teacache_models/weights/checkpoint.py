@@ -256,6 +256,12 @@ def _read_index(index: Path) -> dict[str, TensorInfo]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has an empty or malformed weight_map")
     shard_names = list(dict.fromkeys(weight_map.values()))
+    # A shard is a file beside the index: a name that is no string, or a path that leaves the folder, is corruption.
+    odd = [name for name in shard_names if not isinstance(name, str) or not name or Path(name).name != name]
+    if odd:
+        raise CheckpointError(
+            f"{index} has a malformed weight_map: shard names must be file names beside the index, got {odd[:5]!r}"
+        )
     missing = [name for name in shard_names if not (index.parent / name).is_file()]
     if missing:
         raise CheckpointError(

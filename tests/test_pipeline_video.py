@@ -4,6 +4,8 @@ TeaCache off, and the loop's TeaCache contract (CFG branches and experts kept ap
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import warnings
 
 import numpy as np
@@ -153,6 +155,31 @@ def test_wan22_two_experts_match_diffusers(wan_folders, image, kind):
     assert experts["transformer_2"].positive.computed_steps == (2, 3)
     assert experts["transformer_2"].negative.computed_steps == (2, 3)
     assert result.teacache_stats.positive.computed_steps == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("kind", "boundary_ratio", "high_steps"),
+    [("t2v-a14b", 0.0, (0, 1, 2)), ("i2v-a14b", 1.0, ())],
+    ids=["t2v-0", "i2v-1"],
+)
+def test_wan22_boundary_edge_values_match_diffusers_bit_for_bit(
+    wan_folders, image, tmp_path, kind, boundary_ratio, high_steps
+):
+    """diffusers runs boundary_ratio 0 (every step on the high-noise expert) and 1 (every step below t = 1000 on the
+    low-noise one)."""
+    folder = tmp_path / kind
+    shutil.copytree(wan_folders[kind], folder)
+    model_index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**model_index, "boundary_ratio": boundary_ratio}))
+    i2v = kind.startswith("i2v")
+    inputs = {"image": image} if i2v else {}
+    params = wan_params(guidance_scale=4.0, guidance_scale_2=2.0, negative_prompt=NEGATIVE)
+    ours = load_pipeline(folder)
+    result = ours(PROMPT, params, **inputs)
+    pipe = reference(folder, "WanImageToVideoPipeline" if i2v else "WanPipeline")
+    expected = pipe(prompt=PROMPT, **inputs, **reference_settings(params), guidance_scale_2=2.0).frames
+    assert torch.equal(result.frames, expected)
+    assert result.expert_stats["transformer"].positive.computed_steps == high_steps
 
 
 def test_wan22_second_scale_reaches_the_low_noise_expert(wan_folders):

@@ -505,8 +505,9 @@ def test_expert_routing_follows_the_pipeline_comparison():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(boundary_ratio=0.0), ValueError, r"boundary_ratio must be a number in \(0, 1\)"),
-        (dict(boundary_ratio=1.0), ValueError, r"boundary_ratio must be a number in \(0, 1\)"),
+        (dict(boundary_ratio=-0.1), ValueError, r"boundary_ratio must be a number in \[0, 1\]"),
+        (dict(boundary_ratio=1.5), ValueError, r"boundary_ratio must be a number in \[0, 1\]"),
+        (dict(boundary_ratio=float("nan")), ValueError, r"boundary_ratio must be a number in \[0, 1\]"),
         (dict(boundary_ratio=True), ValueError, "boundary_ratio must be"),
         (dict(boundary_ratio=0.9, num_train_timesteps=0), ValueError, "num_train_timesteps must be"),
     ],

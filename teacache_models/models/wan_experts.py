@@ -34,7 +34,7 @@ class WanExpertPair(nn.Module):
     Args:
         transformer: high-noise expert.
         transformer_2: low-noise expert.
-        boundary_ratio: in (0, 1): 0.875 for Wan2.2 T2V A14B, 0.9 for I2V A14B.
+        boundary_ratio: in [0, 1]: 0.875 for Wan2.2 T2V A14B, 0.9 for I2V A14B.
         num_train_timesteps: the scheduler's training timesteps.
     """
 
@@ -55,8 +55,10 @@ class WanExpertPair(nn.Module):
             ours, theirs = transformer.config[key], transformer_2.config[key]
             if (tuple(ours) if key == "patch_size" else ours) != (tuple(theirs) if key == "patch_size" else theirs):
                 raise ValueError(f"the experts disagree on {key}: {ours!r} (transformer) vs {theirs!r} (transformer_2)")
-        if isinstance(boundary_ratio, bool) or not isinstance(boundary_ratio, Real) or not 0 < boundary_ratio < 1:
-            raise ValueError(f"boundary_ratio must be a number in (0, 1) (0.875 T2V, 0.9 I2V), got {boundary_ratio!r}")
+        # diffusers runs the edge values too: 0 gives every step to `transformer`, 1 every step below t = 1000 to
+        # `transformer_2`.
+        if isinstance(boundary_ratio, bool) or not isinstance(boundary_ratio, Real) or not 0 <= boundary_ratio <= 1:
+            raise ValueError(f"boundary_ratio must be a number in [0, 1] (0.875 T2V, 0.9 I2V), got {boundary_ratio!r}")
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
         self.transformer = transformer

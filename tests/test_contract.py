@@ -165,10 +165,17 @@ def test_gradient_checkpointing_recomputes_every_block_with_the_same_gradients(f
 # ---- TeaCache ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_threshold_zero_is_bit_identical_to_uncached_with_both_branches(family):
+def test_threshold_zero_is_bit_identical_to_uncached_with_both_branches(family, dtype):
     case, config, model, _ = default_pair(family, seed=7)
-    paths = {False: case.path(config, 1), True: case.path(config, 2)}
+    model.to(dtype)
+
+    def path_in_dtype(seed: int):
+        path = case.path(config, seed)
+        return lambda sigma: {key: _in_dtype(value, dtype) for key, value in path(sigma).items()}
+
+    paths = {False: path_in_dtype(1), True: path_in_dtype(2)}
     plain = loop(model, case, paths)
     cached = loop(model, case, paths, TeaCacheParams(teacache_thresh=0.0, coefficients=LINEAR))
     for branch in paths:

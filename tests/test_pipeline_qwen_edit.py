@@ -118,6 +118,21 @@ def test_equals_diffusers_with_the_cache_off(folder, small_images, case):
     assert result.teacache_stats.negative.num_computed == (3 if "negative_prompt" in settings else 0)
 
 
+def test_one_image_in_a_list_reaches_the_vision_tower_as_in_diffusers(folder, small_images):
+    # diffusers' Edit pipeline resizes a bare image for the vision tower but leaves an image in a list at its own
+    # size there (the VAE reads it resized either way): the two calls differ, and each equals its reference.
+    reference, ours = pipelines(folder, "QwenImageEditPipeline")
+    image = picture(40, 56, seed=0)
+    params = SamplingParams(
+        num_inference_steps=2, guidance_scale=1.0, seed=SEED, height=16, width=16, teacache_params=None
+    )
+    settings = dict(num_inference_steps=2, height=16, width=16, true_cfg_scale=1.0)
+    bare, listed = (ours(PROMPT, params, image=given).images for given in (image, [image]))
+    assert torch.equal(listed, run_reference(reference, [image], **settings))
+    assert torch.equal(bare, run_reference(reference, image, **settings))
+    assert not torch.equal(bare, listed)
+
+
 def test_a_batch_edits_each_prompt_as_the_reference_does_alone(folder, small_images):
     reference, ours = pipelines(folder, "QwenImageEditPlusPipeline")
     images = [picture(40, 56, seed=0), picture(32, 32, seed=1)]

@@ -147,6 +147,41 @@ def test_a_blank_prompt_is_captioned_as_diffusers_does(folder, small_images, lan
     assert batch.prompt == [caption, PROMPT, caption]
 
 
+@pytest.mark.parametrize("as_list", [False, True], ids=["bare", "list"])
+def test_a_blank_prompt_captions_the_image_diffusers_captions(folder, small_images, as_list):
+    # diffusers captions a bare image resized to its VAE size but an image in a list at its own size.
+    reference, ours = pipelines(folder)
+    seen = {}
+    for name, pipe, method in (("ours", ours, "caption"), ("reference", reference, "get_image_caption")):
+        original = getattr(pipe, method)
+
+        def spy(image, *args, name=name, original=original, **kwargs):
+            seen[name] = image[0] if isinstance(image, list) else image
+            return original(image, *args, **kwargs)
+
+        setattr(pipe, method, spy)
+    image = rgba(40, 56, seed=2)
+    given = [image] if as_list else image
+    params = SamplingParams(
+        num_inference_steps=1, guidance_scale=1.0, seed=SEED, height=64, width=64, teacache_params=None
+    )
+    result = ours("", params, image=given, layers=1)
+    expected = reference(
+        image=given,
+        prompt="",
+        true_cfg_scale=1.0,
+        layers=1,
+        num_inference_steps=1,
+        cfg_normalize=True,
+        use_en_prompt=True,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="pt",
+    ).images[0]
+    assert torch.equal(result.images[0], expected)
+    assert seen["ours"].size == seen["reference"].size == ((56, 40) if as_list else (64, 64))
+    assert np.array_equal(np.asarray(seen["ours"]), np.asarray(seen["reference"]))
+
+
 def test_a_blank_prompt_cannot_be_captioned_without_a_generating_text_encoder_and_processor(folder, small_images):
     reference, ours = pipelines(folder)
     params = SamplingParams(num_inference_steps=1, guidance_scale=1.0, height=32, width=32, teacache_params=None)

@@ -8,7 +8,8 @@ are Qwen-Image's (true CFG with norm rescaling).
 
 As in diffusers, each input image is resized to about `vae_image_area` pixels (its aspect ratio kept,
 sides multiples of 32) before the VAE; Edit-2509 also resizes it to about `condition_image_area` pixels for
-the vision tower, where Edit gives the vision tower the VAE-sized image. The output size is
+the vision tower, where Edit gives the vision tower the VAE-sized image, or, as diffusers does, an image passed
+in a list at its own size. The output size is
 `SamplingParams.height` x `width`; `output_size(images)` is the reference's default, the VAE size of the
 (last) input image.
 
@@ -104,16 +105,21 @@ class QwenImageEditPipeline(QwenImageTextToImagePipeline):
 
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
         # The text encoding reads the images, and it runs before the latents are prepared: prepared here once.
-        self._images = self._prepare_images(check_edit_images(self, inputs))
+        given_list = isinstance(inputs.get("image"), list | tuple)
+        self._images = self._prepare_images(check_edit_images(self, inputs), given_list)
 
-    def _prepare_images(self, images: list[Any]) -> EditImages:
+    def _prepare_images(self, images: list[Any], given_list: bool = False) -> EditImages:
+        """`given_list`: `image=` was a list. The reference's Edit pipeline resizes a bare image for the vision tower
+        but hands a list to it as given (its resize leaves a list alone), so an image in a list reaches the vision
+        tower at its own size; the VAE reads the resized image either way."""
         processor = self._image_processor()
         condition, pixels, sizes = [], [], []
         for image in images:
             width, height = edit_image_size(self.vae_image_area, image.width / image.height)
             sizes.append((width, height))
             if self.condition_image_area is None:
-                image = processor.resize(image, height, width)
+                if not given_list:
+                    image = processor.resize(image, height, width)
                 condition.append(image)
             else:
                 small_width, small_height = edit_image_size(self.condition_image_area, image.width / image.height)

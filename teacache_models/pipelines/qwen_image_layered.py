@@ -56,7 +56,8 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
 
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
         self._layers = require_int("layers", inputs.get("layers", DEFAULT_LAYERS), 1, TypeError)
-        self._images = self._prepare_images(check_edit_images(self, inputs, extra=self.call_inputs))
+        given_list = isinstance(inputs.get("image"), list | tuple)  # captioned as given (see `_prepare_images`)
+        self._images = self._prepare_images(check_edit_images(self, inputs, extra=self.call_inputs), given_list)
 
     def complete_prompts(self, prompts: list[str]) -> list[str]:
         """Each blank prompt (empty or whitespace; diffusers captions "" and " ") replaced by the caption of the

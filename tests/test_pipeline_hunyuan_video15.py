@@ -162,6 +162,11 @@ def test_bad_inputs_are_rejected(folders, image):
     with pytest.raises(ValueError, match="does not use sampling settings"):
         t2v(PROMPT, small_params(true_cfg_scale=2.0))
     assert (t2v.takes_image(), i2v.takes_image()) == ("no", "required")
+    # diffusers' pipeline takes no max_sequence_length (its encoders' lengths are fixed): a changed one is refused.
+    for pipe in (t2v, i2v):
+        pipe.max_sequence_length = 8
+        with pytest.raises(ValueError, match="max_sequence_length=8 has no effect on HunyuanVideo15"):
+            pipe(PROMPT, small_params(), **({"image": image} if pipe is i2v else {}))
 
 
 # ---- zoo, CLI and calibration ---------------------------------------------------------------------

@@ -119,7 +119,7 @@ def test_teacache_skips_per_cfg_branch_over_the_whole_sequence(pipes):
     assert torch.equal(ours(PROMPTS, dataclasses.replace(params, teacache_params=None)).images, uncached.images)
 
 
-def test_registered_for_the_diffusers_class_and_refuses_an_image(pipes):
+def test_registered_for_the_diffusers_class_and_refuses_an_image(pipes, monkeypatch):
     _, ours = pipes
     assert pipeline_classes()["QwenImage21Pipeline"] is QwenImage21TextToImagePipeline
     params = SamplingParams(num_inference_steps=2, guidance_scale=1.0, seed=0, height=32, width=32)
@@ -127,6 +127,10 @@ def test_registered_for_the_diffusers_class_and_refuses_an_image(pipes):
         ours(PROMPTS[:1], params, image=object())
     with pytest.raises(ValueError, match="multiple of 32"):
         ours(PROMPTS[:1], dataclasses.replace(params, height=48))
+    # diffusers' QwenImage21Pipeline takes no max_sequence_length: a changed one would be ignored, so it is refused.
+    monkeypatch.setattr(ours, "max_sequence_length", 64)
+    with pytest.raises(ValueError, match="max_sequence_length=64 has no effect on QwenImage21TextToImagePipeline"):
+        ours(PROMPTS[:1], params)
 
 
 def test_the_cli_runs_a_released_folder_and_refuses_an_image(pipes, tmp_path, capsys):

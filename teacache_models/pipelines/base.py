@@ -111,6 +111,8 @@ class Pipeline(PipelineLoraMixin):
     - `call_inputs`: the keywords a call takes besides `image=` (a layered model's `layers=`).
     - `max_images`: how many input images `image=` may hold (a list of several where above 1), for a
       pipeline whose `takes_image()` is not "no".
+    - `reads_max_sequence_length`: whether the prompt encoding reads `max_sequence_length` (a changed value is
+      refused where it does not).
     - `per_sample_timesteps`: `predict` takes one timestep per sample and one transformer runs every step,
       so requests at different steps can share a batch (`teacache_models.server.batching`).
     - `captions_blank_prompts`: a blank prompt is filled in from the input image (`complete_prompts`) rather
@@ -133,6 +135,9 @@ class Pipeline(PipelineLoraMixin):
     max_sequence_length: int = 512
     # The largest `max_sequence_length` the family's reference pipeline accepts; None: no cap.
     max_sequence_length_limit: ClassVar[int | None] = None
+    # Whether the prompt encoding reads `max_sequence_length`: False where the reference pipeline has no such
+    # argument (its encoders' lengths are fixed), so a changed value would be silently ignored.
+    reads_max_sequence_length: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -361,6 +366,13 @@ class Pipeline(PipelineLoraMixin):
         # A settable attribute, not a SamplingParams field: checked here so that a bad value fails before the
         # text encoder, not inside it.
         length = require_int("max_sequence_length", self.max_sequence_length, 1)
+        default = type(self).max_sequence_length
+        if not self.reads_max_sequence_length and length != default:
+            raise ValueError(
+                f"max_sequence_length={length} has no effect on {type(self).__name__}: its prompt encoding (as "
+                f"diffusers' {self.diffusers_class_name}, which takes no max_sequence_length) uses fixed lengths; "
+                f"leave it at {default}"
+            )
         limit = self.max_sequence_length_limit
         if limit is not None and length > limit:
             raise ValueError(f"max_sequence_length must be at most {limit} for {type(self).__name__}, got {length}")

@@ -49,6 +49,7 @@ class HunyuanVideo15TextToVideoPipeline(HunyuanVideoVAESizes, Pipeline):
     default_negative_prompt: ClassVar[str | None] = ""
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale != 1"
     is_video: ClassVar[bool] = True
+    reads_max_sequence_length: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -353,6 +353,10 @@ def test_bad_video_inputs_are_rejected(wan_folders, hunyuan_folder, image):
         i2v(PROMPT, wan_params(), image=np.zeros((32, 32, 3)))
     with pytest.raises(TypeError, match=r"takes only image=\.\.\., got \['mask'\]"):
         i2v(PROMPT, wan_params(), image=image, mask=1)
+    # Wan2.1 I2V's attention takes the last 512 context tokens as text: another length would split it wrongly.
+    i2v.max_sequence_length = 8
+    with pytest.raises(ValueError, match="max_sequence_length must be 512 for this model, got 8"):
+        i2v(PROMPT, wan_params(), image=image)
     hunyuan = load_pipeline(hunyuan_folder)
     with pytest.raises(ValueError, match=r"4k\+1 for HunyuanVideo"):
         hunyuan(PROMPT, wan_params(num_frames=4))

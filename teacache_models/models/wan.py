@@ -47,7 +47,7 @@ from .base import ConfiguredModel, Transformer2DModelOutput, register_config
 __all__ = ["WanTransformer3DModel"]
 
 # The UMT5 context length: diffusers' I2V attention takes the last 512 context tokens as text.
-_TEXT_CONTEXT_LEN = 512
+TEXT_CONTEXT_LEN = 512
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, L, 1, head_dim) each
 
@@ -563,9 +563,9 @@ class WanTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequenceParallelMixi
         check_dtype(
             "encoder_hidden_states", encoder_hidden_states, self.condition_embedder.text_embedder.linear_1.weight.dtype
         )
-        if config.added_kv_proj_dim is not None and encoder_hidden_states.shape[1] != _TEXT_CONTEXT_LEN:
+        if config.added_kv_proj_dim is not None and encoder_hidden_states.shape[1] != TEXT_CONTEXT_LEN:
             raise ValueError(
-                f"encoder_hidden_states must have {_TEXT_CONTEXT_LEN} tokens for a model with image K/V projections "
+                f"encoder_hidden_states must have {TEXT_CONTEXT_LEN} tokens for a model with image K/V projections "
                 f"(added_kv_proj_dim={config.added_kv_proj_dim}), got {encoder_hidden_states.shape[1]}: pad the "
                 "text states to the UMT5 context length"
             )

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..models.wan import WanTransformer3DModel
+from ..models.wan import TEXT_CONTEXT_LEN, WanTransformer3DModel
 from ..models.wan_experts import WanExpertPair
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
@@ -143,6 +143,12 @@ class WanTextToVideoPipeline(Pipeline):
         if params.guidance_scale_2 is not None and self.experts is None:
             raise ValueError(
                 "guidance_scale_2 is the CFG scale of Wan2.2's low-noise expert; this model has one transformer"
+            )
+        if self.transformer.config.added_kv_proj_dim is not None and self.max_sequence_length != TEXT_CONTEXT_LEN:
+            # diffusers runs other lengths but then splits the context at the wrong token, a silently wrong video.
+            raise ValueError(
+                f"max_sequence_length must be {TEXT_CONTEXT_LEN} for this model, got {self.max_sequence_length}: its "
+                f"attention (Wan2.1 I2V: image K/V projections) takes the last {TEXT_CONTEXT_LEN} tokens as text"
             )
 
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:

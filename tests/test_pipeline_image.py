@@ -261,6 +261,21 @@ def test_bad_inputs_are_rejected(flux_folder, z_image_folder, tmp_path):
         pipe(3, SamplingParams(height=16, width=16, teacache_params=None))
     with pytest.raises(TypeError, match="takes no inputs"):
         pipe(PROMPT, SamplingParams(height=16, width=16, teacache_params=None), image=object())
+    # diffusers' call keywords: a sampling setting, the generator and the text length are refused with where they
+    # go; one our pipelines do not take at all is refused by name.
+    params = SamplingParams(height=16, width=16, teacache_params=None)
+    refused = {
+        "height": r"takes no height=\.\.\.: it is a sampling setting, pass pipe\(prompt, SamplingParams\(height=",
+        "negative_prompt": r"takes no negative_prompt=\.\.\.: it is a sampling setting",
+        "true_cfg_scale": r"takes no true_cfg_scale=\.\.\.: SamplingParams\(true_cfg_scale=",
+        "generator": r"takes no generator=\.\.\.: the noise is drawn from SamplingParams\(seed=",
+        "max_sequence_length": r"takes no max_sequence_length=\.\.\.: set pipe\.max_sequence_length",
+        "callback_on_step_end": r"takes no callback_on_step_end=\.\.\.: progress=",
+        "latents": r"takes no inputs \['latents'\]",
+    }
+    for key, message in refused.items():
+        with pytest.raises(TypeError, match=message):
+            pipe(PROMPT, params, **{key: None})
     with pytest.raises(ValueError, match="Did you mean 'flux1-dev'"):
         load_pipeline("flux1-deb")
     with pytest.raises(FileNotFoundError, match=r"no model_index\.json"):

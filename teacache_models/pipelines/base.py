@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Conditioning", "Pipeline", "PipelineResult", "ProgressCallback"]
 
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
 ProgressCallback = Callable[[int, int], None]
 """Called after every denoising step with (steps done, total steps)."""
 
@@ -44,6 +46,15 @@ _MAX_SEED = 2**63 - 1
 # 720p 129-frame grid, the largest of the released settings; a larger grid is a typo, not a generation.
 MAX_TOKENS = 2**20
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+
+# diffusers' call keywords that our pipelines take in another form: what to use instead.
+_ELSEWHERE = {
+    "generator": "the noise is drawn from SamplingParams(seed=...)",
+    "max_sequence_length": "set pipe.max_sequence_length before the call",
+    "callback_on_step_end": "progress=<callable(steps done, total)> is called after every step",
+    "true_cfg_scale": "SamplingParams(true_cfg_scale=...) where the family reads it (Flux, HunyuanVideo); Qwen-Image's "
+    "pipelines take their CFG scale as SamplingParams(guidance_scale=...)",
+}
 
 
 @dataclass
@@ -438,6 +449,7 @@ class Pipeline(PipelineLoraMixin):
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be None or a callable (steps done, total), got {type(progress).__name__}")
         self.check_params(params)
+        self._refuse_diffusers_keywords(inputs)
         self.check_inputs(params, **inputs)
         seed = params.seed if params.seed is not None else random.SystemRandom().randint(0, _MAX_SEED)
         if self.parallel is not None:
@@ -487,6 +499,19 @@ class Pipeline(PipelineLoraMixin):
             prompt=prompts,
             expert_stats=expert_stats,
         )
+
+    def _refuse_diffusers_keywords(self, inputs: dict[str, Any]) -> None:
+        """A diffusers call keyword that our call takes in another form is refused with where it goes: the
+        `SamplingParams` fields, the seed, the pipeline's settings. Other unknown keywords are the family's
+        `check_inputs` to refuse."""
+        name = type(self).__name__
+        for key in sorted(inputs):
+            if key in _ELSEWHERE:
+                raise TypeError(f"{name} takes no {key}=...: {_ELSEWHERE[key]}")
+            if key in _SAMPLING_FIELDS:
+                raise TypeError(
+                    f"{name} takes no {key}=...: it is a sampling setting, pass pipe(prompt, SamplingParams({key}=...))"
+                )
 
     def complete_prompts(self, prompts: list[str]) -> list[str]:
         """The prompts the generation encodes, after `check_inputs`: as given, unless the family fills in blank

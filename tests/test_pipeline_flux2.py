@@ -182,7 +182,7 @@ def test_teacache_with_the_kv_cache(folders):
         ("dev", {"negative_prompt": "blurry"}, {}, ValueError, "negative_prompt='blurry' has no effect"),
         ("klein", {"guidance_scale": 4.0}, {}, ValueError, "guidance_scale=4.0 has no effect: .*step-distilled"),
         ("klein", {"guidance_scale": 1.0, "true_cfg_scale": 2.0}, {}, ValueError, "true_cfg_scale"),
-        ("dev", {"height": 18}, {}, ValueError, "height must be a multiple of 4"),
+        ("dev", {"height": 2}, {}, ValueError, "height must be a multiple of 4 .* got 2; try 4"),
     ],
     ids=[
         "tensor",
@@ -209,6 +209,23 @@ def test_bad_input_gives_a_clear_error(folders, kind, settings, inputs, error, m
     params = SamplingParams(**{"seed": 0, "num_inference_steps": 1, "height": 16, "width": 16, **settings})
     with pytest.raises(error, match=match):
         pipe(PROMPTS[0], dataclasses.replace(params, teacache_params=None), **inputs)
+
+
+@pytest.mark.parametrize("kind", ["dev", "klein"])
+def test_a_size_off_the_multiple_is_rounded_down_with_a_warning_as_in_diffusers(folders, kind):
+    folder = folders(kind)
+    guidance = 1.0 if kind == "klein" else 2.5
+    params = SamplingParams(
+        seed=5, num_inference_steps=2, guidance_scale=guidance, height=35, width=22, teacache_params=None
+    )
+    with pytest.warns(UserWarning, match="got 35 and 22: generating 32 x 20"):
+        result = ours(folder)(PROMPTS[0], params)
+    assert (result.sampling_params.height, result.sampling_params.width) == (32, 20)
+    expected = run_reference(
+        folder, kind, 5, prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=guidance, height=35, width=22
+    )
+    assert result.images.shape == (1, 3, 32, 20)
+    assert torch.equal(result.images, expected)
 
 
 def test_kv_pipeline_refuses_a_base_checkpoint(folders):

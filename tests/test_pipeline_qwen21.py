@@ -119,14 +119,24 @@ def test_teacache_skips_per_cfg_branch_over_the_whole_sequence(pipes):
     assert torch.equal(ours(PROMPTS, dataclasses.replace(params, teacache_params=None)).images, uncached.images)
 
 
+def test_a_size_off_the_multiple_is_rounded_down_with_a_warning_as_in_diffusers(pipes):
+    reference, ours = pipes
+    params = SamplingParams(num_inference_steps=2, guidance_scale=1.0, seed=SEED, height=48, width=70)
+    with pytest.warns(UserWarning, match="got 48 and 70: generating 32 x 64"):
+        result = ours(PROMPTS[:1], dataclasses.replace(params, teacache_params=None))
+    expected = run_reference(reference, PROMPTS[:1], 48, 70, 2)
+    assert result.images.shape == expected.shape == (1, 4, 32, 64)
+    assert torch.equal(result.images, expected)
+
+
 def test_registered_for_the_diffusers_class_and_refuses_an_image(pipes, monkeypatch):
     _, ours = pipes
     assert pipeline_classes()["QwenImage21Pipeline"] is QwenImage21TextToImagePipeline
     params = SamplingParams(num_inference_steps=2, guidance_scale=1.0, seed=0, height=32, width=32)
     with pytest.raises(TypeError, match="takes no inputs"):
         ours(PROMPTS[:1], params, image=object())
-    with pytest.raises(ValueError, match="multiple of 32"):
-        ours(PROMPTS[:1], dataclasses.replace(params, height=48))
+    with pytest.raises(ValueError, match=r"height must be a multiple of 32 .* got 16; try 32"):
+        ours(PROMPTS[:1], dataclasses.replace(params, height=16))
     # diffusers' QwenImage21Pipeline takes no max_sequence_length: a changed one would be ignored, so it is refused.
     monkeypatch.setattr(ours, "max_sequence_length", 64)
     with pytest.raises(ValueError, match="max_sequence_length=64 has no effect on QwenImage21TextToImagePipeline"):

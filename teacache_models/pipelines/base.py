@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,8 @@ class Pipeline(PipelineLoraMixin):
     - `call_inputs`: the keywords a call takes besides `image=` (a layered model's `layers=`).
     - `max_images`: how many input images `image=` may hold (a list of several where above 1), for a
       pipeline whose `takes_image()` is not "no".
+    - `rounds_size`: a call rounds a height or width off the size multiple down to it with a warning, as the
+      family's diffusers pipeline does (`fit_params`); otherwise such a size is refused.
     - `reads_max_sequence_length`: whether the prompt encoding reads `max_sequence_length` (a changed value is
       refused where it does not).
     - `per_sample_timesteps`: `predict` takes one timestep per sample and one transformer runs every step,
@@ -149,6 +152,9 @@ class Pipeline(PipelineLoraMixin):
     # Whether the prompt encoding reads `max_sequence_length`: False where the reference pipeline has no such
     # argument (its encoders' lengths are fixed), so a changed value would be silently ignored.
     reads_max_sequence_length: ClassVar[bool] = True
+    # Whether a call rounds a height or width off `size_multiple()` down to it, with a warning, as the family's
+    # diffusers pipeline does (False: refused, as diffusers refuses it).
+    rounds_size: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -416,6 +422,24 @@ class Pipeline(PipelineLoraMixin):
             if _FIELD_DEFAULTS[name] is None and value != default:
                 raise ValueError(f"{name}={value!r} has no effect: {reason}; leave it at the default {default!r}")
 
+    def fit_params(self, params: SamplingParams) -> SamplingParams:
+        """The settings a call generates with: where the family's diffusers pipeline rounds a setting it cannot
+        generate at (`rounds_size`: a height or width off the size multiple, down to it), the rounded value, with a
+        UserWarning naming both; anything else as given (`check_params` judges it). The CLI and the server check
+        sizes before they call and refuse such sizes instead."""
+        multiple = self.size_multiple()
+        height, width = params.height // multiple * multiple, params.width // multiple * multiple
+        if not self.rounds_size or (height, width) == (params.height, params.width) or min(height, width) == 0:
+            return params
+        warnings.warn(
+            f"height and width must be multiples of {multiple} for this model (VAE factor x patch size), got "
+            f"{params.height} and {params.width}: generating {height} x {width}, each rounded down as diffusers' "
+            f"{self.diffusers_class_name} does",
+            UserWarning,
+            stacklevel=3,
+        )
+        return dataclasses.replace(params, height=height, width=width)
+
     def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
         """The set `SamplingParams` fields this generation would not read, each with the reason: a negative
         prompt while no negative branch runs, and the family's own cases."""
@@ -448,6 +472,7 @@ class Pipeline(PipelineLoraMixin):
         prompts = self._prompts(prompt)
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be None or a callable (steps done, total), got {type(progress).__name__}")
+        params = self.fit_params(params)
         self.check_params(params)
         self._refuse_diffusers_keywords(inputs)
         self.check_inputs(params, **inputs)

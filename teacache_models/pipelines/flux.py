@@ -38,6 +38,7 @@ class FluxTextToImagePipeline(Pipeline):
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"true_cfg_scale"})
     cfg_rule: ClassVar[str] = "true CFG runs when true_cfg_scale > 1 and a negative prompt is given"
     max_sequence_length_limit: ClassVar[int | None] = 512  # T5's trained length
+    rounds_size: ClassVar[bool] = True  # as diffusers, with a warning
 
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

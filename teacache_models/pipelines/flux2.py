@@ -105,6 +105,7 @@ class Flux2ImagePipeline(Pipeline):
     # Reference images: BFL's editing guide (docs.bfl.ml) recommends at most 6 for [dev] and 4 for [klein].
     max_images: ClassVar[int] = 6
     max_sequence_length_limit: ClassVar[int | None] = 512
+    rounds_size: ClassVar[bool] = True  # as diffusers, with a warning
 
     # ---- sizes and inputs -----------------------------------------------------------------------
 

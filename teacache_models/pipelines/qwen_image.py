@@ -39,6 +39,7 @@ class QwenImageTextToImagePipeline(Pipeline):
     default_negative_prompt: ClassVar[str | None] = " "
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1 and a negative prompt is given"
     max_sequence_length_limit: ClassVar[int | None] = 1024  # the reference tokenizes at most 1024 prompt tokens
+    rounds_size: ClassVar[bool] = True  # as diffusers, with a warning
 
     def vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.temperal_downsample)

@@ -47,6 +47,7 @@ class QwenImage21TextToImagePipeline(Pipeline):
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "processor")
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1 and a negative prompt is given"
     reads_max_sequence_length: ClassVar[bool] = False
+    rounds_size: ClassVar[bool] = True  # as diffusers, with a warning
     # Keep the text tokens' keys and values after the first step (the reference's default); TeaCache turns it off.
     use_kv_cache: bool = True
 

@@ -48,6 +48,7 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
     image_mode: ClassVar[str] = "RGBA"
     call_inputs: ClassVar[tuple[str, ...]] = ("layers",)
     captions_blank_prompts: ClassVar[bool] = True
+    rounds_size: ClassVar[bool] = False  # diffusers' takes no height and width (its size follows the image)
     vae_image_area: int = 640 * 640
     cfg_normalize: bool = True
     # The language of the instruction a blank prompt's caption is asked with: the model card's example asks in

@@ -15,6 +15,8 @@ Conditioning:
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -136,6 +138,22 @@ class WanTextToVideoPipeline(Pipeline):
 
     def size_multiple(self) -> int:
         return self.vae_scale_factor() * self.transformer.config.patch_size[1]
+
+    def fit_params(self, params: SamplingParams) -> SamplingParams:
+        """A frame count off 4k+1 becomes the one diffusers' Wan pipelines generate, with a warning:
+        `num_frames // 4 * 4 + 1` (so 6 gives 5 and 8 gives 9)."""
+        params = super().fit_params(params)
+        factor = self.temporal_scale_factor()
+        if params.num_frames % factor == 1:
+            return params
+        frames = params.num_frames // factor * factor + 1
+        warnings.warn(
+            f"num_frames must be of the form {factor}k+1 for Wan, got {params.num_frames}: generating {frames} frames "
+            f"(num_frames // {factor} * {factor} + 1), as diffusers' {self.diffusers_class_name} does",
+            UserWarning,
+            stacklevel=3,
+        )
+        return dataclasses.replace(params, num_frames=frames)
 
     def check_params(self, params: SamplingParams) -> None:
         super().check_params(params)

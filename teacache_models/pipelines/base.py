@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Conditioning", "Pipeline", "PipelineResult", "ProgressCallback"]
 
-_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-
 ProgressCallback = Callable[[int, int], None]
 """Called after every denoising step with (steps done, total steps)."""
 
@@ -533,7 +531,7 @@ class Pipeline(PipelineLoraMixin):
         for key in sorted(inputs):
             if key in _ELSEWHERE:
                 raise TypeError(f"{name} takes no {key}=...: {_ELSEWHERE[key]}")
-            if key in _SAMPLING_FIELDS:
+            if key in _FIELD_DEFAULTS:
                 raise TypeError(
                     f"{name} takes no {key}=...: it is a sampling setting, pass pipe(prompt, SamplingParams({key}=...))"
                 )

@@ -11,7 +11,7 @@ are `assert`s, not these.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "check_video_latents",
     "controlnet_residuals",
     "is_int",
+    "load_yaml",
     "require_bool",
     "require_int",
     "require_number",
@@ -94,6 +95,30 @@ def check_keys(
     if missing:
         raise error(f"{where} is missing keys {missing}")
     return data
+
+
+def load_yaml(text: Any, where: str) -> Any:
+    """`yaml.safe_load(text)`, except that a mapping repeating a key is a ValueError naming `where`, the key
+    and its line: PyYAML keeps the last value silently, which would drop the first without a word."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if not isinstance(key, Hashable):
+                continue  # construct_mapping names an unhashable key itself
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ValueError(f"{where} repeats the key {key!r} (line {line}) in one mapping")
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def check_architecture(

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .checks import check_keys
+from .checks import check_keys, load_yaml
 from .families import FAMILIES, transformer_class
 from .lora.spec import LoraSpec
 from .params import RescalingFit, SamplingParams, TeaCacheParams
@@ -385,7 +385,7 @@ def load_zoo_entry(name_or_path: str | Path) -> ZooEntry:
     where = str(path)
     try:
         with path.open() as handle:
-            data = yaml.safe_load(handle)
+            data = load_yaml(handle, where)
     except yaml.YAMLError as error:
         raise ValueError(f"{where} is not valid YAML: {error}") from None
     except UnicodeDecodeError as error:
@@ -478,6 +478,8 @@ def _read_threshold_table(where: str, data: Any, presets: dict[str, TeaCachePres
             raise ValueError(
                 f"{where}: rows[{index}] must be [threshold >= 0, computed fraction in (0, 1], PSNR dB], got {row!r}"
             )
+        if any(row[0] == other.teacache_thresh for other in parsed):
+            raise ValueError(f"{where}: rows[{index}] repeats threshold {row[0]}: one row per threshold")
         parsed.append(ThresholdRow(float(row[0]), float(row[1]), float(row[2])))
     return ThresholdTable(
         str(data["preset"]), tuple(sorted(parsed, key=lambda r: r.teacache_thresh)), str(data["source"])
@@ -494,7 +496,9 @@ def _loras(where: str, data: Any, folder: Path) -> tuple[LoraSpec, ...]:
     specs = []
     for index, item in enumerate(data):
         item = check_keys(f"{where}: loras[{index}]", item, _LORA_KEYS, {"source"})
-        source = str(item["source"])
+        source = item["source"]
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"{where}: loras[{index}]: source must be a non-empty path or Hub id, got {source!r}")
         local = folder / source
         try:
             specs.append(LoraSpec(**dict(item, source=str(local.resolve()) if local.exists() else source)))

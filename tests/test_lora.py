@@ -275,6 +275,17 @@ def test_rank_and_shape_mismatches_are_named(tmp_path):
     assert_untouched(ours, modules)
 
 
+def test_a_layout_whose_keys_name_no_module_of_the_model_says_so(tmp_path):
+    ours, _, _ = build("flux")
+    lora = make_lora(ours, 0, prefix="")
+    kohya = {k.replace("lora_A", "lora_down").replace("lora_B", "lora_up"): v for k, v in lora.items()}
+    with pytest.raises(
+        ValueError, match=r"looks like the Kohya .* none of its keys .* name a module of FluxTransformer2D"
+    ):
+        ours.load_lora_adapter(kohya)
+    assert "peft_config" not in vars(ours)
+
+
 def test_unknown_format_names_the_formats_tried(tmp_path):
     ours, _, _ = build("flux")
     with pytest.raises(ValueError, match="unknown LoRA format for FluxTransformer2DModel") as error:
@@ -339,6 +350,12 @@ def test_adapter_names_and_operations_without_adapters(tmp_path):
         ours.load_lora_adapter(path, adapter_nam="b")
     with pytest.raises(ValueError, match=r"no LoRA key starts with 'transformer\.'"):
         ours.load_lora_adapter(make_lora(ours, 0, prefix="unet."))
+    for bad in ("", "style.v2"):
+        with pytest.raises(ValueError, match=rf"adapter_name must be a non-empty name without '\.', got '{bad}'"):
+            ours.load_lora_adapter(path, adapter_name=bad)
+    for bad in (3, ["a", 3], None):
+        with pytest.raises(TypeError, match="adapter_names must be an adapter name or a list of names"):
+            ours.set_adapters(bad)
 
 
 # ---- TeaCache ---------------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ def test_pipeline_load_set_fuse_unload(lora_file):
     assert torch.equal(generate(pipe), styled)
     with pytest.raises(ValueError, match="no adapter named"):
         pipe.set_adapters("absent")
+    with pytest.raises(ValueError, match=r"no adapter named \['absent'\]"):
+        pipe.fuse_lora(adapter_names=["absent"])
+    with pytest.raises(TypeError, match="adapter_names must be an adapter name or a list of names"):
+        pipe.delete_adapters(3)
     with pytest.raises(ValueError, match="has no transformer_2"):
         pipe.load_lora_weights(lora_file, load_into_transformer_2=True)
 

@@ -165,6 +165,14 @@ def test_missing_keys_and_shipped_entries_without_digests(tmp_path):
         load_manifest(tmp_path / "nowhere.yaml")
 
 
+def test_an_entry_given_twice_is_an_error(tmp_path):
+    path = tmp_path / "manifest.yaml"
+    entry = yaml.safe_dump({"m": GOOD})
+    path.write_text(entry + entry)
+    with pytest.raises(ManifestError, match=r"manifest.yaml repeats the key 'm' \(line \d+\)"):
+        load_manifest(path)
+
+
 def shipped_manifest(tmp_path):
     """A tiny Flux saved by diffusers' layout under tmp/demo/, listed with the sha256 of every file."""
     from diffusers import FluxTransformer2DModel as ReferenceFlux

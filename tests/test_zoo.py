@@ -176,8 +176,34 @@ def _edited_config(tmp_path, edit):
             r"teacache.presets.slow: indicator 'temb' is not offered by FluxTransformer2DModel; "
             r"choose one of \['modulated_input'\]",
         ),
+        (
+            lambda d: d.update(loras=[{"source": None}]),
+            r"loras\[0\]: source must be a non-empty path or Hub id, got None",
+        ),
+        (lambda d: d.update(loras=[{"source": 3}]), r"loras\[0\]: source must be a non-empty path or Hub id, got 3"),
+        (
+            lambda d: d.update(loras=[{"source": "a/b", "adapter_name": 3}]),
+            r"loras\[0\]: adapter_name of LoRA 'a/b' must be None or a non-empty string, got 3",
+        ),
+        (
+            lambda d: d["teacache"]["threshold_table"]["rows"].append([0.2, 0.5, 40.0]),
+            r"teacache.threshold_table: rows\[\d+\] repeats threshold 0.2: one row per threshold",
+        ),
     ],
-    ids=["transformer", "name", "manifest", "preset-off", "preset-int", "default-list", "presets-list", "indicator"],
+    ids=[
+        "transformer",
+        "name",
+        "manifest",
+        "preset-off",
+        "preset-int",
+        "default-list",
+        "presets-list",
+        "indicator",
+        "lora-source-none",
+        "lora-source-int",
+        "lora-adapter-name",
+        "table-repeated-threshold",
+    ],
 )
 def test_invalid_entries_name_the_file_and_the_key(tmp_path, edit, message):
     path = _edited_config(tmp_path, edit)
@@ -201,6 +227,17 @@ def test_invalid_entries_name_the_file_and_the_key(tmp_path, edit, message):
 def test_unreadable_configs_are_value_errors(tmp_path, make, message):
     with pytest.raises(ValueError, match=message):
         load_zoo_entry(make(tmp_path))
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    text = (ZOO_DIR / "flux-digits.yaml").read_text()
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        text.replace("  num_inference_steps: 20\n", "  num_inference_steps: 20\n  num_inference_steps: 4\n")
+    )
+    line = path.read_text().splitlines().index("  num_inference_steps: 4") + 1
+    with pytest.raises(ValueError, match=rf"twice.yaml repeats the key 'num_inference_steps' \(line {line}\)"):
+        load_zoo_entry(path)
 
 
 @pytest.mark.parametrize(

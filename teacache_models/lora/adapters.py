@@ -43,7 +43,7 @@ from .formats import PEFT_KEY, to_peft_layout
 from .hotswap import hotswap_adapter
 from .lokr import is_lokr, lokr_adapter
 
-__all__ = ["LoraMixin", "check_lora_scale", "lora_scale_from"]
+__all__ = ["LoraMixin", "adapter_names_list", "check_lora_scale", "lora_scale_from"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
@@ -51,6 +51,15 @@ _CHECK_COMPILED = ("error", "warn", "ignore")
 _ADAPTER_PART = re.compile(r"\.(?:lora|lokr)_")
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PEFT_INSTALL = "LoRA adapters need PEFT: pip install peft (or the package's 'lora' extra)"
+
+
+def adapter_names_list(adapter_names: Any) -> list[str]:
+    """`adapter_names` (one name or a sequence of names) as a list, or the TypeError naming what is allowed."""
+    if isinstance(adapter_names, str):
+        return [adapter_names]
+    if isinstance(adapter_names, list | tuple) and all(isinstance(n, str) for n in adapter_names):
+        return list(adapter_names)
+    raise TypeError(f"adapter_names must be an adapter name or a list of names (strings), got {adapter_names!r}")
 
 
 def check_lora_scale(name: str, value: Any) -> float:
@@ -157,6 +166,9 @@ class LoraMixin:
         base_tuner = _tuner_layer_class()
         if adapter_name is not None and not isinstance(adapter_name, str):
             raise TypeError(f"adapter_name must be a string or None, got {type(adapter_name).__name__}")
+        if adapter_name is not None and (not adapter_name or "." in adapter_name):
+            # PEFT registers the adapter as a submodule of each adapted layer, under this name.
+            raise ValueError(f"adapter_name must be a non-empty name without '.', got {adapter_name!r}")
         if prefix is not None and not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string or None, got {type(prefix).__name__}")
         for option, value in (("use_safetensors", use_safetensors), ("safe_serialization", safe_serialization)):
@@ -583,7 +595,7 @@ class LoraMixin:
         loaded = list(self.__dict__.get("peft_config") or {})
         if not loaded:
             raise ValueError(f"{type(self).__name__} has no LoRA adapter loaded: call load_lora_adapter() first")
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = adapter_names_list(adapter_names)
         unknown = [n for n in names if n not in loaded]
         if unknown:
             raise ValueError(

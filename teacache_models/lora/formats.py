@@ -222,6 +222,11 @@ def to_peft_layout(model: nn.Module, state_dict: StateDict) -> tuple[StateDict, 
                     f"the LoRA looks like the {candidate.name} layout, but its converter failed "
                     f"({type(error).__name__}: {error}); is it for {type(model).__name__}?"
                 ) from None
+        if not converted:
+            raise ValueError(
+                f"the LoRA looks like the {candidate.name} layout, but none of its keys (such as "
+                f"{_shown(sorted(state_dict), 5)}) name a module of {type(model).__name__} in that layout"
+            )
         if not is_peft_layout(converted):
             left = sorted(k for k in converted if not PEFT_KEY.fullmatch(k))
             raise ValueError(

@@ -23,6 +23,10 @@ class LoraSpec:
         if not isinstance(self.source, str) or not self.source:
             raise ValueError(f"a LoRA source must be a non-empty path or Hub id, got {self.source!r}")
         object.__setattr__(self, "scale", check_lora_scale(f"the scale of LoRA {self.source!r}", self.scale))
+        for name in ("weight_name", "adapter_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} of LoRA {self.source!r} must be None or a non-empty string, got {value!r}")
 
 
 def parse_lora_argument(value: str) -> LoraSpec:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..lora import LoraSpec, read_lora, to_peft_layout
+from ..lora import LoraSpec, adapter_names_list, read_lora, to_peft_layout
 
 __all__ = ["PipelineLoraMixin"]
 
@@ -50,7 +50,7 @@ class PipelineLoraMixin:
         self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float | None] | None = None
     ) -> None:
         """Activate `adapter_names` with their weights in every transformer that holds them."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = adapter_names_list(adapter_names)
         if adapter_weights is None or not isinstance(adapter_weights, list | tuple):
             adapter_weights = [adapter_weights] * len(names)
         if len(adapter_weights) != len(names):
@@ -69,10 +69,12 @@ class PipelineLoraMixin:
 
     def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Sequence[str] | None = None):
         """`fuse_lora` on every transformer holding adapters (see the model's method)."""
-        for model in self._adapted():
-            held = None if adapter_names is None else [n for n in adapter_names if n in model.peft_config]
-            if held != []:
-                model.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=held)
+        if adapter_names is None:
+            for model in self._adapted():
+                model.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing)
+            return
+        for model, held in self._holding(adapter_names_list(adapter_names)):
+            model.fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=held)
 
     def unfuse_lora(self) -> None:
         self._on_each("unfuse_lora")
@@ -82,7 +84,7 @@ class PipelineLoraMixin:
         self._on_each("unload_lora")
 
     def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
-        for model, held in self._holding([adapter_names] if isinstance(adapter_names, str) else list(adapter_names)):
+        for model, held in self._holding(adapter_names_list(adapter_names)):
             model.delete_adapters(held)
 
     def disable_lora(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..checks import check_keys
+from ..checks import check_keys, load_yaml
 from ..families import FAMILIES
 from .errors import ManifestError
 
@@ -87,9 +87,11 @@ def load_manifest(path: str | Path | None = None) -> dict[str, ManifestEntry]:
     if not path.is_file():
         raise ManifestError(f"weights manifest {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), str(path))
     except yaml.YAMLError as error:
         raise ManifestError(f"{path} is not valid YAML: {error}") from None
+    except ValueError as error:  # a repeated key
+        raise ManifestError(str(error)) from None
     if not isinstance(data, dict) or not data:
         raise ManifestError(f"{path} must map entry names to entries, got {type(data).__name__}")
     return {str(name): _entry(path, str(name), value) for name, value in data.items()}

@@ -164,6 +164,21 @@ BAD_REQUESTS = [
     ({"prompt": PROMPT, "teacache": 3}, 400, "teacache", ("'off', a preset name",)),
     ({"prompt": PROMPT, "response_format": "url"}, 400, "response_format", ("'url' is not supported", "b64_json")),
     ({"prompt": PROMPT, "guidance_scale": 1, "negative_prompt": "x"}, 400, "negative_prompt", ("no effect",)),
+    ({"prompt": "   "}, 400, "prompt", ("prompt must not be blank for flux-digits",)),
+    (
+        {"prompt": PROMPT, "true_cfg_scale": 2.0},
+        400,
+        "true_cfg_scale",
+        ("true_cfg_scale has no effect on flux-digits",),
+    ),
+    ({"prompt": PROMPT, "teacache": {"indicator": "x"}}, 400, "teacache", ("indicator 'x' is not offered by Flux",)),
+    ({"prompt": PROMPT, "size": "8192x8192"}, 400, "size", ("latent tokens per sample; at most 1,048,576",)),
+    (
+        {"prompt": PROMPT, "guidance_scale": 1e300, "num_inference_steps": 2, "teacache": "off"},
+        400,
+        None,
+        ("non-finite latents", "lower the guidance scale"),
+    ),
     ([1, 2], 422, None, ()),
 ]
 

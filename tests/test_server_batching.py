@@ -176,6 +176,25 @@ def test_bad_input_found_when_a_job_joins_fails_that_job_only(pipe):
     assert_solo(pipe, good)
 
 
+def test_a_batched_job_whose_latents_overflow_fails_alone_and_its_batch_goes_on(pipe):
+    recorder = Recorder()
+    engine = engine_for(pipe, recorder)
+    try:
+        jobs = [
+            engine.submit(Job("image", ["seven"], params(pipe, "off", 1, steps=4, guidance_scale=1e300))),
+            engine.submit(Job("image", ["seven"], params(pipe, "off", 1, steps=4))),
+        ]
+        for job in jobs:
+            assert job.done.wait(30)
+    finally:
+        assert engine.stop(5)
+    overflowed, good = jobs
+    assert max(recorder.sizes) == 2, "the two jobs computed their steps together"
+    assert overflowed.status == "failed" and overflowed.error_code == "invalid_request" and overflowed.result is None
+    assert "non-finite latents" in overflowed.error and "'guidance_scale': 1e+300" in overflowed.error
+    assert_solo(pipe, good)
+
+
 def test_max_batch_one_and_pipelines_that_cannot_batch_run_one_job_at_a_time(pipe):
     assert Engine(pipe, max_queue=1, max_batch=1).batcher is None
 

@@ -31,7 +31,7 @@ from ..cli import save_mp4, write_atomically
 from ..demo import encode_png
 from .engine import COMPLETED, IN_PROGRESS, Engine, Job, QueueFullError, retry_after_headers
 from .metrics import Metrics
-from .schemas import ApiError, ImageRequest, Served, VideoRequest, decode_image, sampling_params
+from .schemas import ApiError, ImageRequest, Served, VideoRequest, decode_image, param_of, sampling_params
 
 __all__ = ["create_app"]
 
@@ -374,7 +374,7 @@ def _job_error(job: Job) -> ApiError:
     if code == "timeout":
         return ApiError(504, job.error or "timed out", code="timeout", kind="timeout_error")
     if code == "invalid_request":
-        return ApiError(400, job.error or "invalid request", code="invalid_request")
+        return ApiError(400, job.error or "invalid request", param_of(job.error or ""), code="invalid_request")
     if code in ("shutdown", "cancelled", "disconnected"):
         return ApiError(503, f"the request was cancelled: {code}", code=code, kind="server_error")
     return ApiError(500, job.error or "the generation failed", code=code, kind="server_error")

@@ -49,8 +49,9 @@ _MAX_SEED = 2**63 - 1  # as `Pipeline.__call__` draws a seed
 class BatchRequest:
     """One prompt's generation inside a `ContinuousBatcher`: what was asked, and how far it got.
 
-    `result` (a `PipelineResult` of one image) is set when the request has finished; `finished_at` and
-    `steps_done` say when and how far.
+    `result` (a `PipelineResult` of one image) is set when the request has finished, or `error` when its last
+    step left it nothing to decode (latents overflowed to NaN or inf); `finished_at` and `steps_done` say when
+    and how far.
     """
 
     prompt: str
@@ -58,6 +59,7 @@ class BatchRequest:
     submitted_at: float = field(default_factory=time.perf_counter)
     steps_done: int = 0
     result: Any = None
+    error: Exception | None = None
     cancelled: bool = False
     finished_at: float | None = None
     # Seconds of the request's own work: preparing it (text encoding, noise, schedule) and decoding.
@@ -77,7 +79,7 @@ class BatchRequest:
 
     @property
     def finished(self) -> bool:
-        return self.result is not None or self.cancelled
+        return self.result is not None or self.error is not None or self.cancelled
 
 
 class ContinuousBatcher:
@@ -255,9 +257,15 @@ class ContinuousBatcher:
         return request._indicator is None or not indicators or request._indicator in indicators
 
     def _finish(self, request: BatchRequest) -> None:
-        from ..pipelines.base import PipelineResult
+        from ..pipelines.base import PipelineResult, check_finite_latents
 
         started = time.perf_counter()
+        try:
+            check_finite_latents(request._latents, request.params, self.pipe.dtype)
+        except ValueError as error:  # this request's own input: it fails alone, the batch goes on
+            request.error, request.finished_at = error, started
+            request._latents = request._row = request._condition = request._negative = None
+            return
         _set_state(self.pipe, request._state)
         pixels = self.pipe.decode(request._latents, request.params).float().cpu()
         finished = time.perf_counter()

@@ -462,6 +462,9 @@ class Engine:
             job.step = request.steps_done
             if id(request) in ran and job.status == QUEUED:
                 self._mark_running(job)
+            if request.error is not None and not job.finished:
+                self._fail(job, request.error)
+                self._end(job)
             if request.result is not None and not job.finished:
                 job.result = request.result
                 with self._failures(job):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..params import SamplingParams, TeaCacheParams
+from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams, TeaCacheParams
 from ..zoo import ZooEntry
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "Served",
     "VideoRequest",
     "decode_image",
+    "param_of",
     "sampling_params",
 ]
 
@@ -175,9 +176,9 @@ _PARAM_FIELDS = {
 }
 
 
-def _param_of(message: str) -> str | None:
+def param_of(message: str) -> str | None:
     """The request field an error message of the params or the pipeline is about (it starts with it)."""
-    first = message.split(" ", 1)[0]
+    first = re.split(r"[ =]", message, maxsplit=1)[0]  # "height must be ..." or "negative_prompt='x' has ..."
     return _PARAM_FIELDS.get(first)
 
 
@@ -208,10 +209,31 @@ def sampling_params(request: _Fields, served: Served) -> SamplingParams:
         elif request.seconds is not None:
             fps = request.fps or base.fps or 16
             given["num_frames"] = round(request.seconds * fps) + 1
+    if not request.prompt.strip() and not served.pipe.captions_blank_prompts:
+        raise ApiError(
+            400,
+            f"prompt must not be blank for {served.name}: only a layered model (Qwen-Image-Layered) takes a blank "
+            "prompt, which it replaces by a caption of its input image",
+            "prompt",
+        )
+    unread = sorted(set(given) & set(OPTIONAL_SAMPLING_FIELDS) - served.pipe.sampling_extras)
+    if unread:
+        raise ApiError(
+            400,
+            f"{unread[0]} has no effect on {served.name}: of the optional settings it reads "
+            f"{sorted(served.pipe.sampling_extras) or 'none'}",
+            _PARAM_FIELDS[unread[0]],
+        )
     try:
         params = dataclasses.replace(base, **given, teacache_params=_teacache(request.teacache, served))
     except ValueError as error:
-        raise ApiError(400, str(error), _param_of(str(error))) from None
+        raise ApiError(400, str(error), param_of(str(error))) from None
+    if params.teacache_params is not None:
+        try:  # what the model offers (indicator, a fit for it): refused here, not when the job starts
+            for model in served.pipe.teacache_models().values():
+                model.teacache_schedule(params.teacache_params)
+        except ValueError as error:
+            raise ApiError(400, f"teacache: {error}", "teacache") from None
     # A field given explicitly that this model would not read with these settings is refused, not dropped.
     ignored = served.pipe.ignored_settings(params)
     refused = sorted(set(given) & set(ignored))
@@ -221,7 +243,7 @@ def sampling_params(request: _Fields, served: Served) -> SamplingParams:
     try:
         served.pipe.check_params(params)
     except ValueError as error:
-        param = _param_of(str(error))
+        param = param_of(str(error))
         prefix = f"size {request.size!r}: " if param == "size" else ""
         raise ApiError(400, prefix + str(error), param) from None
     return params

@@ -310,7 +310,8 @@ def test_bad_inputs_are_rejected(flux_folder, z_image_folder, tmp_path):
         "generator": r"takes no generator=\.\.\.: the noise is drawn from SamplingParams\(seed=",
         "max_sequence_length": r"takes no max_sequence_length=\.\.\.: set pipe\.max_sequence_length",
         "callback_on_step_end": r"takes no callback_on_step_end=\.\.\.: progress=",
-        "latents": r"takes no inputs \['latents'\]",
+        "latents": r"takes no inputs .*got \['latents'\]; prompt embeddings and latents are not inputs: the pipeline",
+        "prompt_embeds": r"got \['prompt_embeds'\]; prompt embeddings and latents are not inputs",
     }
     for key, message in refused.items():
         with pytest.raises(TypeError, match=message):

@@ -31,6 +31,7 @@ from ..models.base import compute_dtype
 from ..params import OPTIONAL_SAMPLING_FIELDS, SamplingParams
 from ..zoo import check_sampling_overrides
 from .lora import PipelineLoraMixin
+from .shared import refuse_unknown_inputs
 
 if TYPE_CHECKING:
     from ..distributed import ParallelState
@@ -543,8 +544,7 @@ class Pipeline(PipelineLoraMixin):
 
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
         """Family-specific inputs beyond the prompt (an image for I2V); none by default."""
-        if inputs:
-            raise TypeError(f"{type(self).__name__} takes no inputs {sorted(inputs)}")
+        refuse_unknown_inputs(self, inputs, "no inputs besides the prompt, sampling_params and progress", ())
 
     def takes_image(self) -> str:
         """Whether `image=` is "required" (image-to-video, editing), "optional" (TI2V) or refused ("no")."""

@@ -25,7 +25,7 @@ import torch
 from ..models import Flux2Transformer2DModel
 from ..params import SamplingParams
 from .base import Conditioning, Pipeline
-from .shared import to_unit_range
+from .shared import refuse_unknown_inputs, to_unit_range
 
 __all__ = ["Flux2ImagePipeline", "Flux2KleinImagePipeline", "Flux2KleinKVImagePipeline"]
 
@@ -41,9 +41,7 @@ def reference_images(pipeline: Pipeline, inputs: dict[str, Any]) -> list[Any]:
     is an error naming it."""
     from PIL import Image
 
-    unknown = sorted(set(inputs) - {"image"})
-    if unknown:
-        raise TypeError(f"{type(pipeline).__name__} takes only image=... (reference images), got {unknown}")
+    refuse_unknown_inputs(pipeline, inputs, "only image=... (reference images)", ("image",))
     images = inputs.get("image")
     if images is None:
         return []

@@ -28,7 +28,7 @@ import torch
 from ..params import SamplingParams
 from .base import Conditioning
 from .qwen_image import QwenImageTextToImagePipeline
-from .shared import pack_2x2
+from .shared import pack_2x2, refuse_unknown_inputs
 
 __all__ = ["EditImages", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "check_edit_images", "edit_image_size"]
 
@@ -62,10 +62,8 @@ def check_edit_images(
     from PIL import Image
 
     name = type(pipeline).__name__
-    unknown = sorted(set(inputs) - {"image", *extra})
-    if unknown:
-        allowed = ", ".join(f"{key}=..." for key in ("image", *extra))
-        raise TypeError(f"{name} takes only {allowed}, got {unknown}")
+    allowed = ", ".join(f"{key}=..." for key in ("image", *extra))
+    refuse_unknown_inputs(pipeline, inputs, f"only {allowed}", ("image", *extra))
     image = inputs.get("image")
     if image is None:
         raise ValueError(

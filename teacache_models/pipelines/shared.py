@@ -21,6 +21,7 @@ __all__ = [
     "image_input",
     "negative_prompt_cfg",
     "pack_2x2",
+    "refuse_unknown_inputs",
     "to_unit_range",
     "unpack_2x2",
     "unpaired_guidance_scale",
@@ -113,12 +114,22 @@ def check_frame_count(num_frames: int, factor: int, family: str) -> None:
         )
 
 
+def refuse_unknown_inputs(pipeline: Pipeline, inputs: dict[str, Any], allowed: str, takes: tuple[str, ...]) -> None:
+    """A call keyword outside `takes` is a TypeError naming it and `allowed` (what the call takes, in words), and
+    saying that diffusers' prompt embeddings and latents have no place here (the pipeline's
+    `_refuse_diffusers_keywords` has already placed the sampling settings and the generator)."""
+    unknown = sorted(set(inputs) - set(takes))
+    if unknown:
+        raise TypeError(
+            f"{type(pipeline).__name__} takes {allowed}, got {unknown}; prompt embeddings and latents are not "
+            "inputs: the pipeline encodes the prompts and draws the noise from SamplingParams.seed"
+        )
+
+
 def image_input(pipeline: Pipeline, inputs: dict[str, Any]) -> Any:
     """The `image=` of a call, None when not given: any other keyword is refused, and an image-to-video
     pipeline (`takes_image() == "required"`) refuses a call without one."""
-    unknown = sorted(set(inputs) - {"image"})
-    if unknown:
-        raise TypeError(f"{type(pipeline).__name__} takes only image=..., got {unknown}")
+    refuse_unknown_inputs(pipeline, inputs, "only image=...", ("image",))
     image = inputs.get("image")
     if image is None and pipeline.takes_image() == "required":
         raise ValueError(f"{type(pipeline).__name__} is image-to-video: pass image=<first frame>")

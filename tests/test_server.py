@@ -581,6 +581,12 @@ def test_video_bad_input(video_server, tool):
     assert_clean_error(bad_frames, 400, "num_frames", ("4k+1",))
     assert_clean_error(tool.request(url, "POST", "/v1/images/generations", {"prompt": "x"}), 400, "model")
     assert_clean_error(tool.request(url, "GET", "/v1/videos?limit=0"), 400, "limit")
+    # A duration whose frame count overflows (seconds x fps) or exceeds the limit names seconds.
+    too_long = {k: v for k, v in VIDEO.items() if k != "num_frames"} | {"seconds": 1000, "fps": 24}
+    assert_clean_error(tool.request(url, "POST", "/v1/videos", too_long), 400, "seconds", ("at most 1025",))
+    assert_clean_error(tool.request(url, "POST", "/v1/videos", too_long | {"seconds": 1e308}), 422, "seconds")
+    huge = dict(VIDEO, size="8192x8192", num_frames=81)
+    assert_clean_error(tool.request(url, "POST", "/v1/videos", huge), 400, "size", ("latent tokens per sample",))
 
 
 # ---- several processes ---------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ class ImageRequest(_Fields):
 class VideoRequest(_Fields):
     """POST /v1/videos (JSON or multipart, with an optional `input_reference` image)."""
 
-    seconds: float | None = Field(None, gt=0, description="duration: num_frames = seconds x fps + 1")
+    seconds: float | None = Field(None, gt=0, le=MAX_FRAMES, description="duration: num_frames = seconds x fps + 1")
     num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
     fps: int | None = Field(None, ge=1, le=240)
 
@@ -209,6 +209,12 @@ def sampling_params(request: _Fields, served: Served) -> SamplingParams:
         elif request.seconds is not None:
             fps = request.fps or base.fps or 16
             given["num_frames"] = round(request.seconds * fps) + 1
+            if given["num_frames"] > MAX_FRAMES:
+                raise ApiError(
+                    400,
+                    f"seconds {request.seconds} at {fps} fps make {given['num_frames']} frames; at most {MAX_FRAMES}",
+                    "seconds",
+                )
     if not request.prompt.strip() and not served.pipe.captions_blank_prompts:
         raise ApiError(
             400,

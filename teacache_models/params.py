@@ -7,7 +7,7 @@ not steps later inside a model. Use `dataclasses.replace` to derive a changed co
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .checks import require_bool, require_int, require_number
@@ -60,6 +60,14 @@ RESIDUAL_ORDERS = (0, 1)
 CACHE_METHODS = ("teacache", "forecast")
 # How far along the slope of its last two computed steps the forecast method carries a step (`forecast_slope`).
 FORECAST_SLOPES = ("steps", "indicator")
+
+
+def _refuse_unknown_fields(cls: type, kwargs: dict[str, Any]) -> None:
+    """A keyword that is no field of the dataclass `cls` is a TypeError naming it and the fields (Python's own
+    error names only the keyword)."""
+    unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no fields {unknown}; its fields: {[f.name for f in fields(cls)]}")
 
 
 def evaluate_polynomial(coefficients: Sequence[float], x: float) -> float:
@@ -146,6 +154,10 @@ class TeaCacheParams:
             forecast follows a trajectory that speeds up or slows down; both are then scaled by
             `extrapolation_scale`. See `teacache_models.cache.forecast`.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> TeaCacheParams:
+        _refuse_unknown_fields(cls, kwargs)
+        return super().__new__(cls)
 
     teacache_thresh: float = 0.1
     coefficients: tuple[float, ...] | None = None
@@ -238,6 +250,10 @@ class SamplingParams:
         cfg_normalization: Z-Image: cap the guided prediction's norm at this multiple of the positive
             one's; None: no cap.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SamplingParams:
+        _refuse_unknown_fields(cls, kwargs)
+        return super().__new__(cls)
 
     num_inference_steps: int = 50
     guidance_scale: float = 5.0

@@ -153,3 +153,34 @@ def test_optional_family_fields():
     ]:
         with pytest.raises(ValueError, match=message):
             SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: SamplingParams(steps=4),
+            r"SamplingParams has no fields \['steps'\]; its fields: \['num_inference_steps'",
+        ),
+        (
+            lambda: TeaCacheParams(thresh=0.2),
+            r"TeaCacheParams has no fields \['thresh'\]; its fields: \['teacache_thresh'",
+        ),
+        (
+            lambda: dataclasses.replace(SamplingParams(), prompt="x"),
+            r"SamplingParams has no fields \['prompt'\]; its fields: \[.*'negative_prompt'",
+        ),
+    ],
+)
+def test_an_unknown_field_names_itself_and_the_fields(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+def test_copies_of_params_survive_the_field_check():
+    import copy
+    import pickle
+
+    params = SamplingParams(num_inference_steps=3, teacache_params=TeaCacheParams(teacache_thresh=0.2))
+    assert copy.deepcopy(params) == params == pickle.loads(pickle.dumps(params))
+    assert dataclasses.replace(params, seed=4).seed == 4

@@ -352,6 +352,8 @@ def test_bad_api_arguments_are_rejected_before_any_work(flux_folder, tmp_path):
         (dict(name_or_path=flux_folder, zoo_entry="flux1-dev"), TypeError, "zoo_entry must be a ZooEntry"),
         (dict(name_or_path=tmp_path / "broken"), ValueError, r"model_index\.json is not valid JSON"),
         (dict(name_or_path=tmp_path / "listed"), ValueError, r"model_index\.json must hold a JSON object, got list"),
+        (dict(name_or_path=tmp_path / "absent"), FileNotFoundError, "absent' does not exist: a local pipeline is a"),
+        (dict(name_or_path=tmp_path / "listed" / "model_index.json"), FileNotFoundError, "json' is not a folder"),
     ]:
         with pytest.raises(error, match=message):
             load_pipeline(**kwargs)

@@ -242,6 +242,12 @@ def _resolve_path(name_or_path: str | Path) -> tuple[Path, ZooEntry | None]:
         return _zoo_weights(entry), entry
     if text.count("/") == 1 and not path.exists() and not text.startswith((".", "/", "~")):
         return _resolve_weights(text), None
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a filesystem path, not a name
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"{text!r} {what}: a local pipeline is a diffusers-layout folder (model_index.json plus one subfolder "
+            "per component)"
+        )
     close = difflib.get_close_matches(text, list_zoo(), n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(

@@ -331,12 +331,17 @@ def teacache_label(indicator: str, order: int, limit: int | None, several_indica
     return "TeaCache" + (f" ({', '.join(options)})" if options else "")
 
 
-def forecast_label(indicator: str, order: int, scale: float, slope: str, several_indicators: bool) -> str:
-    """A forecast curve's name: its indicator where several are measured, and how it forecasts."""
+def forecast_label(indicator: str, variant: tuple[int, float, str, bool, int], several_indicators: bool) -> str:
+    """A forecast curve's name: its indicator where several are measured, and how it forecasts and decides."""
+    order, scale, slope, cadence, tail = variant
     options = [indicator] if several_indicators else []
     options.append(f"extrapolation x{scale:g}" if order else "reuse")
     if slope != "steps":
         options.append(f"slope from the {slope}")
+    if cadence:
+        options.append("cadence")
+    if tail:
+        options.append(f"last {tail} steps forecast")
     return f"Forecast ({', '.join(options)})"
 
 
@@ -358,10 +363,12 @@ def build_methods(
         label = teacache_label(indicator, order, limit, several)
         fields = dict(coefficients=coefficients, indicator=indicator, residual_order=order, max_consecutive_skips=limit)
         curves.append(native_curve(label, args.teacache_thresholds, **fields))
-    for (indicator, coefficients), (order, scale, slope) in itertools.product(teacache_curves, args.forecast_variants):
-        label = forecast_label(indicator, order, scale, slope, several)
+    for (indicator, coefficients), variant in itertools.product(teacache_curves, args.forecast_variants):
+        label = forecast_label(indicator, variant, several)
+        order, scale, slope, cadence, tail = variant
         fields = dict(coefficients=coefficients, indicator=indicator, residual_order=order)
         fields.update(method="forecast", extrapolation_scale=scale, end_skipping=0, forecast_slope=slope)
+        fields.update(forecast_cadence=cadence, forecast_tail=tail)
         curves.append(native_curve(label, args.forecast_thresholds, **fields))
     if "fbc" in args.peers:
         curves.append(
@@ -563,23 +570,27 @@ def _variant(text: str) -> tuple[int, int | None]:
     return parsed
 
 
-def _forecast_variant(text: str) -> tuple[int, float, str]:
-    """ "1:0.5" -> (residual order 1, extrapolation scale 0.5, slope "steps"); "0" -> (0, 1.0, "steps"): reuse;
-    "1:0.5:indicator" -> the slope from the indicator (`forecast_slope="indicator"`)."""
-    order, _, rest = text.partition(":")
-    scale, _, slope = rest.partition(":")
+def _forecast_variant(text: str) -> tuple[int, float, str, bool, int]:
+    """ "1:0.5" -> (residual order 1, extrapolation scale 0.5, slope "steps", no cadence, no tail); "0" -> (0, 1.0,
+    "steps", False, 0): reuse; "1:0.5:indicator" -> the slope from the indicator (`forecast_slope="indicator"`);
+    "1:0.5:indicator:cadence:2" -> with `forecast_cadence` and `forecast_tail=2`."""
+    parts = text.split(":")
+    usage = f"{text!r}: expected ORDER[:SCALE[:SLOPE[:cadence[:TAIL]]]], e.g. 1:0.5, 1:0.5:indicator:cadence:2"
+    if len(parts) > 5 or (len(parts) > 3 and parts[3] not in ("", "cadence")):
+        raise argparse.ArgumentTypeError(usage)
+    order, scale, slope, cadence, tail = parts + [""] * (5 - len(parts))
     try:
-        parsed = (int(order), float(scale) if scale else 1.0, slope or "steps")
+        parsed = (int(order), float(scale) if scale else 1.0, slope or "steps", cadence == "cadence", int(tail or 0))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected ORDER[:SCALE[:SLOPE]], e.g. 1:0.5 or 1:0.5:indicator"
-        ) from None
+        raise argparse.ArgumentTypeError(usage) from None
     if parsed[0] not in RESIDUAL_ORDERS or not 0 <= parsed[1] <= 1 or (parsed[0] == 0 and parsed[1] != 1):
         raise argparse.ArgumentTypeError(
             f"{text!r}: ORDER is one of {list(RESIDUAL_ORDERS)}, SCALE in [0, 1] and only with ORDER 1"
         )
     if parsed[2] not in FORECAST_SLOPES or (parsed[2] != "steps" and parsed[0] == 0):
         raise argparse.ArgumentTypeError(f"{text!r}: ORDER 1 and SLOPE one of {list(FORECAST_SLOPES)}")
+    if parsed[4] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: ORDER[:SCALE[:SLOPE[:cadence[:TAIL]]]] with TAIL at least 0")
     return parsed
 
 
@@ -622,11 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--forecast-variants",
         type=_forecast_variant,
         nargs="*",
-        default=[(1, 0.5, "steps")],
-        metavar="ORDER[:SCALE[:SLOPE]]",
+        default=[(1, 0.5, "steps", False, 0)],
+        metavar="ORDER[:SCALE[:SLOPE[:cadence[:TAIL]]]]",
         help="one curve of the forecast method (TeaCacheParams(method='forecast'), last step not forced) per "
-        "variant: residual order, extrapolation scale and forecast_slope (steps, the default, or indicator), "
-        "e.g. 1:0.5 1:0.5:indicator 1 0; none: no forecast curve",
+        "variant: residual order, extrapolation scale, forecast_slope (steps, the default, or indicator), "
+        "forecast_cadence (the word cadence) and forecast_tail, e.g. 1:0.5 1:0.5:indicator "
+        "1:0.5:indicator:cadence:2 1 0; none: no forecast curve",
     )
     parser.add_argument("--fbc-thresholds", type=float, nargs="+", default=list(DEFAULT_FBC_THRESHOLDS))
     parser.add_argument("--magcache-thresholds", type=float, nargs="+", default=list(DEFAULT_MAGCACHE_THRESHOLDS))

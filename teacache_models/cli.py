@@ -158,6 +158,19 @@ def add_teacache_arguments(parser: argparse.ArgumentParser) -> None:
         "since the last computed one, the default) or indicator (by how far its indicator moved along it)",
     )
     cache.add_argument(
+        "--teacache-forecast-cadence",
+        action="store_const",
+        const=True,
+        help="forecast method: the first gap the threshold chooses becomes the cadence, and a step also computes "
+        "once that many steps have passed since the last computed one",
+    )
+    cache.add_argument(
+        "--teacache-forecast-tail",
+        type=int,
+        help="forecast method: the last N steps never compute (forecast instead); needs --teacache-end-skipping 0",
+    )
+    cache.add_argument("--teacache-end-skipping", type=int, help="the number of last steps that always compute")
+    cache.add_argument(
         "--teacache-coefficients",
         help="override the rescaling polynomial: comma-separated numbers, highest degree first",
     )
@@ -382,6 +395,9 @@ TEACACHE_FLAGS = {
     "method": "--teacache-method",
     "extrapolation_scale": "--teacache-extrapolation-scale",
     "forecast_slope": "--teacache-forecast-slope",
+    "forecast_cadence": "--teacache-forecast-cadence",
+    "forecast_tail": "--teacache-forecast-tail",
+    "end_skipping": "--teacache-end-skipping",
 }
 
 
@@ -408,6 +424,9 @@ def teacache_params(args: argparse.Namespace, entry: ZooEntry | None) -> TeaCach
         "method": args.teacache_method,
         "extrapolation_scale": args.teacache_extrapolation_scale,
         "forecast_slope": args.teacache_forecast_slope,
+        "forecast_cadence": args.teacache_forecast_cadence,
+        "forecast_tail": args.teacache_forecast_tail,
+        "end_skipping": args.teacache_end_skipping,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if choice is not None and not choice.strip():

@@ -153,6 +153,15 @@ class TeaCacheParams:
             moved along the indicator's slope (its least-squares projection onto it, at least 0), so the
             forecast follows a trajectory that speeds up or slows down; both are then scaled by
             `extrapolation_scale`. See `teacache_models.cache.forecast`.
+        forecast_cadence: method "forecast": once the threshold has made a branch compute a step of its own
+            choosing, the steps since the computed one before it (the branch's first gap) become its cadence:
+            a later step also computes when that many steps have passed since the branch's last computed one,
+            however well the forecast holds. False (the default): only the threshold decides.
+        forecast_tail: method "forecast" with a threshold above 0: the last `forecast_tail` steps never
+            compute (they are forecast from the computed steps; the inputs changing or
+            `max_consecutive_skips` still make them compute), and a cadence step that would fall among them
+            computes just before them, so that the last computed step serves several steps. Needs
+            `end_skipping=0`. 0 (the default): none.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> TeaCacheParams:
@@ -173,6 +182,8 @@ class TeaCacheParams:
     method: str = "teacache"
     extrapolation_scale: float = 1.0
     forecast_slope: str = "steps"
+    forecast_cadence: bool = False
+    forecast_tail: int = 0
 
     def __post_init__(self) -> None:
         require_bool("per_sample", self.per_sample)
@@ -222,6 +233,20 @@ class TeaCacheParams:
                 f"forecast_slope={self.forecast_slope!r} sets the slope of the forecast method's extrapolation, "
                 f"but method is {self.method!r} and residual_order {order}: set method='forecast' and "
                 "residual_order=1, or leave forecast_slope at 'steps'"
+            )
+        require_bool("forecast_cadence", self.forecast_cadence)
+        tail = require_int("forecast_tail", self.forecast_tail, 0)
+        object.__setattr__(self, "forecast_tail", tail)
+        for name, value, unset in (("forecast_cadence", self.forecast_cadence, False), ("forecast_tail", tail, 0)):
+            if value != unset and self.method != "forecast":
+                raise ValueError(
+                    f"{name}={value!r} is a setting of the forecast method, but method is {self.method!r}: set "
+                    f"method='forecast', or leave {name} at {unset!r}"
+                )
+        if tail and self.end_skipping:
+            raise ValueError(
+                f"forecast_tail={tail} makes the last {tail} steps skip, but end_skipping={self.end_skipping} makes "
+                "the last steps compute: set end_skipping=0 with forecast_tail"
             )
 
 

@@ -105,9 +105,15 @@ def test_timing_flags_a_point_faster_than_its_ideal(script):
 
 
 def test_forecast_variants_are_parsed_and_bad_ones_refused(script):
-    assert script._forecast_variant("1:0.5") == (1, 0.5, "steps")
-    assert script._forecast_variant("1:0.5:indicator") == (1, 0.5, "indicator")
-    assert script._forecast_variant("0") == (0, 1.0, "steps")
-    for bad in ("2", "1:1.5", "0:0.5", "one", "1:0.5:output", "0:1:indicator"):
+    assert script._forecast_variant("1:0.5") == (1, 0.5, "steps", False, 0)
+    assert script._forecast_variant("1:0.5:indicator") == (1, 0.5, "indicator", False, 0)
+    assert script._forecast_variant("0") == (0, 1.0, "steps", False, 0)
+    assert script._forecast_variant("1:0.5:indicator:cadence:2") == (1, 0.5, "indicator", True, 2)
+    assert script._forecast_variant("1:0.5:steps:cadence") == (1, 0.5, "steps", True, 0)
+    assert script._forecast_variant("1:0.5:steps::3") == (1, 0.5, "steps", False, 3)
+    label = script.forecast_label("modulated_input", (1, 0.5, "indicator", True, 2), False)
+    assert label == "Forecast (extrapolation x0.5, slope from the indicator, cadence, last 2 steps forecast)"
+    bad_ones = ("2", "1:1.5", "0:0.5", "one", "1:0.5:output", "0:1:indicator", "1:0.5:steps:rhythm", "1:0.5:steps::-1")
+    for bad in (*bad_ones, "1:0.5:steps:cadence:x", "1:0.5:steps:cadence:2:3"):
         with pytest.raises(argparse.ArgumentTypeError, match="ORDER"):
             script._forecast_variant(bad)

@@ -153,8 +153,20 @@ def test_a_second_generation_reuses_the_compiled_graphs():
     assert backend.graphs == graphs
 
 
-@pytest.mark.parametrize("slope, skipped", [("steps", (1, 2, 4, 8)), ("indicator", (1, 2, 4, 5, 6, 7, 8, 9))])
-def test_the_forecast_method_compiles_no_graph_per_step(slope, skipped):
+# With the cadence of the first gap (3: steps 0 and 3 compute) and the last two steps forecast: 6 computes by the
+# cadence, the one due at 9 is pulled in to 7.
+CADENCE_SKIPS = (1, 2, 4, 5, 8, 9)
+
+
+@pytest.mark.parametrize(
+    "slope, cadence, skipped",
+    [
+        ("steps", False, (1, 2, 4, 8)),
+        ("indicator", False, (1, 2, 4, 5, 6, 7, 8, 9)),
+        ("indicator", True, CADENCE_SKIPS),
+    ],
+)
+def test_the_forecast_method_compiles_no_graph_per_step(slope, cadence, skipped):
     # Its decision and forecasts run outside the graphs, as TeaCache's: skipped steps that reuse the residual
     # (1, 2: one computed step so far) and that extrapolate it (4 and 8 by the steps' measure of the slope, 4-9
     # by the indicator's) replay the same graphs.
@@ -167,6 +179,8 @@ def test_the_forecast_method_compiles_no_graph_per_step(slope, skipped):
         extrapolation_scale=0.5,
         end_skipping=0,
         forecast_slope=slope,
+        forecast_cadence=cadence,
+        forecast_tail=2 * cadence,
     )
     eager = run_loop(model, model, inputs, 10, params=params)
     eager_stats = model.teacache_stats()

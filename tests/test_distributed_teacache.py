@@ -38,6 +38,8 @@ FORECAST = TeaCacheParams(
 )
 # With the slope measured on the indicator, one more reduction per step: the indicator's projection on the slope.
 MEASURED = dataclasses.replace(FORECAST, forecast_slope="indicator")
+# The cadence and the forecast tail read only the step index and the computed steps, which every rank shares.
+CADENCE = dataclasses.replace(MEASURED, teacache_thresh=0.5, forecast_cadence=True, forecast_tail=2)
 
 
 def decide(
@@ -71,7 +73,9 @@ def _worker(rank: int, world_size: int, init_file: str, results: dict, params: T
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("params", [TEACACHE, FORECAST, MEASURED], ids=["teacache", "forecast", "measured-slope"])
+@pytest.mark.parametrize(
+    "params", [TEACACHE, FORECAST, MEASURED, CADENCE], ids=["teacache", "forecast", "measured-slope", "cadence"]
+)
 def test_sequence_parallel_ranks_make_the_global_decision(tmp_path, params):
     full_skipped, full_outputs = decide(TokenIndicatorModel(), trajectory(), params)
     local_skipped, _ = decide(TokenIndicatorModel(), [x[:, : TOKENS // 2] for x in trajectory()], params)

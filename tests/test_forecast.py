@@ -19,6 +19,9 @@ from tests.test_teacache_core import TIMESTEPS, TinyModel, computed_residual, ge
 FORECAST = dict(method="forecast", residual_order=1, extrapolation_scale=0.5, end_skipping=0, forecast_slope="steps")
 # The slope measured on the indicator (`forecast_slope="indicator"`).
 MEASURED = dict(FORECAST, forecast_slope="indicator")
+# The measured slope with the cadence of the first gap and the last two steps forecast.
+CADENCE = dict(MEASURED, forecast_cadence=True, forecast_tail=2)
+SETTINGS = pytest.mark.parametrize("setting", [FORECAST, MEASURED, CADENCE], ids=["steps", "indicator", "cadence"])
 
 
 class TinyModelWithoutFit(TinyModel):
@@ -30,24 +33,45 @@ class TinyModelWithoutFit(TinyModel):
 
 
 def replay(
-    timesteps: list[float], thresh: float, scale: float, first: int = 1, last: int = 0, slope: str = "steps"
+    timesteps: list[float],
+    thresh: float,
+    scale: float,
+    first: int = 1,
+    last: int = 0,
+    slope: str = "steps",
+    cadence: bool = False,
+    tail: int = 0,
+    order: int = 1,
 ) -> list[int]:
     """The forecast rule written out for a scalar indicator: the computed steps."""
     computed: list[tuple[int, float]] = []
+    final = len(timesteps) - 1
+    gap = None  # the cadence: the first gap the threshold chose
     for step, t in enumerate(timesteps):
         if step < first or step >= len(timesteps) - last or not computed:
             computed.append((step, t))
             continue
-        (s1, t1), older = computed[-1], computed[-2] if len(computed) > 1 else None
+        (s1, t1), older = computed[-1], computed[-2] if len(computed) > 1 and order else None
         if older is None:
             forecast = t1
         elif slope == "steps":
             forecast = t1 + scale * (step - s1) / (s1 - older[0]) * (t1 - older[1])
         else:  # how far the indicator itself moved along the slope, never backwards
             forecast = t1 + scale * max(0.0, (t - t1) / (t1 - older[1])) * (t1 - older[1])
+        if thresh > 0 and step > final - tail:
+            continue  # the tail is forecast, whatever the error
         if abs(forecast - t) / abs(t) >= thresh:
+            gap = step - s1 if cadence and gap is None else gap
+            computed.append((step, t))
+        elif gap is not None and s1 + gap <= final and step >= min(s1 + gap, final - tail):
             computed.append((step, t))
     return [step for step, _ in computed]
+
+
+def rule_of(setting: dict) -> dict:
+    """The `replay` arguments of a setting of the forecast."""
+    return dict(slope=setting["forecast_slope"], cadence=setting.get("forecast_cadence", False),
+                tail=setting.get("forecast_tail", 0))  # fmt: skip
 
 
 def test_decisions_replayed_by_hand():
@@ -134,6 +158,58 @@ def test_the_measured_slope_never_runs_backwards():
         torch.testing.assert_close(outputs[3], model.head(model.embed(xs[3]) + reused))
 
 
+def test_cadence_and_tail_replayed_by_hand():
+    # Order 0 (the forecast is the last computed value), threshold .3, timesteps that slow down after step 3 and
+    # jump at the last step. Errors relative to the step's own indicator:
+    #   steps 1-2: .1/.9 and .2/.8 within .3; step 3: .3/.7 = .43 computes (the threshold's first gap: 3)
+    #   steps 4-9 from .70: .03 to .21, within; step 10: .50/.20 = 2.5 computes
+    # With the cadence, steps 6 and 9 compute too (3 steps after the last computed one), and step 10 from .58
+    # (1.9) by the threshold. With the last two steps forecast as well, the cadence step due at 9 (in the tail)
+    # computes at 8, and the jump at step 10 is forecast, not computed. The tail alone only skips 9 and 10.
+    timesteps = [1.0, 0.9, 0.8, 0.7, 0.68, 0.66, 0.64, 0.62, 0.6, 0.58, 0.2]
+    xs = [make_input(k) for k in range(len(timesteps))]
+    expected = {(False, 0): (0, 3, 10), (True, 0): (0, 3, 6, 9, 10), (True, 2): (0, 3, 6, 8), (False, 2): (0, 3)}
+    for (cadence, tail), computed in expected.items():
+        model = TinyModelWithoutFit()
+        params = TeaCacheParams(
+            teacache_thresh=0.3, method="forecast", end_skipping=0, forecast_cadence=cadence, forecast_tail=tail
+        )
+        outputs = generate(model, params, xs, timesteps=timesteps)
+        assert model.teacache_stats().positive.computed_steps == computed, (cadence, tail)
+        assert tuple(replay(timesteps, 0.3, 1.0, cadence=cadence, tail=tail, order=0)) == computed
+    # The forecast tail step adds the residual of the last computed step (order 0: reuse).
+    with torch.no_grad():
+        reused = computed_residual(model, xs[3], timesteps[3])
+        torch.testing.assert_close(outputs[10], model.head(model.embed(xs[10]) + reused))
+
+
+@pytest.mark.parametrize("thresh", [0.005, 0.02, 0.05, 0.1, 0.3])
+@pytest.mark.parametrize("tail", [0, 1, 3])
+@pytest.mark.parametrize("slope", ["steps", "indicator"])
+def test_cadence_schedules_follow_the_rule(thresh, tail, slope):
+    timesteps = [1.0, 0.97, 0.93, 0.88, 0.80, 0.74, 0.69, 0.61, 0.52, 0.49, 0.30, 0.28, 0.27, 0.25]
+    model = TinyModelWithoutFit()
+    xs = [make_input(0)] * len(timesteps)
+    params = TeaCacheParams(
+        teacache_thresh=thresh, **dict(FORECAST, forecast_slope=slope, forecast_cadence=True, forecast_tail=tail)
+    )
+    generate(model, params, xs, timesteps=timesteps)
+    computed = list(model.teacache_stats().positive.computed_steps)
+    assert computed == replay(timesteps, thresh, 0.5, slope=slope, cadence=True, tail=tail)
+    assert all(step <= len(timesteps) - 1 - tail for step in computed)
+
+
+def test_a_failed_step_drops_the_cadence_it_set():
+    from teacache_models.cache.state import BranchState
+
+    state = BranchState(computed_steps=[0, 3], cadence_gap=(3, 3))
+    state.forget_step(3)
+    assert state.cadence_gap is None and state.computed_steps == [0]
+    state = BranchState(computed_steps=[0, 3, 6], cadence_gap=(3, 3))
+    state.forget_step(6)
+    assert state.cadence_gap == (3, 3)
+
+
 def test_reuse_order_forecasts_the_last_computed_value():
     # Order 0: the indicator's change since the last computed step, against the threshold (no accumulation).
     model = TinyModelWithoutFit()
@@ -144,13 +220,14 @@ def test_reuse_order_forecasts_the_last_computed_value():
     assert model.teacache_stats().positive.computed_steps == (0, 3, 5, 6, 7)
 
 
-def test_threshold_zero_is_bit_identical_and_one_step_of_history_reuses():
+@SETTINGS
+def test_threshold_zero_is_bit_identical_and_one_step_of_history_reuses(setting):
     model = TinyModelWithoutFit()
     xs = [make_input(k) for k in range(len(TIMESTEPS))]
     with torch.no_grad():
         plain = [model(x, torch.tensor([t])) for x, t in zip(xs, TIMESTEPS, strict=True)]
-    outputs = generate(model, TeaCacheParams(teacache_thresh=0.0, **FORECAST), xs)
-    assert model.teacache_stats().positive.num_skipped == 0
+    outputs = generate(model, TeaCacheParams(teacache_thresh=0.0, **setting), xs)
+    assert model.teacache_stats().positive.num_skipped == 0  # the tail too: threshold 0 never skips
     assert all(torch.equal(a, b) for a, b in zip(outputs, plain, strict=True))
 
 
@@ -170,7 +247,7 @@ def test_max_consecutive_skips_applies_to_the_forecast():
     assert stats.computed_steps == (0, 3, 6) and stats.limit_forced_steps == (3, 6)
 
 
-@pytest.mark.parametrize("setting", [FORECAST, MEASURED], ids=["steps", "indicator"])
+@SETTINGS
 def test_branches_keep_their_own_forecast(setting):
     model = TinyModelWithoutFit()
     params = TeaCacheParams(teacache_thresh=0.03, **setting)
@@ -193,7 +270,7 @@ def test_branches_keep_their_own_forecast(setting):
         assert all(torch.equal(a, b) for a, b in zip(interleaved[negative], alone, strict=True))
 
 
-@pytest.mark.parametrize("setting", [FORECAST, MEASURED], ids=["steps", "indicator"])
+@SETTINGS
 def test_a_new_generation_starts_without_the_last_ones_forecast(setting):
     params = TeaCacheParams(teacache_thresh=0.03, **setting)
     xs = [make_input(k) for k in range(len(TIMESTEPS))]
@@ -216,9 +293,11 @@ def test_a_shape_change_restarts_the_forecast():
     assert trace.value.shape[1] == 9 and (trace.older is None or trace.older.shape[1] == 9)
 
 
-@pytest.mark.parametrize("setting", [FORECAST, MEASURED], ids=["steps", "indicator"])
+@SETTINGS
 def test_per_sample_rows_each_follow_their_own_forecast(setting):
-    params = TeaCacheParams(teacache_thresh=0.03, per_sample=True, **setting)
+    # With the cadence, row 0's first gap is 2 steps at threshold .06 and row 1's one step, so each keeps its own.
+    thresh = 0.06 if setting.get("forecast_cadence") else 0.03
+    params = TeaCacheParams(teacache_thresh=thresh, per_sample=True, **setting)
     timesteps = [[1.0, 0.95, 0.90, 0.80, 0.75, 0.70, 0.50, 0.40], [1.0, 0.8, 0.75, 0.74, 0.5, 0.45, 0.44, 0.2]]
     xs = [make_input(k, batch=2) for k in range(8)]
     model = TinyModelWithoutFit()
@@ -228,11 +307,11 @@ def test_per_sample_rows_each_follow_their_own_forecast(setting):
             model(xs[step], torch.tensor([timesteps[0][step], timesteps[1][step]]))
     rows = model.teacache_stats().rows
     for row, ts in zip(rows, timesteps, strict=True):
-        assert list(row.positive.computed_steps) == replay(ts, 0.03, 0.5, slope=setting["forecast_slope"])
+        assert list(row.positive.computed_steps) == replay(ts, thresh, 0.5, **rule_of(setting))
     assert rows[0].positive != rows[1].positive
 
 
-@pytest.mark.parametrize("setting", [FORECAST, MEASURED], ids=["steps", "indicator"])
+@SETTINGS
 def test_wan_experts_keep_their_own_forecast(setting):
     from tests.test_wan import LINEAR, NUM_STEPS, cfg_inputs, expert_pair, predict
 
@@ -281,6 +360,12 @@ def test_extrapolate_at_scale_one_is_the_linear_extrapolation_bit_for_bit():
         (dict(forecast_slope=None), "forecast_slope must be one of"),
         (dict(forecast_slope="indicator", residual_order=1), "but method is 'teacache'"),
         (dict(forecast_slope="indicator", method="forecast"), "and residual_order 0"),
+        (dict(forecast_cadence=1, method="forecast"), "forecast_cadence must be True or False, got 1"),
+        (dict(forecast_cadence=True), "forecast_cadence=True is a setting of the forecast method"),
+        (dict(forecast_tail=2), "forecast_tail=2 is a setting of the forecast method, but method is 'teacache'"),
+        (dict(forecast_tail=-1, method="forecast", end_skipping=0), "forecast_tail must be an integer >= 0"),
+        (dict(forecast_tail=1.5, method="forecast", end_skipping=0), "forecast_tail must be an integer"),
+        (dict(forecast_tail=2, method="forecast"), "end_skipping=1 makes the last steps compute"),
     ],
 )
 def test_bad_values_are_refused(kwargs, match):

@@ -172,9 +172,25 @@ def test_forecast_method_flags(cli, folder, tmp_path):
     assert (branch["computed_steps"], branch["skipped_steps"]) == ([0, 4], [1, 2, 3])
 
 
+def test_forecast_cadence_and_tail_flags(cli, folder, tmp_path):
+    output = tmp_path / "cadence.png"
+    args = [*base_args(folder, output), "--teacache-thresh", "1e-6", "--teacache-method", "forecast"]
+    args += ["--teacache-forecast-cadence", "--teacache-forecast-tail", "2", "--teacache-end-skipping", "0"]
+    assert cli.main(args) == 0
+    record = json.loads(output.with_suffix(".json").read_text())
+    params = record["sampling_params"]["teacache_params"]
+    assert (params["forecast_cadence"], params["forecast_tail"], params["end_skipping"]) == (True, 2, 0)
+    # A threshold no forecast meets computes every step, except the last two: they are forecast.
+    branch = record["teacache_stats"]["branches"]["positive"]
+    assert (branch["computed_steps"], branch["skipped_steps"]) == ([0, 1, 2], [3, 4])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
+        (["--teacache-forecast-tail", "2"], "forecast_tail=2 is a setting of the forecast method"),
+        (["--teacache-method", "forecast", "--teacache-forecast-tail", "2"], "end_skipping=1 makes the last steps"),
+        (["--teacache-end-skipping", "-1"], "end_skipping must be an integer >= 0, got -1"),
         (["--teacache-method", "magcache"], r"method must be one of \['teacache', 'forecast'\], got 'magcache'"),
         (["--teacache-forecast-slope", "indicator"], r"forecast_slope='indicator' .* but method is 'teacache'"),
         (["--teacache-extrapolation-scale", "2", "--teacache-residual-order", "1"], r"must be in \[0, 1\], got 2"),

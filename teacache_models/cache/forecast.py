@@ -19,6 +19,13 @@ along the indicator's slope (the least-squares projection of its change since th
 the change between the last two, at least 0), instead of by the number of steps: a trajectory that slows
 down or speeds up between computed steps is followed, and the residual of a skipped step is carried by the
 same amount. The projection is one more reduction over the ranks' shards, before the distances.
+
+Two settings place the computed steps, besides the threshold. `forecast_cadence`: the first gap the
+threshold chooses for a branch (from its previous computed step to the step the threshold makes compute)
+becomes the branch's cadence, and a step also computes once that many steps have passed since the last
+computed one. `forecast_tail`: the last steps never compute, and a cadence step that would fall among them
+computes just before them. Both read only the step index and the branch's computed steps, which every rank
+holds alike.
 """
 
 from __future__ import annotations
@@ -182,10 +189,32 @@ def forecast_should_skip(
     if not forced:
         state.accumulated_rel_l1_distance = error
         # A threshold of 0 never skips, so that 0 is exact.
-        if params.teacache_thresh > 0 and error < params.teacache_thresh:
+        if params.teacache_thresh > 0 and _rule_skips(session, state, step_index, error):
             if not at_limit:
                 return True, distance
             state.limit_forced_steps.append(step_index)
     state.accumulated_rel_l1_distance = 0.0
     state.indicator_trace.record(indicator.detach(), step_index, keep_older=order_one)
     return False, distance
+
+
+def _rule_skips(session: TeaCacheSession, state: BranchState, step_index: int, error: float) -> bool:
+    """Whether a step that is not forced skips by the forecast's rule (the threshold, then `forecast_tail` and
+    `forecast_cadence`), `max_consecutive_skips` aside. Keeps the branch's cadence when the threshold first
+    makes it compute."""
+    params = session.params
+    last_step = session.num_inference_steps - 1
+    if step_index > last_step - params.forecast_tail:
+        return True
+    if error >= params.teacache_thresh:
+        if params.forecast_cadence and state.cadence_gap is None:
+            state.cadence_gap = (step_index - state.indicator_trace.step, step_index)
+        return False
+    if state.cadence_gap is None:
+        return True
+    due = state.indicator_trace.step + state.cadence_gap[0]
+    if due > last_step:
+        return True  # the cadence ends with the schedule
+    if params.forecast_tail:
+        due = min(due, last_step - params.forecast_tail)
+    return step_index < due

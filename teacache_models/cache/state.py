@@ -52,6 +52,9 @@ class BranchState:
     indicator_trace: Trace = field(default_factory=Trace)
     # `forecast_slope="indicator"`: (step, factor) of the latest decision, the factor a skip there carries by.
     forecast_factor: tuple[int, float] | None = None
+    # `forecast_cadence`: (the branch's first gap, the step whose decision set it); None until the threshold
+    # first makes the branch compute.
+    cadence_gap: tuple[int, int] | None = None
 
     def stats(self, coefficient_fit: CoefficientFit | None = None) -> BranchStats:
         return BranchStats(
@@ -105,6 +108,8 @@ class BranchState:
         for steps in (self.computed_steps, self.skipped_steps, self.limit_forced_steps):
             if steps and steps[-1] == step_index:
                 steps.pop()
+        if self.cadence_gap is not None and self.cadence_gap[1] == step_index:
+            self.cadence_gap = None
         self.release_tensors()
         self.previous_residual_step = self.older_residual_step = None
         self.accumulated_rel_l1_distance = 0.0

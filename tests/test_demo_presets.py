@@ -26,8 +26,11 @@ def schedules(pipe, params) -> list[tuple]:
     return found
 
 
-@pytest.mark.parametrize("name", ["flux-digits", "wan-digits"])
-@pytest.mark.parametrize("preset", ["slow", "fast", "forecast"])
+@pytest.mark.parametrize(
+    "name, preset",
+    [(name, preset) for name in ("flux-digits", "wan-digits") for preset in ("slow", "fast", "forecast")]
+    + [("flux-digits", "forecast-cadence")],
+)
 def test_preset_schedule_follows_prompt_seed_and_threshold(name, preset):
     torch.set_num_threads(1)
     pipe = load_pipeline(name)

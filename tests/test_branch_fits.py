@@ -80,7 +80,7 @@ def test_write_coefficients_writes_and_removes_the_negative_branchs_polynomial(t
     path = tmp_path / "flux-digits.yaml"
     path.write_text((ZOO_DIR / "flux-digits.yaml").read_text())
     fits = fit_branches(_records(negative_slope=3.0), degree=1)
-    # The presets that carry the fit are written; the forecast one, which carries none, takes it from them.
+    # The presets that carry the fit are written; the forecast ones, which carry none, take it from them.
     assert write_coefficients(path, "modulated_input", fits, "modulated_input") == ["slow", "fast"]
     entry = load_zoo_entry(path)
     for name, preset in entry.presets.items():
@@ -88,7 +88,7 @@ def test_write_coefficients_writes_and_removes_the_negative_branchs_polynomial(t
         assert preset.params.coefficients_negative == pytest.approx(fits.coefficients_negative, rel=1e-7)
         assert preset.params.calibrated_range == pytest.approx(fits.calibrated_range, rel=1e-5)
         note = "coefficients: scripts/calibrate.py fit per CFG branch on 200 + 200 points"
-        assert preset.source.startswith(note) == (name != "forecast")
+        assert preset.source.startswith(note) == (preset.params.method != "forecast"), name
     assert entry.rescaling_fits()["modulated_input"].coefficients_negative == pytest.approx(fits.coefficients_negative)
     # A later joint fit takes the negative branch's polynomial away again.
     write_coefficients(path, "modulated_input", fit_branches(_records(2.0), degree=1), "modulated_input")

@@ -232,7 +232,9 @@ def test_write_coefficients_leaves_a_forecast_presets_source_alone(tmp_path):
     # One that carries its own coefficients gets the new ones, and still keeps its source.
     coefficients = next(line for line in _preset_lines(before, "slow") if "coefficients:" in line)
     path.write_text(before.replace("      method: forecast\n", f"      method: forecast\n{coefficients}\n"))
-    assert write_coefficients(path, "modulated_input", FIT, "modulated_input") == ["slow", "fast", "forecast"]
+    # (both forecast presets of the entry)
+    written = write_coefficients(path, "modulated_input", FIT, "modulated_input")
+    assert written == ["slow", "fast", "forecast", "forecast-cadence"]
     forecast = load_zoo_entry(path).presets["forecast"]
     assert forecast.source == original.source and forecast.params.calibrated_range == (0.01, 0.2)
     # Forecast presets alone have nowhere to keep a fit: a clear error instead of a silent no-op.

@@ -158,7 +158,7 @@ BAD_REQUESTS = [
     ({"prompt": PROMPT, "seed": -1}, 422, "seed", ("greater than or equal to 0",)),
     ({"prompt": PROMPT, "guidance_scale": 0.5}, 400, None, ("guidance_scale must be >= 1",)),
     ({"prompt": PROMPT, "model": "dall-e-3"}, 400, "model", ("'dall-e-3' is not served", "flux-digits")),
-    ({"prompt": PROMPT, "teacache": "turbo"}, 400, "teacache", ("'turbo'", "['fast', 'forecast', 'slow']")),
+    ({"prompt": PROMPT, "teacache": "turbo"}, 400, "teacache", ("'turbo'", "['fast', 'forecast', 'forecast-cadence', 'slow']")),
     ({"prompt": PROMPT, "teacache": {"thresh": 1}}, 400, "teacache", ("unknown fields ['thresh']", "teacache_thresh")),
     ({"prompt": PROMPT, "teacache": {"residual_order": 2}}, 400, "teacache", ("residual_order must be one of",)),
     ({"prompt": PROMPT, "teacache": 3}, 400, "teacache", ("'off', a preset name",)),
@@ -208,7 +208,7 @@ def test_endpoints_that_do_not_fit_the_model_refuse(server, tool):
 def test_models_health_and_metrics(server, tool):
     models = tool.request(server.url, "GET", "/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["flux-digits"]
-    assert models["data"][0]["teacache_presets"] == ["fast", "forecast", "slow"]
+    assert models["data"][0]["teacache_presets"] == ["fast", "forecast", "forecast-cadence", "slow"]
     from teacache_models.zoo import load_zoo_entry
 
     entry = load_zoo_entry("flux-digits")
@@ -431,7 +431,7 @@ def test_console_script_and_extra_are_declared():
         (["--request-timeout", "-1"], "--request-timeout must be a finite number of seconds >= 0"),
         (["--port", "70000"], "--port must be in [1, 65535]"),
         (["--threads", "0"], "--threads must be at least 1"),
-        (["--teacache", "turbo"], "flux-digits offers 'off' or ['fast', 'forecast', 'slow']"),
+        (["--teacache", "turbo"], "flux-digits offers 'off' or ['fast', 'forecast', 'forecast-cadence', 'slow']"),
         (["--cfg-parallel"], "launch with torchrun --nproc-per-node 2 scripts/serve.py"),
     ],
 )

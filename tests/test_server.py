@@ -158,7 +158,12 @@ BAD_REQUESTS = [
     ({"prompt": PROMPT, "seed": -1}, 422, "seed", ("greater than or equal to 0",)),
     ({"prompt": PROMPT, "guidance_scale": 0.5}, 400, None, ("guidance_scale must be >= 1",)),
     ({"prompt": PROMPT, "model": "dall-e-3"}, 400, "model", ("'dall-e-3' is not served", "flux-digits")),
-    ({"prompt": PROMPT, "teacache": "turbo"}, 400, "teacache", ("'turbo'", "['fast', 'forecast', 'forecast-cadence', 'slow']")),
+    (
+        {"prompt": PROMPT, "teacache": "turbo"},
+        400,
+        "teacache",
+        ("'turbo'", "['fast', 'forecast', 'forecast-cadence', 'slow']"),
+    ),
     ({"prompt": PROMPT, "teacache": {"thresh": 1}}, 400, "teacache", ("unknown fields ['thresh']", "teacache_thresh")),
     ({"prompt": PROMPT, "teacache": {"residual_order": 2}}, 400, "teacache", ("residual_order must be one of",)),
     ({"prompt": PROMPT, "teacache": 3}, 400, "teacache", ("'off', a preset name",)),

@@ -20,7 +20,10 @@ interleaved, and prints every repeat's throughput, so the spread on a shared mac
 
     python scripts/benchmark_serving.py [--model flux-digits|wan-digits|flux-medium] [--requests 16]
         [--concurrency 8] [--steps 20] [--arrival-interval 0.05] [--repeats 3] [--threads 2] [--json out.json]
-        [--profile]
+        [--device cpu|cuda|cuda:N] [--profile]
+
+`--device` (default: cuda where there is one, else cpu) puts the pipeline there; on a GPU the run waits for
+the device after every request and every batch step, so the run times include the device's queued work.
 
 `--profile` then runs one-at-a-time and continuous once more under cProfile and prints where the time went:
 the block stack, TeaCache's decisions and bookkeeping, gathering the computing rows and scattering them back,
@@ -52,12 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from teacache_models import SamplingParams
 from teacache_models.pipelines import load_pipeline
 from teacache_models.server.batching import ContinuousBatcher
+from teacache_models.weights.loading import resolve_device
 
 PROMPTS = ("a digit 3", "seven", "the digit 0", "a handwritten 5", "nine", "a digit 1", "two", "an 8")
 THRESHOLDS = (0.2, 0.36, 0.0, 0.3)
 
 
-def medium_flux_pipeline() -> object:
+def medium_flux_pipeline(device: torch.device) -> object:
     from teacache_models.models import FluxTransformer2DModel
     from teacache_models.pipelines.demo import FluxDigitsPipeline
 
@@ -76,7 +80,14 @@ def medium_flux_pipeline() -> object:
         axes_dims_rope=(16, 24, 24),
     ).eval()
     transformer.set_teacache_fits(demo.transformer.teacache_rescaling_fits)
-    return FluxDigitsPipeline(transformer, text_encoder=demo.text_encoder, zoo_entry=demo.zoo_entry)
+    text_encoder = demo.text_encoder.to(device)
+    return FluxDigitsPipeline(transformer.to(device), text_encoder=text_encoder, zoo_entry=demo.zoo_entry)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a time read next includes it (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def make_requests(pipe: object, count: int, steps: int, size: int) -> list[tuple[str, SamplingParams]]:
@@ -103,6 +114,7 @@ def one_at_a_time(pipe, requests, arrivals):
     for (prompt, params), arrival in zip(requests, arrivals, strict=True):
         idle += wait_until(start, arrival)
         result = pipe(prompt, params)
+        synchronize(pipe.device)
         results.append(result)
         latencies.append(time.perf_counter() - start - arrival)
         stats = result.teacache_stats
@@ -125,6 +137,7 @@ def batched(pipe, requests, arrivals, concurrency, continuous):
             idle += wait_until(start, arrivals[submitted])
             continue
         batcher.step()
+        synchronize(pipe.device)
     elapsed = time.perf_counter() - start
     latencies = [r.finished_at - r.submitted_at for r in order]
     fraction = batcher.rows_computed / batcher.rows_total
@@ -214,15 +227,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
     parser.add_argument("--profile", action="store_true", help="then print where the time went (cProfile)")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the pipeline runs"
+    )
     args = parser.parse_args(argv)
     for name in ("requests", "concurrency", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.arrival_interval < 0:
         parser.error(f"--arrival-interval must be >= 0, got {args.arrival_interval}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pipe = medium_flux_pipeline() if args.model == "flux-medium" else load_pipeline(args.model)
+    pipe = medium_flux_pipeline(device) if args.model == "flux-medium" else load_pipeline(args.model, device=device)
     size = 32 if args.model == "flux-medium" else 16
     requests = make_requests(pipe, args.requests, args.steps, size)
     arrivals = [i * args.arrival_interval for i in range(args.requests)]
@@ -241,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = statistics.median(r["images_per_min"] for r in runs["one at a time"])
     print(
         f"{args.model}: {args.requests} requests, {args.steps} steps, arrivals every {args.arrival_interval} s, "
-        f"concurrency {args.concurrency}, {torch.get_num_threads()} threads, {args.repeats} repeat(s)"
+        f"concurrency {args.concurrency}, {torch.get_num_threads()} threads, {args.repeats} repeat(s), on {device}"
     )
     header = (
         "| mode | images/min (median; each repeat) | p50 latency s | p95 latency s | rows computed | speedup "

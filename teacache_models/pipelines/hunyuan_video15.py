@@ -187,7 +187,10 @@ class HunyuanVideo15TextToVideoPipeline(HunyuanVideoVAESizes, Pipeline):
 
     def decode(self, latents: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return video_frames_to_unit_range(self.vae.decode(latents, return_dict=False)[0])
+        # One sample at a time: the VAE's mid-block attention builds a mask for one sample, so diffusers' decoder
+        # fails on a batch (a shape mismatch inside its attention); alone, each decodes as in diffusers.
+        videos = [self.vae.decode(sample, return_dict=False)[0] for sample in latents.split(1)]
+        return video_frames_to_unit_range(torch.cat(videos))
 
 
 class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15TextToVideoPipeline):

@@ -435,6 +435,8 @@ def test_console_script_and_extra_are_declared():
         (["--max-queue", "0"], "--max-queue must be at least 1"),
         (["--request-timeout", "-1"], "--request-timeout must be a finite number of seconds >= 0"),
         (["--port", "70000"], "--port must be in [1, 65535]"),
+        (["--host", ""], "--host is empty: give an address such as 127.0.0.1"),
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' is not an address this machine"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--teacache", "turbo"], "flux-digits offers 'off' or ['fast', 'forecast', 'forecast-cadence', 'slow']"),
         (["--cfg-parallel"], "launch with torchrun --nproc-per-node 2 scripts/serve.py"),

@@ -14,6 +14,7 @@ import argparse
 import logging
 import math
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> None:
     if not 1 <= args.port <= 65535:
         raise CliError(f"--port must be in [1, 65535], got {args.port}")
+    if not args.host.strip():
+        # uvicorn would read an empty host as every interface: never without being asked.
+        raise CliError("--host is empty: give an address such as 127.0.0.1 (the default), or 0.0.0.0 for all")
+    try:  # before the model loads, not after
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        raise CliError(f"--host {args.host!r} is not an address this machine can listen on: {error}") from None
     if args.max_queue < 1:
         raise CliError(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.max_batch < 1:

@@ -450,6 +450,21 @@ def test_bad_server_flags_are_one_line_errors(flags, message, capsys):
     assert message in error and "Traceback" not in error
 
 
+def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch, capsys):
+    from teacache_models.server import main as server_main
+
+    loaded = []
+    monkeypatch.setattr(server_main, "load_configured_pipeline", lambda *args: loaded.append(args))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert server_main.main(["--model", "flux-digits", "--port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in error and "Traceback" not in error
+    assert loaded == []
+
+
 def test_the_core_package_does_not_import_the_server():
     import subprocess
 

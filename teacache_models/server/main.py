@@ -123,18 +123,40 @@ def serve(args: argparse.Namespace) -> int:
     state = start_parallel(args, "scripts/serve.py")
     if state is not None:
         args.device = str(state.device)
+    listener = None
     try:
+        if state is None or state.is_main:
+            # The address is taken before the model loads: a port in use fails in a second, not after loading.
+            listener = _listen(args.host, args.port)
         pipe = load_configured_pipeline(args, model, entry, state)
-        if state is not None and not state.is_main:
+        if listener is None:
             # torchrun signals every rank; rank 0 shuts down gracefully and then tells the others to stop.
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
             with state.guard():
                 follow(pipe, state)
             return 0
-        return _run_http(args, pipe, model, entry, default_teacache, state)
+        return _run_http(args, pipe, model, entry, default_teacache, state, listener)
     finally:
+        if listener is not None:
+            listener.close()
         if state is not None:
             state.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` for uvicorn to listen on (as uvicorn binds it: address reuse on)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        reason = error.strerror or str(error)
+        raise CliError(
+            f"--port {port}: cannot listen on {host}:{port} ({reason}); stop what holds it or choose another --port"
+        ) from None
+    return listener
 
 
 def _run_http(
@@ -144,6 +166,7 @@ def _run_http(
     entry: ZooEntry | None,
     default_teacache: TeaCacheParams | None,
     state: Any,
+    listener: socket.socket,
 ) -> int:
     name = entry.name if entry is not None else Path(model).name
     served = Served(name=name, pipe=pipe, entry=entry, default_teacache=default_teacache)
@@ -169,7 +192,7 @@ def _run_http(
     # uvicorn re-raises a captured SIGTERM after its graceful shutdown, to the handler that was installed
     # before it started: this one, so that the process then exits 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    server.run(sockets=[listener])
     return 0
 
 

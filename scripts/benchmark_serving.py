@@ -31,6 +31,12 @@ the transformer outside its blocks (embeddings, head), guidance and scheduler st
 and the rest (batch assembly, Python glue). cProfile slows Python code more than kernels: read the shares,
 not the seconds.
 
+After the modes the script measures the ceiling of batching on this device: the transformer's forward (every
+block, TeaCache off) on one request's inputs and on a batch of `--concurrency` requests' inputs (taken from a run
+in which every row computes), timed back to back `--repeats` times. Its per-row speedup, rows x (one row's time)
+/ (the batch's time), bounds what any batching of this model can gain here without changing the outputs: the
+modes above batch exactly these calls and add their own bookkeeping.
+
 `flux-medium` is a randomly initialised Flux transformer of medium width (4 dual + 8 single blocks, 8
 heads x 64) on the Flux demo's text encoder and pixel space, 32x32: the forward costs what a medium model
 costs on this CPU; its outputs are noise, and its TeaCache uses the demo's coefficients.
@@ -142,6 +148,73 @@ def batched(pipe, requests, arrivals, concurrency, continuous):
     latencies = [r.finished_at - r.submitted_at for r in order]
     fraction = batcher.rows_computed / batcher.rows_total
     return elapsed, [r.result for r in order], latencies, fraction, idle
+
+
+def capture_first_call(pipe, run) -> tuple[tuple, dict]:
+    """The positional and keyword arguments of the first transformer call that `run()` makes."""
+    transformer, calls = pipe.transformer, []
+    forward = transformer.forward
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return forward(*args, **kwargs)
+
+    transformer.forward = spy
+    try:
+        run()
+    finally:
+        del transformer.forward
+    return calls[0]
+
+
+def time_call(pipe, call) -> float:
+    """Seconds per transformer forward on `call`'s arguments (TeaCache off), over about half a second of calls."""
+    args, kwargs = call
+    pipe.transformer.disable_teacache()
+    with torch.no_grad():
+        start = time.perf_counter()
+        pipe.transformer(*args, **kwargs)  # warm-up, and how many calls fill half a second
+        synchronize(pipe.device)
+        count = max(2, min(500, int(0.5 / (time.perf_counter() - start))))
+        start = time.perf_counter()
+        for _ in range(count):
+            pipe.transformer(*args, **kwargs)
+        synchronize(pipe.device)
+    return (time.perf_counter() - start) / count
+
+
+def batching_ceiling(pipe, requests, concurrency: int, repeats: int) -> dict:
+    """One row's forward against `concurrency` rows' forward: the most batching can gain on this device."""
+    computing = [
+        (
+            prompt,
+            dataclasses.replace(
+                params, teacache_params=dataclasses.replace(params.teacache_params, teacache_thresh=0.0)
+            ),
+        )
+        for prompt, params in requests[:concurrency]
+    ]
+    solo = capture_first_call(pipe, lambda: pipe(*computing[0]))
+    batch = capture_first_call(pipe, lambda: batched(pipe, computing, [0.0] * len(computing), concurrency, True))
+    rows = _rows(batch)
+    measured = []
+    for _ in range(repeats):
+        one = time_call(pipe, solo)
+        many = time_call(pipe, batch)
+        measured.append(dict(one_row_s=one, batch_s=many, ceiling=rows * one / many))
+    ceiling = statistics.median(m["ceiling"] for m in measured)
+    each = ", ".join(f"{m['ceiling']:.2f}x" for m in measured)
+    print(
+        f"\nceiling of batching here: the transformer's forward on 1 row {measured[-1]['one_row_s'] * 1e3:.1f} ms, "
+        f"on {rows} rows {measured[-1]['batch_s'] * 1e3:.1f} ms (last repeat); per-row speedup {ceiling:.2f}x "
+        f"(median; each repeat {each})"
+    )
+    return dict(rows=rows, ceiling=ceiling, repeats=measured)
+
+
+def _rows(call) -> int:
+    args, kwargs = call
+    return (args[0] if args else kwargs["hidden_states"]).shape[0]
 
 
 def compare(results, solo):
@@ -296,9 +369,12 @@ def main(argv: list[str] | None = None) -> dict:
             "bounded by the arrival pattern, not its capacity; lower --arrival-interval (0 = all at once) to "
             "compare capacities."
         )
+    ceiling = batching_ceiling(pipe, requests, args.concurrency, args.repeats)
+    summary["continuous"]["share_of_ceiling"] = summary["continuous"]["speedup"] / ceiling["ceiling"]
     profiles = print_profile(pipe, requests, arrivals, args.concurrency) if args.profile else None
     if args.json is not None:
-        record = {"args": {k: str(v) for k, v in vars(args).items()}, "modes": summary, "profile": profiles}
+        record = {"args": {k: str(v) for k, v in vars(args).items()}, "modes": summary, "ceiling": ceiling}
+        record["profile"] = profiles
         args.json.write_text(json.dumps(record, indent=2))
     return summary
 

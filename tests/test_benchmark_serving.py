@@ -36,7 +36,24 @@ def test_modes_serve_the_same_requests_with_solo_outputs(script, tmp_path, capsy
     assert summary["one at a time"]["speedup"] == 1.0
     record = json.loads(out.read_text())
     assert record["args"]["device"] == "cpu" and set(record["modes"]) == set(summary)
+    # The ceiling compares one request's forward with a forward carrying `--concurrency` requests' rows.
+    ceiling = record["ceiling"]
+    assert ceiling["rows"] == 3 and len(ceiling["repeats"]) == 1
+    assert ceiling["ceiling"] > 0 and summary["continuous"]["share_of_ceiling"] > 0
     assert "on cpu" in capsys.readouterr().out
+
+
+def test_first_call_capture_leaves_the_transformer_as_it_was(script):
+    from teacache_models.pipelines import load_pipeline
+
+    pipe = load_pipeline("flux-digits")
+    prompt, params = script.make_requests(pipe, 1, 2, 16)[0]
+    args, kwargs = script.capture_first_call(pipe, lambda: pipe(prompt, params))
+    assert "forward" not in vars(pipe.transformer)
+    assert script._rows((args, kwargs)) == 1 and kwargs["timestep"].shape == (1,)
+    # Replayed with TeaCache off, the captured call is the model's plain forward on those inputs.
+    assert script.time_call(pipe, (args, kwargs)) > 0
+    assert not pipe.transformer.teacache_enabled
 
 
 @pytest.mark.parametrize(

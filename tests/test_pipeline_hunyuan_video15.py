@@ -119,6 +119,21 @@ def test_image_to_video_equals_diffusers(folders, image, kind):
     assert result.teacache_stats.negative.computed_steps == (() if guidance == 1.0 else (0, 1, 2))
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "P", "LA"])
+def test_an_image_of_another_mode_is_resized_in_it_as_diffusers_does(folders, image, mode):
+    # diffusers resizes the image in its own mode (an RGBA image with its alpha premultiplied) and converts it to RGB
+    # only in the SigLIP and VAE processors: converting it first changes the pixels those read.
+    from PIL import Image
+
+    pipe = load_pipeline(folders["i2v-480p"])
+    alpha = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56), dtype=np.uint8))
+    picture = image.copy()
+    picture.putalpha(alpha)
+    picture = picture.convert(mode)
+    height, width = pipe.bucket_size(picture.height, picture.width)
+    run_both(folders["i2v-480p"], small_params(height=height, width=width, guidance_scale=6.0), picture)
+
+
 def test_a_batch_of_prompts_denoises_as_diffusers_and_decodes_each_sample(folders):
     # diffusers' VAE decoder fails on a batch (its attention mask is built for one sample): ours decodes each alone.
     pipe = load_pipeline(folders["t2v-480p"])

@@ -230,7 +230,9 @@ class HunyuanVideo15ImageToVideoPipeline(HunyuanVideo15TextToVideoPipeline):
         (zeros after) and a first-frame mask, (B, C + 1, F, H, W)."""
         helper = self.text_helper()
         batch = latents.shape[0]
-        image = helper.video_processor.resize(image.convert("RGB"), params.height, params.width, resize_mode="crop")
+        # Resized in the image's own mode, as the reference does: the SigLIP processor and the VAE's each convert it
+        # to RGB afterwards (an RGBA image composited on white for SigLIP, its alpha dropped for the VAE).
+        image = helper.video_processor.resize(image, params.height, params.width, resize_mode="crop")
         image_embeds = helper.encode_image(image=image, batch_size=batch, device=self.device, dtype=self.dtype)
         condition, mask = helper.prepare_cond_latents_and_mask(
             latents=latents,

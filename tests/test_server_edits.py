@@ -134,6 +134,7 @@ def test_bad_edit_requests_are_clear_errors(edit_server):
         ([("image[]", f"{i}.png", png_bytes(8, 8, i)) for i in range(4)], "takes 1 to 3 input images, got 4"),
         ((("image", "x.png", b"not a picture"),), "image is not an image"),
         ((("image", "x.png", png_bytes(8, 8, 0)), ("size", "", "15x16")), "width must be a multiple of 8"),
+        ((("image", "x.png", png_bytes(1, 200, 0)),), "image[0] of 200 x 1 pixels is too narrow"),
     ]
     for parts, words in cases:
         reply = send(*parts)

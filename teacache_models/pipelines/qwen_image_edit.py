@@ -45,6 +45,18 @@ def edit_image_size(area: int, aspect_ratio: float) -> tuple[int, int]:
     return round(width / 32) * 32, round(height / 32) * 32
 
 
+def resized_image_size(image: Any, area: int, index: int) -> tuple[int, int]:
+    """`edit_image_size` of input image `image[index]`; an aspect ratio so far from square that a side rounds to 0 is
+    refused (the reference fails inside its image processor)."""
+    width, height = edit_image_size(area, image.width / image.height)
+    if min(width, height) == 0:
+        raise ValueError(
+            f"image[{index}] of {image.width} x {image.height} pixels is too narrow: resized to about {area} pixels at "
+            f"its aspect ratio (sides multiples of 32) it would be {width} x {height}; crop it closer to square"
+        )
+    return width, height
+
+
 @dataclass
 class EditImages:
     """The input images of one call, prepared: what the vision tower reads, and the VAE's pixels."""
@@ -96,8 +108,8 @@ class QwenImageEditPipeline(QwenImageTextToImagePipeline):
 
     def output_size(self, image: Any) -> tuple[int, int]:
         """(height, width) the reference generates at when given none: the VAE size of the last input image."""
-        last = image[-1] if isinstance(image, list | tuple) else image
-        width, height = edit_image_size(self.vae_image_area, last.width / last.height)
+        images = list(image) if isinstance(image, list | tuple) else [image]
+        width, height = resized_image_size(images[-1], self.vae_image_area, len(images) - 1)
         multiple = self.size_multiple()
         return height // multiple * multiple, width // multiple * multiple
 
@@ -112,15 +124,15 @@ class QwenImageEditPipeline(QwenImageTextToImagePipeline):
         tower at its own size; the VAE reads the resized image either way."""
         processor = self._image_processor()
         condition, pixels, sizes = [], [], []
-        for image in images:
-            width, height = edit_image_size(self.vae_image_area, image.width / image.height)
+        for index, image in enumerate(images):
+            width, height = resized_image_size(image, self.vae_image_area, index)
             sizes.append((width, height))
             if self.condition_image_area is None:
                 if not given_list:
                     image = processor.resize(image, height, width)
                 condition.append(image)
             else:
-                small_width, small_height = edit_image_size(self.condition_image_area, image.width / image.height)
+                small_width, small_height = resized_image_size(image, self.condition_image_area, index)
                 condition.append(processor.resize(image, small_height, small_width))
             pixels.append(processor.preprocess(image, height, width).unsqueeze(2))  # (1, 3, 1, H, W)
         return EditImages(condition, pixels, sizes)

@@ -143,7 +143,10 @@ def create_app(
                 "response_format",
             )
         params = sampling_params(body, served)
-        size = served.pipe.output_size(inputs["image"]) if inputs and body.size in (None, "auto") else None
+        try:
+            size = served.pipe.output_size(inputs["image"]) if inputs and body.size in (None, "auto") else None
+        except ValueError as error:  # an input image no size fits (too narrow)
+            raise ApiError(400, str(error), "image") from None
         if size is not None:  # an editing model follows its input image's aspect ratio unless a size is asked for
             params = dataclasses.replace(params, height=size[0], width=size[1])
         job = Job("image", [body.prompt] * body.n, params, inputs, finish=_encode_images)

@@ -654,7 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="TaylorSeer's disable_cache_before_step values",
     )
     parser.add_argument(
-        "--peers", nargs="*", default=["fbc", "magcache", "taylorseer"], choices=["fbc", "magcache", "taylorseer"]
+        "--peers",
+        nargs="*",
+        default=["fbc", "magcache", "taylorseer"],
+        choices=["fbc", "magcache", "taylorseer"],
+        help="the other caches to measure beside TeaCache (default: all three); --peers with no name measures none",
     )
     parser.add_argument("--output", type=Path, required=True, help="JSON report")
     parser.add_argument("--plot", type=Path, help="PNG: PSNR against work fraction and against speedup")

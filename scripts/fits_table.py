@@ -8,6 +8,7 @@ checks that the table lists exactly what the zoo holds.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def table() -> str:
 
 
 if __name__ == "__main__":
+    # No options: parsing still answers --help and refuses an unknown argument instead of writing the file.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     path = Path(__file__).resolve().parent.parent / "docs" / "teacache-fits.md"
     path.write_text(table())
     print(f"{path}: {table().count(chr(10)) - HEADER.count(chr(10))} fits")

@@ -159,13 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_models() -> str:
+    names = list_zoo()
+    width = max(map(len, names), default=0)  # the columns stay aligned whatever the longest name
     lines = []
-    for name in list_zoo():
+    for name in names:
         entry = load_zoo_entry(name)
         s = entry.sampling
         size = f"{s.width}x{s.height}" + (f"x{s.num_frames}f" if entry.is_video else "")
         presets = ", ".join(f"{p}={entry.presets[p].params.teacache_thresh:g}" for p in entry.presets) or "no preset"
-        lines.append(f"{name:22s} {entry.task:5s} {size:16s} {s.num_inference_steps:3d} steps  TeaCache: {presets}")
+        steps = f"{s.num_inference_steps:3d} steps"
+        lines.append(f"{name:{width}s} {entry.task:7s} {size:16s} {steps}  TeaCache: {presets}")
     return "\n".join(lines)
 
 

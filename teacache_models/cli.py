@@ -189,7 +189,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         choices=["auto", *LINEAR_KERNELS],
         default="auto",
         help="kernel of the transformer's linear layers: aten (PyTorch's), onednn (float32 on CPU, equal to "
-        "float32 rounding, often faster); auto: onednn for float32 on CPU where available, else aten",
+        "float32 rounding, often faster); auto: onednn for float32 on CPU where a short timing, run once per machine "
+        "and thread count and stored, measures it faster, else aten",
     )
     return run
 

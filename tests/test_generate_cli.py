@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from teacache_models.zoo import list_zoo
 from tests.test_pipeline_fixtures import save_flux, save_wan
 
 pytest.importorskip("diffusers")
@@ -145,6 +146,9 @@ def test_list_models_and_help(cli, capsys):
     assert cli.main(["--list-models"]) == 0
     listing = capsys.readouterr().out
     assert "flux1-dev" in listing and "wan2.2-ti2v-5b" in listing
+    # One row per zoo entry, its columns aligned however long the longest name is.
+    rows = listing.splitlines()
+    assert len(rows) == len(list_zoo()) and len({row.index(" steps ") for row in rows}) == 1
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0

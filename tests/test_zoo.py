@@ -1,6 +1,9 @@
 """Every model-zoo YAML loads, maps onto SamplingParams/TeaCacheParams, and names real pieces."""
 
+import importlib.util
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -269,6 +272,17 @@ def test_the_fits_table_cites_exactly_the_zoo_fits():
         for indicator, fit in load_zoo_entry(name).fits.items()
     }
     assert table == zoo and len(rows) == len(zoo), "regenerate the table: python scripts/fits_table.py"
+
+
+def test_the_fits_table_script_writes_the_shipped_table_and_refuses_unknown_arguments():
+    script = ZOO_DIR.parent / "scripts" / "fits_table.py"
+    spec = importlib.util.spec_from_file_location("fits_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.table() == (ZOO_DIR.parent / "docs" / "teacache-fits.md").read_text()
+    # An argument it does not know is an error (exit 2), not a silent rewrite of the table.
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unrecognized arguments: --check" in done.stderr
 
 
 # The sampling defaults the official examples give (the YAML comment of each entry cites the file): steps, the

@@ -332,6 +332,8 @@ def test_scale_must_be_a_finite_number(bad, tmp_path):
 
 
 def test_adapter_names_and_operations_without_adapters(tmp_path):
+    from peft import LoraConfig
+
     ours, _, _ = build("flux")
     with pytest.raises(ValueError, match="no LoRA adapter loaded"):
         ours.set_adapters("a")
@@ -353,6 +355,13 @@ def test_adapter_names_and_operations_without_adapters(tmp_path):
     for bad in ("", "style.v2"):
         with pytest.raises(ValueError, match=rf"adapter_name must be a non-empty name without '\.', got '{bad}'"):
             ours.load_lora_adapter(path, adapter_name=bad)
+    # PEFT keeps an adapter's layers in nn.ModuleDicts under its name: torch refuses "train" with a bare KeyError.
+    for bad in ("train", "to"):
+        with pytest.raises(ValueError, match=rf"adapter_name '{bad}' is the name of a torch.nn.ModuleDict attribute"):
+            ours.load_lora_adapter(path, adapter_name=bad)
+        with pytest.raises(ValueError, match=rf"adapter_name '{bad}' is the name of a torch.nn.ModuleDict attribute"):
+            ours.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name=bad)
+    assert list(ours.peft_config) == ["a"], "a refused name changes nothing"
     for bad in (3, ["a", 3], None):
         with pytest.raises(TypeError, match="adapter_names must be an adapter name or a list of names"):
             ours.set_adapters(bad)

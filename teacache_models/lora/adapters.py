@@ -62,6 +62,22 @@ def adapter_names_list(adapter_names: Any) -> list[str]:
     raise TypeError(f"adapter_names must be an adapter name or a list of names (strings), got {adapter_names!r}")
 
 
+def check_adapter_name(adapter_name: Any) -> str:
+    """A new adapter's name, or the error naming what is allowed: PEFT registers the adapter under this name in
+    each adapted layer's `nn.ModuleDict`s, so it must be a non-empty name without '.' that is no attribute of
+    `nn.ModuleDict` (`train`, `to`, `forward` ...: torch would answer with a bare KeyError)."""
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty name without '.', got {adapter_name!r}")
+    if hasattr(nn.ModuleDict, adapter_name):
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is the name of a torch.nn.ModuleDict attribute, under which PEFT cannot "
+            "register the adapter's layers: choose another name"
+        )
+    return adapter_name
+
+
 def check_lora_scale(name: str, value: Any) -> float:
     """`value` as a float: a real, finite number (a bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -164,11 +180,8 @@ class LoraMixin:
         FileNotFoundError for a missing file; ImportError without PEFT.
         """
         base_tuner = _tuner_layer_class()
-        if adapter_name is not None and not isinstance(adapter_name, str):
-            raise TypeError(f"adapter_name must be a string or None, got {type(adapter_name).__name__}")
-        if adapter_name is not None and (not adapter_name or "." in adapter_name):
-            # PEFT registers the adapter as a submodule of each adapted layer, under this name.
-            raise ValueError(f"adapter_name must be a non-empty name without '.', got {adapter_name!r}")
+        if adapter_name is not None:
+            check_adapter_name(adapter_name)
         if prefix is not None and not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string or None, got {type(prefix).__name__}")
         for option, value in (("use_safetensors", use_safetensors), ("safe_serialization", safe_serialization)):
@@ -241,8 +254,7 @@ class LoraMixin:
             raise TypeError(
                 f"adapter_config must be a peft.LoraConfig (LoRA or DoRA adapters), got {type(adapter_config).__name__}"
             )
-        if not isinstance(adapter_name, str):
-            raise TypeError(f"adapter_name must be a string, got {type(adapter_name).__name__}")
+        check_adapter_name(adapter_name)
         loaded = self.__dict__.get("peft_config") or {}
         if adapter_name in loaded:
             raise ValueError(f"adapter name {adapter_name!r} is already in use (loaded: {list(loaded)})")

@@ -264,6 +264,8 @@ def check_pipeline_images(count: int, pipe: Any, name: str) -> None:
 def load_images(paths: list[Path]) -> list[Any]:
     """The --image files as PIL images, in order: RGBA where the file has transparency (a layered model reads it),
     else RGB; each pipeline converts to what it reads. A missing or unreadable one is a CliError naming it."""
+    if not paths:
+        return []
     from PIL import Image, UnidentifiedImageError
 
     images = []

@@ -1,10 +1,20 @@
 """The README's offline examples run as written, and its commands are the ones CI runs."""
 
+import argparse
+import configparser
+import dataclasses
+import importlib.util
+import json
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from teacache_models import SamplingParams, TeaCacheParams
+from teacache_models.zoo import list_zoo, load_zoo_entry
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -22,14 +32,48 @@ def test_readme_python_api_examples_run(capsys):
     assert re.search(r"positive: \d+ computed, \d+ skipped; .*torch.Size\(\[1, 3, 16, 16\]\)", capsys.readouterr().out)
 
 
-def test_readme_demo_command_runs_offline(tmp_path):
+def extras_only_modules() -> set[str]:
+    """The import names of what the extras of setup.cfg add to the core install, and Pillow, which only they
+    bring in (diffusers, matplotlib)."""
+    config = configparser.ConfigParser()
+    config.read(README.parent / "setup.cfg")
+    names = lambda text: {re.split(r"[<>=!\[ ]", line.strip())[0] for line in text.splitlines() if line.strip()}  # noqa: E731
+    core = names(config["options"]["install_requires"])
+    extras = set().union(*(names(text) for text in config["options.extras_require"].values())) - core
+    renamed = {"scikit-learn": "sklearn", "python-multipart": "multipart", "Pillow": "PIL"}
+    return {renamed.get(name, name).replace("-", "_") for name in extras | {"Pillow"}}
+
+
+# Runs a script with every module of `extras_only_modules()` unimportable, as on a core install.
+CORE_ONLY = """
+import importlib.abc, importlib.machinery, runpy, sys
+BLOCKED = set(sys.argv[1].split(","))
+class Refuse(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise ImportError(f"{module.__name__} is not part of the core install")
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return importlib.machinery.ModuleSpec(name, Refuse())
+sys.meta_path.insert(0, Finder())
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_readme_demo_command_runs_offline_on_the_core_install(tmp_path):
+    """The demo command, as written, offline, with nothing of the extras importable ("The core is enough")."""
     command = re.search(r"```bash\n(python scripts/generate.py --model flux-digits .*?)\n```", README.read_text())
     # {0..9} is bash brace expansion: two of its ten prompts, written out.
     line = command.group(1).replace('"a handwritten digit "{0..9}', '"a handwritten digit 3" "a handwritten digit 7"')
     args = shlex.split(line)
     args += ["--output", str(tmp_path / "demo.png"), "--no-progress", "--repeats", "1", "--num-images", "1"]
+    blocked = extras_only_modules()
+    assert {"diffusers", "transformers", "PIL", "peft", "fastapi", "sklearn"} <= blocked
     done = subprocess.run(
-        [sys.executable, *args[1:]],
+        [sys.executable, "-c", CORE_ONLY, ",".join(sorted(blocked)), *args[1:]],
         cwd=README.parent,
         capture_output=True,
         text=True,
@@ -47,3 +91,156 @@ def test_readme_names_the_ci_commands():
     install = re.search(r"```bash\n(pip install .*?)\n```", text).group(1)
     assert install.replace("pip install", "pip install -q") in ci
     assert "pytest -q" in text and "pytest -q" in ci
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, README.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    return {flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")} - {"--help"}
+
+
+@pytest.mark.parametrize("program", ["generate", "teacache-serve"])
+def test_every_flag_of_the_cli_and_the_server_is_in_the_readme(program):
+    from teacache_models.server.main import build_parser as server_parser
+
+    parser = load_script("generate").build_parser() if program == "generate" else server_parser()
+    text = README.read_text()
+    missing = sorted(flag for flag in option_strings(parser) if not re.search(rf"`[^`\n]*{flag}(?![\w-])", text))
+    assert not missing, f"{program} flags the README does not name: {missing}"
+    # Flags documented with their choices (`--flag a|b|c`) list exactly the parser's.
+    for flag, listed in re.findall(r"`(--[a-z-]+) ((?:[\w-]+\|)+[\w-]+)`", text):
+        action = next((a for a in parser._actions if flag in a.option_strings), None)
+        if action is not None and action.choices is not None:
+            assert set(listed.split("|")) == set(action.choices), flag
+
+
+def documented_fields(name: str) -> dict[str, str]:
+    """`name(field=default, ...)` as the README writes it, its longest mention: {field: default's source text}."""
+    mentions = re.findall(rf"`{name}\(((?:[^()`]|\(\))*)\)`", README.read_text())
+    assert mentions, f"the README shows no `{name}(field=default, ...)`"
+    return dict(part.split("=", 1) for part in re.split(r",\s+", max(mentions, key=len)))
+
+
+@pytest.mark.parametrize("cls", [SamplingParams, TeaCacheParams], ids=lambda cls: cls.__name__)
+def test_the_readme_lists_every_sampling_field_with_its_default(cls):
+    documented = documented_fields(cls.__name__)
+    assert list(documented) == [f.name for f in dataclasses.fields(cls)]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert eval(documented[f.name], {"TeaCacheParams": TeaCacheParams}) == default, f.name
+
+
+def zoo_table_rows() -> dict[str, list[str]]:
+    """The README's zoo table: {zoo name: the row's cells}; `-720p-t2v` after `hunyuanvideo1.5-480p-t2v` names
+    `hunyuanvideo1.5-720p-t2v`."""
+    table = re.search(r"\| zoo name \| family .*?\n\n", README.read_text(), re.S).group(0)
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        names = re.findall(r"`([^`]+)`", cells[0])
+        for name in names:
+            if name.startswith("-"):
+                parts = names[0].split("-")
+                name = "-".join(parts[: len(parts) - name.count("-")]) + name
+            rows[name] = cells
+    return rows
+
+
+def test_the_zoo_table_lists_every_entry_with_its_steps_guidance_and_presets():
+    rows = zoo_table_rows()
+    assert sorted(rows) == sorted(list_zoo())
+    for name, (_, family, steps, guidance, presets) in rows.items():
+        entry = load_zoo_entry(name)
+        assert entry.family in family and steps == str(entry.sampling.num_inference_steps), name
+        assert float(guidance.split()[0]) == entry.sampling.guidance_scale, name
+        if not entry.presets:
+            assert presets.startswith("none"), name
+        for preset, spec in entry.presets.items():
+            assert re.search(rf"(^|[ ,;/]){re.escape(preset)} ", presets), (name, preset)
+            assert f"{spec.params.teacache_thresh:g}" in presets, (name, preset)
+
+
+def test_the_compute_quality_table_holds_the_numbers_of_its_result_files():
+    text = README.read_text()
+    for model in ("flux-digits", "wan-digits"):
+        summary = json.loads((README.parent / "docs" / "results" / f"benchmark-{model}.json").read_text())["summary"]
+        assert f"docs/results/benchmark-{model}.json" in text
+        for method, goals in summary.items():
+            cells = []
+            for goal in (goals["at_30db"], goals["at_35db"]):
+                noise = " (above ideal: noise)" if goal["above_ideal"] else ""
+                cells += [
+                    f"{goal['work_fraction']:.3f} ({goal['setting']})",
+                    f"{goal['speedup']:.2f}x, {goal['speedup_min']:.2f}-{goal['speedup_max']:.2f}{noise}",
+                ]
+            assert f"| {model} | {method} | {' | '.join(cells)} |" in text, (model, method)
+
+
+def test_the_speed_and_lora_tables_hold_the_numbers_of_their_result_files():
+    text = README.read_text()
+    results = README.parent / "docs" / "results"
+    for name in ("benchmark-speed-medium-cpu.json", "benchmark-speed-medium-cpu-hunyuan_video15.json"):
+        assert f"docs/results/{name}" in text
+        for row in json.loads((results / name).read_text())["results"]:
+            ratios = f"{row['forward_ratio']:.2f} | {row['forward_ratio_fast']:.2f}"
+            numbers = f"{ratios} | {100 * row['skipped_step_cost']:.1f}%"
+            assert re.search(rf"\| {row['family']}( \([^)|]*\))? \| {re.escape(numbers)}", text), row["family"]
+    assert "docs/results/lora-teacache.json" in text
+    for model in json.loads((results / "lora-teacache.json").read_text())["results"]:
+        for preset, runs in model["presets"].items():
+            base, lora = runs["base"], runs["lora"]
+            cells = [f"{base['skipped_fraction']:.2f}", f"{lora['skipped_fraction']:.2f}"]
+            cells += [f"{base['psnr_db_mean']:.1f}", f"{lora['psnr_db_mean']:.1f}"]
+            assert f"| {model['model']} | {preset} | {' | '.join(cells)} |" in text, (model["model"], preset)
+
+
+def test_readme_lora_example_runs_in_order(tmp_path, monkeypatch):
+    """The LoRA block of the README, line by line as written, on a tiny Flux and files in the layout a
+    pipeline's `save_lora_weights` writes (keys under `transformer.`)."""
+    peft = pytest.importorskip("peft")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from teacache_models.models import FluxTransformer2DModel
+
+    def tiny() -> FluxTransformer2DModel:
+        config = dict(in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
+        config |= dict(joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+        return FluxTransformer2DModel(**config).eval()
+
+    monkeypatch.chdir(tmp_path)
+    source = tiny()
+    (tmp_path / "owner" / "detail-lora").mkdir(parents=True)
+    files = {"style.safetensors": ["to_q", "to_k"], "other.safetensors": ["to_q"]}
+    files["owner/detail-lora/lora.safetensors"] = ["to_v"]
+    for i, (path, modules) in enumerate(files.items()):
+        config = peft.LoraConfig(r=4, target_modules=modules, init_lora_weights=False)
+        source.add_adapter(config, adapter_name=f"a{i}")
+        source.save_lora_adapter(tmp_path, adapter_name=f"a{i}", weight_name=path)
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata()
+        save_file({f"transformer.{k}": v for k, v in load_file(path).items()}, path, metadata=metadata)
+    block = re.search(r"```python\n(model\.load_lora_adapter.*?)```", README.read_text(), re.S).group(1)
+    model = tiny()
+    exec(compile(block, "README.md", "exec"), {"model": model, "peft": peft})
+    assert model.active_adapters() == ["finetune"] and list(model.peft_config) == ["finetune"]
+    assert (tmp_path / "out").is_dir() and any((tmp_path / "out").iterdir())
+
+
+def test_the_files_the_readme_names_exist_and_it_names_every_script():
+    text = README.read_text()
+    folders = ("scripts/", "tests/", "docs/", "configs/", "demo_models/", "demo_loras/", "teacache_models/", ".ci/")
+    named = re.findall(rf"(?<![\w/.-])((?:{'|'.join(map(re.escape, folders))})[\w./-]*\w)(?![\w*<-])", text)
+    # Not files of this repository: placeholders (`configs/NAME.yaml`, `myfam`; globs and `<...>` are not matched)
+    # and the folder of a diffusers checkout that scripts/run_diffusers_model_tests.py runs.
+    others = {"tests/models/transformers"}
+    named = {path for path in named if "myfam" not in path and not re.search(r"[A-Z]{3}", path)} - others
+    missing = sorted(path for path in named if not (README.parent / path).exists())
+    assert not missing, f"the README names files that do not exist: {missing}"
+    scripts = sorted(path.name for path in (README.parent / "scripts").glob("*.py"))
+    assert [name for name in scripts if name not in text] == []

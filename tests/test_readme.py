@@ -244,3 +244,16 @@ def test_the_files_the_readme_names_exist_and_it_names_every_script():
     assert not missing, f"the README names files that do not exist: {missing}"
     scripts = sorted(path.name for path in (README.parent / "scripts").glob("*.py"))
     assert [name for name in scripts if name not in text] == []
+
+
+def test_every_option_of_every_script_is_in_the_readme():
+    """Read from the scripts' sources (their `add_argument` calls), so it costs no import; hidden options (help
+    suppressed: a script's own subprocess) are left out."""
+    text = README.read_text()
+    missing = []
+    for script in sorted((README.parent / "scripts").glob("*.py")):
+        for call in re.findall(r"add_argument\((.*?)\)\n", script.read_text(), re.S):
+            flag = re.match(r'\s*"(--[\w-]+)"', call)
+            if flag and "SUPPRESS" not in call and not re.search(rf"{flag.group(1)}(?![\w-])", text):
+                missing.append(f"{script.name} {flag.group(1)}")
+    assert not missing, f"script options the README does not name: {missing}"

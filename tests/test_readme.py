@@ -197,6 +197,18 @@ def test_the_speed_and_lora_tables_hold_the_numbers_of_their_result_files():
             cells = [f"{base['skipped_fraction']:.2f}", f"{lora['skipped_fraction']:.2f}"]
             cells += [f"{base['psnr_db_mean']:.1f}", f"{lora['psnr_db_mean']:.1f}"]
             assert f"| {model['model']} | {preset} | {' | '.join(cells)} |" in text, (model["model"], preset)
+    rerun = text[text.index("The four demo-model rows were rerun") :][:700]
+    for name in ("flux-digits", "flux-digits-all-at-once", "wan-digits", "wan-digits-all-at-once"):
+        continuous = json.loads((results / f"benchmark-serving-{name}.json").read_text())["modes"]["continuous"]
+        assert f"{continuous['speedup']:.2f}x" in rerun and f"{100 * continuous['rows_computed']:.1f}%" in rerun, name
+        assert continuous["schedules_equal"], name
+    load = json.loads((results / "load-test-server-flux-digits.json").read_text())
+    cells = [load["requests"], load["concurrency"], load["answered_200"], load["errors"], load["retried_429"]]
+    cells += [
+        f"{load['latency_p50_s']:.2f} s / {load['latency_p95_s']:.2f} s",
+        f"{load['throughput_rps']:.1f} requests/s",
+    ]
+    assert f"| {' | '.join(map(str, cells))} |" in text and "docs/results/load-test-server-flux-digits.json" in text
 
 
 def test_readme_lora_example_runs_in_order(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ def python_blocks() -> list[str]:
 
 def test_readme_python_api_examples_run(capsys):
     loop = next(b for b in python_blocks() if "enable_teacache" in b)
-    exec(compile(loop, "README.md", "exec"), {})
+    with pytest.warns(RuntimeWarning, match="coefficients do not fit FluxTransformer2DModel"):
+        exec(compile(loop, "README.md", "exec"), {})
     assert re.search(r"positive: \d+ computed, \d+ skipped", capsys.readouterr().out)
     pipeline = next(b for b in python_blocks() if "load_pipeline" in b)
     exec(compile(pipeline, "README.md", "exec"), {})

@@ -270,3 +270,49 @@ def test_every_option_of_every_script_is_in_the_readme():
             if flag and "SUPPRESS" not in call and not re.search(rf"{flag.group(1)}(?![\w-])", text):
                 missing.append(f"{script.name} {flag.group(1)}")
     assert not missing, f"script options the README does not name: {missing}"
+
+
+# The forecast table's rows: their curve in the result files ("{m}": the model), and the file of the TeaCache
+# row each ratio divides by.
+FORECAST_ROWS = {
+    "TeaCache (as published)": ("benchmark-forecast-{m}.json", "TeaCache"),
+    "Forecast, extrapolation x0.5": ("benchmark-forecast-{m}.json", "Forecast (extrapolation x0.5)"),
+    "Forecast, extrapolation x1": ("benchmark-forecast-{m}.json", "Forecast (extrapolation x1)"),
+    "Forecast, x0.5, slope from the indicator": (
+        "benchmark-forecast-slope-{m}.json",
+        "Forecast (extrapolation x0.5, slope from the indicator)",
+    ),
+    "Forecast, x0.5, slope from the indicator, cadence, last 2 steps forecast": (
+        "benchmark-forecast-cadence-{m}.json",
+        "Forecast (extrapolation x0.5, slope from the indicator, cadence, last 2 steps forecast)",
+    ),
+    "TeaCache, extrapolated residual": ("benchmark-{m}.json", "TeaCache (extrapolated residual)"),
+}
+
+
+def test_the_forecast_table_holds_the_work_and_ratios_of_its_result_files():
+    text = README.read_text()
+    table = re.search(r"\| model \| method \| work at >= 30 dB \| / TeaCache .*?\n\n", text, re.S).group(0)
+
+    def summary(name: str) -> dict:
+        return json.loads((README.parent / "docs" / "results" / name).read_text())["summary"]
+
+    checked = 0
+    for line in table.strip().splitlines()[2:]:
+        model, method, *cells = [cell.strip().replace("*", "") for cell in line.strip("|").split("|")]
+        if method not in FORECAST_ROWS:
+            continue  # the peers' rows, whose cells are the compute-quality table's
+        name, curve = FORECAST_ROWS[method]
+        # wan-digits-deep ran every curve but the cadence's in one run, benchmark-wan-digits-deep.json.
+        deep = "benchmark-wan-digits-deep.json"
+        if model == "wan-digits-deep" and "cadence" not in name:
+            name = deep
+        base = summary(deep if model == "wan-digits-deep" else f"benchmark-forecast-{model}.json")["TeaCache"]
+        expected = []
+        for goal in ("at_30db", "at_35db"):
+            point = summary(name.format(m=model))[curve][goal]
+            ratio = point["work_fraction"] / base[goal]["work_fraction"]
+            expected += [f"{point['work_fraction']:.3f} ({point['setting']})", "1" if ratio == 1 else f"{ratio:.2f}"]
+        assert cells == expected, (model, method)
+        checked += 1
+    assert checked == 15

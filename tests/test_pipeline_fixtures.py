@@ -480,11 +480,12 @@ def wan_transformer(in_channels: int, out_channels: int, seed: int, **extra):
 
 def save_wan(folder: Path, kind: str = "t2v", seed: int = 0) -> Path:
     """A tiny Wan folder. kind: "t2v" (2.1), "t2v-a14b" (two experts, boundary 0.875), "i2v" (2.1, CLIP
-    image tokens), "i2v-a14b" (two experts, no CLIP, boundary 0.9), "ti2v" (2.2 5B: expand_timesteps)."""
+    image tokens), "flf2v" (2.1 first-last-frame: CLIP tokens of two images with a position table), "i2v-a14b" (two
+    experts, no CLIP, boundary 0.9), "ti2v" (2.2 5B: expand_timesteps)."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
-    kinds = ("t2v", "t2v-a14b", "i2v", "i2v-a14b", "ti2v")
+    kinds = ("t2v", "t2v-a14b", "i2v", "flf2v", "i2v-a14b", "ti2v")
     if kind not in kinds:
         raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
     torch.manual_seed(seed)
@@ -504,14 +505,16 @@ def save_wan(folder: Path, kind: str = "t2v", seed: int = 0) -> Path:
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )
     common = dict(tokenizer=build_t5_tokenizer(), text_encoder=text_encoder, scheduler=scheduler)
-    image_to_video = kind.startswith("i2v")
+    image_to_video = kind.startswith("i2v") or kind == "flf2v"
     in_channels = 2 * z_dim + 4 if image_to_video else z_dim
     extra = {}
     image_components = {}
-    if kind == "i2v":
+    if kind in ("i2v", "flf2v"):
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
         extra = dict(image_dim=20, added_kv_proj_dim=24)
+        if kind == "flf2v":  # two images of 4 x 4 patches and a class token each
+            extra["pos_embed_seq_len"] = 2 * 17
         image_encoder = CLIPVisionModel(
             CLIPVisionConfig(
                 hidden_size=20,

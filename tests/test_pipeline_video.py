@@ -26,7 +26,7 @@ PROMPT = "a red fox jumps over the lazy dog"
 NEGATIVE = "blurry bad quality"
 # y = x and a threshold no distance reaches: every step that is not forced skips.
 SKIP_ALL = TeaCacheParams(teacache_thresh=1e6, coefficients=(1.0, 0.0))
-WAN_KINDS = ("t2v", "t2v-a14b", "i2v", "i2v-a14b", "ti2v")
+WAN_KINDS = ("t2v", "t2v-a14b", "i2v", "flf2v", "i2v-a14b", "ti2v")
 
 
 @pytest.fixture(scope="module")
@@ -343,13 +343,13 @@ def test_bad_video_inputs_are_rejected(wan_folders, hunyuan_folder, image):
     with pytest.raises(ValueError, match=r"does not use sampling settings \['true_cfg_scale'\]"):
         t2v(PROMPT, wan_params(true_cfg_scale=2.0))
     with pytest.raises(ValueError, match="width must be a multiple of 32"):
-        load_pipeline(wan_folders["ti2v"])(PROMPT, wan_params(width=48))
+        load_pipeline(wan_folders["ti2v"])(PROMPT, wan_params(width=40))  # not even of 16, which diffusers refuses
     i2v = load_pipeline(wan_folders["i2v"])
     with pytest.raises(ValueError, match="is image-to-video: pass image="):
         i2v(PROMPT, wan_params())
     with pytest.raises(TypeError, match=r"image must be a PIL image .* got ndarray"):
         i2v(PROMPT, wan_params(), image=np.zeros((32, 32, 3)))
-    with pytest.raises(TypeError, match=r"takes only image=\.\.\., got \['mask'\]"):
+    with pytest.raises(TypeError, match=r"takes only image=\.\.\., last_image=\.\.\., got \['mask'\]"):
         i2v(PROMPT, wan_params(), image=image, mask=1)
     # Wan2.1 I2V's attention takes the last 512 context tokens as text: another length would split it wrongly.
     i2v.max_sequence_length = 8
@@ -362,6 +362,48 @@ def test_bad_video_inputs_are_rejected(wan_folders, hunyuan_folder, image):
         hunyuan(PROMPT, wan_params(), image=image)
     assert (t2v.takes_image(), i2v.takes_image(), hunyuan.takes_image()) == ("no", "required", "no")
     assert load_pipeline(wan_folders["ti2v"]).takes_image() == "optional"
+
+
+@pytest.mark.parametrize("kind", ["flf2v", "i2v-a14b"])
+def test_wan_last_image_matches_diffusers(wan_folders, image, kind):
+    # Wan2.1 FLF2V pairs the two images' CLIP tokens; Wan2.2 I2V A14B reads the last frame's latents only.
+    last = image.transpose(0).convert("RGBA")  # another picture, in a mode the pipeline converts
+    params = wan_params(guidance_scale=4.0, negative_prompt=NEGATIVE, num_frames=9)
+    ours = load_pipeline(wan_folders[kind])
+    assert ours.call_inputs == ("last_image",)
+    result = ours([PROMPT, "a blue bird at night"], params, image=image, last_image=last)
+    pipe = reference(wan_folders[kind], "WanImageToVideoPipeline")
+    settings = {**reference_settings(params), "negative_prompt": [NEGATIVE] * 2}
+    expected = pipe(prompt=[PROMPT, "a blue bird at night"], image=image, last_image=last.convert("RGB"), **settings)
+    assert torch.equal(result.frames, expected.frames)
+    assert not torch.equal(result.frames, ours(PROMPT, params, image=image, last_image=image).frames[:1])
+
+
+def test_wan_last_image_rules(wan_folders, image):
+    with pytest.raises(ValueError, match=r"first-last-frame \(FLF2V.*\): pass last_image="):
+        load_pipeline(wan_folders["flf2v"])(PROMPT, wan_params(), image=image)
+    with pytest.raises(ValueError, match="last_image needs a first-last-frame checkpoint"):
+        load_pipeline(wan_folders["i2v"])(PROMPT, wan_params(), image=image, last_image=image)
+    i2v = load_pipeline(wan_folders["i2v-a14b"])
+    with pytest.raises(ValueError, match=r"last_image needs num_frames >= 5 \(a first and a last frame\), got 1"):
+        i2v(PROMPT, wan_params(num_frames=1), image=image, last_image=image)
+    with pytest.raises(TypeError, match="image must be a PIL image or a"):
+        i2v(PROMPT, wan_params(), image=image, last_image="last.png")
+    with pytest.raises(TypeError, match=r"last_image is for first-last-frame models .* TI2V, whose image is the first"):
+        load_pipeline(wan_folders["ti2v"])(PROMPT, wan_params(height=32, width=64), image=image, last_image=image)
+    with pytest.raises(TypeError, match=r"last_image is for first-last-frame models .* text-to-video"):
+        load_pipeline(wan_folders["t2v"])(PROMPT, wan_params(), last_image=image)
+    # diffusers runs no CFG at guidance_scale <= 1, so a low-noise expert's scale would be ignored.
+    with pytest.raises(ValueError, match=r"guidance_scale_2=2\.0 has no effect: no negative branch runs"):
+        i2v(PROMPT, wan_params(guidance_scale=1.0, guidance_scale_2=2.0), image=image)
+
+
+def test_wan_ti2v_size_on_16_off_32_is_rounded_down_as_in_diffusers(wan_folders, image):
+    # diffusers refuses a size off 16 and rounds one on 16 down to TI2V-5B's multiple of 32, with a warning.
+    params = wan_params(guidance_scale=1.0, height=48, width=80)
+    with pytest.warns(UserWarning, match=r"got 48 and 80: generating 32 x 64"):
+        result = run_both(wan_folders["ti2v"], "WanImageToVideoPipeline", params, image)
+    assert result.frames.shape[-2:] == (32, 64)
 
 
 @pytest.mark.parametrize("frames, generated", [(6, 5), (8, 9)])

@@ -378,16 +378,22 @@ class Pipeline(PipelineLoraMixin):
         generate at (`rounds_size`: a height or width off the size multiple, down to it), the rounded value, with a
         UserWarning naming both; anything else as given (`check_params` judges it). The CLI and the server check
         sizes before they call and refuse such sizes instead."""
+        return self._rounded_size(params) if self.rounds_size else params
+
+    def _rounded_size(self, params: SamplingParams) -> SamplingParams:
+        """`params` with height and width rounded down to `size_multiple()`, with a UserWarning naming both (for the
+        caller of `__call__`, whose `fit_params` calls this); as given where on it already or where a side would
+        round to 0 (`check_params` refuses that)."""
         multiple = self.size_multiple()
         height, width = params.height // multiple * multiple, params.width // multiple * multiple
-        if not self.rounds_size or (height, width) == (params.height, params.width) or min(height, width) == 0:
+        if (height, width) == (params.height, params.width) or min(height, width) == 0:
             return params
         warnings.warn(
             f"height and width must be multiples of {multiple} for this model (VAE factor x patch size), got "
             f"{params.height} and {params.width}: generating {height} x {width}, each rounded down as diffusers' "
             f"{self.diffusers_class_name} does",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return dataclasses.replace(params, height=height, width=width)
 

@@ -127,9 +127,10 @@ def refuse_unknown_inputs(pipeline: Pipeline, inputs: dict[str, Any], allowed: s
 
 
 def image_input(pipeline: Pipeline, inputs: dict[str, Any]) -> Any:
-    """The `image=` of a call, None when not given: any other keyword is refused, and an image-to-video
-    pipeline (`takes_image() == "required"`) refuses a call without one."""
-    refuse_unknown_inputs(pipeline, inputs, "only image=...", ("image",))
+    """The `image=` of a call, None when not given: a keyword other than it and the pipeline's `call_inputs` is
+    refused, and an image-to-video pipeline (`takes_image() == "required"`) refuses a call without one."""
+    takes = ("image", *pipeline.call_inputs)
+    refuse_unknown_inputs(pipeline, inputs, "only " + ", ".join(f"{key}=..." for key in takes), takes)
     image = inputs.get("image")
     if image is None and pipeline.takes_image() == "required":
         raise ValueError(f"{type(pipeline).__name__} is image-to-video: pass image=<first frame>")

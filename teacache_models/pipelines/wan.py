@@ -9,6 +9,9 @@ Conditioning:
 - Wan2.1 I2V: the first frame, VAE-encoded with zeros for the other frames, plus a 4-channel frame mask,
   is concatenated to the noise on the channel axis; CLIP image tokens join the text context.
 - Wan2.2 I2V A14B: the same latent concatenation, no CLIP.
+- `last_image=` (Wan2.1 FLF2V, whose image embedder pairs two images' CLIP tokens; Wan2.2 I2V A14B): the last
+  frame, given as the first is: VAE-encoded in the last frame's place and marked in the mask; FLF2V's CLIP tokens
+  are the first and the last image's, in that order.
 - TI2V-5B (`expand_timesteps` in `model_index.json`): per-token timesteps. With an image, the first latent
   frame is replaced by the encoded image at every step and its tokens carry timestep 0.
 """
@@ -29,6 +32,9 @@ from .base import Conditioning, Pipeline
 from .shared import check_frame_count, image_input, video_frames_to_unit_range
 
 __all__ = ["WanImageToVideoPipeline", "WanTextToVideoPipeline", "check_image", "video_frames_to_unit_range"]
+
+# diffusers' Wan pipelines refuse a height or width off this multiple, and round one on it down to the size multiple.
+_DIFFUSERS_SIZE_MULTIPLE = 16
 
 
 def check_image(image: Any) -> None:
@@ -141,8 +147,11 @@ class WanTextToVideoPipeline(Pipeline):
 
     def fit_params(self, params: SamplingParams) -> SamplingParams:
         """A frame count off 4k+1 becomes the one diffusers' Wan pipelines generate, with a warning:
-        `num_frames // 4 * 4 + 1` (so 6 gives 5 and 8 gives 9)."""
-        params = super().fit_params(params)
+        `num_frames // 4 * 4 + 1` (so 6 gives 5 and 8 gives 9). A height or width that is a multiple of 16 (what
+        diffusers checks) but not of the size multiple (32 for TI2V-5B's 16x VAE) is rounded down to it, with a
+        warning, as diffusers does; other sizes are refused, as diffusers refuses them."""
+        if params.height % _DIFFUSERS_SIZE_MULTIPLE == 0 and params.width % _DIFFUSERS_SIZE_MULTIPLE == 0:
+            params = self._rounded_size(params)
         factor = self.temporal_scale_factor()
         if params.num_frames % factor == 1:
             return params
@@ -169,7 +178,20 @@ class WanTextToVideoPipeline(Pipeline):
                 f"attention (Wan2.1 I2V: image K/V projections) takes the last {TEXT_CONTEXT_LEN} tokens as text"
             )
 
+    def ignored_settings(self, params: SamplingParams) -> dict[str, str]:
+        ignored = super().ignored_settings(params)
+        if params.guidance_scale_2 is not None and not self.uses_cfg(params):
+            ignored["guidance_scale_2"] = (
+                f"no negative branch runs ({self.cfg_rule}; guidance_scale_2 is the low-noise expert's scale then)"
+            )
+        return ignored
+
     def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
+        if "last_image" in inputs and "last_image" not in self.call_inputs:
+            raise TypeError(
+                f"last_image is for first-last-frame models (Wan2.1 FLF2V, Wan2.2 I2V A14B); this Wan model is "
+                f"{'TI2V, whose image is the first frame only' if self.expand_timesteps else 'text-to-video'}"
+            )
         image = image_input(self, inputs)
         if image is None:
             return
@@ -207,7 +229,7 @@ class WanTextToVideoPipeline(Pipeline):
         return params.guidance_scale > 1
 
     def prepare_latents(
-        self, batch: int, params: SamplingParams, generator: torch.Generator, image: Any = None
+        self, batch: int, params: SamplingParams, generator: torch.Generator, image: Any = None, last_image: Any = None
     ) -> torch.Tensor:
         spatial, temporal = self.vae_scale_factor(), self.temporal_scale_factor()
         height, width = params.height // spatial, params.width // spatial
@@ -227,8 +249,11 @@ class WanTextToVideoPipeline(Pipeline):
         if image is None:
             return latents
         image = _as_rgb(image)
+        last_image = None if last_image is None else _as_rgb(last_image)
         if self.transformer.config.image_dim is not None:  # Wan2.1 I2V: CLIP image tokens
-            tokens = self.text_helper().encode_image(image, self.device)  # (1, Li, image_dim)
+            images = image if last_image is None else [image, last_image]
+            tokens = self.text_helper().encode_image(images, self.device)  # (1 or 2, Li, image_dim)
+            # FLF2V: (2B, Li, image_dim), each sample's first and last image next to each other, as its embedder pairs.
             self._image_tokens = tokens.repeat(batch, 1, 1).to(self._text_dtype())
         pixels = self._preprocess_image(image, params)  # (1, 3, 1, H, W)
         if self.expand_timesteps:
@@ -236,12 +261,16 @@ class WanTextToVideoPipeline(Pipeline):
             self._timestep_mask[:, :, 0] = 0
             self._first_frame = condition
             return latents
-        padding = pixels.new_zeros(1, 3, params.num_frames - 1, params.height, params.width)
-        condition = self._encode_latents(torch.cat([pixels, padding], dim=2), batch)  # (B, z, F, h, w)
+        given = [pixels] if last_image is None else [pixels, self._preprocess_image(last_image, params)]
+        padding = pixels.new_zeros(1, 3, params.num_frames - len(given), params.height, params.width)
+        video = torch.cat([given[0], padding, *given[1:]], dim=2)  # (1, 3, num_frames, H, W)
+        condition = self._encode_latents(video, batch)  # (B, z, F, h, w)
         # Which pixel frames are given, folded to latent frames: the first latent frame stands for
         # `temporal` copies of the first pixel frame, so the mask has `temporal` channels.
         mask = torch.zeros(batch, 1, params.num_frames + temporal - 1, height, width)
         mask[:, :, :temporal] = 1
+        if last_image is not None:
+            mask[:, :, -1] = 1
         mask = mask.view(batch, frames, temporal, height, width).transpose(1, 2).to(condition.device)
         self._concat_condition = torch.cat([mask, condition], dim=1)  # (B, temporal + z, F, h, w)
         return latents
@@ -337,6 +366,8 @@ class WanImageToVideoPipeline(WanTextToVideoPipeline):
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "image_encoder", "image_processor")
     requires_image: ClassVar[bool] = True
 
+    call_inputs: ClassVar[tuple[str, ...]] = ("last_image",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         needs_clip = self.transformer.config.image_dim is not None
@@ -346,4 +377,31 @@ class WanImageToVideoPipeline(WanTextToVideoPipeline):
             raise ValueError(
                 "this transformer attends to CLIP image tokens (image_dim set, Wan2.1 I2V): image_encoder and "
                 "image_processor are required"
+            )
+
+    def first_last_frame(self) -> bool:
+        """Whether the transformer pairs two images' CLIP tokens (Wan2.1 FLF2V: a position table over both), so
+        a call needs `last_image=`."""
+        return self.transformer.config.pos_embed_seq_len is not None
+
+    def check_inputs(self, params: SamplingParams, **inputs: Any) -> None:
+        super().check_inputs(params, **inputs)
+        last_image = inputs.get("last_image")
+        if last_image is None:
+            if self.first_last_frame():
+                raise ValueError(
+                    "this Wan checkpoint is first-last-frame (FLF2V: its image embedder pairs two images): pass "
+                    "last_image=<last frame> as well as image="
+                )
+            return
+        if self.transformer.config.image_dim is not None and not self.first_last_frame():
+            raise ValueError(
+                "last_image needs a first-last-frame checkpoint (Wan2.1 FLF2V, or Wan2.2 I2V A14B); this Wan2.1 I2V "
+                "checkpoint's image embedder reads the CLIP tokens of one image"
+            )
+        check_image(last_image)
+        if params.num_frames < 2:
+            raise ValueError(
+                f"last_image needs num_frames >= {self.temporal_scale_factor() + 1} (a first and a last frame), got "
+                f"{params.num_frames}"
             )

@@ -278,9 +278,13 @@ def check_video_latents(
     return value.shape[0], check_patch_grid(name, tuple(value.shape[2:]), patches)
 
 
-def check_tokens(name: str, value: Any, batch: int | None, width: int, min_length: int = 0) -> None:
-    """A floating-point (B, L, width) tensor with L >= `min_length`, and B == `batch` unless it is None."""
-    check_tensor(name, value, ("B" if batch is None else batch, "L", width))
+def check_tokens(
+    name: str, value: Any, batch: int | None, width: int, min_length: int = 0, broadcast: bool = False
+) -> None:
+    """A floating-point (B, L, width) tensor with L >= `min_length`, and B == `batch` unless it is None (or B == 1
+    where `broadcast`: one sample's tokens that the model broadcasts over the batch)."""
+    sizes = "B" if batch is None else (1, batch) if broadcast else batch
+    check_tensor(name, value, (sizes, "L", width))
     if value.shape[1] < min_length:
         raise ValueError(f"{name} must hold at least {min_length} token(s), got shape {tuple(value.shape)}")
 

@@ -260,7 +260,7 @@ def bad_inputs():
         "hidden_states type": ({"hidden_states": [[1.0]]}, TypeError, "hidden_states must be a tensor"),
         "integer latents": ({"hidden_states": torch.ones(2, 6, 4, dtype=torch.long)}, TypeError, "floating"),
         "text width": ({"encoder_hidden_states": torch.randn(2, 4, 31)}, ValueError, "encoder_hidden_states"),
-        "text batch": ({"encoder_hidden_states": torch.randn(3, 4, 32)}, ValueError, r"\(2, L, 32\)"),
+        "text batch": ({"encoder_hidden_states": torch.randn(3, 4, 32)}, ValueError, r"\(1\|2, L, 32\)"),
         "text missing": ({"encoder_hidden_states": None}, TypeError, "encoder_hidden_states"),
         "pooled shape": ({"pooled_projections": torch.randn(2, 31)}, ValueError, "pooled_projections"),
         "guidance missing": ({"guidance": None}, ValueError, "guidance is required"),

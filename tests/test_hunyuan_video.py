@@ -285,7 +285,7 @@ def bad_inputs():
         "text width": (
             {"encoder_hidden_states": torch.randn(2, 4, 15)},
             ValueError,
-            r"encoder_hidden_states must have shape \(2, L, 16\)",
+            r"encoder_hidden_states must have shape \(1\|2, L, 16\)",
         ),
         "text batch": ({"encoder_hidden_states": torch.randn(3, 4, 16)}, ValueError, "encoder_hidden_states"),
         "text missing": ({"encoder_hidden_states": None}, TypeError, "encoder_hidden_states"),

@@ -99,6 +99,23 @@ def test_qwen_image_true_cfg_with_norm_rescale_matches_diffusers(qwen_folder):
     assert result.teacache_stats.negative.computed_steps == (0, 1, 2)
 
 
+def test_flux_batch_with_true_cfg_equals_diffusers_bit_for_bit(flux_folder):
+    # diffusers encodes the negative prompt once and its transformer broadcasts it over the batch; a batch of copies
+    # rounds differently (about 1e-6). With TeaCache at threshold 0 the negative branch still has its own state.
+    ours = load_pipeline(flux_folder)
+    prompts = [PROMPT, "a cat on the mat", ""]
+    settings = dict(height=16, width=32, guidance_scale=2.0, true_cfg_scale=3.0, negative_prompt=NEGATIVE)
+    params = SamplingParams(num_inference_steps=2, seed=5, teacache_params=None, **settings)
+    result = ours(prompts, params)
+    expected = run_reference(
+        reference(flux_folder, "FluxPipeline"), 5, prompt=prompts, num_inference_steps=2, **settings
+    )
+    assert torch.equal(result.images, expected)
+    zero = TeaCacheParams(teacache_thresh=0.0, coefficients=(1.0, 0.0))
+    cached = ours(prompts, dataclasses.replace(params, teacache_params=zero))
+    assert torch.equal(cached.images, expected) and cached.teacache_stats.negative.computed_steps == (0, 1)
+
+
 def test_qwen_image_batch_of_two_prompts_without_cfg(qwen_folder):
     ours = load_pipeline(qwen_folder)
     prompts = [PROMPT, "a cat on the mat"]

@@ -241,6 +241,16 @@ def test_hunyuan_video_matches_diffusers(hunyuan_folder, settings):
     assert result.teacache_stats.negative.computed_steps == ((0, 1, 2) if true_cfg else ())
 
 
+def test_hunyuan_video_batch_with_true_cfg_equals_diffusers_bit_for_bit(hunyuan_folder):
+    # diffusers encodes the negative prompt once and its transformer broadcasts it over the batch.
+    params = wan_params(guidance_scale=6.0, true_cfg_scale=3.0, negative_prompt=NEGATIVE, num_inference_steps=2)
+    prompts = [PROMPT, "a blue bird at night"]
+    result = load_pipeline(hunyuan_folder)(prompts, params)
+    pipe = reference(hunyuan_folder, "HunyuanVideoPipeline")
+    expected = pipe(prompt=prompts, true_cfg_scale=3.0, **reference_settings(params)).frames
+    assert torch.equal(result.frames, expected)
+
+
 # ---- TeaCache through the loop ---------------------------------------------------------------------
 
 

@@ -328,7 +328,8 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
 
         Args:
             hidden_states: (B, L_img, in_channels) packed latent tokens.
-            encoder_hidden_states: (B, L_txt, joint_attention_dim) text encoder states.
+            encoder_hidden_states: (B, L_txt, joint_attention_dim) text encoder states, or (1, ...): one text for
+                the whole batch (broadcast, as diffusers' true CFG passes its negative prompt).
             pooled_projections: (B, pooled_projection_dim) pooled text embedding.
             timestep: (B,) sigmas in [0, 1] (scaled by 1000 inside), or a scalar.
             img_ids: (L_img, n_axes) image position ids; txt_ids: (L_txt, n_axes) text position ids.
@@ -437,7 +438,8 @@ class FluxTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         config = self.config
         check_tokens("hidden_states", hidden_states, None, config.in_channels)
         batch = hidden_states.shape[0]
-        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim)
+        # One sample's text may stand for the whole batch, as in diffusers (its true CFG's negative prompt).
+        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim, broadcast=True)
         check_tensor("pooled_projections", pooled_projections, ((1, batch), config.pooled_projection_dim))
         check_dtype("hidden_states", hidden_states, self.x_embedder.weight.dtype)
         check_dtype("encoder_hidden_states", encoder_hidden_states, self.context_embedder.weight.dtype)

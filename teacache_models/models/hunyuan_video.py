@@ -158,7 +158,8 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         Args:
             hidden_states: (B, in_channels, F, H, W) latents; F, H, W divisible by the patch sizes.
             timestep: (B,) timesteps in [0, 1000] (or one value for the whole batch).
-            encoder_hidden_states: (B, Lt, text_embed_dim) text encoder states.
+            encoder_hidden_states: (B, Lt, text_embed_dim) text encoder states, or (1, ...) with a (1, Lt) mask: one
+                text for the whole batch (broadcast, as diffusers' true CFG passes its negative prompt).
             encoder_attention_mask: (B, Lt) 0/1 or boolean mask of the valid text tokens (tokenizers pad on
                 the right); None means every token is valid. As in the reference, the refiner reads the mask
                 itself and the blocks attend the first `mask.sum()` text tokens of each row.
@@ -271,7 +272,8 @@ class HunyuanVideoTransformer3DModel(ConfiguredModel, TeaCacheMixin, SequencePar
         dtype = self.x_embedder.proj.weight.dtype
         batch, _ = check_video_latents("hidden_states", hidden_states, config.in_channels, dtype, patches)
 
-        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_embed_dim)
+        # One sample's text may stand for the whole batch, as in diffusers (its true CFG's negative prompt).
+        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.text_embed_dim, broadcast=True)
         if encoder_hidden_states.shape[1] == 0:
             raise ValueError("encoder_hidden_states must hold at least one text token, got 0")
         check_dtype("encoder_hidden_states", encoder_hidden_states, self.context_embedder.proj_in.weight.dtype)

@@ -82,6 +82,8 @@ class Pipeline(PipelineLoraMixin):
       so requests at different steps can share a batch (`teacache_models.server.batching`).
     - `captions_blank_prompts`: a blank prompt is filled in from the input image (`complete_prompts`) rather
       than encoded as it is.
+    - `broadcasts_negative`: the negative prompt is encoded once for a batch of prompts and the transformer
+      broadcasts it over the batch, as the family's diffusers pipeline does (Flux and HunyuanVideo's true CFG).
     """
 
     family: ClassVar[str]
@@ -96,6 +98,7 @@ class Pipeline(PipelineLoraMixin):
     call_inputs: ClassVar[tuple[str, ...]] = ()
     per_sample_timesteps: ClassVar[bool] = False
     captions_blank_prompts: ClassVar[bool] = False
+    broadcasts_negative: ClassVar[bool] = False
     # Text encoding reads at most this many tokens (the diffusers pipeline's default).
     max_sequence_length: int = 512
     # The largest `max_sequence_length` the family's reference pipeline accepts; None: no cap.
@@ -451,7 +454,10 @@ class Pipeline(PipelineLoraMixin):
                 negative_prompt = params.negative_prompt
                 if negative_prompt is None:
                     negative_prompt = self.default_negative_prompt or ""
-                negative = self.encode_prompt([negative_prompt] * len(prompts), params)
+                # One encoding that the transformer broadcasts over the batch where the family's diffusers pipeline
+                # does so (its rounding differs from a batch of copies), one copy per prompt otherwise.
+                copies = 1 if self.broadcasts_negative else len(prompts)
+                negative = self.encode_prompt([negative_prompt] * copies, params)
             self._sync()
             timings["text_encoding"] = time.perf_counter() - started
 

@@ -37,6 +37,7 @@ class FluxTextToImagePipeline(Pipeline):
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"true_cfg_scale"})
     cfg_rule: ClassVar[str] = "true CFG runs when true_cfg_scale > 1 and a negative prompt is given"
+    broadcasts_negative: ClassVar[bool] = True
     max_sequence_length_limit: ClassVar[int | None] = 512  # T5's trained length
     rounds_size: ClassVar[bool] = True  # as diffusers, with a warning
 

@@ -38,6 +38,7 @@ class HunyuanVideoTextToVideoPipeline(HunyuanVideoVAESizes, Pipeline):
     text_component_names: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"true_cfg_scale", "flow_shift", "fps"})
     cfg_rule: ClassVar[str] = "true CFG runs when true_cfg_scale > 1 and a negative prompt is given"
+    broadcasts_negative: ClassVar[bool] = True
     is_video: ClassVar[bool] = True
     # The Llama prompt length after the template is cropped (the reference's default).
     max_sequence_length: int = 256

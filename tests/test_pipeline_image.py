@@ -116,6 +116,27 @@ def test_flux_batch_with_true_cfg_equals_diffusers_bit_for_bit(flux_folder):
     assert torch.equal(cached.images, expected) and cached.teacache_stats.negative.computed_steps == (0, 1)
 
 
+def test_qwen_image_batch_with_cfg_equals_diffusers_bit_for_bit(qwen_folder):
+    # As Flux's: diffusers encodes the negative prompt once and broadcasts it over the batch.
+    ours = load_pipeline(qwen_folder)
+    prompts = [PROMPT, "a cat on the mat"]
+    params = SamplingParams(
+        num_inference_steps=2, guidance_scale=4.0, negative_prompt=NEGATIVE, seed=3, height=16, width=32
+    )
+    result = ours(prompts, dataclasses.replace(params, teacache_params=None))
+    expected = run_reference(
+        reference(qwen_folder, "QwenImagePipeline"),
+        3,
+        prompt=prompts,
+        negative_prompt=NEGATIVE,
+        true_cfg_scale=4.0,
+        num_inference_steps=2,
+        height=16,
+        width=32,
+    )
+    assert torch.equal(result.images, expected)
+
+
 def test_qwen_image_batch_of_two_prompts_without_cfg(qwen_folder):
     ours = load_pipeline(qwen_folder)
     prompts = [PROMPT, "a cat on the mat"]

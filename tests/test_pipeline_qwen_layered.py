@@ -3,6 +3,7 @@ and the CLI writing one RGBA PNG per layer."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -108,6 +109,32 @@ def test_equals_diffusers_with_the_cache_off(folder, small_images, layers, norma
     assert result.images.shape == (1, layers, 4, height, width) == (1, *expected.shape)
     assert torch.equal(result.images[0], expected), "with the cache off the layers must equal diffusers bit for bit"
     assert result.teacache_stats.negative.num_computed == (0 if negative is None else 3)
+
+
+def test_a_batch_with_cfg_equals_diffusers_bit_for_bit(folder, small_images):
+    # diffusers encodes the one negative prompt once and broadcasts it over the batch; the decoder inputs are compared
+    # (diffusers' output of a batch cannot always stack its layers: it may fail after decoding).
+    reference, ours = pipelines(folder)
+    assert ours.vae is reference.vae  # one VAE: its decoder sees our latents, then the reference's
+    image = rgba(40, 56, seed=1)
+    seen = []
+    decode = ours.vae.decode
+
+    def spy(latents, *args, **kwargs):
+        seen.append(latents.clone())
+        return decode(latents, *args, **kwargs)
+
+    ours.vae.decode = spy
+    prompts = ["a much longer prompt about many things at night", PROMPT]  # of two lengths: a mask on the padding
+    params = SamplingParams(
+        num_inference_steps=3, guidance_scale=2.0, negative_prompt="low quality", seed=409, height=64, width=64
+    )
+    ours(prompts, dataclasses.replace(params, teacache_params=None), image=image, layers=2)
+    generator = torch.Generator("cpu").manual_seed(params.seed)
+    with contextlib.suppress(RuntimeError):
+        reference(image=image, prompt=prompts, negative_prompt="low quality", true_cfg_scale=2.0, layers=2,
+                  num_inference_steps=3, cfg_normalize=True, generator=generator, output_type="pt")  # fmt: skip
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
 
 
 @pytest.mark.parametrize("language", ["en", "zh"])

@@ -439,7 +439,8 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
 
         Args:
             hidden_states: (B, L_img, in_channels) packed latent tokens (all images of a sample joined).
-            encoder_hidden_states: (B, L_txt, joint_attention_dim) text encoder states.
+            encoder_hidden_states: (B, L_txt, joint_attention_dim) text encoder states, or (1, ...) without a mask:
+                one text for the whole batch (broadcast, as diffusers' true CFG passes its negative prompt).
             encoder_hidden_states_mask: (B, L_txt) text mask, True (or nonzero) for valid tokens; any pattern.
             timestep: (B,) sigmas in [0, 1] (scaled by 1000 inside), or one value for the batch.
             img_shapes: per sample, the (frames, height, width) token grid of each of its images, in the order
@@ -563,7 +564,9 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
         if batch == 0:
             raise ValueError(f"hidden_states must hold at least one sample, got shape {tuple(hidden_states.shape)}")
         check_dtype("hidden_states", hidden_states, self.img_in.weight.dtype)
-        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim)
+        # One sample's text may stand for the whole batch (without a mask), as in diffusers (its true CFG's negative
+        # prompt).
+        check_tokens("encoder_hidden_states", encoder_hidden_states, batch, config.joint_attention_dim, broadcast=True)
         self._check_text_dtype(encoder_hidden_states)
         text_len = encoder_hidden_states.shape[1]
         if text_len == 0:
@@ -575,7 +578,7 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                     f"encoder_hidden_states_mask must be None or a tensor of shape ({batch}, {text_len}), "
                     f"got {type(mask).__name__}"
                 )
-            if tuple(mask.shape) != (batch, text_len):
+            if tuple(mask.shape) != (encoder_hidden_states.shape[0], text_len) or mask.shape[0] != batch:
                 raise ValueError(
                     f"encoder_hidden_states_mask must have shape ({batch}, {text_len}) (batch, text length of "
                     f"encoder_hidden_states), got {tuple(mask.shape)}"

@@ -38,6 +38,7 @@ class QwenImageTextToImagePipeline(Pipeline):
     transformer_class: ClassVar[type] = QwenImageTransformer2DModel
     default_negative_prompt: ClassVar[str | None] = " "
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 1 and a negative prompt is given"
+    broadcasts_negative: ClassVar[bool] = True
     max_sequence_length_limit: ClassVar[int | None] = 1024  # the reference tokenizes at most 1024 prompt tokens
     rounds_size: ClassVar[bool] = True  # as diffusers, with a warning
 

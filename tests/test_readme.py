@@ -316,3 +316,14 @@ def test_the_forecast_table_holds_the_work_and_ratios_of_its_result_files():
         assert cells == expected, (model, method)
         checked += 1
     assert checked == 15
+
+
+def test_the_readme_names_every_route_of_the_server():
+    app = (README.parent / "teacache_models" / "server" / "app.py").read_text()
+    routes = re.findall(r'@app\.(get|post|delete)\("([^"]+)"\)', app)
+    assert len(routes) >= 10
+    # Path parameters by any name: the README writes /v1/videos/{id}.
+    parameter = re.compile(r"\{\w+\}")
+    text = parameter.sub("{}", README.read_text())
+    named = [method.upper() + " " + parameter.sub("{}", path) for method, path in routes]
+    assert [route for route in named if route not in text] == []

@@ -327,3 +327,34 @@ def test_the_readme_names_every_route_of_the_server():
     text = parameter.sub("{}", README.read_text())
     named = [method.upper() + " " + parameter.sub("{}", path) for method, path in routes]
     assert [route for route in named if route not in text] == []
+
+
+@pytest.mark.parametrize(
+    ("model", "picture"),
+    [("flux-digits", "docs/demo-flux-digits.png"), ("flux-digits-bold", "docs/demo-flux-digits-bold.png")],
+)
+def test_the_readme_pictures_are_what_its_demo_commands_make(model, picture, tmp_path):
+    """The README's demo command of `model`, run as written (ten prompts; the timing flags, which change no
+    pixel, left out), makes its picture pixel for pixel."""
+    np = pytest.importorskip("numpy")
+    image_module = pytest.importorskip("PIL.Image")
+    line = re.search(rf"```bash\n(python scripts/generate.py --model {model} .*?)\n", README.read_text()).group(1)
+    args = shlex.split(
+        line.replace('"a handwritten digit "{0..9}', " ".join(f'"a handwritten digit {d}"' for d in range(10)))
+    )
+    args = [a for a in args if a not in ("--compare",)]
+    if "--repeats" in args:
+        del args[args.index("--repeats") : args.index("--repeats") + 2]
+    output = tmp_path / "grid.png"
+    done = subprocess.run(
+        [sys.executable, *args[1:], "--output", str(output), "--no-progress"],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    made = np.asarray(image_module.open(output))
+    shipped = np.asarray(image_module.open(README.parent / picture))
+    assert f"({picture})" in README.read_text() and made.shape == shipped.shape and (made == shipped).all()

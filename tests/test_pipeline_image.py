@@ -180,7 +180,8 @@ def test_z_image_matches_diffusers(z_image_folder, settings):
         width=48,
         **kwargs,
     )
-    assert_parity(result.images, expected, tol=1e-5)
+    # With the cache off both branches run in one call, as in diffusers: bit for bit.
+    assert torch.equal(result.images, expected)
     negative_steps = result.teacache_stats.negative.computed_steps
     if settings["guidance_scale"] == 0:
         assert negative_steps == ()
@@ -188,6 +189,47 @@ def test_z_image_matches_diffusers(z_image_folder, settings):
         assert 0 < len(negative_steps) < 4, "truncation drops CFG on the late steps"
     else:
         assert negative_steps == (0, 1, 2, 3)
+
+
+def test_z_image_batch_with_cfg_runs_both_branches_in_one_call_as_diffusers(z_image_folder):
+    # diffusers batches the positive and the negative branch in one transformer call (padded to the longest caption);
+    # two calls round differently (1e-5 after a few steps). With the cache on each branch keeps its own call and state.
+    ours = load_pipeline(z_image_folder)
+    prompts = [PROMPT, "a cat"]
+    params = SamplingParams(
+        num_inference_steps=3, guidance_scale=3.0, negative_prompt=NEGATIVE, seed=4, height=32, width=48
+    )
+    calls = []
+    original = type(ours.transformer).teacache_step
+
+    def spy(model, step, is_cfg_negative=False, batched_cfg=False):
+        calls.append((step, is_cfg_negative, batched_cfg))
+        return original(model, step, is_cfg_negative, batched_cfg)
+
+    type(ours.transformer).teacache_step = spy
+    try:
+        result = ours(prompts, dataclasses.replace(params, teacache_params=None))
+        assert calls == [(0, False, True), (1, False, True), (2, False, True)]
+        calls.clear()
+        zero = TeaCacheParams(teacache_thresh=0.0, coefficients=(1.0, 0.0))
+        cached = ours(prompts, dataclasses.replace(params, teacache_params=zero))
+        assert calls == [(step, negative, False) for step in range(3) for negative in (False, True)]
+    finally:
+        type(ours.transformer).teacache_step = original
+    expected = run_reference(
+        reference(z_image_folder, "ZImagePipeline"),
+        4,
+        prompt=prompts,
+        negative_prompt=[NEGATIVE] * 2,  # diffusers' Z-Image takes one negative prompt per prompt
+        guidance_scale=3.0,
+        num_inference_steps=3,
+        height=32,
+        width=48,
+    )
+    assert torch.equal(result.images, expected)
+    assert result.teacache_stats.negative.computed_steps == (0, 1, 2)
+    assert cached.teacache_stats.negative.computed_steps == (0, 1, 2)
+    assert_parity(cached.images, expected, tol=1e-5)
 
 
 @pytest.mark.parametrize(

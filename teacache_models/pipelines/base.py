@@ -84,6 +84,9 @@ class Pipeline(PipelineLoraMixin):
       than encoded as it is.
     - `broadcasts_negative`: the negative prompt is encoded once for a batch of prompts and the transformer
       broadcasts it over the batch, as the family's diffusers pipeline does (Flux and HunyuanVideo's true CFG).
+    - `batches_cfg`: with the cache off, a step with CFG computes both branches in one transformer call
+      (`predict_both`, declared with `teacache_step(step, batched_cfg=True)`), as the family's diffusers pipeline
+      does (Z-Image); with the cache on each branch is its own call, as its own TeaCache state needs.
     """
 
     family: ClassVar[str]
@@ -99,6 +102,7 @@ class Pipeline(PipelineLoraMixin):
     per_sample_timesteps: ClassVar[bool] = False
     captions_blank_prompts: ClassVar[bool] = False
     broadcasts_negative: ClassVar[bool] = False
+    batches_cfg: ClassVar[bool] = False
     # Text encoding reads at most this many tokens (the diffusers pipeline's default).
     max_sequence_length: int = 512
     # The largest `max_sequence_length` the family's reference pipeline accepts; None: no cap.
@@ -239,6 +243,17 @@ class Pipeline(PipelineLoraMixin):
         self, transformer: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, condition: Conditioning
     ) -> torch.Tensor:
         """One transformer call (the caller has opened the step's `teacache_step` context)."""
+        raise NotImplementedError
+
+    def predict_both(
+        self,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        condition: Conditioning,
+        negative: Conditioning,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both CFG branches' predictions from one transformer call (a family with `batches_cfg`)."""
         raise NotImplementedError
 
     @staticmethod
@@ -560,6 +575,13 @@ class Pipeline(PipelineLoraMixin):
                         params,
                         computed[names[id(transformer)]],
                     )
+                elif cache is None and self.batches_cfg and negative is not None and self.cfg_at_step(step, t, params):
+                    # Both branches in one call, the positive half first, as the family's diffusers pipeline does
+                    # (with the cache on, each branch is its own call, which its own state needs).
+                    with transformer.teacache_step(step, batched_cfg=True):
+                        positive, negative_prediction = self.predict_both(transformer, latents, t, condition, negative)
+                    computed[names[id(transformer)]][False].append(step)
+                    computed[names[id(transformer)]][True].append(step)
                 else:
                     with transformer.teacache_step(step, is_cfg_negative=False):
                         positive = self.predict(transformer, latents, t, condition)

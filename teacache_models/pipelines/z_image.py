@@ -31,6 +31,7 @@ class ZImageTextToImagePipeline(Pipeline):
     sampling_extras: ClassVar[frozenset[str]] = frozenset({"flow_shift", "cfg_truncation", "cfg_normalization"})
     default_negative_prompt: ClassVar[str | None] = ""
     cfg_rule: ClassVar[str] = "CFG runs when guidance_scale > 0"
+    batches_cfg: ClassVar[bool] = True
     patch_size: ClassVar[int] = 2
 
     def vae_scale_factor(self) -> int:
@@ -101,6 +102,20 @@ class ZImageTextToImagePipeline(Pipeline):
         samples = list(latents.to(self.dtype).unsqueeze(2).unbind(0))  # B x (C, 1, H, W)
         outputs = transformer(samples, time, condition.tensors["cap_feats"], return_dict=False)[0]
         return torch.stack([o.float() for o in outputs]).squeeze(2)  # (B, C, H, W)
+
+    def predict_both(
+        self,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        condition: Conditioning,
+        negative: Conditioning,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The reference's layout: the latents twice, the positive captions then the negative ones (each sample's
+        # own length: the transformer pads the batch to its longest caption).
+        both = Conditioning({"cap_feats": [*condition.tensors["cap_feats"], *negative.tensors["cap_feats"]]})
+        positive, negative_prediction = self.predict(transformer, latents.repeat(2, 1, 1, 1), t, both).chunk(2)
+        return positive, negative_prediction
 
     def guide(
         self, positive: torch.Tensor, negative: torch.Tensor | None, step: int, t: torch.Tensor, params: SamplingParams

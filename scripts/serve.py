@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Serve one model over an OpenAI-style HTTP API: `python scripts/serve.py --model flux-digits`.
 
-The same program as the installed `teacache-serve` command (teacache_models.server.main); --help lists
+The same program as the installed `teacache-serve` command (teacache_models.serve); --help lists
 every flag.
 """
 
@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from teacache_models.server.main import main  # noqa: E402
+from teacache_models.serve import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

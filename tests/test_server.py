@@ -419,8 +419,8 @@ def test_console_script_and_extra_are_declared():
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
     scripts = config["options.entry_points"]["console_scripts"]
-    assert "teacache-serve = teacache_models.server.main:main" in scripts
-    from teacache_models.server.main import main
+    assert "teacache-serve = teacache_models.serve:main" in scripts
+    from teacache_models.serve import main
 
     assert callable(main)
     server_extra = config["options.extras_require"]["server"].split()
@@ -448,6 +448,20 @@ def test_bad_server_flags_are_one_line_errors(flags, message, capsys):
     assert main(["--model", "flux-digits", *flags]) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_the_command_without_the_server_extra_is_one_line(missing):
+    import subprocess
+
+    # A module set to None in sys.modules cannot be imported: the command runs as on a core-only install.
+    code = f"import sys; sys.modules[{missing!r}] = None; from teacache_models.serve import main; sys.exit(main([]))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        f"teacache-serve: the server needs the 'server' extra ({missing} is missing): "
+        "pip install 'teacache_models[server]'"
+    ]
 
 
 def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch, capsys):

@@ -12,7 +12,8 @@ try:
     import uvicorn  # noqa: F401
 except ImportError as error:
     raise ImportError(
-        f"the server needs the 'server' extra ({error.name} is missing): pip install 'teacache_models[server]'"
+        f"the server needs the 'server' extra ({error.name} is missing): pip install 'teacache_models[server]'",
+        name=error.name,
     ) from error
 
 from .app import create_app

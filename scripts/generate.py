@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "layered model decomposes; refused by text-to-image and text-to-video models",
     )
     prompt.add_argument(
+        "--last-image",
+        type=path_argument,
+        metavar="FILE",
+        help="first-last-frame video models (Wan2.1 FLF2V, Wan2.2 I2V A14B): the last frame, besides --image (the "
+        "first); refused by the others",
+    )
+    prompt.add_argument(
         "--layers",
         type=int,
         help="layered models: how many RGBA layers to decompose the input image into (default 4); each is written "
@@ -257,6 +264,7 @@ def sidecar(
         "num_images": args.num_images,
         "grid": args.grid,
         "images": [str(path) for path in args.image],
+        "last_image": None if args.last_image is None else str(args.last_image),
         "device": args.device,
         "dtype": args.dtype,
         "linear_kernel": args.linear_kernel,
@@ -297,6 +305,19 @@ def check_layers(args: argparse.Namespace, layered: bool | None, name: str) -> N
         raise CliError(f"--layers {args.layers} has no effect on {name}: it is for layered models (Qwen-Image-Layered)")
     if args.grid and layered:
         raise CliError(f"--grid writes one PNG: {name} is a layered model, which writes one PNG per layer")
+
+
+def check_last_image(args: argparse.Namespace, takes: bool | None, name: str) -> None:
+    """--last-image against a first-last-frame model (`takes` None: not known yet); it needs --image too."""
+    if args.last_image is None:
+        return
+    if not args.image:
+        raise CliError("--last-image FILE is the last frame: give the first with --image FILE")
+    if takes is False:
+        raise CliError(
+            f"--last-image has no effect on {name}: it is for first-last-frame video models (Wan2.1 FLF2V, Wan2.2 "
+            "I2V A14B)"
+        )
 
 
 def check_blank_prompts(args: argparse.Namespace, captions: bool | None, name: str) -> None:
@@ -356,7 +377,10 @@ def run(args: argparse.Namespace) -> int:
     check_entry_images(len(args.image), entry)
     check_layers(args, entry.task == "layered" if entry is not None else None, name_of(model, entry))
     check_blank_prompts(args, entry.task == "layered" if entry is not None else None, name_of(model, entry))
+    check_last_image(args, entry.task == "i2v" if entry is not None else None, name_of(model, entry))
     inputs = image_inputs(load_images(args.image))
+    if args.last_image is not None:
+        inputs["last_image"] = load_images([args.last_image])[0]
     if args.layers is not None:
         inputs["layers"] = args.layers
     if args.grid and is_video:
@@ -392,6 +416,7 @@ def generate_and_write(
         raise CliError(f"--grid writes one PNG: it is for image models; {name_of(model, entry)} is a video model")
     check_pipeline_images(len(args.image), pipe, name_of(model, entry))
     check_layers(args, "layers" in pipe.call_inputs, name_of(model, entry))
+    check_last_image(args, "last_image" in pipe.call_inputs, name_of(model, entry))
     check_blank_prompts(args, pipe.captions_blank_prompts, name_of(model, entry))
     size = pipe.output_size(inputs["image"]) if inputs and args.height is None and args.width is None else None
     if size is not None:  # an editing model follows its input image's aspect ratio unless a size is given

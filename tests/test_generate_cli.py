@@ -367,7 +367,7 @@ WAN_I2V_CONFIG = CONFIG.parent / "wan2.1-i2v-14b-480p.yaml"
 
 @pytest.fixture(scope="module")
 def wan_folders(tmp_path_factory):
-    return {kind: save_wan(tmp_path_factory.mktemp(f"wan-{kind}"), kind) for kind in ("t2v", "i2v")}
+    return {kind: save_wan(tmp_path_factory.mktemp(f"wan-{kind}"), kind) for kind in ("t2v", "i2v", "flf2v")}
 
 
 def wan_args(folder, config, output):
@@ -429,6 +429,41 @@ def test_wan_image_to_video_mp4(cli, wan_folders, tmp_path):
     frames, _ = read_video(output)
     assert frames.shape == (5, 32, 48, 3)
     assert json.loads(output.with_suffix(".json").read_text())["images"] == [str(picture)]
+
+
+def test_wan_first_last_frame_mp4(cli, wan_folders, tmp_path, capsys):
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("ftfy")
+    from PIL import Image
+
+    first, last = tmp_path / "first.png", tmp_path / "last.png"
+    for seed, path in enumerate((first, last)):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    output = tmp_path / "flf2v.mp4"
+    args = [*wan_args(wan_folders["flf2v"], WAN_I2V_CONFIG, output), "--image", str(first), "--teacache", "off"]
+    args.remove("--config")
+    args.remove(str(WAN_I2V_CONFIG))
+    assert cli.main([*args, "--last-image", str(last)]) == 0
+    frames, _ = read_video(output)
+    assert frames.shape == (5, 32, 48, 3)
+    assert json.loads(output.with_suffix(".json").read_text())["last_image"] == str(last)
+    assert cli.main(args) == 2  # FLF2V needs the last frame
+    assert "pass last_image=<last frame> as well as image=" in capsys.readouterr().err
+    no_first = [a for a in args if a not in ("--image", str(first))]
+    assert cli.main([*no_first, "--last-image", str(last)]) == 2
+    assert "--last-image FILE is the last frame: give the first with --image FILE" in capsys.readouterr().err
+    # Refused from the zoo entry's task before loading, and from the loaded pipeline without an entry.
+    ti2v = wan_args(wan_folders["t2v"], CONFIG.parent / "wan2.2-ti2v-5b.yaml", tmp_path / "ti2v.mp4")
+    assert cli.main([*ti2v, "--image", str(first), "--last-image", str(last)]) == 2
+    assert "--last-image has no effect on wan2.2-ti2v-5b: it is for first-last-frame" in capsys.readouterr().err
+    t2v = wan_args(wan_folders["t2v"], WAN_CONFIG, tmp_path / "t2v.mp4")
+    t2v.remove("--config")
+    t2v.remove(str(WAN_CONFIG))
+    assert cli.main([*t2v, "--image", str(first), "--last-image", str(last)]) == 2
+    assert "it takes no input image" in capsys.readouterr().err
+    i2v = wan_args(wan_folders["i2v"], WAN_I2V_CONFIG, tmp_path / "i2v.mp4")
+    assert cli.main([*i2v, "--image", str(first), "--last-image", str(last)]) == 2
+    assert "last_image needs a first-last-frame checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

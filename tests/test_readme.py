@@ -203,6 +203,14 @@ def test_the_speed_and_lora_tables_hold_the_numbers_of_their_result_files():
         continuous = json.loads((results / f"benchmark-serving-{name}.json").read_text())["modes"]["continuous"]
         assert f"{continuous['speedup']:.2f}x" in rerun and f"{100 * continuous['rows_computed']:.1f}%" in rerun, name
         assert continuous["schedules_equal"], name
+    for name in ("flux-digits-ceiling", "wan-digits-ceiling", "flux-medium-1-thread", "flux-medium-2-threads"):
+        record = json.loads((results / f"benchmark-serving-{name}.json").read_text())
+        row = re.search(rf"^\|[^\n]*`docs/results/benchmark-serving-{name}\.json` \|$", text, re.MULTILINE)
+        assert row is not None, name
+        ceiling, continuous = record["ceiling"], record["modes"]["continuous"]
+        each = ", ".join(f"{r['ceiling']:.2f}" for r in ceiling["repeats"])
+        assert f"| {ceiling['ceiling']:.2f}x ({each}) | **{continuous['speedup']:.2f}x** (" in row.group(), name
+        assert f"| {100 * continuous['share_of_ceiling']:.0f}%" in row.group() and continuous["schedules_equal"], name
     load = json.loads((results / "load-test-server-flux-digits.json").read_text())
     cells = [load["requests"], load["concurrency"], load["answered_200"], load["errors"], load["retried_429"]]
     cells += [

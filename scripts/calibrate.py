@@ -79,7 +79,14 @@ from teacache_models.calibration_config import (  # noqa: E402
     write_expert_fits,
     write_threshold_table,
 )
-from teacache_models.cli import CliError, check_pipeline_images, image_inputs, load_images, lora_argument  # noqa: E402
+from teacache_models.cli import (  # noqa: E402
+    CliError,
+    check_last_image,
+    check_pipeline_images,
+    image_inputs,
+    load_images,
+    lora_argument,
+)
 from teacache_models.demo import digit_prompt  # noqa: E402
 from teacache_models.params import RescalingFit, TeaCacheParams  # noqa: E402
 from teacache_models.zoo import load_zoo_entry  # noqa: E402
@@ -124,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the input image of every run: the first frame of an image-to-video model, the image(s) an editing "
         "model edits (repeat for several), the image a layered model decomposes",
+    )
+    parser.add_argument(
+        "--last-image",
+        type=Path,
+        metavar="FILE",
+        help="the last frame of every run, besides --image (the first), for first-last-frame video models (Wan2.1 "
+        "FLF2V, Wan2.2 I2V A14B); refused by the others",
     )
     parser.add_argument("--seeds", type=int, default=5, help="seeds per prompt")
     parser.add_argument("--seed-offset", type=int, default=1000, help="first seed (keep apart from benchmark seeds)")
@@ -199,9 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     new_preset = None if config_path is None else preset_to_add(config_path, indicator, model, args.table_thresholds)
 
     try:
+        check_last_image(args, "last_image" in pipe.call_inputs, args.model)
         check_pipeline_images(len(args.image), pipe, args.model)
         inputs = image_inputs(load_images(args.image))
-    except CliError as error:
+        if args.last_image is not None:
+            inputs["last_image"] = load_images([args.last_image], "--last-image")[0]
+        # What the pipeline takes beside the prompt (FLF2V's last frame, ...), before the first run, not in it.
+        pipe.check_inputs(pipe.default_sampling_params(teacache="off"), **inputs)
+    except (CliError, ValueError, TypeError) as error:
         raise SystemExit(str(error)) from None
     if args.prompts_file:
         prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]

@@ -48,6 +48,7 @@ from teacache_models.cli import (  # noqa: E402
     add_run_arguments,
     add_teacache_arguments,
     check_entry_images,
+    check_last_image,
     check_pipeline_images,
     check_run_arguments,
     image_inputs,
@@ -307,19 +308,6 @@ def check_layers(args: argparse.Namespace, layered: bool | None, name: str) -> N
         raise CliError(f"--grid writes one PNG: {name} is a layered model, which writes one PNG per layer")
 
 
-def check_last_image(args: argparse.Namespace, takes: bool | None, name: str) -> None:
-    """--last-image against a first-last-frame model (`takes` None: not known yet); it needs --image too."""
-    if args.last_image is None:
-        return
-    if not args.image:
-        raise CliError("--last-image FILE is the last frame: give the first with --image FILE")
-    if takes is False:
-        raise CliError(
-            f"--last-image has no effect on {name}: it is for first-last-frame video models (Wan2.1 FLF2V, Wan2.2 "
-            "I2V A14B)"
-        )
-
-
 def check_blank_prompts(args: argparse.Namespace, captions: bool | None, name: str) -> None:
     """A blank --prompt only for a model that captions its input image (`captions` None: not known yet)."""
     if captions is False and not all(text.strip() for text in args.prompt):
@@ -380,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     check_last_image(args, entry.task == "i2v" if entry is not None else None, name_of(model, entry))
     inputs = image_inputs(load_images(args.image))
     if args.last_image is not None:
-        inputs["last_image"] = load_images([args.last_image])[0]
+        inputs["last_image"] = load_images([args.last_image], "--last-image")[0]
     if args.layers is not None:
         inputs["layers"] = args.layers
     if args.grid and is_video:

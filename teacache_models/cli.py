@@ -261,9 +261,10 @@ def check_pipeline_images(count: int, pipe: Any, name: str) -> None:
     check_image_count(count, takes, pipe.max_images if takes != "no" else 0, name)
 
 
-def load_images(paths: list[Path]) -> list[Any]:
-    """The --image files as PIL images, in order: RGBA where the file has transparency (a layered model reads it),
-    else RGB; each pipeline converts to what it reads. A missing or unreadable one is a CliError naming it."""
+def load_images(paths: list[Path], flag: str = "--image") -> list[Any]:
+    """The image files of `flag` as PIL images, in order: RGBA where the file has transparency (a layered model
+    reads it), else RGB; each pipeline converts to what it reads. A missing or unreadable one is a CliError naming
+    it."""
     if not paths:
         return []
     from PIL import Image, UnidentifiedImageError
@@ -271,14 +272,27 @@ def load_images(paths: list[Path]) -> list[Any]:
     images = []
     for path in paths:
         if not path.is_file():
-            raise CliError(f"--image {str(path)!r} does not exist")
+            raise CliError(f"{flag} {str(path)!r} does not exist")
         try:
             with Image.open(path) as image:
                 alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
                 images.append(image.convert("RGBA" if alpha else "RGB"))
         except (UnidentifiedImageError, OSError) as error:
-            raise CliError(f"--image {str(path)!r} cannot be read as an image: {error}") from None
+            raise CliError(f"{flag} {str(path)!r} cannot be read as an image: {error}") from None
     return images
+
+
+def check_last_image(args: argparse.Namespace, takes: bool | None, name: str) -> None:
+    """--last-image against a first-last-frame model (`takes` None: not known yet); it needs --image too."""
+    if args.last_image is None:
+        return
+    if not args.image:
+        raise CliError("--last-image FILE is the last frame: give the first with --image FILE")
+    if takes is False:
+        raise CliError(
+            f"--last-image has no effect on {name}: it is for first-last-frame video models (Wan2.1 FLF2V, Wan2.2 "
+            "I2V A14B)"
+        )
 
 
 def image_inputs(images: list[Any]) -> dict[str, Any]:

@@ -261,3 +261,41 @@ def test_calibrate_adds_a_preset_beside_an_entrys_default(tmp_path, capsys):
     # The table of the default preset stays: --teacache-target-speedup keeps picking the default's threshold.
     assert entry.threshold_table == shipped.threshold_table
     assert "the default preset stays 'slow'" in out and "threshold table of preset 'slow' is kept" in out
+
+
+# ---- scripts/calibrate.py on a tiny first-last-frame Wan -----------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_calibrate_gives_a_first_last_frame_model_both_frames(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("ftfy")
+    from PIL import Image
+
+    from tests.test_pipeline_fixtures import save_wan
+
+    flf2v, i2v = save_wan(tmp_path / "flf2v", "flf2v"), save_wan(tmp_path / "i2v", "i2v")
+    config = tmp_path / "wan-i2v.yaml"
+    text = (ZOO_DIR / "wan2.1-i2v-14b-480p.yaml").read_text()
+    config.write_text(text.replace("height: 480", "height: 32").replace("width: 832", "width: 48").replace("81", "5"))
+    first, last = tmp_path / "first.png", tmp_path / "last.png"
+    for seed, path in enumerate((first, last)):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    args = ["--config", str(config), "--prompts-file", str(prompts), "--seeds", "2", "--steps", "5", "--degree", "1"]
+    args += ["--image", str(first), "--table-thresholds", "0.1", "--table-pairs", "1", "--min-psnr", "0"]
+    calibrate = load_script("calibrate")
+    out = tmp_path / "fit.json"
+    assert calibrate.main(["--model", str(flf2v), *args, "--last-image", str(last), "--json", str(out)]) == 0
+    # Two seeds of one prompt, every step after the first of each branch: the runs went through.
+    assert json.loads(out.read_text())["fit"]["num_points"] > 0
+    with pytest.raises(SystemExit, match="pass last_image=<last frame> as well as image="):
+        calibrate.main(["--model", str(flf2v), *args])  # FLF2V needs its last frame
+    with pytest.raises(SystemExit, match="last_image needs a first-last-frame checkpoint"):
+        calibrate.main(["--model", str(i2v), *args, "--last-image", str(last)])  # one image's CLIP tokens
+    without_first = [a for a in args if a not in ("--image", str(first))]
+    with pytest.raises(SystemExit, match="--last-image FILE is the last frame: give the first with --image FILE"):
+        calibrate.main(["--model", str(flf2v), *without_first, "--last-image", str(last)])
+    with pytest.raises(SystemExit, match=r"--last-image '.*missing\.png' does not exist"):
+        calibrate.main(["--model", str(flf2v), *args, "--last-image", str(tmp_path / "missing.png")])

@@ -604,6 +604,56 @@ def test_a_failing_job_fails_alone(video_server, tool):
     assert wait_for_status(tool, url, after["id"], ("completed", "failed"))["status"] == "completed"
 
 
+def _video_form(fields: dict[str, str], files: dict[str, bytes]) -> bytes:
+    """A multipart/form-data body (boundary `b`) of text fields and PNG file parts."""
+    parts = [f'--b\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    for name, data in files.items():
+        head = f'--b\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+        parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n")
+    return b"".join(parts) + b"--b--\r\n"
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def flf2v_server(tool, tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("ftfy")
+    from tests.test_pipeline_fixtures import save_wan
+
+    folder = save_wan(tmp_path_factory.mktemp("wan-flf2v"), "flf2v")
+    output = tmp_path_factory.mktemp("flf2v-server")
+    args = ["--model", str(folder), "--threads", "1", "--output-dir", str(output)]
+    with tool.ServerProcess(args, log=output.parent / "flf2v-server.log") as process:
+        yield process
+
+
+def test_a_first_last_frame_video_takes_its_last_frame(flf2v_server, video_server, tool):
+    fields = {k: str(v) for k, v in VIDEO.items()}
+    multipart = "multipart/form-data; boundary=b"
+
+    def send(url: str, files: dict[str, bytes]):
+        return tool.request(url, "POST", "/v1/videos", raw=_video_form(fields, files), content_type=multipart)
+
+    both = send(flf2v_server.url, {"input_reference": _png(0), "last_image": _png(1)})
+    assert both.status == 200, both.body
+    assert wait_for_status(tool, flf2v_server.url, both.json()["id"], ("completed", "failed"))["status"] == "completed"
+    # The checkpoint needs its last frame; the last frame needs the first; a model without one refuses it.
+    assert_clean_error(send(flf2v_server.url, {"input_reference": _png(0)}), 400, "last_image", ("pass last_image",))
+    assert_clean_error(send(flf2v_server.url, {"last_image": _png(1)}), 400, "input_reference", ("is required",))
+    assert_clean_error(
+        send(flf2v_server.url, {"input_reference": _png(0), "last_image": b"no image"}), 400, "last_image"
+    )
+    assert_clean_error(send(video_server.url, {"last_image": _png(1)}), 400, "last_image", ("takes no last_image",))
+
+
 def test_video_bad_input(video_server, tool):
     url = video_server.url
     form = (

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cli import save_mp4, write_atomically
 from ..demo import encode_png
+from ..params import SamplingParams
 from .engine import COMPLETED, IN_PROGRESS, Engine, Job, QueueFullError, retry_after_headers
 from .metrics import Metrics
 from .schemas import ApiError, ImageRequest, Served, VideoRequest, decode_image, param_of, sampling_params
@@ -39,7 +40,7 @@ log = logging.getLogger("teacache_models.server")
 
 # How often a waiting request checks whether its client is still connected.
 _DISCONNECT_POLL_S = 0.1
-_FORM_FILE_FIELDS = {"image", "image[]", "input_reference"}
+_FORM_FILE_FIELDS = {"image", "image[]", "input_reference", "last_image"}
 
 
 def create_app(
@@ -190,10 +191,32 @@ def create_app(
                 400, f"{served.name} is image-to-video: input_reference (an image) is required", "input_reference"
             )
         params = sampling_params(body, served)
+        _add_last_image(inputs, files, params)
         job = Job("video", [body.prompt], params, inputs, finish=_write_video)
         job.request = {"prompt": body.prompt}
         _submit(job, keep=True)
         return JSONResponse(_video_object(job))
+
+    def _add_last_image(inputs: dict[str, Any], files: dict[str, list[bytes]], params: SamplingParams) -> None:
+        """A first-last-frame model's `last_image` part (an extension field), checked with the first frame."""
+        takes = "last_image" in served.pipe.call_inputs
+        if files.get("last_image"):
+            image = decode_image(files["last_image"][0], "last_image")
+            if not takes:
+                raise ApiError(
+                    400,
+                    f"{served.name} takes no last_image: it is for first-last-frame models (Wan2.1 FLF2V, Wan2.2 I2V "
+                    "A14B)",
+                    "last_image",
+                )
+            if "image" not in inputs:
+                raise ApiError(400, "last_image is the last frame: send the first as input_reference", "last_image")
+            inputs["last_image"] = image
+        if takes and "image" in inputs:
+            try:  # a checkpoint that requires the last frame, or one that cannot read it
+                served.pipe.check_inputs(params, **inputs)
+            except (ValueError, TypeError) as error:
+                raise ApiError(400, str(error), "last_image") from None
 
     @app.get("/v1/videos")
     async def list_videos(limit: int = 20, order: str = "desc") -> JSONResponse:

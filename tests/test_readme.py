@@ -64,6 +64,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def run_offline(args: list[str]) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository root, as a user with no Hub access and a bare PATH runs it."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+
+
 def test_readme_demo_command_runs_offline_on_the_core_install(tmp_path):
     """The demo command, as written, offline, with nothing of the extras importable ("The core is enough")."""
     command = re.search(r"```bash\n(python scripts/generate.py --model flux-digits .*?)\n```", README.read_text())
@@ -73,14 +85,7 @@ def test_readme_demo_command_runs_offline_on_the_core_install(tmp_path):
     args += ["--output", str(tmp_path / "demo.png"), "--no-progress", "--repeats", "1", "--num-images", "1"]
     blocked = extras_only_modules()
     assert {"diffusers", "transformers", "PIL", "peft", "fastapi", "sklearn"} <= blocked
-    done = subprocess.run(
-        [sys.executable, "-c", CORE_ONLY, ",".join(sorted(blocked)), *args[1:]],
-        cwd=README.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    done = run_offline(["-c", CORE_ONLY, ",".join(sorted(blocked)), *args[1:]])
     assert done.returncode == 0, done.stderr
     assert re.search(r"speedup [\d.]+x with TeaCache", done.stdout)
     assert (tmp_path / "demo.png").is_file() and (tmp_path / "demo.json").is_file()
@@ -354,14 +359,7 @@ def test_the_readme_pictures_are_what_its_demo_commands_make(model, picture, tmp
     if "--repeats" in args:
         del args[args.index("--repeats") : args.index("--repeats") + 2]
     output = tmp_path / "grid.png"
-    done = subprocess.run(
-        [sys.executable, *args[1:], "--output", str(output), "--no-progress"],
-        cwd=README.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    done = run_offline([*args[1:], "--output", str(output), "--no-progress"])
     assert done.returncode == 0, done.stderr
     made = np.asarray(image_module.open(output))
     shipped = np.asarray(image_module.open(README.parent / picture))

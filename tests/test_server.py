@@ -479,6 +479,18 @@ def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch, capsys):
     assert loaded == []
 
 
+def test_the_listening_socket_is_bound_as_uvicorn_binds_it():
+    from teacache_models.server.main import _listen
+
+    # A name resolves to its IPv4 address, as uvicorn's own binding does (clients of localhost reach 127.0.0.1).
+    for host, family, address in (
+        ("127.0.0.1", socket.AF_INET, "127.0.0.1"),
+        ("localhost", socket.AF_INET, "127.0.0.1"),
+    ):
+        with _listen(host, 0) as listener:
+            assert listener.family == family and listener.getsockname()[0] == address
+
+
 def test_the_core_package_does_not_import_the_server():
     import subprocess
 

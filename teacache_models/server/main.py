@@ -144,8 +144,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to `host`:`port` for uvicorn to listen on (as uvicorn binds it: address reuse on)."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    """A socket bound to `host`:`port` for uvicorn to listen on, as uvicorn binds it: IPv6 for an address with a
+    colon, else IPv4 (a name such as localhost resolves to its IPv4 address), address reuse on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -578,10 +578,15 @@ class QwenImageTransformer2DModel(ConfiguredModel, TeaCacheMixin):
                     f"encoder_hidden_states_mask must be None or a tensor of shape ({batch}, {text_len}), "
                     f"got {type(mask).__name__}"
                 )
-            if tuple(mask.shape) != (encoder_hidden_states.shape[0], text_len) or mask.shape[0] != batch:
+            if tuple(mask.shape) != (batch, text_len):
                 raise ValueError(
                     f"encoder_hidden_states_mask must have shape ({batch}, {text_len}) (batch, text length of "
                     f"encoder_hidden_states), got {tuple(mask.shape)}"
+                )
+            if encoder_hidden_states.shape[0] != batch:
+                raise ValueError(
+                    f"encoder_hidden_states of batch 1 stands for all {batch} samples only without a mask: with "
+                    f"encoder_hidden_states_mask give one text per sample, ({batch}, {text_len}, D)"
                 )
         if guidance is not None:
             raise ValueError(
